@@ -1,0 +1,335 @@
+"""The log contract: record types and the protocols every log backend implements.
+
+Everything above layer 0, the CLI and users program against these names only; ``sqlite.py`` and
+``kafka.py`` implement them with the same semantics, checked by ``tests/log/test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Protocol, Self
+
+import msgspec
+
+from riverbed.log.errors import DeliveryError, InvalidTopicError
+
+DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
+DEFAULT_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
+DEFAULT_SESSION_TIMEOUT_MS = 10_000
+
+Headers = dict[str, bytes]
+TopicPartition = tuple[str, int]
+RebalanceCallback = Callable[[set[TopicPartition]], None]
+
+
+class Record(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One record read from the log. ``value`` None is a tombstone on a compacted topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = {}
+
+
+class RecordMetadata(msgspec.Struct, frozen=True):
+    """Where an acknowledged record was written."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+class TopicInfo(msgspec.Struct, frozen=True):
+    name: str
+    partitions: int
+    compact: bool = False
+    retention_ms: int | None = None
+    retention_bytes: int | None = None
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS
+
+
+class PartitionInfo(msgspec.Struct, frozen=True):
+    partition: int
+    beginning_offset: int
+    end_offset: int
+    size_bytes: int
+
+
+class TopicDescription(msgspec.Struct, frozen=True):
+    info: TopicInfo
+    partitions: list[PartitionInfo]
+
+
+class GroupMember(msgspec.Struct, frozen=True):
+    member_id: str
+    assignment: list[TopicPartition]
+
+
+class GroupPartitionOffset(msgspec.Struct, frozen=True):
+    topic: str
+    partition: int
+    committed: int | None
+    end_offset: int
+    lag: int
+
+
+class GroupDescription(msgspec.Struct, frozen=True):
+    group: str
+    state: str
+    generation: int
+    members: list[GroupMember]
+    offsets: list[GroupPartitionOffset]
+
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def validate_topic(name: str, partitions: int = 1) -> None:
+    """Kafka's rules for topic names, so a topic valid here is valid on every backend."""
+    if not _TOPIC_NAME.match(name) or name in (".", ".."):
+        raise InvalidTopicError(
+            f"invalid topic name {name!r}: use 1 to 249 characters from "
+            "letters, digits, '.', '_' and '-'"
+        )
+    if partitions < 1:
+        raise InvalidTopicError(
+            f"topic '{name}' needs at least 1 partition, got {partitions}"
+        )
+
+
+def lag_of(committed: int | None, beginning: int, end: int) -> int:
+    """Records a group still has to read: from its committed offset, or the whole partition."""
+    start = beginning if committed is None else max(committed, beginning)
+    return max(end - start, 0)
+
+
+class SendFuture:
+    """The pending result of ``Producer.send``: the record's metadata once it is written.
+
+    ``result()`` forces delivery (flushing the producer if needed) and raises the backend's error if
+    the record was not written. Lighter than ``concurrent.futures.Future``: ``send`` is a hot path.
+    """
+
+    __slots__ = ("_callbacks", "_error", "_flush", "_metadata")
+
+    def __init__(self, flush: Callable[[float | None], None]) -> None:
+        self._flush = flush
+        self._metadata: RecordMetadata | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[SendFuture], None]] | None = None
+
+    def done(self) -> bool:
+        return self._metadata is not None or self._error is not None
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        if not self.done():
+            self._flush(timeout)
+        if self._error is not None:
+            raise self._error
+        if self._metadata is None:
+            raise TimeoutError(f"record not acknowledged within {timeout} s")
+        return self._metadata
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as error:
+            return error
+        return None
+
+    def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
+        if self.done():
+            callback(self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def set_result(self, metadata: RecordMetadata) -> None:
+        self._metadata = metadata
+        if self._callbacks is not None:
+            self._run_callbacks()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        if self._callbacks is not None:
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks or [], None
+        for callback in callbacks:
+            callback(self)
+
+
+class DeliveryErrors:
+    """Collects errors of records sent without a future (``send_many``) for ``flush`` to raise."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._errors: list[str] = []
+        self._failed = 0
+
+    def add(self, reason: str, count: int = 1) -> None:
+        with self._lock:
+            self._failed += count
+            if len(self._errors) < 5:
+                self._errors.append(reason)
+
+    def raise_if_any(self) -> None:
+        with self._lock:
+            if not self._failed:
+                return
+            failed, reasons = self._failed, "; ".join(self._errors)
+            self._failed, self._errors = 0, []
+        raise DeliveryError(f"{failed} record(s) were not written: {reasons}")
+
+
+class Producer(Protocol):
+    """Batches records and writes them to the log; ``close`` (or leaving ``with``) flushes."""
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> SendFuture: ...
+
+    def send_many(
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, bytes | None]],
+        partition: int | None = None,
+    ) -> int:
+        """The fast path: ``(key, value)`` pairs; returns how many were queued.
+
+        Errors are raised by the next ``flush``.
+        """
+        ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Consumer(Protocol):
+    """Reads records; in a group, partitions are shared among the group's live members."""
+
+    @property
+    def group(self) -> str | None: ...
+
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]: ...
+
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Commit ``offsets`` (next offset to read), by default the positions of all polled records.
+
+        Raises ``CommitFailedError`` if this member was fenced by a rebalance.
+        """
+        ...
+
+    def committed(self) -> dict[TopicPartition, int | None]: ...
+
+    def position(self, topic: str, partition: int) -> int: ...
+
+    def seek(self, topic: str, partition: int, offset: int) -> None: ...
+
+    def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None: ...
+
+    def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None: ...
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Log(Protocol):
+    """A partitioned, replayable log: topics, producers, consumers and groups."""
+
+    @property
+    def url(self) -> str: ...
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        compact: bool = False,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS,
+    ) -> TopicInfo: ...
+
+    def list_topics(self) -> list[TopicInfo]: ...
+
+    def topic(self, name: str) -> TopicInfo: ...
+
+    def describe_topic(self, name: str) -> TopicDescription: ...
+
+    def delete_topic(self, name: str) -> None: ...
+
+    def beginning_offsets(self, topic: str) -> dict[int, int]: ...
+
+    def end_offsets(self, topic: str) -> dict[int, int]: ...
+
+    def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[int, int | None]:
+        """Per partition, the first offset whose timestamp is >= ``timestamp_ms`` (None: none)."""
+        ...
+
+    def producer(self, linger_ms: float = 5.0, batch_size: int = 16_384) -> Producer: ...
+
+    def consumer(
+        self,
+        group: str | None = None,
+        topics: Iterable[str] = (),
+        from_beginning: bool = False,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        on_assign: RebalanceCallback | None = None,
+        on_revoke: RebalanceCallback | None = None,
+    ) -> Consumer: ...
+
+    def list_groups(self) -> list[str]: ...
+
+    def describe_group(self, group: str) -> GroupDescription: ...
+
+    def group_lag(self, group: str) -> dict[TopicPartition, int]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -1,0 +1,62 @@
+"""Backend URLs: ``scheme://location?option=value``, resolved from argument, environment, default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from riverbed.errors import InvalidUrlError
+
+LOG_URL_ENV = "RIVERBED_URL"
+DEFAULT_LOG_URL = "sqlite:///.riverbed/log.db"
+
+
+@dataclass(frozen=True)
+class BackendUrl:
+    """A parsed backend URL. ``location`` is a file path for sqlite, ``host:port,...`` otherwise."""
+
+    raw: str
+    scheme: str
+    location: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def pop_options(self, allowed: dict[str, str]) -> dict[str, str]:
+        """The options with defaults filled in; an unknown option is an error naming the known ones."""
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise InvalidUrlError(
+                f"unknown option {unknown[0]!r} in {self.raw!r}; {self.scheme}:// accepts: {known}"
+            )
+        return {**allowed, **self.options}
+
+
+def resolve_url(url: str | None, env: str = LOG_URL_ENV, default: str = DEFAULT_LOG_URL) -> str:
+    return url or os.environ.get(env) or default
+
+
+def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
+    expected = " or ".join(f"{s}://" for s in schemes)
+    if "://" not in url:
+        raise InvalidUrlError(f"invalid URL {url!r}: expected {expected}...")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise InvalidUrlError(f"unsupported URL scheme {scheme!r} in {url!r}; use {expected}")
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if scheme == "sqlite":
+        # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them.
+        if parts.netloc:
+            raise InvalidUrlError(
+                f"invalid URL {url!r}: a sqlite URL has no host; "
+                "write sqlite:///relative.db or sqlite:////absolute.db"
+            )
+        location = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not location:
+            raise InvalidUrlError(f"invalid URL {url!r}: it names no database file")
+    else:
+        location = parts.netloc
+        if not location:
+            raise InvalidUrlError(f"invalid URL {url!r}: it names no host, e.g. {scheme}://host:port")
+    return BackendUrl(raw=url, scheme=scheme, location=location, options=options)
