@@ -1,5 +1,5 @@
-"""A real Apache Kafka 4.x broker for the tests: one KRaft node (broker and controller in one JVM),
-on free loopback ports in a temp dir, from the jars that ``make test-deps`` fetches with ``pom.xml``.
+"""A real Apache Kafka 4.x broker for the tests: one KRaft node (broker and controller in one
+JVM), on free loopback ports in a temp dir, from the jars ``make test-deps`` fetches (``pom.xml``).
 
 ``kafka_url`` is the session fixture; ``start_kafka`` is the same broker for scripts (benchmarks).
 """
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from tests.services import free_port, unavailable
 
@@ -139,8 +140,6 @@ class KafkaServer:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        from confluent_kafka.admin import AdminClient
-
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
