@@ -1,4 +1,4 @@
-"""Riverbed: a durable partitioned log, stream processing, tasks, event sourcing and vector search."""
+"""Riverbed: a partitioned log, stream processing, tasks, event sourcing and vector search."""
 
 from __future__ import annotations
 

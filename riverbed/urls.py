@@ -1,4 +1,4 @@
-"""Backend URLs: ``scheme://location?option=value``, resolved from argument, environment, default."""
+"""Backend URLs ``scheme://location?option=value``: from the argument, environment or default."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class BackendUrl:
     options: dict[str, str] = field(default_factory=dict)
 
     def pop_options(self, allowed: dict[str, str]) -> dict[str, str]:
-        """The options with defaults filled in; an unknown option is an error naming the known ones."""
+        """The options with defaults filled in; an unknown option is an error naming the known."""
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             known = ", ".join(sorted(allowed)) or "none"
@@ -58,5 +58,7 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
     else:
         location = parts.netloc
         if not location:
-            raise InvalidUrlError(f"invalid URL {url!r}: it names no host, e.g. {scheme}://host:port")
+            raise InvalidUrlError(
+                f"invalid URL {url!r}: it names no host, e.g. {scheme}://host:port"
+            )
     return BackendUrl(raw=url, scheme=scheme, location=location, options=options)

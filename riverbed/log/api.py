@@ -14,7 +14,13 @@ from typing import Protocol, Self
 
 import msgspec
 
-from riverbed.log.errors import DeliveryError, InvalidTopicError
+from riverbed.log.errors import (
+    DeliveryError,
+    InvalidRecordError,
+    InvalidTopicError,
+    RecordTooLargeError,
+    UnknownPartitionError,
+)
 
 DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
 DEFAULT_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
@@ -100,9 +106,7 @@ def validate_topic(name: str, partitions: int = 1) -> None:
             "letters, digits, '.', '_' and '-'"
         )
     if partitions < 1:
-        raise InvalidTopicError(
-            f"topic '{name}' needs at least 1 partition, got {partitions}"
-        )
+        raise InvalidTopicError(f"topic '{name}' needs at least 1 partition, got {partitions}")
 
 
 def lag_of(committed: int | None, beginning: int, end: int) -> int:
@@ -333,3 +337,33 @@ class Log(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes] | None) -> int:
+    """The bytes a record's limit applies to: key, value and header names and values."""
+    size = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
+    if headers:
+        size += sum(len(name) + len(data) for name, data in headers.items())
+    return size
+
+
+def check_record(
+    info: TopicInfo,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Mapping[str, bytes] | None,
+) -> int:
+    """Validate a record against its topic before it is queued; returns its size."""
+    size = record_size(key, value, headers)
+    if size > info.max_record_bytes:
+        raise RecordTooLargeError(info.name, size, info.max_record_bytes)
+    if key is None and info.compact:
+        raise InvalidRecordError(
+            f"topic '{info.name}' is compacted, so every record needs a key; pass key=..."
+        )
+    return size
+
+
+def check_partition(info: TopicInfo, partition: int) -> None:
+    if not 0 <= partition < info.partitions:
+        raise UnknownPartitionError(info.name, partition, info.partitions)

@@ -33,8 +33,7 @@ class InvalidTopicError(RiverbedError, ValueError):
 class UnknownPartitionError(RiverbedError, LookupError):
     def __init__(self, topic: str, partition: int, partitions: int) -> None:
         super().__init__(
-            f"topic '{topic}' has no partition {partition}; "
-            f"it has partitions 0..{partitions - 1}"
+            f"topic '{topic}' has no partition {partition}; it has partitions 0..{partitions - 1}"
         )
 
 
@@ -75,3 +74,7 @@ class ClosedError(RiverbedError):
 
 class DeliveryError(RiverbedError):
     """A record could not be written; the message carries the backend's reason."""
+
+
+class InvalidRecordError(RiverbedError, ValueError):
+    """A record the topic cannot take, such as a record without a key on a compacted topic."""

@@ -19,8 +19,8 @@ def murmur2(data: bytes) -> int:
     length = len(data)
     h = (_SEED ^ length) & _MASK
     blocks = length >> 2
-    for k in struct.unpack_from(f"<{blocks}I", data):
-        k = (k * _M) & _MASK
+    for block in struct.unpack_from(f"<{blocks}I", data):
+        k = (block * _M) & _MASK
         k ^= k >> 24
         k = (k * _M) & _MASK
         h = ((h * _M) & _MASK) ^ k

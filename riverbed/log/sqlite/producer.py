@@ -1,0 +1,331 @@
+"""The embedded log's producer: buffers records per partition and appends them as batch rows.
+
+All partitions' pending records go to the file in one write transaction, so a producer killed
+mid-stream leaves either whole batches or nothing, and a future resolves only after its batch is
+committed. A background thread flushes after ``linger_ms`` and runs retention and compaction for
+the topics this producer writes to about once a second.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from riverbed.log.api import (
+    DeliveryErrors,
+    RecordMetadata,
+    SendFuture,
+    check_partition,
+    check_record,
+)
+from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
+from riverbed.log.partitioner import KeylessSpreader, partition_for_key
+from riverbed.log.sqlite import maintenance
+from riverbed.log.sqlite.store import AppendNotifier, encode_batch, write_transaction
+
+if TYPE_CHECKING:
+    from riverbed.log.sqlite.log import SqliteLog, TopicMeta
+
+MAINTENANCE_INTERVAL_S = 1.0
+# Per-record bytes counted towards batch_size besides key, value and headers (offsets, lengths),
+# so that even empty records fill batches and trigger the linger flush.
+RECORD_OVERHEAD = 16
+
+# A queued record: timestamp_ms, key, value, headers (None when there are none).
+Pending = tuple[int, bytes | None, bytes | None, dict[str, bytes] | None]
+
+
+class _PartitionBuffer:
+    __slots__ = ("futures", "records")
+
+    def __init__(self) -> None:
+        self.records: list[Pending] = []
+        self.futures: list[tuple[int, SendFuture]] = []
+
+
+class SqliteProducer:
+    def __init__(self, log: SqliteLog, linger_ms: float, batch_size: int) -> None:
+        self._log = log
+        self._linger_s = linger_ms / 1000
+        self._batch_size = batch_size
+        self._conn = log.db.connect()
+        self._appended = AppendNotifier.for_path(log.path)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._write_lock = threading.Lock()
+        self._buffers: dict[tuple[str, int], _PartitionBuffer] = {}
+        self._buffered_bytes = 0
+        self._first_buffered_at = 0.0
+        self._topics: dict[str, TopicMeta] = {}
+        self._spreader = KeylessSpreader()
+        self._errors = DeliveryErrors()
+        self._touched: set[str] = set()
+        self._closed = False
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name="riverbed-producer", daemon=True
+        )
+        self._flusher.start()
+
+    def _meta(self, topic: str) -> TopicMeta:
+        meta = self._topics.get(topic)
+        if meta is None:
+            meta = self._topics[topic] = self._log.topic_meta(topic)
+        return meta
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> SendFuture:
+        if self._closed:
+            raise ClosedError("the producer is closed; create a new one with log.producer()")
+        info = self._meta(topic).info
+        size = check_record(info, key, value, headers)
+        if partition is None:
+            if key is None:
+                partition = self._spreader.next_partition(info.partitions)
+            else:
+                partition = partition_for_key(key, info.partitions)
+        else:
+            check_partition(info, partition)
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        future = SendFuture(self.flush)
+        with self._lock:
+            buffer = self._buffers.get((topic, partition))
+            if buffer is None:
+                buffer = self._buffers[topic, partition] = _PartitionBuffer()
+            buffer.futures.append((len(buffer.records), future))
+            buffer.records.append((timestamp_ms, key, value, dict(headers) if headers else None))
+            if self._buffered_bytes == 0:
+                self._first_buffered_at = time.monotonic()
+                self._wakeup.notify()
+            self._buffered_bytes += size + RECORD_OVERHEAD
+            full = self._buffered_bytes >= self._batch_size
+        if full:
+            self._write_buffered()
+        return future
+
+    def send_many(
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, bytes | None]],
+        partition: int | None = None,
+    ) -> int:
+        if self._closed:
+            raise ClosedError("the producer is closed; create a new one with log.producer()")
+        info = self._meta(topic).info
+        if partition is not None:
+            check_partition(info, partition)
+        partitions = info.partitions
+        timestamp_ms = time.time_ns() // 1_000_000
+        # Keyless records stick to one partition until a batch's worth went there, like Kafka's
+        # sticky partitioner: whole batches per partition, spread evenly over time.
+        sticky = self._spreader.next_partition(partitions) if partition is None else partition
+        sticky_bytes = 0
+        share = max(self._batch_size // partitions, 1)
+        lists: dict[int, list[Pending]] = {}
+        count = 0
+        size = 0
+        for key, value in items:
+            record_bytes = check_record(info, key, value, None)
+            if partition is not None:
+                target = partition
+            elif key is None:
+                target = sticky
+                sticky_bytes += record_bytes
+                if sticky_bytes >= share:
+                    sticky = self._spreader.next_partition(partitions)
+                    sticky_bytes = 0
+            else:
+                target = partition_for_key(key, partitions)
+            records = lists.get(target)
+            if records is None:
+                records = lists[target] = []
+            records.append((timestamp_ms, key, value, None))
+            size += record_bytes + RECORD_OVERHEAD
+            count += 1
+            if size >= self._batch_size:
+                self._enqueue(topic, lists, size)
+                lists, size = {}, 0
+        if lists:
+            self._enqueue(topic, lists, size)
+        return count
+
+    def _enqueue(self, topic: str, lists: dict[int, list[Pending]], size: int) -> None:
+        with self._lock:
+            for partition, records in lists.items():
+                buffer = self._buffers.get((topic, partition))
+                if buffer is None:
+                    buffer = self._buffers[topic, partition] = _PartitionBuffer()
+                buffer.records.extend(records)
+            if self._buffered_bytes == 0:
+                self._first_buffered_at = time.monotonic()
+                self._wakeup.notify()
+            self._buffered_bytes += size
+            full = self._buffered_bytes >= self._batch_size
+        if full:
+            self._write_buffered()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write everything buffered; raise ``DeliveryError`` for records that were not written."""
+        self._write_buffered()
+        self._errors.raise_if_any()
+
+    def _write_buffered(self) -> None:
+        # The write lock is taken before the buffers are swapped, so batches reach the file in the
+        # order their records were sent even when the flusher thread and a caller race.
+        with self._write_lock:
+            with self._lock:
+                buffers, self._buffers = self._buffers, {}
+                self._buffered_bytes = 0
+            if buffers:
+                self._append(buffers)
+
+    def _append(self, buffers: dict[tuple[str, int], _PartitionBuffer]) -> None:
+        written: list[tuple[str, int, int, _PartitionBuffer]] = []
+        failed: list[tuple[_PartitionBuffer, BaseException]] = []
+        try:
+            with write_transaction(self._conn) as conn:
+                for (topic, partition), buffer in buffers.items():
+                    try:
+                        base = self._append_batch(conn, topic, partition, buffer.records)
+                    except UnknownTopicError as unknown:
+                        failed.append((buffer, unknown))
+                        continue
+                    written.append((topic, partition, base, buffer))
+        except sqlite3.Error as db_error:
+            failure = DeliveryError(f"could not append to {self._log.path}: {db_error}")
+            failed = [(buffer, failure) for buffer in buffers.values()]
+            written = []
+        with self._appended:
+            self._appended.notify_all()
+        for topic, partition, base, buffer in written:
+            self._touched.add(topic)
+            for index, future in buffer.futures:
+                future.set_result(
+                    RecordMetadata(topic, partition, base + index, buffer.records[index][0])
+                )
+        for buffer, reason in failed:
+            unacknowledged = len(buffer.records) - len(buffer.futures)
+            if unacknowledged:
+                self._errors.add(str(reason), unacknowledged)
+            for _, future in buffer.futures:
+                future.set_exception(reason)
+
+    def _append_batch(
+        self, conn: sqlite3.Connection, topic: str, partition: int, records: list[Pending]
+    ) -> int:
+        meta = self._meta(topic)
+        row = conn.execute(
+            "SELECT next_offset FROM partitions WHERE topic_id = ? AND partition = ?",
+            (meta.topic_id, partition),
+        ).fetchone()
+        if row is None:
+            # Deleted, or deleted and created again under a new id since we cached it.
+            del self._topics[topic]
+            meta = self._meta(topic)
+            row = conn.execute(
+                "SELECT next_offset FROM partitions WHERE topic_id = ? AND partition = ?",
+                (meta.topic_id, partition),
+            ).fetchone()
+            if row is None:
+                raise UnknownTopicError(topic)
+        base: int = row[0]
+        payload, crc = encode_batch(
+            [
+                (topic, partition, base + i, ts, key, value, headers)
+                if headers
+                else (topic, partition, base + i, ts, key, value)
+                for i, (ts, key, value, headers) in enumerate(records)
+            ]
+        )
+        count = len(records)
+        conn.execute(
+            "INSERT INTO batches (topic_id, partition, last_offset, base_offset, record_count, "
+            "max_timestamp_ms, payload, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                meta.topic_id,
+                partition,
+                base + count - 1,
+                base,
+                count,
+                max(r[0] for r in records),
+                payload,
+                crc,
+            ),
+        )
+        conn.execute(
+            "UPDATE partitions SET next_offset = ?, size_bytes = size_bytes + ?, "
+            "record_count = record_count + ? WHERE topic_id = ? AND partition = ?",
+            (base + count, len(payload), count, meta.topic_id, partition),
+        )
+        return base
+
+    def _flush_loop(self) -> None:
+        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+        while True:
+            with self._wakeup:
+                while not self._closed:
+                    now = time.monotonic()
+                    if self._buffered_bytes:
+                        remaining = self._first_buffered_at + self._linger_s - now
+                        if remaining <= 0:
+                            break
+                    else:
+                        remaining = next_maintenance - now
+                        if remaining <= 0:
+                            break
+                    self._wakeup.wait(remaining)
+                if self._closed:
+                    return
+            self._write_buffered()
+            if time.monotonic() >= next_maintenance:
+                self._maintain()
+                next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+
+    def _maintain(self) -> None:
+        with self._write_lock:
+            topics, self._touched = self._touched, set()
+            for topic in topics:
+                meta = self._topics.get(topic)
+                info = meta.info if meta else None
+                if info and (info.compact or info.retention_ms is not None or info.retention_bytes):
+                    try:
+                        maintenance.maintain_topic(self._conn, topic)
+                    except sqlite3.OperationalError:
+                        self._touched.add(topic)  # busy: try again next round
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._write_buffered()
+            self._maintain()
+        finally:
+            with self._wakeup:
+                self._closed = True
+                self._wakeup.notify()
+            self._flusher.join()
+            with self._write_lock:
+                self._conn.close()
+        self._errors.raise_if_any()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

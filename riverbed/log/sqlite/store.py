@@ -1,0 +1,195 @@
+"""The embedded log's storage: one SQLite file in WAL mode, one row per record batch.
+
+A batch row holds the msgpack-encoded list of its records, each with its absolute offset, so a
+fetch decodes a payload straight into ``Record`` structs at C speed; the row's CRC32 guards the
+payload against corruption, which is reported, never returned as records.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import msgspec
+
+from riverbed.log.api import Record
+from riverbed.log.errors import CorruptLogError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS topics (
+    topic_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    partitions INTEGER NOT NULL,
+    compact INTEGER NOT NULL,
+    retention_ms INTEGER,
+    retention_bytes INTEGER,
+    max_record_bytes INTEGER NOT NULL,
+    delete_retention_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partitions (
+    topic_id INTEGER NOT NULL,
+    partition INTEGER NOT NULL,
+    log_start_offset INTEGER NOT NULL DEFAULT 0,
+    next_offset INTEGER NOT NULL DEFAULT 0,
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    record_count INTEGER NOT NULL DEFAULT 0,
+    cleaned_offset INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic_id, partition)
+) WITHOUT ROWID;
+-- Keyed by last_offset: a fetch from position P is one range scan from the first batch whose
+-- last offset is >= P.
+CREATE TABLE IF NOT EXISTS batches (
+    topic_id INTEGER NOT NULL,
+    partition INTEGER NOT NULL,
+    last_offset INTEGER NOT NULL,
+    base_offset INTEGER NOT NULL,
+    record_count INTEGER NOT NULL,
+    max_timestamp_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    crc INTEGER NOT NULL,
+    PRIMARY KEY (topic_id, partition, last_offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    group_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    topics TEXT NOT NULL,
+    session_timeout_ms INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, member_id)
+);
+CREATE TABLE IF NOT EXISTS group_offsets (
+    group_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    committed_offset INTEGER NOT NULL,
+    commit_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+) WITHOUT ROWID;
+"""
+
+FSYNC_MODES = {"normal": "NORMAL", "always": "FULL"}
+
+_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(list[Record])
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_batch(records: Sequence[object]) -> tuple[bytes, int]:
+    """Payload and CRC32 of a batch of ``Record`` structs or ``Record``-shaped tuples."""
+    payload = _encoder.encode(records)
+    return payload, zlib.crc32(payload)
+
+
+def decode_batch(payload: bytes, crc: int, where: str) -> list[Record]:
+    if zlib.crc32(payload) != crc:
+        raise CorruptLogError(
+            f"record batch {where} failed its CRC check: the log file is corrupt; "
+            "restore it from a backup or replay the topic from its source"
+        )
+    try:
+        return _batch_decoder.decode(payload)
+    except msgspec.DecodeError as error:
+        raise CorruptLogError(f"record batch {where} cannot be decoded: {error}") from error
+
+
+class Database:
+    """Opens connections to one log file with the log's pragmas; one connection per thread."""
+
+    def __init__(self, path: Path, fsync: str) -> None:
+        self.path = path
+        self._synchronous = FSYNC_MODES[fsync]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as conn:
+            self._create_schema(conn)
+
+    def connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA cache_size=-65536")
+        except sqlite3.DatabaseError as error:
+            raise self.corrupt(error) from error
+        return conn
+
+    def corrupt(self, error: sqlite3.DatabaseError) -> CorruptLogError:
+        return CorruptLogError(
+            f"log file {str(self.path)!r} is damaged or not a riverbed log ({error}); "
+            "restore it from a backup, or point --url at another file"
+        )
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            with write_transaction(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise CorruptLogError(
+                        f"log file {str(self.path)!r} has schema version {version}, newer than "
+                        f"this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
+                    )
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise self.corrupt(error) from error
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE``: take the write lock up front, so reads inside see what they update."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
+def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A consistent snapshot across several SELECTs."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
+class AppendNotifier:
+    """Wakes consumers of the same file in this process as soon as a producer commits.
+
+    Consumers in other processes notice appends through ``PRAGMA data_version`` polling.
+    """
+
+    _by_path: ClassVar[dict[Path, threading.Condition]] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_path(cls, path: Path) -> threading.Condition:
+        key = path.resolve()
+        with cls._lock:
+            condition = cls._by_path.get(key)
+            if condition is None:
+                condition = cls._by_path[key] = threading.Condition()
+            return condition
