@@ -140,6 +140,7 @@ class SqliteConsumer:
             for tp in revoked:
                 self._positions.pop(tp, None)
                 self._buffers.pop(tp, None)
+            self._assignment -= revoked
         # A partition kept across generations may have been owned and advanced by another member
         # in between: never stay behind what the group committed.
         for tp in self._assignment & owned:

@@ -1,0 +1,472 @@
+"""The log contract, run against every backend (``sqlite`` and a real Kafka broker).
+
+A behaviour tested here holds on both; anything backend-specific lives in its own test module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+import pytest
+
+import riverbed
+from riverbed.errors import RiverbedError
+from riverbed.log.errors import InvalidRecordError
+from riverbed.log.partitioner import partition_for_key
+from tests.support import consume, wait_until
+
+TopicName = Callable[[str], str]
+
+
+# Topics
+
+
+def test_create_list_describe_delete(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name("orders")
+    info = log.create_topic(name, partitions=3, retention_ms=3_600_000)
+    assert info.name == name
+    assert info.partitions == 3
+    assert info.retention_ms == 3_600_000
+    assert not info.compact
+    assert name in [t.name for t in log.list_topics()]
+    assert log.topic(name) == info
+    description = log.describe_topic(name)
+    assert [p.partition for p in description.partitions] == [0, 1, 2]
+    assert all(p.beginning_offset == p.end_offset == 0 for p in description.partitions)
+    log.delete_topic(name)
+    wait_until(lambda: name not in [t.name for t in log.list_topics()], 30, "topic deletion")
+    with pytest.raises(riverbed.UnknownTopicError, match=name):
+        log.topic(name)
+
+
+def test_duplicate_topic_is_rejected(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name("dup")
+    log.create_topic(name, partitions=1)
+    with pytest.raises(riverbed.TopicExistsError, match=f"topic '{name}' already exists"):
+        log.create_topic(name, partitions=2)
+    assert log.topic(name).partitions == 1
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "a/b", "x" * 250, "..", "ünïcode"])
+def test_invalid_topic_names(log: riverbed.Log, bad: str) -> None:
+    with pytest.raises(riverbed.InvalidTopicError, match="invalid topic name"):
+        log.create_topic(bad)
+
+
+def test_invalid_partition_count(log: riverbed.Log, topic_name: TopicName) -> None:
+    with pytest.raises(riverbed.InvalidTopicError, match="at least 1 partition"):
+        log.create_topic(topic_name(), partitions=0)
+
+
+def test_unknown_topic_everywhere(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name("missing")
+    for call in (
+        lambda: log.topic(name),
+        lambda: log.describe_topic(name),
+        lambda: log.delete_topic(name),
+        lambda: log.end_offsets(name),
+        lambda: log.beginning_offsets(name),
+        lambda: log.consumer(group="g", topics=[name]),
+    ):
+        with pytest.raises(riverbed.UnknownTopicError, match=f"riverbed topics create {name}"):
+            call()
+    with log.producer() as producer, pytest.raises(riverbed.UnknownTopicError):
+        producer.send(name, b"v")
+
+
+# Producing and reading
+
+
+def test_round_trip_keeps_every_field(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    with log.producer() as producer:
+        sent = producer.send(
+            name, b"value", key=b"key", headers={"trace": b"abc", "n": b""}, timestamp_ms=1234
+        ).result(timeout=30)
+        tombstone = producer.send(name, None, key=b"key").result(timeout=30)
+    assert sent.topic == name
+    assert sent.partition == partition_for_key(b"key", 2)
+    assert sent.offset == 0
+    assert sent.timestamp_ms == 1234
+    assert (tombstone.partition, tombstone.offset) == (sent.partition, 1)
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        first, second = consume(consumer, 2)
+    assert first == riverbed.Record(
+        name, sent.partition, 0, 1234, b"key", b"value", {"trace": b"abc", "n": b""}
+    )
+    assert second.value is None
+    assert second.key == b"key"
+    assert abs(second.timestamp_ms - time.time() * 1000) < 60_000
+
+
+def test_offsets_are_contiguous_and_ordered_per_partition(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=4)
+    with log.producer() as producer:
+        producer.send_many(name, [(f"k{i % 50}".encode(), str(i).encode()) for i in range(5000)])
+    assert sum(log.end_offsets(name).values()) == 5000
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        records = consume(consumer, 5000)
+        assert consumer.poll(timeout=0.5) == []
+    by_partition: dict[int, list[riverbed.Record]] = defaultdict(list)
+    for record in records:
+        by_partition[record.partition].append(record)
+    for partition, items in by_partition.items():
+        assert [r.offset for r in items] == list(range(len(items)))
+        for record in items:
+            assert record.key is not None
+            assert partition == partition_for_key(record.key, 4)
+    # Within a key, values arrive in the order they were sent.
+    per_key: dict[bytes, list[int]] = defaultdict(list)
+    for record in records:
+        assert record.key is not None and record.value is not None
+        per_key[record.key].append(int(record.value))
+    assert all(values == sorted(values) for values in per_key.values())
+
+
+def test_keyless_records_spread_over_partitions(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=4)
+    with log.producer() as producer:
+        futures = [producer.send(name, b"x") for _ in range(400)]
+        partitions = Counter(f.result(timeout=30).partition for f in futures)
+    assert set(partitions) == {0, 1, 2, 3}
+    assert min(partitions.values()) >= 50
+
+
+def test_send_many_spreads_keyless_records(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=4)
+    with log.producer(batch_size=10_000) as producer:
+        assert producer.send_many(name, [(None, b"x" * 100)] * 20_000) == 20_000
+    ends = log.end_offsets(name)
+    assert sum(ends.values()) == 20_000
+    assert min(ends.values()) >= 2_000
+
+
+def test_explicit_partition(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=3)
+    with log.producer() as producer:
+        metadata = producer.send(name, b"v", key=b"any", partition=2).result(timeout=30)
+        assert metadata.partition == 2
+        with pytest.raises(riverbed.UnknownPartitionError, match="has no partition 3"):
+            producer.send(name, b"v", partition=3)
+        producer.send_many(name, [(None, b"a"), (b"k", b"b")], partition=1)
+    assert log.end_offsets(name) == {0: 0, 1: 2, 2: 1}
+
+
+def test_record_size_limit(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=1, max_record_bytes=10_000)
+    with log.producer() as producer:
+        producer.send(name, b"x" * 9_000, key=b"k").result(timeout=30)
+        with pytest.raises(riverbed.RecordTooLargeError, match="10001 bytes.*10000-byte limit"):
+            producer.send(name, b"x" * 10_000, key=b"k")
+        with pytest.raises(riverbed.RecordTooLargeError):
+            producer.send_many(name, [(None, b"ok"), (None, b"x" * 20_000)])
+    default = topic_name("default")
+    log.create_topic(default)
+    with log.producer() as producer, pytest.raises(riverbed.RecordTooLargeError, match="1048576"):
+        producer.send(default, b"x" * (1024 * 1024 + 1))
+
+
+def test_compacted_topic_needs_keys(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, compact=True)
+    with log.producer() as producer, pytest.raises(InvalidRecordError, match="needs a key"):
+        producer.send(name, b"v")
+
+
+def test_send_after_close_fails(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    producer = log.producer()
+    producer.close()
+    with pytest.raises(riverbed.ClosedError):
+        producer.send(name, b"v")
+
+
+def test_future_callbacks_and_flush(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    seen: list[int] = []
+    with log.producer(linger_ms=60_000) as producer:
+        future = producer.send(name, b"v")
+        future.add_done_callback(lambda f: seen.append(f.result().offset))
+        producer.flush()
+        assert future.done()
+    assert seen == [0]
+
+
+# Offsets
+
+
+def test_beginning_end_and_time_offsets(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    with log.producer() as producer:
+        for i, ts in enumerate([1_000, 2_000, 3_000]):
+            producer.send(name, str(i).encode(), partition=0, timestamp_ms=ts)
+    assert log.beginning_offsets(name) == {0: 0, 1: 0}
+    assert log.end_offsets(name) == {0: 3, 1: 0}
+    assert log.offsets_for_times(name, 1_500) == {0: 1, 1: None}
+    assert log.offsets_for_times(name, 0) == {0: 0, 1: None}
+    assert log.offsets_for_times(name, 3_001) == {0: None, 1: None}
+
+
+def test_seek_position_and_manual_assignment(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    with log.producer() as producer:
+        producer.send_many(name, [(None, str(i).encode()) for i in range(10)], partition=1)
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        assert consumer.assignment() == {(name, 0), (name, 1)}
+        assert consumer.group is None
+        consumer.seek(name, 1, 7)
+        assert consumer.position(name, 1) == 7
+        assert [r.offset for r in consume(consumer, 3)] == [7, 8, 9]
+        assert consumer.position(name, 1) == 10
+        consumer.seek_to_beginning([(name, 1)])
+        assert [r.offset for r in consume(consumer, 10)] == list(range(10))
+        consumer.seek(name, 1, 5)
+        consumer.seek_to_end()
+        assert consumer.poll(timeout=0.5) == []
+        with pytest.raises(RiverbedError, match="no group"):
+            consumer.commit()
+
+
+def test_latest_consumer_sees_only_new_records(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=1)
+    with log.producer() as producer:
+        producer.send(name, b"old")
+    with log.consumer(topics=[name], from_beginning=False) as consumer:
+        wait_until(lambda: bool(consumer.poll(timeout=0.2)) or bool(consumer.assignment()), 30)
+        assert consumer.position(name, 0) == 1
+        with log.producer() as producer:
+            producer.send(name, b"new")
+        (record,) = consume(consumer, 1)
+    assert record.value == b"new"
+
+
+# Groups
+
+
+def _drain(consumer: riverbed.Consumer, seconds: float) -> list[riverbed.Record]:
+    records: list[riverbed.Record] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        records.extend(consumer.poll(timeout=0.2))
+    return records
+
+
+def test_group_commit_and_resume(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    group = topic_name("group")
+    log.create_topic(name, partitions=3)
+    with log.producer() as producer:
+        producer.send_many(name, [(f"k{i}".encode(), b"v") for i in range(300)])
+    with log.consumer(group=group, topics=[name], from_beginning=True) as consumer:
+        assert consumer.group == group
+        first = consume(consumer, 300)
+        consumer.commit()
+        assert set(consumer.committed().values()) != {None}
+    assert len({(r.partition, r.offset) for r in first}) == 300
+    assert log.group_lag(group) == {(name, p): 0 for p in range(3)}
+    assert group in log.list_groups()
+    with log.producer() as producer:
+        producer.send_many(name, [(f"k{i}".encode(), b"w") for i in range(30)])
+    assert sum(log.group_lag(group).values()) == 30
+    with log.consumer(group=group, topics=[name], from_beginning=True) as consumer:
+        again = consume(consumer, 30)
+        assert {r.value for r in again} == {b"w"}
+        assert _drain(consumer, 1.0) == []
+        consumer.commit()
+    description = log.describe_group(group)
+    assert description.group == group
+    assert sorted((o.topic, o.partition, o.lag) for o in description.offsets) == [
+        (name, p, 0) for p in range(3)
+    ]
+
+
+def test_commit_explicit_offsets(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    group = topic_name("group")
+    log.create_topic(name, partitions=1)
+    with log.producer() as producer:
+        producer.send_many(name, [(None, str(i).encode()) for i in range(10)])
+    with log.consumer(group=group, topics=[name], from_beginning=True) as consumer:
+        consume(consumer, 10)
+        consumer.commit({(name, 0): 4})
+        assert consumer.committed() == {(name, 0): 4}
+    assert log.group_lag(group) == {(name, 0): 6}
+    with log.consumer(group=group, topics=[name], from_beginning=True) as consumer:
+        assert [r.offset for r in consume(consumer, 6)] == [4, 5, 6, 7, 8, 9]
+
+
+def test_group_members_share_partitions(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    group = topic_name("group")
+    log.create_topic(name, partitions=4)
+    with log.producer() as producer:
+        producer.send_many(name, [(f"k{i}".encode(), b"v") for i in range(2000)])
+    assigned: list[set[tuple[str, int]]] = []
+    a = log.consumer(group=group, topics=[name], from_beginning=True, on_assign=assigned.append)
+    b = log.consumer(group=group, topics=[name], from_beginning=True)
+    try:
+        seen: list[riverbed.Record] = []
+
+        def balanced() -> bool:
+            for consumer in (a, b):
+                seen.extend(consumer.poll(max_records=100, timeout=0.1))
+            return (
+                len(a.assignment()) == 2
+                and len(b.assignment()) == 2
+                and not (a.assignment() & b.assignment())
+            )
+
+        wait_until(balanced, 60, "both members to get two partitions")
+        assert assigned
+        while len({(r.partition, r.offset) for r in seen}) < 2000:
+            before = len(seen)
+            for consumer in (a, b):
+                seen.extend(consumer.poll(max_records=500, timeout=0.2))
+            if len(seen) == before:
+                break
+        assert len({(r.partition, r.offset) for r in seen}) == 2000
+        description = log.describe_group(group)
+        owned = sorted(tp for member in description.members for tp in member.assignment)
+        assert owned == [(name, p) for p in range(4)]
+        assert len(description.members) == 2
+    finally:
+        a.close()
+    # The leaver's partitions move to the remaining member.
+    wait_until(
+        lambda: bool(b.poll(timeout=0.1) is not None and len(b.assignment()) == 4),
+        60,
+        "the survivor to take all partitions",
+    )
+    b.close()
+
+
+def test_revoke_and_assign_callbacks(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    group = topic_name("group")
+    log.create_topic(name, partitions=2)
+    owned: set[tuple[str, int]] = set()
+    a = log.consumer(
+        group=group,
+        topics=[name],
+        on_assign=owned.update,
+        on_revoke=owned.difference_update,
+    )
+    wait_until(
+        lambda: (
+            a.poll(timeout=0.1) is not None and owned == a.assignment() == {(name, 0), (name, 1)}
+        ),
+        60,
+        "the first member's assignment",
+    )
+    b = log.consumer(group=group, topics=[name])
+    try:
+        wait_until(
+            lambda: (
+                a.poll(timeout=0.1) is not None
+                and b.poll(timeout=0.1) is not None
+                and len(a.assignment()) == 1
+                and owned == a.assignment()
+            ),
+            60,
+            "the rebalance to reach the callbacks",
+        )
+    finally:
+        b.close()
+        a.close()
+
+
+# Retention and compaction (eventual: the embedded log's producers and Kafka's broker apply them
+# in the background, so tests wait for them)
+
+
+def _produce_in_batches(
+    log: riverbed.Log, name: str, batches: int, per_batch: int, timestamp_ms: int | None = None
+) -> None:
+    for batch in range(batches):
+        with log.producer() as producer:
+            for i in range(per_batch):
+                producer.send(
+                    name,
+                    b"x" * 100,
+                    key=f"k{batch}-{i}".encode(),
+                    partition=0,
+                    timestamp_ms=timestamp_ms,
+                )
+        time.sleep(0.2)  # lets Kafka roll a segment between batches
+
+
+def test_retention_by_time(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=1, retention_ms=60_000)
+    hour_ago = int(time.time() * 1000) - 3_600_000
+    _produce_in_batches(log, name, batches=2, per_batch=50, timestamp_ms=hour_ago)
+    with log.producer() as producer:
+        producer.send(name, b"fresh", key=b"fresh", partition=0)
+    wait_until(lambda: log.beginning_offsets(name)[0] == 100, 90, "expired records to go")
+    assert log.end_offsets(name) == {0: 101}
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        (record,) = consume(consumer, 1)
+    assert (record.offset, record.value) == (100, b"fresh")
+
+
+def test_retention_by_size(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=1, retention_bytes=20_000)
+    _produce_in_batches(log, name, batches=6, per_batch=100)
+    wait_until(lambda: log.beginning_offsets(name)[0] > 0, 90, "old records to go")
+    assert log.end_offsets(name) == {0: 600}
+    start = log.beginning_offsets(name)[0]
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        records = consume(consumer, 600 - start)
+    assert records[0].offset == start
+    assert [r.offset for r in records] == list(range(start, 600))
+
+
+def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=1, compact=True, delete_retention_ms=0)
+    last_offsets: dict[bytes, int] = {}
+    offset = 0
+    for version in range(5):
+        with log.producer() as producer:
+            for k in range(20):
+                key = f"key-{k}".encode()
+                value = None if (k == 0 and version == 4) else f"{k}-v{version}".encode()
+                producer.send(name, value, key=key, partition=0)
+                last_offsets[key] = offset
+                offset += 1
+        time.sleep(0.3)
+    with log.producer() as producer:  # a later record lets Kafka roll the active segment
+        producer.send(name, b"tail", key=b"tail", partition=0)
+
+    def compacted() -> list[riverbed.Record]:
+        with log.consumer(topics=[name], from_beginning=True) as consumer:
+            return _drain(consumer, 1.0)
+
+    def only_last_values() -> bool:
+        records = [r for r in compacted() if r.key != b"tail"]
+        keys = [r.key for r in records]
+        return len(keys) == len(set(keys)) and b"key-0" not in keys
+
+    wait_until(only_last_values, 120, "compaction and tombstone removal")
+    records = [r for r in compacted() if r.key != b"tail"]
+    assert {r.key: r.offset for r in records} == {
+        k: o for k, o in last_offsets.items() if k != b"key-0"
+    }
+    assert all(r.value == f"{r.key.decode()[4:]}-v4".encode() for r in records if r.key)
+    assert log.end_offsets(name) == {0: 101}
