@@ -166,7 +166,7 @@ def test_record_size_limit(log: riverbed.Log, topic_name: TopicName) -> None:
     log.create_topic(name, partitions=1, max_record_bytes=10_000)
     with log.producer() as producer:
         producer.send(name, b"x" * 9_000, key=b"k").result(timeout=30)
-        with pytest.raises(riverbed.RecordTooLargeError, match="10001 bytes.*10000-byte limit"):
+        with pytest.raises(riverbed.RecordTooLargeError, match=r"10001 bytes.*10000-byte limit"):
             producer.send(name, b"x" * 10_000, key=b"k")
         with pytest.raises(riverbed.RecordTooLargeError):
             producer.send_many(name, [(None, b"ok"), (None, b"x" * 20_000)])
