@@ -1,0 +1,1074 @@
+"""The log on Apache Kafka: ``kafka://host:9092[,host2:9092]?connect_timeout=10``.
+
+Topics, offsets and groups go through confluent-kafka's ``AdminClient``; ``KafkaProducer`` and
+``KafkaConsumer`` wrap librdkafka's producer and consumer. Riverbed picks every record's partition
+itself (murmur2 of the key, round robin without one), exactly as the SQLite backend does, so a key
+lands in the same partition number on both.
+
+URL options: ``connect_timeout`` (seconds), ``replication_factor`` (of new topics), and any
+librdkafka setting, recognised by its dot (``?security.protocol=ssl&client.id=shop``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
+from riverbed.log.api import (
+    DEFAULT_DELETE_RETENTION_MS,
+    DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_SESSION_TIMEOUT_MS,
+    DeliveryErrors,
+    GroupDescription,
+    GroupMember,
+    GroupPartitionOffset,
+    PartitionInfo,
+    RebalanceCallback,
+    Record,
+    RecordMetadata,
+    SendFuture,
+    TopicDescription,
+    TopicInfo,
+    TopicPartition,
+    check_partition,
+    check_record,
+    lag_of,
+    validate_topic,
+)
+from riverbed.log.errors import (
+    BrokerUnavailableError,
+    ClosedError,
+    CommitFailedError,
+    DeliveryError,
+    InvalidTopicError,
+    TopicExistsError,
+    UnknownGroupError,
+    UnknownTopicError,
+)
+from riverbed.log.partitioner import KeylessSpreader, partition_for_key
+from riverbed.urls import BackendUrl
+
+try:
+    import confluent_kafka
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import TopicPartition as KafkaTopicPartition
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, not in __all__
+        AdminClient,
+        ConfigResource,
+        NewTopic,
+        OffsetSpec,
+        ResourceType,
+    )
+except ImportError as error:  # riverbed.connect imports this module only for kafka:// URLs
+    raise MissingExtraError("kafka:// URLs", "kafka", "confluent-kafka") from error
+
+logger = logging.getLogger(__name__)
+
+URL_OPTIONS = {"connect_timeout": "10", "replication_factor": "1"}
+# Admin requests (create, delete, list offsets...) may wait this long for the controller.
+REQUEST_TIMEOUT_S = 30.0
+# Kafka's max.message.bytes limits a whole record batch; riverbed's max_record_bytes limits one
+# record's key, value and headers. The difference leaves room for the batch header (61 bytes) and
+# the record's own framing (varint lengths, up to ~10 bytes per header), so a record exactly at
+# the limit is accepted on Kafka as on SQLite.
+RECORD_BATCH_OVERHEAD = 512
+# librdkafka refuses records larger than its message.max.bytes before they reach the broker;
+# raise it to just under the broker's socket.request.max.bytes (100 MiB) so that only the topic's
+# own limit applies.
+CLIENT_MAX_MESSAGE_BYTES = 100_000_000
+CLUSTER_INTERNAL_PREFIX = "__"
+
+# A member whose group moved on: its commit would overwrite the new owner's offsets.
+_FENCED = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError.STALE_MEMBER_EPOCH,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError._MAX_POLL_EXCEEDED,
+    }
+)
+_MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+# Consumer errors librdkafka recovers from by itself (reconnects, rejoins, offset resets).
+_TRANSIENT = frozenset(
+    {
+        KafkaError._PARTITION_EOF,
+        KafkaError._MAX_POLL_EXCEEDED,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._AUTO_OFFSET_RESET,
+    }
+)
+_GROUP_STATES = {
+    "PREPARING_REBALANCING": "PreparingRebalance",
+    "COMPLETING_REBALANCING": "CompletingRebalance",
+}
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _kafka_error(error: KafkaException) -> Any:
+    """The ``KafkaError`` inside a ``KafkaException`` (librdkafka puts it in ``args[0]``)."""
+    return error.args[0] if error.args else None
+
+
+def _code(error: KafkaException) -> int | None:
+    inner = _kafka_error(error)
+    return inner.code() if isinstance(inner, KafkaError) else None
+
+
+class KafkaLog:
+    """A Kafka cluster seen through riverbed's log contract."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        config: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+        replication_factor: int = 1,
+        url: str | None = None,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._url = url or f"kafka://{bootstrap}"
+        # librdkafka logs through Python logging instead of writing to stderr.
+        self.client_config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "logger": logger,
+            **(config or {}),
+        }
+        self._connect_timeout = connect_timeout
+        self._replication_factor = replication_factor
+        self._admin = AdminClient(self.client_config)
+        self._children: list[KafkaProducer | KafkaConsumer] = []
+        self._closed = False
+        try:
+            self._admin.list_topics(timeout=connect_timeout)
+        except KafkaException as error:
+            raise BrokerUnavailableError(
+                f"cannot reach Kafka at {bootstrap} within {connect_timeout:g} s "
+                f"({_kafka_error(error)}); check that the broker runs and the address is right, "
+                f"or wait longer with ?connect_timeout=SECONDS"
+            ) from None
+
+    @classmethod
+    def from_url(cls, url: BackendUrl) -> KafkaLog:
+        passthrough = {k: v for k, v in url.options.items() if "." in k}
+        options = {k: v for k, v in url.options.items() if "." not in k}
+        parsed = BackendUrl(url.raw, url.scheme, url.location, options).pop_options(URL_OPTIONS)
+        try:
+            connect_timeout = float(parsed["connect_timeout"])
+            replication_factor = int(parsed["replication_factor"])
+        except ValueError:
+            raise InvalidUrlError(
+                f"invalid option in {url.raw!r}: connect_timeout must be a number of seconds "
+                "and replication_factor a whole number"
+            ) from None
+        if connect_timeout <= 0 or replication_factor < 1:
+            raise InvalidUrlError(
+                f"invalid option in {url.raw!r}: connect_timeout must be > 0 "
+                "and replication_factor >= 1"
+            )
+        return cls(url.location, passthrough, connect_timeout, replication_factor, url.raw)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the log is closed; open it again with riverbed.connect()")
+
+    # Topics
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int = 1,
+        compact: bool = False,
+        retention_ms: int | None = None,
+        retention_bytes: int | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS,
+    ) -> TopicInfo:
+        self._check_open()
+        validate_topic(name, partitions)
+        for setting, value in (
+            ("retention_ms", retention_ms),
+            ("retention_bytes", retention_bytes),
+            ("max_record_bytes", max_record_bytes),
+            ("delete_retention_ms", delete_retention_ms),
+        ):
+            if value is not None and value < 0:
+                raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
+        policy = ["compact"] if compact else []
+        if not compact or retention_ms is not None or retention_bytes is not None:
+            policy.append("delete")
+        config = {
+            "cleanup.policy": ",".join(policy),
+            # None means keep forever, as on SQLite; Kafka's own default is 7 days.
+            "retention.ms": str(-1 if retention_ms is None else retention_ms),
+            "retention.bytes": str(-1 if retention_bytes is None else retention_bytes),
+            "max.message.bytes": str(max_record_bytes + RECORD_BATCH_OVERHEAD),
+            "delete.retention.ms": str(delete_retention_ms),
+        }
+        topic = NewTopic(name, partitions, self._replication_factor, config=config)
+        future = self._admin.create_topics([topic], request_timeout=REQUEST_TIMEOUT_S)[name]
+        try:
+            future.result()
+        except KafkaException as error:
+            if _code(error) == KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TopicExistsError(name) from None
+            raise InvalidTopicError(
+                f"Kafka refused to create topic '{name}': {_kafka_error(error)}"
+            ) from None
+        self._wait_for_leaders(name, partitions)
+        return TopicInfo(
+            name, partitions, compact, retention_ms, retention_bytes, max_record_bytes,
+            delete_retention_ms,
+        )
+
+    def _wait_for_leaders(self, name: str, partitions: int) -> None:
+        # CreateTopics returns once the controller wrote the topic; brokers learn it a moment
+        # later. Wait until every partition has a leader, so producing right away succeeds.
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while time.monotonic() < deadline:
+            metadata = self._admin.list_topics(topic=name, timeout=self._connect_timeout)
+            topic = metadata.topics.get(name)
+            if (
+                topic is not None
+                and topic.error is None
+                and len(topic.partitions) == partitions
+                and all(p.leader >= 0 and p.error is None for p in topic.partitions.values())
+            ):
+                return
+            time.sleep(0.02)
+        raise BrokerUnavailableError(
+            f"topic '{name}' was created but its partitions got no leader within "
+            f"{REQUEST_TIMEOUT_S:g} s; check the brokers' health"
+        )
+
+    def _metadata(self, topic: str | None = None) -> Any:
+        try:
+            if topic is None:
+                return self._admin.list_topics(timeout=self._connect_timeout)
+            return self._admin.list_topics(topic=topic, timeout=self._connect_timeout)
+        except KafkaException as error:
+            raise BrokerUnavailableError(
+                f"Kafka at {self._bootstrap} did not answer: {_kafka_error(error)}"
+            ) from None
+
+    def partition_count(self, topic: str) -> int:
+        """The topic's partition count from the cluster metadata; ``UnknownTopicError`` if none."""
+        self._check_open()
+        found = self._metadata(topic).topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise UnknownTopicError(topic)
+        return len(found.partitions)
+
+    def _topic_infos(self, counts: Mapping[str, int]) -> list[TopicInfo]:
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in counts]
+        if not resources:
+            return []
+        futures = self._admin.describe_configs(resources, request_timeout=REQUEST_TIMEOUT_S)
+        infos = []
+        for resource, future in futures.items():
+            name = resource.name
+            try:
+                entries = future.result()
+            except KafkaException as error:
+                if _code(error) in _MISSING_TOPIC:
+                    raise UnknownTopicError(name) from None
+                raise
+            config = {key: entry.value for key, entry in entries.items()}
+            retention_ms = int(config["retention.ms"])
+            retention_bytes = int(config["retention.bytes"])
+            infos.append(
+                TopicInfo(
+                    name=name,
+                    partitions=counts[name],
+                    compact="compact" in config["cleanup.policy"].split(","),
+                    retention_ms=None if retention_ms < 0 else retention_ms,
+                    retention_bytes=None if retention_bytes < 0 else retention_bytes,
+                    max_record_bytes=max(
+                        int(config["max.message.bytes"]) - RECORD_BATCH_OVERHEAD, 0
+                    ),
+                    delete_retention_ms=int(config["delete.retention.ms"]),
+                )
+            )
+        return sorted(infos, key=lambda info: info.name)
+
+    def list_topics(self) -> list[TopicInfo]:
+        self._check_open()
+        counts = {
+            name: len(topic.partitions)
+            for name, topic in self._metadata().topics.items()
+            if not name.startswith(CLUSTER_INTERNAL_PREFIX) and topic.error is None
+        }
+        return self._topic_infos(counts)
+
+    def topic(self, name: str) -> TopicInfo:
+        return self._topic_infos({name: self.partition_count(name)})[0]
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        info = self.topic(name)
+        beginning = self.beginning_offsets(name)
+        end = self.end_offsets(name)
+        sizes = self._partition_sizes(name)
+        return TopicDescription(
+            info,
+            [
+                PartitionInfo(p, beginning[p], end[p], sizes.get(p, 0))
+                for p in range(info.partitions)
+            ],
+        )
+
+    def _partition_sizes(self, topic: str) -> dict[int, int]:
+        """Bytes on disk per partition, from the leaders' DescribeLogDirs answers.
+
+        librdkafka has no DescribeLogDirs call (confluentinc/librdkafka#5192), so this sends the
+        request itself; it needs a PLAINTEXT listener and reports 0 where it cannot ask.
+        """
+        if self.client_config.get("security.protocol", "plaintext").lower() != "plaintext":
+            return {}
+        metadata = self._metadata(topic)
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise UnknownTopicError(topic)
+        leaders: dict[int, list[int]] = {}
+        for partition in found.partitions.values():
+            leaders.setdefault(partition.leader, []).append(partition.id)
+        sizes: dict[int, int] = {}
+        for broker_id, partitions in leaders.items():
+            broker = metadata.brokers.get(broker_id)
+            if broker is None:
+                continue
+            try:
+                answer = describe_log_dirs(broker.host, broker.port, topic, partitions)
+            except OSError as error:
+                logger.warning("cannot ask broker %s for partition sizes: %s", broker_id, error)
+                continue
+            sizes.update((p, answer[p]) for p in partitions if p in answer)
+        return sizes
+
+    def delete_topic(self, name: str) -> None:
+        self._check_open()
+        future = self._admin.delete_topics([name], request_timeout=REQUEST_TIMEOUT_S)[name]
+        try:
+            future.result()
+        except KafkaException as error:
+            if _code(error) in _MISSING_TOPIC:
+                raise UnknownTopicError(name) from None
+            raise
+        # Wait until the brokers forgot it, so that creating it again right away works.
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while time.monotonic() < deadline and name in self._metadata().topics:
+            time.sleep(0.02)
+
+    def _list_offsets(self, topic: str, spec: Any) -> dict[int, int]:
+        partitions = self.partition_count(topic)
+        request = {KafkaTopicPartition(topic, p): spec for p in range(partitions)}
+        futures = self._admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
+        offsets = {}
+        for tp, future in futures.items():
+            try:
+                offsets[tp.partition] = future.result().offset
+            except KafkaException as error:
+                if _code(error) in _MISSING_TOPIC:
+                    raise UnknownTopicError(topic) from None
+                raise
+        return offsets
+
+    def beginning_offsets(self, topic: str) -> dict[int, int]:
+        return self._list_offsets(topic, OffsetSpec.earliest())  # type: ignore[no-untyped-call]
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        return self._list_offsets(topic, OffsetSpec.latest())  # type: ignore[no-untyped-call]
+
+    def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[int, int | None]:
+        found = self._list_offsets(topic, OffsetSpec.for_timestamp(timestamp_ms))
+        # Kafka answers -1 for a partition without a record at or after the timestamp.
+        return {p: (None if offset < 0 else offset) for p, offset in found.items()}
+
+    # Clients
+
+    def producer(self, linger_ms: float = 5.0, batch_size: int = 16_384) -> KafkaProducer:
+        self._check_open()
+        producer = KafkaProducer(self, linger_ms=linger_ms, batch_size=batch_size)
+        self._children.append(producer)
+        return producer
+
+    def consumer(
+        self,
+        group: str | None = None,
+        topics: Iterable[str] = (),
+        from_beginning: bool = False,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        on_assign: RebalanceCallback | None = None,
+        on_revoke: RebalanceCallback | None = None,
+    ) -> KafkaConsumer:
+        self._check_open()
+        consumer = KafkaConsumer(
+            self,
+            group=group,
+            topics=list(topics),
+            from_beginning=from_beginning,
+            session_timeout_ms=session_timeout_ms,
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+        )
+        self._children.append(consumer)
+        return consumer
+
+    # Groups
+
+    def list_groups(self) -> list[str]:
+        self._check_open()
+        listed = self._admin.list_consumer_groups(request_timeout=REQUEST_TIMEOUT_S).result()
+        return sorted(g.group_id for g in listed.valid if not g.is_simple_consumer_group)
+
+    def describe_group(self, group: str) -> GroupDescription:
+        self._check_open()
+        futures = self._admin.describe_consumer_groups([group], request_timeout=REQUEST_TIMEOUT_S)
+        described = futures[group].result()
+        committed = self._committed_offsets(group)
+        state = described.state.name
+        if state == "DEAD" and not committed:
+            raise UnknownGroupError(group)
+        members = sorted(
+            (
+                GroupMember(
+                    m.member_id,
+                    sorted((tp.topic, tp.partition) for tp in m.assignment.topic_partitions),
+                )
+                for m in described.members
+            ),
+            key=lambda m: m.member_id,
+        )
+        partitions = set(committed)
+        for member in members:
+            partitions.update(member.assignment)
+        bounds = self._bounds(partitions)
+        offsets = []
+        for tp in sorted(partitions):
+            if tp not in bounds:
+                continue  # its topic was deleted
+            beginning, end = bounds[tp]
+            done = committed.get(tp)
+            offsets.append(GroupPartitionOffset(*tp, done, end, lag_of(done, beginning, end)))
+        return GroupDescription(
+            group=group,
+            state=_GROUP_STATES.get(state, state.capitalize()),
+            # Kafka's DescribeGroups answer carries no generation for classic groups.
+            generation=-1,
+            members=members,
+            offsets=offsets,
+        )
+
+    def _committed_offsets(self, group: str) -> dict[TopicPartition, int]:
+        request = [confluent_kafka.ConsumerGroupTopicPartitions(group)]
+        futures = self._admin.list_consumer_group_offsets(
+            request, request_timeout=REQUEST_TIMEOUT_S
+        )
+        answer = futures[group].result()
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in answer.topic_partitions or []
+            if tp.offset >= 0
+        }
+
+    def _bounds(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """Beginning and end offset of each partition; partitions of deleted topics are left out."""
+        bounds = {}
+        for topic in sorted({t for t, _ in partitions}):
+            try:
+                beginning = self.beginning_offsets(topic)
+                end = self.end_offsets(topic)
+            except UnknownTopicError:
+                continue
+            bounds.update({(topic, p): (beginning[p], end[p]) for p in beginning})
+        return bounds
+
+    def group_lag(self, group: str) -> dict[TopicPartition, int]:
+        return {(o.topic, o.partition): o.lag for o in self.describe_group(group).offsets}
+
+    # Lifecycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        children, self._children = self._children, []
+        for child in children:
+            child.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def describe_log_dirs(
+    host: str, port: int, topic: str, partitions: list[int], timeout: float = REQUEST_TIMEOUT_S
+) -> dict[int, int]:
+    """Size in bytes of ``topic``'s partitions on one broker: Kafka's DescribeLogDirs, version 1.
+
+    Request header v1 (api key 35, version, correlation id, client id), then the topics to
+    describe; the answer lists, per log dir, per topic, each partition's size.
+    """
+    name = topic.encode()
+    body = struct.pack(">hhih", 35, 1, 1, 8) + b"riverbed"
+    body += struct.pack(">ih", 1, len(name)) + name + struct.pack(">i", len(partitions))
+    body += b"".join(struct.pack(">i", p) for p in partitions)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack(">i", len(body)) + body)
+        (length,) = struct.unpack(">i", _read_exactly(sock, 4))
+        answer = _read_exactly(sock, length)
+    sizes: dict[int, int] = {}
+    # correlation id, throttle time, then the array of log dir results
+    (dirs,) = struct.unpack_from(">i", answer, 8)
+    at = 12
+    for _ in range(dirs):
+        error_code, dir_length = struct.unpack_from(">hh", answer, at)
+        at += 4 + dir_length
+        (topics,) = struct.unpack_from(">i", answer, at)
+        at += 4
+        for _ in range(topics):
+            (name_length,) = struct.unpack_from(">h", answer, at)
+            at += 2 + name_length
+            (count,) = struct.unpack_from(">i", answer, at)
+            at += 4
+            for _ in range(count):
+                partition, size = struct.unpack_from(">iq", answer, at)
+                at += 4 + 8 + 8 + 1  # partition, size, offset lag, is-future flag
+                if error_code == 0:
+                    sizes[partition] = sizes.get(partition, 0) + size
+    return sizes
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection mid-answer")
+        chunks += chunk
+    return bytes(chunks)
+
+
+class KafkaProducer:
+    """librdkafka's idempotent producer; riverbed chooses each record's partition."""
+
+    def __init__(self, log: KafkaLog, linger_ms: float, batch_size: int) -> None:
+        self._log = log
+        self._producer = confluent_kafka.Producer(
+            {
+                **log.client_config,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": linger_ms,
+                "batch.size": batch_size,
+                "batch.num.messages": 100_000,
+                "queue.buffering.max.messages": 1_000_000,
+                "message.max.bytes": CLIENT_MAX_MESSAGE_BYTES,
+                "compression.type": "none",
+                "delivery.timeout.ms": 60_000,
+                # Records sent without a future (send_many) report here; only failures matter.
+                "on_delivery": self._on_bulk_delivery,
+            }
+        )
+        self._batch_size = batch_size
+        self._topics: dict[str, TopicInfo] = {}
+        self._spreader = KeylessSpreader()
+        self._errors = DeliveryErrors()
+        self._closed = False
+        # Serves delivery reports in the background, so futures complete without the caller
+        # polling, as the Java producer's sender thread does.
+        self._stop = threading.Event()
+        self._poller = threading.Thread(
+            target=self._serve_deliveries, name="riverbed-kafka-producer", daemon=True
+        )
+        self._poller.start()
+
+    def _serve_deliveries(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def _topic(self, topic: str) -> TopicInfo:
+        info = self._topics.get(topic)
+        if info is None:
+            info = self._topics[topic] = self._log.topic(topic)
+        return info
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the producer is closed; create a new one with log.producer()")
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> SendFuture:
+        self._check_open()
+        info = self._topic(topic)
+        check_record(info, key, value, headers)
+        if partition is not None:
+            check_partition(info, partition)
+        elif key is not None:
+            partition = partition_for_key(key, info.partitions)
+        else:
+            partition = self._spreader.next_partition(info.partitions)
+        future = SendFuture(self._flush_for_future)
+        self._produce(
+            topic,
+            value,
+            key,
+            partition,
+            _now_ms() if timestamp_ms is None else timestamp_ms,
+            dict(headers) if headers else None,
+            functools.partial(self._on_delivery, future),
+        )
+        if self._unbatched(info):
+            self._producer.flush()
+        return future
+
+    def send_many(
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, bytes | None]],
+        partition: int | None = None,
+    ) -> int:
+        self._check_open()
+        info = self._topic(topic)
+        if partition is not None:
+            check_partition(info, partition)
+        partitions = info.partitions
+        timestamp_ms = _now_ms()
+        produce = self._producer.produce
+        unbatched = self._unbatched(info)
+        count = 0
+        for key, value in items:
+            check_record(info, key, value, None)
+            if partition is not None:
+                target = partition
+            elif key is not None:
+                target = partition_for_key(key, partitions)
+            else:
+                target = self._spreader.next_partition(partitions)
+            try:
+                produce(topic, value, key, target, timestamp=timestamp_ms)
+            except BufferError:
+                self._produce(topic, value, key, target, timestamp_ms, None, None)
+            if unbatched:
+                self._producer.flush()
+            count += 1
+        return count
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int,
+        timestamp_ms: int,
+        headers: Any,
+        on_delivery: Any,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value, key, partition, timestamp=timestamp_ms, headers=headers,
+                    **({"on_delivery": on_delivery} if on_delivery is not None else {}),
+                )
+                break
+            except BufferError:
+                # The local queue is full: wait for deliveries to make room.
+                self._producer.poll(0.01)
+
+    def _unbatched(self, info: TopicInfo) -> bool:
+        # librdkafka batches up to batch.size bytes per partition, but the broker rejects a batch
+        # larger than the topic's max.message.bytes, and librdkafka does not split it. Records for
+        # topics with a smaller limit are therefore sent one at a time.
+        return info.max_record_bytes + RECORD_BATCH_OVERHEAD < self._batch_size
+
+    def _on_delivery(self, future: SendFuture, error: Any, message: Any) -> None:
+        if error is None:
+            future.set_result(
+                RecordMetadata(
+                    message.topic(), message.partition(), message.offset(), message.timestamp()[1]
+                )
+            )
+        else:
+            future.set_exception(self._delivery_error(message.topic(), error))
+
+    def _on_bulk_delivery(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self._errors.add(str(self._delivery_error(message.topic(), error)))
+
+    def _delivery_error(self, topic: str, error: Any) -> RiverbedError:
+        if error.code() in _MISSING_TOPIC:
+            self._topics.pop(topic, None)  # deleted since we cached it: look it up again
+            return UnknownTopicError(topic)
+        return DeliveryError(f"Kafka did not write a record to '{topic}': {error.str()}")
+
+    def _flush_for_future(self, timeout: float | None) -> None:
+        self._producer.flush(-1 if timeout is None else timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued record is acknowledged; raise errors of ``send_many`` records."""
+        remaining = self._producer.flush(-1 if timeout is None else timeout)
+        self._errors.raise_if_any()
+        if remaining:
+            raise TimeoutError(f"{remaining} record(s) not acknowledged within {timeout} s")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._stop.set()
+            self._poller.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class KafkaConsumer:
+    """librdkafka's consumer: in a group (cooperative rebalancing) or assigned every partition.
+
+    Rebalances use the cooperative-sticky assignor, so ``on_revoke`` gets only the partitions that
+    move away and ``on_assign`` only the new ones, as on SQLite. A member that does not poll for
+    ``session_timeout_ms`` leaves the group (librdkafka's max.poll.interval.ms), like a member
+    whose heartbeats stop on SQLite.
+    """
+
+    def __init__(
+        self,
+        log: KafkaLog,
+        group: str | None,
+        topics: list[str],
+        from_beginning: bool,
+        session_timeout_ms: int,
+        on_assign: RebalanceCallback | None,
+        on_revoke: RebalanceCallback | None,
+    ) -> None:
+        if not topics:
+            raise RiverbedError("a consumer needs topics: pass topics=['name', ...]")
+        if group is not None and not group:
+            raise RiverbedError("group must be a non-empty name, or None for no group")
+        self._log = log
+        self._group = group
+        self._topics = sorted(set(topics))
+        counts = {topic: log.partition_count(topic) for topic in self._topics}
+        self._from_beginning = from_beginning
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._assignment: set[TopicPartition] = set()
+        # Next offset to read per partition, as far as this consumer knows it (polled or sought).
+        self._positions: dict[TopicPartition, int] = {}
+        # Seeks on partitions whose assignment has not arrived yet; applied when it does.
+        self._pending_seeks: dict[TopicPartition, int] = {}
+        self._closed = False
+        self._consumer = confluent_kafka.Consumer(
+            {
+                **log.client_config,
+                # librdkafka needs a group id even for manual assignment; that one never joins.
+                "group.id": group or f"riverbed-unjoined-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": False,
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": session_timeout_ms,
+                "heartbeat.interval.ms": max(session_timeout_ms // 3, 100),
+                "max.poll.interval.ms": session_timeout_ms,
+                # Answer a fetch as soon as a record arrives (latency), but keep up to
+                # queued.max.messages.kbytes prefetched per partition (throughput).
+                "fetch.wait.max.ms": 10,
+                "fetch.min.bytes": 1,
+                "queued.min.messages": 200_000,
+            }
+        )
+        if group is None:
+            start = (
+                confluent_kafka.OFFSET_BEGINNING if from_beginning else confluent_kafka.OFFSET_END
+            )
+            self._consumer.assign(
+                [KafkaTopicPartition(t, p, start) for t, n in counts.items() for p in range(n)]
+            )
+            self._assignment = {(t, p) for t, n in counts.items() for p in range(n)}
+            if on_assign is not None:
+                on_assign(set(self._assignment))
+        else:
+            self._consumer.subscribe(
+                self._topics,
+                on_assign=self._assigned,
+                on_revoke=self._revoked,
+                on_lost=self._lost,
+            )
+
+    @property
+    def group(self) -> str | None:
+        return self._group
+
+    # Rebalance callbacks, run by librdkafka inside consume()
+
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        added = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            seek = self._pending_seeks.get((tp.topic, tp.partition))
+            if seek is not None:
+                tp.offset = seek
+                self._positions[tp.topic, tp.partition] = seek
+        self._pending_seeks.clear()
+        consumer.incremental_assign(partitions)
+        self._assignment |= added
+        if added and self._on_assign is not None:
+            self._on_assign(added)
+
+    def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        # The user's callback runs while this member still owns the partitions, so it can commit.
+        if revoked and self._on_revoke is not None:
+            self._on_revoke(revoked)
+        self._forget(revoked)
+        consumer.incremental_unassign(partitions)
+
+    def _lost(self, consumer: Any, partitions: list[Any]) -> None:
+        # Fenced: the partitions already belong to someone else, so commits must fail from now.
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        self._forget(lost)
+        consumer.incremental_unassign(partitions)
+        if lost and self._on_revoke is not None:
+            self._on_revoke(lost)
+
+    def _forget(self, partitions: set[TopicPartition]) -> None:
+        self._assignment -= partitions
+        for tp in partitions:
+            self._positions.pop(tp, None)
+
+    # Reading
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the consumer is closed; create a new one with log.consumer()")
+
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
+        self._check_open()
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        # consume(n, timeout) waits until it has n messages or the timeout passed. Take what is
+        # there; if nothing is, wait for the first record only, then take what came with it.
+        messages: list[Any] = self._consumer.consume(max_records, 0)
+        if not messages and timeout > 0:
+            messages = self._consumer.consume(1, timeout)
+            if messages and max_records > 1:
+                messages += self._consumer.consume(max_records - 1, 0)
+        records = []
+        positions = self._positions
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._raise_unless_transient(error, message.topic())
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            headers = message.headers()
+            records.append(
+                Record(
+                    topic,
+                    partition,
+                    offset,
+                    message.timestamp()[1],
+                    message.key(),
+                    message.value(),
+                    dict(headers) if headers else {},
+                )
+            )
+            positions[topic, partition] = offset + 1
+        return records
+
+    def _raise_unless_transient(self, error: Any, topic: str | None) -> None:
+        code = error.code()
+        if code in _TRANSIENT or (error.retriable() and not error.fatal()):
+            logger.debug("transient consumer error: %s", error)
+            return
+        if code in _MISSING_TOPIC and topic:
+            raise UnknownTopicError(topic)
+        raise RiverbedError(f"Kafka consumer error: {error.str()}")
+
+    # Offsets
+
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        self._check_open()
+        if self._group is None:
+            raise RiverbedError(
+                "this consumer has no group, so it has no offsets to commit; "
+                "create it with log.consumer(group='name', ...)"
+            )
+        to_commit = dict(offsets) if offsets is not None else dict(self._positions)
+        if not to_commit:
+            return
+        moved = sorted(set(to_commit) - self._assignment)
+        if moved:
+            topic, partition = moved[0]
+            raise CommitFailedError(
+                f"commit rejected: partition {topic}[{partition}] of group '{self._group}' is not "
+                "assigned to this consumer (a rebalance moved it); its records since the last "
+                "commit go to the new owner, poll again to get the new assignment"
+            )
+        try:
+            answer = self._consumer.commit(
+                offsets=[KafkaTopicPartition(t, p, o) for (t, p), o in to_commit.items()],
+                asynchronous=False,
+            )
+        except KafkaException as error:
+            self._raise_commit_failed(_kafka_error(error))
+            raise
+        for tp in answer or []:
+            if tp.error is not None:
+                self._raise_commit_failed(tp.error)
+                raise RiverbedError(f"commit of {tp.topic}[{tp.partition}] failed: {tp.error}")
+
+    def _raise_commit_failed(self, error: Any) -> None:
+        if isinstance(error, KafkaError) and error.code() in _FENCED:
+            raise CommitFailedError(
+                f"commit rejected: this member of group '{self._group}' was fenced by a "
+                f"rebalance ({error.str()}); the records polled since the last commit go to the "
+                "partitions' new owner, poll again to rejoin"
+            )
+
+    def committed(self) -> dict[TopicPartition, int | None]:
+        self._check_open()
+        assigned = sorted(self._assignment)
+        if self._group is None or not assigned:
+            return dict.fromkeys(assigned)
+        answer = self._consumer.committed(
+            [KafkaTopicPartition(t, p) for t, p in assigned], timeout=REQUEST_TIMEOUT_S
+        )
+        return {
+            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in answer
+        }
+
+    def position(self, topic: str, partition: int) -> int:
+        self._check_open()
+        tp = (topic, partition)
+        if tp in self._pending_seeks:
+            return self._pending_seeks[tp]
+        self._assigned_or_raise(tp)
+        known = self._positions.get(tp)
+        if known is not None:
+            return known
+        (current,) = self._consumer.position([KafkaTopicPartition(topic, partition)])
+        if current.offset >= 0:
+            return int(current.offset)
+        # Nothing fetched yet: where the first fetch will start.
+        if self._group is not None:
+            (done,) = self._consumer.committed(
+                [KafkaTopicPartition(topic, partition)], timeout=REQUEST_TIMEOUT_S
+            )
+            if done.offset >= 0:
+                return int(done.offset)
+        low, high = self._consumer.get_watermark_offsets(
+            KafkaTopicPartition(topic, partition), timeout=REQUEST_TIMEOUT_S, cached=False
+        )
+        return int(low if self._from_beginning else high)
+
+    def _assigned_or_raise(self, tp: TopicPartition) -> None:
+        if tp not in self._assignment:
+            raise RiverbedError(
+                f"partition {tp[0]}[{tp[1]}] is not assigned to this consumer; "
+                f"its assignment is {sorted(self._assignment)}"
+            )
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._check_open()
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        tp = (topic, partition)
+        if tp not in self._assignment:
+            if self._group is None or topic not in self._topics:
+                self._assigned_or_raise(tp)
+            # The group's assignment has not arrived yet: apply the seek when it does.
+            self._pending_seeks[tp] = offset
+            return
+        self._consumer.seek(KafkaTopicPartition(topic, partition, offset))
+        self._positions[tp] = offset
+
+    def _watermarks(
+        self, partitions: Iterable[TopicPartition] | None
+    ) -> list[tuple[str, int, int, int]]:
+        chosen = sorted(self._assignment if partitions is None else set(partitions))
+        marks = []
+        for topic, partition in chosen:
+            low, high = self._consumer.get_watermark_offsets(
+                KafkaTopicPartition(topic, partition), timeout=REQUEST_TIMEOUT_S, cached=False
+            )
+            marks.append((topic, partition, low, high))
+        return marks
+
+    def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        for topic, partition, low, _ in self._watermarks(partitions):
+            self.seek(topic, partition, low)
+
+    def seek_to_end(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        for topic, partition, _, high in self._watermarks(partitions):
+            self.seek(topic, partition, high)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assignment)
+
+    # Lifecycle
+
+    def close(self) -> None:
+        """Leave the group (without calling ``on_revoke``, as on SQLite) and stop fetching."""
+        if self._closed:
+            return
+        self._closed = True
+        self._on_revoke = None
+        self._consumer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
