@@ -131,7 +131,12 @@ def produce(
     with (
         open_log(ctx) as log,
         log.producer() as producer,
-        Progress(console=err, transient=True, disable=len(records) < PROGRESS_MIN_RECORDS) as bar,
+        Progress(
+            console=err,
+            transient=True,
+            # A transient bar off a terminal would leave blank lines behind.
+            disable=len(records) < PROGRESS_MIN_RECORDS or not err.is_terminal,
+        ) as bar,
     ):
         task = bar.add_task(f"producing to {topic}", total=len(records))
         futures = []
