@@ -35,16 +35,37 @@ MAINTENANCE_INTERVAL_S = 1.0
 # so that even empty records fill batches and trigger the linger flush.
 RECORD_OVERHEAD = 16
 
-# A queued record: timestamp_ms, key, value, headers (None when there are none).
-Pending = tuple[int, bytes | None, bytes | None, dict[str, bytes] | None]
+# Records sent together share a timestamp and headers: a run keeps them as the (key, value)
+# pairs the caller passed, so queueing a record allocates nothing, and one comprehension per run
+# builds the stored records at flush time.
+Pair = tuple[bytes | None, bytes | None]
+
+
+class _Run:
+    __slots__ = ("headers", "pairs", "timestamp_ms")
+
+    def __init__(self, timestamp_ms: int, headers: dict[str, bytes] | None) -> None:
+        self.timestamp_ms = timestamp_ms
+        self.headers = headers
+        self.pairs: list[Pair] = []
 
 
 class _PartitionBuffer:
-    __slots__ = ("futures", "records")
+    __slots__ = ("count", "futures", "runs")
 
     def __init__(self) -> None:
-        self.records: list[Pending] = []
-        self.futures: list[tuple[int, SendFuture]] = []
+        self.runs: list[_Run] = []
+        self.count = 0
+        self.futures: list[tuple[int, int, SendFuture]] = []  # (offset delta, timestamp, future)
+
+    def run_for(self, timestamp_ms: int, headers: dict[str, bytes] | None) -> _Run:
+        if self.runs:
+            last = self.runs[-1]
+            if last.timestamp_ms == timestamp_ms and headers is None and last.headers is None:
+                return last
+        run = _Run(timestamp_ms, headers)
+        self.runs.append(run)
+        return run
 
 
 class SqliteProducer:
@@ -65,6 +86,7 @@ class SqliteProducer:
         self._errors = DeliveryErrors()
         self._touched: set[str] = set()
         self._closed = False
+        self._flush_method = self.flush
         self._flusher = threading.Thread(
             target=self._flush_loop, name="riverbed-producer", daemon=True
         )
@@ -98,13 +120,16 @@ class SqliteProducer:
             check_partition(info, partition)
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
-        future = SendFuture(self.flush)
+        future = SendFuture(self._flush_method)
         with self._lock:
             buffer = self._buffers.get((topic, partition))
             if buffer is None:
                 buffer = self._buffers[topic, partition] = _PartitionBuffer()
-            buffer.futures.append((len(buffer.records), future))
-            buffer.records.append((timestamp_ms, key, value, dict(headers) if headers else None))
+            buffer.futures.append((buffer.count, timestamp_ms, future))
+            buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
+                (key, value)
+            )
+            buffer.count += 1
             if self._buffered_bytes == 0:
                 self._first_buffered_at = time.monotonic()
                 self._wakeup.notify()
@@ -117,7 +142,7 @@ class SqliteProducer:
     def send_many(
         self,
         topic: str,
-        items: Iterable[tuple[bytes | None, bytes | None]],
+        items: Iterable[Pair],
         partition: int | None = None,
     ) -> int:
         if self._closed:
@@ -126,47 +151,58 @@ class SqliteProducer:
         if partition is not None:
             check_partition(info, partition)
         partitions = info.partitions
+        limit = info.max_record_bytes
         timestamp_ms = time.time_ns() // 1_000_000
         # Keyless records stick to one partition until a batch's worth went there, like Kafka's
         # sticky partitioner: whole batches per partition, spread evenly over time.
         sticky = self._spreader.next_partition(partitions) if partition is None else partition
         sticky_bytes = 0
         share = max(self._batch_size // partitions, 1)
-        lists: dict[int, list[Pending]] = {}
+        lists: dict[int, list[Pair]] = {}
         count = 0
         size = 0
-        for key, value in items:
-            record_bytes = check_record(info, key, value, None)
+        # The checks of check_record, inlined: this loop is the fast path.
+        for item in items:
+            key, value = item
+            record_bytes = (len(key) if key is not None else 0) + (
+                len(value) if value is not None else 0
+            )
+            if record_bytes > limit or (key is None and info.compact):
+                check_record(info, key, value, None)
             if partition is not None:
                 target = partition
             elif key is None:
                 target = sticky
-                sticky_bytes += record_bytes
+                sticky_bytes += record_bytes + RECORD_OVERHEAD
                 if sticky_bytes >= share:
                     sticky = self._spreader.next_partition(partitions)
                     sticky_bytes = 0
             else:
                 target = partition_for_key(key, partitions)
-            records = lists.get(target)
-            if records is None:
-                records = lists[target] = []
-            records.append((timestamp_ms, key, value, None))
+            pairs = lists.get(target)
+            if pairs is None:
+                pairs = lists[target] = []
+            pairs.append(item)
             size += record_bytes + RECORD_OVERHEAD
-            count += 1
             if size >= self._batch_size:
-                self._enqueue(topic, lists, size)
+                count += self._enqueue(topic, timestamp_ms, lists, size)
                 lists, size = {}, 0
         if lists:
-            self._enqueue(topic, lists, size)
+            count += self._enqueue(topic, timestamp_ms, lists, size)
         return count
 
-    def _enqueue(self, topic: str, lists: dict[int, list[Pending]], size: int) -> None:
+    def _enqueue(
+        self, topic: str, timestamp_ms: int, lists: dict[int, list[Pair]], size: int
+    ) -> int:
+        count = 0
         with self._lock:
-            for partition, records in lists.items():
+            for partition, pairs in lists.items():
                 buffer = self._buffers.get((topic, partition))
                 if buffer is None:
                     buffer = self._buffers[topic, partition] = _PartitionBuffer()
-                buffer.records.extend(records)
+                buffer.run_for(timestamp_ms, None).pairs.extend(pairs)
+                buffer.count += len(pairs)
+                count += len(pairs)
             if self._buffered_bytes == 0:
                 self._first_buffered_at = time.monotonic()
                 self._wakeup.notify()
@@ -174,6 +210,7 @@ class SqliteProducer:
             full = self._buffered_bytes >= self._batch_size
         if full:
             self._write_buffered()
+        return count
 
     def flush(self, timeout: float | None = None) -> None:
         """Write everything buffered; raise ``DeliveryError`` for records that were not written."""
@@ -197,7 +234,7 @@ class SqliteProducer:
             with write_transaction(self._conn) as conn:
                 for (topic, partition), buffer in buffers.items():
                     try:
-                        base = self._append_batch(conn, topic, partition, buffer.records)
+                        base = self._append_batch(conn, topic, partition, buffer)
                     except UnknownTopicError as unknown:
                         failed.append((buffer, unknown))
                         continue
@@ -210,19 +247,17 @@ class SqliteProducer:
             self._appended.notify_all()
         for topic, partition, base, buffer in written:
             self._touched.add(topic)
-            for index, future in buffer.futures:
-                future.set_result(
-                    RecordMetadata(topic, partition, base + index, buffer.records[index][0])
-                )
+            for delta, timestamp_ms, future in buffer.futures:
+                future.set_result(RecordMetadata(topic, partition, base + delta, timestamp_ms))
         for buffer, reason in failed:
-            unacknowledged = len(buffer.records) - len(buffer.futures)
+            unacknowledged = buffer.count - len(buffer.futures)
             if unacknowledged:
                 self._errors.add(str(reason), unacknowledged)
-            for _, future in buffer.futures:
+            for _, _, future in buffer.futures:
                 future.set_exception(reason)
 
     def _append_batch(
-        self, conn: sqlite3.Connection, topic: str, partition: int, records: list[Pending]
+        self, conn: sqlite3.Connection, topic: str, partition: int, buffer: _PartitionBuffer
     ) -> int:
         meta = self._meta(topic)
         row = conn.execute(
@@ -240,15 +275,24 @@ class SqliteProducer:
             if row is None:
                 raise UnknownTopicError(topic)
         base: int = row[0]
-        payload, crc = encode_batch(
-            [
-                (topic, partition, base + i, ts, key, value, headers)
-                if headers
-                else (topic, partition, base + i, ts, key, value)
-                for i, (ts, key, value, headers) in enumerate(records)
-            ]
-        )
-        count = len(records)
+        records: list[tuple[object, ...]] = []
+        offset = base
+        for run in buffer.runs:
+            ts, headers, pairs = run.timestamp_ms, run.headers, run.pairs
+            offsets = range(offset, offset + len(pairs))
+            if headers is None:
+                records += [
+                    (topic, partition, o, ts, k, v)
+                    for o, (k, v) in zip(offsets, pairs, strict=True)
+                ]
+            else:
+                records += [
+                    (topic, partition, o, ts, k, v, headers)
+                    for o, (k, v) in zip(offsets, pairs, strict=True)
+                ]
+            offset += len(pairs)
+        payload, crc = encode_batch(records)
+        count = buffer.count
         conn.execute(
             "INSERT INTO batches (topic_id, partition, last_offset, base_offset, record_count, "
             "max_timestamp_ms, payload, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -258,7 +302,7 @@ class SqliteProducer:
                 base + count - 1,
                 base,
                 count,
-                max(r[0] for r in records),
+                max(run.timestamp_ms for run in buffer.runs),
                 payload,
                 crc,
             ),

@@ -45,9 +45,10 @@ CREATE TABLE IF NOT EXISTS partitions (
     cleaned_offset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic_id, partition)
 ) WITHOUT ROWID;
--- Keyed by last_offset: a fetch from position P is one range scan from the first batch whose
--- last offset is >= P.
+-- A rowid table keeps large payloads compact on disk and fast to scan, and the index makes a
+-- fetch from position P one range scan from the first batch whose last offset is >= P.
 CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY,
     topic_id INTEGER NOT NULL,
     partition INTEGER NOT NULL,
     last_offset INTEGER NOT NULL,
@@ -55,9 +56,9 @@ CREATE TABLE IF NOT EXISTS batches (
     record_count INTEGER NOT NULL,
     max_timestamp_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
-    crc INTEGER NOT NULL,
-    PRIMARY KEY (topic_id, partition, last_offset)
-) WITHOUT ROWID;
+    crc INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_by_offset ON batches (topic_id, partition, last_offset);
 CREATE TABLE IF NOT EXISTS groups (
     group_id TEXT PRIMARY KEY,
     generation INTEGER NOT NULL
@@ -123,6 +124,9 @@ class Database:
             conn = sqlite3.connect(
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
             )
+            # Only takes effect when the file is created: 16 KiB pages write and scan batch payloads
+            # about twice as fast as the 4 KiB default.
+            conn.execute("PRAGMA page_size=16384")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=60000")
@@ -146,6 +150,7 @@ class Database:
                         f"log file {str(self.path)!r} has schema version {version}, newer than "
                         f"this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
                     )
+                # No ';' inside SCHEMA's comments: it is split into statements here.
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
