@@ -1,0 +1,111 @@
+"""Every riverbed error is one ``error:`` line on stderr with exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from riverbed.cli.main import app
+from tests.cli.conftest import Run
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_topic(run: Run) -> None:
+    for args in (
+        ("topics", "describe", "nope"),
+        ("topics", "delete", "nope"),
+        ("consume", "nope", "--timeout", "0"),
+    ):
+        assert_one_line_error(run(*args), "topic 'nope' does not exist", "riverbed topics create")
+    assert_one_line_error(run("produce", "nope", input="a\n"), "topic 'nope' does not exist")
+
+
+def test_duplicate_topic(run: Run) -> None:
+    assert run("topics", "create", "orders").exit_code == 0
+    assert_one_line_error(run("topics", "create", "orders"), "topic 'orders' already exists")
+
+
+def test_invalid_topic_name(run: Run) -> None:
+    assert_one_line_error(run("topics", "create", "bad name"), "invalid topic name 'bad name'")
+
+
+def test_unknown_group(run: Run) -> None:
+    assert_one_line_error(run("groups", "describe", "nobody"), "group 'nobody' does not exist")
+
+
+def test_unknown_partition(run: Run) -> None:
+    run("topics", "create", "orders", "--partitions", "2")
+    result = run("produce", "orders", "--partition", "5", input="a\n")
+    assert_one_line_error(result, "has no partition 5")
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("foo://x", "unsupported URL scheme 'foo'"),
+        ("nonsense", "invalid URL 'nonsense'"),
+        ("sqlite:///x.db?fsync=sometimes", "invalid fsync='sometimes'"),
+    ],
+)
+def test_bad_url(url: str, fragment: str) -> None:
+    result = CliRunner().invoke(app, ["--url", url, "topics", "list"])
+    assert_one_line_error(result, fragment)
+
+
+def test_url_from_environment(tmp_path: Path) -> None:
+    env = {"RIVERBED_URL": f"sqlite:///{tmp_path}/env.db"}
+    result = CliRunner().invoke(app, ["topics", "create", "t"], env=env)
+    assert result.exit_code == 0
+    assert (tmp_path / "env.db").exists()
+
+
+def test_missing_file(run: Run, tmp_path: Path) -> None:
+    run("topics", "create", "orders")
+    result = run("produce", "orders", "--file", str(tmp_path / "missing.txt"))
+    assert_one_line_error(result, "No such file or directory", "missing.txt")
+
+
+def test_usage_errors_exit_2(run: Run) -> None:
+    run("topics", "create", "orders")
+    for args in (
+        ("consume", "orders", "--format", "xml"),
+        ("consume", "orders", "--max", "0"),
+        ("consume", "orders", "--timeout", "-1"),
+        ("produce", "orders", "--key", "k", "--key-field", "id"),
+        ("produce", "orders", "--header", "no-equals-sign"),
+        ("produce", "orders", "--partition", "-1"),
+        ("topics", "create"),
+        ("nonexistent-command",),
+    ):
+        result = run(*args, input="")
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_installed_command_prints_no_traceback(tmp_path: Path) -> None:
+    """The real entry point, in a subprocess: what a user's shell sees."""
+    script = Path(sys.executable).parent / "riverbed"
+    result = subprocess.run(
+        [str(script), "--url", f"sqlite:///{tmp_path}/log.db", "topics", "describe", "nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        "error: topic 'nope' does not exist; create it with: riverbed topics create nope\n"
+    )
