@@ -87,7 +87,11 @@ def consume(
         Format, typer.Option("--format", help="value: the value as text; json: the whole record.")
     ] = Format.value,
 ) -> None:
-    """Print records of a topic (Consumer.poll) until --max records or --timeout seconds idle."""
+    """Print records of a topic (Consumer.poll) until --max records or --timeout seconds idle.
+
+    --format json prints one object per line; a key, value or header that is not UTF-8 text is
+    shown as {"base64": "..."}. With --group, each printed batch is committed.
+    """
     printed = 0
     with (
         open_log(ctx) as log,

@@ -17,6 +17,8 @@ app = typer.Typer(
     help="Riverbed: a partitioned, replayable log and the platform built on it.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Markdown reflows docstring paragraphs to the terminal's width.
+    rich_markup_mode="markdown",
 )
 app.add_typer(topics.app, name="topics")
 app.add_typer(groups.app, name="groups")
@@ -32,7 +34,7 @@ def root(
         str | None,
         typer.Option(
             envvar=LOG_URL_ENV,
-            help=f"Log URL: sqlite:///path.db or kafka://host:9092 [default: {DEFAULT_LOG_URL}]",
+            help=f"Log URL: sqlite:///path.db or kafka://host:9092 (default: {DEFAULT_LOG_URL}).",
         ),
     ] = None,
 ) -> None:

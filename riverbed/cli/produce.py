@@ -123,7 +123,11 @@ def produce(
         int | None, typer.Option(min=0, help="Write to this partition instead of by key.")
     ] = None,
 ) -> None:
-    """Send one record per input line (Producer.send) and print the offsets written."""
+    """Send one record per input line (Producer.send) and print the offsets written.
+
+    The whole input is read and checked first: a line that --key-field cannot use stops the
+    command before anything is sent. Empty lines are skipped.
+    """
     if key is not None and key_field is not None:
         raise typer.BadParameter("use --key or --key-field, not both", param_hint="'--key'")
     headers = parse_headers(header or [])
