@@ -115,32 +115,86 @@ def lag_of(committed: int | None, beginning: int, end: int) -> int:
     return max(end - start, 0)
 
 
+class BatchDelivery:
+    """The outcome of one batch of records, shared by their futures and resolved once for all.
+
+    A backend that writes whole batches resolves this one object instead of every record's future:
+    ``send`` is a hot path and most futures are never looked at.
+    """
+
+    __slots__ = ("base_offset", "error", "partition", "topic", "waiting")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.base_offset: int | None = None
+        self.error: BaseException | None = None
+        self.waiting: list[SendFuture] = []  # futures with callbacks to run when resolved
+
+    def resolve(self, base_offset: int) -> None:
+        self.base_offset = base_offset
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            future.run_callbacks()
+
+
 class SendFuture:
     """The pending result of ``Producer.send``: the record's metadata once it is written.
 
     ``result()`` forces delivery (flushing the producer if needed) and raises the backend's error if
     the record was not written. Lighter than ``concurrent.futures.Future``: ``send`` is a hot path.
+    A future is resolved either alone (``set_result``/``set_exception``) or through the
+    ``BatchDelivery`` of its batch, at offset ``base_offset + delta``.
     """
 
-    __slots__ = ("_callbacks", "_error", "_flush", "_metadata")
+    __slots__ = ("_batch", "_callbacks", "_delta", "_error", "_flush", "_metadata", "_timestamp_ms")
 
-    def __init__(self, flush: Callable[[float | None], None]) -> None:
+    def __init__(
+        self,
+        flush: Callable[[float | None], None],
+        batch: BatchDelivery | None = None,
+        delta: int = 0,
+        timestamp_ms: int = 0,
+    ) -> None:
         self._flush = flush
+        self._batch = batch
+        self._delta = delta
+        self._timestamp_ms = timestamp_ms
         self._metadata: RecordMetadata | None = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[SendFuture], None]] | None = None
 
+    def _outcome(self) -> RecordMetadata | BaseException | None:
+        batch = self._batch
+        if batch is None:
+            return self._error or self._metadata
+        if batch.error is not None:
+            return batch.error
+        if batch.base_offset is None:
+            return None
+        return RecordMetadata(
+            batch.topic, batch.partition, batch.base_offset + self._delta, self._timestamp_ms
+        )
+
     def done(self) -> bool:
-        return self._metadata is not None or self._error is not None
+        return self._outcome() is not None
 
     def result(self, timeout: float | None = None) -> RecordMetadata:
         if not self.done():
             self._flush(timeout)
-        if self._error is not None:
-            raise self._error
-        if self._metadata is None:
+        outcome = self._outcome()
+        if outcome is None:
             raise TimeoutError(f"record not acknowledged within {timeout} s")
-        return self._metadata
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
@@ -154,24 +208,24 @@ class SendFuture:
     def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
         if self.done():
             callback(self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
+            return
+        if self._callbacks is None:
+            self._callbacks = []
+            if self._batch is not None:
+                self._batch.waiting.append(self)
+        self._callbacks.append(callback)
 
     def set_result(self, metadata: RecordMetadata) -> None:
         self._metadata = metadata
-        if self._callbacks is not None:
-            self._run_callbacks()
+        self.run_callbacks()
 
     def set_exception(self, error: BaseException) -> None:
         self._error = error
-        if self._callbacks is not None:
-            self._run_callbacks()
+        self.run_callbacks()
 
-    def _run_callbacks(self) -> None:
-        callbacks, self._callbacks = self._callbacks or [], None
-        for callback in callbacks:
+    def run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
             callback(self)
 
 

@@ -16,8 +16,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from riverbed.log.api import (
+    BatchDelivery,
     DeliveryErrors,
-    RecordMetadata,
     SendFuture,
     check_partition,
     check_record,
@@ -51,12 +51,13 @@ class _Run:
 
 
 class _PartitionBuffer:
-    __slots__ = ("count", "futures", "runs")
+    __slots__ = ("count", "delivery", "futures", "runs")
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str, partition: int) -> None:
         self.runs: list[_Run] = []
         self.count = 0
-        self.futures: list[tuple[int, int, SendFuture]] = []  # (offset delta, timestamp, future)
+        self.futures = 0
+        self.delivery = BatchDelivery(topic, partition)
 
     def run_for(self, timestamp_ms: int, headers: dict[str, bytes] | None) -> _Run:
         if self.runs:
@@ -109,7 +110,8 @@ class SqliteProducer:
     ) -> SendFuture:
         if self._closed:
             raise ClosedError("the producer is closed; create a new one with log.producer()")
-        info = self._meta(topic).info
+        meta = self._topics.get(topic) or self._meta(topic)
+        info = meta.info
         size = check_record(info, key, value, headers)
         if partition is None:
             if key is None:
@@ -120,16 +122,16 @@ class SqliteProducer:
             check_partition(info, partition)
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
-        future = SendFuture(self._flush_method)
         with self._lock:
             buffer = self._buffers.get((topic, partition))
             if buffer is None:
-                buffer = self._buffers[topic, partition] = _PartitionBuffer()
-            buffer.futures.append((buffer.count, timestamp_ms, future))
+                buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
+            future = SendFuture(self._flush_method, buffer.delivery, buffer.count, timestamp_ms)
             buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
                 (key, value)
             )
             buffer.count += 1
+            buffer.futures += 1
             if self._buffered_bytes == 0:
                 self._first_buffered_at = time.monotonic()
                 self._wakeup.notify()
@@ -199,7 +201,7 @@ class SqliteProducer:
             for partition, pairs in lists.items():
                 buffer = self._buffers.get((topic, partition))
                 if buffer is None:
-                    buffer = self._buffers[topic, partition] = _PartitionBuffer()
+                    buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
                 buffer.run_for(timestamp_ms, None).pairs.extend(pairs)
                 buffer.count += len(pairs)
                 count += len(pairs)
@@ -245,16 +247,14 @@ class SqliteProducer:
             written = []
         with self._appended:
             self._appended.notify_all()
-        for topic, partition, base, buffer in written:
+        for topic, _, base, buffer in written:
             self._touched.add(topic)
-            for delta, timestamp_ms, future in buffer.futures:
-                future.set_result(RecordMetadata(topic, partition, base + delta, timestamp_ms))
+            buffer.delivery.resolve(base)
         for buffer, reason in failed:
-            unacknowledged = buffer.count - len(buffer.futures)
+            unacknowledged = buffer.count - buffer.futures
             if unacknowledged:
                 self._errors.add(str(reason), unacknowledged)
-            for _, _, future in buffer.futures:
-                future.set_exception(reason)
+            buffer.delivery.fail(reason)
 
     def _append_batch(
         self, conn: sqlite3.Connection, topic: str, partition: int, buffer: _PartitionBuffer
