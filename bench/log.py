@@ -1,0 +1,1035 @@
+"""The log benchmark: riverbed on SQLite and on Kafka against raw confluent-kafka and Redis streams.
+
+Every system gets the same keyless workload in the same run on the same machine: 4 partitions
+(4 streams for Redis), 100-byte values, topics created fresh for every run. For each system and
+run it measures
+
+- produce throughput through the batch path (``send_many``; raw peers: their fastest loop),
+- produce throughput record by record with a per-record acknowledgement (``send``),
+- consume throughput of everything the batch path wrote, from the beginning,
+- end-to-end latency p50/p99 at a steady rate (a paced producer thread, a consumer thread).
+
+It prints the medians of ``--runs`` runs as a table and appends them to ``bench/RESULTS.md``.
+``bench/README.md`` explains each figure. Run it with::
+
+    .venv/bin/python bench/log.py [--records N] [--runs R] [--only riverbed-sqlite,redis-streams]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import confluent_kafka
+import redis
+from confluent_kafka.admin import AdminClient, NewTopic
+from rich.console import Console
+from rich.table import Table
+
+import riverbed
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+PARTITIONS = 4
+VALUE_BYTES = 100
+VALUE = bytes(range(VALUE_BYTES))
+SEND_MANY_CHUNK = 10_000  # (key, value) pairs per send_many call
+CONSUME_BATCH = 10_000  # records asked for per poll / consume / XREADGROUP COUNT (per stream)
+REDIS_PIPELINE = 1_000  # XADDs per pipeline on the batch path
+E2E_RATE = 5_000  # records/s
+E2E_SECONDS = 10.0
+E2E_WARMUP_SECONDS = 1.0  # sent before the measured window, not counted
+E2E_DRAIN_SECONDS = 10.0  # how long the consumer may lag behind the last send
+# An e2e value: sequence number and perf_counter_ns at send, padded to VALUE_BYTES.
+E2E_HEADER = struct.Struct("<qq")
+E2E_PADDING = bytes(VALUE_BYTES - E2E_HEADER.size)
+
+SYSTEMS = ("riverbed-sqlite", "riverbed-kafka", "confluent-kafka", "redis-streams")
+METRICS = ("send_many", "send", "consume", "p50", "p99")
+
+# Raw confluent-kafka: acks=all with idempotence and no compression, as riverbed's Kafka producer
+# uses, with the batching that gives librdkafka its best throughput.
+CONFLUENT_PRODUCER = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "compression.type": "none",
+    "linger.ms": 20,
+    "batch.size": 1_000_000,
+    "batch.num.messages": 100_000,
+    "queue.buffering.max.messages": 2_000_000,
+    "queue.buffering.max.kbytes": 1_048_576,
+}
+CONFLUENT_CONSUMER = {
+    "enable.auto.commit": False,
+    "enable.partition.eof": False,
+    "auto.offset.reset": "earliest",
+    "fetch.max.bytes": 52_428_800,
+    "max.partition.fetch.bytes": 10_485_760,
+    "queued.min.messages": 1_000_000,
+    "queued.max.messages.kbytes": 1_048_576,
+}
+# The e2e run uses riverbed's default linger (5 ms) for every Kafka producer.
+E2E_LINGER_MS = 5
+
+# Redis: no RDB snapshots; an append-only file written every event loop and fsynced once a
+# second (survives a process crash, like SQLite's fsync=normal and Kafka's page cache); no AOF
+# rewrites, whose fork would compete for the 2 cores mid-run.
+REDIS_SETTINGS = [
+    "--save", "",
+    "--appendonly", "yes",
+    "--appendfsync", "everysec",
+    "--auto-aof-rewrite-percentage", "0",
+]
+REDIS_GROUP = "bench"
+
+TARGETS_NOTE = (
+    "riverbed-sqlite: send_many >= 1,000,000 rec/s, send >= 400,000 rec/s, "
+    "consume >= 2,000,000 rec/s, e2e p99 <= 10 ms; riverbed-kafka: produce and consume within "
+    "10% of raw confluent-kafka"
+)
+
+
+class BenchError(Exception):
+    """A system did not do what the benchmark asked (lost records, a server that did not start)."""
+
+
+# The systems
+
+
+class E2eSession(Protocol):
+    """One producer and one consumer on a fresh topic, for the latency run."""
+
+    def send(self, value: bytes) -> None: ...
+
+    def receive(self) -> list[bytes]:
+        """Values that arrived, waiting up to ~100 ms for some."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class System(Protocol):
+    name: str
+
+    def create_topic(self, topic: str) -> None: ...
+
+    def delete_topic(self, topic: str) -> None: ...
+
+    def count(self, topic: str) -> int:
+        """Records stored in ``topic`` (to check that nothing was lost)."""
+        ...
+
+    def produce_many(self, topic: str, count: int) -> None:
+        """Write ``count`` records through the batch path; return once all are acknowledged."""
+        ...
+
+    def produce_send(self, topic: str, count: int) -> None:
+        """Write ``count`` records one call each with a per-record acknowledgement."""
+        ...
+
+    def consume(self, topic: str, count: int) -> None:
+        """Read ``count`` records from the beginning with a new consumer."""
+        ...
+
+    def e2e_session(self, topic: str) -> E2eSession: ...
+
+    def close(self) -> None: ...
+
+
+class RiverbedSystem:
+    """riverbed's public log API, on whichever backend the URL names."""
+
+    def __init__(self, name: str, url: str, batch_size: int | None) -> None:
+        self.name = name
+        self.log = riverbed.connect(url)
+        self._producer_options: dict[str, Any] = {}
+        if batch_size is not None:
+            self._producer_options["batch_size"] = batch_size
+
+    def create_topic(self, topic: str) -> None:
+        self.log.create_topic(topic, partitions=PARTITIONS)
+
+    def delete_topic(self, topic: str) -> None:
+        self.log.delete_topic(topic)
+
+    def count(self, topic: str) -> int:
+        return sum(self.log.end_offsets(topic).values())
+
+    def produce_many(self, topic: str, count: int) -> None:
+        chunk = [(None, VALUE)] * SEND_MANY_CHUNK
+        with self.log.producer(**self._producer_options) as producer:
+            for start in range(0, count, SEND_MANY_CHUNK):
+                producer.send_many(topic, chunk[: min(SEND_MANY_CHUNK, count - start)])
+            producer.flush()
+
+    def produce_send(self, topic: str, count: int) -> None:
+        with self.log.producer(**self._producer_options) as producer:
+            send = producer.send
+            for _ in range(count):
+                send(topic, VALUE)
+            producer.flush()
+
+    def consume(self, topic: str, count: int) -> None:
+        received = 0
+        with self.log.consumer(topics=[topic], from_beginning=True) as consumer:
+            while received < count:
+                received += len(consumer.poll(max_records=CONSUME_BATCH, timeout=1.0))
+
+    def e2e_session(self, topic: str) -> E2eSession:
+        return RiverbedE2e(self.log, topic)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class RiverbedE2e:
+    def __init__(self, log: riverbed.Log, topic: str) -> None:
+        self._topic = topic
+        self._consumer = log.consumer(topics=[topic], from_beginning=True)
+        self._producer = log.producer()  # default linger: 5 ms
+
+    def send(self, value: bytes) -> None:
+        self._producer.send(self._topic, value)
+
+    def receive(self) -> list[bytes]:
+        return [r.value for r in self._consumer.poll(max_records=1000, timeout=0.1) if r.value]
+
+    def close(self) -> None:
+        try:
+            self._producer.close()
+        finally:
+            self._consumer.close()
+
+
+class ConfluentSystem:
+    """confluent-kafka (librdkafka) used directly, tuned for throughput."""
+
+    name = "confluent-kafka"
+
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def create_topic(self, topic: str) -> None:
+        futures = self._admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+        futures[topic].result(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            metadata = self._admin.list_topics(topic, timeout=5).topics.get(topic)
+            if metadata is not None and metadata.error is None:
+                leaders = [p.leader for p in metadata.partitions.values()]
+                if len(leaders) == PARTITIONS and all(leader >= 0 for leader in leaders):
+                    return
+            time.sleep(0.05)
+        raise BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
+
+    def delete_topic(self, topic: str) -> None:
+        self._admin.delete_topics([topic])[topic].result(30)
+
+    def count(self, topic: str) -> int:
+        consumer = self._consumer({})
+        try:
+            return sum(
+                consumer.get_watermark_offsets(confluent_kafka.TopicPartition(topic, p), 10)[1]
+                for p in range(PARTITIONS)
+            )
+        finally:
+            consumer.close()
+
+    def _producer(self, overrides: dict[str, Any]) -> confluent_kafka.Producer:
+        return confluent_kafka.Producer(
+            {"bootstrap.servers": self._bootstrap, **CONFLUENT_PRODUCER, **overrides}
+        )
+
+    def _consumer(self, overrides: dict[str, Any]) -> confluent_kafka.Consumer:
+        return confluent_kafka.Consumer(
+            {
+                "bootstrap.servers": self._bootstrap,
+                "group.id": f"bench-{uuid.uuid4().hex}",
+                **CONFLUENT_CONSUMER,
+                **overrides,
+            }
+        )
+
+    def produce_many(self, topic: str, count: int) -> None:
+        failures: list[str] = []
+        producer = self._producer({"on_delivery": _collect_failure(failures)})
+        _confluent_produce(producer, topic, count, None)
+        _confluent_flush(producer, failures)
+
+    def produce_send(self, topic: str, count: int) -> None:
+        failures: list[str] = []
+        acknowledged = [0]
+
+        def on_delivery(error: Any, message: Any) -> None:
+            if error is None:
+                acknowledged[0] += 1
+            else:
+                failures.append(str(error))
+
+        producer = self._producer({})
+        _confluent_produce(producer, topic, count, on_delivery)
+        _confluent_flush(producer, failures)
+
+    def consume(self, topic: str, count: int) -> None:
+        consumer = self._consumer({})
+        try:
+            consumer.assign(
+                [
+                    confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                    for p in range(PARTITIONS)
+                ]
+            )
+            received = 0
+            while received < count:
+                messages = consumer.consume(num_messages=CONSUME_BATCH, timeout=1.0)
+                for message in messages:
+                    if message.error() is not None:
+                        raise BenchError(f"confluent-kafka consume: {message.error()}")
+                received += len(messages)
+        finally:
+            consumer.close()
+
+    def e2e_session(self, topic: str) -> E2eSession:
+        return ConfluentE2e(
+            self._producer({"linger.ms": E2E_LINGER_MS}),
+            self._consumer({}),
+            topic,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _collect_failure(failures: list[str]) -> Callable[[Any, Any], None]:
+    def on_delivery(error: Any, message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    return on_delivery
+
+
+def _confluent_produce(
+    producer: confluent_kafka.Producer,
+    topic: str,
+    count: int,
+    on_delivery: Callable[[Any, Any], None] | None,
+) -> None:
+    """Keyless produce() calls, serving delivery reports every 10,000 and when the queue is full."""
+    produce, poll = producer.produce, producer.poll
+    options = {} if on_delivery is None else {"on_delivery": on_delivery}
+    for i in range(count):
+        while True:
+            try:
+                produce(topic, VALUE, **options)
+                break
+            except BufferError:
+                poll(0.01)
+        if i % 10_000 == 0:
+            poll(0)
+
+
+def _confluent_flush(producer: confluent_kafka.Producer, failures: list[str]) -> None:
+    remaining = producer.flush(60)
+    if remaining or failures:
+        raise BenchError(
+            f"confluent-kafka: {remaining} record(s) unacknowledged, {len(failures)} failed: "
+            f"{failures[:3]}"
+        )
+
+
+class ConfluentE2e:
+    def __init__(
+        self, producer: confluent_kafka.Producer, consumer: confluent_kafka.Consumer, topic: str
+    ) -> None:
+        self._producer = producer
+        self._consumer = consumer
+        self._topic = topic
+        consumer.assign(
+            [
+                confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                for p in range(PARTITIONS)
+            ]
+        )
+
+    def send(self, value: bytes) -> None:
+        self._producer.produce(self._topic, value)
+        self._producer.poll(0)
+
+    def receive(self) -> list[bytes]:
+        messages = self._consumer.consume(num_messages=1000, timeout=0.1)
+        return [m.value() for m in messages if m.error() is None]
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(30)
+        finally:
+            self._consumer.close()
+
+
+class RedisSystem:
+    """Redis streams through redis-py with hiredis: one stream per partition, one group."""
+
+    name = "redis-streams"
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._client = self._connect()
+
+    def _connect(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self._port)
+
+    @staticmethod
+    def streams(topic: str) -> list[str]:
+        return [f"{topic}-{p}" for p in range(PARTITIONS)]
+
+    def create_topic(self, topic: str) -> None:
+        for stream in self.streams(topic):
+            self._client.xgroup_create(stream, REDIS_GROUP, id="0", mkstream=True)
+
+    def delete_topic(self, topic: str) -> None:
+        self._client.delete(*self.streams(topic))
+
+    def count(self, topic: str) -> int:
+        return sum(self._client.xlen(stream) for stream in self.streams(topic))
+
+    def produce_many(self, topic: str, count: int) -> None:
+        streams = self.streams(topic)
+        fields = {"v": VALUE}
+        for start in range(0, count, REDIS_PIPELINE):
+            pipeline = self._client.pipeline(transaction=False)
+            for i in range(start, min(start + REDIS_PIPELINE, count)):
+                pipeline.xadd(streams[i % PARTITIONS], fields)
+            pipeline.execute()
+
+    def produce_send(self, topic: str, count: int) -> None:
+        streams = self.streams(topic)
+        fields = {"v": VALUE}
+        xadd = self._client.xadd
+        for i in range(count):
+            xadd(streams[i % PARTITIONS], fields)
+
+    def consume(self, topic: str, count: int) -> None:
+        reader = RedisReader(self._client, topic, CONSUME_BATCH, block_ms=1000)
+        received = 0
+        while received < count:
+            received += len(reader.read())
+
+    def e2e_session(self, topic: str) -> E2eSession:
+        return RedisE2e(self._connect(), self._connect(), topic)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisReader:
+    """XREADGROUP over a topic's streams, then one pipelined XACK per stream read."""
+
+    def __init__(self, client: redis.Redis, topic: str, count: int, block_ms: int) -> None:
+        self._client = client
+        self._count = count
+        self._block_ms = block_ms
+        self._consumer = f"c-{uuid.uuid4().hex[:8]}"
+        self._streams = {stream: ">" for stream in RedisSystem.streams(topic)}
+
+    def read(self) -> list[bytes]:
+        response = self._client.xreadgroup(
+            REDIS_GROUP, self._consumer, self._streams, count=self._count, block=self._block_ms
+        )
+        if not response:
+            return []
+        values: list[bytes] = []
+        pipeline = self._client.pipeline(transaction=False)
+        for stream, entries in response:
+            pipeline.xack(stream, REDIS_GROUP, *[entry_id for entry_id, _ in entries])
+            values.extend(entry[b"v"] for _, entry in entries)
+        pipeline.execute()
+        return values
+
+
+class RedisE2e:
+    def __init__(self, producer: redis.Redis, consumer: redis.Redis, topic: str) -> None:
+        self._producer = producer
+        self._consumer = consumer
+        self._streams = RedisSystem.streams(topic)
+        self._next = 0
+        self._reader = RedisReader(consumer, topic, 1000, block_ms=100)
+
+    def send(self, value: bytes) -> None:
+        self._producer.xadd(self._streams[self._next % PARTITIONS], {"v": value})
+        self._next += 1
+
+    def receive(self) -> list[bytes]:
+        return self._reader.read()
+
+    def close(self) -> None:
+        self._producer.close()
+        self._consumer.close()
+
+
+# Servers the benchmark starts
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def redis_server(root: Path) -> Iterator[int]:
+    """Debian's redis-server on a free loopback port with its files in ``root``; yields the port."""
+    if shutil.which("redis-server") is None:
+        raise BenchError("no `redis-server` on PATH; run `bash scripts/test-deps.sh`")
+    port = free_port()
+    command = [
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root),
+        "--logfile", str(root / "redis.log"), "--daemonize", "no", *REDIS_SETTINGS,
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        _wait_for_redis(port, process)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_redis(port: int, process: subprocess.Popen[bytes]) -> None:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BenchError(f"redis-server exited with status {process.returncode}")
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    return
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise BenchError(f"redis-server did not answer on port {port} within 20 s")
+
+
+@contextlib.contextmanager
+def kafka_server(root: Path) -> Iterator[str]:
+    """The tests' single-node Kafka broker (tests/services/kafka.py); yields its bootstrap."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.services.kafka import start_kafka
+
+    server = start_kafka(root)
+    try:
+        yield server.bootstrap
+    finally:
+        server.stop()
+
+
+# Measuring
+
+
+@dataclass
+class Figures:
+    """One system's figures: per metric, the value of every run."""
+
+    runs: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+
+    def add(self, metric: str, value: float) -> None:
+        self.runs.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float | None:
+        values = self.runs[metric]
+        return statistics.median(values) if values else None
+
+
+def timed(action: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def check_count(system: System, topic: str, expected: int) -> None:
+    stored = system.count(topic)
+    if stored != expected:
+        raise BenchError(f"{system.name}: '{topic}' holds {stored} records, expected {expected}")
+
+
+@dataclass(frozen=True)
+class E2eResult:
+    latencies: list[float]  # ms, of the records after the warm-up
+    missing: list[int]  # sequence numbers the consumer never received
+    sent: int
+
+
+def run_e2e(session: E2eSession, rate: int, seconds: float) -> E2eResult:
+    """Send ``rate`` records/s paced by the clock; return the latencies in ms and what was lost.
+
+    The consumer runs in a thread of this process; each value carries its sequence number and
+    the perf_counter_ns just before ``send``. The first E2E_WARMUP_SECONDS are not counted.
+    """
+    total = int(rate * (seconds + E2E_WARMUP_SECONDS))
+    warmup = int(rate * E2E_WARMUP_SECONDS)
+    latencies: list[float] = []
+    seen = bytearray(total)
+    sent_all = threading.Event()
+    stop = threading.Event()
+
+    def consume() -> None:
+        received = 0
+        deadline = float("inf")
+        while received < total and time.monotonic() < deadline and not stop.is_set():
+            for value in session.receive():
+                now = time.perf_counter_ns()
+                seq, sent = E2E_HEADER.unpack_from(value)
+                if not seen[seq]:
+                    seen[seq] = 1
+                    received += 1
+                    if seq >= warmup:
+                        latencies.append((now - sent) / 1e6)
+            if sent_all.is_set() and deadline == float("inf"):
+                deadline = time.monotonic() + E2E_DRAIN_SECONDS
+
+    consumer = threading.Thread(target=consume, name="bench-e2e-consumer")
+    consumer.start()
+    try:
+        interval = 1.0 / rate
+        start = time.perf_counter()
+        pack, padding = E2E_HEADER.pack, E2E_PADDING
+        for seq in range(total):
+            delay = start + seq * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            session.send(pack(seq, time.perf_counter_ns()) + padding)
+        sent_all.set()
+    finally:
+        sent_all.set()
+        consumer.join(E2E_DRAIN_SECONDS + 5)
+        stop.set()
+        consumer.join()
+    return E2eResult(latencies, [seq for seq in range(total) if not seen[seq]], total)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
+
+
+def run_once(
+    system: System,
+    run: int,
+    records: int,
+    send_records: int,
+    e2e_seconds: float,
+    lost: list[str],
+) -> dict[str, float]:
+    """One run of every figure for one system, each on fresh topics deleted afterwards.
+
+    Records the e2e consumer lost are described in ``lost`` (the run goes on).
+    """
+    suffix = f"{run}-{uuid.uuid4().hex[:6]}"
+    many, single, latency = f"bench-many-{suffix}", f"bench-send-{suffix}", f"bench-e2e-{suffix}"
+    figures: dict[str, float] = {}
+    for topic in (many, single, latency):
+        system.create_topic(topic)
+    try:
+        figures["send_many"] = records / timed(lambda: system.produce_many(many, records))
+        check_count(system, many, records)
+        figures["send"] = send_records / timed(lambda: system.produce_send(single, send_records))
+        check_count(system, single, send_records)
+        figures["consume"] = records / timed(lambda: system.consume(many, records))
+        session = system.e2e_session(latency)
+        try:
+            e2e = run_e2e(session, E2E_RATE, e2e_seconds)
+        finally:
+            session.close()
+        figures["p50"] = percentile(e2e.latencies, 0.50)
+        figures["p99"] = percentile(e2e.latencies, 0.99)
+        figures["e2e_lost"] = len(e2e.missing)
+        if e2e.missing:
+            lost.append(
+                f"{system.name} run {run}: the e2e consumer never received {len(e2e.missing)} "
+                f"of {e2e.sent} records (sequence numbers {e2e.missing[:10]}...) within "
+                f"{E2E_DRAIN_SECONDS:g} s; the topic holds {system.count(latency)}"
+            )
+    finally:
+        for topic in (many, single, latency):
+            with contextlib.suppress(Exception):
+                system.delete_topic(topic)
+    return figures
+
+
+# Reporting
+
+
+def format_figure(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if metric in ("p50", "p99"):
+        return f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+@dataclass(frozen=True)
+class Target:
+    system: str
+    metric: str
+    description: str
+    check: Callable[[dict[str, Figures]], tuple[str, bool] | None]
+
+
+def minimum(system: str, metric: str, bound: float) -> Target:
+    def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
+        value = results[system].median(metric) if system in results else None
+        return None if value is None else (format_figure(metric, value), value >= bound)
+
+    return Target(system, metric, f"{metric} >= {bound:,.0f} rec/s", check)
+
+
+def maximum(system: str, metric: str, bound: float) -> Target:
+    def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
+        value = results[system].median(metric) if system in results else None
+        return None if value is None else (f"{value:.2f} ms", value <= bound)
+
+    return Target(system, metric, f"e2e {metric} <= {bound:g} ms", check)
+
+
+def near_peer(metric: str) -> Target:
+    def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
+        if "riverbed-kafka" not in results or "confluent-kafka" not in results:
+            return None
+        ours = results["riverbed-kafka"].median(metric)
+        peer = results["confluent-kafka"].median(metric)
+        if ours is None or not peer:
+            return None
+        return f"{ours / peer:.0%} of confluent-kafka", ours >= 0.9 * peer
+
+    return Target("riverbed-kafka", metric, f"{metric} within 10% of confluent-kafka", check)
+
+
+TARGETS = (
+    minimum("riverbed-sqlite", "send_many", 1_000_000),
+    minimum("riverbed-sqlite", "send", 400_000),
+    minimum("riverbed-sqlite", "consume", 2_000_000),
+    maximum("riverbed-sqlite", "p99", 10),
+    near_peer("send_many"),
+    near_peer("send"),
+    near_peer("consume"),
+)
+
+COLUMNS = (
+    "system",
+    "produce send_many rec/s",
+    "produce send rec/s",
+    "consume rec/s",
+    "e2e p50 ms",
+    "e2e p99 ms",
+)
+
+
+def table_rows(results: dict[str, Figures]) -> list[list[str]]:
+    """Each cell is the median, marked ✓/✗ where a target applies to it."""
+    marks: dict[tuple[str, str], str] = {}
+    for target in TARGETS:
+        outcome = target.check(results)
+        if outcome is not None and target.system in results:
+            marks[target.system, target.metric] = " ✓" if outcome[1] else " ✗"
+    return [
+        [name]
+        + [format_figure(m, figures.median(m)) + marks.get((name, m), "") for m in METRICS]
+        for name, figures in results.items()
+    ]
+
+
+def target_rows(results: dict[str, Figures]) -> list[list[str]]:
+    rows = []
+    for target in TARGETS:
+        outcome = target.check(results)
+        if outcome is not None:
+            measured, met = outcome
+            rows.append([target.system, target.description, measured, "met" if met else "MISSED"])
+    return rows
+
+
+def print_tables(console: Console, results: dict[str, Figures], runs: int) -> None:
+    table = Table(title=f"log benchmark (median of {runs} runs)")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for row in table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    targets = Table(title="targets")
+    for column in ("system", "target", "measured", "status"):
+        targets.add_column(column)
+    for row in target_rows(results):
+        targets.add_row(*row)
+    console.print(targets)
+
+
+def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = "? GiB"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return f"{os.cpu_count()} CPUs (nproc), {cpu}, {memory} RAM, {platform.platform()}"
+
+
+def versions() -> str:
+    kafka = "?"
+    libs = ROOT / ".cache" / "kafka" / "libs"
+    for jar in libs.glob("kafka_2.13-*.jar"):
+        kafka = jar.stem.removeprefix("kafka_2.13-")
+    redis_version = "?"
+    with contextlib.suppress(OSError):
+        output = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        redis_version = next(
+            (p.removeprefix("v=") for p in output.split() if p.startswith("v=")), "?"
+        )
+    return (
+        f"riverbed {riverbed.__version__} ({git_revision()}), Python {platform.python_version()}, "
+        f"confluent-kafka {confluent_kafka.version()[0]} / librdkafka "
+        f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {kafka} (KRaft, one node), "
+        f"redis-server {redis_version}, redis-py {redis.__version__} with hiredis"
+    )
+
+
+def git_revision() -> str:
+    output = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return output.stdout.strip() or "unknown revision"
+
+
+def settings_notes(args: argparse.Namespace) -> list[str]:
+    batch = "default" if args.batch_size is None else f"{args.batch_size:,}"
+    return [
+        f"Workload: {PARTITIONS} partitions (Redis: {PARTITIONS} streams), {VALUE_BYTES}-byte "
+        "values, keyless (no key; riverbed and Redis spread round robin, librdkafka uses its "
+        "sticky partitioner), no headers; fresh topics each run, deleted afterwards.",
+        f"send_many: {args.records:,} records; riverbed `Producer.send_many` in chunks of "
+        f"{SEND_MANY_CHUNK:,} pairs from a default `log.producer()` (linger 5 ms, batch_size "
+        f"{batch}); confluent-kafka: a `produce()` loop without per-record callback; Redis: XADD "
+        f"pipelined {REDIS_PIPELINE:,} per pipeline (no MULTI). Timed until flush returns / the "
+        "last pipeline is answered (everything acknowledged).",
+        f"send: {args.send_records:,} records, one call each with a per-record acknowledgement: "
+        "riverbed `Producer.send` (a SendFuture each), confluent-kafka `produce(on_delivery=...)`, "
+        "Redis a synchronous XADD per record (one round trip each, no pipelining).",
+        f"consume: all send_many records from the beginning with a new consumer, timed from its "
+        f"creation until all arrived; riverbed `log.consumer(group=None, from_beginning=True)` "
+        f"with `poll(max_records={CONSUME_BATCH:,})`; confluent-kafka assign() + "
+        f"`consume(num_messages={CONSUME_BATCH:,})` with fetch.max.bytes 50 MB, "
+        "max.partition.fetch.bytes 10 MB, queued.min.messages 1,000,000; Redis XREADGROUP "
+        f"COUNT {CONSUME_BATCH:,} over the 4 streams + one pipelined XACK per stream.",
+        f"e2e: {E2E_RATE:,} records/s paced by the clock for {args.e2e_seconds:g} s after "
+        f"{E2E_WARMUP_SECONDS:g} s of warm-up; producer and consumer are threads of the "
+        "benchmark process (they share its GIL); latency = receive time - perf_counter just "
+        "before the send call. riverbed `send` with the default 5 ms linger and `poll(timeout="
+        "0.1)`; confluent-kafka linger.ms 5 and `consume(timeout=0.1)`; Redis XADD without "
+        "pipelining and XREADGROUP BLOCK 100 + XACK.",
+        "riverbed-sqlite: `sqlite:///<tmpdir>/log.db`, default fsync=normal (WAL; survives a "
+        "process crash, not a power loss).",
+        "Kafka: the broker of tests/services/kafka.py (one KRaft node, -Xmx512m, SerialGC) on "
+        "the same 2 cores as the clients. riverbed-kafka and confluent-kafka both use acks=all + "
+        "enable.idempotence, no compression. Raw confluent-kafka gets its best throughput "
+        "settings: linger.ms 20, batch.size 1,000,000, batch.num.messages 100,000, "
+        "queue.buffering.max.messages 2,000,000; riverbed-kafka uses its own defaults "
+        f"(linger 5 ms, batch_size {batch}).",
+        "redis-streams: `--save '' --appendonly yes --appendfsync everysec` (AOF written every "
+        "event loop, fsynced every second: survives a process crash, like the others), AOF "
+        "rewrite off.",
+        "Each figure is the median of the runs; ✓/✗ marks a figure that has a target.",
+    ]
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews the figures)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+@dataclass(frozen=True)
+class Report:
+    elapsed: float  # seconds
+    date: str
+    load_start: str
+    load_end: str
+    lost: list[str]
+
+
+def append_results(
+    args: argparse.Namespace, results: dict[str, Figures], report: Report
+) -> None:
+    command = ".venv/bin/python bench/log.py " + shlex.join(sys.argv[1:])
+    lines = [
+        "",
+        f"## Log: {report.date}",
+        "",
+        f"- Machine: {machine()}; load average {report.load_start} at start, "
+        f"{report.load_end} at end",
+        f"- Command: `{command.strip()}` ({report.elapsed / 60:.1f} min)",
+        f"- Versions: {versions()}",
+        f"- Targets: {TARGETS_NOTE}.",
+        "",
+        *markdown_table(COLUMNS, table_rows(results)),
+        "",
+        *markdown_table(("system", "target", "measured", "status"), target_rows(results)),
+        "",
+        "Settings:",
+        "",
+        *[f"- {note}" for note in settings_notes(args)],
+        "",
+        "All runs (rec/s; ms):",
+        "",
+    ]
+    for name, figures in results.items():
+        runs = ", ".join(
+            f"{m} " + " / ".join(format_figure(m, v) for v in figures.runs[m]) for m in METRICS
+        )
+        lines.append(f"- {name}: {runs}")
+    if report.lost:
+        lines += ["", "Lost records (e2e; the figures above exclude them):", ""]
+        lines += [f"- {problem}" for problem in report.lost]
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/.\n")
+    with RESULTS.open("a") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=1_000_000, help="records per run")
+    parser.add_argument(
+        "--send-records", type=int, default=None, help="records for send (default: records/5)"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs; figures are their median")
+    parser.add_argument(
+        "--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}"
+    )
+    parser.add_argument(
+        "--e2e-seconds", type=float, default=E2E_SECONDS, help="measured e2e seconds per run"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="riverbed producer batch_size (default: own)"
+    )
+    parser.add_argument(
+        "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
+    )
+    args = parser.parse_args(argv)
+    args.systems = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown system(s) {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.send_records is None:
+        args.send_records = max(args.records // 5, 1)
+    return args
+
+
+def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Path) -> list[System]:
+    """Start the servers the chosen systems need and connect to them; ``stack`` undoes it all."""
+    systems: list[System] = []
+    bootstrap = ""
+    if {"riverbed-kafka", "confluent-kafka"} & set(args.systems):
+        (root / "kafka").mkdir()
+        bootstrap = stack.enter_context(kafka_server(root / "kafka"))
+    for name in args.systems:
+        system: System
+        if name == "riverbed-sqlite":
+            (root / "sqlite").mkdir()
+            url = f"sqlite:///{root / 'sqlite' / 'log.db'}"
+            system = RiverbedSystem(name, url, args.batch_size)
+        elif name == "riverbed-kafka":
+            system = RiverbedSystem(name, f"kafka://{bootstrap}", args.batch_size)
+        elif name == "confluent-kafka":
+            system = ConfluentSystem(bootstrap)
+        else:
+            (root / "redis").mkdir()
+            system = RedisSystem(stack.enter_context(redis_server(root / "redis")))
+        stack.callback(system.close)
+        systems.append(system)
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    started = time.monotonic()
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    results: dict[str, Figures] = {name: Figures() for name in args.systems}
+    lost: list[str] = []
+    reported = 0
+    load = loadavg()
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="riverbed-bench-")))
+        with console.status("starting servers"):
+            systems = open_systems(args, stack, root)
+        for run in range(1, args.runs + 1):
+            for system in systems:
+                with console.status(f"run {run}/{args.runs}: {system.name}"):
+                    figures = run_once(
+                        system, run, args.records, args.send_records, args.e2e_seconds, lost
+                    )
+                for metric, value in figures.items():
+                    results[system.name].add(metric, value)
+                console.log(
+                    f"run {run} {system.name}: "
+                    + ", ".join(f"{m} {format_figure(m, v)}" for m, v in figures.items())
+                )
+                for problem in lost[reported:]:
+                    console.log(f"[bold red]lost records:[/] {problem}")
+                reported = len(lost)
+    elapsed = time.monotonic() - started
+    print_tables(console, results, args.runs)
+    console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
+    if not args.no_results:
+        append_results(args, results, Report(elapsed, date, load, loadavg(), lost))
+        console.print(f"appended to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
