@@ -23,7 +23,8 @@ from riverbed.log.errors import CorruptLogError
 
 SCHEMA_VERSION = 1
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS topics (
     topic_id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -34,7 +35,9 @@ CREATE TABLE IF NOT EXISTS topics (
     max_record_bytes INTEGER NOT NULL,
     delete_retention_ms INTEGER NOT NULL,
     created_ms INTEGER NOT NULL
-);
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS partitions (
     topic_id INTEGER NOT NULL,
     partition INTEGER NOT NULL,
@@ -44,7 +47,9 @@ CREATE TABLE IF NOT EXISTS partitions (
     record_count INTEGER NOT NULL DEFAULT 0,
     cleaned_offset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic_id, partition)
-) WITHOUT ROWID;
+) WITHOUT ROWID
+    """,
+    """
 -- A rowid table keeps large payloads compact on disk and fast to scan, and the index makes a
 -- fetch from position P one range scan from the first batch whose last offset is >= P.
 CREATE TABLE IF NOT EXISTS batches (
@@ -57,12 +62,18 @@ CREATE TABLE IF NOT EXISTS batches (
     max_timestamp_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
     crc INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS batches_by_offset ON batches (topic_id, partition, last_offset);
+)
+    """,
+    """
+CREATE UNIQUE INDEX IF NOT EXISTS batches_by_offset ON batches (topic_id, partition, last_offset)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS groups (
     group_id TEXT PRIMARY KEY,
     generation INTEGER NOT NULL
-);
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS group_members (
     group_id TEXT NOT NULL,
     member_id TEXT NOT NULL,
@@ -70,7 +81,9 @@ CREATE TABLE IF NOT EXISTS group_members (
     session_timeout_ms INTEGER NOT NULL,
     heartbeat_ms INTEGER NOT NULL,
     PRIMARY KEY (group_id, member_id)
-);
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS group_offsets (
     group_id TEXT NOT NULL,
     topic TEXT NOT NULL,
@@ -78,8 +91,9 @@ CREATE TABLE IF NOT EXISTS group_offsets (
     committed_offset INTEGER NOT NULL,
     commit_ms INTEGER NOT NULL,
     PRIMARY KEY (group_id, topic, partition)
-) WITHOUT ROWID;
-"""
+) WITHOUT ROWID
+    """,
+)
 
 FSYNC_MODES = {"normal": "NORMAL", "always": "FULL"}
 
@@ -150,10 +164,8 @@ class Database:
                         f"log file {str(self.path)!r} has schema version {version}, newer than "
                         f"this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
                     )
-                # No ';' inside SCHEMA's comments: it is split into statements here.
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in SCHEMA:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise self.corrupt(error) from error
