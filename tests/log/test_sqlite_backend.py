@@ -1,0 +1,146 @@
+"""What only the embedded backend has: its URLs, its file, and several processes sharing it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import riverbed
+from riverbed.log.sqlite import SqliteLog
+from tests.support import consume
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with riverbed.connect() as log:
+        assert isinstance(log, SqliteLog)
+        assert log.path == Path(".riverbed/log.db")
+    assert (tmp_path / ".riverbed" / "log.db").exists()
+    with riverbed.connect("sqlite:///relative/x.db?fsync=always") as log:
+        assert isinstance(log, SqliteLog) and log.path == Path("relative/x.db")
+    with riverbed.connect(f"sqlite:///{tmp_path}/abs.db") as log:
+        assert isinstance(log, SqliteLog) and log.path == tmp_path / "abs.db"
+    monkeypatch.setenv("RIVERBED_URL", "sqlite:///from-env.db")
+    with riverbed.connect() as log:
+        assert isinstance(log, SqliteLog) and log.path == Path("from-env.db")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://localhost/db", "unsupported URL scheme 'mysql'"),
+        ("just-a-path.db", "expected sqlite:// or kafka://"),
+        ("sqlite://host/x.db", "a sqlite URL has no host"),
+        ("sqlite:///x.db?fsync=sometimes", "invalid fsync='sometimes'"),
+        ("sqlite:///x.db?journal=off", "unknown option 'journal'"),
+        ("sqlite:///", "names no database file"),
+        ("kafka://", "names no host"),
+    ],
+)
+def test_bad_urls(url: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(riverbed.InvalidUrlError, match=message):
+        riverbed.connect(url)
+
+
+def test_durable_mode_round_trip(tmp_path: Path) -> None:
+    with riverbed.connect(f"sqlite:///{tmp_path}/x.db?fsync=always") as log:
+        log.create_topic("t")
+        with log.producer() as producer:
+            producer.send_many("t", [(None, b"v")] * 10)
+    with riverbed.connect(f"sqlite:///{tmp_path}/x.db") as log:
+        assert log.end_offsets("t") == {0: 10}
+
+
+def test_not_a_log_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the droids you are looking for" * 100)
+    with pytest.raises(riverbed.CorruptLogError, match="damaged or not a riverbed log"):
+        riverbed.connect(f"sqlite:///{path}")
+
+
+def _filled_log(path: Path, records: int = 20_000) -> None:
+    with riverbed.connect(f"sqlite:///{path}") as log:
+        log.create_topic("t", partitions=2)
+        with log.producer() as producer:
+            producer.send_many(
+                "t", [(None, f"MARKER-{i:08d}".encode() + b"x" * 400) for i in range(records)]
+            )
+
+
+def _read_everything(path: Path) -> list[riverbed.Record]:
+    with riverbed.connect(f"sqlite:///{path}") as log:
+        total = sum(log.end_offsets("t").values())
+        with log.consumer(topics=["t"], from_beginning=True) as consumer:
+            return consume(consumer, total, timeout=10)
+
+
+def test_truncated_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _filled_log(path)
+    assert not (tmp_path / "log.db-wal").exists() or (tmp_path / "log.db-wal").stat().st_size == 0
+    with path.open("r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+    with pytest.raises(riverbed.CorruptLogError, match="damaged"):
+        _read_everything(path)
+
+
+def test_corrupted_payload_is_reported_not_returned(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _filled_log(path)
+    data = bytearray(path.read_bytes())
+    where = data.index(b"MARKER-00012345")
+    data[where + 8] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(riverbed.CorruptLogError, match="failed its CRC check"):
+        _read_everything(path)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    riverbed.connect(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version=99")
+    with pytest.raises(riverbed.CorruptLogError, match="schema version 99"):
+        riverbed.connect(f"sqlite:///{path}")
+
+
+PRODUCE_SCRIPT = """
+import sys, riverbed
+url, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with riverbed.connect(url) as log, log.producer(linger_ms=1) as producer:
+    for i in range(count):
+        producer.send("shared", f"{name}:{i}".encode(), key=name.encode())
+"""
+
+
+def test_several_producer_processes_share_one_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    with riverbed.connect(url) as log:
+        log.create_topic("shared", partitions=4)
+        with log.consumer(topics=["shared"], from_beginning=True) as consumer:
+            names = [f"p{i}" for i in range(3)]
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-c", PRODUCE_SCRIPT, url, name, "5000"],
+                    cwd=ROOT,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
+                for name in names
+            ]
+            # Read while they write: the consumer is woken by other processes' commits.
+            records = consume(consumer, 15_000, timeout=120)
+            assert all(process.wait(60) == 0 for process in processes)
+    per_producer: dict[str, list[int]] = {name: [] for name in names}
+    for record in records:
+        assert record.value is not None
+        name, seq = record.value.decode().split(":")
+        per_producer[name].append(int(seq))
+    assert all(seqs == list(range(5000)) for seqs in per_producer.values())
