@@ -1,0 +1,38 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-deps lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamps re-run pip only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/riverbed demo
+
+test-deps:
+	bash scripts/test-deps.sh
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check riverbed tests bench
+	$(BIN)/mypy riverbed
+
+test: $(VENV)/.installed-dev test-deps lint
+	$(BIN)/python -m pytest -ra
+
+bench: $(VENV)/.installed-dev test-deps
+	$(BIN)/python bench/log.py
+
+clean:
+	rm -rf $(VENV) .riverbed .cache .mypy_cache .ruff_cache .pytest_cache
