@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import inspect
 import os
 import platform
 import shlex
@@ -849,7 +850,7 @@ def versions() -> str:
         )
     return (
         f"riverbed {riverbed.__version__} ({git_revision()}), Python {platform.python_version()}, "
-        f"confluent-kafka {confluent_kafka.version()[0]} / librdkafka "
+        f"confluent-kafka {confluent_kafka.version()} / librdkafka "
         f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {kafka} (KRaft, one node), "
         f"redis-server {redis_version}, redis-py {redis.__version__} with hiredis"
     )
@@ -866,7 +867,8 @@ def git_revision() -> str:
 
 
 def settings_notes(args: argparse.Namespace) -> list[str]:
-    batch = "default" if args.batch_size is None else f"{args.batch_size:,}"
+    default = inspect.signature(riverbed.Log.producer).parameters["batch_size"].default
+    batch = f"{default:,} (default)" if args.batch_size is None else f"{args.batch_size:,}"
     return [
         f"Workload: {PARTITIONS} partitions (Redis: {PARTITIONS} streams), {VALUE_BYTES}-byte "
         "values, keyless (no key; riverbed and Redis spread round robin, librdkafka uses its "
@@ -890,8 +892,8 @@ def settings_notes(args: argparse.Namespace) -> list[str]:
         f"{E2E_WARMUP_SECONDS:g} s of warm-up; producer and consumer are threads of the "
         "benchmark process (they share its GIL); latency = receive time - perf_counter just "
         "before the send call. riverbed `send` with the default 5 ms linger and `poll(timeout="
-        "0.1)`; confluent-kafka linger.ms 5 and `consume(timeout=0.1)`; Redis XADD without "
-        "pipelining and XREADGROUP BLOCK 100 + XACK.",
+        "0.1)`; confluent-kafka linger.ms 5 and the consume above with timeout 0.1; Redis "
+        "XADD without pipelining and XREADGROUP BLOCK 100 + XACK.",
         "riverbed-sqlite: `sqlite:///<tmpdir>/log.db`, default fsync=normal (WAL; survives a "
         "process crash, not a power loss).",
         "Kafka: the broker of tests/services/kafka.py (one KRaft node, -Xmx512m, SerialGC) on "
