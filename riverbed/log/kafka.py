@@ -237,7 +237,12 @@ class KafkaLog:
             ) from None
         self._wait_for_leaders(name, partitions)
         return TopicInfo(
-            name, partitions, compact, retention_ms, retention_bytes, max_record_bytes,
+            name,
+            partitions,
+            compact,
+            retention_ms,
+            retention_bytes,
+            max_record_bytes,
             delete_retention_ms,
         )
 
@@ -593,7 +598,8 @@ class KafkaProducer:
                 "queue.buffering.max.messages": 1_000_000,
                 "message.max.bytes": CLIENT_MAX_MESSAGE_BYTES,
                 "compression.type": "none",
-                "delivery.timeout.ms": 60_000,
+                # A record may wait linger.ms before it is even sent; then a minute to be written.
+                "delivery.timeout.ms": int(linger_ms) + 60_000,
                 # Records sent without a future (send_many) report here; only failures matter.
                 "on_delivery": self._on_bulk_delivery,
             }
@@ -702,7 +708,12 @@ class KafkaProducer:
         while True:
             try:
                 self._producer.produce(
-                    topic, value, key, partition, timestamp=timestamp_ms, headers=headers,
+                    topic,
+                    value,
+                    key,
+                    partition,
+                    timestamp=timestamp_ms,
+                    headers=headers,
                     **({"on_delivery": on_delivery} if on_delivery is not None else {}),
                 )
                 break
@@ -825,12 +836,9 @@ class KafkaConsumer:
             }
         )
         if group is None:
-            start = (
-                confluent_kafka.OFFSET_BEGINNING if from_beginning else confluent_kafka.OFFSET_END
-            )
-            self._consumer.assign(
-                [KafkaTopicPartition(t, p, start) for t, n in counts.items() for p in range(n)]
-            )
+            partitions = [KafkaTopicPartition(t, p) for t, n in counts.items() for p in range(n)]
+            self._start_at_positions(partitions)
+            self._consumer.assign(partitions)
             self._assignment = {(t, p) for t, n in counts.items() for p in range(n)}
             if on_assign is not None:
                 on_assign(set(self._assignment))
@@ -848,14 +856,33 @@ class KafkaConsumer:
 
     # Rebalance callbacks, run by librdkafka inside consume()
 
-    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
-        added = {(tp.topic, tp.partition) for tp in partitions}
+    def _start_at_positions(self, partitions: list[Any]) -> None:
+        """Set each new partition's start offset: a pending seek, the committed offset, or the
+        reset point, resolved now rather than at the first fetch, so that ``position`` answers
+        right away and a latest consumer gets every record sent after it was assigned."""
+        unresolved = []
         for tp in partitions:
             seek = self._pending_seeks.get((tp.topic, tp.partition))
-            if seek is not None:
+            if seek is None:
+                unresolved.append(tp)
+            else:
                 tp.offset = seek
-                self._positions[tp.topic, tp.partition] = seek
         self._pending_seeks.clear()
+        if unresolved and self._group is not None:
+            committed = self._consumer.committed(unresolved, timeout=REQUEST_TIMEOUT_S)
+            for tp, done in zip(unresolved, committed, strict=True):
+                tp.offset = done.offset
+        for tp in partitions:
+            if tp.offset < 0:
+                low, high = self._consumer.get_watermark_offsets(
+                    tp, timeout=REQUEST_TIMEOUT_S, cached=False
+                )
+                tp.offset = low if self._from_beginning else high
+            self._positions[tp.topic, tp.partition] = tp.offset
+
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        added = {(tp.topic, tp.partition) for tp in partitions}
+        self._start_at_positions(partitions)
         consumer.incremental_assign(partitions)
         self._assignment |= added
         if added and self._on_assign is not None:
@@ -980,9 +1007,7 @@ class KafkaConsumer:
         answer = self._consumer.committed(
             [KafkaTopicPartition(t, p) for t, p in assigned], timeout=REQUEST_TIMEOUT_S
         )
-        return {
-            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in answer
-        }
+        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in answer}
 
     def position(self, topic: str, partition: int) -> int:
         self._check_open()
@@ -990,23 +1015,7 @@ class KafkaConsumer:
         if tp in self._pending_seeks:
             return self._pending_seeks[tp]
         self._assigned_or_raise(tp)
-        known = self._positions.get(tp)
-        if known is not None:
-            return known
-        (current,) = self._consumer.position([KafkaTopicPartition(topic, partition)])
-        if current.offset >= 0:
-            return int(current.offset)
-        # Nothing fetched yet: where the first fetch will start.
-        if self._group is not None:
-            (done,) = self._consumer.committed(
-                [KafkaTopicPartition(topic, partition)], timeout=REQUEST_TIMEOUT_S
-            )
-            if done.offset >= 0:
-                return int(done.offset)
-        low, high = self._consumer.get_watermark_offsets(
-            KafkaTopicPartition(topic, partition), timeout=REQUEST_TIMEOUT_S, cached=False
-        )
-        return int(low if self._from_beginning else high)
+        return self._positions[tp]
 
     def _assigned_or_raise(self, tp: TopicPartition) -> None:
         if tp not in self._assignment:

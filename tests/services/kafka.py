@@ -26,7 +26,8 @@ START_TIMEOUT = 60.0
 
 # Settings that make a one-node broker start fast and act fast in tests: internal topics with one
 # replica and few partitions, no delay before a group's first rebalance, short sessions allowed,
-# and retention/compaction checked every second so tests of them finish quickly.
+# and retention/compaction checked every second on segments rolled every 100 ms (Kafka deletes and
+# compacts only closed segments), so tests of them finish quickly.
 BROKER_SETTINGS = {
     "offsets.topic.replication.factor": "1",
     "offsets.topic.num.partitions": "4",
@@ -39,8 +40,10 @@ BROKER_SETTINGS = {
     "group.min.session.timeout.ms": "1000",
     "auto.create.topics.enable": "false",
     "num.partitions": "1",
+    "log.roll.ms": "100",
     "log.retention.check.interval.ms": "1000",
     "log.cleaner.backoff.ms": "500",
+    "log.cleaner.min.cleanable.ratio": "0.01",
     "log.segment.delete.delay.ms": "0",
     "log.initial.task.delay.ms": "0",
 }
