@@ -110,12 +110,17 @@ def test_killed_producer_leaves_whole_batches_and_keeps_acks(
         assert seqs == list(range(partition, partition + 3 * len(seqs), 3))
 
 
-def _journal(path: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """A consumer journal as (records up to its last commit, records after it)."""
-    committed: list[tuple[int, int]] = []
-    pending: list[tuple[int, int]] = []
+Offset = tuple[int, int]
+
+
+def _journal(path: Path) -> tuple[list[Offset], list[Offset], set[Offset]]:
+    """A consumer's journal as (records covered by a later successful commit, records after the
+    last one, records that may be delivered again)."""
+    committed: list[Offset] = []
+    pending: list[Offset] = []
+    at_risk: set[Offset] = set()
     if not path.exists():
-        return committed, pending
+        return committed, pending, at_risk
     for line in path.read_text().splitlines():
         if line.startswith("record "):
             _, partition, offset = line.split()
@@ -124,8 +129,10 @@ def _journal(path: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
             committed += pending
             pending = []
         elif line == "commit-failed":
-            pending = []  # never committed: its records are redelivered to the new owner
-    return committed, pending
+            # Partitions that moved go to their new owner from the last commit; the ones kept are
+            # committed by this member's next successful commit.
+            at_risk.update(pending)
+    return committed, pending, at_risk | set(pending)
 
 
 def test_killed_member_hands_over_without_losing_commits(
@@ -149,13 +156,12 @@ def test_killed_member_hands_over_without_losing_commits(
     workers.append(survivor)
 
     def victim_committed_some() -> bool:
-        done, _ = _journal(victim_journal)
-        return len(done) >= 200 and bool(_journal(survivor_journal)[0])
+        return len(_journal(victim_journal)[0]) >= 200 and bool(_journal(survivor_journal)[0])
 
     wait_until(victim_committed_some, 120, "both members to commit")
     victim.signal(signal.SIGKILL)
     victim.stop()
-    victim_done, victim_pending = _journal(victim_journal)
+    victim_done, victim_pending, victim_at_risk = _journal(victim_journal)
 
     def all_processed() -> bool:
         seen = set(victim_done) | set(victim_pending) | set(_journal(survivor_journal)[0])
@@ -163,12 +169,14 @@ def test_killed_member_hands_over_without_losing_commits(
 
     wait_until(all_processed, 120, "the survivor to take over the victim's partitions")
     wait_until(lambda: sum(log.group_lag(group).values()) == 0, 60, "lag 0")
-    survivor_done = _journal(survivor_journal)[0]
+    survivor_done, _, survivor_at_risk = _journal(survivor_journal)
     everything = victim_done + victim_pending + survivor_done
     duplicates = {r for r in everything if everything.count(r) > 1}
-    # Only what the victim polled but had not committed may be processed twice.
-    assert duplicates <= set(victim_pending), sorted(duplicates - set(victim_pending))[:10]
-    assert len(victim_done) == len(set(victim_done))
+    # Only records polled but not yet committed (the victim's last batch, batches whose commit a
+    # rebalance rejected) may be processed twice.
+    allowed = victim_at_risk | survivor_at_risk
+    assert duplicates <= allowed, sorted(duplicates - allowed)[:10]
+    assert len(duplicates) <= 4 * 50  # at most one uncommitted batch per partition move
 
 
 def test_paused_member_is_fenced(

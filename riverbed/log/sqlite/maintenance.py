@@ -106,15 +106,19 @@ def _enforce_size(conn: sqlite3.Connection, topic_id: int, partition: int, limit
 def _compact_if_dirty(
     conn: sqlite3.Connection, topic_id: int, topic: str, partition: int, delete_retention_ms: int
 ) -> None:
-    next_offset, cleaned, records = conn.execute(
-        "SELECT next_offset, cleaned_offset, record_count FROM partitions "
+    next_offset, cleaned, records, tombstones_due = conn.execute(
+        "SELECT next_offset, cleaned_offset, record_count, tombstones_due_ms FROM partitions "
         "WHERE topic_id = ? AND partition = ?",
         (topic_id, partition),
     ).fetchone()
+    now = now_ms()
     dirty = next_offset - cleaned
-    if dirty <= 0 or dirty < MIN_CLEANABLE_DIRTY_RATIO * records:
+    # Also clean when a kept tombstone's time is up, however little was written since.
+    due = tombstones_due is not None and tombstones_due <= now
+    if not due and (dirty <= 0 or dirty < MIN_CLEANABLE_DIRTY_RATIO * records):
         return
-    kept = _last_per_key(conn, topic_id, topic, partition, now_ms() - delete_retention_ms)
+    kept = _last_per_key(conn, topic_id, topic, partition, now - delete_retention_ms)
+    tombstone_times = [r.timestamp_ms for r in kept if r.value is None]
     conn.execute("DELETE FROM batches WHERE topic_id = ? AND partition = ?", (topic_id, partition))
     size = 0
     for start in range(0, len(kept), COMPACTED_BATCH_RECORDS):
@@ -122,9 +126,16 @@ def _compact_if_dirty(
             conn, topic_id, partition, kept[start : start + COMPACTED_BATCH_RECORDS]
         )
     conn.execute(
-        "UPDATE partitions SET cleaned_offset = ?, size_bytes = ?, record_count = ? "
-        "WHERE topic_id = ? AND partition = ?",
-        (next_offset, size, len(kept), topic_id, partition),
+        "UPDATE partitions SET cleaned_offset = ?, size_bytes = ?, record_count = ?, "
+        "tombstones_due_ms = ? WHERE topic_id = ? AND partition = ?",
+        (
+            next_offset,
+            size,
+            len(kept),
+            min(tombstone_times) + delete_retention_ms if tombstone_times else None,
+            topic_id,
+            partition,
+        ),
     )
 
 
@@ -141,9 +152,7 @@ def _last_per_key(
             # Dict order is insertion order: pop first so a rewritten key moves to its new offset.
             latest.pop(record.key, None)
             latest[record.key] = record
-    return [
-        r for r in latest.values() if r.value is not None or r.timestamp_ms >= tombstone_horizon
-    ]
+    return [r for r in latest.values() if r.value is not None or r.timestamp_ms > tombstone_horizon]
 
 
 def _insert_batch(

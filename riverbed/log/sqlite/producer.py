@@ -8,6 +8,7 @@ the topics this producer writes to about once a second.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -85,7 +86,6 @@ class SqliteProducer:
         self._topics: dict[str, TopicMeta] = {}
         self._spreader = KeylessSpreader()
         self._errors = DeliveryErrors()
-        self._touched: set[str] = set()
         self._closed = False
         self._flush_method = self.flush
         self._flusher = threading.Thread(
@@ -247,8 +247,7 @@ class SqliteProducer:
             written = []
         with self._appended:
             self._appended.notify_all()
-        for topic, _, base, buffer in written:
-            self._touched.add(topic)
+        for _, _, base, buffer in written:
             buffer.delivery.resolve(base)
         for buffer, reason in failed:
             unacknowledged = buffer.count - buffer.futures
@@ -337,16 +336,15 @@ class SqliteProducer:
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
 
     def _maintain(self) -> None:
+        """Retention and compaction for the topics this producer writes to: records age and
+        tombstones expire even when nothing new arrives, so every such topic, every round."""
         with self._write_lock:
-            topics, self._touched = self._touched, set()
-            for topic in topics:
-                meta = self._topics.get(topic)
-                info = meta.info if meta else None
-                if info and (info.compact or info.retention_ms is not None or info.retention_bytes):
-                    try:
-                        maintenance.maintain_topic(self._conn, topic)
-                    except sqlite3.OperationalError:
-                        self._touched.add(topic)  # busy: try again next round
+            for meta in list(self._topics.values()):
+                info = meta.info
+                if info.compact or info.retention_ms is not None or info.retention_bytes:
+                    # Busy (another process holds the write lock): the next round retries.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        maintenance.maintain_topic(self._conn, info.name)
 
     def close(self) -> None:
         if self._closed:

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS partitions (
     size_bytes INTEGER NOT NULL DEFAULT 0,
     record_count INTEGER NOT NULL DEFAULT 0,
     cleaned_offset INTEGER NOT NULL DEFAULT 0,
+    tombstones_due_ms INTEGER,
     PRIMARY KEY (topic_id, partition)
 ) WITHOUT ROWID
     """,
