@@ -826,7 +826,9 @@ class KafkaConsumer:
                 "auto.offset.reset": "earliest" if from_beginning else "latest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": session_timeout_ms,
-                "heartbeat.interval.ms": max(session_timeout_ms // 3, 100),
+                # Members learn of a rebalance at their next heartbeat: beat often so that
+                # rebalances take a fraction of the session timeout, not a third of it.
+                "heartbeat.interval.ms": max(session_timeout_ms // 10, 100),
                 "max.poll.interval.ms": session_timeout_ms,
                 # Answer a fetch as soon as a record arrives (latency), but keep up to
                 # queued.max.messages.kbytes prefetched per partition (throughput).
