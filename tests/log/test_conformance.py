@@ -430,11 +430,12 @@ def test_retention_by_size(log: riverbed.Log, topic_name: TopicName) -> None:
     _produce_in_batches(log, name, batches=6, per_batch=100)
     wait_until(lambda: log.beginning_offsets(name)[0] > 0, 90, "old records to go")
     assert log.end_offsets(name) == {0: 600}
-    start = log.beginning_offsets(name)[0]
     with log.consumer(topics=[name], from_beginning=True) as consumer:
-        records = consume(consumer, 600 - start)
-    assert records[0].offset == start
-    assert [r.offset for r in records] == list(range(start, 600))
+        records = _drain(consumer, 2.0)
+    # Retention may advance again while we read: what is read is a gap-free run up to the end.
+    assert records
+    assert records[0].offset > 0
+    assert [r.offset for r in records] == list(range(records[0].offset, 600))
 
 
 def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: TopicName) -> None:
@@ -451,14 +452,15 @@ def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: Topi
                 last_offsets[key] = offset
                 offset += 1
         time.sleep(0.3)
-    with log.producer() as producer:  # a later record lets Kafka roll the active segment
-        producer.send(name, b"tail", key=b"tail", partition=0)
-
     def compacted() -> list[riverbed.Record]:
         with log.consumer(topics=[name], from_beginning=True) as consumer:
             return _drain(consumer, 1.0)
 
     def only_last_values() -> bool:
+        # Later writes let Kafka roll the active segment and start the pass that drops the
+        # tombstone, as ongoing traffic would.
+        with log.producer() as producer:
+            producer.send(name, b"tail", key=b"tail", partition=0)
         records = [r for r in compacted() if r.key != b"tail"]
         keys = [r.key for r in records]
         return len(keys) == len(set(keys)) and b"key-0" not in keys
@@ -469,4 +471,4 @@ def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: Topi
         k: o for k, o in last_offsets.items() if k != b"key-0"
     }
     assert all(r.value == f"{r.key.decode()[4:]}-v4".encode() for r in records if r.key)
-    assert log.end_offsets(name) == {0: 101}
+    assert log.end_offsets(name)[0] > 100
