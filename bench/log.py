@@ -107,6 +107,7 @@ REDIS_SETTINGS = [
     "--auto-aof-rewrite-percentage", "0",
 ]
 REDIS_GROUP = "bench"
+KAFKA_START_ATTEMPTS = 3
 
 TARGETS_NOTE = (
     "riverbed-sqlite: send_many >= 1,000,000 rec/s, send >= 400,000 rec/s, "
@@ -573,16 +574,31 @@ def _wait_for_redis(port: int, process: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def kafka_server(root: Path) -> Iterator[str]:
     """The tests' single-node Kafka broker (tests/services/kafka.py); yields its bootstrap."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.services.kafka import start_kafka
-
-    server = start_kafka(root)
+    server = _start_kafka(root)
     try:
         yield server.bootstrap
     finally:
         gc.collect()  # destroy the clients first, or librdkafka logs the broker going away
         server.stop()
+
+
+def _start_kafka(root: Path) -> Any:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.services.kafka import start_kafka
+
+    for attempt in range(1, KAFKA_START_ATTEMPTS):
+        directory = root / f"attempt-{attempt}"
+        directory.mkdir()
+        try:
+            return start_kafka(directory)
+        except RuntimeError:
+            # e.g. a random cluster id starting with '-', which the storage tool takes for an
+            # option (tests/services/kafka.py); a fresh directory gets a fresh id.
+            continue
+    directory = root / f"attempt-{KAFKA_START_ATTEMPTS}"
+    directory.mkdir()
+    return start_kafka(directory)
 
 
 # Measuring
