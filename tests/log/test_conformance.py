@@ -333,13 +333,12 @@ def test_group_members_share_partitions(log: riverbed.Log, topic_name: TopicName
 
         wait_until(balanced, 60, "both members to get two partitions")
         assert assigned
-        while len({(r.partition, r.offset) for r in seen}) < 2000:
-            before = len(seen)
+        def everything_read() -> bool:
             for consumer in (a, b):
-                seen.extend(consumer.poll(max_records=500, timeout=0.2))
-            if len(seen) == before:
-                break
-        assert len({(r.partition, r.offset) for r in seen}) == 2000
+                seen.extend(consumer.poll(max_records=500, timeout=0.1))
+            return len({(r.partition, r.offset) for r in seen}) == 2000
+
+        wait_until(everything_read, 60, "the two members to read all 2000 records")
         description = log.describe_group(group)
         owned = sorted(tp for member in description.members for tp in member.assignment)
         assert owned == [(name, p) for p in range(4)]
