@@ -98,15 +98,20 @@ class GroupDescription(msgspec.Struct, frozen=True):
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
-def validate_topic(name: str, partitions: int = 1) -> None:
-    """Kafka's rules for topic names, so a topic valid here is valid on every backend."""
+def validate_topic(info: TopicInfo) -> None:
+    """Kafka's rules for topic names and settings: a topic valid here is valid on every backend."""
+    name = info.name
     if not _TOPIC_NAME.match(name) or name in (".", ".."):
         raise InvalidTopicError(
             f"invalid topic name {name!r}: use 1 to 249 characters from "
             "letters, digits, '.', '_' and '-'"
         )
-    if partitions < 1:
-        raise InvalidTopicError(f"topic '{name}' needs at least 1 partition, got {partitions}")
+    if info.partitions < 1:
+        raise InvalidTopicError(f"topic '{name}' needs at least 1 partition, got {info.partitions}")
+    for setting in ("retention_ms", "retention_bytes", "max_record_bytes", "delete_retention_ms"):
+        value = getattr(info, setting)
+        if value is not None and value < 0:
+            raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
 
 
 def lag_of(committed: int | None, beginning: int, end: int) -> int:

@@ -201,15 +201,17 @@ class KafkaLog:
         delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS,
     ) -> TopicInfo:
         self._check_open()
-        validate_topic(name, partitions)
-        for setting, value in (
-            ("retention_ms", retention_ms),
-            ("retention_bytes", retention_bytes),
-            ("max_record_bytes", max_record_bytes),
-            ("delete_retention_ms", delete_retention_ms),
-        ):
-            if value is not None and value < 0:
-                raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
+        validate_topic(
+            TopicInfo(
+                name,
+                partitions,
+                compact,
+                retention_ms,
+                retention_bytes,
+                max_record_bytes,
+                delete_retention_ms,
+            )
+        )
         policy = ["compact"] if compact else []
         if not compact or retention_ms is not None or retention_bytes is not None:
             policy.append("delete")

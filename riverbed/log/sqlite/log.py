@@ -31,7 +31,6 @@ from riverbed.log.api import (
 )
 from riverbed.log.errors import (
     ClosedError,
-    InvalidTopicError,
     TopicExistsError,
     UnknownGroupError,
     UnknownTopicError,
@@ -143,15 +142,17 @@ class SqliteLog:
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS,
     ) -> TopicInfo:
-        validate_topic(name, partitions)
-        for setting, value in (
-            ("retention_ms", retention_ms),
-            ("retention_bytes", retention_bytes),
-            ("max_record_bytes", max_record_bytes),
-            ("delete_retention_ms", delete_retention_ms),
-        ):
-            if value is not None and value < 0:
-                raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
+        validate_topic(
+            TopicInfo(
+                name,
+                partitions,
+                compact,
+                retention_ms,
+                retention_bytes,
+                max_record_bytes,
+                delete_retention_ms,
+            )
+        )
         with self._connection() as conn, write_transaction(conn):
             try:
                 cursor = conn.execute(
