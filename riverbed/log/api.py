@@ -25,6 +25,9 @@ from riverbed.log.errors import (
 DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
 DEFAULT_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
 DEFAULT_SESSION_TIMEOUT_MS = 10_000
+# Kafka's max.poll.interval.ms: a member whose loop has not polled for this long leaves its group.
+# Heartbeats run in the background, so slow processing shorter than this keeps the membership.
+MAX_POLL_INTERVAL_MS = 300_000
 
 Headers = dict[str, bytes]
 TopicPartition = tuple[str, int]

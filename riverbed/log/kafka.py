@@ -26,6 +26,7 @@ from riverbed.log.api import (
     DEFAULT_DELETE_RETENTION_MS,
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_SESSION_TIMEOUT_MS,
+    MAX_POLL_INTERVAL_MS,
     DeliveryErrors,
     GroupDescription,
     GroupMember,
@@ -799,9 +800,9 @@ class KafkaConsumer:
     """librdkafka's consumer: in a group (cooperative rebalancing) or assigned every partition.
 
     Rebalances use the cooperative-sticky assignor, so ``on_revoke`` gets only the partitions that
-    move away and ``on_assign`` only the new ones, as on SQLite. A member that does not poll for
-    ``session_timeout_ms`` leaves the group (librdkafka's max.poll.interval.ms), like a member
-    whose heartbeats stop on SQLite.
+    move away and ``on_assign`` only the new ones, as on SQLite. librdkafka heartbeats in the
+    background; a member that does not poll for ``MAX_POLL_INTERVAL_MS`` leaves the group, as on
+    SQLite.
     """
 
     def __init__(
@@ -845,7 +846,7 @@ class KafkaConsumer:
                 # Members learn of a rebalance at their next heartbeat: beat often so that
                 # rebalances take a fraction of the session timeout, not a third of it.
                 "heartbeat.interval.ms": max(session_timeout_ms // 10, 100),
-                "max.poll.interval.ms": session_timeout_ms,
+                "max.poll.interval.ms": max(MAX_POLL_INTERVAL_MS, session_timeout_ms),
                 # Answer a fetch as soon as a record arrives (latency), but keep up to
                 # queued.max.messages.kbytes prefetched per partition (throughput).
                 "fetch.wait.max.ms": 10,

@@ -333,6 +333,7 @@ def test_group_members_share_partitions(log: riverbed.Log, topic_name: TopicName
 
         wait_until(balanced, 60, "both members to get two partitions")
         assert assigned
+
         def everything_read() -> bool:
             for consumer in (a, b):
                 seen.extend(consumer.poll(max_records=500, timeout=0.1))
@@ -451,6 +452,7 @@ def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: Topi
                 last_offsets[key] = offset
                 offset += 1
         time.sleep(0.3)
+
     def compacted() -> list[riverbed.Record]:
         with log.consumer(topics=[name], from_beginning=True) as consumer:
             return _drain(consumer, 1.0)
@@ -471,3 +473,22 @@ def test_compaction_keeps_last_value_per_key(log: riverbed.Log, topic_name: Topi
     }
     assert all(r.value == f"{r.key.decode()[4:]}-v4".encode() for r in records if r.key)
     assert log.end_offsets(name)[0] > 100
+
+
+def test_slow_processing_keeps_the_membership(log: riverbed.Log, topic_name: TopicName) -> None:
+    """Heartbeats do not depend on poll(): a batch that takes longer than the session timeout to
+    process costs neither the partitions nor the commit."""
+    name = topic_name()
+    group = topic_name("group")
+    log.create_topic(name, partitions=2)
+    with log.producer() as producer:
+        producer.send_many(name, [(None, b"v")] * 10)
+    with log.consumer(
+        group=group, topics=[name], from_beginning=True, session_timeout_ms=2000
+    ) as consumer:
+        consume(consumer, 10)
+        assignment = consumer.assignment()
+        time.sleep(5)  # 2.5 session timeouts without a poll
+        consumer.commit()
+        assert consumer.assignment() == assignment == {(name, 0), (name, 1)}
+    assert log.group_lag(group) == {(name, 0): 0, (name, 1): 0}

@@ -13,11 +13,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import riverbed
 from riverbed.errors import InvalidUrlError
-from riverbed.log.errors import BrokerUnavailableError, CommitFailedError, RecordTooLargeError
+from riverbed.log.errors import BrokerUnavailableError, RecordTooLargeError
 from riverbed.log.kafka import KafkaLog, describe_log_dirs
 from riverbed.log.partitioner import partition_for_key
 from tests.services import free_port
-from tests.support import consume, wait_until
+from tests.support import consume
 
 pytestmark = pytest.mark.kafka
 
@@ -130,32 +130,3 @@ def test_group_members_show_their_assignment(kafka_log: KafkaLog) -> None:
         (member,) = described.members
         assert member.assignment == [(name, 0), (name, 1)]
     assert kafka_log.group_lag(name) == {(name, 0): 0, (name, 1): 0}
-
-
-def test_a_member_that_stops_polling_is_fenced(kafka_log: KafkaLog) -> None:
-    name = f"fenced-{time.time_ns()}"
-    kafka_log.create_topic(name, partitions=2)
-    with kafka_log.producer() as producer:
-        producer.send_many(name, [(None, b"v")] * 10)
-    a = kafka_log.consumer(group=name, topics=[name], from_beginning=True, session_timeout_ms=2000)
-    b = None
-    try:
-        consume(a, 10)
-        # a stops polling for longer than its session: the group moves on without it.
-        b = kafka_log.consumer(group=name, topics=[name], session_timeout_ms=2000)
-        wait_until(lambda: b.poll(timeout=0.2) is not None and len(b.assignment()) == 2, 30)
-        with pytest.raises(CommitFailedError, match="fenced"):
-            a.commit()
-        # Polling again rejoins; the partitions are shared again.
-        wait_until(
-            lambda: (
-                a.poll(timeout=0.1) is not None
-                and b.poll(timeout=0.1) is not None
-                and len(a.assignment()) == len(b.assignment()) == 1
-            ),
-            30,
-        )
-    finally:
-        a.close()
-        if b is not None:
-            b.close()

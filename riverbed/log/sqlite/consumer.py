@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from riverbed.errors import RiverbedError
-from riverbed.log.api import RebalanceCallback, Record, TopicPartition
+from riverbed.log.api import MAX_POLL_INTERVAL_MS, RebalanceCallback, Record, TopicPartition
 from riverbed.log.errors import ClosedError, UnknownPartitionError
 from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.store import AppendNotifier, decode_batch, read_transaction
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 # Without an in-process wakeup (the producer is in another process) a waiting poll looks for new
 # commits this often; PRAGMA data_version makes each look a few microseconds.
 CROSS_PROCESS_POLL_S = 0.002
-MAX_POLL_INTERVAL_MS = 300_000
 BATCHES_PER_QUERY = 32
 
 _offset_of = attrgetter("offset")
