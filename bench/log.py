@@ -42,7 +42,8 @@ from typing import Any, Protocol
 
 import confluent_kafka
 import redis
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
 from rich.table import Table
 
@@ -67,8 +68,8 @@ E2E_HEADER = struct.Struct("<qq")
 E2E_PADDING = bytes(VALUE_BYTES - E2E_HEADER.size)
 
 SYSTEMS = ("riverbed-sqlite", "riverbed-kafka", "confluent-kafka", "redis-streams")
-# Not run by default: raw confluent-kafka with riverbed's producer defaults (linger 5 ms, 16 KiB
-# batches), which separates the cost of riverbed's settings from the cost of its Python layer.
+# Not run by default: raw confluent-kafka with riverbed-kafka's producer defaults (linger_ms and
+# batch_size), which separates the cost of riverbed's settings from the cost of its Python layer.
 EXTRA_SYSTEMS = ("confluent-kafka-matched",)
 METRICS = ("send_many", "send", "consume", "p50", "p99")
 
@@ -95,7 +96,6 @@ CONFLUENT_CONSUMER = {
 }
 # The e2e run uses riverbed's default linger (5 ms) for every Kafka producer.
 E2E_LINGER_MS = 5
-CONFLUENT_MATCHED_PRODUCER = {"linger.ms": 5, "batch.size": 16_384}
 
 # Redis: no RDB snapshots; an append-only file written every event loop and fsynced once a
 # second (survives a process crash, like SQLite's fsync=normal and Kafka's page cache); no AOF
@@ -137,6 +137,7 @@ class E2eSession(Protocol):
 
 class System(Protocol):
     name: str
+    settings: str  # the client settings that differ between runs or revisions, for the notes
 
     def create_topic(self, topic: str) -> None: ...
 
@@ -172,6 +173,11 @@ class RiverbedSystem:
         self._producer_options: dict[str, Any] = {}
         if batch_size is not None:
             self._producer_options["batch_size"] = batch_size
+        options = {**producer_defaults(self.log), **self._producer_options}
+        self.settings = (
+            f"producer linger_ms {options['linger_ms']:g}, batch_size {options['batch_size']:,} "
+            + ("(--batch-size)" if batch_size is not None else "(the backend's defaults)")
+        )
 
     def create_topic(self, topic: str) -> None:
         self.log.create_topic(topic, partitions=PARTITIONS)
@@ -228,6 +234,12 @@ class RiverbedE2e:
             self._consumer.close()
 
 
+def producer_defaults(log: object) -> dict[str, Any]:
+    """The keyword defaults of ``log.producer`` (each backend has its own)."""
+    parameters = inspect.signature(log.producer).parameters  # type: ignore[attr-defined]
+    return {n: p.default for n, p in parameters.items() if p.default is not p.empty}
+
+
 class ConfluentSystem:
     """confluent-kafka (librdkafka) used directly, tuned for throughput."""
 
@@ -240,6 +252,11 @@ class ConfluentSystem:
         self.name = name
         self._bootstrap = bootstrap
         self._producer_overrides = producer_overrides or {}
+        self.settings = ", ".join(
+            f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+            for k, v in {**CONFLUENT_PRODUCER, **self._producer_overrides}.items()
+            if k in ("linger.ms", "batch.size")
+        )
         self._admin = AdminClient({"bootstrap.servers": bootstrap})
 
     def create_topic(self, topic: str) -> None:
@@ -372,11 +389,13 @@ def _confluent_produce(
 ) -> None:
     """Keyless produce() calls, serving delivery reports every 10,000 and when the queue is full."""
     produce, poll = producer.produce, producer.poll
-    options = {} if on_delivery is None else {"on_delivery": on_delivery}
     for i in range(count):
         while True:
             try:
-                produce(topic, VALUE, **options)
+                if on_delivery is None:
+                    produce(topic, VALUE)
+                else:
+                    produce(topic, VALUE, on_delivery=on_delivery)
                 break
             except BufferError:
                 poll(0.01)
@@ -426,6 +445,7 @@ class RedisSystem:
     """Redis streams through redis-py with hiredis: one stream per partition, one group."""
 
     name = "redis-streams"
+    settings = ""
 
     def __init__(self, port: int) -> None:
         self._port = port
@@ -450,7 +470,7 @@ class RedisSystem:
 
     def produce_many(self, topic: str, count: int) -> None:
         streams = self.streams(topic)
-        fields = {"v": VALUE}
+        fields: dict[Any, Any] = {"v": VALUE}
         for start in range(0, count, REDIS_PIPELINE):
             pipeline = self._client.pipeline(transaction=False)
             for i in range(start, min(start + REDIS_PIPELINE, count)):
@@ -459,7 +479,7 @@ class RedisSystem:
 
     def produce_send(self, topic: str, count: int) -> None:
         streams = self.streams(topic)
-        fields = {"v": VALUE}
+        fields: dict[Any, Any] = {"v": VALUE}
         xadd = self._client.xadd
         for i in range(count):
             xadd(streams[i % PARTITIONS], fields)
@@ -485,10 +505,10 @@ class RedisReader:
         self._count = count
         self._block_ms = block_ms
         self._consumer = f"c-{uuid.uuid4().hex[:8]}"
-        self._streams = {stream: ">" for stream in RedisSystem.streams(topic)}
+        self._streams: dict[Any, Any] = {stream: ">" for stream in RedisSystem.streams(topic)}
 
     def read(self) -> list[bytes]:
-        response = self._client.xreadgroup(
+        response: Any = self._client.xreadgroup(
             REDIS_GROUP, self._consumer, self._streams, count=self._count, block=self._block_ms
         )
         if not response:
@@ -898,16 +918,15 @@ def git_revision() -> str:
     return output.stdout.strip() or "unknown revision"
 
 
-def settings_notes(args: argparse.Namespace) -> list[str]:
-    default = inspect.signature(riverbed.Log.producer).parameters["batch_size"].default
-    batch = f"{default:,} (default)" if args.batch_size is None else f"{args.batch_size:,}"
+def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
+    clients = "; ".join(f"{name}: {text}" for name, text in report.settings.items() if text)
     return [
         f"Workload: {PARTITIONS} partitions (Redis: {PARTITIONS} streams), {VALUE_BYTES}-byte "
         "values, keyless (no key; riverbed and Redis spread round robin, librdkafka uses its "
         "sticky partitioner), no headers; fresh topics each run, deleted afterwards.",
         f"send_many: {args.records:,} records; riverbed `Producer.send_many` in chunks of "
-        f"{SEND_MANY_CHUNK:,} pairs from a default `log.producer()` (linger 5 ms, batch_size "
-        f"{batch}); confluent-kafka: a `produce()` loop without per-record callback; Redis: XADD "
+        f"{SEND_MANY_CHUNK:,} pairs from a default `log.producer()`; confluent-kafka: a "
+        "`produce()` loop without per-record callback; Redis: XADD "
         f"pipelined {REDIS_PIPELINE:,} per pipeline (no MULTI). Timed until flush returns / the "
         "last pipeline is answered (everything acknowledged).",
         f"send: {args.send_records:,} records, one call each with a per-record acknowledgement: "
@@ -933,9 +952,10 @@ def settings_notes(args: argparse.Namespace) -> list[str]:
         "the same 2 cores as the clients. riverbed-kafka and confluent-kafka both use acks=all + "
         "enable.idempotence, no compression. Raw confluent-kafka gets its best throughput "
         "settings: linger.ms 20, batch.size 1,000,000, batch.num.messages 100,000, "
-        "queue.buffering.max.messages 2,000,000; riverbed-kafka uses its own defaults "
-        f"(linger 5 ms, batch_size {batch}). confluent-kafka-matched (only with --only): raw "
-        "confluent-kafka with linger.ms 5 and batch.size 16,384 instead.",
+        "queue.buffering.max.messages 2,000,000; riverbed-kafka uses its own defaults. "
+        "confluent-kafka-matched (only with --only): raw confluent-kafka with riverbed-kafka's "
+        "producer defaults for linger.ms and batch.size instead.",
+        f"Client settings: {clients}.",
         "redis-streams: `--save '' --appendonly yes --appendfsync everysec` (AOF written every "
         "event loop, fsynced every second: survives a process crash, like the others), AOF "
         "rewrite off.",
@@ -960,6 +980,7 @@ class Report:
     load_start: str
     load_end: str
     lost: list[str]
+    settings: dict[str, str]  # per system
 
 
 def append_results(
@@ -982,7 +1003,7 @@ def append_results(
         "",
         "Settings:",
         "",
-        *[f"- {note}" for note in settings_notes(args)],
+        *[f"- {note}" for note in settings_notes(args, report)],
         "",
         "All runs (rec/s; ms):",
         "",
@@ -1055,7 +1076,11 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
         elif name == "confluent-kafka":
             system = ConfluentSystem(bootstrap)
         elif name == "confluent-kafka-matched":
-            system = ConfluentSystem(bootstrap, name, CONFLUENT_MATCHED_PRODUCER)
+            from riverbed.log.kafka import KafkaLog
+
+            defaults = producer_defaults(KafkaLog)
+            matched = {"linger.ms": defaults["linger_ms"], "batch.size": defaults["batch_size"]}
+            system = ConfluentSystem(bootstrap, name, matched)
         else:
             (root / "redis").mkdir()
             system = RedisSystem(stack.enter_context(redis_server(root / "redis")))
@@ -1077,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="riverbed-bench-")))
         with console.status("starting servers"):
             systems = open_systems(args, stack, root)
+        settings = {system.name: system.settings for system in systems}
         for system in systems:
             with console.status(f"warming up {system.name}"):
                 warm_up(system)
@@ -1099,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(console, results, args.runs)
     console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
     if not args.no_results:
-        append_results(args, results, Report(elapsed, date, load, loadavg(), lost))
+        append_results(args, results, Report(elapsed, date, load, loadavg(), lost, settings))
         console.print(f"appended to {RESULTS.relative_to(ROOT)}")
     return 0
 
