@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -696,7 +697,9 @@ def run_e2e(session: E2eSession, rate: int, seconds: float) -> E2eResult:
             if delay > 0:
                 time.sleep(delay)
             session.send(pack(seq, time.perf_counter_ns()) + padding)
-        sent_all.set()
+    except BaseException:
+        stop.set()  # interrupted: do not wait for the consumer to drain
+        raise
     finally:
         sent_all.set()
         consumer.join(E2E_DRAIN_SECONDS + 5)
@@ -1089,8 +1092,22 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
     return systems
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise in the main thread, so the servers are stopped in ``finally``.
+
+    (A background job of a non-interactive shell starts with SIGINT ignored; Python keeps that.)
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_signals()
     console = Console()
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
