@@ -108,9 +108,17 @@ class KafkaServer:
         (self.root / "log4j2.properties").write_text(LOG4J2)
         formatted = subprocess.run(
             [
-                "java", *JVM_OPTIONS, "-cp", f"{KAFKA_LIBS}/*", "kafka.tools.StorageTool",
-                "format", "--ignore-formatted", "--cluster-id", _cluster_id(),
-                "--config", str(self.config_path),
+                "java",
+                *JVM_OPTIONS,
+                "-cp",
+                f"{KAFKA_LIBS}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                # One argument: an id may start with '-', which would otherwise read as an option.
+                f"--cluster-id={_cluster_id()}",
+                "--config",
+                str(self.config_path),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -126,10 +134,13 @@ class KafkaServer:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [
-                    "java", *JVM_OPTIONS,
+                    "java",
+                    *JVM_OPTIONS,
                     f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
-                    "-cp", f"{KAFKA_LIBS}/*",
-                    "kafka.Kafka", str(self.config_path),
+                    "-cp",
+                    f"{KAFKA_LIBS}/*",
+                    "kafka.Kafka",
+                    str(self.config_path),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
