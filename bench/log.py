@@ -108,7 +108,6 @@ REDIS_SETTINGS = [
     "--auto-aof-rewrite-percentage", "0",
 ]
 REDIS_GROUP = "bench"
-KAFKA_START_ATTEMPTS = 3
 
 TARGETS_NOTE = (
     "riverbed-sqlite: send_many >= 1,000,000 rec/s, send >= 400,000 rec/s, "
@@ -608,18 +607,7 @@ def _start_kafka(root: Path) -> Any:
         sys.path.insert(0, str(ROOT))
     from tests.services.kafka import start_kafka
 
-    for attempt in range(1, KAFKA_START_ATTEMPTS):
-        directory = root / f"attempt-{attempt}"
-        directory.mkdir()
-        try:
-            return start_kafka(directory)
-        except RuntimeError:
-            # e.g. a random cluster id starting with '-', which the storage tool takes for an
-            # option (tests/services/kafka.py); a fresh directory gets a fresh id.
-            continue
-    directory = root / f"attempt-{KAFKA_START_ATTEMPTS}"
-    directory.mkdir()
-    return start_kafka(directory)
+    return start_kafka(root)
 
 
 # Measuring

@@ -25,6 +25,9 @@ from riverbed.log.errors import (
 DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
 DEFAULT_DELETE_RETENTION_MS = 24 * 60 * 60 * 1000
 DEFAULT_SESSION_TIMEOUT_MS = 10_000
+# Per-record bytes counted towards a producer's batch_size besides key, value and headers (offsets,
+# lengths), so that even empty records fill batches.
+RECORD_OVERHEAD = 16
 # Kafka's max.poll.interval.ms: a member whose loop has not polled for this long leaves its group.
 # Heartbeats run in the background, so slow processing shorter than this keeps the membership.
 MAX_POLL_INTERVAL_MS = 300_000
@@ -123,80 +126,31 @@ def lag_of(committed: int | None, beginning: int, end: int) -> int:
     return max(end - start, 0)
 
 
-class BatchDelivery:
-    """The outcome of one batch of records, shared by their futures and resolved once for all.
-
-    A backend that writes whole batches resolves this one object instead of every record's future:
-    ``send`` is a hot path and most futures are never looked at.
-    """
-
-    __slots__ = ("base_offset", "error", "partition", "topic", "waiting")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.base_offset: int | None = None
-        self.error: BaseException | None = None
-        self.waiting: list[SendFuture] = []  # futures with callbacks to run when resolved
-
-    def resolve(self, base_offset: int) -> None:
-        self.base_offset = base_offset
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for future in waiting:
-            future.run_callbacks()
-
-
 class SendFuture:
     """The pending result of ``Producer.send``: the record's metadata once it is written.
 
     ``result()`` forces delivery (flushing the producer if needed) and raises the backend's error if
-    the record was not written. Lighter than ``concurrent.futures.Future``: ``send`` is a hot path.
-    A future is resolved either alone (``set_result``/``set_exception``) or through the
-    ``BatchDelivery`` of its batch, at offset ``base_offset + delta``.
+    the record was not written. Lighter than ``concurrent.futures.Future``: ``send`` is a hot path,
+    and most futures are never looked at. Backends subclass it with ``_outcome`` and ``_force``.
     """
 
-    __slots__ = ("_batch", "_callbacks", "_delta", "_error", "_flush", "_metadata", "_timestamp_ms")
-
-    def __init__(
-        self,
-        flush: Callable[[float | None], None],
-        batch: BatchDelivery | None = None,
-        delta: int = 0,
-        timestamp_ms: int = 0,
-    ) -> None:
-        self._flush = flush
-        self._batch = batch
-        self._delta = delta
-        self._timestamp_ms = timestamp_ms
-        self._metadata: RecordMetadata | None = None
-        self._error: BaseException | None = None
-        self._callbacks: list[Callable[[SendFuture], None]] | None = None
+    __slots__ = ("_callbacks",)
+    _callbacks: list[Callable[[SendFuture], None]] | None
 
     def _outcome(self) -> RecordMetadata | BaseException | None:
-        batch = self._batch
-        if batch is None:
-            return self._error or self._metadata
-        if batch.error is not None:
-            return batch.error
-        if batch.base_offset is None:
-            return None
-        return RecordMetadata(
-            batch.topic, batch.partition, batch.base_offset + self._delta, self._timestamp_ms
-        )
+        """The metadata, the error, or None while the record is pending."""
+        raise NotImplementedError
+
+    def _force(self, timeout: float | None) -> None:
+        """Push the record to the log, waiting up to ``timeout``."""
+        raise NotImplementedError
 
     def done(self) -> bool:
         return self._outcome() is not None
 
     def result(self, timeout: float | None = None) -> RecordMetadata:
         if not self.done():
-            self._flush(timeout)
+            self._force(timeout)
         outcome = self._outcome()
         if outcome is None:
             raise TimeoutError(f"record not acknowledged within {timeout} s")
@@ -214,27 +168,88 @@ class SendFuture:
         return None
 
     def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
-        if self.done():
-            callback(self)
-            return
-        if self._callbacks is None:
-            self._callbacks = []
-            if self._batch is not None:
-                self._batch.waiting.append(self)
-        self._callbacks.append(callback)
-
-    def set_result(self, metadata: RecordMetadata) -> None:
-        self._metadata = metadata
-        self.run_callbacks()
-
-    def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self.run_callbacks()
+        """Run ``callback(future)`` when the outcome is known: now, or on the delivering thread."""
+        raise NotImplementedError
 
     def run_callbacks(self) -> None:
         callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
             callback(self)
+
+
+class BatchDelivery:
+    """The outcome of one batch of records, shared by their futures and resolved once for all.
+
+    A backend that writes whole batches resolves this one object instead of every record's future.
+    """
+
+    __slots__ = ("base_offset", "error", "lock", "partition", "topic", "waiting")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.base_offset: int | None = None
+        self.error: BaseException | None = None
+        # Guards ``waiting`` between a caller adding a callback and the writer resolving.
+        self.lock = threading.Lock()
+        self.waiting: list[SendFuture] = []
+
+    def resolve(self, base_offset: int) -> None:
+        with self.lock:
+            self.base_offset = base_offset
+            waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            future.run_callbacks()
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = error
+            waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            future.run_callbacks()
+
+
+class BatchFuture(SendFuture):
+    """A record's future in a ``BatchDelivery``: its offset is the batch's base plus ``delta``."""
+
+    __slots__ = ("_batch", "_delta", "_flush", "_timestamp_ms")
+
+    def __init__(
+        self,
+        flush: Callable[[float | None], None],
+        batch: BatchDelivery,
+        delta: int,
+        timestamp_ms: int,
+    ) -> None:
+        self._callbacks = None
+        self._flush = flush
+        self._batch = batch
+        self._delta = delta
+        self._timestamp_ms = timestamp_ms
+
+    def _outcome(self) -> RecordMetadata | BaseException | None:
+        batch = self._batch
+        if batch.error is not None:
+            return batch.error
+        if batch.base_offset is None:
+            return None
+        return RecordMetadata(
+            batch.topic, batch.partition, batch.base_offset + self._delta, self._timestamp_ms
+        )
+
+    def _force(self, timeout: float | None) -> None:
+        self._flush(timeout)
+
+    def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
+        batch = self._batch
+        with batch.lock:
+            if batch.base_offset is None and batch.error is None:
+                if self._callbacks is None:
+                    self._callbacks = []
+                    batch.waiting.append(self)
+                self._callbacks.append(callback)
+                return
+        callback(self)
 
 
 class DeliveryErrors:

@@ -3,7 +3,7 @@ every backend (and in the partition a Java or librdkafka producer would pick for
 
 from __future__ import annotations
 
-import itertools
+import random
 import struct
 
 _SEED = 0x9747B28C
@@ -49,13 +49,22 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return hashed % partitions
 
 
-class KeylessSpreader:
-    """Spreads records without a key over all partitions, round robin per producer."""
+class StickyPartitioner:
+    """Kafka's sticky partitioning of records without a key (KIP-480): they all go to one partition
+    until a batch's worth of bytes (``batch_size / partitions``) went there, then to the next, so
+    batches fill up and the partitions even out over time."""
 
-    __slots__ = ("_counter",)
+    __slots__ = ("batch_size", "filled", "partition")
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.partition = random.randrange(1 << 16)  # producers start apart
+        self.filled = 0
 
-    def next_partition(self, partitions: int) -> int:
-        return next(self._counter) % partitions
+    def next(self, size: int, partitions: int) -> int:
+        """The partition for a keyless record of ``size`` bytes (counting its overhead)."""
+        self.filled += size
+        if self.filled >= self.batch_size // partitions:
+            self.filled = 0
+            self.partition += 1
+        return self.partition % partitions

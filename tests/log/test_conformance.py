@@ -132,11 +132,12 @@ def test_offsets_are_contiguous_and_ordered_per_partition(
 def test_keyless_records_spread_over_partitions(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, partitions=4)
-    with log.producer() as producer:
-        futures = [producer.send(name, b"x") for _ in range(400)]
+    # Sticky partitioning: a batch's worth (batch_size / partitions) per partition, in turn.
+    with log.producer(batch_size=4_000) as producer:
+        futures = [producer.send(name, b"x" * 100) for _ in range(400)]
         partitions = Counter(f.result(timeout=30).partition for f in futures)
     assert set(partitions) == {0, 1, 2, 3}
-    assert min(partitions.values()) >= 50
+    assert min(partitions.values()) >= 80
 
 
 def test_send_many_spreads_keyless_records(log: riverbed.Log, topic_name: TopicName) -> None:

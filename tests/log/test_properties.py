@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import riverbed
-from riverbed.log.partitioner import KeylessSpreader, murmur2, partition_for_key
+from riverbed.log.partitioner import StickyPartitioner, murmur2, partition_for_key
 from riverbed.log.sqlite.groups import Member, assign
 from riverbed.log.sqlite.store import decode_batch, encode_batch
 
@@ -64,13 +64,24 @@ def test_partition_for_key_is_stable_and_in_range(key: bytes, partitions: int) -
     assert partition_for_key(bytes(key), partitions) == partition
 
 
-@given(st.integers(1, 64), st.integers(1, 500))
-def test_keyless_spreader_is_even(partitions: int, records: int) -> None:
-    spreader = KeylessSpreader()
+@given(st.integers(1, 64), st.integers(1, 2000), st.integers(1, 500))
+def test_sticky_partitioner_fills_partitions_evenly(
+    partitions: int, records: int, size: int
+) -> None:
+    batch_size = 10_000
+    sticky = StickyPartitioner(batch_size)
     counts = [0] * partitions
+    runs = 0
+    previous = None
     for _ in range(records):
-        counts[spreader.next_partition(partitions)] += 1
-    assert max(counts) - min(counts) <= 1
+        partition = sticky.next(size, partitions)
+        counts[partition] += 1
+        runs += partition != previous
+        previous = partition
+    # One partition at a time, a batch's worth each, in turn: counts differ by at most one run.
+    per_run = max(batch_size // partitions // size, 1)
+    assert max(counts) - min(counts) <= per_run + 1
+    assert runs <= records // per_run + 1
 
 
 topics = st.sampled_from(["a", "b", "c"])

@@ -17,14 +17,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from riverbed.log.api import (
+    RECORD_OVERHEAD,
     BatchDelivery,
+    BatchFuture,
     DeliveryErrors,
     SendFuture,
     check_partition,
     check_record,
 )
 from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
-from riverbed.log.partitioner import KeylessSpreader, partition_for_key
+from riverbed.log.partitioner import StickyPartitioner, partition_for_key
 from riverbed.log.sqlite import maintenance
 from riverbed.log.sqlite.store import AppendNotifier, encode_batch, write_transaction
 
@@ -32,9 +34,6 @@ if TYPE_CHECKING:
     from riverbed.log.sqlite.log import SqliteLog, TopicMeta
 
 MAINTENANCE_INTERVAL_S = 1.0
-# Per-record bytes counted towards batch_size besides key, value and headers (offsets, lengths),
-# so that even empty records fill batches and trigger the linger flush.
-RECORD_OVERHEAD = 16
 
 # Records sent together share a timestamp and headers: a run keeps them as the (key, value)
 # pairs the caller passed, so queueing a record allocates nothing, and one comprehension per run
@@ -84,7 +83,7 @@ class SqliteProducer:
         self._buffered_bytes = 0
         self._first_buffered_at = 0.0
         self._topics: dict[str, TopicMeta] = {}
-        self._spreader = KeylessSpreader()
+        self._sticky = StickyPartitioner(batch_size)
         self._errors = DeliveryErrors()
         self._closed = False
         self._flush_method = self.flush
@@ -115,7 +114,7 @@ class SqliteProducer:
         size = check_record(info, key, value, headers)
         if partition is None:
             if key is None:
-                partition = self._spreader.next_partition(info.partitions)
+                partition = self._sticky.next(size + RECORD_OVERHEAD, info.partitions)
             else:
                 partition = partition_for_key(key, info.partitions)
         else:
@@ -126,7 +125,7 @@ class SqliteProducer:
             buffer = self._buffers.get((topic, partition))
             if buffer is None:
                 buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
-            future = SendFuture(self._flush_method, buffer.delivery, buffer.count, timestamp_ms)
+            future = BatchFuture(self._flush_method, buffer.delivery, buffer.count, timestamp_ms)
             buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
                 (key, value)
             )
@@ -155,11 +154,9 @@ class SqliteProducer:
         partitions = info.partitions
         limit = info.max_record_bytes
         timestamp_ms = time.time_ns() // 1_000_000
-        # Keyless records stick to one partition until a batch's worth went there, like Kafka's
-        # sticky partitioner: whole batches per partition, spread evenly over time.
-        sticky = self._spreader.next_partition(partitions) if partition is None else partition
-        sticky_bytes = 0
-        share = max(self._batch_size // partitions, 1)
+        # StickyPartitioner.next, inlined; its state is written back at the end.
+        sticky, filled = self._sticky.partition, self._sticky.filled
+        share = self._batch_size // partitions
         lists: dict[int, list[Pair]] = {}
         count = 0
         size = 0
@@ -174,11 +171,11 @@ class SqliteProducer:
             if partition is not None:
                 target = partition
             elif key is None:
-                target = sticky
-                sticky_bytes += record_bytes + RECORD_OVERHEAD
-                if sticky_bytes >= share:
-                    sticky = self._spreader.next_partition(partitions)
-                    sticky_bytes = 0
+                filled += record_bytes + RECORD_OVERHEAD
+                if filled >= share:
+                    filled = 0
+                    sticky += 1
+                target = sticky % partitions
             else:
                 target = partition_for_key(key, partitions)
             pairs = lists.get(target)
@@ -191,6 +188,7 @@ class SqliteProducer:
                 lists, size = {}, 0
         if lists:
             count += self._enqueue(topic, timestamp_ms, lists, size)
+        self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
     def _enqueue(
