@@ -884,6 +884,7 @@ class KafkaConsumer:
         self._positions: dict[TopicPartition, int] = {}
         # Seeks on partitions whose assignment has not arrived yet; applied when it does.
         self._pending_seeks: dict[TopicPartition, int] = {}
+        self._deferred_error: RiverbedError | None = None
         self._closed = False
         self._consumer = confluent_kafka.Consumer(
             {
@@ -994,6 +995,9 @@ class KafkaConsumer:
         self._check_open()
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
+        if self._deferred_error is not None:
+            failure, self._deferred_error = self._deferred_error, None
+            raise failure
         # consume(n, timeout) waits until it has n messages or the timeout passed. Take what is
         # there; if nothing is, wait for the first record only, then take what came with it.
         messages: list[Any] = self._consumer.consume(max_records, 0)
@@ -1001,27 +1005,36 @@ class KafkaConsumer:
             messages = self._consumer.consume(1, timeout)
             if messages and max_records > 1:
                 messages += self._consumer.consume(max_records - 1, 0)
-        records = []
-        positions = self._positions
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                self._raise_unless_transient(error, message.topic())
-                continue
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            headers = message.headers()
-            records.append(
-                Record(
-                    topic,
-                    partition,
-                    offset,
-                    message.timestamp()[1],
-                    message.key(),
-                    message.value(),
-                    dict(headers) if headers else {},
-                )
+        # One comprehension per batch (the per-record hot path); error events are rare and are
+        # looked at only when some message was left out.
+        records = [
+            Record(
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                m.timestamp()[1],
+                m.key(),
+                m.value(),
+                dict(headers) if (headers := m.headers()) else {},
             )
-            positions[topic, partition] = offset + 1
+            for m in messages
+            if m.error() is None
+        ]
+        # Offsets rise within a partition, so the last record of each gives its position.
+        self._positions.update({(r.topic, r.partition): r.offset + 1 for r in records})
+        if len(records) != len(messages):
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    continue
+                try:
+                    self._raise_unless_transient(error, message.topic())
+                except RiverbedError as failure:
+                    if not records:
+                        raise
+                    # Hand out what was read first: librdkafka's position is already past it.
+                    self._deferred_error = failure
+                    break
         return records
 
     def _raise_unless_transient(self, error: Any, topic: str | None) -> None:
