@@ -126,6 +126,24 @@ def lag_of(committed: int | None, beginning: int, end: int) -> int:
     return max(end - start, 0)
 
 
+class Closing:
+    """``with x:`` closes ``x`` on the way out: producers, consumers and logs."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class SendFuture:
     """The pending result of ``Producer.send``: the record's metadata once it is written.
 
@@ -275,7 +293,22 @@ class DeliveryErrors:
         raise DeliveryError(f"{failed} record(s) were not written: {reasons}")
 
 
-class Producer(Protocol):
+class Closeable(Protocol):
+    """Closed by ``close()`` or by leaving a ``with`` block."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Producer(Closeable, Protocol):
     """Batches records and writes them to the log; ``close`` (or leaving ``with``) flushes."""
 
     def send(
@@ -302,19 +335,8 @@ class Producer(Protocol):
 
     def flush(self, timeout: float | None = None) -> None: ...
 
-    def close(self) -> None: ...
 
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class Consumer(Protocol):
+class Consumer(Closeable, Protocol):
     """Reads records; in a group, partitions are shared among the group's live members."""
 
     @property
@@ -341,19 +363,8 @@ class Consumer(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
-    def close(self) -> None: ...
 
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class Log(Protocol):
+class Log(Closeable, Protocol):
     """A partitioned, replayable log: topics, producers, consumers and groups."""
 
     @property
@@ -403,17 +414,6 @@ class Log(Protocol):
     def describe_group(self, group: str) -> GroupDescription: ...
 
     def group_lag(self, group: str) -> dict[TopicPartition, int]: ...
-
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, bytes] | None) -> int:

@@ -18,8 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
 from riverbed.log.api import (
@@ -28,6 +27,7 @@ from riverbed.log.api import (
     DEFAULT_SESSION_TIMEOUT_MS,
     MAX_POLL_INTERVAL_MS,
     RECORD_OVERHEAD,
+    Closing,
     DeliveryErrors,
     GroupDescription,
     GroupMember,
@@ -134,7 +134,7 @@ def _code(error: KafkaException) -> int | None:
     return inner.code() if isinstance(inner, KafkaError) else None
 
 
-class KafkaLog:
+class KafkaLog(Closing):
     """A Kafka cluster seen through riverbed's log contract."""
 
     def __init__(
@@ -530,17 +530,6 @@ class KafkaLog:
         for child in children:
             child.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def describe_log_dirs(
     host: str, port: int, topic: str, partitions: list[int], timeout: float = REQUEST_TIMEOUT_S
@@ -645,7 +634,7 @@ class _DeliveryFuture(SendFuture):
             self._run_registered()
 
 
-class KafkaProducer:
+class KafkaProducer(Closing):
     """librdkafka's idempotent producer; riverbed chooses each record's partition."""
 
     def __init__(self, log: KafkaLog, linger_ms: float, batch_size: int) -> None:
@@ -837,19 +826,8 @@ class KafkaProducer:
             self._stop.set()
             self._poller.join()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class KafkaConsumer:
+class KafkaConsumer(Closing):
     """librdkafka's consumer: in a group (cooperative rebalancing) or assigned every partition.
 
     Rebalances use the cooperative-sticky assignor, so ``on_revoke`` gets only the partitions that
@@ -1158,14 +1136,3 @@ class KafkaConsumer:
         self._closed = True
         self._on_revoke = None
         self._consumer.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -16,11 +16,16 @@ import uuid
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from operator import attrgetter
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from riverbed.errors import RiverbedError
-from riverbed.log.api import MAX_POLL_INTERVAL_MS, RebalanceCallback, Record, TopicPartition
+from riverbed.log.api import (
+    MAX_POLL_INTERVAL_MS,
+    Closing,
+    RebalanceCallback,
+    Record,
+    TopicPartition,
+)
 from riverbed.log.errors import ClosedError, UnknownPartitionError
 from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.store import AppendNotifier, decode_batch, read_transaction
@@ -36,7 +41,7 @@ BATCHES_PER_QUERY = 32
 _offset_of = attrgetter("offset")
 
 
-class SqliteConsumer:
+class SqliteConsumer(Closing):
     def __init__(
         self,
         log: SqliteLog,
@@ -324,14 +329,3 @@ class SqliteConsumer:
             with contextlib.suppress(sqlite3.Error):
                 groups.leave(self._conn, self._group, self._member_id)
         self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

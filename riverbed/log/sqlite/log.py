@@ -8,8 +8,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import msgspec
 
@@ -18,6 +17,7 @@ from riverbed.log.api import (
     DEFAULT_DELETE_RETENTION_MS,
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_SESSION_TIMEOUT_MS,
+    Closing,
     GroupDescription,
     GroupMember,
     GroupPartitionOffset,
@@ -83,7 +83,7 @@ def load_topics(conn: sqlite3.Connection) -> list[TopicMeta]:
     return [_topic_meta(row) for row in rows]
 
 
-class SqliteLog:
+class SqliteLog(Closing):
     """The log in one SQLite file (``sqlite:///path?fsync=normal|always``)."""
 
     def __init__(self, path: str | Path, fsync: str = "normal", url: str | None = None) -> None:
@@ -315,14 +315,3 @@ class SqliteLog:
         with self._lock:
             self._closed = True
             self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -13,13 +13,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from riverbed.log.api import (
     RECORD_OVERHEAD,
     BatchDelivery,
     BatchFuture,
+    Closing,
     DeliveryErrors,
     SendFuture,
     check_partition,
@@ -69,7 +69,7 @@ class _PartitionBuffer:
         return run
 
 
-class SqliteProducer:
+class SqliteProducer(Closing):
     def __init__(self, log: SqliteLog, linger_ms: float, batch_size: int) -> None:
         self._log = log
         self._linger_s = linger_ms / 1000
@@ -358,14 +358,3 @@ class SqliteProducer:
             with self._write_lock:
                 self._conn.close()
         self._errors.raise_if_any()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
