@@ -913,8 +913,9 @@ def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
     clients = "; ".join(f"{name}: {text}" for name, text in report.settings.items() if text)
     return [
         f"Workload: {PARTITIONS} partitions (Redis: {PARTITIONS} streams), {VALUE_BYTES}-byte "
-        "values, keyless (no key; riverbed and Redis spread round robin, librdkafka uses its "
-        "sticky partitioner), no headers; fresh topics each run, deleted afterwards.",
+        "values, keyless (no key; riverbed and librdkafka use sticky partitioning, a batch's "
+        "worth per partition in turn; Redis spreads round robin), no headers; fresh topics each "
+        "run, deleted afterwards.",
         f"send_many: {args.records:,} records; riverbed `Producer.send_many` in chunks of "
         f"{SEND_MANY_CHUNK:,} pairs from a default `log.producer()`; confluent-kafka: a "
         "`produce()` loop without per-record callback; Redis: XADD "
