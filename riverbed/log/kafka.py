@@ -2,8 +2,8 @@
 
 Topics, offsets and groups go through confluent-kafka's ``AdminClient``; ``KafkaProducer`` and
 ``KafkaConsumer`` wrap librdkafka's producer and consumer. Riverbed picks every record's partition
-itself (murmur2 of the key, round robin without one), exactly as the SQLite backend does, so a key
-lands in the same partition number on both.
+itself (murmur2 of the key, sticky partitioning without one), exactly as the SQLite backend does,
+so a key lands in the same partition number on both.
 
 URL options: ``connect_timeout`` (seconds), ``replication_factor`` (of new topics), and any
 librdkafka setting, recognised by its dot (``?security.protocol=ssl&client.id=shop``).
@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -156,7 +157,7 @@ class KafkaLog(Closing):
         self._connect_timeout = connect_timeout
         self._replication_factor = replication_factor
         self._admin = AdminClient(self.client_config)
-        self._children: list[KafkaProducer | KafkaConsumer] = []
+        self._children: weakref.WeakSet[KafkaProducer | KafkaConsumer] = weakref.WeakSet()
         self._closed = False
         try:
             self._admin.list_topics(timeout=connect_timeout)
@@ -421,7 +422,7 @@ class KafkaLog(Closing):
         throughput."""
         self._check_open()
         producer = KafkaProducer(self, linger_ms=linger_ms, batch_size=batch_size)
-        self._children.append(producer)
+        self._children.add(producer)
         return producer
 
     def consumer(
@@ -443,7 +444,7 @@ class KafkaLog(Closing):
             on_assign=on_assign,
             on_revoke=on_revoke,
         )
-        self._children.append(consumer)
+        self._children.add(consumer)
         return consumer
 
     # Groups
@@ -526,8 +527,7 @@ class KafkaLog(Closing):
         if self._closed:
             return
         self._closed = True
-        children, self._children = self._children, []
-        for child in children:
+        for child in list(self._children):
             child.close()
 
 
