@@ -25,9 +25,7 @@ import inspect
 import os
 import platform
 import shlex
-import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -103,7 +101,6 @@ E2E_LINGER_MS = 5
 # second (survives a process crash, like SQLite's fsync=normal and Kafka's page cache); no AOF
 # rewrites, whose fork would compete for the 2 cores mid-run.
 REDIS_SETTINGS = [
-    "--save", "",
     "--appendonly", "yes",
     "--appendfsync", "everysec",
     "--auto-aof-rewrite-percentage", "0",
@@ -548,53 +545,28 @@ class RedisE2e:
         self._consumer.close()
 
 
-# Servers the benchmark starts
+# Servers the benchmark starts (the test suite's own, from tests/services)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _test_services() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
 
 
 @contextlib.contextmanager
 def redis_server(root: Path) -> Iterator[int]:
     """Debian's redis-server on a free loopback port with its files in ``root``; yields the port."""
-    if shutil.which("redis-server") is None:
-        raise BenchError("no `redis-server` on PATH; run `bash scripts/test-deps.sh`")
-    port = free_port()
-    command = [
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(root),
-        "--logfile", str(root / "redis.log"), "--daemonize", "no", *REDIS_SETTINGS,
-    ]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        _wait_for_redis(port, process)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    _test_services()
+    from tests.services.redis import redis_missing, start_redis
 
-
-def _wait_for_redis(port: int, process: subprocess.Popen[bytes]) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 20
+    reason = redis_missing()
+    if reason is not None:
+        raise BenchError(reason)
+    server = start_redis(root, REDIS_SETTINGS)
     try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchError(f"redis-server exited with status {process.returncode}")
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return
-            time.sleep(0.05)
+        yield server.port
     finally:
-        client.close()
-    raise BenchError(f"redis-server did not answer on port {port} within 20 s")
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -609,8 +581,7 @@ def kafka_server(root: Path) -> Iterator[str]:
 
 
 def _start_kafka(root: Path) -> Any:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    _test_services()
     from tests.services.kafka import start_kafka
 
     return start_kafka(root)

@@ -10,7 +10,7 @@ import pytest
 
 import riverbed
 
-pytest_plugins = ["tests.services.kafka"]
+pytest_plugins = ["tests.services.kafka", "tests.services.redis"]
 
 BACKENDS = ["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)]
 

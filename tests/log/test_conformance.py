@@ -493,3 +493,15 @@ def test_slow_processing_keeps_the_membership(log: riverbed.Log, topic_name: Top
         consumer.commit()
         assert consumer.assignment() == assignment == {(name, 0), (name, 1)}
     assert log.group_lag(group) == {(name, 0): 0, (name, 1): 0}
+
+
+def test_headers_stay_with_their_record(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    sent: list[dict[str, bytes]] = [{"a": b"1"}, {}, {}, {"b": b"2"}, {"b": b"2"}, {}]
+    with log.producer() as producer:
+        for headers in sent:  # one timestamp: records batched together keep their own headers
+            producer.send(name, b"v", headers=headers, timestamp_ms=1_000)
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        records = consume(consumer, len(sent))
+    assert [r.headers for r in records] == sent

@@ -111,7 +111,10 @@ class SqliteProducer(Closing):
             raise ClosedError("the producer is closed; create a new one with log.producer()")
         meta = self._topics.get(topic) or self._meta(topic)
         info = meta.info
-        size = check_record(info, key, value, headers)
+        # check_record's rules, inlined for the common case (it raises the errors).
+        size = (0 if key is None else len(key)) + (0 if value is None else len(value))
+        if headers or size > info.max_record_bytes or (key is None and info.compact):
+            size = check_record(info, key, value, headers)
         if partition is None:
             if key is None:
                 partition = self._sticky.next(size + RECORD_OVERHEAD, info.partitions)
@@ -126,9 +129,14 @@ class SqliteProducer(Closing):
             if buffer is None:
                 buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
             future = BatchFuture(self._flush_method, buffer.delivery, buffer.count, timestamp_ms)
-            buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
-                (key, value)
-            )
+            runs = buffer.runs
+            last = runs[-1] if runs else None
+            if not headers and last and last.timestamp_ms == timestamp_ms and not last.headers:
+                last.pairs.append((key, value))  # run_for's common case, inlined
+            else:
+                buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
+                    (key, value)
+                )
             buffer.count += 1
             buffer.futures += 1
             if self._buffered_bytes == 0:
