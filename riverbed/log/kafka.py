@@ -1,9 +1,10 @@
 """The log on Apache Kafka: ``kafka://host:9092[,host2:9092]?connect_timeout=10``.
 
 Topics, offsets and groups go through confluent-kafka's ``AdminClient``; ``KafkaProducer`` and
-``KafkaConsumer`` wrap librdkafka's producer and consumer. Riverbed picks every record's partition
-itself (murmur2 of the key, sticky partitioning without one), exactly as the SQLite backend does,
-so a key lands in the same partition number on both.
+``KafkaConsumer`` wrap librdkafka's producer and consumer. librdkafka's ``murmur2_random``
+partitioner places keyed records exactly as the SQLite backend's murmur2 does (the tests cross-check
+them), so a key lands in the same partition number on both; keyless records are spread by the same
+``StickyPartitioner`` on both.
 
 URL options: ``connect_timeout`` (seconds), ``replication_factor`` (of new topics), and any
 librdkafka setting, recognised by its dot (``?security.protocol=ssl&client.id=shop``).
@@ -56,7 +57,7 @@ from riverbed.log.errors import (
     UnknownGroupError,
     UnknownTopicError,
 )
-from riverbed.log.partitioner import StickyPartitioner, partition_for_key
+from riverbed.log.partitioner import StickyPartitioner
 from riverbed.urls import BackendUrl
 
 try:
@@ -94,6 +95,7 @@ QUEUE_MAX_MESSAGES = 1_000_000
 SERVE_EVERY = 1000
 IDLE_SERVE_S = 0.005
 _NO_EXTRAS: Mapping[str, Any] = {}
+UNASSIGNED_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: its partitioner chooses
 
 # A member whose group moved on: its commit would overwrite the new owner's offsets.
 _FENCED = frozenset(
@@ -635,7 +637,7 @@ class _DeliveryFuture(SendFuture):
 
 
 class KafkaProducer(Closing):
-    """librdkafka's idempotent producer; riverbed chooses each record's partition."""
+    """librdkafka's idempotent producer: acks=all, ordered per partition, no duplicates on retry."""
 
     def __init__(self, log: KafkaLog, linger_ms: float, batch_size: int) -> None:
         self._log = log
@@ -650,6 +652,10 @@ class KafkaProducer(Closing):
                 "queue.buffering.max.messages": QUEUE_MAX_MESSAGES,
                 "message.max.bytes": CLIENT_MAX_MESSAGE_BYTES,
                 "compression.type": "none",
+                # Keyed records without an explicit partition are placed by librdkafka's murmur2,
+                # the partitioner the SQLite backend computes in Python (the tests cross-check
+                # the two); keyless ones get a partition from riverbed's StickyPartitioner.
+                "partitioner": "murmur2_random",
                 # A record may wait linger.ms before it is even sent; then a minute to be written.
                 "delivery.timeout.ms": int(linger_ms) + 60_000,
                 # Records sent without a future (send_many) report here; only failures matter.
@@ -714,10 +720,10 @@ class KafkaProducer(Closing):
             check_record(info, key, value, headers)
         if partition is not None:
             check_partition(info, partition)
-        elif key is not None:
-            partition = partition_for_key(key, info.partitions)
-        else:
+        elif key is None:
             partition = self._sticky.next(size + RECORD_OVERHEAD, info.partitions)
+        else:
+            partition = UNASSIGNED_PARTITION
         future = _DeliveryFuture(self)
         extra = _NO_EXTRAS  # without a timestamp, librdkafka stamps the record with the time now
         if timestamp_ms is not None or headers:
@@ -759,14 +765,14 @@ class KafkaProducer(Closing):
                 check_record(info, key, value, None)
             if partition is not None:
                 target = partition
-            elif key is not None:
-                target = partition_for_key(key, partitions)
-            else:
+            elif key is None:
                 filled += size + RECORD_OVERHEAD
                 if filled >= share:
                     filled = 0
                     sticky += 1
                 target = sticky % partitions
+            else:
+                target = UNASSIGNED_PARTITION
             try:
                 produce(topic, value, key, target)
             except BufferError:
