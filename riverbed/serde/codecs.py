@@ -1,10 +1,10 @@
 """Codecs chosen from a Python type: how a topic's keys and values become bytes and back.
 
-msgspec Structs, dataclasses, dicts, lists and other JSON-able types are JSON through msgspec
-(validated on decode; JSON has no infinity or NaN, which msgspec writes as null); pydantic models use their own JSON methods; ``str`` is UTF-8; ``bytes``
-passes through. Encoding refuses a value of the wrong type before anything is written, and
-decoding raises ``DeserializationError`` with the reason, which the stream layer routes to the
-topic's dead-letter topic.
+msgspec Structs, dataclasses, dicts, lists and other JSON-able types are JSON through msgspec,
+validated on decode (JSON has no infinity or NaN: msgspec writes them as null); pydantic models
+use their own JSON methods; ``str`` is UTF-8; ``bytes`` passes through. Encoding refuses a value
+of the wrong type before anything is written, and decoding raises ``DeserializationError`` with
+the reason, which the stream layer routes to the topic's dead-letter topic.
 """
 
 from __future__ import annotations
