@@ -1,0 +1,128 @@
+"""Schema compatibility between versions of a topic's type, as a schema registry checks it.
+
+Schemas are JSON Schema documents (``schema_of`` makes them from a type). BACKWARD (the default):
+consumers with the new schema read data written with the old one; FORWARD: consumers with the old
+schema read data written with the new one; FULL: both; NONE: no check. The answer is a list of
+problems, each naming the field, empty when the change is compatible.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+Schema = dict[str, Any]
+
+
+class Compatibility(enum.StrEnum):
+    BACKWARD = "BACKWARD"
+    FORWARD = "FORWARD"
+    FULL = "FULL"
+    NONE = "NONE"
+
+
+def schema_of(tp: object) -> Schema:
+    """The JSON Schema of a codec's type (raw bytes and text have trivial ones)."""
+    if tp is None or tp is bytes:
+        return {"type": "string", "contentEncoding": "binary"}
+    if isinstance(tp, type) and hasattr(tp, "model_json_schema"):  # pydantic
+        schema: Schema = tp.model_json_schema(ref_template="#/$defs/{model}")
+        return schema
+    return msgspec.json.schema(tp)
+
+
+def incompatibilities(old: Schema, new: Schema, mode: Compatibility) -> list[str]:
+    """Why ``new`` may not follow ``old`` under ``mode``; empty if it may."""
+    problems: list[str] = []
+    if mode in (Compatibility.BACKWARD, Compatibility.FULL):
+        problems += _Reading(reader=new, writer=old, reader_is="new").check()
+    if mode in (Compatibility.FORWARD, Compatibility.FULL):
+        problems += _Reading(reader=old, writer=new, reader_is="old").check()
+    return problems
+
+
+class _Reading:
+    """Whether data written with ``writer`` decodes with ``reader``."""
+
+    def __init__(self, reader: Schema, writer: Schema, reader_is: str) -> None:
+        self._reader_doc = reader
+        self._writer_doc = writer
+        self._reader_is = reader_is
+        self._writer_is = "old" if reader_is == "new" else "new"
+        self._seen: set[tuple[int, int]] = set()
+
+    def check(self) -> list[str]:
+        return self._compare(self._reader_doc, self._writer_doc, "")
+
+    def _resolve(self, schema: Schema, doc: Schema) -> Schema:
+        while "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            schema = doc.get("$defs", {}).get(name, {})
+        return schema
+
+    def _compare(self, reader: Schema, writer: Schema, path: str) -> list[str]:
+        reader = self._resolve(reader, self._reader_doc)
+        writer = self._resolve(writer, self._writer_doc)
+        if (id(reader), id(writer)) in self._seen:  # recursive types
+            return []
+        self._seen.add((id(reader), id(writer)))
+        where = f"field '{path}'" if path else "the value"
+        reader_types, writer_types = _types(reader), _types(writer)
+        if not reader_types or not writer_types:  # an unconstrained side accepts anything
+            return []
+        unreadable = writer_types - reader_types
+        if "number" in reader_types:
+            unreadable.discard("integer")  # a JSON integer is a number
+        if unreadable:
+            return [
+                f"{where}: the {self._reader_is} schema accepts {_names(reader_types)} but data "
+                f"written with the {self._writer_is} schema may hold {_names(unreadable)}"
+            ]
+        if "enum" in reader and "enum" in writer:
+            missing = [v for v in writer["enum"] if v not in reader["enum"]]
+            if missing:
+                return [f"{where}: the {self._reader_is} schema lacks enum values {missing}"]
+        problems: list[str] = []
+        if "object" in writer_types and "properties" in reader:
+            problems += self._compare_fields(reader, writer, path)
+        if "array" in writer_types and "items" in reader and "items" in writer:
+            problems += self._compare(reader["items"], writer["items"], f"{path}[]")
+        return problems
+
+    def _compare_fields(self, reader: Schema, writer: Schema, path: str) -> list[str]:
+        problems: list[str] = []
+        written = writer.get("properties", {})
+        for name, field in reader.get("properties", {}).items():
+            field_path = f"{path}.{name}" if path else name
+            if name in written:
+                problems += self._compare(field, written[name], field_path)
+            elif name in reader.get("required", ()):
+                problems.append(
+                    f"field '{field_path}' is required by the {self._reader_is} schema but "
+                    f"missing from data written with the {self._writer_is} schema; "
+                    "give it a default"
+                )
+        return problems
+
+
+def _types(schema: Schema) -> set[str]:
+    members: list[Schema] = schema.get("anyOf") or schema.get("oneOf") or []
+    if members:
+        found: set[str] = set()
+        for member in members:
+            found |= _types(member)
+        return found
+    kind = schema.get("type")
+    if kind is None:
+        if "$ref" in schema or "properties" in schema:
+            return {"object"}
+        if "enum" in schema:
+            return {type(v).__name__.replace("str", "string") for v in schema["enum"]}
+        return set()
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _names(types: set[str]) -> str:
+    return " or ".join(sorted(types))

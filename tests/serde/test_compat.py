@@ -1,0 +1,121 @@
+"""Schema compatibility: which changes of a topic's type each mode accepts, and the messages."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from riverbed.serde.compat import Compatibility, incompatibilities, schema_of
+
+BACKWARD, FORWARD, FULL, NONE = (
+    Compatibility.BACKWARD,
+    Compatibility.FORWARD,
+    Compatibility.FULL,
+    Compatibility.NONE,
+)
+
+
+class V1(msgspec.Struct):
+    card: str
+    amount: int
+
+
+class AddedWithDefault(msgspec.Struct):
+    card: str
+    amount: int
+    currency: str = "EUR"
+
+
+class AddedRequired(msgspec.Struct):
+    card: str
+    amount: int
+    currency: str
+
+
+class Removed(msgspec.Struct):
+    card: str
+
+
+class Retyped(msgspec.Struct):
+    card: str
+    amount: str
+
+
+class Widened(msgspec.Struct):
+    card: str
+    amount: float
+
+
+class Optional(msgspec.Struct):
+    card: str
+    amount: int | None
+
+
+def problems(old: type, new: type, mode: Compatibility) -> list[str]:
+    return incompatibilities(schema_of(old), schema_of(new), mode)
+
+
+@pytest.mark.parametrize(
+    ("new", "mode", "expected"),
+    [
+        (AddedWithDefault, FULL, None),
+        (AddedRequired, BACKWARD, "field 'currency' is required by the new schema"),
+        (AddedRequired, FORWARD, None),
+        (Removed, BACKWARD, None),
+        (Removed, FORWARD, "field 'amount' is required by the old schema"),
+        (Retyped, BACKWARD, "field 'amount': the new schema accepts string"),
+        (Retyped, FORWARD, "field 'amount': the old schema accepts integer"),
+        (Widened, BACKWARD, None),
+        (Widened, FORWARD, "may hold number"),
+        (Optional, BACKWARD, None),
+        (Optional, FORWARD, "may hold null"),
+        (Retyped, NONE, None),
+    ],
+)
+def test_changes_per_mode(new: type, mode: Compatibility, expected: str | None) -> None:
+    found = problems(V1, new, mode)
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1
+        assert expected in found[0]
+
+
+def test_full_reports_both_directions() -> None:
+    assert len(problems(V1, Retyped, FULL)) == 2
+
+
+class Address(msgspec.Struct):
+    city: str
+
+
+class AddressWithZip(msgspec.Struct):
+    city: str
+    zip: str
+
+
+class Customer(msgspec.Struct):
+    name: str
+    address: Address
+    tags: list[str] = []
+
+
+class CustomerV2(msgspec.Struct):
+    name: str
+    address: AddressWithZip
+    tags: list[int] = []
+
+
+def test_nested_fields_are_named_by_path() -> None:
+    found = problems(Customer, CustomerV2, BACKWARD)
+    assert any("field 'address.zip' is required" in p for p in found)
+    assert any("field 'tags[]'" in p for p in found)
+
+
+class Node(msgspec.Struct):
+    value: int
+    children: list[Node] = []
+
+
+def test_recursive_types_terminate() -> None:
+    assert problems(Node, Node, FULL) == []
