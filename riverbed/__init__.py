@@ -29,17 +29,25 @@ from riverbed.log.errors import (
     UnknownPartitionError,
     UnknownTopicError,
 )
+from riverbed.serde.codecs import DeserializationError, SerializationError
+from riverbed.serde.compat import Compatibility
+from riverbed.serde.registry import IncompatibleSchemaError
+from riverbed.streams import App, Topic, TypedRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
     "BrokerUnavailableError",
     "ClosedError",
     "CommitFailedError",
+    "Compatibility",
     "Consumer",
     "CorruptLogError",
     "DeliveryError",
+    "DeserializationError",
     "GroupDescription",
+    "IncompatibleSchemaError",
     "InvalidTopicError",
     "InvalidUrlError",
     "Log",
@@ -51,9 +59,12 @@ __all__ = [
     "RecordTooLargeError",
     "RiverbedError",
     "SendFuture",
+    "SerializationError",
+    "Topic",
     "TopicDescription",
     "TopicExistsError",
     "TopicInfo",
+    "TypedRecord",
     "UnknownGroupError",
     "UnknownPartitionError",
     "UnknownTopicError",

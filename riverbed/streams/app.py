@@ -1,0 +1,136 @@
+"""``riverbed.App``: the one object a user wires topics (and later pipelines, handlers) onto."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, overload
+
+from riverbed.errors import RiverbedError
+from riverbed.log import connect
+from riverbed.log.api import Closing, Log, Producer
+from riverbed.log.errors import TopicExistsError
+from riverbed.serde.compat import Compatibility
+from riverbed.serde.registry import SchemaRegistry
+from riverbed.streams.topics import Topic
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class App(Closing):
+    """An application: its topics on one log (``url``, else ``$RIVERBED_URL``, else SQLite)."""
+
+    def __init__(self, name: str, url: str | None = None) -> None:
+        if not name:
+            raise RiverbedError("an App needs a name, e.g. riverbed.App('shop')")
+        self.name = name
+        self._url = url
+        self._log: Log | None = None
+        self._producer: Producer | None = None
+        self._topics: dict[str, Topic[Any, Any]] = {}
+
+    @property
+    def log(self) -> Log:
+        if self._log is None:
+            self._log = connect(self._url)
+        return self._log
+
+    @property
+    def producer(self) -> Producer:
+        """The app's shared producer (created on first use)."""
+        if self._producer is None:
+            self._producer = self.log.producer()
+        return self._producer
+
+    @overload
+    def topic(
+        self,
+        name: str,
+        *,
+        partitions: int = ...,
+        value: type[V],
+        key: type[K],
+        compact: bool = ...,
+        retention_ms: int | None = ...,
+        compatibility: Compatibility = ...,
+    ) -> Topic[K, V]: ...
+
+    @overload
+    def topic(
+        self,
+        name: str,
+        *,
+        partitions: int = ...,
+        value: type[V],
+        key: None = ...,
+        compact: bool = ...,
+        retention_ms: int | None = ...,
+        compatibility: Compatibility = ...,
+    ) -> Topic[bytes, V]: ...
+
+    @overload
+    def topic(
+        self,
+        name: str,
+        *,
+        partitions: int = ...,
+        value: None = ...,
+        key: None = ...,
+        compact: bool = ...,
+        retention_ms: int | None = ...,
+        compatibility: Compatibility = ...,
+    ) -> Topic[bytes, bytes]: ...
+
+    def topic(
+        self,
+        name: str,
+        *,
+        partitions: int = 1,
+        value: Any = None,
+        key: Any = None,
+        compact: bool = False,
+        retention_ms: int | None = None,
+        compatibility: Compatibility = Compatibility.BACKWARD,
+    ) -> Topic[Any, Any]:
+        """Declare a topic; ``start()`` creates it if missing and registers its value schema."""
+        if name in self._topics:
+            raise RiverbedError(f"topic '{name}' is already declared on app '{self.name}'")
+        declared: Topic[Any, Any] = Topic(
+            name, partitions, key, value, compact, retention_ms, compatibility
+        )
+        self._topics[name] = declared
+        return declared
+
+    @property
+    def topics(self) -> dict[str, Topic[Any, Any]]:
+        return dict(self._topics)
+
+    def start(self) -> None:
+        """Create missing topics (and their dead-letter topics) and register value schemas.
+
+        An incompatible schema change raises ``IncompatibleSchemaError`` naming the field, before
+        anything is written with it.
+        """
+        registry = SchemaRegistry(self.log)
+        for topic in self._topics.values():
+            for name in (topic.name, topic.dead_letter_topic):
+                try:
+                    self.log.create_topic(
+                        name,
+                        partitions=topic.partitions,
+                        compact=topic.compact and name == topic.name,
+                        retention_ms=topic.retention_ms,
+                    )
+                except TopicExistsError:
+                    continue
+            version = registry.register(
+                f"{topic.name}-value", topic.value_schema, topic.compatibility
+            )
+            topic.schema_version = version.version
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

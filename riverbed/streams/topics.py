@@ -1,0 +1,104 @@
+"""Typed topics: a topic's name and settings, with codecs for its keys and values.
+
+A topic knows how to turn ``(key, value)`` into bytes and back. Records carry the version of the
+value schema they were written with in the ``riverbed-schema-version`` header, and a record that
+does not decode goes to the topic's dead-letter topic with the error and where it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from riverbed.log.api import Producer, Record, SendFuture
+from riverbed.serde.codecs import Codec, DeserializationError, codec_for
+from riverbed.serde.compat import Compatibility, Schema, schema_of
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+SCHEMA_VERSION_HEADER = "riverbed-schema-version"
+DEAD_LETTER_SUFFIX = ".dlq"
+# Headers of a dead-lettered record: why, and where it was.
+ERROR_HEADER = "riverbed-error"
+SOURCE_TOPIC_HEADER = "riverbed-source-topic"
+SOURCE_PARTITION_HEADER = "riverbed-source-partition"
+SOURCE_OFFSET_HEADER = "riverbed-source-offset"
+
+
+class TypedRecord(msgspec.Struct, Generic[K, V], frozen=True):
+    """A record with its key and value decoded, and the raw record it came from."""
+
+    key: K
+    value: V
+    record: Record
+
+
+class Topic(Generic[K, V]):
+    """A topic of the app, declared with ``app.topic(name, value=Type, key=Type)``."""
+
+    def __init__(
+        self,
+        name: str,
+        partitions: int,
+        key_type: Any,
+        value_type: Any,
+        compact: bool,
+        retention_ms: int | None,
+        compatibility: Compatibility,
+    ) -> None:
+        self.name = name
+        self.partitions = partitions
+        self.compact = compact
+        self.retention_ms = retention_ms
+        self.compatibility = compatibility
+        self.key_codec: Codec[K] = codec_for(key_type)
+        self.value_codec: Codec[V] = codec_for(value_type)
+        self.value_schema: Schema = schema_of(value_type)
+        self.schema_version: int | None = None  # set when the app registers the schema
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.name + DEAD_LETTER_SUFFIX
+
+    def encode(
+        self, value: V, key: K | None = None
+    ) -> tuple[bytes | None, bytes, dict[str, bytes]]:
+        """Key bytes, value bytes and the headers to send them with."""
+        key_bytes = None if key is None else self.key_codec.encode(key)
+        headers = {}
+        if self.schema_version is not None:
+            headers[SCHEMA_VERSION_HEADER] = str(self.schema_version).encode()
+        return key_bytes, self.value_codec.encode(value), headers
+
+    def send(
+        self,
+        producer: Producer,
+        value: V,
+        key: K | None = None,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> SendFuture:
+        key_bytes, value_bytes, own_headers = self.encode(value, key)
+        return producer.send(
+            self.name, value_bytes, key=key_bytes, headers={**own_headers, **(headers or {})}
+        )
+
+    def decode(self, record: Record) -> TypedRecord[K, V]:
+        """The typed record; ``DeserializationError`` if its key or value does not decode."""
+        key: Any = None if record.key is None else self.key_codec.decode(record.key)
+        if record.value is None:
+            raise DeserializationError("a tombstone (value None) has no value to decode")
+        return TypedRecord(key, self.value_codec.decode(record.value), record)
+
+    def dead_letter(self, producer: Producer, record: Record, error: BaseException) -> SendFuture:
+        """Send ``record`` as it was to the dead-letter topic, with the error and its origin."""
+        headers = {
+            **record.headers,
+            ERROR_HEADER: f"{type(error).__name__}: {error}".encode(),
+            SOURCE_TOPIC_HEADER: record.topic.encode(),
+            SOURCE_PARTITION_HEADER: str(record.partition).encode(),
+            SOURCE_OFFSET_HEADER: str(record.offset).encode(),
+        }
+        return producer.send(self.dead_letter_topic, record.value, key=record.key, headers=headers)
