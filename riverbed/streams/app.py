@@ -10,6 +10,7 @@ from riverbed.log.api import Closing, Log, Producer
 from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
+from riverbed.streams.dsl import Stream
 from riverbed.streams.topics import Topic
 
 K = TypeVar("K")
@@ -27,6 +28,7 @@ class App(Closing):
         self._log: Log | None = None
         self._producer: Producer | None = None
         self._topics: dict[str, Topic[Any, Any]] = {}
+        self._streams: list[Stream[Any, Any]] = []
 
     @property
     def log(self) -> Log:
@@ -103,6 +105,20 @@ class App(Closing):
     @property
     def topics(self) -> dict[str, Topic[Any, Any]]:
         return dict(self._topics)
+
+    def stream(self, topic: Topic[K, V]) -> Stream[K, V]:
+        """A pipeline reading ``topic``; chain operators on it and end it with ``.to()``."""
+        if self._topics.get(topic.name) is not topic:
+            raise RiverbedError(
+                f"topic '{topic.name}' is not declared on app '{self.name}'; "
+                f"declare it with app.topic('{topic.name}', ...)"
+            )
+        return Stream(topic, self._streams.append)
+
+    @property
+    def streams(self) -> list[Stream[Any, Any]]:
+        """The pipelines that end in a topic or a sink, in the order they were ended."""
+        return list(self._streams)
 
     def start(self) -> None:
         """Create missing topics (and their dead-letter topics) and register value schemas.
