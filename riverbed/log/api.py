@@ -326,10 +326,10 @@ class Producer(Closeable, Protocol):
         topic: str,
         items: Iterable[tuple[bytes | None, bytes | None]],
         partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
     ) -> int:
-        """The fast path: ``(key, value)`` pairs; returns how many were queued.
-
-        Errors are raised by the next ``flush``.
+        """The fast path: ``(key, value)`` pairs, each sent with ``headers``; returns how many were
+        queued. Errors are raised by the next ``flush``.
         """
         ...
 

@@ -45,6 +45,7 @@ from riverbed.log.api import (
     check_partition,
     check_record,
     lag_of,
+    record_size,
     validate_topic,
 )
 from riverbed.log.errors import (
@@ -744,13 +745,15 @@ class KafkaProducer(Closing):
         topic: str,
         items: Iterable[tuple[bytes | None, bytes | None]],
         partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
     ) -> int:
         self._check_open()
         info = self._topic(topic)
         if partition is not None:
             check_partition(info, partition)
+        extra = {"headers": dict(headers)} if headers else _NO_EXTRAS
         partitions = info.partitions
-        limit = info.max_record_bytes
+        limit = info.max_record_bytes - record_size(None, None, headers)
         compact = info.compact
         produce = self._producer.produce
         unbatched = topic in self._unbatched_topics
@@ -762,7 +765,7 @@ class KafkaProducer(Closing):
         for key, value in items:
             size = (0 if key is None else len(key)) + (0 if value is None else len(value))
             if size > limit or (compact and key is None):
-                check_record(info, key, value, None)
+                check_record(info, key, value, headers)
             if partition is not None:
                 target = partition
             elif key is None:
@@ -774,10 +777,10 @@ class KafkaProducer(Closing):
             else:
                 target = UNASSIGNED_PARTITION
             try:
-                produce(topic, value, key, target)
+                produce(topic, value, key, target, **extra)
             except BufferError:
                 self._wait_for_room()
-                produce(topic, value, key, target)
+                produce(topic, value, key, target, **extra)
             if unbatched:
                 self._producer.flush()
             count += 1

@@ -505,3 +505,16 @@ def test_headers_stay_with_their_record(log: riverbed.Log, topic_name: TopicName
     with log.consumer(topics=[name], from_beginning=True) as consumer:
         records = consume(consumer, len(sent))
     assert [r.headers for r in records] == sent
+
+
+def test_send_many_with_shared_headers(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2, max_record_bytes=1_000)
+    with log.producer() as producer:
+        producer.send_many(name, [(b"k", b"a"), (None, b"b")], headers={"v": b"1"})
+        producer.send_many(name, [(None, b"c")])
+        with pytest.raises(riverbed.RecordTooLargeError):  # the headers count towards the limit
+            producer.send_many(name, [(None, b"x" * 900)], headers={"h": b"y" * 200})
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        records = consume(consumer, 3)
+    assert {r.value: r.headers for r in records} == {b"a": {"v": b"1"}, b"b": {"v": b"1"}, b"c": {}}

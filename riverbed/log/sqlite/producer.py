@@ -24,6 +24,7 @@ from riverbed.log.api import (
     SendFuture,
     check_partition,
     check_record,
+    record_size,
 )
 from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
 from riverbed.log.partitioner import StickyPartitioner, partition_for_key
@@ -153,14 +154,17 @@ class SqliteProducer(Closing):
         topic: str,
         items: Iterable[Pair],
         partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
     ) -> int:
         if self._closed:
             raise ClosedError("the producer is closed; create a new one with log.producer()")
         info = self._meta(topic).info
         if partition is not None:
             check_partition(info, partition)
+        shared = dict(headers) if headers else None
+        headers_bytes = record_size(None, None, shared)
         partitions = info.partitions
-        limit = info.max_record_bytes
+        limit = info.max_record_bytes - headers_bytes
         timestamp_ms = time.time_ns() // 1_000_000
         # StickyPartitioner.next, inlined; its state is written back at the end.
         sticky, filled = self._sticky.partition, self._sticky.filled
@@ -175,7 +179,8 @@ class SqliteProducer(Closing):
                 len(value) if value is not None else 0
             )
             if record_bytes > limit or (key is None and info.compact):
-                check_record(info, key, value, None)
+                check_record(info, key, value, shared)
+            record_bytes += headers_bytes
             if partition is not None:
                 target = partition
             elif key is None:
@@ -192,15 +197,20 @@ class SqliteProducer(Closing):
             pairs.append(item)
             size += record_bytes + RECORD_OVERHEAD
             if size >= self._batch_size:
-                count += self._enqueue(topic, timestamp_ms, lists, size)
+                count += self._enqueue(topic, timestamp_ms, shared, lists, size)
                 lists, size = {}, 0
         if lists:
-            count += self._enqueue(topic, timestamp_ms, lists, size)
+            count += self._enqueue(topic, timestamp_ms, shared, lists, size)
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
     def _enqueue(
-        self, topic: str, timestamp_ms: int, lists: dict[int, list[Pair]], size: int
+        self,
+        topic: str,
+        timestamp_ms: int,
+        headers: dict[str, bytes] | None,
+        lists: dict[int, list[Pair]],
+        size: int,
     ) -> int:
         count = 0
         with self._lock:
@@ -208,7 +218,7 @@ class SqliteProducer(Closing):
                 buffer = self._buffers.get((topic, partition))
                 if buffer is None:
                     buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
-                buffer.run_for(timestamp_ms, None).pairs.extend(pairs)
+                buffer.run_for(timestamp_ms, headers).pairs.extend(pairs)
                 buffer.count += len(pairs)
                 count += len(pairs)
             if self._buffered_bytes == 0:
