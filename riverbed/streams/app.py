@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, TypeVar, overload
 
 from riverbed.errors import RiverbedError
@@ -11,6 +13,7 @@ from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
+from riverbed.streams.runner import Runner
 from riverbed.streams.topics import Topic
 
 K = TypeVar("K")
@@ -142,6 +145,23 @@ class App(Closing):
                 f"{topic.name}-value", topic.value_schema, topic.compatibility
             )
             topic.schema_version = version.version
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Run the app's pipelines until ``stop`` is set or the process gets SIGTERM or SIGINT;
+        the batch in hand is finished and committed, and the consumer leaves the group."""
+        if not self._streams:
+            raise RiverbedError(
+                f"app '{self.name}' has no pipeline to run; "
+                "end one with app.stream(topic)...to(other)"
+            )
+        self.start()
+        stop = stop or threading.Event()
+        sources = sorted({s.source.name for s in self._streams})
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: stop.set())
+        with self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer:
+            Runner(self._streams, consumer, self.producer).run(stop)
 
     def close(self) -> None:
         if self._producer is not None:

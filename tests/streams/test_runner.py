@@ -1,0 +1,84 @@
+"""Pipelines run on the log, at least once, on every backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import msgspec
+import pytest
+
+import riverbed
+from tests.support import consume, wait_until
+
+
+class Payment(msgspec.Struct):
+    card: str
+    amount: int
+
+
+class Alert(msgspec.Struct):
+    card: str
+    amount: int
+
+
+def fraud_app(url: str, source: str, target: str) -> riverbed.App:
+    app = riverbed.App(f"fraud-{source}", url=url)
+    payments = app.topic(source, partitions=2, value=Payment, key=str)
+    alerts = app.topic(target, partitions=2, value=Alert, key=str)
+    app.stream(payments).filter(lambda p: p.amount > 100).map(lambda p: Alert(p.card, p.amount)).to(
+        alerts
+    )
+    return app
+
+
+@contextmanager
+def running(app: riverbed.App) -> Iterator[None]:
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_pipeline_processes_commits_and_parks_bad_records(
+    log_url: str, topic_name: Callable[[str], str]
+) -> None:
+    source, target = topic_name("payments"), topic_name("alerts")
+    with fraud_app(log_url, source, target) as app:
+        app.start()
+        with app.log.producer() as producer:
+            for i in range(200):
+                key, value, _ = app.topics[source].encode(Payment(f"c{i}", i), key=f"c{i}")
+                producer.send(source, value, key=key)
+            producer.send(source, b"{not json", key=b"c-bad")
+        with running(app):
+            wait_until(lambda: sum(app.log.end_offsets(target).values()) == 99, 60, "alerts")
+            wait_until(lambda: sum(app.log.group_lag(app.name).values()) == 0, 60, "lag 0")
+        with app.log.consumer(topics=[target], from_beginning=True) as consumer:
+            alerts = [app.topics[target].decode(r).value for r in consume(consumer, 99)]
+        assert sorted(a.amount for a in alerts) == list(range(101, 200))
+        with app.log.consumer(topics=[source + ".dlq"], from_beginning=True) as consumer:
+            (parked,) = consume(consumer, 1)
+        assert parked.key == b"c-bad"
+        assert b"not a valid Payment" in parked.headers["riverbed-error"]
+
+    # A restart goes on from the committed offsets: only new records are processed.
+    with fraud_app(log_url, source, target) as app:
+        app.start()
+        app.topics[source].send(app.producer, Payment("late", 1000), key="late").result()
+        with running(app):
+            wait_until(lambda: sum(app.log.end_offsets(target).values()) == 100, 60, "new alert")
+            wait_until(lambda: sum(app.log.group_lag(app.name).values()) == 0, 60, "lag 0")
+        assert sum(app.log.end_offsets(target).values()) == 100
+
+
+def test_an_app_without_pipelines_says_so() -> None:
+    app = riverbed.App("empty", url="sqlite:///never-opened.db")
+    with pytest.raises(riverbed.RiverbedError, match="has no pipeline to run"):
+        app.run()
