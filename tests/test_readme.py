@@ -38,7 +38,6 @@ def test_python_example(code: str, fresh_dir: Path) -> None:
     printed = output.getvalue().splitlines()
     for line in expected:
         assert line in printed, (line, printed)
-    assert (fresh_dir / ".riverbed" / "log.db").exists()
 
 
 def test_cli_session(fresh_dir: Path) -> None:
