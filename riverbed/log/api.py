@@ -14,6 +14,7 @@ from typing import Protocol, Self
 
 import msgspec
 
+from riverbed.errors import RiverbedError
 from riverbed.log.errors import (
     DeliveryError,
     InvalidRecordError,
@@ -118,6 +119,16 @@ def validate_topic(info: TopicInfo) -> None:
         value = getattr(info, setting)
         if value is not None and value < 0:
             raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
+
+
+def consumer_topics(group: str | None, topics: Iterable[str]) -> list[str]:
+    """A consumer's topics, sorted; its arguments checked the same way on every backend."""
+    names = sorted(set(topics))
+    if not names:
+        raise RiverbedError("a consumer needs topics: pass topics=['name', ...]")
+    if group is not None and not group:
+        raise RiverbedError("group must be a non-empty name, or None for no group")
+    return names
 
 
 def lag_of(committed: int | None, beginning: int, end: int) -> int:

@@ -44,6 +44,7 @@ from riverbed.log.api import (
     TopicPartition,
     check_partition,
     check_record,
+    consumer_topics,
     lag_of,
     record_size,
     validate_topic,
@@ -855,13 +856,9 @@ class KafkaConsumer(Closing):
         on_assign: RebalanceCallback | None,
         on_revoke: RebalanceCallback | None,
     ) -> None:
-        if not topics:
-            raise RiverbedError("a consumer needs topics: pass topics=['name', ...]")
-        if group is not None and not group:
-            raise RiverbedError("group must be a non-empty name, or None for no group")
         self._log = log
         self._group = group
-        self._topics = sorted(set(topics))
+        self._topics = consumer_topics(group, topics)
         counts = {topic: log.partition_count(topic) for topic in self._topics}
         self._from_beginning = from_beginning
         self._on_assign = on_assign

@@ -25,6 +25,7 @@ from riverbed.log.api import (
     RebalanceCallback,
     Record,
     TopicPartition,
+    consumer_topics,
 )
 from riverbed.log.errors import ClosedError, UnknownPartitionError
 from riverbed.log.sqlite import groups
@@ -52,13 +53,9 @@ class SqliteConsumer(Closing):
         on_assign: RebalanceCallback | None,
         on_revoke: RebalanceCallback | None,
     ) -> None:
-        if not topics:
-            raise RiverbedError("a consumer needs topics: pass topics=['name', ...]")
-        if group is not None and not group:
-            raise RiverbedError("group must be a non-empty name, or None for no group")
         self._log = log
         self._group = group
-        self._topics = sorted(set(topics))
+        self._topics = consumer_topics(group, topics)
         self._metas = {t: log.topic_meta(t) for t in self._topics}
         self._from_beginning = from_beginning
         self._session_ms = session_timeout_ms
