@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from riverbed.cli import demo, groups, topics
+from riverbed.cli import demo, groups, topics, worker
 from riverbed.cli.common import RiverbedGroup
 from riverbed.cli.consume import consume
 from riverbed.cli.produce import produce
@@ -25,6 +25,7 @@ app.add_typer(groups.app, name="groups")
 app.command("produce")(produce)
 app.command("consume")(consume)
 app.command("demo")(demo.demo)
+app.command("worker")(worker.worker)
 
 
 @app.callback()

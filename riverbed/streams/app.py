@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from riverbed.errors import RiverbedError
@@ -146,9 +147,14 @@ class App(Closing):
             )
             topic.schema_version = version.version
 
-    def run(self, stop: threading.Event | None = None) -> None:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        report: Callable[[Runner], None] | None = None,
+    ) -> None:
         """Run the app's pipelines until ``stop`` is set or the process gets SIGTERM or SIGINT;
-        the batch in hand is finished and committed, and the consumer leaves the group."""
+        the batch in hand is finished and committed, and the consumer leaves the group.
+        ``report(runner)`` is called about once a second with the runner's counters."""
         if not self._streams:
             raise RiverbedError(
                 f"app '{self.name}' has no pipeline to run; "
@@ -161,7 +167,7 @@ class App(Closing):
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
         with self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer:
-            Runner(self._streams, consumer, self.producer).run(stop)
+            Runner(self._streams, consumer, self.producer).run(stop, report)
 
     def close(self) -> None:
         if self._producer is not None:

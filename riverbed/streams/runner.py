@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from riverbed.log.api import Consumer, Producer, Record
@@ -19,6 +21,7 @@ from riverbed.streams.dsl import Pair, Stream
 from riverbed.streams.topics import SCHEMA_VERSION_HEADER, Topic
 
 BATCH_RECORDS = 5000
+REPORT_INTERVAL_S = 1.0
 
 
 class Runner:
@@ -38,10 +41,22 @@ class Runner:
         self.processed = 0
         self.dead_lettered = 0
 
-    def run(self, stop: threading.Event, poll_timeout: float = 0.5) -> None:
-        """Process batches until ``stop`` is set; the batch in hand is finished and committed."""
+    def run(
+        self,
+        stop: threading.Event,
+        report: Callable[[Runner], None] | None = None,
+        poll_timeout: float = 0.5,
+    ) -> None:
+        """Process batches until ``stop`` is set; the batch in hand is finished and committed.
+
+        ``report(runner)`` is called about once a second (a worker's status line).
+        """
+        reported_at = time.monotonic()
         while not stop.is_set():
             self.run_once(poll_timeout)
+            if report is not None and time.monotonic() - reported_at >= REPORT_INTERVAL_S:
+                reported_at = time.monotonic()
+                report(self)
 
     def run_once(self, poll_timeout: float = 0.5) -> int:
         """Process one batch (if one arrives within ``poll_timeout``); returns its size."""

@@ -1,0 +1,77 @@
+"""``riverbed worker module:app``: runs the app's pipelines until SIGTERM, with a status line."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import riverbed
+from tests.support import wait_until
+
+RIVERBED = str(Path(sys.executable).with_name("riverbed"))
+
+APP_MODULE = textwrap.dedent(
+    """
+    import riverbed
+
+    app = riverbed.App("words")
+    lines = app.topic("lines", value=str)
+    words = app.topic("words", value=str)
+    app.stream(lines).flat_map(str.split).to(words)
+    """
+)
+
+
+def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "wordapp.py").write_text(APP_MODULE)
+    url = f"sqlite:///{tmp_path}/log.db"
+    worker = subprocess.Popen(
+        [RIVERBED, "--url", url, "worker", "wordapp:app"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with riverbed.connect(url) as log:
+            wait_until(lambda: "lines" in {t.name for t in log.list_topics()}, 30, "app start")
+            with log.producer() as producer:
+                producer.send_many("lines", [(None, b"the quick brown fox")] * 50)
+            wait_until(lambda: log.end_offsets("words")[0] == 200, 30, "the words")
+            time.sleep(1.2)  # one status line
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, stderr
+    assert "riverbed worker words: 50 records processed" in stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no-colon", "expected module:attribute"),
+        ("missing_module_xyz:app", "cannot import module 'missing_module_xyz'"),
+        ("wordapp:nothing", "wordapp:nothing is missing, not a riverbed.App"),
+        ("wordapp:riverbed", "wordapp:riverbed is module, not a riverbed.App"),
+    ],
+)
+def test_worker_target_errors(tmp_path: Path, target: str, message: str) -> None:
+    (tmp_path / "wordapp.py").write_text(APP_MODULE)
+    result = subprocess.run(
+        [RIVERBED, "--url", f"sqlite:///{tmp_path}/log.db", "worker", target],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"error: {message}")
