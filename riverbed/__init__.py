@@ -33,11 +33,13 @@ from riverbed.serde.codecs import DeserializationError, SerializationError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import IncompatibleSchemaError
 from riverbed.streams import App, Topic, TypedRecord
+from riverbed.streams.handlers import Backoff, exponential
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Backoff",
     "BrokerUnavailableError",
     "ClosedError",
     "CommitFailedError",
@@ -70,4 +72,5 @@ __all__ = [
     "UnknownTopicError",
     "__version__",
     "connect",
+    "exponential",
 ]

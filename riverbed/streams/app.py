@@ -14,11 +14,13 @@ from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
+from riverbed.streams.handlers import Backoff, Handler, exponential
 from riverbed.streams.runner import Runner
 from riverbed.streams.topics import Topic
 
 K = TypeVar("K")
 V = TypeVar("V")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class App(Closing):
@@ -33,6 +35,7 @@ class App(Closing):
         self._producer: Producer | None = None
         self._topics: dict[str, Topic[Any, Any]] = {}
         self._streams: list[Stream[Any, Any]] = []
+        self._handlers: list[tuple[Topic[Any, Any], Handler]] = []
 
     @property
     def log(self) -> Log:
@@ -112,12 +115,28 @@ class App(Closing):
 
     def stream(self, topic: Topic[K, V]) -> Stream[K, V]:
         """A pipeline reading ``topic``; chain operators on it and end it with ``.to()``."""
+        self._check_declared(topic)
+        return Stream(topic, self._streams.append)
+
+    def _check_declared(self, topic: Topic[Any, Any]) -> None:
         if self._topics.get(topic.name) is not topic:
             raise RiverbedError(
                 f"topic '{topic.name}' is not declared on app '{self.name}'; "
                 f"declare it with app.topic('{topic.name}', ...)"
             )
-        return Stream(topic, self._streams.append)
+
+    def handler(
+        self, topic: Topic[Any, Any], retries: int = 3, backoff: Backoff | None = None
+    ) -> Callable[[F], F]:
+        """Decorate ``def f(value)`` / ``def f(key, value)`` (or ``async def``) to handle each
+        record of ``topic``: retried ``retries`` times with ``backoff``, then dead-lettered."""
+        self._check_declared(topic)
+
+        def register(fn: F) -> F:
+            self._handlers.append((topic, Handler(fn, retries, backoff or exponential())))
+            return fn
+
+        return register
 
     @property
     def streams(self) -> list[Stream[Any, Any]]:
@@ -155,19 +174,25 @@ class App(Closing):
         """Run the app's pipelines until ``stop`` is set or the process gets SIGTERM or SIGINT;
         the batch in hand is finished and committed, and the consumer leaves the group.
         ``report(runner)`` is called about once a second with the runner's counters."""
-        if not self._streams:
+        if not self._streams and not self._handlers:
             raise RiverbedError(
-                f"app '{self.name}' has no pipeline to run; "
-                "end one with app.stream(topic)...to(other)"
+                f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
+                "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
             )
         self.start()
         stop = stop or threading.Event()
-        sources = sorted({s.source.name for s in self._streams})
+        sources = sorted(
+            {s.source.name for s in self._streams} | {t.name for t, _ in self._handlers}
+        )
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
         with self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer:
-            Runner(self._streams, consumer, self.producer).run(stop, report)
+            try:
+                Runner(self._streams, self._handlers, consumer, self.producer).run(stop, report)
+            finally:
+                for _, handler in self._handlers:
+                    handler.close()
 
     def close(self) -> None:
         if self._producer is not None:

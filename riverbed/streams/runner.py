@@ -18,9 +18,11 @@ from typing import Any
 from riverbed.log.api import Consumer, Producer, Record
 from riverbed.serde.codecs import DeserializationError
 from riverbed.streams.dsl import Pair, Stream
+from riverbed.streams.handlers import Handler
 from riverbed.streams.topics import SCHEMA_VERSION_HEADER, Topic
 
 BATCH_RECORDS = 5000
+Decoded = tuple[Record, Any, Any]
 REPORT_INTERVAL_S = 1.0
 
 
@@ -30,12 +32,16 @@ class Runner:
     def __init__(
         self,
         streams: list[Stream[Any, Any]],
+        handlers: list[tuple[Topic[Any, Any], Handler]],
         consumer: Consumer,
         producer: Producer,
     ) -> None:
         self._by_topic: dict[str, list[Stream[Any, Any]]] = defaultdict(list)
         for stream in streams:
             self._by_topic[stream.source.name].append(stream)
+        self._handlers: dict[str, list[tuple[Topic[Any, Any], Handler]]] = defaultdict(list)
+        for topic, handler in handlers:
+            self._handlers[topic.name].append((topic, handler))
         self._consumer = consumer
         self._producer = producer
         self.processed = 0
@@ -69,6 +75,8 @@ class Runner:
         for topic_name, batch in by_topic.items():
             for stream in self._by_topic[topic_name]:
                 self._process(stream, batch)
+            for topic, handler in self._handlers[topic_name]:
+                self._handle(handler, topic, batch)
         # The order that makes at-least-once: outputs acknowledged, then input offsets committed.
         self._producer.flush()
         self._consumer.commit()
@@ -76,7 +84,7 @@ class Runner:
         return len(records)
 
     def _process(self, stream: Stream[Any, Any], batch: list[Record]) -> None:
-        pairs = self._decode(stream.source, batch)
+        pairs = [(key, value) for _, key, value in self._decode(stream.source, batch)]
         results = stream.process(pairs)
         if not results:
             return
@@ -87,13 +95,22 @@ class Runner:
                 for key, value in results:
                     output.sink(key, value)
 
-    def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Pair]:
+    def _handle(self, handler: Handler, topic: Topic[Any, Any], batch: list[Record]) -> None:
+        # Record by record, in order: a failing record is retried before the next one runs.
+        for record, key, value in self._decode(topic, batch):
+            error = handler.call(record, key, value)
+            if error is not None:
+                topic.dead_letter(self._producer, record, error, handler.attempts)
+                self.dead_lettered += 1
+
+    def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
+        """The batch's records with their keys and values; undecodable ones are dead-lettered."""
         # The whole batch at once; if a record in it is bad, one by one to park just that one.
         with contextlib.suppress(DeserializationError):
             keys = [None if r.key is None else topic.key_codec.decode(r.key) for r in batch]
             values = topic.value_codec.decode_many([_value_of(r) for r in batch])
-            return list(zip(keys, values, strict=True))
-        pairs: list[Pair] = []
+            return list(zip(batch, keys, values, strict=True))
+        decoded: list[Decoded] = []
         for record in batch:
             try:
                 typed = topic.decode(record)
@@ -101,8 +118,8 @@ class Runner:
                 topic.dead_letter(self._producer, record, error)
                 self.dead_lettered += 1
                 continue
-            pairs.append((typed.key, typed.value))
-        return pairs
+            decoded.append((record, typed.key, typed.value))
+        return decoded
 
     def _write(self, topic: Topic[Any, Any], results: list[Pair]) -> None:
         encode_key, encode_value = topic.key_codec.encode, topic.value_codec.encode

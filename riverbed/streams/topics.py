@@ -15,6 +15,7 @@ import msgspec
 from riverbed.log.api import Producer, Record, SendFuture
 from riverbed.serde.codecs import Codec, DeserializationError, codec_for
 from riverbed.serde.compat import Compatibility, Schema, schema_of
+from riverbed.streams.handlers import ATTEMPTS_HEADER, causal_headers
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -82,7 +83,10 @@ class Topic(Generic[K, V]):
     ) -> SendFuture:
         key_bytes, value_bytes, own_headers = self.encode(value, key)
         return producer.send(
-            self.name, value_bytes, key=key_bytes, headers={**own_headers, **(headers or {})}
+            self.name,
+            value_bytes,
+            key=key_bytes,
+            headers={**own_headers, **causal_headers(), **(headers or {})},
         )
 
     def decode(self, record: Record) -> TypedRecord[K, V]:
@@ -92,8 +96,11 @@ class Topic(Generic[K, V]):
             raise DeserializationError("a tombstone (value None) has no value to decode")
         return TypedRecord(key, self.value_codec.decode(record.value), record)
 
-    def dead_letter(self, producer: Producer, record: Record, error: BaseException) -> SendFuture:
-        """Send ``record`` as it was to the dead-letter topic, with the error and its origin."""
+    def dead_letter(
+        self, producer: Producer, record: Record, error: BaseException, attempts: int = 0
+    ) -> SendFuture:
+        """Send ``record`` as it was to the dead-letter topic, with the error, its origin and how
+        many times a handler tried it."""
         headers = {
             **record.headers,
             ERROR_HEADER: f"{type(error).__name__}: {error}".encode(),
@@ -101,4 +108,6 @@ class Topic(Generic[K, V]):
             SOURCE_PARTITION_HEADER: str(record.partition).encode(),
             SOURCE_OFFSET_HEADER: str(record.offset).encode(),
         }
+        if attempts:
+            headers[ATTEMPTS_HEADER] = str(attempts).encode()
         return producer.send(self.dead_letter_topic, record.value, key=record.key, headers=headers)

@@ -80,5 +80,5 @@ def test_pipeline_processes_commits_and_parks_bad_records(
 
 def test_an_app_without_pipelines_says_so() -> None:
     app = riverbed.App("empty", url="sqlite:///never-opened.db")
-    with pytest.raises(riverbed.RiverbedError, match="has no pipeline to run"):
+    with pytest.raises(riverbed.RiverbedError, match="has no pipeline or handler to run"):
         app.run()

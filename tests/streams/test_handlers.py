@@ -1,0 +1,95 @@
+"""@app.handler on every backend: retries with backoff, dead letters, async, causal headers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import msgspec
+
+import riverbed
+from riverbed.streams.handlers import (
+    ATTEMPTS_HEADER,
+    CAUSATION_HEADER,
+    CORRELATION_HEADER,
+    Backoff,
+)
+from tests.support import consume, wait_until
+
+FAST = riverbed.exponential(base=0.001, max=0.01)
+
+
+class Order(msgspec.Struct):
+    id: int
+
+
+@contextmanager
+def running(app: riverbed.App) -> Iterator[None]:
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_retries_then_dead_letter_in_order(log_url: str, topic_name: Callable[[str], str]) -> None:
+    name = topic_name("orders")
+    calls: list[int] = []
+    with riverbed.App(topic_name("app"), url=log_url) as app:
+        orders = app.topic(name, value=Order)
+
+        @app.handler(orders, retries=2, backoff=FAST)
+        def handle(order: Order) -> None:
+            calls.append(order.id)
+            if order.id == 1 and calls.count(1) < 3:
+                raise ConnectionError("flaky downstream")  # succeeds on the third attempt
+            if order.id == 2:
+                raise ValueError(f"order {order.id} is invalid")  # never succeeds
+
+        app.start()
+        for i in range(4):
+            orders.send(app.producer, Order(i)).result(timeout=30)
+        with running(app):
+            wait_until(lambda: calls[-1:] == [3], 60, "all orders handled")
+            wait_until(lambda: sum(app.log.group_lag(app.name).values()) == 0, 60, "lag 0")
+        with app.log.consumer(topics=[orders.dead_letter_topic], from_beginning=True) as dlq:
+            (parked,) = consume(dlq, 1)
+    assert calls == [0, 1, 1, 1, 2, 2, 2, 3]  # in order: each record's retries before the next
+    assert b"ValueError: order 2 is invalid" in parked.headers["riverbed-error"]
+    assert parked.headers[ATTEMPTS_HEADER] == b"3"
+
+
+def test_async_handler_and_causal_headers(log_url: str, topic_name: Callable[[str], str]) -> None:
+    with riverbed.App(topic_name("app"), url=log_url) as app:
+        orders = app.topic(topic_name("orders"), value=Order)
+        shipments = app.topic(topic_name("shipments"), value=Order)
+
+        @app.handler(orders)
+        async def ship(key: bytes | None, order: Order) -> None:
+            shipments.send(app.producer, Order(order.id * 10))
+
+        app.start()
+        first = orders.send(app.producer, Order(1)).result(timeout=30)
+        orders.send(app.producer, Order(2), headers={CORRELATION_HEADER: b"checkout-42"}).result(
+            timeout=30
+        )
+        with running(app):
+            wait_until(lambda: sum(app.log.end_offsets(shipments.name).values()) == 2, 60, "out")
+        with app.log.consumer(topics=[shipments.name], from_beginning=True) as consumer:
+            out = {shipments.decode(r).value.id: r.headers for r in consume(consumer, 2)}
+    input_id = f"{orders.name}/{first.partition}/{first.offset}".encode()
+    assert out[10][CORRELATION_HEADER] == input_id  # the first record of a flow starts it
+    assert out[10][CAUSATION_HEADER] == input_id
+    assert out[20][CORRELATION_HEADER] == b"checkout-42"  # carried on through the flow
+
+
+def test_backoff_grows_and_caps() -> None:
+    backoff = Backoff(base=0.1, max=1.0, jitter=False)
+    assert [backoff.delay(n) for n in range(1, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    jittered = riverbed.exponential(base=0.1, max=1.0)
+    assert all(0.05 <= jittered.delay(2) <= 0.2 for _ in range(100))
