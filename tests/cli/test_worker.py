@@ -39,7 +39,9 @@ def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
     )
     try:
         with riverbed.connect(url) as log:
-            wait_until(lambda: "lines" in {t.name for t in log.list_topics()}, 30, "app start")
+            wait_until(
+                lambda: {"lines", "words"} <= {t.name for t in log.list_topics()}, 30, "app start"
+            )
             with log.producer() as producer:
                 producer.send_many("lines", [(None, b"the quick brown fox")] * 50)
             wait_until(lambda: log.end_offsets("words")[0] == 200, 30, "the words")
