@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
 from riverbed.errors import RiverbedError
@@ -184,10 +185,10 @@ class App(Closing):
         sources = sorted(
             {s.source.name for s in self._streams} | {t.name for t, _ in self._handlers}
         )
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: stop.set())
-        with self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer:
+        with (
+            _stopping_on_signals(stop),
+            self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer,
+        ):
             try:
                 Runner(self._streams, self._handlers, consumer, self.producer).run(stop, report)
             finally:
@@ -201,3 +202,20 @@ class App(Closing):
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+@contextmanager
+def _stopping_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` while running (main thread only); the previous handlers
+    come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

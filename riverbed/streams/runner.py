@@ -2,8 +2,10 @@
 go to the dead-letter topic), run every pipeline over it, write the outputs, flush, then commit.
 
 A crash before the commit replays the batch, so outputs may repeat but are never lost. The app's
-consumer group is named after the app, so several processes share the partitions. Exactly-once
-(outputs, state and offsets in one transaction) is the next step of the stream layer.
+consumer group is named after the app, so several processes share the partitions. An exception
+from a pipeline's function stops the runner without committing, so the batch runs again on
+restart (Kafka Streams' default); handlers are where per-record retries and dead letters apply.
+Exactly-once (outputs, state and offsets in one transaction) is the next step of the stream layer.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -82,3 +84,12 @@ def test_an_app_without_pipelines_says_so() -> None:
     app = riverbed.App("empty", url="sqlite:///never-opened.db")
     with pytest.raises(riverbed.RiverbedError, match="has no pipeline or handler to run"):
         app.run()
+
+
+def test_run_gives_the_signal_handlers_back(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with fraud_app(f"sqlite:///{tmp_path}/log.db", "payments", "alerts") as app:
+        stop = threading.Event()
+        stop.set()  # nothing to do: start, join, leave
+        app.run(stop)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
