@@ -45,3 +45,7 @@ def root(
 
 def main() -> None:
     app(prog_name="riverbed")
+
+
+if __name__ == "__main__":
+    main()

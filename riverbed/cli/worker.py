@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import subprocess
 import sys
 import time
 from typing import Annotated
@@ -40,14 +42,20 @@ def load_app(target: str) -> App:
 def worker(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="The app to run, as module:attribute.")],
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes; they share the partitions.")
+    ] = 1,
 ) -> None:
     """Run the app's pipelines until SIGTERM or Ctrl-C, printing a status line every second.
 
-    Start the same command in several processes to share the partitions (one consumer group per
-    app). An app created without a URL uses the global --url.
+    The workers of an app form one consumer group, so the partitions are shared among the
+    processes of this command and of any other machine running it. An app created without a URL
+    uses the global --url.
     """
     if ctx.obj:
         os.environ[LOG_URL_ENV] = ctx.obj
+    if processes > 1:
+        raise typer.Exit(_run_processes(target, processes))
     app = load_app(target)
     started = time.monotonic()
 
@@ -60,3 +68,24 @@ def worker(
 
     with app:
         app.run(report=report)
+
+
+def _run_processes(target: str, processes: int) -> int:
+    """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them; the exit
+    status is the first non-zero one of theirs."""
+    load_app(target)  # fail here, once, if the target is wrong
+    command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
+    children = [subprocess.Popen(command) for _ in range(processes)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return next((code for code in codes if code), 0)

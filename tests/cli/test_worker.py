@@ -77,3 +77,35 @@ def test_worker_target_errors(tmp_path: Path, target: str, message: str) -> None
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()  # one line, no traceback
     assert line.startswith(f"error: {message}")
+
+
+def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
+    (tmp_path / "wordapp.py").write_text(
+        APP_MODULE.replace("value=str)", "value=str, partitions=2)")
+    )
+    url = f"sqlite:///{tmp_path}/log.db"
+    parent = subprocess.Popen(
+        [RIVERBED, "--url", url, "worker", "wordapp:app", "--processes", "2"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with riverbed.connect(url) as log:
+            wait_until(
+                lambda: (
+                    "words" in log.list_groups() and len(log.describe_group("words").members) == 2
+                ),
+                60,
+                "two workers in the group",
+            )
+            assert all(len(m.assignment) == 1 for m in log.describe_group("words").members)
+            with log.producer() as producer:
+                producer.send_many("lines", [(None, b"a b")] * 100)
+            wait_until(lambda: sum(log.end_offsets("words").values()) == 200, 30, "the words")
+        parent.send_signal(signal.SIGTERM)
+        _, stderr = parent.communicate(timeout=30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 0, stderr
