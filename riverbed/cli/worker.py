@@ -45,6 +45,14 @@ def worker(
     processes: Annotated[
         int, typer.Option(min=1, help="Worker processes; they share the partitions.")
     ] = 1,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on this port (worker i of --processes on port + i).",
+        ),
+    ] = None,
 ) -> None:
     """Run the app's pipelines until SIGTERM or Ctrl-C, printing a status line every second.
 
@@ -55,7 +63,7 @@ def worker(
     if ctx.obj:
         os.environ[LOG_URL_ENV] = ctx.obj
     if processes > 1:
-        raise typer.Exit(_run_processes(target, processes))
+        raise typer.Exit(_run_processes(target, processes, metrics_port))
     app = load_app(target)
     started = time.monotonic()
 
@@ -67,15 +75,20 @@ def worker(
         )
 
     with app:
-        app.run(report=report)
+        app.run(report=report, metrics_port=metrics_port)
 
 
-def _run_processes(target: str, processes: int) -> int:
+def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:
     """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them; the exit
     status is the first non-zero one of theirs."""
     load_app(target)  # fail here, once, if the target is wrong
     command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
-    children = [subprocess.Popen(command) for _ in range(processes)]
+    children = [
+        subprocess.Popen(
+            command if metrics_port is None else [*command, "--metrics-port", str(metrics_port + i)]
+        )
+        for i in range(processes)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

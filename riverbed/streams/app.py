@@ -6,7 +6,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from riverbed.errors import RiverbedError
 from riverbed.log import connect
@@ -18,6 +18,9 @@ from riverbed.streams.dsl import Stream
 from riverbed.streams.handlers import Backoff, Handler, exponential
 from riverbed.streams.runner import Runner
 from riverbed.streams.topics import Topic
+
+if TYPE_CHECKING:
+    from riverbed.streams.metrics import RunnerMetrics
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -171,10 +174,12 @@ class App(Closing):
         self,
         stop: threading.Event | None = None,
         report: Callable[[Runner], None] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """Run the app's pipelines until ``stop`` is set or the process gets SIGTERM or SIGINT;
         the batch in hand is finished and committed, and the consumer leaves the group.
-        ``report(runner)`` is called about once a second with the runner's counters."""
+        ``report(runner)`` is called about once a second with the runner's counters; with
+        ``metrics_port``, Prometheus metrics are served there (the ``metrics`` extra)."""
         if not self._streams and not self._handlers:
             raise RiverbedError(
                 f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
@@ -189,11 +194,31 @@ class App(Closing):
             _stopping_on_signals(stop),
             self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer,
         ):
+            metrics = None
+            if metrics_port is not None:
+                from riverbed.streams.metrics import RunnerMetrics
+
+                metrics = RunnerMetrics(self.name)
+                metrics.serve(metrics_port)
+                report = self._reporting_lag(metrics, report)
+            runner = Runner(self._streams, self._handlers, consumer, self.producer, metrics)
             try:
-                Runner(self._streams, self._handlers, consumer, self.producer).run(stop, report)
+                runner.run(stop, report)
             finally:
                 for _, handler in self._handlers:
                     handler.close()
+
+    def _reporting_lag(
+        self, metrics: RunnerMetrics, report: Callable[[Runner], None] | None
+    ) -> Callable[[Runner], None]:
+        """``report``, plus the group's lag into the metrics each time."""
+
+        def report_with_lag(runner: Runner) -> None:
+            metrics.set_lag(self.log.group_lag(self.name))
+            if report is not None:
+                report(runner)
+
+        return report_with_lag
 
     def close(self) -> None:
         if self._producer is not None:

@@ -15,13 +15,16 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from riverbed.log.api import Consumer, Producer, Record
 from riverbed.serde.codecs import DeserializationError
 from riverbed.streams.dsl import Pair, Stream
 from riverbed.streams.handlers import Handler
 from riverbed.streams.topics import SCHEMA_VERSION_HEADER, Topic
+
+if TYPE_CHECKING:
+    from riverbed.streams.metrics import RunnerMetrics
 
 BATCH_RECORDS = 5000
 Decoded = tuple[Record, Any, Any]
@@ -37,6 +40,7 @@ class Runner:
         handlers: list[tuple[Topic[Any, Any], Handler]],
         consumer: Consumer,
         producer: Producer,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
         self._by_topic: dict[str, list[Stream[Any, Any]]] = defaultdict(list)
         for stream in streams:
@@ -46,6 +50,7 @@ class Runner:
             self._handlers[topic.name].append((topic, handler))
         self._consumer = consumer
         self._producer = producer
+        self.metrics = metrics
         self.processed = 0
         self.dead_lettered = 0
 
@@ -71,6 +76,7 @@ class Runner:
         records = self._consumer.poll(max_records=BATCH_RECORDS, timeout=poll_timeout)
         if not records:
             return 0
+        started = time.monotonic()
         by_topic: dict[str, list[Record]] = defaultdict(list)
         for record in records:
             by_topic[record.topic].append(record)
@@ -83,6 +89,10 @@ class Runner:
         self._producer.flush()
         self._consumer.commit()
         self.processed += len(records)
+        if self.metrics is not None:
+            for topic_name, batch in by_topic.items():
+                self.metrics.records_in.labels(topic_name).inc(len(batch))
+            self.metrics.batch_seconds.observe(time.monotonic() - started)
         return len(records)
 
     def _process(self, stream: Stream[Any, Any], batch: list[Record]) -> None:
@@ -103,7 +113,7 @@ class Runner:
             error = handler.call(record, key, value)
             if error is not None:
                 topic.dead_letter(self._producer, record, error, handler.attempts)
-                self.dead_lettered += 1
+                self._count_dead_letter(topic)
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""
@@ -118,10 +128,15 @@ class Runner:
                 typed = topic.decode(record)
             except DeserializationError as error:
                 topic.dead_letter(self._producer, record, error)
-                self.dead_lettered += 1
+                self._count_dead_letter(topic)
                 continue
             decoded.append((record, typed.key, typed.value))
         return decoded
+
+    def _count_dead_letter(self, topic: Topic[Any, Any]) -> None:
+        self.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.dead_lettered.labels(topic.name).inc()
 
     def _write(self, topic: Topic[Any, Any], results: list[Pair]) -> None:
         encode_key, encode_value = topic.key_codec.encode, topic.value_codec.encode
@@ -133,6 +148,8 @@ class Runner:
             [(None if k is None else encode_key(k), encode_value(v)) for k, v in results],
             headers=headers,
         )
+        if self.metrics is not None:
+            self.metrics.records_out.labels(topic.name).inc(len(results))
 
 
 def _value_of(record: Record) -> bytes:

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import riverbed
+from tests.services import free_port
 from tests.support import wait_until
 
 RIVERBED = str(Path(sys.executable).with_name("riverbed"))
@@ -109,3 +111,44 @@ def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
     assert parent.returncode == 0, stderr
+
+
+def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
+    (tmp_path / "wordapp.py").write_text(APP_MODULE)
+    url = f"sqlite:///{tmp_path}/log.db"
+    port = free_port()
+    worker = subprocess.Popen(
+        [RIVERBED, "--url", url, "worker", "wordapp:app", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text: str = reply.read().decode()
+                return text
+        except OSError:
+            return ""
+
+    try:
+        with riverbed.connect(url) as log:
+            wait_until(lambda: "riverbed_app" in scrape(), 30, "the metrics endpoint")
+            with log.producer() as producer:
+                producer.send_many("lines", [(None, b"one two")] * 10)
+                producer.send("lines", None, key=b"tombstone")  # not a str: dead-lettered
+            wait_until(
+                lambda: 'riverbed_records_in_total{topic="lines"} 11.0' in scrape(), 30, "counts"
+            )
+        metrics = scrape()
+        assert 'riverbed_records_out_total{topic="words"} 20.0' in metrics
+        assert 'riverbed_dead_lettered_total{topic="lines"} 1.0' in metrics
+        assert "riverbed_batch_seconds_count" in metrics
+        wait_until(lambda: 'riverbed_lag{partition="0",topic="lines"} 0.0' in scrape(), 30, "lag")
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, stderr
