@@ -1,4 +1,4 @@
-"""``riverbed.App``: the one object a user wires topics (and later pipelines, handlers) onto."""
+"""``riverbed.App``: the one object a user wires topics, pipelines and handlers onto."""
 
 from __future__ import annotations
 
