@@ -101,9 +101,12 @@ E2E_LINGER_MS = 5
 # second (survives a process crash, like SQLite's fsync=normal and Kafka's page cache); no AOF
 # rewrites, whose fork would compete for the 2 cores mid-run.
 REDIS_SETTINGS = [
-    "--appendonly", "yes",
-    "--appendfsync", "everysec",
-    "--auto-aof-rewrite-percentage", "0",
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--auto-aof-rewrite-percentage",
+    "0",
 ]
 REDIS_GROUP = "bench"
 
@@ -557,12 +560,12 @@ def _test_services() -> None:
 def redis_server(root: Path) -> Iterator[int]:
     """Debian's redis-server on a free loopback port with its files in ``root``; yields the port."""
     _test_services()
-    from tests.services.redis import redis_missing, start_redis
+    from tests.services.redis import start_redis
 
-    reason = redis_missing()
-    if reason is not None:
-        raise BenchError(reason)
-    server = start_redis(root, REDIS_SETTINGS)
+    try:
+        server = start_redis(root, REDIS_SETTINGS)
+    except RuntimeError as error:
+        raise BenchError(str(error)) from None
     try:
         yield server.port
     finally:
@@ -803,8 +806,7 @@ def table_rows(results: dict[str, Figures]) -> list[list[str]]:
         if outcome is not None and target.system in results:
             marks[target.system, target.metric] = " ✓" if outcome[1] else " ✗"
     return [
-        [name]
-        + [format_figure(m, figures.median(m)) + marks.get((name, m), "") for m in METRICS]
+        [name] + [format_figure(m, figures.median(m)) + marks.get((name, m), "") for m in METRICS]
         for name, figures in results.items()
     ]
 
@@ -953,9 +955,7 @@ class Report:
     settings: dict[str, str]  # per system
 
 
-def append_results(
-    args: argparse.Namespace, results: dict[str, Figures], report: Report
-) -> None:
+def append_results(args: argparse.Namespace, results: dict[str, Figures], report: Report) -> None:
     command = ".venv/bin/python bench/log.py " + shlex.join(sys.argv[1:])
     lines = [
         "",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -30,3 +32,17 @@ def consume(
             pytest.fail(f"got {len(records)} of {count} records within {timeout} s")
         records.extend(consumer.poll(max_records=count - len(records), timeout=0.5))
     return records
+
+
+@contextmanager
+def running(app: riverbed.App) -> Iterator[None]:
+    """Run ``app`` in a thread for the ``with`` block; stop it and check it finished."""
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+        assert not thread.is_alive()

@@ -213,17 +213,16 @@ class KafkaLog(Closing):
         delete_retention_ms: int = DEFAULT_DELETE_RETENTION_MS,
     ) -> TopicInfo:
         self._check_open()
-        validate_topic(
-            TopicInfo(
-                name,
-                partitions,
-                compact,
-                retention_ms,
-                retention_bytes,
-                max_record_bytes,
-                delete_retention_ms,
-            )
+        info = TopicInfo(
+            name,
+            partitions,
+            compact,
+            retention_ms,
+            retention_bytes,
+            max_record_bytes,
+            delete_retention_ms,
         )
+        validate_topic(info)
         policy = ["compact"] if compact else []
         if not compact or retention_ms is not None or retention_bytes is not None:
             policy.append("delete")
@@ -246,15 +245,7 @@ class KafkaLog(Closing):
                 f"Kafka refused to create topic '{name}': {_kafka_error(error)}"
             ) from None
         self._wait_for_leaders(name, partitions)
-        return TopicInfo(
-            name,
-            partitions,
-            compact,
-            retention_ms,
-            retention_bytes,
-            max_record_bytes,
-            delete_retention_ms,
-        )
+        return info
 
     def _wait_for_leaders(self, name: str, partitions: int) -> None:
         # CreateTopics returns once the controller wrote the topic; brokers learn it a moment

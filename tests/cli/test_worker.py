@@ -30,15 +30,20 @@ APP_MODULE = textwrap.dedent(
 )
 
 
-def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
-    (tmp_path / "wordapp.py").write_text(APP_MODULE)
-    url = f"sqlite:///{tmp_path}/log.db"
-    worker = subprocess.Popen(
-        [RIVERBED, "--url", url, "worker", "wordapp:app"],
+def start_worker(tmp_path: Path, *args: str, module: str = APP_MODULE) -> subprocess.Popen[str]:
+    """``riverbed worker`` on a SQLite log in ``tmp_path``, with the app module written there."""
+    (tmp_path / "wordapp.py").write_text(module)
+    return subprocess.Popen(
+        [RIVERBED, "--url", f"sqlite:///{tmp_path}/log.db", "worker", *args],
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    worker = start_worker(tmp_path, "wordapp:app")
     try:
         with riverbed.connect(url) as log:
             wait_until(
@@ -82,16 +87,9 @@ def test_worker_target_errors(tmp_path: Path, target: str, message: str) -> None
 
 
 def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
-    (tmp_path / "wordapp.py").write_text(
-        APP_MODULE.replace("value=str)", "value=str, partitions=2)")
-    )
     url = f"sqlite:///{tmp_path}/log.db"
-    parent = subprocess.Popen(
-        [RIVERBED, "--url", url, "worker", "wordapp:app", "--processes", "2"],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    two_partitions = APP_MODULE.replace("value=str)", "value=str, partitions=2)")
+    parent = start_worker(tmp_path, "wordapp:app", "--processes", "2", module=two_partitions)
     try:
         with riverbed.connect(url) as log:
             wait_until(
@@ -114,15 +112,9 @@ def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
 
 
 def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
-    (tmp_path / "wordapp.py").write_text(APP_MODULE)
     url = f"sqlite:///{tmp_path}/log.db"
     port = free_port()
-    worker = subprocess.Popen(
-        [RIVERBED, "--url", url, "worker", "wordapp:app", "--metrics-port", str(port)],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    worker = start_worker(tmp_path, "wordapp:app", "--metrics-port", str(port))
 
     def scrape() -> str:
         try:

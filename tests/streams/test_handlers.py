@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import msgspec
 
@@ -15,26 +13,13 @@ from riverbed.streams.handlers import (
     CORRELATION_HEADER,
     Backoff,
 )
-from tests.support import consume, wait_until
+from tests.support import consume, running, wait_until
 
 FAST = riverbed.exponential(base=0.001, max=0.01)
 
 
 class Order(msgspec.Struct):
     id: int
-
-
-@contextmanager
-def running(app: riverbed.App) -> Iterator[None]:
-    stop = threading.Event()
-    thread = threading.Thread(target=app.run, args=(stop,))
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(60)
-        assert not thread.is_alive()
 
 
 def test_retries_then_dead_letter_in_order(log_url: str, topic_name: Callable[[str], str]) -> None:

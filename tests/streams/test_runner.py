@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
 import riverbed
-from tests.support import consume, wait_until
+from tests.support import consume, running, wait_until
 
 
 class Payment(msgspec.Struct):
@@ -33,19 +32,6 @@ def fraud_app(url: str, source: str, target: str) -> riverbed.App:
         alerts
     )
     return app
-
-
-@contextmanager
-def running(app: riverbed.App) -> Iterator[None]:
-    stop = threading.Event()
-    thread = threading.Thread(target=app.run, args=(stop,))
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(60)
-        assert not thread.is_alive()
 
 
 def test_pipeline_processes_commits_and_parks_bad_records(
