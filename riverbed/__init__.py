@@ -33,11 +33,23 @@ from riverbed.serde.codecs import DeserializationError, SerializationError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import IncompatibleSchemaError
 from riverbed.streams import App, Topic, TypedRecord
+from riverbed.streams.aggregators import (
+    Aggregator,
+    collect,
+    count,
+    latest,
+    max,
+    mean,
+    min,
+    sum,
+)
 from riverbed.streams.handlers import Backoff, exponential
+from riverbed.streams.windows import Windowed, hopping, session, sliding, tumbling
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregator",
     "App",
     "Backoff",
     "BrokerUnavailableError",
@@ -70,7 +82,19 @@ __all__ = [
     "UnknownGroupError",
     "UnknownPartitionError",
     "UnknownTopicError",
+    "Windowed",
     "__version__",
+    "collect",
     "connect",
+    "count",
     "exponential",
+    "hopping",
+    "latest",
+    "max",
+    "mean",
+    "min",
+    "session",
+    "sliding",
+    "sum",
+    "tumbling",
 ]

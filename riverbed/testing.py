@@ -1,48 +1,81 @@
-"""Helpers for users' unit tests: run a pipeline over a list of inputs, without a log."""
+"""Helpers for users' unit tests: run an app's pipelines over lists of inputs.
+
+``run_app`` runs the app for real, on a throwaway embedded log: the inputs are written with the
+topics' codecs, every pipeline (repartitioning, windows, joins, exactly-once commits) runs until
+nothing is left to process, and the outputs and the state are read back.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from riverbed.streams.dsl import Stream
+from riverbed.errors import RiverbedError
+from riverbed.streams.app import App
+from riverbed.streams.runner import reachable_outputs
+from riverbed.streams.topics import Topic
+
+# (key, value) or (key, value, timestamp_ms)
+Input = tuple[Any, Any] | tuple[Any, Any, int]
 
 
-class StreamResult(msgspec.Struct):
-    """What a pipeline wrote: per output topic, its ``(key, value)`` pairs in order."""
+class PipelineResult(msgspec.Struct):
+    """What the pipelines wrote, per output topic, as ``(key, value)`` pairs in order; and
+    the state they hold, per store, as ``{state key: entry}`` over all partitions."""
 
     outputs: dict[str, list[tuple[Any, Any]]]
+    state: dict[str, dict[Any, Any]]
 
 
-def run_stream(stream: Stream[Any, Any], inputs: Iterable[tuple[Any, Any]]) -> StreamResult:
-    """Run ``inputs`` (``(key, value)`` pairs) through ``stream`` as one batch.
+def run_app(
+    app: App, inputs: Mapping[Topic[Any, Any], Iterable[Input]], url: str | None = None
+) -> PipelineResult:
+    """Write ``inputs`` to their topics, process everything, return outputs and state.
 
-    Keys and values go through the topics' codecs both ways, as on a real log, so a value that
-    would not encode or decode fails here too. Sinks are called.
+    ``app`` must not have opened its log yet: it runs on a temporary SQLite file (or on the log
+    at ``url``, whose topics should then be new).
     """
-    source = stream.source
-    pairs = []
-    for key, value in inputs:
-        key_bytes, value_bytes, _ = source.encode(value, key)
-        decoded_key = None if key_bytes is None else source.key_codec.decode(key_bytes)
-        pairs.append((decoded_key, source.value_codec.decode(value_bytes)))
-    results = stream.process(pairs)
-    outputs: dict[str, list[tuple[Any, Any]]] = {}
-    for output in stream.outputs:
-        if output.sink is not None:
-            for key, value in results:
-                output.sink(key, value)
-        if output.topic is not None:
-            topic = output.topic
-            written = outputs.setdefault(topic.name, [])
-            for key, value in results:
-                key_bytes, value_bytes, _ = topic.encode(value, key)
-                written.append(
-                    (
-                        None if key_bytes is None else topic.key_codec.decode(key_bytes),
-                        topic.value_codec.decode(value_bytes),
-                    )
-                )
-    return StreamResult(outputs)
+    if app.is_connected:
+        raise RiverbedError(
+            f"app '{app.name}' already opened its log; run_app needs a fresh App to run it on "
+            "a temporary log"
+        )
+    with tempfile.TemporaryDirectory(prefix="riverbed-test-") as tmp:
+        app.use_url(url or f"sqlite:///{Path(tmp) / 'log.db'}")
+        try:
+            app.start()
+            with app.log.producer() as producer:
+                for topic, rows in inputs.items():
+                    for key, value, *timestamp in rows:
+                        key_bytes, value_bytes, headers = topic.encode(value, key)
+                        producer.send(
+                            topic.name,
+                            value_bytes,
+                            key=key_bytes,
+                            headers=headers,
+                            timestamp_ms=timestamp[0] if timestamp else None,
+                        )
+            with app.runner() as runner:
+                while runner.run_once(poll_timeout=0.2) or runner.run_once(poll_timeout=0.2):
+                    pass
+                state = {name: node.snapshot() for name, node in app.topology.stateful.items()}
+            outputs: dict[str, list[tuple[Any, Any]]] = {}
+            for node in reachable_outputs(app.topology):
+                outputs[node.topic.name] = _read(app, node.topic)
+            return PipelineResult(outputs, state)
+        finally:
+            app.close()
+            app.use_url(None)
+
+
+def _read(app: App, topic: Topic[Any, Any]) -> list[tuple[Any, Any]]:
+    with app.log.consumer(topics=[topic.name], from_beginning=True) as consumer:
+        records = []
+        while batch := consumer.poll(max_records=10_000, timeout=0.2):
+            records.extend(batch)
+    records.sort(key=lambda r: (r.partition, r.offset))
+    return [(typed.key, typed.value) for typed in map(topic.decode, records)]

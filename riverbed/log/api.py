@@ -375,6 +375,29 @@ class Consumer(Closeable, Protocol):
     def assignment(self) -> set[TopicPartition]: ...
 
 
+class TransactionalProducer(Producer, Protocol):
+    """A producer bound to a group consumer, for exactly-once read-process-write.
+
+    Records sent between ``begin_transaction`` and ``commit_transaction`` become visible to
+    consumers together with the consumer's offsets, or not at all: a crash or an abort in between
+    leaves neither. A fenced member (its partitions moved in a rebalance) cannot commit, so a
+    zombie never writes a batch twice. Consumers never see records of open or aborted
+    transactions (Kafka's ``read_committed``; the embedded log writes nothing before commit).
+    """
+
+    def begin_transaction(self) -> None: ...
+
+    def commit_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Publish the transaction's records and commit ``offsets`` (next offset to read) for the
+        bound consumer's group, atomically. Raises ``CommitFailedError`` if the member was
+        fenced; the transaction is then aborted and nothing of it is visible."""
+        ...
+
+    def abort_transaction(self) -> None:
+        """Drop the transaction's records; its futures fail with ``TransactionAbortedError``."""
+        ...
+
+
 class Log(Closeable, Protocol):
     """A partitioned, replayable log: topics, producers, consumers and groups."""
 
@@ -419,6 +442,10 @@ class Log(Closeable, Protocol):
         on_assign: RebalanceCallback | None = None,
         on_revoke: RebalanceCallback | None = None,
     ) -> Consumer: ...
+
+    def transactional_producer(self, consumer: Consumer) -> TransactionalProducer:
+        """A producer whose transactions commit ``consumer``'s offsets (it must be in a group)."""
+        ...
 
     def list_groups(self) -> list[str]: ...
 

@@ -78,3 +78,11 @@ class DeliveryError(RiverbedError):
 
 class InvalidRecordError(RiverbedError, ValueError):
     """A record the topic cannot take, such as a record without a key on a compacted topic."""
+
+
+class TransactionAbortedError(RiverbedError):
+    """The record's transaction was aborted, so the record was never made visible."""
+
+
+class TransactionStateError(RiverbedError):
+    """A transactional call out of order: begin, send, then commit or abort."""

@@ -1,10 +1,11 @@
 """The log on Apache Kafka: ``kafka://host:9092[,host2:9092]?connect_timeout=10``.
 
 Topics, offsets and groups go through confluent-kafka's ``AdminClient``; ``KafkaProducer`` and
-``KafkaConsumer`` wrap librdkafka's producer and consumer. librdkafka's ``murmur2_random``
-partitioner places keyed records exactly as the SQLite backend's murmur2 does (the tests cross-check
-them), so a key lands in the same partition number on both; keyless records are spread by the same
-``StickyPartitioner`` on both.
+``KafkaConsumer`` wrap librdkafka's producer and consumer, and ``KafkaTransactionalProducer`` its
+transactional producer (exactly-once read-process-write; consumers read committed records only).
+librdkafka's ``murmur2_random`` partitioner places keyed records exactly as the SQLite backend's
+murmur2 does (the tests cross-check them), so a key lands in the same partition number on both;
+keyless records are spread by the same ``StickyPartitioner`` on both.
 
 URL options: ``connect_timeout`` (seconds), ``replication_factor`` (of new topics), and any
 librdkafka setting, recognised by its dot (``?security.protocol=ssl&client.id=shop``).
@@ -30,6 +31,7 @@ from riverbed.log.api import (
     MAX_POLL_INTERVAL_MS,
     RECORD_OVERHEAD,
     Closing,
+    Consumer,
     DeliveryErrors,
     GroupDescription,
     GroupMember,
@@ -56,6 +58,8 @@ from riverbed.log.errors import (
     DeliveryError,
     InvalidTopicError,
     TopicExistsError,
+    TransactionAbortedError,
+    TransactionStateError,
     UnknownGroupError,
     UnknownTopicError,
 )
@@ -111,6 +115,18 @@ _FENCED = frozenset(
         KafkaError._MAX_POLL_EXCEEDED,
     }
 )
+# A transactional producer whose epoch is stale: the broker aborted its transaction on timeout
+# (or another producer took its transactional.id). librdkafka reports it as a fatal error.
+_PRODUCER_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+# How records of an aborted transaction are reported (librdkafka purges them).
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# The broker aborts a transaction open for longer (Kafka Streams' exactly-once default). A
+# transactional.id per producer instance means no successor aborts a crashed member's open
+# transaction, and until the broker does, read_committed consumers wait at its first record.
+# ``?transaction.timeout.ms=N`` in the URL changes it.
+TRANSACTION_TIMEOUT_MS = 10_000
 _MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 # Consumer errors librdkafka recovers from by itself (reconnects, rejoins, offset resets).
 _TRANSIENT = frozenset(
@@ -420,6 +436,19 @@ class KafkaLog(Closing):
         self._children.add(producer)
         return producer
 
+    def transactional_producer(
+        self, consumer: Consumer, linger_ms: float = 5.0, batch_size: int = 1_000_000
+    ) -> KafkaTransactionalProducer:
+        self._check_open()
+        if not isinstance(consumer, KafkaConsumer):
+            raise RiverbedError(
+                "a transactional producer commits the offsets of a consumer of the same log; "
+                "create it with log.consumer(group='name', ...)"
+            )
+        producer = KafkaTransactionalProducer(self, consumer, linger_ms, batch_size)
+        self._children.add(producer)
+        return producer
+
     def consumer(
         self,
         group: str | None = None,
@@ -632,7 +661,13 @@ class _DeliveryFuture(SendFuture):
 class KafkaProducer(Closing):
     """librdkafka's idempotent producer: acks=all, ordered per partition, no duplicates on retry."""
 
-    def __init__(self, log: KafkaLog, linger_ms: float, batch_size: int) -> None:
+    def __init__(
+        self,
+        log: KafkaLog,
+        linger_ms: float,
+        batch_size: int,
+        extra_config: Mapping[str, Any] = _NO_EXTRAS,
+    ) -> None:
         self._log = log
         self._producer = confluent_kafka.Producer(
             {
@@ -653,6 +688,7 @@ class KafkaProducer(Closing):
                 "delivery.timeout.ms": int(linger_ms) + 60_000,
                 # Records sent without a future (send_many) report here; only failures matter.
                 "on_delivery": self._on_bulk_delivery,
+                **extra_config,
             }
         )
         self._batch_size = batch_size
@@ -717,7 +753,7 @@ class KafkaProducer(Closing):
             partition = self._sticky.next(size + RECORD_OVERHEAD, info.partitions)
         else:
             partition = UNASSIGNED_PARTITION
-        future = _DeliveryFuture(self)
+        future = self._future()
         extra = _NO_EXTRAS  # without a timestamp, librdkafka stamps the record with the time now
         if timestamp_ms is not None or headers:
             extra = {"timestamp": timestamp_ms or 0, "headers": dict(headers) if headers else None}
@@ -731,6 +767,9 @@ class KafkaProducer(Closing):
         self._sent += 1
         self._producer.poll(0)
         return future
+
+    def _future(self) -> _DeliveryFuture:
+        return _DeliveryFuture(self)
 
     def send_many(
         self,
@@ -828,6 +867,287 @@ class KafkaProducer(Closing):
             self._poller.join()
 
 
+class _Transaction:
+    """One transaction's outcome, shared by its records' futures and settled once for all when it
+    commits or aborts (a transaction's records are visible all together or not at all)."""
+
+    __slots__ = ("error", "lock", "open", "waiting")
+
+    def __init__(self) -> None:
+        self.open = True
+        self.error: BaseException | None = None
+        # Guards ``waiting`` between a caller adding a callback and the transaction ending.
+        self.lock = threading.Lock()
+        self.waiting: list[SendFuture] = []
+
+    def end(self, error: BaseException | None) -> None:
+        with self.lock:
+            self.open = False
+            self.error = error
+            waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            future.run_callbacks()
+
+
+class _TransactionFuture(_DeliveryFuture):
+    """A transactional record's future: done when its transaction ends, with the record's metadata
+    once committed or ``TransactionAbortedError`` once aborted. The delivery report comes earlier
+    (the broker holds the record invisible) and is only kept for the metadata."""
+
+    __slots__ = ("_transaction",)
+
+    def __init__(self, producer: KafkaProducer, transaction: _Transaction) -> None:
+        super().__init__(producer)
+        self._transaction = transaction
+
+    def _outcome(self) -> RecordMetadata | BaseException | None:
+        transaction = self._transaction
+        if transaction.open:
+            return None
+        return transaction.error or super()._outcome()
+
+    def _force(self, timeout: float | None) -> None:
+        if self._transaction.open:
+            raise TransactionStateError(
+                "the record's transaction is still open; its outcome is known once "
+                "commit_transaction() or abort_transaction() returns"
+            )
+        super()._force(timeout)
+
+    def __call__(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self._error = self._producer.delivery_error(message.topic(), error)
+        self._message = message
+
+    def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
+        transaction = self._transaction
+        with transaction.lock:
+            if transaction.open:
+                if self._callbacks is None:
+                    self._callbacks = []
+                    transaction.waiting.append(self)
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+
+class KafkaTransactionalProducer(KafkaProducer):
+    """librdkafka's transactional producer, bound to a group consumer (exactly-once v2, KIP-447).
+
+    ``commit_transaction`` sends the consumer's offsets with its group metadata, so the broker
+    fences a member whose generation is stale; that, not the transactional.id, keeps zombies out,
+    hence an id per instance. Errors: a fenced member or producer aborts the transaction and raises
+    ``CommitFailedError``; any other abortable error aborts it and raises
+    ``TransactionAbortedError``; a fatal error leaves the producer unusable.
+    """
+
+    def __init__(
+        self, log: KafkaLog, consumer: KafkaConsumer, linger_ms: float, batch_size: int
+    ) -> None:
+        if consumer.group is None:
+            raise RiverbedError(
+                "a transactional producer commits its consumer's group offsets, and this "
+                "consumer has no group; create it with log.consumer(group='name', ...)"
+            )
+        timeout_ms = int(log.client_config.get("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS))
+        super().__init__(
+            log,
+            linger_ms,
+            batch_size,
+            {
+                "transactional.id": f"riverbed-{consumer.group}-{uuid.uuid4().hex}",
+                "transaction.timeout.ms": timeout_ms,
+                # librdkafka refuses a delivery timeout longer than the transaction's.
+                "delivery.timeout.ms": min(int(linger_ms) + 60_000, timeout_ms),
+            },
+        )
+        self._consumer = consumer
+        self._group = consumer.group
+        self._timeout_s = timeout_ms / 1000
+        self._transaction: _Transaction | None = None
+        self._broken: str | None = None  # why a fatal error made the producer unusable
+        try:
+            self._retrying(self._producer.init_transactions, self._timeout_s)
+        except KafkaException as error:
+            self._broken = "it never started"
+            self.close()
+            raise BrokerUnavailableError(
+                f"Kafka did not start a transactional producer ({_kafka_error(error)}); check "
+                "that the brokers run and that transaction.state.log.replication.factor is at "
+                "most the number of brokers"
+            ) from None
+
+    def _retrying(self, call: Callable[..., object], *args: Any) -> None:
+        """Run a transactional call again while it fails with a retriable error (librdkafka's
+        advice, e.g. a coordinator moving), until the transaction timeout."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exception:
+                error = _kafka_error(exception)
+                if (
+                    not isinstance(error, KafkaError)
+                    or not error.retriable()
+                    or error.txn_requires_abort()
+                    or time.monotonic() > deadline
+                ):
+                    raise
+                time.sleep(0.05)
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._broken is not None:
+            raise ClosedError(
+                f"the transactional producer failed ({self._broken}) and cannot be used any "
+                "more; close it and create a new one with log.transactional_producer(consumer)"
+            )
+
+    def _current(self, action: str) -> _Transaction:
+        self._check_usable()
+        if self._transaction is None:
+            raise TransactionStateError(
+                f"cannot {action} outside a transaction; call begin_transaction() first"
+            )
+        return self._transaction
+
+    def begin_transaction(self) -> None:
+        self._check_usable()
+        if self._transaction is not None:
+            raise TransactionStateError(
+                "a transaction is already open; commit_transaction() or abort_transaction() it"
+            )
+        self._producer.begin_transaction()  # local: it fails only in a state ruled out above
+        self._transaction = _Transaction()
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> SendFuture:
+        self._current("send")
+        return super().send(topic, value, key, headers, partition, timestamp_ms)
+
+    def _future(self) -> _DeliveryFuture:
+        transaction = self._transaction
+        assert transaction is not None  # send checked it
+        return _TransactionFuture(self, transaction)
+
+    def send_many(
+        self,
+        topic: str,
+        items: Iterable[tuple[bytes | None, bytes | None]],
+        partition: int | None = None,
+        headers: Mapping[str, bytes] | None = None,
+    ) -> int:
+        self._current("send")
+        return super().send_many(topic, items, partition, headers)
+
+    def _on_bulk_delivery(self, error: Any, message: Any) -> None:
+        # Records purged by an abort are no delivery error: abort_transaction reported it.
+        if error is None or error.code() not in _PURGED:
+            super()._on_bulk_delivery(error, message)
+
+    def commit_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
+        transaction = self._current("commit")
+        try:
+            if offsets:
+                metadata = self._consumer.transaction_metadata(offsets)
+                positions = [KafkaTopicPartition(t, p, o) for (t, p), o in offsets.items()]
+                self._retrying(
+                    self._producer.send_offsets_to_transaction,
+                    positions,
+                    metadata,
+                    self._timeout_s,
+                )
+            # Flushes the transaction's records first; one failed record fails the commit.
+            self._retrying(self._producer.commit_transaction, self._timeout_s)
+        except CommitFailedError as fenced:  # found before asking the broker
+            self._abort(transaction, str(fenced))
+            raise
+        except KafkaException as exception:
+            raise self._failed(transaction, _kafka_error(exception)) from None
+        except BaseException as interrupted:  # KeyboardInterrupt mid-commit: nothing half-done
+            self._abort(transaction, repr(interrupted))
+            raise
+        self._transaction = None
+        self._producer.poll(0)  # serve delivery reports the commit's flush left queued
+        transaction.end(None)
+
+    def _failed(self, transaction: _Transaction, error: Any) -> RiverbedError:
+        """Abort the transaction after a failed commit; the error to raise."""
+        if not isinstance(error, KafkaError):
+            self._abort(transaction, str(error))
+            return RiverbedError(f"the transaction was aborted: {error}")
+        reason = error.str()
+        if error.fatal():
+            # librdkafka cannot abort any more; the broker aborts the transaction on its timeout.
+            self._broken = reason
+            self._transaction = None
+            transaction.end(TransactionAbortedError(f"the transaction was aborted: {reason}"))
+        else:  # txn_requires_abort(), or retriable errors past the transaction timeout
+            self._abort(transaction, reason)
+        if error.code() in _FENCED:
+            return CommitFailedError(
+                f"commit rejected: this member of group '{self._group}' was fenced by a "
+                f"rebalance ({reason}); its transaction was aborted, so none of its records or "
+                "offsets are visible, and the records polled since the last commit go to the "
+                "partitions' new owner; poll again to rejoin"
+            )
+        if error.code() in _PRODUCER_FENCED:
+            return CommitFailedError(
+                f"commit rejected: the transactional producer was fenced ({reason}), most "
+                f"likely because its transaction stayed open longer than "
+                f"transaction.timeout.ms ({self._timeout_s * 1000:.0f} ms) and the broker "
+                "aborted it; none of its records or offsets are visible; close this producer "
+                "and create a new one with log.transactional_producer(consumer)"
+            )
+        if self._broken is not None:
+            return RiverbedError(
+                f"the transaction failed ({reason}) and was aborted; the transactional producer "
+                "cannot be used any more: close it and create a new one with "
+                "log.transactional_producer(consumer)"
+            )
+        return TransactionAbortedError(f"the transaction was aborted: {reason}")
+
+    def abort_transaction(self) -> None:
+        self._abort(self._current("abort"), "abort_transaction() was called")
+
+    def _abort(self, transaction: _Transaction, reason: str) -> None:
+        self._transaction = None
+        try:
+            # An abort racing the transaction's first produce request can fail fatally with
+            # INVALID_TXN_STATE (librdkafka#4849): deliver what is in flight first. Those
+            # records are written, then aborted, so they stay invisible all the same.
+            self._producer.flush(self._timeout_s)
+            self._retrying(self._producer.abort_transaction, self._timeout_s)
+        except KafkaException as exception:
+            self._broken = f"{_kafka_error(exception)}"
+            raise RiverbedError(
+                f"could not abort the transaction ({self._broken}); the broker aborts it after "
+                f"transaction.timeout.ms; close this producer and create a new one"
+            ) from None
+        finally:
+            self._producer.poll(0)  # the purged records' delivery reports
+            self._errors = DeliveryErrors()  # send_many failures of the aborted records
+            transaction.end(TransactionAbortedError(f"the transaction was aborted: {reason}"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._transaction is not None and self._broken is None:
+            try:
+                self._abort(self._transaction, "the producer was closed")
+            except RiverbedError as error:
+                logger.warning("%s", error)
+        super().close()
+
+
 class KafkaConsumer(Closing):
     """librdkafka's consumer: in a group (cooperative rebalancing) or assigned every partition.
 
@@ -884,6 +1204,9 @@ class KafkaConsumer(Closing):
                 # A deep prefetch queue triples throughput (0.4 -> 1.2 M records/s read raw here);
                 # queued.max.messages.kbytes (64 MiB) still bounds its memory.
                 "queued.min.messages": 1_000_000,
+                # Records of open and aborted transactions are never handed out (librdkafka's
+                # default, stated here because exactly-once depends on it).
+                "isolation.level": "read_committed",
             }
         )
         if group is None:
@@ -932,6 +1255,12 @@ class KafkaConsumer(Closing):
             self._positions[tp.topic, tp.partition] = tp.offset
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        if self._closed:
+            # An assignment still pending when close() leaves the group: librdkafka wants it
+            # acknowledged, but a closing consumer cannot fetch committed offsets any more (the
+            # call would time out), and it reads nothing.
+            consumer.incremental_assign(partitions)
+            return
         added = {(tp.topic, tp.partition) for tp in partitions}
         self._start_at_positions(partitions)
         consumer.incremental_assign(partitions)
@@ -1033,14 +1362,7 @@ class KafkaConsumer(Closing):
         to_commit = dict(offsets) if offsets is not None else dict(self._positions)
         if not to_commit:
             return
-        moved = sorted(set(to_commit) - self._assignment)
-        if moved:
-            topic, partition = moved[0]
-            raise CommitFailedError(
-                f"commit rejected: partition {topic}[{partition}] of group '{self._group}' is not "
-                "assigned to this consumer (a rebalance moved it); its records since the last "
-                "commit go to the new owner, poll again to get the new assignment"
-            )
+        self._check_owned(to_commit)
         try:
             answer = self._consumer.commit(
                 offsets=[KafkaTopicPartition(t, p, o) for (t, p), o in to_commit.items()],
@@ -1053,6 +1375,24 @@ class KafkaConsumer(Closing):
             if tp.error is not None:
                 self._raise_commit_failed(tp.error)
                 raise RiverbedError(f"commit of {tp.topic}[{tp.partition}] failed: {tp.error}")
+
+    def _check_owned(self, offsets: Iterable[TopicPartition]) -> None:
+        moved = sorted(set(offsets) - self._assignment)
+        if moved:
+            topic, partition = moved[0]
+            raise CommitFailedError(
+                f"commit rejected: partition {topic}[{partition}] of group '{self._group}' is not "
+                "assigned to this consumer (a rebalance moved it); its records since the last "
+                "commit go to the new owner, poll again to get the new assignment"
+            )
+
+    def transaction_metadata(self, offsets: Iterable[TopicPartition]) -> Any:
+        """The group metadata a transaction commits ``offsets`` with: the broker rejects them if
+        this member is unknown or its generation stale (KIP-447). A partition that a poll already
+        saw move fails here first."""
+        self._check_open()
+        self._check_owned(offsets)
+        return self._consumer.consumer_group_metadata()
 
     def _raise_commit_failed(self, error: Any) -> None:
         if isinstance(error, KafkaError) and error.code() in _FENCED:

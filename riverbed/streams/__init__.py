@@ -1,4 +1,4 @@
-"""Layer 1: stream processing on the log: the App, typed topics, pipelines, handlers, the runner."""
+"""Stream processing on the log: typed topics, the Stream DSL, windows, state, runner, handlers."""
 
 from riverbed.streams.app import App
 from riverbed.streams.topics import Topic, TypedRecord

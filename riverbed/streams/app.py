@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from riverbed.errors import RiverbedError
 from riverbed.log import connect
-from riverbed.log.api import Closing, Log, Producer
+from riverbed.log.api import Closing, Log, Producer, TopicPartition
 from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
 from riverbed.streams.handlers import Backoff, Handler, exponential
+from riverbed.streams.joins import Table
 from riverbed.streams.runner import Runner
+from riverbed.streams.state import state_backend_for
+from riverbed.streams.state.backend import changelog_topics
 from riverbed.streams.topics import Topic
+from riverbed.streams.topology import Topology
 
 if TYPE_CHECKING:
     from riverbed.streams.metrics import RunnerMetrics
@@ -26,20 +32,44 @@ K = TypeVar("K")
 V = TypeVar("V")
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEFAULT_STATE_DIR = ".riverbed/state"
+
 
 class App(Closing):
     """An application: its topics on one log (``url``, else ``$RIVERBED_URL``, else SQLite)."""
 
-    def __init__(self, name: str, url: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str | None = None,
+        *,
+        exactly_once: bool = True,
+        state_dir: str | Path = DEFAULT_STATE_DIR,
+    ) -> None:
+        """``exactly_once``: each batch's outputs, state and input offsets commit atomically
+        (a transaction); False: at least once, cheaper, outputs may repeat after a crash.
+        ``state_dir``: where workers keep local state on Kafka (restored from changelogs)."""
         if not name:
             raise RiverbedError("an App needs a name, e.g. riverbed.App('shop')")
         self.name = name
+        self.exactly_once = exactly_once
+        self.state_dir = Path(state_dir)
         self._url = url
         self._log: Log | None = None
         self._producer: Producer | None = None
         self._topics: dict[str, Topic[Any, Any]] = {}
-        self._streams: list[Stream[Any, Any]] = []
+        self._topology = Topology(name)
         self._handlers: list[tuple[Topic[Any, Any], Handler]] = []
+
+    @property
+    def is_connected(self) -> bool:
+        return self._log is not None
+
+    def use_url(self, url: str | None) -> None:
+        """Point a not yet connected app at another log (``riverbed.testing`` does)."""
+        if self._log is not None:
+            raise RiverbedError(f"app '{self.name}' is connected; close() it first")
+        self._url = url
 
     @property
     def log(self) -> Log:
@@ -120,7 +150,23 @@ class App(Closing):
     def stream(self, topic: Topic[K, V]) -> Stream[K, V]:
         """A pipeline reading ``topic``; chain operators on it and end it with ``.to()``."""
         self._check_declared(topic)
-        return Stream(topic, self._streams.append)
+        return Stream(
+            self._topology,
+            self._topology.source(topic),
+            topic.value_type,
+            topic.partitions,
+            topic.name,
+        )
+
+    def table(self, topic: Topic[Any, Any]) -> Table:
+        """``topic``'s latest value per key, kept current in every worker, for
+        ``stream.join_table(table, ...)``; make the topic ``compact=True`` to bound it."""
+        self._check_declared(topic)
+        return self._topology.table(topic)
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
 
     def _check_declared(self, topic: Topic[Any, Any]) -> None:
         if self._topics.get(topic.name) is not topic:
@@ -141,11 +187,6 @@ class App(Closing):
             return fn
 
         return register
-
-    @property
-    def streams(self) -> list[Stream[Any, Any]]:
-        """The pipelines that end in a topic or a sink, in the order they were ended."""
-        return list(self._streams)
 
     def start(self) -> None:
         """Create missing topics (and their dead-letter topics) and register value schemas.
@@ -169,6 +210,13 @@ class App(Closing):
                 f"{topic.name}-value", topic.value_schema, topic.compatibility
             )
             topic.schema_version = version.version
+        internal = {name: t.partitions for name, t in self._topology.internal_topics.items()}
+        for name, partitions in internal.items():
+            with contextlib.suppress(TopicExistsError):
+                self.log.create_topic(name, partitions=partitions)
+        for name, partitions in changelog_topics(self.log, self._topology.store_partitions).items():
+            with contextlib.suppress(TopicExistsError):
+                self.log.create_topic(name, partitions=partitions, compact=True)
 
     def run(
         self,
@@ -180,33 +228,59 @@ class App(Closing):
         the batch in hand is finished and committed, and the consumer leaves the group.
         ``report(runner)`` is called about once a second with the runner's counters; with
         ``metrics_port``, Prometheus metrics are served there (the ``metrics`` extra)."""
-        if not self._streams and not self._handlers:
+        stop = stop or threading.Event()
+        metrics = None
+        if metrics_port is not None:
+            from riverbed.streams.metrics import RunnerMetrics
+
+            metrics = RunnerMetrics(self.name)
+            metrics.serve(metrics_port)
+            report = self._reporting_lag(metrics, report)
+        with _stopping_on_signals(stop), self.runner(metrics) as runner:
+            runner.run(stop, report)
+
+    @contextmanager
+    def runner(self, metrics: RunnerMetrics | None = None) -> Iterator[Runner]:
+        """The app started, in its group, with a runner to call ``run_once`` on (what
+        ``run`` loops over); leaving the block leaves the group."""
+        sources = sorted(
+            set(self._topology.running_sources()) | {t.name for t, _ in self._handlers}
+        )
+        if not sources:
             raise RiverbedError(
                 f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
                 "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
             )
         self.start()
-        stop = stop or threading.Event()
-        sources = sorted(
-            {s.source.name for s in self._streams} | {t.name for t, _ in self._handlers}
-        )
-        with (
-            _stopping_on_signals(stop),
-            self.log.consumer(group=self.name, topics=sources, from_beginning=True) as consumer,
-        ):
-            metrics = None
-            if metrics_port is not None:
-                from riverbed.streams.metrics import RunnerMetrics
+        runner: Runner | None = None
 
-                metrics = RunnerMetrics(self.name)
-                metrics.serve(metrics_port)
-                report = self._reporting_lag(metrics, report)
-            runner = Runner(self._streams, self._handlers, consumer, self.producer, metrics)
-            try:
-                runner.run(stop, report)
-            finally:
-                for _, handler in self._handlers:
-                    handler.close()
+        def revoked(partitions: set[TopicPartition]) -> None:
+            if runner is not None:
+                runner.revoked(partitions)
+
+        with (
+            self.log.consumer(
+                group=self.name, topics=sources, from_beginning=True, on_revoke=revoked
+            ) as consumer,
+            contextlib.ExitStack() as cleanup,
+        ):
+            producer: Producer = self.producer
+            if self.exactly_once:
+                producer = cleanup.enter_context(self.log.transactional_producer(consumer))
+            state = state_backend_for(self.log, self.name, self.state_dir)
+            cleanup.callback(state.close)
+            runner = Runner(
+                self._topology,
+                self._handlers,
+                self.log,
+                consumer,
+                producer,
+                state,
+                self.exactly_once,
+                metrics,
+            )
+            cleanup.callback(runner.close)
+            yield runner
 
     def _reporting_lag(
         self, metrics: RunnerMetrics, report: Callable[[Runner], None] | None

@@ -1,11 +1,19 @@
-"""Runs an app's pipelines on the log, at least once: poll a batch, decode it (undecodable records
-go to the dead-letter topic), run every pipeline over it, write the outputs, flush, then commit.
+"""Runs an app's pipelines and handlers on the log, one polled batch at a time.
 
-A crash before the commit replays the batch, so outputs may repeat but are never lost. The app's
-consumer group is named after the app, so several processes share the partitions. An exception
-from a pipeline's function stops the runner without committing, so the batch runs again on
-restart (Kafka Streams' default); handlers are where per-record retries and dead letters apply.
-Exactly-once (outputs, state and offsets in one transaction) is the next step of the stream layer.
+The order of a batch, written down once:
+
+1. poll a batch; with exactly-once, begin a transaction;
+2. bring tables up to date; decode each source partition's records (undecodable ones go to the
+   topic's dead-letter topic) and push them through the pipeline graph, which sends outputs and
+   internal-topic records on the producer and changes state in memory;
+3. commit: outputs, state changes and input offsets together (exactly-once: one transaction; at
+   least once: outputs flushed, then state, then offsets, so a crash replays the batch).
+
+If anything in 2-3 fails, the transaction is aborted, in-memory state is dropped (it reloads from
+the committed state) and the consumer goes back to the committed offsets. A fenced commit (the
+group rebalanced) is expected: the batch is processed again by whoever owns the partitions now.
+An exception from a pipeline's function stops the runner without committing, so the batch runs
+again on restart (Kafka Streams' default); handlers are where per-record retries apply.
 """
 
 from __future__ import annotations
@@ -17,42 +25,97 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from riverbed.log.api import Consumer, Producer, Record
+from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
+from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
-from riverbed.streams.dsl import Pair, Stream
 from riverbed.streams.handlers import Handler
-from riverbed.streams.topics import SCHEMA_VERSION_HEADER, Topic
+from riverbed.streams.nodes import Context, Item, Node, ToNode
+from riverbed.streams.state.backend import Changes, StateBackend
+from riverbed.streams.topics import Topic
+from riverbed.streams.topology import InternalSource, TopicSource, Topology
 
 if TYPE_CHECKING:
+    from riverbed.log.api import TransactionalProducer
     from riverbed.streams.metrics import RunnerMetrics
 
 BATCH_RECORDS = 5000
 Decoded = tuple[Record, Any, Any]
 REPORT_INTERVAL_S = 1.0
+TABLE_BOOTSTRAP_IDLE_S = 1.0
 
 
 class Runner:
-    """One process's share of an app's pipelines."""
+    """One process's share of an app's pipelines and handlers."""
 
     def __init__(
         self,
-        streams: list[Stream[Any, Any]],
+        topology: Topology,
         handlers: list[tuple[Topic[Any, Any], Handler]],
+        log: Log,
         consumer: Consumer,
         producer: Producer,
+        state: StateBackend,
+        exactly_once: bool,
         metrics: RunnerMetrics | None = None,
     ) -> None:
-        self._by_topic: dict[str, list[Stream[Any, Any]]] = defaultdict(list)
-        for stream in streams:
-            self._by_topic[stream.source.name].append(stream)
+        self._topology = topology
+        self._sources = topology.running_sources()
         self._handlers: dict[str, list[tuple[Topic[Any, Any], Handler]]] = defaultdict(list)
         for topic, handler in handlers:
             self._handlers[topic.name].append((topic, handler))
+        self._log = log
         self._consumer = consumer
         self._producer = producer
+        self._state = state
+        self._exactly_once = exactly_once
         self.metrics = metrics
         self.processed = 0
         self.dead_lettered = 0
+        self.aborted = 0
+        self._outputs = reachable_outputs(topology)
+        self._table_consumers = {
+            name: log.consumer(topics=[name], from_beginning=True) for name in topology.tables
+        }
+        self._bootstrap_tables()
+
+    # Tables
+
+    def _bootstrap_tables(self) -> None:
+        """Read every table to its end before the first batch, as a GlobalKTable does."""
+        for name, consumer in self._table_consumers.items():
+            ends = self._log.end_offsets(name)
+            reached: dict[int, int] = {}
+            idle_since = time.monotonic()
+            while any(reached.get(p, 0) < end for p, end in ends.items() if end > 0):
+                records = consumer.poll(max_records=BATCH_RECORDS, timeout=0.1)
+                if records:
+                    idle_since = time.monotonic()
+                    self._apply_table(name, records)
+                    for record in records:
+                        reached[record.partition] = record.offset + 1
+                elif time.monotonic() - idle_since > TABLE_BOOTSTRAP_IDLE_S:
+                    break  # only transaction markers are left past what was read
+
+    def _refresh_tables(self) -> None:
+        for name, consumer in self._table_consumers.items():
+            while records := consumer.poll(max_records=BATCH_RECORDS, timeout=0):
+                self._apply_table(name, records)
+
+    def _apply_table(self, name: str, records: list[Record]) -> None:
+        table = self._topology.tables[name]
+        decode_key = table.topic.key_codec.decode
+        decode_value = table.topic.value_codec.decode
+        pairs = []
+        for record in records:
+            try:
+                key = None if record.key is None else decode_key(record.key)
+                value = None if record.value is None else decode_value(record.value)
+            except DeserializationError:
+                continue  # a table keeps its last good value for the key
+            pairs.append((key, value))
+        table.apply(pairs)
+
+    # The loop
 
     def run(
         self,
@@ -75,37 +138,82 @@ class Runner:
         """Process one batch (if one arrives within ``poll_timeout``); returns its size."""
         records = self._consumer.poll(max_records=BATCH_RECORDS, timeout=poll_timeout)
         if not records:
+            self._refresh_tables()
             return 0
         started = time.monotonic()
-        by_topic: dict[str, list[Record]] = defaultdict(list)
-        for record in records:
-            by_topic[record.topic].append(record)
-        for topic_name, batch in by_topic.items():
-            for stream in self._by_topic[topic_name]:
-                self._process(stream, batch)
-            for topic, handler in self._handlers[topic_name]:
-                self._handle(handler, topic, batch)
-        # The order that makes at-least-once: outputs acknowledged, then input offsets committed.
-        self._producer.flush()
-        self._consumer.commit()
+        if self._exactly_once:
+            self._transactional().begin_transaction()
+        try:
+            by_partition = self._process(records)
+            offsets = {tp: batch[-1].offset + 1 for tp, batch in by_partition.items()}
+            self._state.commit(
+                self._producer, self._consumer, offsets, self._changes(), self._exactly_once
+            )
+        except CommitFailedError:
+            self._recover()
+            return 0
+        except BaseException:
+            self._recover()
+            raise
         self.processed += len(records)
         if self.metrics is not None:
-            for topic_name, batch in by_topic.items():
-                self.metrics.records_in.labels(topic_name).inc(len(batch))
-            self.metrics.batch_seconds.observe(time.monotonic() - started)
+            self._count(by_partition, started)
         return len(records)
 
-    def _process(self, stream: Stream[Any, Any], batch: list[Record]) -> None:
-        pairs = [(key, value) for _, key, value in self._decode(stream.source, batch)]
-        results = stream.process(pairs)
-        if not results:
-            return
-        for output in stream.outputs:
-            if output.topic is not None:
-                self._write(output.topic, results)
-            if output.sink is not None:
-                for key, value in results:
-                    output.sink(key, value)
+    def _transactional(self) -> TransactionalProducer:
+        return self._producer  # type: ignore[return-value]
+
+    def _process(self, records: list[Record]) -> dict[TopicPartition, list[Record]]:
+        self._refresh_tables()
+        by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
+        for record in records:
+            by_partition[record.topic, record.partition].append(record)
+        ctx = Context(self._producer, self._state.load)
+        self._ctx = ctx
+        for (topic_name, partition), batch in by_partition.items():
+            ctx.partition = partition
+            source = self._sources.get(topic_name)
+            if isinstance(source, TopicSource):
+                items: list[Item] = [
+                    (key, value, record.timestamp_ms)
+                    for record, key, value in self._decode(source.topic, batch)
+                ]
+                source.push(items, ctx)
+            elif isinstance(source, InternalSource):
+                source.push(source.items(batch), ctx)
+            for topic, handler in self._handlers[topic_name]:
+                self._handle(handler, topic, batch)
+        return by_partition
+
+    def _changes(self) -> Changes:
+        changes: Changes = {}
+        for node in self._ctx.touched:
+            changes.update(node.changes())
+        return changes
+
+    def _recover(self) -> None:
+        """After a failed batch: abort, forget in-memory state, rewind to committed offsets."""
+        self.aborted += 1
+        if self._exactly_once:
+            with contextlib.suppress(Exception):  # already aborted by a failed commit
+                self._transactional().abort_transaction()
+        for node in self._topology.stateful.values():
+            node.reset()
+        with contextlib.suppress(Exception):  # fenced: the next poll reassigns anyway
+            for (topic, partition), offset in self._consumer.committed().items():
+                if offset is None:
+                    self._consumer.seek_to_beginning([(topic, partition)])
+                else:
+                    self._consumer.seek(topic, partition, offset)
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions moved to another worker: drop their state here, hand it over there."""
+        numbers = {partition for _, partition in partitions}
+        for node in self._topology.stateful.values():
+            node.reset(numbers)
+        self._state.release(numbers)
+
+    # Handlers and decoding
 
     def _handle(self, handler: Handler, topic: Topic[Any, Any], batch: list[Record]) -> None:
         # Record by record, in order: a failing record is retried before the next one runs.
@@ -138,18 +246,41 @@ class Runner:
         if self.metrics is not None:
             self.metrics.dead_lettered.labels(topic.name).inc()
 
-    def _write(self, topic: Topic[Any, Any], results: list[Pair]) -> None:
-        encode_key, encode_value = topic.key_codec.encode, topic.value_codec.encode
-        headers = {}
-        if topic.schema_version is not None:
-            headers[SCHEMA_VERSION_HEADER] = str(topic.schema_version).encode()
-        self._producer.send_many(
-            topic.name,
-            [(None if k is None else encode_key(k), encode_value(v)) for k, v in results],
-            headers=headers,
-        )
-        if self.metrics is not None:
-            self.metrics.records_out.labels(topic.name).inc(len(results))
+    def _count(self, by_partition: dict[TopicPartition, list[Record]], started: float) -> None:
+        assert self.metrics is not None
+        for (topic_name, _), batch in by_partition.items():
+            self.metrics.records_in.labels(topic_name).inc(len(batch))
+        for node in self._outputs:
+            if node.written:
+                self.metrics.records_out.labels(node.topic.name).inc(node.written)
+                node.written = 0
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+
+    def close(self) -> None:
+        for consumer in self._table_consumers.values():
+            consumer.close()
+        for _, handlers in self._handlers.items():
+            for _, handler in handlers:
+                handler.close()
+
+
+def reachable_outputs(topology: Topology) -> list[ToNode]:
+    seen: set[int] = set()
+    found: list[ToNode] = []
+    stack: list[Node] = list(topology.sources.values())
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, ToNode):
+            found.append(node)
+        stack.extend(node.children)
+        stack.extend(getattr(node, "branches", ()))
+        late = getattr(node, "late", None)
+        if late is not None:
+            stack.append(late)
+    return found
 
 
 def _value_of(record: Record) -> bytes:

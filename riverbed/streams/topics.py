@@ -55,6 +55,8 @@ class Topic(Generic[K, V]):
         self.compact = compact
         self.retention_ms = retention_ms
         self.compatibility = compatibility
+        self.key_type = key_type
+        self.value_type = value_type
         self.key_codec: Codec[K] = codec_for(key_type)
         self.value_codec: Codec[V] = codec_for(value_type)
         self.value_schema: Schema = schema_of(value_type)

@@ -132,30 +132,52 @@ def commit_offsets(
     conn: sqlite3.Connection, group: str, member_id: str, offsets: Mapping[TopicPartition, int]
 ) -> None:
     """Store ``offsets`` if ``member_id`` still owns every one of their partitions."""
-    now = now_ms()
     with write_transaction(conn):
-        gen, assignment = current_assignment(conn, group)
-        owned = assignment.get(member_id)
-        if owned is None:
-            raise CommitFailedError(
-                f"commit rejected: member {member_id} of group '{group}' was fenced (its "
-                f"session expired; the group is at generation {gen}); the records polled since "
-                "the last commit go to the partitions' new owner, poll again to rejoin"
-            )
-        lost = sorted(set(offsets) - owned)
-        if lost:
-            topic, partition = lost[0]
-            raise CommitFailedError(
-                f"commit rejected: partition {topic}[{partition}] of group '{group}' moved to "
-                f"another member in generation {gen}; its records since the last commit go to "
-                "the new owner, poll again to get the new assignment"
-            )
-        conn.executemany(
-            "INSERT INTO group_offsets (group_id, topic, partition, committed_offset, commit_ms) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
-            "committed_offset = excluded.committed_offset, commit_ms = excluded.commit_ms",
-            [(group, t, p, offset, now) for (t, p), offset in offsets.items()],
+        store_offsets(conn, group, member_id, offsets)
+
+
+def store_offsets(
+    conn: sqlite3.Connection,
+    group: str,
+    member_id: str,
+    offsets: Mapping[TopicPartition, int],
+    generation: int | None = None,
+) -> None:
+    """``commit_offsets`` inside the caller's write transaction (a transactional producer's).
+
+    With ``generation`` (the one the member's positions come from), any rebalance since fences
+    the commit: the member may have lost a partition and got it back, and its positions would
+    then undo the commits made by the owner in between.
+    """
+    now = now_ms()
+    gen, assignment = current_assignment(conn, group)
+    if generation is not None and gen != generation:
+        raise CommitFailedError(
+            f"commit rejected: group '{group}' rebalanced (generation {generation} -> {gen}) "
+            "since this member's last poll; the transaction is aborted and its records are "
+            "processed again after the next poll"
         )
+    owned = assignment.get(member_id)
+    if owned is None:
+        raise CommitFailedError(
+            f"commit rejected: member {member_id} of group '{group}' was fenced (its "
+            f"session expired; the group is at generation {gen}); the records polled since "
+            "the last commit go to the partitions' new owner, poll again to rejoin"
+        )
+    lost = sorted(set(offsets) - owned)
+    if lost:
+        topic, partition = lost[0]
+        raise CommitFailedError(
+            f"commit rejected: partition {topic}[{partition}] of group '{group}' moved to "
+            f"another member in generation {gen}; its records since the last commit go to "
+            "the new owner, poll again to get the new assignment"
+        )
+    conn.executemany(
+        "INSERT INTO group_offsets (group_id, topic, partition, committed_offset, commit_ms) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
+        "committed_offset = excluded.committed_offset, commit_ms = excluded.commit_ms",
+        [(group, t, p, offset, now) for (t, p), offset in offsets.items()],
+    )
 
 
 def committed_offsets(conn: sqlite3.Connection, group: str) -> dict[TopicPartition, int]:

@@ -12,12 +12,13 @@ from typing import TypeVar
 
 import msgspec
 
-from riverbed.errors import InvalidUrlError
+from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.log.api import (
     DEFAULT_DELETE_RETENTION_MS,
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_SESSION_TIMEOUT_MS,
     Closing,
+    Consumer,
     GroupDescription,
     GroupMember,
     GroupPartitionOffset,
@@ -39,6 +40,7 @@ from riverbed.log.sqlite import groups, maintenance
 from riverbed.log.sqlite.consumer import SqliteConsumer
 from riverbed.log.sqlite.producer import SqliteProducer
 from riverbed.log.sqlite.store import Database, now_ms, read_transaction, write_transaction
+from riverbed.log.sqlite.transactions import SqliteTransactionalProducer
 from riverbed.urls import BackendUrl
 
 T = TypeVar("T")
@@ -243,6 +245,20 @@ class SqliteLog(Closing):
 
     def producer(self, linger_ms: float = 5.0, batch_size: int = 1_000_000) -> SqliteProducer:
         producer = SqliteProducer(self, linger_ms=linger_ms, batch_size=batch_size)
+        self._children.add(producer)
+        return producer
+
+    def transactional_producer(
+        self, consumer: Consumer, linger_ms: float = 5.0, batch_size: int = 1_000_000
+    ) -> SqliteTransactionalProducer:
+        if not isinstance(consumer, SqliteConsumer):
+            raise RiverbedError(
+                "a transactional producer needs a consumer of the same log; "
+                "create it with log.consumer(group=...)"
+            )
+        producer = SqliteTransactionalProducer(
+            self, consumer, linger_ms=linger_ms, batch_size=batch_size
+        )
         self._children.add(producer)
         return producer
 

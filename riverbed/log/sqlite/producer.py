@@ -71,6 +71,9 @@ class _PartitionBuffer:
 
 
 class SqliteProducer(Closing):
+    # Whether buffered records are written when lingered or full (not so in a transaction).
+    autoflush = True
+
     def __init__(self, log: SqliteLog, linger_ms: float, batch_size: int) -> None:
         self._log = log
         self._linger_s = linger_ms / 1000
@@ -246,7 +249,7 @@ class SqliteProducer(Closing):
                 self._append(buffers)
 
     def _append(self, buffers: dict[tuple[str, int], _PartitionBuffer]) -> None:
-        written: list[tuple[str, int, int, _PartitionBuffer]] = []
+        written: list[tuple[int, _PartitionBuffer]] = []
         failed: list[tuple[_PartitionBuffer, BaseException]] = []
         try:
             with write_transaction(self._conn) as conn:
@@ -256,14 +259,22 @@ class SqliteProducer(Closing):
                     except UnknownTopicError as unknown:
                         failed.append((buffer, unknown))
                         continue
-                    written.append((topic, partition, base, buffer))
+                    written.append((base, buffer))
         except sqlite3.Error as db_error:
             failure = DeliveryError(f"could not append to {self._log.path}: {db_error}")
             failed = [(buffer, failure) for buffer in buffers.values()]
             written = []
+        self._settle(written, failed)
+
+    def _settle(
+        self,
+        written: list[tuple[int, _PartitionBuffer]],
+        failed: list[tuple[_PartitionBuffer, BaseException]],
+    ) -> None:
+        """Wake local consumers and resolve the futures of committed and failed batches."""
         with self._appended:
             self._appended.notify_all()
-        for _, _, base, buffer in written:
+        for base, buffer in written:
             buffer.delivery.resolve(base)
         for buffer, reason in failed:
             unacknowledged = buffer.count - buffer.futures
@@ -335,7 +346,7 @@ class SqliteProducer(Closing):
             with self._wakeup:
                 while not self._closed:
                     now = time.monotonic()
-                    if self._buffered_bytes:
+                    if self._buffered_bytes and self.autoflush:
                         remaining = self._first_buffered_at + self._linger_s - now
                         if remaining <= 0:
                             break

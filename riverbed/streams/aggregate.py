@@ -1,0 +1,37 @@
+"""Aggregation without windows: a running result per key (a table, in Kafka Streams' terms).
+
+After each batch, every key the batch touched emits its current result once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from riverbed.streams.nodes import Item
+from riverbed.streams.windows.base import Aggregation, WindowNode, grouped
+
+
+class AggregateNode(WindowNode[list[Any]]):
+    def __init__(self, store: str, aggregation: Aggregation) -> None:
+        super().__init__(store, aggregation, None, 0, "update", None, aggregation.state_type)
+
+    def process(
+        self,
+        partition: int,
+        entries: dict[Any, list[Any]],
+        dirty: set[Any],
+        items: list[Item],
+        times: list[int],
+        stream_times: list[int],
+    ) -> tuple[list[Item], list[Item]]:
+        add_many, result = self.aggregation.add_many, self.aggregation.result
+        groups = grouped((k for k, _, _ in items), (v for _, v, _ in items))
+        for key, values in groups.items():
+            entries[key] = add_many(entries.get(key), values)
+            dirty.add(key)
+        return [], [(key, result(entries[key]), stream_times[-1]) for key in groups]
+
+    def close(
+        self, partition: int, entries: dict[Any, list[Any]], dirty: set[Any], stream_time: int
+    ) -> list[Item]:
+        return []

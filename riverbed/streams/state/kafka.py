@@ -1,0 +1,160 @@
+"""State on Kafka: a local SQLite file per store partition, backed by a compacted changelog.
+
+A batch's state changes go to the store's changelog topic in the batch's transaction; only
+after it commits are they applied to the local file, so the file never holds state that Kafka
+does not. Taking a partition (on assignment, or after a crash) restores the file by replaying
+the changelog from the file's checkpoint to the end; replaying puts the latest values again, so
+a checkpoint that is behind (a crash before it was written) costs time, never correctness. The
+checkpoint is written when the partition is released.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import confluent_kafka
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from riverbed.errors import RiverbedError
+from riverbed.log.api import Consumer, Producer, TopicPartition, TransactionalProducer
+from riverbed.log.kafka import KafkaLog
+from riverbed.streams.state.backend import CHANGELOG_SUFFIX, Changes
+
+RESTORE_BATCH = 10_000
+# A transaction left open by a dead worker holds read_committed readers back until the broker
+# aborts it (the producer's transaction timeout); restoring waits at most this long for that.
+RESTORE_STALL_S = 120.0
+
+
+class LocalStore:
+    """One store partition's local file: its entries and the changelog offset they reflect."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS state (key BLOB PRIMARY KEY, value BLOB NOT NULL) "
+            "WITHOUT ROWID"
+        )
+        self.conn.execute("CREATE TABLE IF NOT EXISTS checkpoint (next_offset INTEGER NOT NULL)")
+
+    @property
+    def checkpoint(self) -> int:
+        row = self.conn.execute("SELECT next_offset FROM checkpoint").fetchone()
+        return int(row[0]) if row else 0
+
+    def set_checkpoint(self, offset: int) -> None:
+        self.conn.execute("BEGIN")
+        self.conn.execute("DELETE FROM checkpoint")
+        self.conn.execute("INSERT INTO checkpoint (next_offset) VALUES (?)", (offset,))
+        self.conn.execute("COMMIT")
+
+    def apply(self, entries: Mapping[bytes, bytes | None]) -> None:
+        self.conn.execute("BEGIN")
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+            [(k, v) for k, v in entries.items() if v is not None],
+        )
+        self.conn.executemany(
+            "DELETE FROM state WHERE key = ?", [(k,) for k, v in entries.items() if v is None]
+        )
+        self.conn.execute("COMMIT")
+
+    def entries(self) -> dict[bytes, bytes]:
+        return dict(self.conn.execute("SELECT key, value FROM state"))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class KafkaState:
+    def __init__(self, log: KafkaLog, app: str, state_dir: Path) -> None:
+        self._log = log
+        self._dir = state_dir / app
+        self._stores: dict[tuple[str, int], LocalStore] = {}
+
+    def load(self, store: str, partition: int) -> dict[bytes, bytes]:
+        local = self._stores.get((store, partition))
+        if local is None:
+            local = LocalStore(self._dir / store / f"{partition}.db")
+            self._stores[store, partition] = local
+        self._restore(local, store + CHANGELOG_SUFFIX, partition)
+        return local.entries()
+
+    def _restore(self, local: LocalStore, topic: str, partition: int) -> None:
+        reader = confluent_kafka.Consumer(
+            {
+                **self._log.client_config,
+                "group.id": f"riverbed-restore-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        try:
+            tp = KafkaTopicPartition(topic, partition)
+            low, high = reader.get_watermark_offsets(tp, timeout=10)
+            start = max(local.checkpoint, low)
+            if start >= high:
+                return
+            reader.assign([KafkaTopicPartition(topic, partition, start)])
+            deadline = time.monotonic() + RESTORE_STALL_S
+            while True:
+                messages = reader.consume(RESTORE_BATCH, timeout=0.2)
+                changed: dict[bytes, bytes | None] = {}
+                for message in messages:
+                    key = message.key()
+                    if message.error() is None and key is not None:
+                        changed[key] = message.value()
+                if changed:
+                    local.apply(changed)
+                    deadline = time.monotonic() + RESTORE_STALL_S
+                # The position steps over transaction markers, so it reaches the high watermark.
+                position = reader.position([tp])[0].offset
+                if position >= high:
+                    break
+                if time.monotonic() > deadline:
+                    raise RiverbedError(
+                        f"restoring state from {topic}[{partition}] stalled at offset {position} "
+                        f"of {high} for {RESTORE_STALL_S:.0f} s; is the broker reachable?"
+                    )
+            local.set_checkpoint(high)
+        finally:
+            reader.close()
+
+    def commit(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        offsets: Mapping[TopicPartition, int],
+        changes: Changes,
+        exactly_once: bool,
+    ) -> None:
+        for (store, partition), entries in changes.items():
+            producer.send_many(store + CHANGELOG_SUFFIX, list(entries.items()), partition=partition)
+        if exactly_once:
+            transactional: TransactionalProducer = producer  # type: ignore[assignment]
+            transactional.commit_transaction(offsets)
+        else:
+            producer.flush()
+            consumer.commit(offsets)
+        for (store, partition), entries in changes.items():
+            self._stores[store, partition].apply(entries)
+
+    def release(self, partitions: set[int]) -> None:
+        for store, partition in [key for key in self._stores if key[1] in partitions]:
+            local = self._stores.pop((store, partition))
+            try:
+                end = self._log.end_offsets(store + CHANGELOG_SUFFIX)[partition]
+                local.set_checkpoint(end)
+            finally:
+                local.close()
+
+    def close(self) -> None:
+        self.release({partition for _, partition in self._stores})

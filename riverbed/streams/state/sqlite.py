@@ -1,0 +1,80 @@
+"""State on the embedded log: a table in the log's database, written by the batch's commit.
+
+With exactly-once, the state rows are written inside the transactional producer's commit, so
+outputs, state and input offsets are one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+
+from riverbed.log.api import Consumer, Producer, TopicPartition
+from riverbed.log.sqlite.log import SqliteLog
+from riverbed.log.sqlite.store import write_transaction
+from riverbed.log.sqlite.transactions import SqliteTransactionalProducer
+from riverbed.streams.state.backend import Changes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stream_state (
+    app TEXT NOT NULL,
+    store TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (app, store, partition, key)
+) WITHOUT ROWID
+"""
+
+
+class SqliteState:
+    def __init__(self, log: SqliteLog, app: str) -> None:
+        self._app = app
+        self._conn = log.db.connect()
+        with write_transaction(self._conn):
+            self._conn.execute(SCHEMA)
+
+    def load(self, store: str, partition: int) -> dict[bytes, bytes]:
+        rows = self._conn.execute(
+            "SELECT key, value FROM stream_state WHERE app = ? AND store = ? AND partition = ?",
+            (self._app, store, partition),
+        )
+        return dict(rows)
+
+    def commit(
+        self,
+        producer: Producer,
+        consumer: Consumer,
+        offsets: Mapping[TopicPartition, int],
+        changes: Changes,
+        exactly_once: bool,
+    ) -> None:
+        if exactly_once:
+            assert isinstance(producer, SqliteTransactionalProducer)
+            producer.commit_transaction(offsets, lambda conn: self._write(conn, changes))
+            return
+        producer.flush()
+        if changes:
+            with write_transaction(self._conn) as conn:
+                self._write(conn, changes)
+        consumer.commit(offsets)
+
+    def _write(self, conn: sqlite3.Connection, changes: Changes) -> None:
+        app = self._app
+        for (store, partition), entries in changes.items():
+            conn.executemany(
+                "INSERT OR REPLACE INTO stream_state (app, store, partition, key, value) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(app, store, partition, k, v) for k, v in entries.items() if v is not None],
+            )
+            conn.executemany(
+                "DELETE FROM stream_state WHERE app = ? AND store = ? AND partition = ? "
+                "AND key = ?",
+                [(app, store, partition, k) for k, v in entries.items() if v is None],
+            )
+
+    def release(self, partitions: set[int]) -> None:
+        """Nothing to hand over: the next owner reads the same tables."""
+
+    def close(self) -> None:
+        self._conn.close()

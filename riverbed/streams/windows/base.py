@@ -1,0 +1,242 @@
+"""What every windowed aggregation shares: event time, stream time, lateness, state, results.
+
+Stream time is the largest event time seen in a source partition, kept with the state. Each
+record is judged against the stream time including every record before it, so lateness does not
+depend on how records were batched. A window closes once stream time reaches its end plus the
+grace period; a record only for closed windows is late and goes to the late output (or is
+dropped and counted). ``emit="final"`` emits each window once, when it closes; ``"update"`` emits
+a window's current result after every batch that changed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import accumulate, chain
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+
+from riverbed.errors import RiverbedError
+from riverbed.streams.aggregators import Aggregator
+from riverbed.streams.nodes import Context, Item, Node, StatefulNode
+from riverbed.streams.state.backend import Changes
+
+T = TypeVar("T")
+Emit = Literal["final", "update"]
+TimestampFn = Callable[[Any], int]
+
+STREAM_TIME_KEY = b""  # never a msgpack encoding, so never a window's key
+NO_TIME = -(2**62)
+
+
+class Windowed(msgspec.Struct, Generic[T], frozen=True):
+    """A window's result: ``value`` over event times ``[start_ms, end_ms)``."""
+
+    start_ms: int
+    end_ms: int
+    value: T
+
+
+class Aggregation:
+    """One aggregator, or several by name (the result is then a dict of their results)."""
+
+    def __init__(
+        self, aggregators: Aggregator[Any, Any, Any] | dict[str, Aggregator[Any, Any, Any]]
+    ):
+        if isinstance(aggregators, Aggregator):
+            self.names: tuple[str, ...] | None = None
+            self.aggregators: tuple[Aggregator[Any, Any, Any], ...] = (aggregators,)
+        else:
+            if not aggregators:
+                raise RiverbedError(
+                    "aggregate() needs an aggregator, e.g. aggregate(riverbed.count()) or "
+                    "aggregate(n=riverbed.count(), total=riverbed.sum(lambda v: v.amount))"
+                )
+            self.names = tuple(aggregators)
+            self.aggregators = tuple(aggregators.values())
+        self.state_type: Any = tuple[tuple(a.state_type for a in self.aggregators)]  # type: ignore[misc]
+
+    def initial(self) -> list[Any]:
+        return [a.initial() for a in self.aggregators]
+
+    def add_many(self, accs: list[Any] | None, values: list[Any]) -> list[Any]:
+        if accs is None:
+            accs = self.initial()
+        return [a.add_many(acc, values) for a, acc in zip(self.aggregators, accs, strict=True)]
+
+    def merge(self, left: list[Any], right: list[Any]) -> list[Any]:
+        return [a.merge(x, y) for a, x, y in zip(self.aggregators, left, right, strict=True)]
+
+    def check_mergeable(self, window: str) -> None:
+        for aggregator in self.aggregators:
+            if not aggregator.mergeable:
+                aggregator.merge(None, None)  # raises, naming the aggregator
+                raise RiverbedError(f"{window} windows need mergeable aggregators")
+
+    def result(self, accs: list[Any]) -> Any:
+        if self.names is None:
+            return self.aggregators[0].result(accs[0])
+        return {
+            name: a.result(acc)
+            for name, a, acc in zip(self.names, self.aggregators, accs, strict=True)
+        }
+
+
+class WindowNode(StatefulNode, Generic[T]):
+    """A windowed aggregation; subclasses say how records fall into windows and when windows
+    close. The state of a source partition is ``T`` per key, decoded on first use."""
+
+    def __init__(
+        self,
+        store: str,
+        aggregation: Aggregation | None,
+        timestamp: TimestampFn | None,
+        grace_ms: int,
+        emit: Emit,
+        late: Node | None,
+        entry_type: Any,
+    ) -> None:
+        super().__init__(store)
+        if emit not in ("final", "update"):
+            raise RiverbedError(f"emit must be 'final' or 'update', got {emit!r}")
+        if grace_ms < 0:
+            raise RiverbedError(f"grace must be >= 0, got {grace_ms / 1000} s")
+        self._aggregation = aggregation
+        self.timestamp = timestamp
+        self.grace_ms = grace_ms
+        self.emit = emit
+        self.late = late
+        self.dropped_late = 0
+        self._encoder = msgspec.msgpack.Encoder()
+        self._key_decoder = msgspec.msgpack.Decoder()
+        self._entry_decoder = msgspec.msgpack.Decoder(entry_type)
+        self._time_decoder = msgspec.msgpack.Decoder(int)
+        # Per source partition: stream time, entries by state key, changed state keys.
+        self._times: dict[int, int] = {}
+        self._entries: dict[int, dict[Any, T]] = {}
+        self._dirty: dict[int, set[Any]] = {}
+        self._pushed: set[int] = set()
+
+    @property
+    def terminal(self) -> bool:
+        return super().terminal or (self.late is not None and self.late.terminal)
+
+    @property
+    def aggregation(self) -> Aggregation:
+        assert self._aggregation is not None, "a window node without aggregation (a join)"
+        return self._aggregation
+
+    # State
+
+    def _state(self, ctx: Context) -> dict[Any, T]:
+        partition = ctx.partition
+        entries = self._entries.get(partition)
+        if entries is None:
+            stored = ctx.loader(self.store, partition)
+            raw_time = stored.pop(STREAM_TIME_KEY, None)
+            self._times[partition] = (
+                NO_TIME if raw_time is None else self._time_decoder.decode(raw_time)
+            )
+            decode_key, decode_entry = self._key_decoder.decode, self._entry_decoder.decode
+            entries = {self.state_key(decode_key(k)): decode_entry(v) for k, v in stored.items()}
+            self._entries[partition] = entries
+            self._dirty[partition] = set()
+            self.restored(partition, entries)
+        ctx.touched.add(self)
+        return entries
+
+    def state_key(self, decoded: Any) -> Any:
+        """A stored key (decoded msgpack) as the hashable key it was: lists become tuples."""
+        return tuple(decoded) if isinstance(decoded, list) else decoded
+
+    def restored(self, partition: int, entries: dict[Any, T]) -> None:
+        """Rebuild indexes over a partition's entries after loading them."""
+
+    def changes(self) -> Changes:
+        encode = self._encoder.encode
+        out: Changes = {}
+        for partition in self._pushed:
+            dirty = self._dirty[partition]
+            entries = self._entries[partition]
+            changed: dict[bytes, bytes | None] = {
+                encode(k): (encode(entries[k]) if k in entries else None) for k in dirty
+            }
+            changed[STREAM_TIME_KEY] = encode(self._times[partition])
+            out[self.store, partition] = changed
+            dirty.clear()
+        self._pushed.clear()
+        return out
+
+    def snapshot(self) -> dict[Any, Any]:
+        return {k: v for entries in self._entries.values() for k, v in entries.items()}
+
+    def reset(self, partitions: set[int] | None = None) -> None:
+        for partition in list(self._entries) if partitions is None else partitions:
+            self._entries.pop(partition, None)
+            self._dirty.pop(partition, None)
+            self._times.pop(partition, None)
+            self._pushed.discard(partition)
+
+    # Processing
+
+    def push(self, items: list[Item], ctx: Context) -> None:
+        entries = self._state(ctx)
+        partition = ctx.partition
+        self._pushed.add(partition)
+        timestamp = self.timestamp
+        times = (
+            [t for _, _, t in items] if timestamp is None else [timestamp(v) for _, v, _ in items]
+        )
+        stream_times = list(accumulate(chain((self._times[partition],), times), max))
+        late, emitted = self.process(
+            partition, entries, self._dirty[partition], items, times, stream_times[1:]
+        )
+        self._times[partition] = stream_times[-1]
+        emitted.extend(self.close(partition, entries, self._dirty[partition], stream_times[-1]))
+        if late:
+            ctx.late += len(late)
+            if self.late is not None:
+                self.late.push(late, ctx)
+            else:
+                self.dropped_late += len(late)
+        self.forward(emitted, ctx)
+
+    def process(
+        self,
+        partition: int,
+        entries: dict[Any, T],
+        dirty: set[Any],
+        items: list[Item],
+        times: list[int],
+        stream_times: list[int],
+    ) -> tuple[list[Item], list[Item]]:
+        """Fold the batch into the entries; returns the late items and the updates to emit."""
+        raise NotImplementedError
+
+    def close(
+        self, partition: int, entries: dict[Any, T], dirty: set[Any], stream_time: int
+    ) -> list[Item]:
+        """Drop the windows that stream time closed; returns their final results to emit."""
+        raise NotImplementedError
+
+
+def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:
+    """A duration given as ``seconds=`` or ``ms=`` (exactly one), in milliseconds."""
+    if (seconds is None) == (milliseconds is None):
+        raise RiverbedError(f"give the {what} as seconds= or ms=, e.g. tumbling(seconds=10)")
+    value = int(seconds * 1000) if seconds is not None else int(milliseconds or 0)
+    if value <= 0:
+        raise RiverbedError(f"the {what} must be positive, got {value} ms")
+    return value
+
+
+def grouped(keys: Iterable[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
+    """Values by key, in arrival order."""
+    groups: dict[Any, list[Any]] = {}
+    for key, value in zip(keys, values, strict=True):
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [value]
+        else:
+            group.append(value)
+    return groups

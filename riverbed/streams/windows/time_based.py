@@ -1,0 +1,170 @@
+"""Tumbling and hopping windows: fixed-size windows aligned to the epoch.
+
+A tumbling window of size S covers ``[n*S, (n+1)*S)``; a hopping window of size S advancing by A
+covers ``[n*A, n*A + S)``, so a record falls into S/A of them. State: one accumulator list per
+(key, window start); an index of open windows by end time finds those stream time closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from riverbed.errors import RiverbedError
+from riverbed.streams.nodes import Item, Node
+from riverbed.streams.windows.base import (
+    Aggregation,
+    Emit,
+    TimestampFn,
+    Windowed,
+    WindowNode,
+    grouped,
+    ms,
+)
+
+
+class Hopping:
+    """Windows of ``size`` starting every ``advance`` (``tumbling`` when they are equal)."""
+
+    kind = "hopping"
+
+    def __init__(self, size_ms: int, advance_ms: int) -> None:
+        if advance_ms > size_ms:
+            raise RiverbedError(
+                f"a hopping window's advance ({advance_ms} ms) must not exceed its size "
+                f"({size_ms} ms); records between windows would belong to none"
+            )
+        self.size_ms = size_ms
+        self.advance_ms = advance_ms
+
+    def node(
+        self,
+        store: str,
+        aggregation: Aggregation,
+        timestamp: TimestampFn | None,
+        grace_ms: int,
+        emit: Emit,
+        late: Node | None,
+    ) -> WindowNode[Any]:
+        return FixedWindowNode(self, store, aggregation, timestamp, grace_ms, emit, late)
+
+
+class Tumbling(Hopping):
+    kind = "tumbling"
+
+    def __init__(self, size_ms: int) -> None:
+        super().__init__(size_ms, size_ms)
+
+
+def tumbling(seconds: float | None = None, *, milliseconds: int | None = None) -> Tumbling:
+    """Back-to-back windows of ``seconds`` (or ``milliseconds``)."""
+    return Tumbling(ms(seconds, milliseconds, "window size"))
+
+
+def hopping(
+    seconds: float | None = None,
+    advance: float | None = None,
+    *,
+    size_ms: int | None = None,
+    advance_ms: int | None = None,
+) -> Hopping:
+    """Windows of ``seconds`` starting every ``advance`` seconds (or the ``_ms`` forms)."""
+    return Hopping(ms(seconds, size_ms, "window size"), ms(advance, advance_ms, "advance"))
+
+
+class FixedWindowNode(WindowNode[list[Any]]):
+    def __init__(
+        self,
+        spec: Hopping,
+        store: str,
+        aggregation: Aggregation,
+        timestamp: TimestampFn | None,
+        grace_ms: int,
+        emit: Emit,
+        late: Node | None,
+    ) -> None:
+        super().__init__(
+            store, aggregation, timestamp, grace_ms, emit, late, aggregation.state_type
+        )
+        self.size = spec.size_ms
+        self.advance = spec.advance_ms
+        # Per partition: window end -> the state keys (key, start) of open windows ending then.
+        self._ends: dict[int, dict[int, set[tuple[Any, int]]]] = {}
+
+    def restored(self, partition: int, entries: dict[Any, list[Any]]) -> None:
+        ends: dict[int, set[tuple[Any, int]]] = {}
+        for state_key in entries:
+            ends.setdefault(state_key[1] + self.size, set()).add(state_key)
+        self._ends[partition] = ends
+
+    def reset(self, partitions: set[int] | None = None) -> None:
+        super().reset(partitions)
+        for partition in list(self._ends) if partitions is None else partitions:
+            self._ends.pop(partition, None)
+
+    def process(
+        self,
+        partition: int,
+        entries: dict[Any, list[Any]],
+        dirty: set[Any],
+        items: list[Item],
+        times: list[int],
+        stream_times: list[int],
+    ) -> tuple[list[Item], list[Item]]:
+        size, advance, grace = self.size, self.advance, self.grace_ms
+        late: list[Item] = []
+        state_keys: list[tuple[Any, int]] = []
+        values: list[Any] = []
+        if size == advance:
+            for item, ts, now in zip(items, times, stream_times, strict=True):
+                start = ts - ts % size
+                if start + size + grace <= now:
+                    late.append(item)
+                else:
+                    state_keys.append((item[0], start))
+                    values.append(item[1])
+        else:
+            for item, ts, now in zip(items, times, stream_times, strict=True):
+                start = ts - ts % advance
+                placed = False
+                while start > ts - size:
+                    if start + size + grace > now:
+                        state_keys.append((item[0], start))
+                        values.append(item[1])
+                        placed = True
+                    start -= advance
+                if not placed:
+                    late.append(item)
+        ends = self._ends[partition]
+        add_many = self.aggregation.add_many
+        for state_key, group in grouped(state_keys, values).items():
+            if state_key not in entries:
+                ends.setdefault(state_key[1] + size, set()).add(state_key)
+            entries[state_key] = add_many(entries.get(state_key), group)
+            dirty.add(state_key)
+        if self.emit == "update":
+            return late, [self._result(k, entries[k]) for k in dict.fromkeys(state_keys)]
+        return late, []
+
+    def close(
+        self, partition: int, entries: dict[Any, list[Any]], dirty: set[Any], stream_time: int
+    ) -> list[Item]:
+        ends = self._ends[partition]
+        due = sorted(end for end in ends if end + self.grace_ms <= stream_time)
+        emitted: list[Item] = []
+        final = self.emit == "final"
+        for end in due:
+            for state_key in sorted(ends.pop(end), key=_start_then_key):
+                accs = entries.pop(state_key)
+                dirty.add(state_key)
+                if final:
+                    emitted.append(self._result(state_key, accs))
+        return emitted
+
+    def _result(self, state_key: tuple[Any, int], accs: list[Any]) -> Item:
+        key, start = state_key
+        end = start + self.size
+        return key, Windowed(start, end, self.aggregation.result(accs)), end - 1
+
+
+def _start_then_key(state_key: tuple[Any, int]) -> tuple[int, str]:
+    return state_key[1], repr(state_key[0])
