@@ -718,7 +718,13 @@ class KafkaProducer(Closing):
                 seen = self._sent
                 self._stop.wait(IDLE_SERVE_S)
             else:
-                self._producer.poll(IDLE_SERVE_S)
+                try:
+                    self._producer.poll(IDLE_SERVE_S)
+                except KafkaException as error:
+                    # A fatal error, which every poll raises from now on; the caller's next
+                    # call reports it.
+                    logger.error("the Kafka producer stopped: %s", _kafka_error(error))
+                    return
 
     def _topic(self, topic: str) -> TopicInfo:
         info = self._topics.get(topic)
@@ -1126,16 +1132,22 @@ class KafkaTransactionalProducer(KafkaProducer):
             # records are written, then aborted, so they stay invisible all the same.
             self._producer.flush(self._timeout_s)
             self._retrying(self._producer.abort_transaction, self._timeout_s)
+            self._producer.poll(0)  # the purged records' delivery reports
         except KafkaException as exception:
-            self._broken = f"{_kafka_error(exception)}"
+            self._broken = str(_kafka_error(exception))
             raise RiverbedError(
                 f"could not abort the transaction ({self._broken}); the broker aborts it after "
-                f"transaction.timeout.ms; close this producer and create a new one"
+                "transaction.timeout.ms; close this producer and create a new one"
             ) from None
         finally:
-            self._producer.poll(0)  # the purged records' delivery reports
             self._errors = DeliveryErrors()  # send_many failures of the aborted records
             transaction.end(TransactionAbortedError(f"the transaction was aborted: {reason}"))
+
+    def flush(self, timeout: float | None = None) -> None:
+        # After a fatal error librdkafka has failed every record, and raises the error from
+        # every flush; the next send or commit reports it.
+        if self._broken is None:
+            super().flush(timeout)
 
     def close(self) -> None:
         if self._closed:

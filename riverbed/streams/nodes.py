@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from riverbed.log.api import Producer
+from riverbed.log.partitioner import partition_for_key
 from riverbed.serde.codecs import SerializationError
 from riverbed.streams.topics import SCHEMA_VERSION_HEADER, Topic
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 # key, value, event time in milliseconds
 Item = tuple[Any, Any, int]
+PLACED_KEYS_LIMIT = 100_000
 
 
 class Context:
@@ -178,6 +180,9 @@ class RepartitionNode(Node):
     def __init__(self, topic: InternalTopic) -> None:
         super().__init__()
         self.topic = topic
+        # Keys repeat: their bytes and partition (Kafka's murmur2, as the producer would pick)
+        # are computed once per key, and each partition's records go in one send_many.
+        self._placed: dict[Any, tuple[bytes, int]] = {}
 
     @property
     def terminal(self) -> bool:
@@ -185,7 +190,22 @@ class RepartitionNode(Node):
 
     def push(self, items: list[Item], ctx: Context) -> None:
         encode = self.topic.encoder.encode
-        ctx.producer.send_many(self.topic.name, [(encode(k), encode((t, v))) for k, v, t in items])
+        placed = self._placed
+        by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        for key, value, ts in items:
+            where = placed.get(key)
+            if where is None:
+                if len(placed) >= PLACED_KEYS_LIMIT:
+                    placed.clear()
+                key_bytes = encode(key)
+                partition = partition_for_key(key_bytes, self.topic.partitions)
+                where = placed[key] = (key_bytes, partition)
+            pairs = by_partition.get(where[1])
+            if pairs is None:
+                pairs = by_partition[where[1]] = []
+            pairs.append((where[0], encode((ts, value))))
+        for partition, pairs in by_partition.items():
+            ctx.producer.send_many(self.topic.name, pairs, partition=partition)
 
 
 class StatefulNode(Node):
