@@ -1430,7 +1430,11 @@ class KafkaConsumer(Closing):
         if tp in self._pending_seeks:
             return self._pending_seeks[tp]
         self._assigned_or_raise(tp)
-        return self._positions[tp]
+        # librdkafka's position steps over transaction markers after the last record returned;
+        # committing it (not last offset + 1) lets a group reading transactional topics reach
+        # lag 0.
+        (stepped,) = self._consumer.position([KafkaTopicPartition(topic, partition)])
+        return max(self._positions[tp], stepped.offset)
 
     def _assigned_or_raise(self, tp: TopicPartition) -> None:
         if tp not in self._assignment:

@@ -145,7 +145,9 @@ class Runner:
             self._transactional().begin_transaction()
         try:
             by_partition = self._process(records)
-            offsets = {tp: batch[-1].offset + 1 for tp, batch in by_partition.items()}
+            # The consumer's position, not last offset + 1: on Kafka it steps over transaction
+            # markers, so that the group's lag can reach 0.
+            offsets = {tp: self._consumer.position(*tp) for tp in by_partition}
             self._state.commit(
                 self._producer, self._consumer, offsets, self._changes(), self._exactly_once
             )
