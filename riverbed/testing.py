@@ -59,8 +59,11 @@ def run_app(
                             headers=headers,
                             timestamp_ms=timestamp[0] if timestamp else None,
                         )
+            # Done when polls stay empty: the embedded log answers at once, a broker needs longer
+            # (a rebalance, a fetch round trip).
+            idle_s = 0.2 if url is None else 2.0
             with app.runner() as runner:
-                while runner.run_once(poll_timeout=0.2) or runner.run_once(poll_timeout=0.2):
+                while runner.run_once(idle_s) or runner.run_once(idle_s):
                     pass
                 state = {name: node.snapshot() for name, node in app.topology.stateful.items()}
             outputs: dict[str, list[tuple[Any, Any]]] = {}

@@ -128,6 +128,7 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 # ``?transaction.timeout.ms=N`` in the URL changes it.
 TRANSACTION_TIMEOUT_MS = 10_000
 _MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+_LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
 # Consumer errors librdkafka recovers from by itself (reconnects, rejoins, offset resets).
 _TRANSIENT = frozenset(
     {
@@ -403,16 +404,19 @@ class KafkaLog(Closing):
     def _list_offsets(self, topic: str, spec: Any) -> dict[int, int]:
         partitions = self.partition_count(topic)
         request = {KafkaTopicPartition(topic, p): spec for p in range(partitions)}
-        futures = self._admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
-        offsets = {}
-        for tp, future in futures.items():
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while True:
+            futures = self._admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
             try:
-                offsets[tp.partition] = future.result().offset
+                return {tp.partition: future.result().offset for tp, future in futures.items()}
             except KafkaException as error:
                 if _code(error) in _MISSING_TOPIC:
                     raise UnknownTopicError(topic) from None
-                raise
-        return offsets
+                # Just after a topic is created, a broker may not know yet that it leads a
+                # partition: ask again.
+                if _code(error) not in _LEADER_MOVING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def beginning_offsets(self, topic: str) -> dict[int, int]:
         return self._list_offsets(topic, OffsetSpec.earliest())  # type: ignore[no-untyped-call]

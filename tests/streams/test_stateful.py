@@ -22,6 +22,11 @@ class Payment(msgspec.Struct):
 
 
 Names = Callable[[str], str]
+BASE_MS = 1_700_000_000_000  # record timestamps are epoch ms; Kafka takes 0 to mean "now"
+
+
+def T(ms: int) -> int:  # noqa: N802
+    return BASE_MS + ms
 
 
 @pytest.fixture
@@ -77,13 +82,13 @@ def test_hopping_windows(
     events = app.topic(topic_name("events"), value=int, key=str)
     counts = app.topic(topic_name("counts"), value=W[int], key=str)
     app.stream(events).window(riverbed.hopping(seconds=10, advance=5)).count().to(counts)
-    inputs = [("k", 1, 1_000), ("k", 1, 7_000), ("k", 1, 12_000), ("k", 1, 30_000)]
+    inputs = [("k", 1, T(1_000)), ("k", 1, T(7_000)), ("k", 1, T(12_000)), ("k", 1, T(30_000))]
     result = run_app(app, {events: inputs}, url=log_url)
     assert result.outputs[counts.name] == [
-        ("k", W(-5_000, 5_000, 1)),
-        ("k", W(0, 10_000, 2)),
-        ("k", W(5_000, 15_000, 2)),
-        ("k", W(10_000, 20_000, 1)),
+        ("k", W(T(-5_000), T(5_000), 1)),
+        ("k", W(T(0), T(10_000), 2)),
+        ("k", W(T(5_000), T(15_000), 2)),
+        ("k", W(T(10_000), T(20_000), 1)),
     ]
 
 
@@ -97,16 +102,16 @@ def test_session_windows_merge_and_close(
         riverbed.collect(state_type=str)
     ).to(sessions)
     inputs = [
-        ("u1", "home", 0),
-        ("u1", "cart", 8_000),  # a new session: 8 s > 5 s gap
-        ("u1", "item", 4_000),  # bridges the two: one session 0-8 s
-        ("u2", "home", 9_000),
-        ("u1", "pay", 30_000),  # closes u1's 0-8 s (8 + 5 <= 30) and u2's
+        ("u1", "home", T(0)),
+        ("u1", "cart", T(8_000)),  # a new session: 8 s > 5 s gap
+        ("u1", "item", T(4_000)),  # bridges the two: one session 0-8 s
+        ("u2", "home", T(9_000)),
+        ("u1", "pay", T(30_000)),  # closes u1's 0-8 s (8 + 5 <= 30) and u2's
     ]
     result = run_app(app, {clicks: inputs}, url=log_url)
     assert result.outputs[sessions.name] == [
-        ("u1", W(0, 8_001, ["home", "cart", "item"])),
-        ("u2", W(9_000, 9_001, ["home"])),
+        ("u1", W(T(0), T(8_001), ["home", "cart", "item"])),
+        ("u2", W(T(9_000), T(9_001), ["home"])),
     ]
 
 
@@ -119,12 +124,14 @@ def test_sliding_windows(
     app.stream(amounts).window(riverbed.sliding(seconds=10), grace=1).aggregate(riverbed.sum()).to(
         sums
     )
-    inputs = [("k", 1.0, 1_000), ("k", 2.0, 5_000), ("k", 4.0, 12_000), ("k", 8.0, 30_000)]
+    inputs = [
+        ("k", 1.0, T(1_000)), ("k", 2.0, T(5_000)), ("k", 4.0, T(12_000)), ("k", 8.0, T(30_000))
+    ]  # fmt: skip
     result = run_app(app, {amounts: inputs}, url=log_url)
     assert result.outputs[sums.name] == [
-        ("k", W(-8_999, 1_001, 1.0)),
-        ("k", W(-4_999, 5_001, 3.0)),
-        ("k", W(2_001, 12_001, 6.0)),  # 1 s has left the window, 5 s is still in it
+        ("k", W(T(-8_999), T(1_001), 1.0)),
+        ("k", W(T(-4_999), T(5_001), 3.0)),
+        ("k", W(T(2_001), T(12_001), 6.0)),  # 1 s has left the window, 5 s is still in it
     ]
 
 
@@ -135,9 +142,9 @@ def test_emit_every_update(
     events = app.topic(topic_name("events"), value=int, key=str)
     counts = app.topic(topic_name("counts"), value=W[int], key=str)
     app.stream(events).window(riverbed.tumbling(seconds=10), emit="update").count().to(counts)
-    result = run_app(app, {events: [("k", 1, 1_000), ("k", 1, 2_000)]}, url=log_url)
+    result = run_app(app, {events: [("k", 1, T(1_000)), ("k", 1, T(2_000))]}, url=log_url)
     # One batch: the window's result once, with both records.
-    assert result.outputs[counts.name] == [("k", W(0, 10_000, 2))]
+    assert result.outputs[counts.name] == [("k", W(T(0), T(10_000), 2))]
 
 
 def test_aggregators_without_window(
@@ -246,8 +253,8 @@ def test_interval_join(
     result = run_app(
         app,
         {
-            views: [("u1", "shoes", 1_000), ("u2", "hat", 1_000)],
-            buys: [("u1", "shoes!", 4_000), ("u2", "hat!", 20_000)],  # u2: 19 s apart
+            views: [("u1", "shoes", T(1_000)), ("u2", "hat", T(1_000))],
+            buys: [("u1", "shoes!", T(4_000)), ("u2", "hat!", T(20_000))],  # u2: 19 s apart
         },
         url=log_url,
     )
