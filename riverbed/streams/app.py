@@ -17,7 +17,7 @@ from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
-from riverbed.streams.handlers import Backoff, Handler, exponential
+from riverbed.streams.handlers import Backoff, Handler, exponential, retry_topic
 from riverbed.streams.joins import Table
 from riverbed.streams.runner import Runner
 from riverbed.streams.state import state_backend_for
@@ -176,14 +176,21 @@ class App(Closing):
             )
 
     def handler(
-        self, topic: Topic[Any, Any], retries: int = 3, backoff: Backoff | None = None
+        self,
+        topic: Topic[Any, Any],
+        retries: int = 3,
+        backoff: Backoff | None = None,
+        retry_delays: tuple[float, ...] = (),
     ) -> Callable[[F], F]:
         """Decorate ``def f(value)`` / ``def f(key, value)`` (or ``async def``) to handle each
-        record of ``topic``: retried ``retries`` times with ``backoff``, then dead-lettered."""
+        record of ``topic``: retried ``retries`` times with ``backoff``; then, for each of
+        ``retry_delays`` (seconds), parked in a retry topic (``<topic>.retry-1``, ...) and tried
+        again that much later, without holding up the records behind it; then dead-lettered."""
         self._check_declared(topic)
 
         def register(fn: F) -> F:
-            self._handlers.append((topic, Handler(fn, retries, backoff or exponential())))
+            handler = Handler(fn, retries, backoff or exponential(), retry_delays)
+            self._handlers.append((topic, handler))
             return fn
 
         return register
@@ -211,6 +218,9 @@ class App(Closing):
             )
             topic.schema_version = version.version
         internal = {name: t.partitions for name, t in self._topology.internal_topics.items()}
+        for topic, handler in self._handlers:
+            for level in range(1, len(handler.retry_delays) + 1):
+                internal[retry_topic(topic.name, level)] = topic.partitions
         for name, partitions in internal.items():
             with contextlib.suppress(TopicExistsError):
                 self.log.create_topic(name, partitions=partitions)
@@ -244,7 +254,13 @@ class App(Closing):
         """The app started, in its group, with a runner to call ``run_once`` on (what
         ``run`` loops over); leaving the block leaves the group."""
         sources = sorted(
-            set(self._topology.running_sources()) | {t.name for t, _ in self._handlers}
+            set(self._topology.running_sources())
+            | {t.name for t, _ in self._handlers}
+            | {
+                retry_topic(t.name, level)
+                for t, h in self._handlers
+                for level in range(1, len(h.retry_delays) + 1)
+            }
         )
         if not sources:
             raise RiverbedError(

@@ -23,6 +23,9 @@ import msgspec
 from riverbed.log.api import Record
 
 CORRELATION_HEADER = "riverbed-correlation-id"
+# On a record in a retry topic: when it may run again (epoch ms).
+DUE_HEADER = "riverbed-retry-due-ms"
+RETRY_SUFFIX = ".retry-"
 CAUSATION_HEADER = "riverbed-causation-id"
 ATTEMPTS_HEADER = "riverbed-attempts"
 
@@ -46,6 +49,11 @@ class Backoff(msgspec.Struct, frozen=True):
 
 def exponential(base: float = 0.1, max: float = 30.0, jitter: bool = True) -> Backoff:
     return Backoff(base, max, jitter)
+
+
+def retry_topic(topic: str, level: int) -> str:
+    """The retry topic of ``topic`` for the ``level``-th delay (1-based)."""
+    return f"{topic}{RETRY_SUFFIX}{level}"
 
 
 def record_id(record: Record) -> str:
@@ -73,9 +81,18 @@ def handling(record: Record) -> Iterator[None]:
 class Handler:
     """A user function bound to a topic, with its retry policy."""
 
-    def __init__(self, fn: Callable[..., Any], retries: int, backoff: Backoff) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        retries: int,
+        backoff: Backoff,
+        retry_delays: tuple[float, ...] = (),
+    ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if any(delay < 0 for delay in retry_delays):
+            raise ValueError(f"retry_delays must be >= 0 seconds, got {retry_delays}")
+        self.retry_delays = tuple(retry_delays)
         self.fn = fn
         self.name = getattr(fn, "__qualname__", repr(fn))
         self.retries = retries

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
 from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
-from riverbed.streams.handlers import Handler
+from riverbed.streams.handlers import ATTEMPTS_HEADER, DUE_HEADER, Handler, retry_topic
 from riverbed.streams.nodes import Context, Item, Node, ToNode
 from riverbed.streams.state.backend import Changes, StateBackend
-from riverbed.streams.topics import Topic
+from riverbed.streams.topics import ERROR_HEADER, Topic
 from riverbed.streams.topology import InternalSource, TopicSource, Topology
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ BATCH_RECORDS = 5000
 Decoded = tuple[Record, Any, Any]
 REPORT_INTERVAL_S = 1.0
 TABLE_BOOTSTRAP_IDLE_S = 1.0
+RETRY_WAIT_S = 0.05
 
 
 class Runner:
@@ -61,8 +62,14 @@ class Runner:
         self._topology = topology
         self._sources = topology.running_sources()
         self._handlers: dict[str, list[tuple[Topic[Any, Any], Handler]]] = defaultdict(list)
+        # Retry topic -> the topic, its handler, and which of the handler's delays it is.
+        self._retries: dict[str, tuple[Topic[Any, Any], Handler, int]] = {}
         for topic, handler in handlers:
             self._handlers[topic.name].append((topic, handler))
+            for level in range(1, len(handler.retry_delays) + 1):
+                self._retries[retry_topic(topic.name, level)] = (topic, handler, level)
+        # Retry-topic partitions whose next record is not due yet: where to resume, and when.
+        self._held: dict[TopicPartition, tuple[int, int]] = {}
         self._log = log
         self._consumer = consumer
         self._producer = producer
@@ -148,6 +155,7 @@ class Runner:
             # The consumer's position, not last offset + 1: on Kafka it steps over transaction
             # markers, so that the group's lag can reach 0.
             offsets = {tp: self._consumer.position(*tp) for tp in by_partition}
+            offsets.update({tp: offset for tp, (offset, _) in self._held.items()})
             self._state.commit(
                 self._producer, self._consumer, offsets, self._changes(), self._exactly_once
             )
@@ -160,7 +168,19 @@ class Runner:
         self.processed += len(records)
         if self.metrics is not None:
             self._count(by_partition, started)
+        self._wait_for_due_retries()
         return len(records)
+
+    def _wait_for_due_retries(self) -> None:
+        """Rewind held retry partitions to their first record not yet due. The next poll fetches
+        it again; a short pause keeps that from spinning while only such records are left."""
+        if not self._held:
+            return
+        first_due = min(due for _, due in self._held.values())
+        for (topic, partition), (offset, _) in self._held.items():
+            self._consumer.seek(topic, partition, offset)
+        self._held.clear()
+        time.sleep(min(max(first_due - time.time() * 1000, 0) / 1000, RETRY_WAIT_S))
 
     def _transactional(self) -> TransactionalProducer:
         return self._producer  # type: ignore[return-value]
@@ -184,7 +204,10 @@ class Runner:
             elif isinstance(source, InternalSource):
                 source.push(source.items(batch), ctx)
             for topic, handler in self._handlers[topic_name]:
-                self._handle(handler, topic, batch)
+                self._handle(handler, topic, batch, 0)
+            retry = self._retries.get(topic_name)
+            if retry is not None:
+                self._handle_due(*retry, (topic_name, partition), batch)
         return by_partition
 
     def _changes(self) -> Changes:
@@ -196,6 +219,7 @@ class Runner:
     def _recover(self) -> None:
         """After a failed batch: abort, forget in-memory state, rewind to committed offsets."""
         self.aborted += 1
+        self._held.clear()
         if self._exactly_once:
             with contextlib.suppress(Exception):  # already aborted by a failed commit
                 self._transactional().abort_transaction()
@@ -217,13 +241,58 @@ class Runner:
 
     # Handlers and decoding
 
-    def _handle(self, handler: Handler, topic: Topic[Any, Any], batch: list[Record]) -> None:
+    def _handle(
+        self, handler: Handler, topic: Topic[Any, Any], batch: list[Record], level: int
+    ) -> None:
         # Record by record, in order: a failing record is retried before the next one runs.
         for record, key, value in self._decode(topic, batch):
             error = handler.call(record, key, value)
             if error is not None:
-                topic.dead_letter(self._producer, record, error, handler.attempts)
-                self._count_dead_letter(topic)
+                self._give_up_on(handler, topic, record, error, level)
+
+    def _handle_due(
+        self,
+        topic: Topic[Any, Any],
+        handler: Handler,
+        level: int,
+        tp: TopicPartition,
+        batch: list[Record],
+    ) -> None:
+        """Handle a retry topic's records whose delay is over; hold the partition at the first
+        one that is not (the topic's records are in due order, all having the same delay)."""
+        now_ms = time.time() * 1000
+        for index, record in enumerate(batch):
+            due = int(record.headers.get(DUE_HEADER, b"0"))
+            if due > now_ms:
+                self._held[tp] = (record.offset, due)
+                batch = batch[:index]
+                break
+        self._handle(handler, topic, batch, level)
+
+    def _give_up_on(
+        self,
+        handler: Handler,
+        topic: Topic[Any, Any],
+        record: Record,
+        error: BaseException,
+        level: int,
+    ) -> None:
+        """After the in-place retries: the next retry topic, or the dead-letter topic."""
+        attempts = int(record.headers.get(ATTEMPTS_HEADER, b"0")) + handler.attempts
+        if level < len(handler.retry_delays):
+            due_ms = int(time.time() * 1000 + handler.retry_delays[level] * 1000)
+            headers = {
+                **record.headers,
+                ERROR_HEADER: f"{type(error).__name__}: {error}".encode(),
+                ATTEMPTS_HEADER: str(attempts).encode(),
+                DUE_HEADER: str(due_ms).encode(),
+            }
+            self._producer.send(
+                retry_topic(topic.name, level + 1), record.value, key=record.key, headers=headers
+            )
+            return
+        topic.dead_letter(self._producer, record, error, attempts)
+        self._count_dead_letter(topic)
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import msgspec
 
 import riverbed
+from riverbed.log.api import DEFAULT_SESSION_TIMEOUT_MS
 from riverbed.streams.handlers import (
     ATTEMPTS_HEADER,
     CAUSATION_HEADER,
@@ -16,6 +18,7 @@ from riverbed.streams.handlers import (
 from tests.support import consume, running, wait_until
 
 FAST = riverbed.exponential(base=0.001, max=0.01)
+DEFAULT_SESSION_S = DEFAULT_SESSION_TIMEOUT_MS / 1000
 
 
 class Order(msgspec.Struct):
@@ -78,3 +81,61 @@ def test_backoff_grows_and_caps() -> None:
     assert [backoff.delay(n) for n in range(1, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0]
     jittered = riverbed.exponential(base=0.1, max=1.0)
     assert all(0.05 <= jittered.delay(2) <= 0.2 for _ in range(100))
+
+
+def test_retry_topics_do_not_hold_up_the_records_behind(
+    log_url: str, topic_name: Callable[[str], str]
+) -> None:
+    calls: list[tuple[int, float]] = []
+    with riverbed.App(topic_name("app"), url=log_url) as app:
+        orders = app.topic(topic_name("orders"), value=Order)
+
+        @app.handler(orders, retries=1, backoff=FAST, retry_delays=(0.5, 1.0))
+        def handle(order: Order) -> None:
+            calls.append((order.id, time.monotonic()))
+            if order.id == 1 and len([c for c in calls if c[0] == 1]) < 5:
+                raise ConnectionError("down for a while")  # succeeds in the second retry topic
+            if order.id == 2:
+                raise ValueError("never valid")
+
+        app.start()
+        for i in range(4):
+            orders.send(app.producer, Order(i)).result(timeout=30)
+        with running(app):
+            wait_until(lambda: len([c for c in calls if c[0] == 2]) == 6, 60, "order 2 given up")
+            wait_until(lambda: len([c for c in calls if c[0] == 1]) == 5, 60, "order 1 done")
+        with app.log.consumer(topics=[orders.dead_letter_topic], from_beginning=True) as dlq:
+            (parked,) = consume(dlq, 1)
+    ids = [order_id for order_id, _ in calls]
+    # Order 3 ran before order 1's retries from the retry topics: it was not held up.
+    assert ids.index(3) < [i for i, order_id in enumerate(ids) if order_id == 1][2]
+    first = [t for order_id, t in calls if order_id == 1]
+    assert first[2] - first[1] >= 0.45  # the first retry topic's delay
+    assert first[4] - first[3] >= 0.95  # the second's
+    assert parked.headers[ATTEMPTS_HEADER] == b"6"  # 2 attempts in place, at each of 3 levels
+    assert b"ValueError: never valid" in parked.headers["riverbed-error"]
+
+
+def test_a_blocking_handler_does_not_cost_the_group_its_member(
+    log_url: str, topic_name: Callable[[str], str]
+) -> None:
+    """A handler that blocks longer than the session timeout: heartbeats go on in the
+    background, so the member keeps its partitions and the record is handled once."""
+    calls: list[int] = []
+    with riverbed.App(topic_name("app"), url=log_url) as app:
+        orders = app.topic(topic_name("orders"), value=Order)
+
+        @app.handler(orders)
+        def slow(order: Order) -> None:
+            calls.append(order.id)
+            if order.id == 0:
+                time.sleep(DEFAULT_SESSION_S + 2)
+
+        app.start()
+        for i in range(3):
+            orders.send(app.producer, Order(i)).result(timeout=30)
+        with running(app):
+            wait_until(lambda: calls[-1:] == [2], 60, "all orders handled")
+            group = app.log.describe_group(app.name)
+    assert calls == [0, 1, 2]  # handled once each: no rebalance redelivered order 0
+    assert len(group.members) == 1
