@@ -196,11 +196,7 @@ class Runner:
             ctx.partition = partition
             source = self._sources.get(topic_name)
             if isinstance(source, TopicSource):
-                items: list[Item] = [
-                    (key, value, record.timestamp_ms)
-                    for record, key, value in self._decode(source.topic, batch)
-                ]
-                source.push(items, ctx)
+                source.push(self._items(source.topic, batch), ctx)
             elif isinstance(source, InternalSource):
                 source.push(source.items(batch), ctx)
             for topic, handler in self._handlers[topic_name]:
@@ -293,6 +289,15 @@ class Runner:
             return
         topic.dead_letter(self._producer, record, error, attempts)
         self._count_dead_letter(topic)
+
+    def _items(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Item]:
+        """The batch as pipeline items; undecodable records are dead-lettered."""
+        with contextlib.suppress(DeserializationError):
+            decode_key = topic.key_codec.decode
+            keys = [None if r.key is None else decode_key(r.key) for r in batch]
+            values = topic.value_codec.decode_many([_value_of(r) for r in batch])
+            return list(zip(keys, values, [r.timestamp_ms for r in batch], strict=True))
+        return [(key, value, r.timestamp_ms) for r, key, value in self._decode(topic, batch)]
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""

@@ -17,6 +17,8 @@ from riverbed.streams.joins import Table
 from riverbed.streams.nodes import InternalTopic, Item, Node, StatefulNode
 from riverbed.streams.topics import Topic
 
+DECODED_KEYS_LIMIT = 100_000
+
 
 class SourceNode(Node):
     """Where a topic's records enter the graph."""
@@ -44,6 +46,7 @@ class InternalSource(SourceNode):
         self._decode_joined = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw]).decode
         self._decode = topic.decoder.decode
         self._joined = joined
+        self._keys: dict[bytes, Any] = {}
 
     def items(self, records: list[Record]) -> list[Item]:
         decode_key, decode = self._decode_key, self._decode
@@ -53,11 +56,19 @@ class InternalSource(SourceNode):
                 ts, side, raw = self._decode_joined(record.value or b"")
                 out.append((decode_key(record.key or b""), (side, bytes(raw)), ts))
             return out
-        return [
-            (decode_key(r.key or b""), value, ts)
-            for r in records
-            for ts, value in (decode(r.value or b""),)
-        ]
+        # Keys repeat, so their decoded form is looked up rather than decoded again.
+        keys = self._keys
+        if len(keys) > DECODED_KEYS_LIMIT:
+            keys.clear()
+        out = []
+        for record in records:
+            raw_key = record.key or b""
+            key = keys.get(raw_key)
+            if key is None:
+                key = keys[raw_key] = decode_key(raw_key)
+            ts, value = decode(record.value or b"")
+            out.append((key, value, ts))
+        return out
 
 
 class Topology:
