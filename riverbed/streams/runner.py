@@ -2,7 +2,8 @@
 
 The order of a batch, written down once:
 
-1. poll a batch; with exactly-once, begin a transaction;
+1. poll a batch (and what else is already fetched, for up to ``COMMIT_INTERVAL_S``); with
+   exactly-once, begin a transaction;
 2. bring tables up to date; decode each source partition's records (undecodable ones go to the
    topic's dead-letter topic) and push them through the pipeline graph, which sends outputs and
    internal-topic records on the producer and changes state in memory;
@@ -43,6 +44,8 @@ Decoded = tuple[Record, Any, Any]
 REPORT_INTERVAL_S = 1.0
 TABLE_BOOTSTRAP_IDLE_S = 1.0
 RETRY_WAIT_S = 0.05
+COMMIT_INTERVAL_S = 0.1
+COMMIT_RECORDS = 50_000
 
 
 class Runner:
@@ -142,7 +145,12 @@ class Runner:
                 report(self)
 
     def run_once(self, poll_timeout: float = 0.5) -> int:
-        """Process one batch (if one arrives within ``poll_timeout``); returns its size."""
+        """Process what arrives within ``poll_timeout`` and commit it; returns how many records.
+
+        Records already fetched are taken into the same commit for up to ``COMMIT_INTERVAL_S``
+        (Kafka Streams' commit.interval.ms under exactly-once): a commit costs round trips and
+        state writes, which a bigger batch shares out.
+        """
         records = self._consumer.poll(max_records=BATCH_RECORDS, timeout=poll_timeout)
         if not records:
             self._refresh_tables()
@@ -151,13 +159,26 @@ class Runner:
         if self._exactly_once:
             self._transactional().begin_transaction()
         try:
-            by_partition = self._process(records)
+            self._refresh_tables()
+            ctx = Context(self._producer, self._state.load)
+            by_partition = self._process(records, ctx)
+            while (
+                len(records) < COMMIT_RECORDS
+                and not self._held
+                and time.monotonic() - started < COMMIT_INTERVAL_S
+            ):
+                more = self._consumer.poll(max_records=BATCH_RECORDS, timeout=0)
+                if not more:
+                    break
+                for tp, batch in self._process(more, ctx).items():
+                    by_partition.setdefault(tp, []).extend(batch)
+                records += more
             # The consumer's position, not last offset + 1: on Kafka it steps over transaction
             # markers, so that the group's lag can reach 0.
             offsets = {tp: self._consumer.position(*tp) for tp in by_partition}
             offsets.update({tp: offset for tp, (offset, _) in self._held.items()})
             self._state.commit(
-                self._producer, self._consumer, offsets, self._changes(), self._exactly_once
+                self._producer, self._consumer, offsets, _changes(ctx), self._exactly_once
             )
         except CommitFailedError:
             self._recover()
@@ -185,13 +206,10 @@ class Runner:
     def _transactional(self) -> TransactionalProducer:
         return self._producer  # type: ignore[return-value]
 
-    def _process(self, records: list[Record]) -> dict[TopicPartition, list[Record]]:
-        self._refresh_tables()
+    def _process(self, records: list[Record], ctx: Context) -> dict[TopicPartition, list[Record]]:
         by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
         for record in records:
             by_partition[record.topic, record.partition].append(record)
-        ctx = Context(self._producer, self._state.load)
-        self._ctx = ctx
         for (topic_name, partition), batch in by_partition.items():
             ctx.partition = partition
             source = self._sources.get(topic_name)
@@ -205,12 +223,6 @@ class Runner:
             if retry is not None:
                 self._handle_due(*retry, (topic_name, partition), batch)
         return by_partition
-
-    def _changes(self) -> Changes:
-        changes: Changes = {}
-        for node in self._ctx.touched:
-            changes.update(node.changes())
-        return changes
 
     def _recover(self) -> None:
         """After a failed batch: abort, forget in-memory state, rewind to committed offsets."""
@@ -357,6 +369,13 @@ def reachable_outputs(topology: Topology) -> list[ToNode]:
         if late is not None:
             stack.append(late)
     return found
+
+
+def _changes(ctx: Context) -> Changes:
+    changes: Changes = {}
+    for node in ctx.touched:
+        changes.update(node.changes())
+    return changes
 
 
 def _value_of(record: Record) -> bytes:
