@@ -53,3 +53,20 @@ def test_cli_session(fresh_dir: Path) -> None:
             assert sorted(r["key"] for r in printed) == ["ada", "bob"]
             assert all(r["topic"] == "orders" for r in printed)
     assert (fresh_dir / ".riverbed" / "log.db").exists()
+
+
+WORKER_BLOCK = next(code for lang, code in BLOCKS if lang == "bash" and "riverbed worker" in code)
+WORKER_MODULE = next(code for code in PYTHON_BLOCKS if code.startswith("# card_totals.py"))
+
+
+def test_worker_session(fresh_dir: Path) -> None:
+    (fresh_dir / "card_totals.py").write_text(WORKER_MODULE)
+    riverbed = shlex.quote(str(Path(sys.executable).with_name("riverbed")))
+    script = WORKER_BLOCK.replace("riverbed ", f"{riverbed} ")
+    result = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    window = json.loads(json.loads(line)["value"])
+    assert window == {"start_ms": 0, "end_ms": 10000, "value": {"count": 2, "total": 12.0}}
