@@ -390,7 +390,11 @@ class TransactionalProducer(Producer, Protocol):
     def commit_transaction(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Publish the transaction's records and commit ``offsets`` (next offset to read) for the
         bound consumer's group, atomically. Raises ``CommitFailedError`` if the member was
-        fenced; the transaction is then aborted and nothing of it is visible."""
+        fenced; the transaction is then aborted and nothing of it is visible.
+
+        After an abort or a failed commit the consumer's positions are where the polls left
+        them, past the records of the transaction: seek back to the committed offsets (or start
+        a new consumer) to process them again, as the stream runner does."""
         ...
 
     def abort_transaction(self) -> None:

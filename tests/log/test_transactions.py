@@ -132,8 +132,11 @@ def test_open_transaction_is_invisible(log: riverbed.Log, topic_name: TopicName)
         records = consume(consumer, 5)
         with log.transactional_producer(consumer) as producer:
             producer.begin_transaction()
-            producer.send_many(sink, [(r.key, r.value) for r in records])
+            pending = producer.send(sink, records[0].value)
+            producer.send_many(sink, [(r.key, r.value) for r in records[1:]])
             producer.flush()  # on Kafka, the records are in the log, but uncommitted
+            with pytest.raises(TransactionStateError, match="transaction is still open"):
+                pending.result(timeout=1)
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:
                 assert reader.poll(timeout=0.2) == []

@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from riverbed.log.api import (
@@ -90,7 +90,7 @@ class SqliteProducer(Closing):
         self._sticky = StickyPartitioner(batch_size)
         self._errors = DeliveryErrors()
         self._closed = False
-        self._flush_method = self.flush
+        self._flush_method: Callable[[float | None], None] = self.flush
         self._flusher = threading.Thread(
             target=self._flush_loop, name="riverbed-producer", daemon=True
         )

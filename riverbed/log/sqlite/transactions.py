@@ -41,6 +41,16 @@ class SqliteTransactionalProducer(SqliteProducer):
         self._consumer = consumer
         self._group = consumer.group
         self._in_transaction = False
+        self._flush_method = self._force_future
+
+    def _force_future(self, timeout: float | None) -> None:
+        """What ``future.result()`` does to a pending record: nothing can, inside a transaction."""
+        if self._in_transaction:
+            raise TransactionStateError(
+                "the record's transaction is still open; its outcome is known once "
+                "commit_transaction() or abort_transaction() returns"
+            )
+        self.flush(timeout)
 
     def _write_buffered(self) -> None:
         """Records of a transaction are written by its commit only."""
