@@ -483,6 +483,15 @@ def check_record(
     return size
 
 
+def check_timestamp(timestamp_ms: int) -> None:
+    """Record timestamps are positive epoch milliseconds: Kafka's client reads 0 as "now"."""
+    if timestamp_ms <= 0:
+        raise InvalidRecordError(
+            f"timestamp_ms must be positive epoch milliseconds, got {timestamp_ms}; "
+            "leave it out to use the current time"
+        )
+
+
 def check_partition(info: TopicInfo, partition: int) -> None:
     if not 0 <= partition < info.partitions:
         raise UnknownPartitionError(info.name, partition, info.partitions)

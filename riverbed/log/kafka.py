@@ -46,6 +46,7 @@ from riverbed.log.api import (
     TopicPartition,
     check_partition,
     check_record,
+    check_timestamp,
     consumer_topics,
     lag_of,
     record_size,
@@ -765,6 +766,8 @@ class KafkaProducer(Closing):
             partition = UNASSIGNED_PARTITION
         future = self._future()
         extra = _NO_EXTRAS  # without a timestamp, librdkafka stamps the record with the time now
+        if timestamp_ms is not None:
+            check_timestamp(timestamp_ms)
         if timestamp_ms is not None or headers:
             extra = {"timestamp": timestamp_ms or 0, "headers": dict(headers) if headers else None}
         try:

@@ -177,6 +177,16 @@ def test_record_size_limit(log: riverbed.Log, topic_name: TopicName) -> None:
         producer.send(default, b"x" * (1024 * 1024 + 1))
 
 
+def test_timestamps_must_be_positive(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    with log.producer() as producer:
+        for bad in (0, -5):
+            with pytest.raises(riverbed.InvalidRecordError, match="positive epoch milliseconds"):
+                producer.send(name, b"v", timestamp_ms=bad)
+        assert producer.send(name, b"v", timestamp_ms=1).result(timeout=30).timestamp_ms == 1
+
+
 def test_compacted_topic_needs_keys(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, compact=True)

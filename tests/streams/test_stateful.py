@@ -61,7 +61,7 @@ def test_tumbling_window_after_key_by_with_grace_and_late_output(
         Payment("a", 8, 5_000),  # late: its window closed
         Payment("b", 9, 40_000),  # closes [10 s, 20 s)
     ]
-    result = run_app(app, {payments: [(None, p, 0) for p in rows]}, url=log_url)
+    result = run_app(app, {payments: [(None, p) for p in rows]}, url=log_url)
     windows = sorted(result.outputs[totals.name], key=lambda kv: (kv[1].start_ms, kv[0]))
     assert windows == [
         ("a", W(0, 10_000, {"n": 3, "total": 10.0})),

@@ -24,6 +24,7 @@ from riverbed.log.api import (
     SendFuture,
     check_partition,
     check_record,
+    check_timestamp,
     record_size,
 )
 from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
@@ -128,6 +129,8 @@ class SqliteProducer(Closing):
             check_partition(info, partition)
         if timestamp_ms is None:
             timestamp_ms = time.time_ns() // 1_000_000
+        else:
+            check_timestamp(timestamp_ms)
         with self._lock:
             buffer = self._buffers.get((topic, partition))
             if buffer is None:
