@@ -115,6 +115,9 @@ class WindowNode(StatefulNode, Generic[T]):
         self._times: dict[int, int] = {}
         self._entries: dict[int, dict[Any, T]] = {}
         self._dirty: dict[int, set[Any]] = {}
+        # The state keys written to the store, so that an entry made and dropped between two
+        # commits (a window opened and closed in one) costs no write at all.
+        self._stored: dict[int, set[Any]] = {}
         self._pushed: set[int] = set()
 
     @property
@@ -141,6 +144,7 @@ class WindowNode(StatefulNode, Generic[T]):
             entries = {self.state_key(decode_key(k)): decode_entry(v) for k, v in stored.items()}
             self._entries[partition] = entries
             self._dirty[partition] = set()
+            self._stored[partition] = set(entries)
             self.restored(partition, entries)
         ctx.touched.add(self)
         return entries
@@ -158,9 +162,15 @@ class WindowNode(StatefulNode, Generic[T]):
         for partition in self._pushed:
             dirty = self._dirty[partition]
             entries = self._entries[partition]
-            changed: dict[bytes, bytes | None] = {
-                encode(k): (encode(entries[k]) if k in entries else None) for k in dirty
-            }
+            stored = self._stored[partition]
+            changed: dict[bytes, bytes | None] = {}
+            for key in dirty:
+                if key in entries:
+                    changed[encode(key)] = encode(entries[key])
+                    stored.add(key)
+                elif key in stored:
+                    changed[encode(key)] = None
+                    stored.discard(key)
             changed[STREAM_TIME_KEY] = encode(self._times[partition])
             out[self.store, partition] = changed
             dirty.clear()
@@ -174,6 +184,7 @@ class WindowNode(StatefulNode, Generic[T]):
         for partition in list(self._entries) if partitions is None else partitions:
             self._entries.pop(partition, None)
             self._dirty.pop(partition, None)
+            self._stored.pop(partition, None)
             self._times.pop(partition, None)
             self._pushed.discard(partition)
 
