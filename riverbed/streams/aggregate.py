@@ -24,11 +24,12 @@ class AggregateNode(WindowNode[list[Any]]):
         times: list[int],
         stream_times: list[int],
     ) -> tuple[list[Item], list[Item]]:
-        add_many, result = self.aggregation.add_many, self.aggregation.result
+        result = self.aggregation.result
         groups = grouped((k for k, _, _ in items), (v for _, v, _ in items))
-        for key, values in groups.items():
-            entries[key] = add_many(entries.get(key), values)
-            dirty.add(key)
+        keys = list(groups)
+        folded = self.aggregation.fold([entries.get(k) for k in keys], list(groups.values()))
+        entries.update(zip(keys, folded, strict=True))
+        dirty.update(keys)
         return [], [(key, result(entries[key]), stream_times[-1]) for key in groups]
 
     def close(

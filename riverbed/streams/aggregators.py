@@ -38,12 +38,14 @@ class Aggregator(Generic[V, A, R]):
         add_many: Callable[[A, Sequence[V]], A] | None = None,
         state_type: Any = Any,
         name: str = "aggregator",
+        add_groups: Callable[[list[A], Sequence[Sequence[V]]], list[A]] | None = None,
     ) -> None:
         if add is None and add_many is None:
             raise RiverbedError(f"aggregator '{name}' needs add(acc, value) or add_many")
         self.initial = initial
         self._add = add
         self._add_many = add_many
+        self._add_groups = add_groups
         self.result: Callable[[A], R] = result or _identity
         self._merge = merge
         self.state_type = state_type
@@ -57,6 +59,14 @@ class Aggregator(Generic[V, A, R]):
         for value in values:
             acc = add(acc, value)
         return acc
+
+    def add_groups(self, accs: list[A], groups: Sequence[Sequence[V]]) -> list[A]:
+        """``add_many`` for many (accumulator, values) pairs at once: one comprehension over a
+        batch's groups, for the built-ins, instead of a few Python calls per group."""
+        if self._add_groups is not None:
+            return self._add_groups(accs, groups)
+        add_many = self.add_many
+        return [add_many(acc, values) for acc, values in zip(accs, groups, strict=True)]
 
     @property
     def mergeable(self) -> bool:
@@ -87,17 +97,26 @@ def count() -> Aggregator[Any, int, int]:
         merge=lambda a, b: a + b,
         state_type=int,
         name="count",
+        add_groups=lambda accs, groups: [a + len(g) for a, g in zip(accs, groups, strict=True)],
     )
 
 
 def sum(field: Getter | None = None) -> Aggregator[Any, float, float]:
     """The sum of ``field(value)`` (or of the values)."""
+
+    def add_groups(accs: list[Any], groups: Sequence[Sequence[Any]]) -> list[Any]:
+        total = builtins.sum
+        if field is None:
+            return [a + total(g) for a, g in zip(accs, groups, strict=True)]
+        return [a + total(map(field, g)) for a, g in zip(accs, groups, strict=True)]
+
     return Aggregator(
         int,
         add_many=lambda acc, values: acc + builtins.sum(_values(values, field)),
         merge=lambda a, b: a + b,
         state_type=float | int,
         name="sum",
+        add_groups=add_groups,
     )
 
 

@@ -10,7 +10,7 @@ a window's current result after every batch that changed it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, chain
 from typing import Any, Generic, Literal, TypeVar
 
@@ -63,6 +63,15 @@ class Aggregation:
         if accs is None:
             accs = self.initial()
         return [a.add_many(acc, values) for a, acc in zip(self.aggregators, accs, strict=True)]
+
+    def fold(self, previous: list[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """``add_many`` for each (accumulators or None, values) pair, an aggregator at a time."""
+        columns = []
+        for index, aggregator in enumerate(self.aggregators):
+            initial = aggregator.initial
+            accs = [initial() if p is None else p[index] for p in previous]
+            columns.append(aggregator.add_groups(accs, groups))
+        return [list(row) for row in zip(*columns, strict=True)]
 
     def merge(self, left: list[Any], right: list[Any]) -> list[Any]:
         return [a.merge(x, y) for a, x, y in zip(self.aggregators, left, right, strict=True)]

@@ -115,6 +115,12 @@ class FixedWindowNode(WindowNode[list[Any]]):
         state_keys: list[tuple[Any, int]] = []
         values: list[Any] = []
         if size == advance:
+            starts = [ts - ts % size for ts in times]
+            if min(starts) + size + grace > stream_times[-1]:
+                # The common case, no record late: keys and values in C-level passes.
+                state_keys = list(zip([item[0] for item in items], starts, strict=True))
+                values = [item[1] for item in items]
+                return self._fold(partition, entries, dirty, state_keys, values, late)
             for item, ts, now in zip(items, times, stream_times, strict=True):
                 start = ts - ts % size
                 if start + size + grace <= now:
@@ -134,13 +140,29 @@ class FixedWindowNode(WindowNode[list[Any]]):
                     start -= advance
                 if not placed:
                     late.append(item)
+        return self._fold(partition, entries, dirty, state_keys, values, late)
+
+    def _fold(
+        self,
+        partition: int,
+        entries: dict[Any, list[Any]],
+        dirty: set[Any],
+        state_keys: list[tuple[Any, int]],
+        values: list[Any],
+        late: list[Item],
+    ) -> tuple[list[Item], list[Item]]:
+        size = self.size
         ends = self._ends[partition]
-        add_many = self.aggregation.add_many
-        for state_key, group in grouped(state_keys, values).items():
-            if state_key not in entries:
-                ends.setdefault(state_key[1] + size, set()).add(state_key)
-            entries[state_key] = add_many(entries.get(state_key), group)
-            dirty.add(state_key)
+        groups = grouped(state_keys, values)
+        keys = list(groups)
+        previous = [entries.get(key) for key in keys]
+        for key, accs in zip(keys, previous, strict=True):
+            if accs is None:
+                ends.setdefault(key[1] + size, set()).add(key)
+        entries.update(
+            zip(keys, self.aggregation.fold(previous, list(groups.values())), strict=True)
+        )
+        dirty.update(keys)
         if self.emit == "update":
             return late, [self._result(k, entries[k]) for k in dict.fromkeys(state_keys)]
         return late, []
