@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 
 import msgspec
 
@@ -95,31 +96,59 @@ class SchemaRegistry:
     ) -> SchemaVersion:
         """The version of ``schema``: an existing one if it was registered before, else a new one
         if it is compatible with the latest under the subject's mode."""
-        existing = self.versions(subject)
-        canonical = _canonical(schema)
-        for version in existing:
-            if _canonical(version.schema) == canonical:
-                return version
-        mode = existing[0].compatibility if existing else compatibility
-        if existing:
-            problems = incompatibilities(existing[-1].schema, schema, mode)
-            if problems:
-                raise IncompatibleSchemaError(
-                    f"schema for '{subject}' is not {mode.value}-compatible with version "
-                    f"{existing[-1].version}: " + "; ".join(problems)
-                )
-        digest = hashlib.sha256(canonical.encode()).hexdigest()
-        with self._log.producer() as producer:
-            producer.send(
-                self._topic,
-                msgspec.json.encode(_Entry(subject, schema, mode)),
-                key=f"{subject}#{digest}".encode(),
-            ).result(timeout=30)
-        # Read back: a registration racing ours from another process may have come first.
-        for version in self.versions(subject):
-            if _canonical(version.schema) == canonical:
-                return version
-        raise RiverbedError(f"schema for '{subject}' was written but cannot be read back")
+        (version,) = self.register_many([(subject, schema, compatibility)])
+        return version
+
+    def register_many(
+        self, schemas: Iterable[tuple[str, Schema, Compatibility]]
+    ) -> list[SchemaVersion]:
+        """``register`` for several subjects, reading the registry once (and once more to read
+        back what was written, if anything was): an app registers all its topics at start."""
+        wanted = list(schemas)
+        known = self._read()
+        found: dict[int, SchemaVersion] = {}
+        new: list[_Entry] = []
+        for index, (subject, schema, compatibility) in enumerate(wanted):
+            existing = known.get(subject, [])
+            canonical = _canonical(schema)
+            match = next((v for v in existing if _canonical(v.schema) == canonical), None)
+            if match is not None:
+                found[index] = match
+                continue
+            mode = existing[0].compatibility if existing else compatibility
+            if existing:
+                problems = incompatibilities(existing[-1].schema, schema, mode)
+                if problems:
+                    raise IncompatibleSchemaError(
+                        f"schema for '{subject}' is not {mode.value}-compatible with version "
+                        f"{existing[-1].version}: " + "; ".join(problems)
+                    )
+            new.append(_Entry(subject, schema, mode))
+        if new:
+            with self._log.producer() as producer:
+                for entry in new:
+                    digest = hashlib.sha256(_canonical(entry.schema).encode()).hexdigest()
+                    producer.send(
+                        self._topic,
+                        msgspec.json.encode(entry),
+                        key=f"{entry.subject}#{digest}".encode(),
+                    )
+                producer.flush(timeout=30)
+            # Read back: a registration racing ours from another process may have come first.
+            known = self._read()
+        out = []
+        for index, (subject, schema, _) in enumerate(wanted):
+            if index in found:
+                out.append(found[index])
+                continue
+            canonical = _canonical(schema)
+            match = next(
+                (v for v in known.get(subject, []) if _canonical(v.schema) == canonical), None
+            )
+            if match is None:
+                raise RiverbedError(f"schema for '{subject}' was written but cannot be read back")
+            out.append(match)
+        return out
 
 
 def _canonical(schema: Schema) -> str:

@@ -60,6 +60,7 @@ class App(Closing):
         self._topics: dict[str, Topic[Any, Any]] = {}
         self._topology = Topology(name)
         self._handlers: list[tuple[Topic[Any, Any], Handler]] = []
+        self._started = False
 
     @property
     def is_connected(self) -> bool:
@@ -199,8 +200,11 @@ class App(Closing):
         """Create missing topics (and their dead-letter topics) and register value schemas.
 
         An incompatible schema change raises ``IncompatibleSchemaError`` naming the field, before
-        anything is written with it.
+        anything is written with it. Done once per connection: ``run`` after ``start`` does not
+        repeat it.
         """
+        if self._started:
+            return
         registry = SchemaRegistry(self.log)
         for topic in self._topics.values():
             for name in (topic.name, topic.dead_letter_topic):
@@ -213,9 +217,11 @@ class App(Closing):
                     )
                 except TopicExistsError:
                     continue
-            version = registry.register(
-                f"{topic.name}-value", topic.value_schema, topic.compatibility
-            )
+        topics = list(self._topics.values())
+        versions = registry.register_many(
+            (f"{t.name}-value", t.value_schema, t.compatibility) for t in topics
+        )
+        for topic, version in zip(topics, versions, strict=True):
             topic.schema_version = version.version
         internal = {name: t.partitions for name, t in self._topology.internal_topics.items()}
         for topic, handler in self._handlers:
@@ -227,6 +233,7 @@ class App(Closing):
         for name, partitions in changelog_topics(self.log, self._topology.store_partitions).items():
             with contextlib.suppress(TopicExistsError):
                 self.log.create_topic(name, partitions=partitions, compact=True)
+        self._started = True
 
     def run(
         self,
@@ -311,6 +318,7 @@ class App(Closing):
         return report_with_lag
 
     def close(self) -> None:
+        self._started = False
         if self._producer is not None:
             self._producer.close()
             self._producer = None
