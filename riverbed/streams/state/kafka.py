@@ -1,11 +1,12 @@
 """State on Kafka: a local SQLite file per store partition, backed by a compacted changelog.
 
 A batch's state changes go to the store's changelog topic in the batch's transaction; only
-after it commits are they applied to the local file, so the file never holds state that Kafka
-does not. Taking a partition (on assignment, or after a crash) restores the file by replaying
-the changelog from the file's checkpoint to the end; replaying puts the latest values again, so
-a checkpoint that is behind (a crash before it was written) costs time, never correctness. The
-checkpoint is written when the partition is released.
+after it commits are they applied to the local file (merged, in bulk, when many have piled up
+or the partition is released), so the file never holds state that Kafka does not. Taking a
+partition (on assignment, or after a crash) restores the file by replaying the changelog from
+the file's checkpoint to the end; replaying puts the latest values again, so a checkpoint that
+is behind (a crash before it was written) costs time, never correctness. The checkpoint is
+written when the partition is released.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from riverbed.log.kafka import KafkaLog
 from riverbed.streams.state.backend import CHANGELOG_SUFFIX, Changes
 
 RESTORE_BATCH = 10_000
+PENDING_LIMIT = 200_000  # committed changes held before they are written to the local files
 # A transaction left open by a dead worker holds read_committed readers back until the broker
 # aborts it (the producer's transaction timeout); restoring waits at most this long for that.
 RESTORE_STALL_S = 120.0
@@ -78,8 +80,12 @@ class KafkaState:
         self._log = log
         self._dir = state_dir / app
         self._stores: dict[tuple[str, int], LocalStore] = {}
+        # Committed changes not yet written to the local files, per store partition.
+        self._pending: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
+        self._pending_count = 0
 
     def load(self, store: str, partition: int) -> dict[bytes, bytes]:
+        self._apply_pending({(store, partition)})
         local = self._stores.get((store, partition))
         if local is None:
             local = LocalStore(self._dir / store / f"{partition}.db")
@@ -144,11 +150,28 @@ class KafkaState:
         else:
             producer.flush()
             consumer.commit(offsets)
-        for (store, partition), entries in changes.items():
-            self._stores[store, partition].apply(entries)
+        # The local files lag behind: the operators hold the current state in memory, and the
+        # changelog has everything committed, so writes are merged here and applied in bulk.
+        for key, entries in changes.items():
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = dict(entries)
+            else:
+                pending.update(entries)
+            self._pending_count += len(entries)
+        if self._pending_count > PENDING_LIMIT:
+            self._apply_pending(set(self._pending))
+
+    def _apply_pending(self, keys: set[tuple[str, int]]) -> None:
+        for key in keys:
+            entries = self._pending.pop(key, None)
+            if entries:
+                self._stores[key].apply(entries)
+        self._pending_count = sum(len(entries) for entries in self._pending.values())
 
     def release(self, partitions: set[int]) -> None:
         for store, partition in [key for key in self._stores if key[1] in partitions]:
+            self._apply_pending({(store, partition)})
             local = self._stores.pop((store, partition))
             try:
                 end = self._log.end_offsets(store + CHANGELOG_SUFFIX)[partition]
