@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-deps lint bench clean
+.PHONY: demo test test-deps lint bench bench-peers bench-streams clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,20 @@ test: $(VENV)/.installed-dev test-deps lint
 bench: $(VENV)/.installed-dev test-deps
 	$(BIN)/python bench/log.py
 
+# The streams benchmark's peers (Quix Streams, faust, Bytewax) live in their own Python 3.11 venv.
+PEERS_PYTHON ?= python3.11
+PEERS_VENV := bench/.venv-peers
+
+$(PEERS_VENV)/.installed: bench/requirements-peers.txt
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r bench/requirements-peers.txt
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+
+bench-streams: $(VENV)/.installed-dev test-deps bench-peers
+	$(BIN)/python bench/streams.py
+
 clean:
-	rm -rf $(VENV) .riverbed .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) .riverbed .cache .mypy_cache .ruff_cache .pytest_cache
