@@ -29,6 +29,7 @@ class PipelineResult(msgspec.Struct):
 
     outputs: dict[str, list[tuple[Any, Any]]]
     state: dict[str, dict[Any, Any]]
+    late: int = 0  # records that arrived after their windows closed
 
 
 def run_app(
@@ -66,10 +67,11 @@ def run_app(
                 while runner.run_once(idle_s) or runner.run_once(idle_s):
                     pass
                 state = {name: node.snapshot() for name, node in app.topology.stateful.items()}
+                late = runner.late
             outputs: dict[str, list[tuple[Any, Any]]] = {}
             for node in reachable_outputs(app.topology):
                 outputs[node.topic.name] = _read(app, node.topic)
-            return PipelineResult(outputs, state)
+            return PipelineResult(outputs, state, late)
         finally:
             app.close()
             app.use_url(None)

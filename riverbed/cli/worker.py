@@ -71,7 +71,8 @@ def worker(
         elapsed = max(time.monotonic() - started, 1e-9)
         err.print(
             f"riverbed worker {app.name}: {runner.processed:,} records processed "
-            f"({runner.processed / elapsed:,.0f}/s), {runner.dead_lettered:,} dead-lettered",
+            f"({runner.processed / elapsed:,.0f}/s), {runner.dead_lettered:,} dead-lettered, "
+            f"{runner.late:,} late",
         )
 
     with app:

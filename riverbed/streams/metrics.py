@@ -31,6 +31,10 @@ class RunnerMetrics:
             "riverbed_dead_lettered", "Records sent to a dead-letter topic", ["topic"],
             registry=self.registry,
         )  # fmt: skip
+        self.late = Counter(
+            "riverbed_late_records", "Records that arrived after their windows closed",
+            registry=self.registry,
+        )  # fmt: skip
         self.batch_seconds = Histogram(
             "riverbed_batch_seconds",
             "Time to process, write and commit one batch",

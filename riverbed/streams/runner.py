@@ -82,6 +82,7 @@ class Runner:
         self.processed = 0
         self.dead_lettered = 0
         self.aborted = 0
+        self.late = 0  # records that arrived after their windows closed
         self._outputs = reachable_outputs(topology)
         self._table_consumers = {
             name: log.consumer(topics=[name], from_beginning=True) for name in topology.tables
@@ -187,8 +188,10 @@ class Runner:
             self._recover()
             raise
         self.processed += len(records)
+        self.late += ctx.late
         if self.metrics is not None:
             self._count(by_partition, started)
+            self.metrics.late.inc(ctx.late)
         self._wait_for_due_retries()
         return len(records)
 

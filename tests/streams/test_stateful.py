@@ -70,6 +70,7 @@ def test_tumbling_window_after_key_by_with_grace_and_late_output(
         ("b", W(10_000, 20_000, {"n": 2, "total": 12.0})),
     ]
     assert result.outputs[late.name] == [("a", Payment("a", 8, 5_000))]
+    assert result.late == 1
     # Only the window [40 s, 50 s) of b is still open.
     (state,) = result.state.values()
     assert list(state) == [("b", 40_000)]
