@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Aggregation, WindowNode, grouped
+from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings, grouped
 
 
 class AggregateNode(WindowNode[list[Any]]):
     def __init__(self, store: str, aggregation: Aggregation) -> None:
-        super().__init__(store, aggregation, None, 0, "update", None, aggregation.state_type)
+        super().__init__(WindowSettings(store, aggregation), aggregation.state_type)
 
     def process(
         self,

@@ -28,7 +28,13 @@ from riverbed.streams.nodes import (
 from riverbed.streams.topics import Topic
 from riverbed.streams.topology import Topology
 from riverbed.streams.windows import Windowed, WindowSpec
-from riverbed.streams.windows.base import Aggregation, Emit, TimestampFn, WindowNode
+from riverbed.streams.windows.base import (
+    Aggregation,
+    Emit,
+    TimestampFn,
+    WindowNode,
+    WindowSettings,
+)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -300,12 +306,14 @@ class WindowedStream(Generic[K, V]):
         elif self._late is not None:
             late = SinkNode(self._late)
         node: WindowNode[Any] = self._spec.node(
-            self._name or topology.name(f"{self._spec.kind}-window"),
-            _aggregation(aggregator, aggregators),
-            self._timestamp,
-            self._grace_ms,
-            self._emit,
-            late,
+            WindowSettings(
+                self._name or topology.name(f"{self._spec.kind}-window"),
+                _aggregation(aggregator, aggregators),
+                self._timestamp,
+                self._grace_ms,
+                self._emit,
+                late,
+            )
         )
         topology.stateful_node(node, stream.partitions)
         return stream._then(node, UNKNOWN)

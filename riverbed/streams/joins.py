@@ -16,7 +16,7 @@ import msgspec
 
 from riverbed.streams.nodes import Context, InternalTopic, Item, Node
 from riverbed.streams.topics import Topic
-from riverbed.streams.windows.base import WindowNode
+from riverbed.streams.windows.base import WindowNode, WindowSettings
 
 LEFT, RIGHT = 0, 1
 # (event time, side, msgpack of the value)
@@ -98,7 +98,7 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
         left_type: Any,
         right_type: Any,
     ) -> None:
-        super().__init__(store, None, None, grace_ms, "update", None, list[Buffered])
+        super().__init__(WindowSettings(store, None, grace_ms=grace_ms), list[Buffered])
         self.within = within_ms
         self.fn = fn
         self._decoders = (

@@ -11,6 +11,7 @@ a window's current result after every batch that changed it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import Any, Generic, Literal, TypeVar
 
@@ -91,30 +92,33 @@ class Aggregation:
         }
 
 
+@dataclass(frozen=True)
+class WindowSettings:
+    """What every windowed (or otherwise keyed and timed) state node is built with."""
+
+    store: str
+    aggregation: Aggregation | None
+    timestamp: TimestampFn | None = None
+    grace_ms: int = 0
+    emit: Emit = "update"
+    late: Node | None = None
+
+
 class WindowNode(StatefulNode, Generic[T]):
     """A windowed aggregation; subclasses say how records fall into windows and when windows
     close. The state of a source partition is ``T`` per key, decoded on first use."""
 
-    def __init__(
-        self,
-        store: str,
-        aggregation: Aggregation | None,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-        entry_type: Any,
-    ) -> None:
-        super().__init__(store)
-        if emit not in ("final", "update"):
-            raise RiverbedError(f"emit must be 'final' or 'update', got {emit!r}")
-        if grace_ms < 0:
-            raise RiverbedError(f"grace must be >= 0, got {grace_ms / 1000} s")
-        self._aggregation = aggregation
-        self.timestamp = timestamp
-        self.grace_ms = grace_ms
-        self.emit = emit
-        self.late = late
+    def __init__(self, settings: WindowSettings, entry_type: Any) -> None:
+        super().__init__(settings.store)
+        if settings.emit not in ("final", "update"):
+            raise RiverbedError(f"emit must be 'final' or 'update', got {settings.emit!r}")
+        if settings.grace_ms < 0:
+            raise RiverbedError(f"grace must be >= 0, got {settings.grace_ms / 1000} s")
+        self._aggregation = settings.aggregation
+        self.timestamp = settings.timestamp
+        self.grace_ms = settings.grace_ms
+        self.emit = settings.emit
+        self.late = settings.late
         self.dropped_late = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._key_decoder = msgspec.msgpack.Decoder()

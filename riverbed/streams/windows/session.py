@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from riverbed.streams.nodes import Item, Node
-from riverbed.streams.windows.base import Aggregation, Emit, TimestampFn, Windowed, WindowNode, ms
+from riverbed.streams.nodes import Item
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
 
 Session = tuple[int, int, list[Any]]
 
@@ -21,17 +21,8 @@ class SessionWindows:
     def __init__(self, gap_ms: int) -> None:
         self.gap_ms = gap_ms
 
-    def node(
-        self,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> WindowNode[Any]:
-        aggregation.check_mergeable("session")
-        return SessionNode(self.gap_ms, store, aggregation, timestamp, grace_ms, emit, late)
+    def node(self, settings: WindowSettings) -> WindowNode[Any]:
+        return SessionNode(self.gap_ms, settings)
 
 
 def session(seconds: float | None = None, *, milliseconds: int | None = None) -> SessionWindows:
@@ -40,26 +31,12 @@ def session(seconds: float | None = None, *, milliseconds: int | None = None) ->
 
 
 class SessionNode(WindowNode[list[Session]]):
-    def __init__(
-        self,
-        gap_ms: int,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> None:
-        session_type: Any = tuple.__class_getitem__((int, int, aggregation.state_type))
-        super().__init__(
-            store,
-            aggregation,
-            timestamp,
-            grace_ms,
-            emit,
-            late,
-            list[session_type],
-        )
+    def __init__(self, gap_ms: int, settings: WindowSettings) -> None:
+        assert settings.aggregation is not None
+        settings.aggregation.check_mergeable("session")
+        state_type = settings.aggregation.state_type
+        session_type: Any = tuple.__class_getitem__((int, int, state_type))
+        super().__init__(settings, list[session_type])
         self.gap = gap_ms
 
     def process(

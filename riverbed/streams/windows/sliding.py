@@ -13,8 +13,8 @@ from bisect import insort
 from functools import reduce
 from typing import Any
 
-from riverbed.streams.nodes import Item, Node
-from riverbed.streams.windows.base import Aggregation, Emit, TimestampFn, Windowed, WindowNode, ms
+from riverbed.streams.nodes import Item
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
 
 Entry = tuple[int, bool, list[Any]]
 
@@ -25,17 +25,8 @@ class SlidingWindows:
     def __init__(self, size_ms: int) -> None:
         self.size_ms = size_ms
 
-    def node(
-        self,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> WindowNode[Any]:
-        aggregation.check_mergeable("sliding")
-        return SlidingNode(self.size_ms, store, aggregation, timestamp, grace_ms, emit, late)
+    def node(self, settings: WindowSettings) -> WindowNode[Any]:
+        return SlidingNode(self.size_ms, settings)
 
 
 def sliding(seconds: float | None = None, *, milliseconds: int | None = None) -> SlidingWindows:
@@ -44,26 +35,12 @@ def sliding(seconds: float | None = None, *, milliseconds: int | None = None) ->
 
 
 class SlidingNode(WindowNode[list[Entry]]):
-    def __init__(
-        self,
-        size_ms: int,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> None:
-        entry_type: Any = tuple.__class_getitem__((int, bool, aggregation.state_type))
-        super().__init__(
-            store,
-            aggregation,
-            timestamp,
-            grace_ms,
-            emit,
-            late,
-            list[entry_type],
-        )
+    def __init__(self, size_ms: int, settings: WindowSettings) -> None:
+        assert settings.aggregation is not None
+        settings.aggregation.check_mergeable("sliding")
+        state_type = settings.aggregation.state_type
+        entry_type: Any = tuple.__class_getitem__((int, bool, state_type))
+        super().__init__(settings, list[entry_type])
         self.size = size_ms
 
     def process(

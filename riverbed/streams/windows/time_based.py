@@ -10,16 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from riverbed.errors import RiverbedError
-from riverbed.streams.nodes import Item, Node
-from riverbed.streams.windows.base import (
-    Aggregation,
-    Emit,
-    TimestampFn,
-    Windowed,
-    WindowNode,
-    grouped,
-    ms,
-)
+from riverbed.streams.nodes import Item
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, grouped, ms
 
 
 class Hopping:
@@ -36,16 +28,8 @@ class Hopping:
         self.size_ms = size_ms
         self.advance_ms = advance_ms
 
-    def node(
-        self,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> WindowNode[Any]:
-        return FixedWindowNode(self, store, aggregation, timestamp, grace_ms, emit, late)
+    def node(self, settings: WindowSettings) -> WindowNode[Any]:
+        return FixedWindowNode(self, settings)
 
 
 class Tumbling(Hopping):
@@ -72,19 +56,9 @@ def hopping(
 
 
 class FixedWindowNode(WindowNode[list[Any]]):
-    def __init__(
-        self,
-        spec: Hopping,
-        store: str,
-        aggregation: Aggregation,
-        timestamp: TimestampFn | None,
-        grace_ms: int,
-        emit: Emit,
-        late: Node | None,
-    ) -> None:
-        super().__init__(
-            store, aggregation, timestamp, grace_ms, emit, late, aggregation.state_type
-        )
+    def __init__(self, spec: Hopping, settings: WindowSettings) -> None:
+        assert settings.aggregation is not None
+        super().__init__(settings, settings.aggregation.state_type)
         self.size = spec.size_ms
         self.advance = spec.advance_ms
         # Per partition: window end -> the state keys (key, start) of open windows ending then.
