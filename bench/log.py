@@ -22,10 +22,8 @@ import contextlib
 import datetime
 import gc
 import inspect
-import os
 import platform
 import shlex
-import signal
 import statistics
 import struct
 import subprocess
@@ -41,6 +39,14 @@ from typing import Any, Protocol
 
 import confluent_kafka
 import redis
+from common import (  # bench/common.py: python puts bench/ first on sys.path
+    BenchError,
+    git_revision,
+    loadavg,
+    machine,
+    markdown_table,
+    stop_on_signals,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
@@ -115,10 +121,6 @@ TARGETS_NOTE = (
     "consume >= 2,000,000 rec/s, e2e p99 <= 10 ms; riverbed-kafka: produce and consume within "
     "10% of raw confluent-kafka"
 )
-
-
-class BenchError(Exception):
-    """A system did not do what the benchmark asked (lost records, a server that did not start)."""
 
 
 # The systems
@@ -837,26 +839,6 @@ def print_tables(console: Console, results: dict[str, Figures], runs: int) -> No
     console.print(targets)
 
 
-def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = "? GiB"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, {memory} RAM, {platform.platform()}"
-
-
 def versions() -> str:
     kafka = "?"
     libs = ROOT / ".cache" / "kafka" / "libs"
@@ -876,16 +858,6 @@ def versions() -> str:
         f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {kafka} (KRaft, one node), "
         f"redis-server {redis_version}, redis-py {redis.__version__} with hiredis"
     )
-
-
-def git_revision() -> str:
-    output = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return output.stdout.strip() or "unknown revision"
 
 
 def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
@@ -935,14 +907,6 @@ def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
         f"({WARMUP_RECORDS:,} records). Each figure is the median of the runs; ✓/✗ marks a "
         "figure that has a target.",
     ]
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages (other work on the machine skews the figures)."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 @dataclass(frozen=True)
@@ -1064,19 +1028,6 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
         stack.callback(system.close)
         systems.append(system)
     return systems
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise in the main thread, so the servers are stopped in ``finally``.
-
-    (A background job of a non-interactive shell starts with SIGINT ignored; Python keeps that.)
-    """
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,10 @@ import gc
 import importlib
 import inspect
 import json
-import os
 import platform
 import queue
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,14 @@ from typing import IO, Any, Protocol
 
 import confluent_kafka
 import msgspec
+from common import (  # bench/common.py: python puts bench/ first on sys.path
+    BenchError,
+    git_revision,
+    loadavg,
+    machine,
+    markdown_table,
+    stop_on_signals,
+)
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from confluent_kafka.cimpl import NewTopic
@@ -109,14 +115,6 @@ TARGETS_NOTE = (
 )
 
 
-class BenchError(Exception):
-    """A system did not do what the benchmark asked (lost records, no progress, a crash)."""
-
-
-# Shared with bench/log.py in spirit, not imported: that module imports riverbed, and this one must
-# run the peers while riverbed is mid-change.
-
-
 @contextlib.contextmanager
 def kafka_server(root: Path) -> Iterator[str]:
     """The tests' single-node Kafka broker (tests/services/kafka.py); yields its bootstrap."""
@@ -133,54 +131,6 @@ def kafka_server(root: Path) -> Iterator[str]:
     finally:
         gc.collect()  # destroy the clients first, or librdkafka logs the broker going away
         server.stop()
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = "? GiB"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, {memory} RAM, {platform.platform()}"
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages (other work on the machine skews the figures)."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def git_revision() -> str:
-    output = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return output.stdout.strip() or "unknown revision"
-
-
-def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise in the main thread, so the broker and peers stop in ``finally``."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 # The input: the same bytes for every system
