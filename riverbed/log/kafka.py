@@ -130,6 +130,14 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 TRANSACTION_TIMEOUT_MS = 10_000
 _MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 _LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+# A group coordinator that is still loading (a fresh broker) or moving: ask again.
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+    }
+)
 # Consumer errors librdkafka recovers from by itself (reconnects, rejoins, offset resets).
 _TRANSIENT = frozenset(
     {
@@ -485,8 +493,14 @@ class KafkaLog(Closing):
 
     def describe_group(self, group: str) -> GroupDescription:
         self._check_open()
-        futures = self._admin.describe_consumer_groups([group], request_timeout=REQUEST_TIMEOUT_S)
-        described = futures[group].result()
+
+        def describe() -> Any:  # a new request each time: a future answers once
+            futures = self._admin.describe_consumer_groups(
+                [group], request_timeout=REQUEST_TIMEOUT_S
+            )
+            return futures[group].result()
+
+        described = _while_coordinator_moves(describe)
         committed = self._committed_offsets(group)
         state = described.state.name
         if state == "DEAD" and not committed:
@@ -523,10 +537,14 @@ class KafkaLog(Closing):
 
     def _committed_offsets(self, group: str) -> dict[TopicPartition, int]:
         request = [confluent_kafka.ConsumerGroupTopicPartitions(group)]
-        futures = self._admin.list_consumer_group_offsets(
-            request, request_timeout=REQUEST_TIMEOUT_S
-        )
-        answer = futures[group].result()
+
+        def list_offsets() -> Any:  # a new request each time: a future answers once
+            futures = self._admin.list_consumer_group_offsets(
+                request, request_timeout=REQUEST_TIMEOUT_S
+            )
+            return futures[group].result()
+
+        answer = _while_coordinator_moves(list_offsets)
         return {
             (tp.topic, tp.partition): tp.offset
             for tp in answer.topic_partitions or []
@@ -558,6 +576,19 @@ class KafkaLog(Closing):
         self._closed = True
         for child in list(self._children):
             child.close()
+
+
+def _while_coordinator_moves(request: Callable[[], Any]) -> Any:
+    """``request()``, again while the group coordinator is loading or moving (up to the request
+    timeout)."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while True:
+        try:
+            return request()
+        except KafkaException as error:
+            if _code(error) not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def describe_log_dirs(

@@ -246,6 +246,8 @@ class App(Closing):
         ``report(runner)`` is called about once a second with the runner's counters; with
         ``metrics_port``, Prometheus metrics are served there (the ``metrics`` extra)."""
         stop = stop or threading.Event()
+        self._sources()  # nothing to run: say so before touching the log
+        self.start()  # topics exist before the metrics endpoint answers
         metrics = None
         if metrics_port is not None:
             from riverbed.streams.metrics import RunnerMetrics
@@ -260,20 +262,7 @@ class App(Closing):
     def runner(self, metrics: RunnerMetrics | None = None) -> Iterator[Runner]:
         """The app started, in its group, with a runner to call ``run_once`` on (what
         ``run`` loops over); leaving the block leaves the group."""
-        sources = sorted(
-            set(self._topology.running_sources())
-            | {t.name for t, _ in self._handlers}
-            | {
-                retry_topic(t.name, level)
-                for t, h in self._handlers
-                for level in range(1, len(h.retry_delays) + 1)
-            }
-        )
-        if not sources:
-            raise RiverbedError(
-                f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
-                "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
-            )
+        sources = self._sources()
         self.start()
         runner: Runner | None = None
 
@@ -304,6 +293,24 @@ class App(Closing):
             )
             cleanup.callback(runner.close)
             yield runner
+
+    def _sources(self) -> list[str]:
+        """The topics the app's consumer reads; an error if there is nothing to run."""
+        sources = sorted(
+            set(self._topology.running_sources())
+            | {t.name for t, _ in self._handlers}
+            | {
+                retry_topic(t.name, level)
+                for t, h in self._handlers
+                for level in range(1, len(h.retry_delays) + 1)
+            }
+        )
+        if not sources:
+            raise RiverbedError(
+                f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
+                "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
+            )
+        return sources
 
     def _reporting_lag(
         self, metrics: RunnerMetrics, report: Callable[[Runner], None] | None
