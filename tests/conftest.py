@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import riverbed
+from tests.support import Worker
 
 pytest_plugins = ["tests.services.kafka", "tests.services.redis"]
 
@@ -46,3 +47,12 @@ def topic_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{test}-{suffix}-{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Worker subprocesses a test started; killed at its end if still running."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.stop()

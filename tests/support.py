@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +50,51 @@ def running(app: riverbed.App) -> Iterator[None]:
         stop.set()
         thread.join(60)
         assert not thread.is_alive()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Worker:
+    """``python -m module *args`` as a subprocess; its stdout lines are collected as they come."""
+
+    def __init__(self, module: str, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.strip())
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 60) -> None:
+        """Until the lines reported so far satisfy ``predicate``; fail if the worker exits."""
+
+        def reported() -> bool:
+            if predicate(list(self.lines)):
+                return True
+            if self.process.poll() is not None:
+                self._reader.join(5)
+                if not predicate(list(self.lines)):
+                    stderr = self.process.stderr.read() if self.process.stderr else ""
+                    pytest.fail(f"worker exited with {self.process.returncode}: {stderr[-2000:]}")
+            return False
+
+        wait_until(reported, timeout, f"the worker to report (it said {self.lines[-3:]})")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+        self._reader.join(5)

@@ -5,77 +5,23 @@ SIGKILL a producer or a group member mid-stream; SIGSTOP a member until the grou
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 import riverbed
-from tests.support import consume, wait_until
+from tests.support import Worker, consume, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 TopicName = Callable[[str], str]
 
 pytestmark = pytest.mark.slow
 
 
-class Worker:
-    """A ``crash_worker`` subprocess whose stdout lines are collected as they arrive."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.log.crash_worker", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        assert self.process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line.strip())
-
-    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(list(self.lines)):
-            if self.process.poll() is not None and not predicate(list(self.lines)):
-                self._reader.join(5)
-                if predicate(list(self.lines)):
-                    return
-                stderr = self.process.stderr.read() if self.process.stderr else ""
-                pytest.fail(f"worker exited with {self.process.returncode}: {stderr[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"worker did not report in {timeout} s; it said {self.lines[-5:]}")
-            time.sleep(0.02)
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
-        self._reader.join(5)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        worker.stop()
+def worker(*args: str) -> Worker:
+    return Worker("tests.log.crash_worker", *args)
 
 
 def test_killed_producer_leaves_whole_batches_and_keeps_acks(
@@ -83,7 +29,7 @@ def test_killed_producer_leaves_whole_batches_and_keeps_acks(
 ) -> None:
     name = topic_name()
     log.create_topic(name, partitions=3)
-    producer = Worker("produce", log_url, name, "1000000")
+    producer = worker("produce", log_url, name, "1000000")
     workers.append(producer)
     producer.wait_for(lambda lines: sum(line.startswith("ack") for line in lines) >= 20_000)
     producer.signal(signal.SIGKILL)
@@ -149,10 +95,10 @@ def test_killed_member_hands_over_without_losing_commits(
     with log.producer() as producer:
         producer.send_many(name, [(f"k{i}".encode(), b"v") for i in range(total)])
     victim_journal, survivor_journal = tmp_path / "victim.log", tmp_path / "survivor.log"
-    victim = Worker("consume", log_url, name, group, str(victim_journal), "0.05")
+    victim = worker("consume", log_url, name, group, str(victim_journal), "0.05")
     workers.append(victim)
     victim.wait_for(lambda lines: "ready" in lines)
-    survivor = Worker("consume", log_url, name, group, str(survivor_journal), "0.05")
+    survivor = worker("consume", log_url, name, group, str(survivor_journal), "0.05")
     workers.append(survivor)
 
     def victim_committed_some() -> bool:
@@ -192,7 +138,7 @@ def test_paused_member_is_fenced(
     with log.producer() as producer:
         producer.send_many(name, [(f"k{i}".encode(), b"v") for i in range(100)])
     go = tmp_path / "go"
-    zombie = Worker("fenced", log_url, name, group, str(go))
+    zombie = worker("fenced", log_url, name, group, str(go))
     workers.append(zombie)
     zombie.wait_for(lambda lines: any(line.startswith("polled") for line in lines))
     zombie.signal(signal.SIGSTOP)

@@ -6,14 +6,11 @@ are this module run as ``python -m tests.log.test_transactions ROLE ...``.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,9 +18,8 @@ import pytest
 import riverbed
 from riverbed.errors import RiverbedError
 from riverbed.log.errors import TransactionAbortedError, TransactionStateError
-from tests.support import consume, wait_until
+from tests.support import Worker, consume, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 TopicName = Callable[[str], str]
 Offsets = dict[tuple[str, int], int]
 SENTINEL = b"--end--"
@@ -232,55 +228,8 @@ def test_close_aborts_the_open_transaction(log: riverbed.Log, topic_name: TopicN
 # Crash tests
 
 
-class Worker:
-    """This module run as a subprocess in ``role``; its stdout lines are collected as they come."""
-
-    def __init__(self, role: str, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.log.test_transactions", role, *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.strip())
-
-    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 60) -> None:
-        def reported() -> bool:
-            if predicate(list(self.lines)):
-                return True
-            if self.process.poll() is not None:
-                self._reader.join(5)
-                if not predicate(list(self.lines)):
-                    stderr = self.process.stderr.read() if self.process.stderr else ""
-                    pytest.fail(f"worker exited with {self.process.returncode}: {stderr[-2000:]}")
-            return False
-
-        wait_until(reported, timeout, f"the worker to report (it said {self.lines[-3:]})")
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
-        self._reader.join(5)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        worker.stop()
+def worker(*args: str) -> Worker:
+    return Worker("tests.log.test_transactions", *args)
 
 
 def _committed(lines: list[str]) -> int:
@@ -294,13 +243,13 @@ def test_killed_copier_copies_every_record_once(
     total = 3000
     source, sink, group = _source(log, topic_name, total, 3), topic_name("out"), topic_name("group")
     log.create_topic(sink, partitions=3)
-    victim = Worker("copy", log_url, source, sink, group)
+    victim = worker("copy", log_url, source, sink, group)
     workers.append(victim)
     victim.wait_for(lambda lines: _committed(lines) >= 300)
     victim.signal(signal.SIGKILL)
     victim.stop()
     assert _committed(victim.lines) < total, "the copier finished before it was killed"
-    successor = Worker("copy", log_url, source, sink, group)
+    successor = worker("copy", log_url, source, sink, group)
     workers.append(successor)
     wait_until(lambda: sum(log.group_lag(group).values()) == 0, 120, "the successor to catch up")
     successor.stop()
@@ -316,7 +265,7 @@ def test_paused_zombie_cannot_commit(
     source, sink, group = _source(log, topic_name, 100), topic_name("out"), topic_name("group")
     log.create_topic(sink, partitions=2)
     go = tmp_path / "go"
-    zombie = Worker("zombie", log_url, source, sink, group, str(go))
+    zombie = worker("zombie", log_url, source, sink, group, str(go))
     workers.append(zombie)
     zombie.wait_for(lambda lines: any(line.startswith("sent") for line in lines))
     zombie.signal(signal.SIGSTOP)
