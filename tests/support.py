@@ -38,6 +38,19 @@ def consume(
     return records
 
 
+def take_over(successor: riverbed.Consumer, partitions: int, records: int) -> list[riverbed.Record]:
+    """Poll until ``successor`` owns all ``partitions`` of a stopped member, then until it has
+    read ``records``; what it read."""
+    read: list[riverbed.Record] = []
+
+    def owns_everything() -> bool:
+        read.extend(successor.poll(timeout=0.2))
+        return len(successor.assignment()) == partitions
+
+    wait_until(owns_everything, 60, "the stopped member's partitions to move")
+    return read + consume(successor, records - len(read))
+
+
 @contextmanager
 def running(app: riverbed.App) -> Iterator[None]:
     """Run ``app`` in a thread for the ``with`` block; stop it and check it finished."""

@@ -307,20 +307,21 @@ class Runner:
 
     def _items(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Item]:
         """The batch as pipeline items; undecodable records are dead-lettered."""
-        with contextlib.suppress(DeserializationError):
-            decode_key = topic.key_codec.decode
-            keys = [None if r.key is None else decode_key(r.key) for r in batch]
-            values = topic.value_codec.decode_many([_value_of(r) for r in batch])
+        whole = _decode_whole(topic, batch)
+        if whole is not None:
+            keys, values = whole
             return list(zip(keys, values, [r.timestamp_ms for r in batch], strict=True))
-        return [(key, value, r.timestamp_ms) for r, key, value in self._decode(topic, batch)]
+        return [(key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)]
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""
-        # The whole batch at once; if a record in it is bad, one by one to park just that one.
-        with contextlib.suppress(DeserializationError):
-            keys = [None if r.key is None else topic.key_codec.decode(r.key) for r in batch]
-            values = topic.value_codec.decode_many([_value_of(r) for r in batch])
-            return list(zip(batch, keys, values, strict=True))
+        whole = _decode_whole(topic, batch)
+        if whole is not None:
+            return list(zip(batch, *whole, strict=True))
+        return self._decode_each(topic, batch)
+
+    def _decode_each(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
+        """One record at a time, to park just the bad ones in the dead-letter topic."""
         decoded: list[Decoded] = []
         for record in batch:
             try:
@@ -379,6 +380,18 @@ def _changes(ctx: Context) -> Changes:
     for node in ctx.touched:
         changes.update(node.changes())
     return changes
+
+
+def _decode_whole(
+    topic: Topic[Any, Any], batch: list[Record]
+) -> tuple[list[Any], list[Any]] | None:
+    """Keys and values of the whole batch at once, or None if some record does not decode."""
+    decode_key = topic.key_codec.decode
+    try:
+        keys = [None if r.key is None else decode_key(r.key) for r in batch]
+        return keys, topic.value_codec.decode_many([_value_of(r) for r in batch])
+    except DeserializationError:
+        return None
 
 
 def _value_of(record: Record) -> bytes:

@@ -23,10 +23,9 @@ DECODED_KEYS_LIMIT = 100_000
 class SourceNode(Node):
     """Where a topic's records enter the graph."""
 
-    def __init__(self, name: str, partitions: int) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-        self.partitions = partitions
 
 
 class TopicSource(SourceNode):
@@ -34,14 +33,13 @@ class TopicSource(SourceNode):
     those that do not decode)."""
 
     def __init__(self, topic: Topic[Any, Any]) -> None:
-        super().__init__(topic.name, topic.partitions)
+        super().__init__(topic.name)
         self.topic = topic
 
 
 class InternalSource(SourceNode):
     def __init__(self, topic: InternalTopic, joined: bool) -> None:
-        super().__init__(topic.name, topic.partitions)
-        self.internal = topic
+        super().__init__(topic.name)
         self._decode_key = topic.key_decoder.decode
         self._decode_joined = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw]).decode
         self._decode = topic.decoder.decode

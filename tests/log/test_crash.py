@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import riverbed
-from tests.support import Worker, consume, wait_until
+from tests.support import Worker, consume, take_over, wait_until
 
 TopicName = Callable[[str], str]
 
@@ -146,14 +146,7 @@ def test_paused_member_is_fenced(
         with log.consumer(
             group=group, topics=[name], from_beginning=True, session_timeout_ms=3000
         ) as successor:
-            records: list[riverbed.Record] = []
-
-            def owns_everything() -> bool:
-                records.extend(successor.poll(timeout=0.2))
-                return len(successor.assignment()) == 2
-
-            wait_until(owns_everything, 60, "the zombie's partitions to move")
-            records += consume(successor, 100 - len(records))
+            take_over(successor, partitions=2, records=100)
             successor.commit()
             committed = successor.committed()
     finally:

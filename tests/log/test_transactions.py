@@ -18,7 +18,7 @@ import pytest
 import riverbed
 from riverbed.errors import RiverbedError
 from riverbed.log.errors import TransactionAbortedError, TransactionStateError
-from tests.support import Worker, consume, wait_until
+from tests.support import Worker, consume, take_over, wait_until
 
 TopicName = Callable[[str], str]
 Offsets = dict[tuple[str, int], int]
@@ -273,14 +273,7 @@ def test_paused_zombie_cannot_commit(
         with log.consumer(
             group=group, topics=[source], from_beginning=True, session_timeout_ms=3000
         ) as successor:
-            records: list[riverbed.Record] = []
-
-            def owns_everything() -> bool:
-                records.extend(successor.poll(timeout=0.2))
-                return len(successor.assignment()) == 2
-
-            wait_until(owns_everything, 60, "the zombie's partitions to move")
-            records += consume(successor, 100 - len(records))
+            records = take_over(successor, partitions=2, records=100)
             with log.transactional_producer(successor) as producer:
                 producer.begin_transaction()
                 producer.send_many(sink, [(r.key, r.value) for r in records])

@@ -119,7 +119,6 @@ class WindowNode(StatefulNode, Generic[T]):
         self.grace_ms = settings.grace_ms
         self.emit = settings.emit
         self.late = settings.late
-        self.dropped_late = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._key_decoder = msgspec.msgpack.Decoder()
         self._entry_decoder = msgspec.msgpack.Decoder(entry_type)
@@ -221,8 +220,6 @@ class WindowNode(StatefulNode, Generic[T]):
             ctx.late += len(late)
             if self.late is not None:
                 self.late.push(late, ctx)
-            else:
-                self.dropped_late += len(late)
         self.forward(emitted, ctx)
 
     def process(
