@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from riverbed.app import App
+from riverbed.backoff import Backoff, exponential
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
 from riverbed.log import connect
 from riverbed.log.api import (
@@ -33,7 +35,7 @@ from riverbed.log.errors import (
 from riverbed.serde.codecs import DeserializationError, SerializationError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import IncompatibleSchemaError
-from riverbed.streams import App, Topic, TypedRecord
+from riverbed.streams import Topic, TypedRecord
 from riverbed.streams.aggregators import (
     Aggregator,
     collect,
@@ -44,8 +46,24 @@ from riverbed.streams.aggregators import (
     min,
     sum,
 )
-from riverbed.streams.handlers import Backoff, exponential
 from riverbed.streams.windows import Windowed, hopping, session, sliding, tumbling
+from riverbed.tasks import (
+    ResultExpiredError,
+    ResultTimeoutError,
+    SoftTimeLimitExceeded,
+    TaskArgumentsError,
+    TaskCancelledError,
+    TaskContext,
+    TaskExpiredError,
+    TaskFailed,
+    TaskHandle,
+    TaskState,
+    TimeLimitExceeded,
+    chain,
+    chord,
+    current_task,
+    group,
+)
 
 __version__ = "0.1.0"
 
@@ -73,9 +91,20 @@ __all__ = [
     "Record",
     "RecordMetadata",
     "RecordTooLargeError",
+    "ResultExpiredError",
+    "ResultTimeoutError",
     "RiverbedError",
     "SendFuture",
     "SerializationError",
+    "SoftTimeLimitExceeded",
+    "TaskArgumentsError",
+    "TaskCancelledError",
+    "TaskContext",
+    "TaskExpiredError",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskState",
+    "TimeLimitExceeded",
     "Topic",
     "TopicDescription",
     "TopicExistsError",
@@ -86,10 +115,14 @@ __all__ = [
     "UnknownTopicError",
     "Windowed",
     "__version__",
+    "chain",
+    "chord",
     "collect",
     "connect",
     "count",
+    "current_task",
     "exponential",
+    "group",
     "hopping",
     "latest",
     "max",

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from riverbed.backoff import Backoff, exponential
 from riverbed.errors import RiverbedError
 from riverbed.log import connect
 from riverbed.log.api import Closing, Log, Producer, TopicPartition
@@ -17,7 +18,7 @@ from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
-from riverbed.streams.handlers import Backoff, Handler, exponential, retry_topic
+from riverbed.streams.handlers import Handler, retry_topic
 from riverbed.streams.joins import Table
 from riverbed.streams.runner import Runner
 from riverbed.streams.state import state_backend_for

@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import msgspec
-
+from riverbed.backoff import Backoff
 from riverbed.log.api import Record
 
 CORRELATION_HEADER = "riverbed-correlation-id"
@@ -33,22 +31,6 @@ ATTEMPTS_HEADER = "riverbed-attempts"
 _current_input: contextvars.ContextVar[Record | None] = contextvars.ContextVar(
     "riverbed_current_input", default=None
 )
-
-
-class Backoff(msgspec.Struct, frozen=True):
-    """Exponential backoff: ``base * 2**(attempt - 1)`` seconds, at most ``max``, with jitter."""
-
-    base: float = 0.1
-    max: float = 30.0
-    jitter: bool = True
-
-    def delay(self, attempt: int) -> float:
-        delay = min(self.base * 2 ** (attempt - 1), self.max)
-        return random.uniform(delay / 2, delay) if self.jitter else delay
-
-
-def exponential(base: float = 0.1, max: float = 30.0, jitter: bool = True) -> Backoff:
-    return Backoff(base, max, jitter)
 
 
 def retry_topic(topic: str, level: int) -> str:

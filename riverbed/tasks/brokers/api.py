@@ -1,0 +1,149 @@
+"""The broker contract both brokers implement and one conformance suite checks.
+
+Every operation is atomic on the broker (one SQLite transaction, one Redis Lua script or MULTI),
+so a crash between two calls loses nothing: a task is always in exactly one place — its queue, the
+scheduled set, leased to one worker, finished, or dead. Calls take lists: workers fetch, extend and
+finish in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from riverbed.errors import InvalidUrlError
+from riverbed.tasks.messages import (
+    BrokerStats,
+    ChordSpec,
+    Heartbeat,
+    Outcome,
+    TaskInfo,
+    TaskMessage,
+    TaskState,
+)
+
+DEFAULT_RESULT_TTL_S = 86_400.0
+DEFAULT_DEAD_TTL_S = 7 * 86_400.0
+# Options both brokers accept in their URL (seconds).
+COMMON_OPTIONS = {"result_ttl": str(DEFAULT_RESULT_TTL_S), "dead_ttl": str(DEFAULT_DEAD_TTL_S)}
+
+
+def ttl_options(raw_url: str, options: dict[str, str]) -> tuple[int, int]:
+    """``result_ttl`` and ``dead_ttl`` from a broker URL's options, in milliseconds."""
+    return tuple(_seconds_option(raw_url, options, name) for name in ("result_ttl", "dead_ttl"))  # type: ignore[return-value]
+
+
+def _seconds_option(raw_url: str, options: dict[str, str], name: str) -> int:
+    try:
+        seconds = float(options[name])
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InvalidUrlError(
+            f"{name}={options[name]!r} in {raw_url!r}: give a positive number of seconds"
+        )
+    return int(seconds * 1000)
+
+
+class Broker(Protocol):
+    url: str
+    result_ttl_ms: int  # finished tasks and idempotency keys are kept this long
+    dead_ttl_ms: int  # dead letters are kept this long
+
+    def enqueue(self, messages: Sequence[TaskMessage], chord: ChordSpec | None = None) -> list[str]:
+        """Store the tasks (queued, or scheduled when their eta is ahead); return their ids in
+        order. A message whose idempotency key is taken is not stored: its entry is the id
+        that holds the key. ``chord``: the callback to enqueue when these (its headers) all
+        succeed."""
+        ...
+
+    def fetch(
+        self, worker: str, queues: Sequence[str], limit: int, lease_ms: int, timeout: float = 0.0
+    ) -> list[TaskMessage]:
+        """Lease up to ``limit`` queued tasks of ``queues``, highest priority first, then oldest.
+
+        First moves due scheduled tasks to their queues and requeues tasks whose lease ran out.
+        When none is ready, blocks up to ``timeout`` seconds for one (woken by the enqueue, or by
+        the next scheduled task falling due — not by sleeping in fixed steps on Redis; SQLite
+        watches ``PRAGMA data_version``). On Redis, an enqueue wakes one blocked fetcher, and a
+        fetch that leaves tasks behind wakes the next, so idle workers join in turn."""
+        ...
+
+    def extend(self, worker: str, ids: Sequence[str], lease_ms: int) -> Heartbeat:
+        """Extend this worker's leases; say which tasks were cancelled, and which it lost."""
+        ...
+
+    def finish(self, worker: str, outcomes: Sequence[Outcome]) -> None:
+        """Store outcomes of tasks this worker leases; an outcome for a lost lease is ignored."""
+        ...
+
+    def release(self, worker: str, ids: Sequence[str], eta_ms: int = 0) -> None:
+        """Give leased, unstarted tasks back: to their queue, or scheduled at ``eta_ms``."""
+        ...
+
+    def info(self, ids: Sequence[str]) -> dict[str, TaskInfo]:
+        """What the broker knows of these ids; unknown or expired ids are absent."""
+        ...
+
+    def wait(self, ids: Sequence[str], timeout: float) -> dict[str, TaskInfo]:
+        """Block until every id is finished, or ``timeout`` seconds pass; return the finished
+        ones. An unknown id is waited for too: a chain's later step or a chord's callback is
+        enqueued only when its turn comes. Wakes on the broker's notification, not by sleeping
+        in fixed steps (SQLite watches ``PRAGMA data_version``)."""
+        ...
+
+    def cancel(self, task_id: str) -> TaskState | None:
+        """Cancel a queued or scheduled task (-> CANCELLED), or ask a running one's worker to
+        interrupt it (-> RUNNING, cancel requested). None: unknown id; a finished state: too
+        late."""
+        ...
+
+    def list_tasks(
+        self, state: TaskState | None = None, queue: str | None = None, limit: int = 100
+    ) -> list[TaskInfo]: ...
+
+    def dead(self, limit: int = 100) -> list[TaskInfo]:
+        """The dead-letter queue: failed tasks with their args, last error and traceback."""
+        ...
+
+    def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Move dead tasks (all when ``ids`` is None) back to their queues with attempts reset."""
+        ...
+
+    def purge(self, queue: str) -> int:
+        """Delete the queue's queued and scheduled tasks; return how many."""
+        ...
+
+    def stats(self) -> BrokerStats: ...
+
+    def take_tokens(
+        self, name: str, rate: float, capacity: float, wanted: int
+    ) -> tuple[int, float]:
+        """Take up to ``wanted`` tokens from the bucket ``name`` (refilled at ``rate`` per second,
+        holding at most ``capacity``); return how many were granted and the seconds until the
+        next token."""
+        ...
+
+    def lead(self, worker: str, ttl_ms: int) -> bool:
+        """Take or renew the leader lease; True while ``worker`` holds it."""
+        ...
+
+    def resign(self, worker: str) -> None: ...
+
+    def claim_tick(self, schedule: str, tick_ms: int, message: TaskMessage) -> bool:
+        """Enqueue ``message`` if ``tick_ms`` is later than the schedule's last tick, and record
+        it as the last tick, atomically: one run per tick whoever leads."""
+        ...
+
+    def last_tick(self, schedule: str) -> int: ...
+
+    def housekeep(self) -> None:
+        """Drop what has outlived its TTL (a no-op where the store expires keys itself)."""
+        ...
+
+    def footprint(self) -> int:
+        """How many rows (SQLite) or keys (Redis) the broker holds: tests check it returns to
+        its baseline once results expire."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,666 @@
+"""The embedded task broker: one SQLite file in WAL mode, shared by every process on the machine.
+
+Each broker call is one ``BEGIN IMMEDIATE`` transaction, so a task is in exactly one state at any
+moment and a crash loses nothing. One ``tasks`` row per task; ``due_ms`` is the time that matters
+in its state — the eta while scheduled, the lease deadline while running, the expiry once finished —
+so one index finds due tasks, lapsed leases and expired results alike. Waiting (for work, for
+results) watches ``PRAGMA data_version``, which changes when another connection commits and costs a
+few microseconds to read.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+
+from riverbed.errors import InvalidUrlError, RiverbedError
+from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.tasks.brokers.api import COMMON_OPTIONS, ttl_options
+from riverbed.tasks.errors import BrokerUnavailableError
+from riverbed.tasks.messages import (
+    ENCODER,
+    FINISHED,
+    MESSAGE_DECODER,
+    BrokerStats,
+    ChordSpec,
+    ErrorInfo,
+    Heartbeat,
+    Outcome,
+    QueueStats,
+    TaskInfo,
+    TaskMessage,
+    TaskState,
+    now_ms,
+)
+from riverbed.urls import BackendUrl
+
+SCHEMA_VERSION = 1
+# How often a waiting call looks for commits by other processes.
+POLL_S = 0.0005
+# A worker unseen for this long is left out of ``stats``.
+WORKER_SEEN_MS = 60_000
+LEADER_LEASE = "leader"
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    message BLOB NOT NULL,
+    worker TEXT,
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    finished_ms INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    error BLOB,
+    cancel INTEGER NOT NULL DEFAULT 0
+)
+    """,
+    # A fetch reads one queue's head in order straight off this index.
+    """
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (queue, priority DESC, seq) WHERE state = 'queued'
+    """,
+    """
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (state, due_ms)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS task_keys (
+    key TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS chords (
+    chord_id TEXT PRIMARY KEY,
+    remaining INTEGER NOT NULL,
+    callback BLOB NOT NULL
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS buckets (
+    name TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until_ms INTEGER NOT NULL
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS ticks (
+    schedule TEXT PRIMARY KEY,
+    tick_ms INTEGER NOT NULL
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS workers (
+    worker TEXT PRIMARY KEY,
+    seen_ms INTEGER NOT NULL
+) WITHOUT ROWID
+    """,
+)
+
+_ERROR_DECODER = msgspec.msgpack.Decoder(ErrorInfo)
+_FINISHED_STATES = tuple(state.value for state in FINISHED)
+_INFO_COLUMNS = "message, state, worker, started_ms, finished_ms, result, error, cancel"
+
+
+class SqliteBroker:
+    """``sqlite:///path/tasks.db?result_ttl=86400&dead_ttl=604800&fsync=normal``."""
+
+    def __init__(self, url: BackendUrl) -> None:
+        options = url.pop_options({**COMMON_OPTIONS, "fsync": "normal"})
+        self.url = url.raw
+        self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.raw, options)
+        if options["fsync"] not in FSYNC_MODES:
+            raise InvalidUrlError(
+                f"fsync={options['fsync']!r} in {url.raw!r}: use one of {', '.join(FSYNC_MODES)}"
+            )
+        self._synchronous = FSYNC_MODES[options["fsync"]]
+        self.path = Path(url.location)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._write() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RiverbedError(
+                        f"task database {str(self.path)!r} has schema version {version}, newer "
+                        f"than this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
+                    )
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (sqlite3.DatabaseError, OSError) as error:
+            raise BrokerUnavailableError(
+                f"cannot open the task database {str(self.path)!r}: {error}"
+            ) from error
+
+    # Connections: one per thread, since workers call from their pool threads.
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with write_transaction(self._conn) as conn:
+            yield conn
+
+    def _data_version(self) -> int:
+        version: int = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        return version
+
+    # Enqueueing
+
+    def enqueue(self, messages: Sequence[TaskMessage], chord: ChordSpec | None = None) -> list[str]:
+        now = now_ms()
+        with self._write() as conn:
+            ids = self._insert(conn, messages, now)
+            if chord is not None:
+                conn.execute(
+                    "INSERT INTO chords (chord_id, remaining, callback) VALUES (?, ?, ?)",
+                    (chord.id, chord.size, ENCODER.encode(chord.callback)),
+                )
+        return ids
+
+    def _insert(
+        self, conn: sqlite3.Connection, messages: Iterable[TaskMessage], now: int
+    ) -> list[str]:
+        ids: list[str] = []
+        rows: list[tuple[object, ...]] = []
+        for message in messages:
+            if message.key:
+                held = conn.execute(
+                    "SELECT task_id FROM task_keys WHERE key = ? AND expires_ms > ?",
+                    (message.key, now),
+                ).fetchone()
+                if held is not None:
+                    ids.append(held[0])
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO task_keys (key, task_id, expires_ms) VALUES (?, ?, ?)",
+                    (message.key, message.id, now + self.result_ttl_ms),
+                )
+            ids.append(message.id)
+            scheduled = message.eta_ms > now
+            rows.append(
+                (
+                    message.id,
+                    message.name,
+                    message.queue,
+                    message.priority,
+                    TaskState.SCHEDULED if scheduled else TaskState.QUEUED,
+                    message.eta_ms if scheduled else 0,
+                    ENCODER.encode(message),
+                )
+            )
+        conn.executemany(
+            "INSERT INTO tasks (id, name, queue, priority, state, due_ms, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return ids
+
+    # Leasing
+
+    def fetch(
+        self, worker: str, queues: Sequence[str], limit: int, lease_ms: int, timeout: float = 0.0
+    ) -> list[TaskMessage]:
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self._data_version()
+            leased = self._lease(worker, queues, limit, lease_ms)
+            if leased or time.monotonic() >= deadline:
+                return leased
+            next_due = self._next_due_ms()
+            while self._data_version() == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (next_due and now_ms() >= next_due):
+                    break
+                time.sleep(min(POLL_S, remaining))
+
+    def _next_due_ms(self) -> int:
+        row = self._conn.execute(
+            "SELECT MIN(due_ms) FROM tasks WHERE state IN ('scheduled', 'running')"
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def _lease(
+        self, worker: str, queues: Sequence[str], limit: int, lease_ms: int
+    ) -> list[TaskMessage]:
+        now = now_ms()
+        with self._write() as conn:
+            self._promote_due(conn, now)
+            heads: list[list[tuple[int, int, bytes]]] = [
+                conn.execute(
+                    "SELECT -priority, seq, message FROM tasks "
+                    "WHERE state = 'queued' AND queue = ? ORDER BY priority DESC, seq LIMIT ?",
+                    (queue, limit),
+                ).fetchall()
+                for queue in queues
+            ]
+            chosen = heads[0] if len(heads) == 1 else list(heapq.merge(*heads))[:limit]
+            if not chosen:
+                return []
+            conn.executemany(
+                "UPDATE tasks SET state = 'running', worker = ?, due_ms = ?, started_ms = ? "
+                "WHERE seq = ?",
+                [(worker, now + lease_ms, now, seq) for _, seq, _ in chosen],
+            )
+        return [MESSAGE_DECODER.decode(message) for _, _, message in chosen]
+
+    def _promote_due(self, conn: sqlite3.Connection, now: int) -> None:
+        """Due scheduled tasks join their queues; lapsed leases go back to theirs (same seq, so
+        the task keeps its place)."""
+        conn.execute(
+            "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL "
+            "WHERE state = 'scheduled' AND due_ms <= ?",
+            (now,),
+        )
+        conn.execute(
+            "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL, cancel = 0 "
+            "WHERE state = 'running' AND due_ms < ?",
+            (now,),
+        )
+
+    def extend(self, worker: str, ids: Sequence[str], lease_ms: int) -> Heartbeat:
+        now = now_ms()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers (worker, seen_ms) VALUES (?, ?)", (worker, now)
+            )
+            held: dict[str, int] = {}
+            for chunk in _chunks(ids):
+                held.update(
+                    conn.execute(
+                        f"SELECT id, cancel FROM tasks WHERE id IN ({_marks(chunk)}) "
+                        "AND state = 'running' AND worker = ?",
+                        (*chunk, worker),
+                    ).fetchall()
+                )
+            conn.executemany(
+                "UPDATE tasks SET due_ms = ? WHERE id = ?",
+                [(now + lease_ms, task_id) for task_id in held],
+            )
+        return Heartbeat(
+            cancelled=frozenset(task_id for task_id, cancel in held.items() if cancel),
+            lost=frozenset(ids) - held.keys(),
+        )
+
+    def release(self, worker: str, ids: Sequence[str], eta_ms: int = 0) -> None:
+        state, due = (TaskState.SCHEDULED, eta_ms) if eta_ms > now_ms() else (TaskState.QUEUED, 0)
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE tasks SET state = ?, due_ms = ?, worker = NULL, started_ms = 0 "
+                "WHERE id = ? AND state = 'running' AND worker = ?",
+                [(state, due, task_id, worker) for task_id in ids],
+            )
+
+    # Finishing
+
+    def finish(self, worker: str, outcomes: Sequence[Outcome]) -> None:
+        now = now_ms()
+        with self._write() as conn:
+            held = self._held(conn, worker, [outcome.message.id for outcome in outcomes])
+            for outcome in outcomes:
+                if outcome.message.id in held:
+                    self._apply(conn, outcome, now)
+
+    def _held(self, conn: sqlite3.Connection, worker: str, ids: Sequence[str]) -> set[str]:
+        held: set[str] = set()
+        for chunk in _chunks(ids):
+            held.update(
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM tasks WHERE id IN ({_marks(chunk)}) "
+                    "AND state = 'running' AND worker = ?",
+                    (*chunk, worker),
+                )
+            )
+        return held
+
+    def _apply(self, conn: sqlite3.Connection, outcome: Outcome, now: int) -> None:
+        message = outcome.message
+        error = ENCODER.encode(outcome.error) if outcome.error is not None else None
+        if outcome.state is TaskState.SCHEDULED:
+            conn.execute(
+                "UPDATE tasks SET state = ?, due_ms = ?, message = ?, error = ?, worker = NULL, "
+                "started_ms = 0 WHERE id = ?",
+                (
+                    TaskState.SCHEDULED,
+                    message.eta_ms,
+                    ENCODER.encode(message),
+                    error,
+                    message.id,
+                ),
+            )
+            return
+        self._finished(conn, message.id, outcome.state, outcome.result, error, now)
+        if outcome.state is TaskState.SUCCEEDED:
+            self._insert(conn, outcome.follow_ups, now)
+        if message.chord:
+            self._chord_progress(conn, message, outcome.state, error, now)
+
+    def _finished(
+        self,
+        conn: sqlite3.Connection,
+        task_id: str,
+        state: TaskState,
+        result: bytes,
+        error: bytes | None,
+        now: int,
+    ) -> None:
+        ttl = self.dead_ttl_ms if state is TaskState.FAILED else self.result_ttl_ms
+        conn.execute(
+            "UPDATE tasks SET state = ?, due_ms = ?, finished_ms = ?, result = ?, error = ?, "
+            "cancel = 0 WHERE id = ?",
+            (state, now + ttl, now, result, error, task_id),
+        )
+
+    def _chord_progress(
+        self,
+        conn: sqlite3.Connection,
+        header: TaskMessage,
+        state: TaskState,
+        error: bytes | None,
+        now: int,
+    ) -> None:
+        row = conn.execute(
+            "SELECT remaining, callback FROM chords WHERE chord_id = ?", (header.chord,)
+        ).fetchone()
+        if row is None:
+            return  # an earlier header failed and settled the chord
+        remaining, encoded = row
+        callback = MESSAGE_DECODER.decode(encoded)
+        if state is TaskState.SUCCEEDED and remaining > 1:
+            conn.execute(
+                "UPDATE chords SET remaining = remaining - 1 WHERE chord_id = ?", (header.chord,)
+            )
+            return
+        conn.execute("DELETE FROM chords WHERE chord_id = ?", (header.chord,))
+        if state is TaskState.SUCCEEDED:
+            self._insert(conn, [callback], now)
+            return
+        # The callback can never run: record it as failed, naming the header that failed.
+        conn.execute(
+            "INSERT INTO tasks (id, name, queue, priority, state, due_ms, message) "
+            "VALUES (?, ?, ?, ?, ?, 0, ?)",
+            (
+                callback.id,
+                callback.name,
+                callback.queue,
+                callback.priority,
+                TaskState.FAILED,
+                ENCODER.encode(callback),
+            ),
+        )
+        reason = ErrorInfo(
+            "ChordHeaderFailed",
+            f"header task {header.name}[{header.id}] of chord {header.chord} ended {state}"
+            + (f": {_ERROR_DECODER.decode(error).message}" if error else ""),
+        )
+        self._finished(conn, callback.id, TaskState.FAILED, b"", ENCODER.encode(reason), now)
+
+    # Reading
+
+    def info(self, ids: Sequence[str]) -> dict[str, TaskInfo]:
+        found: dict[str, TaskInfo] = {}
+        for chunk in _chunks(ids):
+            for row in self._conn.execute(
+                f"SELECT id, {_INFO_COLUMNS} FROM tasks WHERE id IN ({_marks(chunk)})", chunk
+            ):
+                found[row[0]] = _info(row[1:])
+        return found
+
+    def wait(self, ids: Sequence[str], timeout: float) -> dict[str, TaskInfo]:
+        deadline = time.monotonic() + timeout
+        pending = list(dict.fromkeys(ids))
+        done: dict[str, TaskInfo] = {}
+        while True:
+            version = self._data_version()
+            known = self.info(pending)
+            done.update((i, info) for i, info in known.items() if info.state.finished)
+            pending = [i for i in pending if i not in done]
+            if not pending or time.monotonic() >= deadline:
+                return done
+            while self._data_version() == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                time.sleep(min(POLL_S, remaining))
+
+    def list_tasks(
+        self, state: TaskState | None = None, queue: str | None = None, limit: int = 100
+    ) -> list[TaskInfo]:
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(str(state))
+        if queue is not None:
+            clauses.append("queue = ?")
+            params.append(queue)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._conn.execute(
+            f"SELECT {_INFO_COLUMNS} FROM tasks {where} ORDER BY seq LIMIT ?", (*params, limit)
+        ).fetchall()
+        return [_info(row) for row in rows]
+
+    def dead(self, limit: int = 100) -> list[TaskInfo]:
+        return self.list_tasks(TaskState.FAILED, limit=limit)
+
+    def stats(self) -> BrokerStats:
+        counts: dict[str, dict[str, int]] = {}
+        dead = 0
+        for queue, state, n in self._conn.execute(
+            "SELECT queue, state, COUNT(*) FROM tasks "
+            "WHERE state IN ('queued', 'scheduled', 'running', 'failed') GROUP BY queue, state"
+        ):
+            if state == TaskState.FAILED:
+                dead += n
+            else:
+                counts.setdefault(queue, {})[state] = n
+        workers = [
+            row[0]
+            for row in self._conn.execute(
+                "SELECT worker FROM workers WHERE seen_ms > ? ORDER BY worker",
+                (now_ms() - WORKER_SEEN_MS,),
+            )
+        ]
+        return BrokerStats(
+            queues={queue: QueueStats(**by_state) for queue, by_state in sorted(counts.items())},
+            dead=dead,
+            workers=workers,
+        )
+
+    # Control
+
+    def cancel(self, task_id: str) -> TaskState | None:
+        now = now_ms()
+        with self._write() as conn:
+            row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            state = TaskState(row[0])
+            if state in (TaskState.QUEUED, TaskState.SCHEDULED):
+                reason = ErrorInfo("TaskCancelled", "cancelled before it started")
+                self._finished(conn, task_id, TaskState.CANCELLED, b"", ENCODER.encode(reason), now)
+                return TaskState.CANCELLED
+            if state is TaskState.RUNNING:
+                conn.execute("UPDATE tasks SET cancel = 1 WHERE id = ?", (task_id,))
+            return state
+
+    def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
+        with self._write() as conn:
+            if ids is None:
+                rows = conn.execute(
+                    "SELECT id, message FROM tasks WHERE state = 'failed' ORDER BY seq"
+                ).fetchall()
+            else:
+                rows = [
+                    row
+                    for chunk in _chunks(ids)
+                    for row in conn.execute(
+                        f"SELECT id, message FROM tasks WHERE state = 'failed' "
+                        f"AND id IN ({_marks(chunk)}) ORDER BY seq",
+                        chunk,
+                    )
+                ]
+            conn.executemany(
+                "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL, started_ms = 0, "
+                "finished_ms = 0, error = NULL, message = ? WHERE id = ?",
+                [
+                    (
+                        ENCODER.encode(
+                            msgspec.structs.replace(
+                                MESSAGE_DECODER.decode(message), attempt=0, eta_ms=0
+                            )
+                        ),
+                        task_id,
+                    )
+                    for task_id, message in rows
+                ],
+            )
+        return [task_id for task_id, _ in rows]
+
+    def purge(self, queue: str) -> int:
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM tasks WHERE queue = ? AND state IN ('queued', 'scheduled')", (queue,)
+            ).rowcount
+
+    def take_tokens(
+        self, name: str, rate: float, capacity: float, wanted: int
+    ) -> tuple[int, float]:
+        now = now_ms()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT tokens, updated_ms FROM buckets WHERE name = ?", (name,)
+            ).fetchone()
+            tokens = (
+                capacity if row is None else min(capacity, row[0] + (now - row[1]) * rate / 1e3)
+            )
+            granted = min(wanted, int(tokens))
+            tokens -= granted
+            conn.execute(
+                "INSERT OR REPLACE INTO buckets (name, tokens, updated_ms) VALUES (?, ?, ?)",
+                (name, tokens, now),
+            )
+        return granted, max(0.0, (1 - tokens) / rate)
+
+    def lead(self, worker: str, ttl_ms: int) -> bool:
+        now = now_ms()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT holder, until_ms FROM leases WHERE name = ?", (LEADER_LEASE,)
+            ).fetchone()
+            if row is not None and row[0] != worker and row[1] > now:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, until_ms) VALUES (?, ?, ?)",
+                (LEADER_LEASE, worker, now + ttl_ms),
+            )
+        return True
+
+    def resign(self, worker: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (LEADER_LEASE, worker))
+
+    def claim_tick(self, schedule: str, tick_ms: int, message: TaskMessage) -> bool:
+        now = now_ms()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT tick_ms FROM ticks WHERE schedule = ?", (schedule,)
+            ).fetchone()
+            if row is not None and row[0] >= tick_ms:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO ticks (schedule, tick_ms) VALUES (?, ?)",
+                (schedule, tick_ms),
+            )
+            self._insert(conn, [message], now)
+        return True
+
+    def last_tick(self, schedule: str) -> int:
+        row = self._conn.execute(
+            "SELECT tick_ms FROM ticks WHERE schedule = ?", (schedule,)
+        ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def housekeep(self) -> None:
+        now = now_ms()
+        with self._write() as conn:
+            conn.execute(
+                f"DELETE FROM tasks WHERE state IN ({_marks(_FINISHED_STATES)}) AND due_ms <= ?",
+                (*_FINISHED_STATES, now),
+            )
+            conn.execute("DELETE FROM task_keys WHERE expires_ms <= ?", (now,))
+            conn.execute("DELETE FROM workers WHERE seen_ms <= ?", (now - WORKER_SEEN_MS,))
+            conn.execute("DELETE FROM leases WHERE until_ms <= ?", (now,))
+
+    def footprint(self) -> int:
+        tables = ("tasks", "task_keys", "chords", "buckets", "leases", "ticks", "workers")
+        return sum(
+            self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in tables
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+
+def _info(row: Sequence[object]) -> TaskInfo:
+    message, state, worker, started, finished, result, error, cancel = row
+    assert isinstance(message, bytes)
+    return TaskInfo(
+        message=MESSAGE_DECODER.decode(message),
+        state=TaskState(str(state)),
+        worker=str(worker or ""),
+        started_ms=int(started),  # type: ignore[call-overload]
+        finished_ms=int(finished),  # type: ignore[call-overload]
+        result=result if isinstance(result, bytes) else b"",
+        error=_ERROR_DECODER.decode(error) if isinstance(error, bytes) else None,
+        cancel_requested=bool(cancel),
+    )
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    """Slices small enough for SQLite's bound-parameter limit."""
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
