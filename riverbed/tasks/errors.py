@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from riverbed.errors import RiverbedError
+from riverbed.log.errors import BrokerUnavailableError as ServerUnavailableError
 
 
 class TaskError(RiverbedError):
@@ -53,5 +54,5 @@ class UnknownTaskError(TaskError, LookupError):
     """A worker fetched a task whose name no task of its app is registered under."""
 
 
-class BrokerUnavailableError(TaskError, ConnectionError):
-    """The task broker cannot be reached."""
+class BrokerUnavailableError(TaskError, ServerUnavailableError):
+    """The task broker cannot be reached (``riverbed.BrokerUnavailableError`` catches it too)."""

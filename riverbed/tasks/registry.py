@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,13 +47,16 @@ class Tasks:
         self.app_name = app_name
         self._url = url
         self._broker: Broker | None = None
+        self._connecting = threading.Lock()  # a worker's threads may connect at once
         self.registry: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Periodic] = {}
 
     @property
     def broker(self) -> Broker:
         if self._broker is None:
-            self._broker = connect_broker(self._url)
+            with self._connecting:
+                if self._broker is None:
+                    self._broker = connect_broker(self._url)
         return self._broker
 
     def use_url(self, url: str | None) -> None:

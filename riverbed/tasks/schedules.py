@@ -36,18 +36,22 @@ class Schedule:
             raise ValueError(f"every= must be at least 1 ms, got {seconds} s")
         return cls(interval_ms=int(seconds * 1000))
 
-    def latest_tick(self, after_ms: int, now_ms: int) -> int:
-        """The latest tick in ``(after_ms, now_ms]`` (epoch ms), or 0 if there is none."""
+    def due_ticks(self, after_ms: int, now_ms: int, limit: int) -> list[int]:
+        """The ticks in ``(after_ms, now_ms]`` (epoch ms), oldest first: at most the ``limit``
+        latest, so a schedule that was not ticked for long runs once or a few times, not for
+        every tick it missed."""
         if self.interval_ms:
             latest = now_ms - now_ms % self.interval_ms
-            return latest if latest > after_ms else 0
-        latest = 0
+            first = max(after_ms - after_ms % self.interval_ms + self.interval_ms,
+                        latest - (limit - 1) * self.interval_ms)
+            return list(range(first, latest + 1, self.interval_ms))
+        ticks: list[int] = []
         for moment in CronSim(self.cron, datetime.fromtimestamp(after_ms / 1000, UTC)):
             tick = int(moment.timestamp() * 1000)
             if tick > now_ms:
                 break
-            latest = tick
-        return latest
+            ticks.append(tick)
+        return ticks[-limit:]
 
     def __str__(self) -> str:
         return f"cron {self.cron!r}" if self.cron else f"every {self.interval_ms / 1000:g} s"

@@ -163,9 +163,12 @@ class SqliteBroker:
             conn = sqlite3.connect(
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=60000")
+            # Switching to WAL takes an exclusive lock that does not wait on the busy handler;
+            # once the file is in WAL mode (it stays so) there is nothing to switch.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)

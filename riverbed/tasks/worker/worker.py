@@ -55,6 +55,9 @@ LEADER_EVERY_S = 0.25
 HOUSEKEEP_EVERY_S = 1.0
 FETCH_WAIT_S = 0.5
 MAX_BACKOFF_S = 5.0
+# Of the ticks a periodic task missed (no worker ran, or a leader handover), the latest this
+# many run.
+MISSED_TICKS_RUN = 10
 _NO_OPTIONS = CallOptions()
 
 
@@ -319,8 +322,6 @@ class Worker:
 
     def _lead(self) -> None:
         periodic = self.tasks.schedules
-        if not periodic:
-            return
         was_leading = self._leading
         self._leading = self.broker.lead(self.id, self.lease_ms)
         if not self._leading:
@@ -330,14 +331,14 @@ class Worker:
             # Start from the ticks recorded by earlier leaders, or from now.
             self._ticked = {name: self.broker.last_tick(name) or now for name in periodic}
         for name, entry in periodic.items():
-            tick = entry.schedule.latest_tick(self._ticked[name], now)
-            if not tick:
-                continue
-            message = msgspec.structs.replace(
-                entry.task.message((), {}, _NO_OPTIONS), eta_ms=tick, key=f"periodic:{name}:{tick}"
-            )
-            self.broker.claim_tick(name, tick, message)
-            self._ticked[name] = tick
+            for tick in entry.schedule.due_ticks(self._ticked[name], now, MISSED_TICKS_RUN):
+                message = msgspec.structs.replace(
+                    entry.task.message((), {}, _NO_OPTIONS),
+                    eta_ms=tick,
+                    key=f"periodic:{name}:{tick}",
+                )
+                self.broker.claim_tick(name, tick, message)
+                self._ticked[name] = tick
 
     # Leaving
 

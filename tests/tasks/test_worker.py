@@ -1,0 +1,438 @@
+"""The task layer end to end on both brokers: tasks enqueued with ``delay`` and run by a real
+worker (thread, async and process pools), results, retries, dead letters, schedules, canvas,
+limits, cancellation and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+import riverbed
+from riverbed.tasks import TaskState
+from riverbed.tasks.brokers import connect_broker
+from riverbed.tasks.worker.worker import Worker
+from tests.support import wait_until
+
+POOLS = ["thread", "async", "process"]
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+@pytest.fixture
+def app(broker_url: str) -> Iterator[riverbed.App]:
+    with riverbed.App("tasks-test", tasks_url=broker_url) as opened:
+        yield opened
+
+
+@contextmanager
+def working(app: riverbed.App, **options: Any) -> Iterator[Worker]:
+    """A worker running ``app``'s tasks in a thread for the ``with`` block."""
+    options.setdefault("lease", 2.0)
+    options.setdefault("shutdown_timeout", 5.0)
+    worker = app.tasks.worker(**options)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_delay_and_result_with_typed_arguments(app: riverbed.App, pool: str) -> None:
+    @app.task
+    def norm(p: Point, scale: float = 1.0) -> float:
+        return float((p.x**2 + p.y**2) ** 0.5 * scale)
+
+    @app.task
+    async def shout(word: str) -> str:
+        await asyncio.sleep(0)
+        return word.upper()
+
+    @app.task
+    def stamp(at: datetime) -> datetime:
+        return at + timedelta(days=1)
+
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with working(app, pool=pool, concurrency=2):
+        assert norm.delay(Point(3, 4), scale=2).result(timeout=30) == 10.0
+        assert shout.delay("hi").result(timeout=30) == "HI"
+        assert stamp.delay(moment).result(timeout=30) == moment + timedelta(days=1)
+        handle = norm.delay(Point(0, 1))
+        handle.result(timeout=30)
+        assert handle.status is TaskState.SUCCEEDED
+        assert asyncio.run(_awaited(shout.delay("async"))) == "ASYNC"
+
+
+async def _awaited(handle: riverbed.TaskHandle[str]) -> str:
+    return await handle
+
+
+def test_delay_async_and_calling_the_task_directly(app: riverbed.App) -> None:
+    @app.task
+    async def double(n: int) -> int:
+        return n * 2
+
+    assert double(4) == 8  # a plain call runs here, now
+
+    async def main() -> int:
+        handle = await double.delay_async(21)
+        return await handle
+
+    with working(app):
+        assert asyncio.run(main()) == 42
+
+
+def test_retries_with_backoff_then_dead_letter_and_requeue(app: riverbed.App) -> None:
+    attempts: list[tuple[int, float]] = []
+
+    @app.task(retries=3, retry_on=(ConnectionError,), backoff=riverbed.exponential(0.1, 0.2))
+    def flaky(fail: bool) -> str:
+        attempts.append((riverbed.current_task().attempt, time.monotonic()))  # type: ignore[union-attr]
+        if fail:
+            raise ConnectionError("the remote end hung up")
+        return "ok"
+
+    @app.task(retries=5, retry_on=(ConnectionError,))
+    def wrong_kind() -> None:
+        raise ValueError("not retried: ValueError is not listed")
+
+    with working(app):
+        handle = flaky.delay(True)
+        with pytest.raises(riverbed.TaskFailed) as failed:
+            handle.result(timeout=30)
+        assert failed.value.error_type == "ConnectionError"
+        assert "the remote end hung up" in failed.value.traceback
+        assert [n for n, _ in attempts] == [0, 1, 2, 3]
+        gaps = [b - a for (_, a), (_, b) in zip(attempts, attempts[1:], strict=False)]
+        assert all(gap >= 0.05 for gap in gaps), gaps  # backoff waited (jitter: half to full)
+
+        other = wrong_kind.delay()
+        with pytest.raises(riverbed.TaskFailed, match="ValueError"):
+            other.result(timeout=30)
+        assert other.info().message.attempt == 0  # type: ignore[union-attr]
+
+        dead = {info.id: info for info in app.tasks.broker.dead()}
+        assert set(dead) == {handle.id, other.id}
+        assert dead[handle.id].error is not None
+        assert dead[handle.id].message.payload  # the arguments are kept
+
+        attempts.clear()
+        assert app.tasks.broker.requeue([handle.id]) == [handle.id]
+        with pytest.raises(riverbed.TaskFailed):
+            handle.result(timeout=30)
+        assert [n for n, _ in attempts] == [0, 1, 2, 3]  # attempts were reset
+
+
+def test_countdown_eta_and_expiry(app: riverbed.App) -> None:
+    ran: dict[str, float] = {}
+
+    @app.task
+    def mark(name: str) -> None:
+        ran[name] = time.monotonic()
+
+    with working(app):
+        start = time.monotonic()
+        later = mark.options(countdown=1.0).delay("countdown")
+        at = mark.options(eta=datetime.now(UTC) + timedelta(seconds=1)).delay("eta")
+        assert later.status is TaskState.SCHEDULED
+        later.result(timeout=30)
+        at.result(timeout=30)
+        assert ran["countdown"] - start >= 0.9
+        assert ran["eta"] - start >= 0.9
+
+        expired = mark.options(countdown=0.5, expires=0.1).delay("never")
+        with pytest.raises(riverbed.TaskExpiredError):
+            expired.result(timeout=30)
+        assert "never" not in ran
+
+    with pytest.raises(ValueError, match="time zone"):
+        mark.options(eta=datetime.now()).delay("naive")  # noqa: DTZ005 - the mistake under test
+
+
+def test_priority_then_fifo_and_queues(app: riverbed.App) -> None:
+    order: list[str] = []
+
+    @app.task
+    def record(name: str) -> None:
+        order.append(name)
+
+    @app.task(queue="reports")
+    def report(name: str) -> None:
+        order.append(name)
+
+    low = [record.delay(f"low{i}") for i in range(3)]
+    high = [record.options(priority=9).delay(f"high{i}") for i in range(2)]
+    mid = record.options(priority=5).delay("mid")
+    elsewhere = report.delay("report")
+    with working(app, concurrency=1, prefetch=0, queues=["default"]):
+        for handle in [*low, *high, mid]:
+            handle.result(timeout=30)
+        assert order == ["high0", "high1", "mid", "low0", "low1", "low2"]
+        time.sleep(0.3)
+        assert elsewhere.status is TaskState.QUEUED  # nobody serves "reports"
+    with working(app, queues=["reports"]):
+        elsewhere.result(timeout=30)
+
+
+def test_idempotency_key_returns_the_first_handle(app: riverbed.App) -> None:
+    calls: list[int] = []
+
+    @app.task
+    def charge(amount: int) -> int:
+        calls.append(amount)
+        return amount
+
+    first = charge.options(key="order-42").delay(10)
+    second = charge.options(key="order-42").delay(10)
+    assert second.id == first.id
+    with working(app):
+        assert second.result(timeout=30) == 10
+        assert charge.options(key="order-42").delay(10).id == first.id
+        assert not first.cancel()  # it already finished
+        assert charge.options(key="order-43").delay(5).result(timeout=30) == 5
+    assert calls == [10, 5]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_soft_time_limit_raises_inside_the_task(app: riverbed.App, pool: str) -> None:
+    @app.task(soft_timeout=0.3)
+    def slow() -> str:
+        try:
+            time.sleep(10)
+        except riverbed.SoftTimeLimitExceeded:
+            return "cleaned up"
+        return "finished"
+
+    @app.task(soft_timeout=0.3)
+    async def slow_async() -> str:
+        await asyncio.sleep(10)
+        return "finished"
+
+    with working(app, pool=pool, concurrency=2):
+        if pool == "async":
+            # A coroutine is cancelled at its soft limit; the task fails with the limit's error.
+            with pytest.raises(riverbed.TaskFailed, match="SoftTimeLimitExceeded"):
+                slow_async.delay().result(timeout=30)
+        else:
+            assert slow.delay().result(timeout=30) == "cleaned up"
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_hard_time_limit_fails_the_task_and_replaces_its_slot(app: riverbed.App, pool: str) -> None:
+    @app.task(timeout=0.5)
+    def stuck() -> None:
+        while True:
+            time.sleep(0.05)
+
+    @app.task
+    def fine() -> int:
+        return 1
+
+    with working(app, pool=pool, concurrency=1, prefetch=0):
+        with pytest.raises(riverbed.TaskFailed, match="TimeLimitExceeded"):
+            stuck.delay().result(timeout=30)
+        assert fine.delay().result(timeout=30) == 1  # the slot was replaced
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_cancel_queued_and_running_tasks(app: riverbed.App, pool: str) -> None:
+    started = threading.Event()
+
+    @app.task
+    def long_running() -> str:
+        started.set()
+        for _ in range(400):
+            time.sleep(0.05)
+        return "finished"
+
+    @app.task
+    async def long_async() -> str:
+        started.set()
+        await asyncio.sleep(20)
+        return "finished"
+
+    queued = long_running.options(countdown=60).delay()
+    assert queued.cancel()
+    assert queued.status is TaskState.CANCELLED
+    with pytest.raises(riverbed.TaskCancelledError):
+        queued.result(timeout=5)
+
+    task = long_async if pool == "async" else long_running
+    with working(app, pool=pool, concurrency=1, lease=0.6):
+        running = task.delay()
+        wait_until(lambda: running.status is TaskState.RUNNING, 30, "the task to start")
+        assert running.cancel()
+        with pytest.raises(riverbed.TaskCancelledError):
+            running.result(timeout=30)
+    assert running.status is TaskState.CANCELLED
+
+
+def test_chain_group_and_chord(app: riverbed.App) -> None:
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    def total(values: list[int], bonus: int = 0) -> int:
+        return sum(values) + bonus
+
+    @app.task
+    def fail(x: int) -> int:
+        raise RuntimeError(f"header {x} broke")
+
+    with working(app, concurrency=4):
+        assert riverbed.chain(add.s(1, 2), add.s(10), add.s(100)).delay().result(timeout=30) == 113
+        assert riverbed.group(*(add.s(i, i) for i in range(5))).delay().result(timeout=30) == [
+            0, 2, 4, 6, 8,
+        ]  # fmt: skip
+        done = riverbed.chord([add.s(i, 1) for i in range(10)], total.s(bonus=1000)).delay()
+        assert done.result(timeout=30) == sum(range(1, 11)) + 1000
+        broken = riverbed.chord([add.s(1, 1), fail.s(7)], total.s()).delay()
+        with pytest.raises(riverbed.TaskFailed, match="header 7 broke"):
+            broken.result(timeout=30)
+
+
+def test_rate_limit_holds_across_workers(app: riverbed.App) -> None:
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    @app.task(rate_limit="10/s")
+    def limited(i: int) -> None:
+        with lock:
+            stamps.append(time.monotonic())
+
+    handles = [limited.delay(i) for i in range(25)]
+    with working(app, concurrency=4), working(app, concurrency=4):
+        for handle in handles:
+            handle.result(timeout=60)
+    stamps.sort()
+    # 25 tasks at 10/s, from a bucket holding one token: at least 2.4 s from first to last.
+    assert stamps[-1] - stamps[0] >= 2.0
+    for i, start in enumerate(stamps):
+        in_one_second = sum(1 for s in stamps[i:] if s - start < 1.0)
+        assert in_one_second <= 12, in_one_second
+
+
+def test_unknown_task_goes_to_the_dead_letter_queue(app: riverbed.App, broker_url: str) -> None:
+    with riverbed.App("other", tasks_url=broker_url) as other:
+
+        @other.task(name="only.elsewhere")
+        def elsewhere() -> None: ...
+
+        @app.task
+        def known() -> int:
+            return 1
+
+        handle = elsewhere.delay()
+        with working(app):
+            with pytest.raises(riverbed.TaskFailed, match="no task named 'only.elsewhere'"):
+                handle.result(timeout=30)
+            assert known.delay().result(timeout=30) == 1
+        (dead,) = app.tasks.broker.dead()
+        assert dead.error is not None and dead.error.type == "UnknownTaskError"
+
+
+def test_bad_input_fails_at_delay(app: riverbed.App) -> None:
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(riverbed.TaskArgumentsError, match="argument 1 .* cannot be serialized"):
+        add.delay(1, object())  # type: ignore[arg-type]
+    with pytest.raises(riverbed.TaskArgumentsError, match="missing a required argument: 'b'"):
+        add.delay(1)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="priority 12"):
+        add.options(priority=12).delay(1, 2)
+    with pytest.raises(ValueError, match="queue name"):
+        add.options(queue="no spaces").delay(1, 2)
+    with pytest.raises(ValueError, match="rate_limit"):
+        app.task(rate_limit="fast")(lambda: None)
+    with pytest.raises(riverbed.RiverbedError, match="already registered"):
+        app.task(name=add.name)(lambda: None)
+    assert app.tasks.broker.list_tasks() == []  # nothing was enqueued
+
+
+def test_unreachable_broker_fails_fast() -> None:
+    start = time.monotonic()
+    with pytest.raises(riverbed.BrokerUnavailableError):
+        connect_broker("redis://127.0.0.1:1/0")
+    assert time.monotonic() - start < 10
+    with pytest.raises(riverbed.InvalidUrlError, match="result_ttl"):
+        connect_broker("sqlite:///x.db?result_ttl=never")
+
+
+def test_results_expire_back_to_the_baseline(broker_url: str) -> None:
+    url = broker_url + ("&" if "?" in broker_url else "?") + "result_ttl=1"
+    with riverbed.App("ttl", tasks_url=url) as app:
+
+        @app.task
+        def echo(n: int) -> int:
+            return n
+
+        broker = app.tasks.broker
+
+        def footprint() -> int:
+            broker.housekeep()
+            return broker.footprint()
+
+        with working(app):
+            # The baseline: the broker's fixed entries (counters, queue names, this worker).
+            echo.delay(-1).result(timeout=30)
+            time.sleep(1.5)
+            baseline = footprint()
+            handles = [echo.options(key=f"k{i}").delay(i) for i in range(50)]
+            assert [h.result(timeout=30) for h in handles] == list(range(50))
+            assert footprint() >= baseline + 50
+            wait_until(lambda: footprint() <= baseline, 30, "results and keys to expire")
+        with pytest.raises(riverbed.ResultExpiredError):
+            handles[0].result(timeout=1)
+
+
+def test_periodic_task_runs_once_per_tick_under_several_workers(app: riverbed.App) -> None:
+    ticks: list[int] = []
+    lock = threading.Lock()
+
+    @app.periodic(every=1.0)
+    def beat() -> None:
+        context = riverbed.current_task()
+        assert context is not None
+        with lock:
+            ticks.append(context.scheduled_ms)
+
+    with working(app), working(app), working(app):
+        started = time.time()
+        time.sleep(12)
+    # The ten whole seconds surely inside the run: exactly ten runs, one per tick.
+    first = (int(started) + 1) * 1000
+    window = [t for t in ticks if first <= t < first + 10_000]
+    assert sorted(window) == list(range(first, first + 10_000, 1000)), sorted(ticks)
+    assert len(ticks) == len(set(ticks)), "a tick ran twice"
+
+
+def test_stats_list_and_purge(app: riverbed.App) -> None:
+    @app.task(queue="bulk")
+    def job(i: int) -> None: ...
+
+    for i in range(5):
+        job.delay(i)
+    job.options(countdown=60).delay(99)
+    stats = app.tasks.broker.stats()
+    assert stats.queues["bulk"].queued == 5
+    assert stats.queues["bulk"].scheduled == 1
+    assert len(app.tasks.broker.list_tasks(TaskState.QUEUED, "bulk")) == 5
+    assert app.tasks.broker.purge("bulk") == 6
+    assert app.tasks.broker.list_tasks(queue="bulk") == []
