@@ -23,9 +23,9 @@ START_TIMEOUT = 20.0
 class RedisServer:
     """One ``redis-server`` process; ``stop`` ends it."""
 
-    def __init__(self, root: Path, settings: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, settings: Sequence[str] = (), port: int | None = None) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         command = [
             "redis-server",
@@ -82,12 +82,15 @@ def redis_missing() -> str | None:
     return None
 
 
-def start_redis(tmpdir: Path | str, settings: Sequence[str] = ()) -> RedisServer:
-    """Start a server with its files in ``tmpdir``; the caller stops it."""
+def start_redis(
+    tmpdir: Path | str, settings: Sequence[str] = (), port: int | None = None
+) -> RedisServer:
+    """Start a server with its files in ``tmpdir`` (on ``port``, else a free one); the caller
+    stops it."""
     reason = redis_missing()
     if reason is not None:
         raise RuntimeError(reason)
-    return RedisServer(Path(tmpdir), settings)
+    return RedisServer(Path(tmpdir), settings, port)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ limits, cancellation and bad input."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -117,7 +118,7 @@ def test_retries_with_backoff_then_dead_letter_and_requeue(app: riverbed.App) ->
         assert failed.value.error_type == "ConnectionError"
         assert "the remote end hung up" in failed.value.traceback
         assert [n for n, _ in attempts] == [0, 1, 2, 3]
-        gaps = [b - a for (_, a), (_, b) in zip(attempts, attempts[1:], strict=False)]
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
         assert all(gap >= 0.05 for gap in gaps), gaps  # backoff waited (jitter: half to full)
 
         other = wrong_kind.delay()
@@ -160,7 +161,7 @@ def test_countdown_eta_and_expiry(app: riverbed.App) -> None:
         assert "never" not in ran
 
     with pytest.raises(ValueError, match="time zone"):
-        mark.options(eta=datetime.now()).delay("naive")  # noqa: DTZ005 - the mistake under test
+        mark.options(eta=datetime.now()).delay("naive")
 
 
 def test_priority_then_fifo_and_queues(app: riverbed.App) -> None:
@@ -339,7 +340,7 @@ def test_unknown_task_goes_to_the_dead_letter_queue(app: riverbed.App, broker_ur
 
         handle = elsewhere.delay()
         with working(app):
-            with pytest.raises(riverbed.TaskFailed, match="no task named 'only.elsewhere'"):
+            with pytest.raises(riverbed.TaskFailed, match=r"no task named 'only\.elsewhere'"):
                 handle.result(timeout=30)
             assert known.delay().result(timeout=30) == 1
         (dead,) = app.tasks.broker.dead()
@@ -351,7 +352,7 @@ def test_bad_input_fails_at_delay(app: riverbed.App) -> None:
     def add(a: int, b: int) -> int:
         return a + b
 
-    with pytest.raises(riverbed.TaskArgumentsError, match="argument 1 .* cannot be serialized"):
+    with pytest.raises(riverbed.TaskArgumentsError, match=r"argument 1 .* cannot be serialized"):
         add.delay(1, object())  # type: ignore[arg-type]
     with pytest.raises(riverbed.TaskArgumentsError, match="missing a required argument: 'b'"):
         add.delay(1)  # type: ignore[call-arg]
