@@ -70,3 +70,26 @@ def test_worker_session(fresh_dir: Path) -> None:
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("{")]
     window = json.loads(json.loads(line)["value"])
     assert window == {"start_ms": 0, "end_ms": 10000, "value": {"count": 2, "total": 12.0}}
+
+
+TASKS_BLOCK = next(
+    code for lang, code in BLOCKS if lang == "bash" and "riverbed tasks worker" in code
+)
+TASKS_MODULE = next(code for code in PYTHON_BLOCKS if code.startswith("# emails.py"))
+
+
+def test_tasks_worker_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RIVERBED_TASKS_URL", raising=False)
+    (fresh_dir / "emails.py").write_text(TASKS_MODULE)
+    bin_dir = shlex.quote(str(Path(sys.executable).parent))
+    result = subprocess.run(
+        ["bash", "-c", f"PATH={bin_dir}:$PATH\n{TASKS_BLOCK}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "receipt for order 42 sent to ada@example.com" in result.stdout
+    assert "dead letters: 0" in result.stdout
+    assert (fresh_dir / ".riverbed" / "tasks.db").exists()
