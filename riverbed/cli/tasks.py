@@ -106,12 +106,13 @@ def worker(
 
         runner.metrics = WorkerMetrics(tasks.app_name)
         runner.metrics.serve(metrics_port)
-    status = threading.Thread(target=_status_line, args=(runner,), daemon=True)
-    status.start()
+    started = time.monotonic()
+    threading.Thread(target=_status_line, args=(runner, started), daemon=True).start()
     try:
         runner.run()
     finally:
         tasks.close()
+    _print_status(runner, started)
 
 
 def _tasks_of(target: str) -> Tasks:
@@ -122,20 +123,24 @@ def _tasks_of(target: str) -> Tasks:
     return tasks
 
 
-def _status_line(runner: Worker) -> None:
-    started = time.monotonic()
-    shown = None
+def _status_line(runner: Worker, started: float) -> None:
+    shown = ""
     while True:
         time.sleep(STATUS_EVERY_S)
-        counts = runner.inflight.counts
-        line = (
-            f"{counts.succeeded:,} succeeded, {counts.failed:,} failed, {counts.retried:,} "
-            f"retried, {counts.cancelled:,} cancelled, {runner.inflight.held()} held"
-        )
-        if line != shown:
-            rate = counts.succeeded / max(time.monotonic() - started, 1e-9)
-            err.print(f"riverbed tasks worker {runner.tasks.app_name}: {line} ({rate:,.0f}/s)")
-            shown = line
+        shown = _print_status(runner, started, shown)
+
+
+def _print_status(runner: Worker, started: float, shown: str = "") -> str:
+    """Print the worker's counts if they changed since ``shown``; return what was printed."""
+    counts = runner.inflight.counts
+    line = (
+        f"{counts.succeeded:,} succeeded, {counts.failed:,} failed, {counts.retried:,} "
+        f"retried, {counts.cancelled:,} cancelled, {runner.inflight.held()} held"
+    )
+    if line != shown:
+        rate = counts.succeeded / max(time.monotonic() - started, 1e-9)
+        err.print(f"riverbed tasks worker {runner.tasks.app_name}: {line} ({rate:,.0f}/s)")
+    return line
 
 
 def _when(ms: int) -> str:
@@ -144,22 +149,18 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _table(infos: list[TaskInfo]) -> Table:
-    table = Table("id", "task", "queue", "priority", "state", "attempt", "enqueued", "error")
+def _print_tasks(infos: list[TaskInfo]) -> None:
+    """One line per task, so the ids stay whole and ``grep`` works."""
     for info in infos:
         message = info.message
-        error = f"{info.error.type}: {info.error.message}" if info.error else ""
-        table.add_row(
-            message.id,
-            message.name,
-            message.queue,
-            str(message.priority),
-            str(info.state),
-            str(message.attempt),
-            _when(message.enqueued_ms),
-            error,
+        error = f"  {info.error.type}: {info.error.message}" if info.error else ""
+        out.print(
+            f"{message.id}  {info.state:<9}  {message.name}  queue={message.queue} "
+            f"priority={message.priority} attempt={message.attempt} "
+            f"enqueued={_when(message.enqueued_ms)}{error}"
         )
-    return table
+    if not infos:
+        out.print("no tasks")
 
 
 @app.command("list")
@@ -175,7 +176,7 @@ def list_tasks(
     """List tasks the broker holds."""
     chosen = _state(state) if state else None
     with open_broker(ctx) as broker:
-        out.print(_table(broker.list_tasks(chosen, queue, limit)))
+        _print_tasks(broker.list_tasks(chosen, queue, limit))
 
 
 def _state(name: str) -> TaskState:
@@ -277,7 +278,7 @@ def dlq_list(
 ) -> None:
     """Failed tasks with their last error (``riverbed tasks inspect ID`` shows the traceback)."""
     with open_broker(ctx) as broker:
-        out.print(_table(broker.dead(limit)))
+        _print_tasks(broker.dead(limit))
 
 
 @dlq.command("requeue")
