@@ -42,8 +42,10 @@ class Schedule:
         every tick it missed."""
         if self.interval_ms:
             latest = now_ms - now_ms % self.interval_ms
-            first = max(after_ms - after_ms % self.interval_ms + self.interval_ms,
-                        latest - (limit - 1) * self.interval_ms)
+            first = max(
+                after_ms - after_ms % self.interval_ms + self.interval_ms,
+                latest - (limit - 1) * self.interval_ms,
+            )
             return list(range(first, latest + 1, self.interval_ms))
         ticks: list[int] = []
         for moment in CronSim(self.cron, datetime.fromtimestamp(after_ms / 1000, UTC)):

@@ -472,6 +472,17 @@ def test_a_cancel_request_outlives_no_run(broker: Broker) -> None:
     assert broker.cancel(message.id) is TaskState.SUCCEEDED
 
 
+def test_a_cancel_asked_of_a_task_whose_worker_went_away_holds(broker: Broker) -> None:
+    message = task()
+    broker.enqueue([message])
+    broker.fetch(W1, ["default"], 10, 300)  # W1 leases it for 0.3 s, then goes away
+    assert broker.cancel(message.id) is TaskState.RUNNING
+    time.sleep(0.4)
+    assert fetch(broker, W2) == []  # not run again
+    info = broker.wait([message.id], PATIENCE)[message.id]
+    assert info.state is TaskState.CANCELLED
+
+
 # Chords
 
 
@@ -508,6 +519,14 @@ def test_a_chord_callback_fails_when_a_header_fails(broker: Broker) -> None:
     finish(broker, headers[1])
     assert state_of(broker, callback.id) is TaskState.FAILED
     assert fetch(broker) == []
+
+
+def test_cancelling_a_queued_header_fails_the_chord(broker: Broker) -> None:
+    headers, callback = chord(broker, 2)
+    assert broker.cancel(headers[1].id) is TaskState.CANCELLED
+    info = broker.wait([callback.id], PATIENCE)[callback.id]
+    assert info.state is TaskState.FAILED
+    assert info.error is not None and headers[1].id in info.error.message
 
 
 # Waiting for results
@@ -630,6 +649,21 @@ def test_purge_deletes_the_queued_and_scheduled_tasks_of_one_queue(broker: Broke
     assert state_of(broker, spared.id) is TaskState.QUEUED
     assert broker.purge("a") == 0
     assert fetch(broker, queues=["a"]) == []
+
+
+def test_purge_frees_the_idempotency_keys_of_what_it_deleted(broker: Broker) -> None:
+    first = task(key="nightly-report")
+    broker.enqueue([first])
+    assert broker.purge("default") == 1
+    second = task(key="nightly-report")
+    assert broker.enqueue([second]) == [second.id]
+
+
+def test_enqueueing_an_id_again_changes_nothing(broker: Broker) -> None:
+    message = task()
+    assert broker.enqueue([message]) == [message.id]
+    assert broker.enqueue([message]) == [message.id]
+    assert fetch(broker) == [message]
 
 
 # Rate limits, leadership and schedules

@@ -15,6 +15,7 @@ from riverbed.errors import InvalidUrlError
 from riverbed.tasks.messages import (
     BrokerStats,
     ChordSpec,
+    ErrorInfo,
     Heartbeat,
     Outcome,
     TaskInfo,
@@ -24,6 +25,23 @@ from riverbed.tasks.messages import (
 
 DEFAULT_RESULT_TTL_S = 86_400.0
 DEFAULT_DEAD_TTL_S = 7 * 86_400.0
+# A worker unseen for this long is left out of ``stats``.
+WORKER_SEEN_MS = 60_000
+CANCELLED_BEFORE_START = ErrorInfo("TaskCancelledError", "cancelled before it started")
+CANCELLED_AFTER_LEASE = ErrorInfo(
+    "TaskCancelledError", "cancelled while running; its worker went away before interrupting it"
+)
+
+
+def chord_failure(header: TaskMessage, state: str, error: ErrorInfo | None) -> ErrorInfo:
+    """The error of a chord's callback that cannot run because ``header`` did not succeed."""
+    return ErrorInfo(
+        "ChordHeaderFailed",
+        f"header task {header.name}[{header.id}] of chord {header.chord} ended {state}"
+        + (f": {error.message}" if error is not None else ""),
+    )
+
+
 # Options both brokers accept in their URL (seconds).
 COMMON_OPTIONS = {"result_ttl": str(DEFAULT_RESULT_TTL_S), "dead_ttl": str(DEFAULT_DEAD_TTL_S)}
 

@@ -45,7 +45,14 @@ from urllib.parse import urlsplit
 import msgspec
 
 from riverbed.errors import InvalidUrlError, MissingExtraError
-from riverbed.tasks.brokers.api import COMMON_OPTIONS, ttl_options
+from riverbed.tasks.brokers.api import (
+    CANCELLED_AFTER_LEASE,
+    CANCELLED_BEFORE_START,
+    COMMON_OPTIONS,
+    WORKER_SEEN_MS,
+    chord_failure,
+    ttl_options,
+)
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import (
     ENCODER,
@@ -96,7 +103,6 @@ MOVE_BATCH = 1000
 # Ids read, purged or requeued per round trip.
 PAGE = 500
 # A worker unseen for this long is left out of ``stats`` (as in the SQLite broker).
-WORKER_SEEN_MS = 60_000
 # The seq occupies the low 48 bits of a ready score, so priority orders first and FIFO second;
 # scores stay below 2**53, where doubles are exact.
 PRIORITY_SPAN = 2**48
@@ -113,7 +119,11 @@ _INFO_FIELDS = (
     "cancel",
     "seq",
 )
-_CANCELLED = ENCODER.encode(ErrorInfo("TaskCancelled", "cancelled before it started"))
+_CANCELLED = ENCODER.encode(CANCELLED_BEFORE_START)
+_CANCELLED_AFTER_LEASE = ENCODER.encode(CANCELLED_AFTER_LEASE)
+_CHORD_HEADER_CANCELLED = ENCODER.encode(
+    ErrorInfo("ChordHeaderFailed", "a header task of the chord was cancelled")
+)
 
 # Every script starts with these helpers; ARGV 1-4 are the key prefix, the caller's clock and the
 # two TTLs, and a script's own arguments follow from ARGV 5.
@@ -254,12 +264,13 @@ end
 return ids
 """
 
-# ARGV 5: worker, 6: limit, 7: lease ms, 8: move batch, 9...: queues.
+# ARGV 5: worker, 6: limit, 7: lease ms, 8: move batch, 9: the error of a task cancelled while
+# its worker went away, 10: the error of a chord whose header was so cancelled, 11...: queues.
 # Returns the leased messages and when the next scheduled task or lease falls due (0: none).
 _FETCH = """
 local worker, limit, lease, batch = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local queues = {}
-for i = 9, #ARGV do
+for i = 11, #ARGV do
   queues[#queues + 1] = ARGV[i]
 end
 -- Due tasks and lapsed leases join their queues with their seq, so they keep their place.
@@ -274,9 +285,17 @@ for _, queue in ipairs(queues) do
   local lapsed = redis.call('ZRANGEBYSCORE', leased, '-inf', '(' .. int(NOW), 'LIMIT', 0, batch)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', leased, id)
-    redis.call('HDEL', key('t', id), 'worker', 'cancel')
-    local t = redis.call('HMGET', key('t', id), 'priority', 'seq')
-    place(id, queue, tonumber(t[1]), tonumber(t[2]), 0)
+    local t = redis.call('HMGET', key('t', id), 'priority', 'seq', 'cancel', 'chord')
+    if t[3] == '1' then
+      -- A cancel asked of a task whose worker went away holds: it is not run again.
+      finish_task(id, 'cancelled', '', ARGV[9])
+      if t[4] and t[4] ~= '' then
+        chord_progress(t[4], 'cancelled', ARGV[10])
+      end
+    else
+      redis.call('HDEL', key('t', id), 'worker')
+      place(id, queue, tonumber(t[1]), tonumber(t[2]), 0)
+    end
   end
 end
 -- The heads of the queues merged by score: priority first, then seq.
@@ -390,11 +409,12 @@ for i = 7, #ARGV do
 end
 """
 
-# ARGV 5: id, 6: the error of a task cancelled before it started. Returns the state after.
+# ARGV 5: id, 6: the error of a task cancelled before it started, 7: the error of its chord's
+# callback, if it is a chord header. Returns the state after.
 _CANCEL = """
 local id = ARGV[5]
 local task = key('t', id)
-local t = redis.call('HMGET', task, 'state', 'queue')
+local t = redis.call('HMGET', task, 'state', 'queue', 'chord')
 local state, queue = t[1], t[2]
 if state == 'queued' or state == 'scheduled' then
   if state == 'queued' then
@@ -404,6 +424,9 @@ if state == 'queued' or state == 'scheduled' then
     redis.call('ZREM', key('s', queue), id)
   end
   finish_task(id, 'cancelled', '', ARGV[6])
+  if t[3] and t[3] ~= '' then
+    chord_progress(t[3], 'cancelled', ARGV[7])
+  end
   trim()
   return 'cancelled'
 end
@@ -638,7 +661,16 @@ class RedisBroker:
         deadline = time.monotonic() + timeout
         ready = [self._key("ready", queue) for queue in queues]
         while True:
-            encoded, due = self._run(self._fetch, worker, limit, lease_ms, MOVE_BATCH, *queues)
+            encoded, due = self._run(
+                self._fetch,
+                worker,
+                limit,
+                lease_ms,
+                MOVE_BATCH,
+                _CANCELLED_AFTER_LEASE,
+                _CHORD_HEADER_CANCELLED,
+                *queues,
+            )
             remaining = deadline - time.monotonic()
             if encoded or remaining <= 0:
                 return [MESSAGE_DECODER.decode(message) for message in encoded]
@@ -664,7 +696,9 @@ class RedisBroker:
             message = outcome.message
             failure = b""
             if message.chord and outcome.state is not TaskState.SUCCEEDED:
-                failure = ENCODER.encode(_chord_failure(outcome))
+                failure = ENCODER.encode(
+                    chord_failure(outcome.message, outcome.state, outcome.error)
+                )
             args += [
                 message.id,
                 outcome.state.value,
@@ -786,7 +820,10 @@ class RedisBroker:
     # Control
 
     def cancel(self, task_id: str) -> TaskState | None:
-        state = self._run(self._cancel, task_id, _CANCELLED)
+        header_cancelled = ErrorInfo(
+            "ChordHeaderFailed", f"header task [{task_id}] of the chord was cancelled"
+        )
+        state = self._run(self._cancel, task_id, _CANCELLED, ENCODER.encode(header_cancelled))
         return None if state is None else TaskState(_text(state))
 
     def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
@@ -865,16 +902,6 @@ def _message_args(message: TaskMessage) -> list[str | int | bytes]:
         message.key,
         message.chord,
     ]
-
-
-def _chord_failure(outcome: Outcome) -> ErrorInfo:
-    """The error of a chord's callback that cannot run because this header did not succeed."""
-    header = outcome.message
-    return ErrorInfo(
-        "ChordHeaderFailed",
-        f"header task {header.name}[{header.id}] of chord {header.chord} ended {outcome.state}"
-        + (f": {outcome.error.message}" if outcome.error is not None else ""),
-    )
 
 
 def _text(value: bytes | str) -> str:

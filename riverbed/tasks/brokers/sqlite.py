@@ -22,7 +22,14 @@ import msgspec
 
 from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
-from riverbed.tasks.brokers.api import COMMON_OPTIONS, ttl_options
+from riverbed.tasks.brokers.api import (
+    CANCELLED_AFTER_LEASE,
+    CANCELLED_BEFORE_START,
+    COMMON_OPTIONS,
+    WORKER_SEEN_MS,
+    chord_failure,
+    ttl_options,
+)
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import (
     ENCODER,
@@ -44,8 +51,6 @@ from riverbed.urls import BackendUrl
 SCHEMA_VERSION = 1
 # How often a waiting call looks for commits by other processes.
 POLL_S = 0.0005
-# A worker unseen for this long is left out of ``stats``.
-WORKER_SEEN_MS = 60_000
 LEADER_LEASE = "leader"
 
 SCHEMA = (
@@ -227,8 +232,9 @@ class SqliteBroker:
                     ENCODER.encode(message),
                 )
             )
+        # An id already stored is a retried call: left as it is.
         conn.executemany(
-            "INSERT INTO tasks (id, name, queue, priority, state, due_ms, message) "
+            "INSERT OR IGNORE INTO tasks (id, name, queue, priority, state, due_ms, message) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
@@ -283,15 +289,21 @@ class SqliteBroker:
         return [MESSAGE_DECODER.decode(message) for _, _, message in chosen]
 
     def _promote_due(self, conn: sqlite3.Connection, now: int) -> None:
-        """Due scheduled tasks join their queues; lapsed leases go back to theirs (same seq, so
-        the task keeps its place)."""
+        """Due scheduled tasks join their queues; tasks whose lease lapsed go back to theirs
+        (same seq, so they keep their place)."""
         conn.execute(
             "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL "
             "WHERE state = 'scheduled' AND due_ms <= ?",
             (now,),
         )
+        # A cancel asked of a task whose worker went away holds: it is not run again.
+        for (message,) in conn.execute(
+            "SELECT message FROM tasks WHERE state = 'running' AND due_ms < ? AND cancel = 1",
+            (now,),
+        ).fetchall():
+            self._cancelled(conn, MESSAGE_DECODER.decode(message), CANCELLED_AFTER_LEASE, now)
         conn.execute(
-            "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL, cancel = 0 "
+            "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL "
             "WHERE state = 'running' AND due_ms < ?",
             (now,),
         )
@@ -427,11 +439,7 @@ class SqliteBroker:
                 ENCODER.encode(callback),
             ),
         )
-        reason = ErrorInfo(
-            "ChordHeaderFailed",
-            f"header task {header.name}[{header.id}] of chord {header.chord} ended {state}"
-            + (f": {_ERROR_DECODER.decode(error).message}" if error else ""),
-        )
+        reason = chord_failure(header, state, _ERROR_DECODER.decode(error) if error else None)
         self._finished(conn, callback.id, TaskState.FAILED, b"", ENCODER.encode(reason), now)
 
     # Reading
@@ -510,17 +518,26 @@ class SqliteBroker:
     def cancel(self, task_id: str) -> TaskState | None:
         now = now_ms()
         with self._write() as conn:
-            row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state, message FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 return None
             state = TaskState(row[0])
             if state in (TaskState.QUEUED, TaskState.SCHEDULED):
-                reason = ErrorInfo("TaskCancelled", "cancelled before it started")
-                self._finished(conn, task_id, TaskState.CANCELLED, b"", ENCODER.encode(reason), now)
+                self._cancelled(conn, MESSAGE_DECODER.decode(row[1]), CANCELLED_BEFORE_START, now)
                 return TaskState.CANCELLED
             if state is TaskState.RUNNING:
                 conn.execute("UPDATE tasks SET cancel = 1 WHERE id = ?", (task_id,))
             return state
+
+    def _cancelled(
+        self, conn: sqlite3.Connection, message: TaskMessage, reason: ErrorInfo, now: int
+    ) -> None:
+        error = ENCODER.encode(reason)
+        self._finished(conn, message.id, TaskState.CANCELLED, b"", error, now)
+        if message.chord:
+            self._chord_progress(conn, message, TaskState.CANCELLED, error, now)
 
     def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
         with self._write() as conn:
@@ -556,10 +573,21 @@ class SqliteBroker:
         return [task_id for task_id, _ in rows]
 
     def purge(self, queue: str) -> int:
+        """Also drops the purged tasks' idempotency keys, and chords waiting on them."""
         with self._write() as conn:
-            return conn.execute(
-                "DELETE FROM tasks WHERE queue = ? AND state IN ('queued', 'scheduled')", (queue,)
-            ).rowcount
+            rows = conn.execute(
+                "SELECT id, message FROM tasks "
+                "WHERE queue = ? AND state IN ('queued', 'scheduled')",
+                (queue,),
+            ).fetchall()
+            ids = [task_id for task_id, _ in rows]
+            chords = {MESSAGE_DECODER.decode(message).chord for _, message in rows} - {""}
+            for chunk in _chunks(ids):
+                marks = _marks(chunk)
+                conn.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM task_keys WHERE task_id IN ({marks})", chunk)
+            conn.executemany("DELETE FROM chords WHERE chord_id = ?", [(c,) for c in chords])
+        return len(ids)
 
     def take_tokens(
         self, name: str, rate: float, capacity: float, wanted: int
