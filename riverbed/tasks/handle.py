@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -117,10 +118,15 @@ class GroupHandle(Generic[R]):
         return len(self.handles)
 
     def result(self, timeout: float | None = None) -> list[R]:
+        """Every result in order, waiting up to ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self.handles:
             broker = self.handles[0]._broker
             broker.wait([handle.id for handle in self.handles], timeout or WAIT_SLICE_S)
-        return [handle.result(timeout) for handle in self.handles]
+        return [
+            handle.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for handle in self.handles
+        ]
 
     def cancel(self) -> int:
         return sum(handle.cancel() for handle in self.handles)
