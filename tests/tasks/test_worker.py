@@ -415,10 +415,10 @@ def test_periodic_task_runs_once_per_tick_under_several_workers(app: riverbed.Ap
             ticks.append(context.scheduled_ms)
 
     with working(app), working(app), working(app):
-        started = time.time()
-        time.sleep(12)
-    # The ten whole seconds surely inside the run: exactly ten runs, one per tick.
-    first = (int(started) + 1) * 1000
+        wait_until(lambda: bool(ticks), 30, "a worker to lead and run the first tick")
+        first = ticks[0] + 1000
+        # Ten seconds from the next tick, and a margin for the last run to finish.
+        time.sleep(max(0.0, (first + 10_000) / 1000 - time.time()) + 1.5)
     window = [t for t in ticks if first <= t < first + 10_000]
     assert sorted(window) == list(range(first, first + 10_000, 1000)), sorted(ticks)
     assert len(ticks) == len(set(ticks)), "a tick ran twice"
