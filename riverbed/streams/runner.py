@@ -25,6 +25,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from itertools import groupby
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
@@ -47,6 +49,8 @@ TABLE_BOOTSTRAP_IDLE_S = 1.0
 RETRY_WAIT_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_RECORDS = 50_000
+
+_topic_partition: Callable[[Record], TopicPartition] = attrgetter("topic", "partition")
 
 
 class Runner:
@@ -218,8 +222,9 @@ class Runner:
         """Push the records through; returns how many each partition had (on an internal topic:
         how many items its records carried)."""
         by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
-        for record in records:
-            by_partition[record.topic, record.partition].append(record)
+        # A poll returns each partition's records in runs: one extend per run.
+        for tp, run in groupby(records, _topic_partition):
+            by_partition[tp].extend(run)
         taken: dict[TopicPartition, int] = {}
         for (topic_name, partition), batch in by_partition.items():
             taken[topic_name, partition] = len(batch)

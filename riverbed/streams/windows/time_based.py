@@ -102,13 +102,13 @@ class FixedWindowNode(WindowNode[list[Any]]):
         encode = self._encoder.encode
         ends, counts = self._ends[partition], self._rows[partition]
         changed: dict[bytes, bytes | None] = {}
-        for start, keys in grouped((s for _, s in dirty), (k for k, _ in dirty)).items():
+        for start in {start for _, start in dirty}:
             members = ends.get(start + self.size, set())
             stored, count = counts.get(start, 0), _row_count(len(members))
             if count == stored:
                 if not count:
                     continue  # opened and closed between two commits: never stored
-                rows = {self._row_of(key, count) for key in keys}
+                rows = {self._row_of(key, count) for key, at in dirty if at == start}
             else:  # the window grew past its rows, or closed: its old rows go
                 changed.update((encode((start, row, stored)), None) for row in range(stored))
                 rows = set(range(count))
