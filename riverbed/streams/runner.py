@@ -20,10 +20,13 @@ again on restart (Kafka Streams' default); handlers are where per-record retries
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import groupby
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
@@ -46,6 +49,8 @@ TABLE_BOOTSTRAP_IDLE_S = 1.0
 RETRY_WAIT_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_RECORDS = 50_000
+
+_topic_partition: Callable[[Record], TopicPartition] = attrgetter("topic", "partition")
 
 
 class Runner:
@@ -152,6 +157,10 @@ class Runner:
         (Kafka Streams' commit.interval.ms under exactly-once): a commit costs round trips and
         state writes, which a bigger batch shares out.
         """
+        with _collection_deferred():
+            return self._run_batch(poll_timeout)
+
+    def _run_batch(self, poll_timeout: float) -> int:
         records = self._consumer.poll(max_records=BATCH_RECORDS, timeout=poll_timeout)
         if not records:
             self._refresh_tables()
@@ -162,21 +171,20 @@ class Runner:
         try:
             self._refresh_tables()
             ctx = Context(self._producer, self._state.load)
-            by_partition = self._process(records, ctx)
+            taken = self._process(records, ctx)
             while (
-                len(records) < COMMIT_RECORDS
+                sum(taken.values()) < COMMIT_RECORDS
                 and not self._held
                 and time.monotonic() - started < COMMIT_INTERVAL_S
             ):
                 more = self._consumer.poll(max_records=BATCH_RECORDS, timeout=0)
                 if not more:
                     break
-                for tp, batch in self._process(more, ctx).items():
-                    by_partition.setdefault(tp, []).extend(batch)
-                records += more
+                for tp, count in self._process(more, ctx).items():
+                    taken[tp] = taken.get(tp, 0) + count
             # The consumer's position, not last offset + 1: on Kafka it steps over transaction
             # markers, so that the group's lag can reach 0.
-            offsets = {tp: self._consumer.position(*tp) for tp in by_partition}
+            offsets = {tp: self._consumer.position(*tp) for tp in taken}
             offsets.update({tp: offset for tp, (offset, _) in self._held.items()})
             self._state.commit(
                 self._producer, self._consumer, offsets, _changes(ctx), self._exactly_once
@@ -187,13 +195,14 @@ class Runner:
         except BaseException:
             self._recover()
             raise
-        self.processed += len(records)
+        processed = sum(taken.values())
+        self.processed += processed
         self.late += ctx.late
         if self.metrics is not None:
-            self._count(by_partition, started)
+            self._count(taken, started)
             self.metrics.late.inc(ctx.late)
         self._wait_for_due_retries()
-        return len(records)
+        return processed
 
     def _wait_for_due_retries(self) -> None:
         """Rewind held retry partitions to their first record not yet due. The next poll fetches
@@ -209,23 +218,30 @@ class Runner:
     def _transactional(self) -> TransactionalProducer:
         return self._producer  # type: ignore[return-value]
 
-    def _process(self, records: list[Record], ctx: Context) -> dict[TopicPartition, list[Record]]:
+    def _process(self, records: list[Record], ctx: Context) -> dict[TopicPartition, int]:
+        """Push the records through; returns how many each partition had (on an internal topic:
+        how many items its records carried)."""
         by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
-        for record in records:
-            by_partition[record.topic, record.partition].append(record)
+        # A poll returns each partition's records in runs: one extend per run.
+        for tp, run in groupby(records, _topic_partition):
+            by_partition[tp].extend(run)
+        taken: dict[TopicPartition, int] = {}
         for (topic_name, partition), batch in by_partition.items():
+            taken[topic_name, partition] = len(batch)
             ctx.partition = partition
             source = self._sources.get(topic_name)
             if isinstance(source, TopicSource):
                 source.push(self._items(source.topic, batch), ctx)
             elif isinstance(source, InternalSource):
-                source.push(source.items(batch), ctx)
+                items = source.items(batch)
+                taken[topic_name, partition] = len(items)
+                source.push(items, ctx)
             for topic, handler in self._handlers[topic_name]:
                 self._handle(handler, topic, batch, 0)
             retry = self._retries.get(topic_name)
             if retry is not None:
                 self._handle_due(*retry, (topic_name, partition), batch)
-        return by_partition
+        return taken
 
     def _recover(self) -> None:
         """After a failed batch: abort, forget in-memory state, rewind to committed offsets."""
@@ -338,10 +354,10 @@ class Runner:
         if self.metrics is not None:
             self.metrics.dead_lettered.labels(topic.name).inc()
 
-    def _count(self, by_partition: dict[TopicPartition, list[Record]], started: float) -> None:
+    def _count(self, taken: dict[TopicPartition, int], started: float) -> None:
         assert self.metrics is not None
-        for (topic_name, _), batch in by_partition.items():
-            self.metrics.records_in.labels(topic_name).inc(len(batch))
+        for (topic_name, _), count in taken.items():
+            self.metrics.records_in.labels(topic_name).inc(count)
         for node in self._outputs:
             if node.written:
                 self.metrics.records_out.labels(node.topic.name).inc(node.written)
@@ -354,6 +370,37 @@ class Runner:
         for _, handlers in self._handlers.items():
             for _, handler in handlers:
                 handler.close()
+
+
+class _CollectionPause:
+    """Holds off the cyclic garbage collector while some runner of the process is inside a
+    batch. A batch allocates its records, items and results by the ten thousand, and keeps them
+    until it is done; left alone, the collector would run every few hundred of them, and every
+    hundredth run walks the whole heap, to find no garbage: the batch's objects are freed by
+    reference counting when it ends, and cycles wait for the collections between batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._inside:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if not self._inside and self._was_enabled:
+                    gc.enable()
+
+
+_collection_deferred = _CollectionPause()
 
 
 def reachable_outputs(topology: Topology) -> list[ToNode]:

@@ -17,8 +17,6 @@ from riverbed.streams.joins import Table
 from riverbed.streams.nodes import InternalTopic, Item, Node, StatefulNode
 from riverbed.streams.topics import Topic
 
-DECODED_KEYS_LIMIT = 100_000
-
 
 class SourceNode(Node):
     """Where a topic's records enter the graph."""
@@ -38,34 +36,28 @@ class TopicSource(SourceNode):
 
 
 class InternalSource(SourceNode):
+    """An internal topic: runs of repartitioned items (see ``RepartitionNode``), or one
+    side of a join per record."""
+
     def __init__(self, topic: InternalTopic, joined: bool) -> None:
         super().__init__(topic.name)
-        self._decode_key = topic.key_decoder.decode
+        self._decode_key = msgspec.msgpack.Decoder().decode
         self._decode_joined = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw]).decode
-        self._decode = topic.decoder.decode
+        item_type: Any = tuple.__class_getitem__((Any, topic.value_type, int))
+        self._decode_run = msgspec.msgpack.Decoder(list[item_type]).decode
         self._joined = joined
-        self._keys: dict[bytes, Any] = {}
 
     def items(self, records: list[Record]) -> list[Item]:
-        decode_key, decode = self._decode_key, self._decode
+        out: list[Item] = []
         if self._joined:
-            out: list[Item] = []
+            decode_key = self._decode_key
             for record in records:
                 ts, side, raw = self._decode_joined(record.value or b"")
                 out.append((decode_key(record.key or b""), (side, bytes(raw)), ts))
             return out
-        # Keys repeat, so their decoded form is looked up rather than decoded again.
-        keys = self._keys
-        if len(keys) > DECODED_KEYS_LIMIT:
-            keys.clear()
-        out = []
+        decode_run = self._decode_run
         for record in records:
-            raw_key = record.key or b""
-            key = keys.get(raw_key)
-            if key is None:
-                key = keys[raw_key] = decode_key(raw_key)
-            ts, value = decode(record.value or b"")
-            out.append((key, value, ts))
+            out += decode_run(record.value or b"")
         return out
 
 

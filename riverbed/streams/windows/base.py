@@ -147,18 +147,22 @@ class WindowNode(StatefulNode, Generic[T]):
         partition = ctx.partition
         entries = self._entries.get(partition)
         if entries is None:
-            stored = ctx.loader(self.store, partition)
-            raw_time = stored.pop(STREAM_TIME_KEY, None)
+            rows = ctx.loader(self.store, partition)
+            raw_time = rows.pop(STREAM_TIME_KEY, None)
             self._times[partition] = (
                 NO_TIME if raw_time is None else self._time_decoder.decode(raw_time)
             )
-            decode_key, decode_entry = self._key_decoder.decode, self._entry_decoder.decode
-            entries = {self.state_key(decode_key(k)): decode_entry(v) for k, v in stored.items()}
-            self._entries[partition] = entries
+            entries = self._entries[partition] = self.restore(partition, rows)
             self._dirty[partition] = set()
-            self._stored[partition] = set(entries)
             self.restored(partition, entries)
         ctx.touched.add(self)
+        return entries
+
+    def restore(self, partition: int, rows: dict[bytes, bytes]) -> dict[Any, T]:
+        """A partition's entries from its stored rows: here, one row per entry."""
+        decode_key, decode_entry = self._key_decoder.decode, self._entry_decoder.decode
+        entries = {self.state_key(decode_key(k)): decode_entry(v) for k, v in rows.items()}
+        self._stored[partition] = set(entries)
         return entries
 
     def state_key(self, decoded: Any) -> Any:
@@ -169,25 +173,30 @@ class WindowNode(StatefulNode, Generic[T]):
         """Rebuild indexes over a partition's entries after loading them."""
 
     def changes(self) -> Changes:
-        encode = self._encoder.encode
         out: Changes = {}
         for partition in self._pushed:
             dirty = self._dirty[partition]
-            entries = self._entries[partition]
-            stored = self._stored[partition]
-            changed: dict[bytes, bytes | None] = {}
-            for key in dirty:
-                if key in entries:
-                    changed[encode(key)] = encode(entries[key])
-                    stored.add(key)
-                elif key in stored:
-                    changed[encode(key)] = None
-                    stored.discard(key)
-            changed[STREAM_TIME_KEY] = encode(self._times[partition])
+            changed = self.changed_rows(partition, dirty)
+            changed[STREAM_TIME_KEY] = self._encoder.encode(self._times[partition])
             out[self.store, partition] = changed
             dirty.clear()
         self._pushed.clear()
         return out
+
+    def changed_rows(self, partition: int, dirty: set[Any]) -> dict[bytes, bytes | None]:
+        """The rows to write (or delete: None) for the ``dirty`` entries of a partition."""
+        encode = self._encoder.encode
+        entries = self._entries[partition]
+        stored = self._stored[partition]
+        changed: dict[bytes, bytes | None] = {}
+        for key in dirty:
+            if key in entries:
+                changed[encode(key)] = encode(entries[key])
+                stored.add(key)
+            elif key in stored:
+                changed[encode(key)] = None
+                stored.discard(key)
+        return changed
 
     def snapshot(self) -> dict[Any, Any]:
         return {k: v for entries in self._entries.values() for k, v in entries.items()}

@@ -3,15 +3,26 @@
 A tumbling window of size S covers ``[n*S, (n+1)*S)``; a hopping window of size S advancing by A
 covers ``[n*A, n*A + S)``, so a record falls into S/A of them. State: one accumulator list per
 (key, window start); an index of open windows by end time finds those stream time closes.
+
+A window's entries are stored together, in rows of up to ``ROW_ENTRIES`` (a window of more keys
+is spread over a power of two of rows by a hash of the key): a commit rewrites the rows of the
+windows it changed, with one msgpack call per row, instead of a row per key, and closing a
+window deletes its rows.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
+
+import msgspec
 
 from riverbed.errors import RiverbedError
 from riverbed.streams.nodes import Item
 from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, grouped, ms
+
+ROW_ENTRIES = 1024
+HASHED_KEYS_LIMIT = 100_000
 
 
 class Hopping:
@@ -63,6 +74,23 @@ class FixedWindowNode(WindowNode[list[Any]]):
         self.advance = spec.advance_ms
         # Per partition: window end -> the state keys (key, start) of open windows ending then.
         self._ends: dict[int, dict[int, set[tuple[Any, int]]]] = {}
+        # Per partition: window start -> how many rows its entries are stored in.
+        self._rows: dict[int, dict[int, int]] = {}
+        self._row_key_decoder = msgspec.msgpack.Decoder(tuple[int, int, int])
+        pair_type: Any = tuple.__class_getitem__((Any, settings.aggregation.state_type))
+        self._row_decoder = msgspec.msgpack.Decoder(list[pair_type])
+        self._hashes: dict[Any, int] = {}
+
+    def restore(self, partition: int, rows: dict[bytes, bytes]) -> dict[Any, list[Any]]:
+        entries: dict[Any, list[Any]] = {}
+        counts: dict[int, int] = {}
+        decode_row_key, decode_row = self._row_key_decoder.decode, self._row_decoder.decode
+        for row_key, row in rows.items():
+            start, _, count = decode_row_key(row_key)
+            counts[start] = count
+            entries.update(((key, start), accs) for key, accs in decode_row(row))
+        self._rows[partition] = counts
+        return entries
 
     def restored(self, partition: int, entries: dict[Any, list[Any]]) -> None:
         ends: dict[int, set[tuple[Any, int]]] = {}
@@ -70,10 +98,58 @@ class FixedWindowNode(WindowNode[list[Any]]):
             ends.setdefault(state_key[1] + self.size, set()).add(state_key)
         self._ends[partition] = ends
 
+    def changed_rows(self, partition: int, dirty: set[Any]) -> dict[bytes, bytes | None]:
+        encode = self._encoder.encode
+        ends, counts = self._ends[partition], self._rows[partition]
+        changed: dict[bytes, bytes | None] = {}
+        for start in {start for _, start in dirty}:
+            members = ends.get(start + self.size, set())
+            stored, count = counts.get(start, 0), _row_count(len(members))
+            if count == stored:
+                if not count:
+                    continue  # opened and closed between two commits: never stored
+                rows = {self._row_of(key, count) for key, at in dirty if at == start}
+            else:  # the window grew past its rows, or closed: its old rows go
+                changed.update((encode((start, row, stored)), None) for row in range(stored))
+                rows = set(range(count))
+                counts[start] = count
+                if not count:
+                    del counts[start]
+            for row, pairs in self._row_pairs(partition, members, count, rows).items():
+                changed[encode((start, row, count))] = encode(pairs)
+        return changed
+
+    def _row_pairs(
+        self, partition: int, members: set[tuple[Any, int]], count: int, rows: set[int]
+    ) -> dict[int, list[tuple[Any, list[Any]]]]:
+        """The (key, accumulators) pairs of a window's ``rows``, by row."""
+        entries = self._entries[partition]
+        if count == 1:
+            return {0: [(state_key[0], entries[state_key]) for state_key in members]}
+        pairs: dict[int, list[tuple[Any, list[Any]]]] = {row: [] for row in rows}
+        for state_key in members:
+            row_pairs = pairs.get(self._row_of(state_key[0], count))
+            if row_pairs is not None:
+                row_pairs.append((state_key[0], entries[state_key]))
+        return pairs
+
+    def _row_of(self, key: Any, count: int) -> int:
+        return 0 if count == 1 else self._hash(key) & (count - 1)
+
+    def _hash(self, key: Any) -> int:
+        """A stable hash of the key (the same in every process), to spread big windows."""
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) >= HASHED_KEYS_LIMIT:
+                self._hashes.clear()
+            hashed = self._hashes[key] = zlib.crc32(self._encoder.encode(key))
+        return hashed
+
     def reset(self, partitions: set[int] | None = None) -> None:
         super().reset(partitions)
         for partition in list(self._ends) if partitions is None else partitions:
             self._ends.pop(partition, None)
+            self._rows.pop(partition, None)
 
     def process(
         self,
@@ -160,6 +236,14 @@ class FixedWindowNode(WindowNode[list[Any]]):
         key, start = state_key
         end = start + self.size
         return key, Windowed(start, end, self.aggregation.result(accs)), end - 1
+
+
+def _row_count(entries: int) -> int:
+    """Rows for a window of ``entries``: none when empty, else a power of two."""
+    count = 1 if entries else 0
+    while entries > count * ROW_ENTRIES:
+        count *= 2
+    return count
 
 
 def _start_then_key(state_key: tuple[Any, int]) -> tuple[int, str]:
