@@ -1,0 +1,190 @@
+"""Aggregates: objects whose state is the events they recorded.
+
+A command method decorated with ``@riverbed.event("Paid")`` records an event whose payload is
+the method's arguments (a msgspec Struct made from its signature), then applies it by running
+the method's body. Decorating ``__init__`` makes construction the first event. Explicit event
+classes (``riverbed.DomainEvent`` subclasses with an ``apply(aggregate)`` method) are recorded
+with ``self.trigger(event)``. Loading replays the stored events through the same code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
+
+import msgspec
+
+from riverbed.eventsourcing.codec import EventType, Upcaster, registry
+from riverbed.eventsourcing.errors import EventSourcingError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class DomainEvent(msgspec.Struct, kw_only=True):
+    """An explicit event class, with fields and ``def apply(self, aggregate) -> None``.
+
+    Class attributes name and evolve it: ``event_type = "Order.Shipped"`` (default: the class's
+    qualified name), ``event_version = 2`` with ``upcasters = {1: fn}`` for events stored at
+    version 1."""
+
+    event_type: ClassVar[str] = ""
+    event_version: ClassVar[int] = 1
+    upcasters: ClassVar[dict[int, Upcaster]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        registry.register(
+            cls.__dict__.get("event_type") or cls.__qualname__,
+            cls,
+            version=cls.__dict__.get("event_version", 1),
+            upcasters=cls.__dict__.get("upcasters"),
+            apply=lambda aggregate, event: event.apply(aggregate),
+        )
+
+    def apply(self, aggregate: Any) -> None:
+        raise NotImplementedError(f"{type(self).__qualname__} has no apply(aggregate) method")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An event recorded by an aggregate and not yet saved."""
+
+    event: Any
+    type: EventType
+    version: int
+
+
+class Aggregate:
+    """Base class of event-sourced aggregates.
+
+    ``id`` is a UUID string unless given (``Order.create(..., id="order-42")``: a natural key);
+    ``version`` is the number of events applied. ``snapshot_every = 50`` in the class body makes
+    ``app.events.save`` store a snapshot every 50 events, which loading starts from."""
+
+    snapshot_every: ClassVar[int | None] = None
+    id: str
+    version: int
+
+    @classmethod
+    def create(cls, *args: Any, id: str | None = None, **kwargs: Any) -> Self:
+        """Construct through the recorded ``__init__`` event, with this ``id``."""
+        aggregate = cls.__new__(cls)
+        aggregate._begin(id)
+        aggregate.__init__(*args, **kwargs)  # type: ignore[misc]
+        return aggregate
+
+    def _begin(self, aggregate_id: str | None) -> None:
+        self.id = aggregate_id or str(uuid.uuid4())
+        self.version = 0
+        self._pending: list[Recorded] = []
+
+    @property
+    def pending(self) -> list[Recorded]:
+        """Events recorded since the last save."""
+        pending: list[Recorded] = self.__dict__.setdefault("_pending", [])
+        return pending
+
+    def trigger(self, event: DomainEvent) -> None:
+        """Record and apply an explicit event."""
+        entry = registry.of(event)
+        self._record(event, entry)
+
+    def _record(self, event: Any, entry: EventType) -> None:
+        if "id" not in self.__dict__:
+            self._begin(None)
+        assert entry.apply is not None
+        entry.apply(self, event)
+        self.version += 1
+        self.pending.append(Recorded(event, entry, self.version))
+
+    def _replay(self, event: Any, entry: EventType, version: int) -> None:
+        assert entry.apply is not None
+        entry.apply(self, event)
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} v{self.version}>"
+
+
+class EventMethod(Generic[P, R]):
+    """A command method that records the event named ``name`` (see ``event``)."""
+
+    def __init__(
+        self,
+        method: Callable[P, R],
+        name: str,
+        version: int,
+        upcasters: dict[int, Upcaster] | None,
+    ) -> None:
+        self.method = method
+        self.name = name
+        self.version = version
+        self.upcasters = upcasters
+        self.signature = inspect.signature(method)
+        self.entry: EventType | None = None
+        self.__doc__ = method.__doc__
+
+    def __set_name__(self, owner: type[Aggregate], attribute: str) -> None:
+        if not (isinstance(owner, type) and issubclass(owner, Aggregate)):
+            raise EventSourcingError(
+                f"@riverbed.event on {attribute}: the class must subclass riverbed.Aggregate"
+            )
+        hints = typing.get_type_hints(self.method, include_extras=True)
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        for parameter in list(self.signature.parameters.values())[1:]:
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                raise EventSourcingError(
+                    f"{owner.__name__}.{attribute}: an event method takes named parameters, "
+                    "not *args or **kwargs (they become the event's fields)"
+                )
+            hint = hints.get(parameter.name, Any)
+            if parameter.default is inspect.Parameter.empty:
+                fields.append((parameter.name, hint))
+            else:
+                fields.append((parameter.name, hint, parameter.default))
+        type_name = f"{owner.__name__}.{self.name}"
+        payload = msgspec.defstruct(type_name, fields, kw_only=True, module=owner.__module__)
+        method = self.method
+
+        def apply(aggregate: Any, event: Any) -> None:
+            method(aggregate, **msgspec.structs.asdict(event))
+
+        self.entry = registry.register(
+            type_name, payload, version=self.version, upcasters=self.upcasters, apply=apply
+        )
+        if not hasattr(owner, self.name):  # Order.Paid: the payload class, for tests
+            setattr(owner, self.name, payload)
+
+    def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self
+        entry = self.entry
+        assert entry is not None, "the event method was not set on an Aggregate class"
+        signature = self.signature
+
+        def record(*args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(instance, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments.pop(next(iter(signature.parameters)))
+            instance._record(entry.cls(**arguments), entry)
+
+        return record
+
+
+def event(
+    name: str, *, version: int = 1, upcasters: dict[int, Upcaster] | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """``@riverbed.event("Paid")`` on an aggregate method: calling it records the event
+    ``<Aggregate>.Paid`` with the call's arguments as its payload and applies it by running the
+    body. ``version``/``upcasters`` evolve the payload's shape."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        return EventMethod(method, name, version, upcasters)  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,39 @@
+"""The event-sourcing layer's exceptions. Each message names the thing, the problem and the fix."""
+
+from __future__ import annotations
+
+from riverbed.errors import RiverbedError
+from riverbed.log.errors import BrokerUnavailableError
+
+
+class EventSourcingError(RiverbedError):
+    """Base class of the event-sourcing layer's errors."""
+
+
+class ConcurrencyError(EventSourcingError):
+    """An append expected a stream at one version and found it at another."""
+
+    def __init__(self, stream: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream!r} is at version {actual}, not the expected {expected}: another "
+            "writer appended first; load it again and retry the command"
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class AggregateNotFoundError(EventSourcingError, LookupError):
+    """No events are stored for the aggregate id asked for."""
+
+
+class UnknownEventTypeError(EventSourcingError, LookupError):
+    """A stored event's type names no event class this program registered."""
+
+
+class EventDecodeError(EventSourcingError, ValueError):
+    """A stored event's payload no longer decodes into its class (even after upcasting)."""
+
+
+class StoreUnavailableError(EventSourcingError, BrokerUnavailableError):
+    """The event store's server cannot be reached."""

@@ -1,0 +1,77 @@
+"""What event stores hold: events as appended and as stored, snapshots.
+
+Stores see payloads as opaque msgpack bytes; the domain layer (``codec.py``) turns them into
+typed events. ``position`` is the event's place in the store's global order: 1, 2, 3, ... with
+no gaps, so a reader that has seen position N has seen every event before it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class NewEvent(msgspec.Struct, frozen=True):
+    """An event to append: the ``version``-th event of ``stream`` (1-based)."""
+
+    id: str
+    stream: str
+    version: int
+    type: str
+    schema: int  # the event class's version when it was written, for upcasting
+    data: bytes  # msgpack payload; personal fields encrypted
+    metadata: bytes  # msgpack map: correlation_id, causation_id and the user's
+    timestamp_ms: int
+
+
+class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
+    """An event as stored, with its global ``position``."""
+
+    position: int
+    id: str
+    stream: str
+    version: int
+    type: str
+    schema: int
+    data: bytes
+    metadata: bytes
+    timestamp_ms: int
+
+
+class StreamAppend(msgspec.Struct, frozen=True):
+    """Events for one stream, appended only if it is at ``expected_version`` (0: a new stream;
+    None: whatever its version)."""
+
+    stream: str
+    expected_version: int | None
+    events: list[NewEvent]
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """An aggregate's state at ``version``, so loading it replays only later events."""
+
+    stream: str
+    version: int
+    type: str
+    schema: int
+    data: bytes
+    timestamp_ms: int
+
+
+class ParkedEvent(msgspec.Struct, frozen=True):
+    """An event a projection could not apply, kept aside with the error."""
+
+    projection: str
+    position: int
+    event_id: str
+    type: str
+    error: str
+    parked_ms: int
+
+
+class Timer(msgspec.Struct, frozen=True):
+    """A process manager's timer: fires at ``due_ms`` with ``data``."""
+
+    name: str
+    key: str
+    due_ms: int
+    data: bytes

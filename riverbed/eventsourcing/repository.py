@@ -1,0 +1,396 @@
+"""``app.events``: save and load aggregates, run commands, read what was stored.
+
+A save appends every pending event of the aggregates given, atomically, each stream checked
+against the version it was loaded at. Events carry metadata: a correlation id (the id of the
+command or event that started the chain) and a causation id (what directly caused them), set
+from the command or event being handled (``causing``), plus the user's own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import threading
+import time
+import typing
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import msgspec
+
+from riverbed.eventsourcing.aggregate import Aggregate
+from riverbed.eventsourcing.codec import (
+    ENCODER,
+    dec_hook,
+    decode,
+    encode,
+    registry,
+    seal,
+    unseal,
+)
+from riverbed.eventsourcing.errors import AggregateNotFoundError, ConcurrencyError
+from riverbed.eventsourcing.records import NewEvent, Snapshot, StoredEvent, StreamAppend
+from riverbed.eventsourcing.stores import (
+    AsyncEventStore,
+    EventStore,
+    connect_async_store,
+    connect_store,
+)
+
+A = TypeVar("A", bound=Aggregate)
+log = logging.getLogger("riverbed.events")
+
+_metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+class Cause(msgspec.Struct, frozen=True):
+    """What the events saved now are a consequence of."""
+
+    correlation_id: str
+    causation_id: str
+
+
+_cause: contextvars.ContextVar[Cause | None] = contextvars.ContextVar(
+    "riverbed_event_cause", default=None
+)
+
+
+@contextmanager
+def causing(cause_id: str, correlation_id: str | None = None) -> Iterator[None]:
+    """Events saved in this block are caused by ``cause_id`` (a command's or an event's id)
+    and belong to ``correlation_id`` (default: the one already in force, else ``cause_id``)."""
+    current = _cause.get()
+    correlation = correlation_id or (current.correlation_id if current else cause_id)
+    token = _cause.set(Cause(correlation, cause_id))
+    try:
+        yield
+    finally:
+        _cause.reset(token)
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """A stored event, decoded: the typed event with where and when it was stored."""
+
+    event: Any
+    type: str
+    id: str
+    stream: str
+    version: int
+    position: int
+    timestamp_ms: int
+    metadata: dict[str, Any]
+
+    @property
+    def correlation_id(self) -> str:
+        return str(self.metadata.get("correlation_id", self.id))
+
+
+class Events:
+    """The event store of one app (``app.events``), at ``url`` (else ``$RIVERBED_EVENTS_URL``,
+    else ``sqlite:///.riverbed/events.db``), connected on first use."""
+
+    def __init__(self, app_name: str, url: str | None = None) -> None:
+        self.app_name = app_name
+        self._url = url
+        self._store: EventStore | None = None
+        self._async_store: AsyncEventStore | None = None
+        self._connecting = threading.Lock()
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            with self._connecting:
+                if self._store is None:
+                    self._store = connect_store(self._url)
+        return self._store
+
+    def use_url(self, url: str | None) -> None:
+        self.close()
+        self._url = url
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # Saving
+
+    def save(self, *aggregates: Aggregate, metadata: dict[str, Any] | None = None) -> int:
+        """Append the aggregates' pending events atomically; returns the global position of the
+        last one (for read-your-writes: ``projection.wait_for(position)``). Raises
+        ``ConcurrencyError`` if another writer saved one of them first."""
+        appends = self._appends(aggregates, metadata, self.store.stream_key)
+        position = self.store.append(appends) if appends else self.store.last_position()
+        self._saved(aggregates, self.store.save_snapshot, self.store.stream_key)
+        return position
+
+    async def save_async(
+        self, *aggregates: Aggregate, metadata: dict[str, Any] | None = None
+    ) -> int:
+        store = await self.async_store()
+        keys: dict[str, bytes | None] = {}
+        for aggregate in aggregates:
+            if any(recorded.type.personal for recorded in aggregate.pending):
+                keys[aggregate.id] = await store.stream_key(aggregate.id, True)
+        appends = self._appends(aggregates, metadata, lambda stream, create: keys[stream])
+        position = await store.append(appends) if appends else 0
+        snapshots: list[Snapshot] = []
+        self._saved(aggregates, snapshots.append, lambda stream, create: keys.get(stream))
+        for snapshot in snapshots:
+            await store.save_snapshot(snapshot)
+        return position
+
+    def _appends(
+        self,
+        aggregates: Sequence[Aggregate],
+        metadata: dict[str, Any] | None,
+        stream_key: Callable[[str, bool], bytes | None],
+    ) -> list[StreamAppend]:
+        now = time.time_ns() // 1_000_000
+        # Without a command or event in force, the events of one save correlate with its first.
+        cause = _cause.get() or Cause(str(uuid.uuid4()), "")
+        appends = []
+        for aggregate in aggregates:
+            pending = aggregate.pending
+            if not pending:
+                continue
+            events = []
+            for recorded in pending:
+                meta = dict(metadata or {})
+                meta["correlation_id"] = cause.correlation_id
+                if cause.causation_id:
+                    meta["causation_id"] = cause.causation_id
+                events.append(
+                    NewEvent(
+                        id=str(uuid.uuid4()),
+                        stream=aggregate.id,
+                        version=recorded.version,
+                        type=recorded.type.name,
+                        schema=recorded.type.version,
+                        data=encode(
+                            recorded.event, recorded.type, _key_of(aggregate.id, stream_key)
+                        ),
+                        metadata=ENCODER.encode(meta),
+                        timestamp_ms=now,
+                    )
+                )
+            appends.append(StreamAppend(aggregate.id, pending[0].version - 1, events))
+        return appends
+
+    def _saved(
+        self,
+        aggregates: Sequence[Aggregate],
+        save_snapshot: Callable[[Snapshot], None],
+        stream_key: Callable[[str, bool], bytes | None],
+    ) -> None:
+        for aggregate in aggregates:
+            pending = aggregate.pending
+            every = type(aggregate).snapshot_every
+            if pending and every and aggregate.version // every > (pending[0].version - 1) // every:
+                save_snapshot(_snapshot(aggregate, stream_key(aggregate.id, False)))
+            pending.clear()
+
+    # Loading
+
+    def get(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
+        """The aggregate as of its latest event (or as of ``version``: time travel), from its
+        latest snapshot on. Raises ``AggregateNotFoundError`` when it has no events."""
+        store = self.store
+        snapshot = store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
+        aggregate = None
+        if snapshot is not None:
+            aggregate = _from_snapshot(cls, snapshot, store.stream_key(aggregate_id, False))
+        start = aggregate.version + 1 if aggregate is not None else 1
+        events = store.read_stream(aggregate_id, start, version)
+        return self._replayed(cls, aggregate_id, aggregate, events, store.stream_key)
+
+    async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
+        store = await self.async_store()
+        snapshot = await store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
+        key = await store.stream_key(aggregate_id, False)
+        aggregate = _from_snapshot(cls, snapshot, key) if snapshot is not None else None
+        start = aggregate.version + 1 if aggregate is not None else 1
+        events = await store.read_stream(aggregate_id, start, version)
+
+        def stream_key(stream: str, create: bool) -> bytes | None:
+            return key
+
+        return self._replayed(cls, aggregate_id, aggregate, events, stream_key)
+
+    def _replayed(
+        self,
+        cls: type[A],
+        aggregate_id: str,
+        aggregate: A | None,
+        events: list[StoredEvent],
+        stream_key: Callable[[str, bool], bytes | None],
+    ) -> A:
+        if aggregate is None:
+            if not events:
+                raise AggregateNotFoundError(
+                    f"no {cls.__name__} with id {aggregate_id!r}: its stream has no events"
+                )
+            aggregate = cls.__new__(cls)
+            aggregate._begin(aggregate_id)
+        for stored in events:
+            entry = registry.named(stored.type, stored.position)
+            event = decode(stored.data, stored.schema, entry, _key_of(stored.stream, stream_key),
+                           f"at position {stored.position}")  # fmt: skip
+            aggregate._replay(event, entry, stored.version)
+        return aggregate
+
+    # Commands
+
+    def handle(
+        self,
+        cls: type[A],
+        aggregate_id: str,
+        decide: Callable[[A], None],
+        *,
+        retries: int = 3,
+        command_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[A, int]:
+        """Load, decide, save; on a concurrent save, load again and retry (up to ``retries``
+        times). ``decide`` calls the aggregate's command methods (or raises to refuse). Returns
+        the aggregate and the saved position."""
+        with causing(command_id or str(uuid.uuid4())):
+            for attempt in range(retries + 1):
+                aggregate = self.get(cls, aggregate_id)
+                decide(aggregate)
+                try:
+                    return aggregate, self.save(aggregate, metadata=metadata)
+                except ConcurrencyError:
+                    if attempt == retries:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def handle_async(
+        self,
+        cls: type[A],
+        aggregate_id: str,
+        decide: Callable[[A], None],
+        *,
+        retries: int = 3,
+        command_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[A, int]:
+        with causing(command_id or str(uuid.uuid4())):
+            for attempt in range(retries + 1):
+                aggregate = await self.get_async(cls, aggregate_id)
+                decide(aggregate)
+                try:
+                    return aggregate, await self.save_async(aggregate, metadata=metadata)
+                except ConcurrencyError:
+                    if attempt == retries:
+                        raise
+        raise AssertionError("unreachable")
+
+    # Reading the store
+
+    def read(self, after: int = 0, limit: int = 1000) -> list[Envelope]:
+        """Decoded events in global order after position ``after``."""
+        store = self.store
+        return [envelope(stored, store.stream_key) for stored in store.read_all(after, limit)]
+
+    async def async_store(self) -> AsyncEventStore:
+        if self._async_store is None:
+            self._async_store = await connect_async_store(self._url)
+        return self._async_store
+
+    async def close_async(self) -> None:
+        if self._async_store is not None:
+            await self._async_store.close()
+            self._async_store = None
+
+
+def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None]) -> Envelope:
+    """Decode a stored event. Raises ``UnknownEventTypeError`` or ``EventDecodeError``."""
+    entry = registry.named(stored.type, stored.position)
+    event = decode(stored.data, stored.schema, entry, _key_of(stored.stream, stream_key),
+                   f"at position {stored.position}")  # fmt: skip
+    return Envelope(
+        event,
+        stored.type,
+        stored.id,
+        stored.stream,
+        stored.version,
+        stored.position,
+        stored.timestamp_ms,
+        _metadata_decoder.decode(stored.metadata),
+    )
+
+
+def _key_of(
+    stream: str, stream_key: Callable[[str, bool], bytes | None]
+) -> Callable[[bool], bytes | None]:
+    return lambda create: stream_key(stream, create)
+
+
+# Snapshots: the aggregate's public attributes, typed by its class annotations, so custom types
+# (Structs, dataclasses, datetimes, Decimals) come back as themselves. The snapshot's schema is a
+# fingerprint of those annotations: after the class changes shape, old snapshots are ignored and
+# the aggregate is replayed from its events instead of loading wrong.
+
+
+def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
+    """The annotated public attributes of ``cls`` and a fingerprint of them."""
+    cached = cls.__dict__.get("_riverbed_state")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    hints = {
+        name: hint
+        for name, hint in typing.get_type_hints(cls).items()
+        if not name.startswith("_")
+        and name not in ("id", "version", "snapshot_every")
+        and typing.get_origin(hint) is not typing.ClassVar
+    }
+    described = json.dumps({name: repr(hint) for name, hint in hints.items()}, sort_keys=True)
+    schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big")
+    cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
+    return hints, schema
+
+
+def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot:
+    """``key``: the stream's data key, if it has one; the snapshot is then sealed with it, since
+    the state may hold personal fields, and a deleted key must erase them here too."""
+    _, schema = _state_hints(type(aggregate))
+    public = {k: v for k, v in vars(aggregate).items() if not k.startswith("_")}
+    data = ENCODER.encode(public)
+    return Snapshot(
+        stream=aggregate.id,
+        version=aggregate.version,
+        type=type(aggregate).__qualname__,
+        schema=schema,
+        data=seal(key, data) if key is not None else data,
+        timestamp_ms=time.time_ns() // 1_000_000,
+    )
+
+
+def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | None:
+    """The aggregate restored from ``snapshot``; None (replay from the events) when the class
+    changed shape since, the snapshot does not convert to its annotations, or it is sealed with
+    a key that was deleted."""
+    hints, schema = _state_hints(cls)
+    data = unseal(key, snapshot.data)
+    if snapshot.schema != schema or snapshot.type != cls.__qualname__ or data is None:
+        return None
+    try:
+        values = _snapshot_decoder.decode(data)
+        for name, hint in hints.items():
+            if name in values:
+                values[name] = msgspec.convert(values[name], hint, dec_hook=dec_hook)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        log.warning("ignoring the snapshot of %s %s: %s", cls.__name__, snapshot.stream, error)
+        return None
+    aggregate = cls.__new__(cls)
+    aggregate._begin(snapshot.stream)
+    for name, value in values.items():
+        setattr(aggregate, name, value)
+    aggregate.version = snapshot.version
+    return aggregate

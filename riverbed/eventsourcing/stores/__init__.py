@@ -1,0 +1,59 @@
+"""Event stores: ``sqlite:///.riverbed/events.db`` (default) and ``postgresql://user@host/db``."""
+
+from __future__ import annotations
+
+from riverbed.errors import MissingExtraError
+from riverbed.eventsourcing.stores.api import AsyncEventStore, EventStore, Transaction
+from riverbed.urls import parse_url, resolve_url
+
+EVENTS_URL_ENV = "RIVERBED_EVENTS_URL"
+DEFAULT_EVENTS_URL = "sqlite:///.riverbed/events.db"
+SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def connect_store(url: str | None = None) -> EventStore:
+    """The store at ``url``, else ``$RIVERBED_EVENTS_URL``, else the SQLite default. A server
+    that cannot be reached fails fast with ``StoreUnavailableError``."""
+    resolved = resolve_url(url, EVENTS_URL_ENV, DEFAULT_EVENTS_URL)
+    parsed = parse_url(resolved, SCHEMES)
+    if parsed.scheme == "sqlite":
+        from riverbed.eventsourcing.stores.sqlite import SqliteEventStore
+
+        return SqliteEventStore(parsed)
+    _require_psycopg()
+    from riverbed.eventsourcing.stores.postgres import PostgresEventStore
+
+    return PostgresEventStore(parsed)
+
+
+async def connect_async_store(url: str | None = None) -> AsyncEventStore:
+    """The async face of the store at ``url``: native (psycopg's async connections) on
+    PostgreSQL; on SQLite the sync store's calls run in a worker thread."""
+    resolved = resolve_url(url, EVENTS_URL_ENV, DEFAULT_EVENTS_URL)
+    parsed = parse_url(resolved, SCHEMES)
+    if parsed.scheme == "sqlite":
+        from riverbed.eventsourcing.stores.threaded import ThreadedAsyncStore
+
+        return ThreadedAsyncStore(connect_store(resolved))
+    _require_psycopg()
+    from riverbed.eventsourcing.stores.postgres import AsyncPostgresEventStore
+
+    return await AsyncPostgresEventStore.connect(parsed)
+
+
+def _require_psycopg() -> None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("the postgresql:// event store", "postgres", "psycopg") from None
+
+
+__all__ = [
+    "DEFAULT_EVENTS_URL",
+    "EVENTS_URL_ENV",
+    "AsyncEventStore",
+    "EventStore",
+    "Transaction",
+    "connect_async_store",
+    "connect_store",
+]

@@ -1,0 +1,192 @@
+"""The event-store contract both stores implement and one conformance suite checks.
+
+An event store keeps streams of events (one per aggregate) in one global order, plus what the
+read side needs in the same database, so that it commits with the events or with a checkpoint:
+snapshots, per-stream encryption keys (crypto-shredding), projection checkpoints and their
+documents (read models), parked events, timers of process managers, and an inbox of handled
+event ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from riverbed.eventsourcing.records import (
+    NewEvent,
+    ParkedEvent,
+    Snapshot,
+    StoredEvent,
+    StreamAppend,
+    Timer,
+)
+
+Document = dict[str, Any]
+
+
+class Transaction(Protocol):
+    """One database transaction of a subscriber (projection, process manager, inbox consumer):
+    its reads and writes, its checkpoint and any events it appends commit together or not at all.
+
+    Opened by ``EventStore.transaction(name)``, which takes the subscriber's row lock, so two
+    runners of one subscriber never interleave."""
+
+    name: str
+
+    @property
+    def checkpoint(self) -> int:
+        """The global position of the last event this subscriber handled (0: none)."""
+        ...
+
+    def set_checkpoint(self, position: int) -> None: ...
+
+    # Documents: a small portable read model (collections of JSON-like documents by key).
+    def get(self, collection: str, key: str) -> Document | None: ...
+
+    def put(self, collection: str, key: str, document: Document) -> None: ...
+
+    def delete(self, collection: str, key: str) -> None: ...
+
+    def drop(self, collection: str) -> None:
+        """Delete every document of ``collection`` (a rebuilt projection's old version)."""
+        ...
+
+    def park(self, parked: ParkedEvent) -> None: ...
+
+    def seen(self, event_id: str) -> bool:
+        """Record ``event_id`` as handled by this subscriber; True if it already was (inbox)."""
+        ...
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        """Append events in this transaction (a process manager's commands); see
+        ``EventStore.append``."""
+        ...
+
+    def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
+        """Set (or move) this subscriber's timer ``key``."""
+        ...
+
+    def cancel_timer(self, key: str) -> None: ...
+
+    def due_timers(self, now_ms: int, limit: int = 100) -> list[Timer]:
+        """This subscriber's timers due by ``now_ms``; firing one is deleting it (``cancel_timer``)
+        in the transaction that handles it."""
+        ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Raw SQL for read models of your own, in this transaction: SQLite takes ``?``
+        placeholders, PostgreSQL ``%s``."""
+        ...
+
+
+class EventStore(Protocol):
+    url: str
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        """Append to one or several streams atomically; returns the global position of the last
+        event appended. Raises ``ConcurrencyError`` (naming the stream and both versions) when a
+        stream is not at its ``expected_version``; nothing is appended then."""
+        ...
+
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        """The stream's events with ``from_version <= version <= to_version``, in order."""
+        ...
+
+    def stream_version(self, stream: str) -> int:
+        """The version of the stream's last event; 0 if it has none."""
+        ...
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Up to ``limit`` events with position > ``after``, in global order, gap-free: a reader
+        never sees position N before every position below N is visible."""
+        ...
+
+    def last_position(self) -> int: ...
+
+    def wait_for_events(self, after: int, timeout: float) -> bool:
+        """Block until an event with position > ``after`` is stored (True) or ``timeout``
+        seconds pass (False). PostgreSQL wakes on LISTEN/NOTIFY; SQLite watches
+        ``PRAGMA data_version``."""
+        ...
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as the stream's latest (a later one replaces it)."""
+        ...
+
+    def load_snapshot(self, stream: str, max_version: int | None = None) -> Snapshot | None:
+        """The stream's latest snapshot at or below ``max_version``."""
+        ...
+
+    def stream_key(self, stream: str, create: bool) -> bytes | None:
+        """The stream's data key for personal fields (created if ``create`` and missing); None
+        when it was deleted or never created."""
+        ...
+
+    def delete_stream_key(self, stream: str) -> bool:
+        """Crypto-shred: delete the stream's key; its personal fields become unreadable."""
+        ...
+
+    def transaction(self, name: str) -> AbstractContextManager[Transaction]:
+        """A subscriber's transaction (see ``Transaction``)."""
+        ...
+
+    def checkpoint(self, name: str) -> int:
+        """A subscriber's checkpoint, read outside its transaction."""
+        ...
+
+    def get_document(self, collection: str, key: str) -> Document | None: ...
+
+    def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]: ...
+
+    def parked(self, projection: str) -> list[ParkedEvent]: ...
+
+    def unpark(self, projection: str, position: int) -> bool: ...
+
+    def footprint(self) -> int:
+        """Rows the store holds in all its tables (tests)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AsyncEventStore(Protocol):
+    """The same store for ``async`` code: the appends and reads a command or query needs."""
+
+    url: str
+
+    async def append(self, appends: Sequence[StreamAppend]) -> int: ...
+
+    async def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]: ...
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]: ...
+
+    async def load_snapshot(
+        self, stream: str, max_version: int | None = None
+    ) -> Snapshot | None: ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    async def stream_key(self, stream: str, create: bool) -> bytes | None: ...
+
+    async def wait_for_events(self, after: int, timeout: float) -> bool: ...
+
+    async def get_document(self, collection: str, key: str) -> Document | None: ...
+
+    async def checkpoint(self, name: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+__all__ = [
+    "AsyncEventStore",
+    "Document",
+    "EventStore",
+    "NewEvent",
+    "Timer",
+    "Transaction",
+]

@@ -1,0 +1,446 @@
+"""The embedded event store: one SQLite file in WAL mode, shared by every process on the machine.
+
+A row per event; ``position`` is the rowid, handed out by the append under SQLite's one write
+lock, so positions come in commit order with no gaps: a reader that has seen position N has seen
+every event before it. ``record`` is the whole ``StoredEvent`` as msgpack, so a read fetches one
+column and decodes a page of events with one msgspec call (the sqlite3 module builds rows far
+slower than msgspec decodes them). The read side (checkpoints,
+documents, parked events, timers, the inbox) lives in the same file, so a subscriber commits its
+writes and its checkpoint in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from riverbed.errors import InvalidUrlError
+from riverbed.eventsourcing.errors import (
+    ConcurrencyError,
+    EventSourcingError,
+    StoreUnavailableError,
+)
+from riverbed.eventsourcing.records import (
+    ParkedEvent,
+    Snapshot,
+    StoredEvent,
+    StreamAppend,
+    Timer,
+)
+from riverbed.eventsourcing.stores.api import Document
+from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.urls import BackendUrl
+
+SCHEMA_VERSION = 1
+POLL_S = 0.001
+KEY_BYTES = 32
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    stream TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    UNIQUE (stream, version)
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    schema INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    PRIMARY KEY (stream, version)
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS stream_keys (stream TEXT PRIMARY KEY, key BLOB NOT NULL) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, position INTEGER NOT NULL)
+    WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS documents (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    document TEXT NOT NULL,
+    PRIMARY KEY (collection, key)
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS parked (
+    projection TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    parked_ms INTEGER NOT NULL,
+    PRIMARY KEY (projection, position)
+) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS inbox (name TEXT NOT NULL, event_id TEXT NOT NULL,
+    PRIMARY KEY (name, event_id)) WITHOUT ROWID
+    """,
+    """
+CREATE TABLE IF NOT EXISTS timers (
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (name, key)
+) WITHOUT ROWID
+    """,
+    """
+CREATE INDEX IF NOT EXISTS timers_due ON timers (name, due_ms)
+    """,
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
+_TABLES = ("events", "snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
+           "timers")  # fmt: skip
+
+
+class SqliteEventStore:
+    """``sqlite:///path/events.db?fsync=normal``."""
+
+    def __init__(self, url: BackendUrl) -> None:
+        options = url.pop_options({"fsync": "normal"})
+        if options["fsync"] not in FSYNC_MODES:
+            raise InvalidUrlError(
+                f"fsync={options['fsync']!r} in {url.raw!r}: use one of {', '.join(FSYNC_MODES)}"
+            )
+        self.url = url.raw
+        self.path = Path(url.location)
+        self._synchronous = FSYNC_MODES[options["fsync"]]
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with write_transaction(self._conn) as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise EventSourcingError(
+                        f"event store {str(self.path)!r} has schema version {version}, newer than "
+                        f"this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
+                    )
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (sqlite3.DatabaseError, OSError) as error:
+            raise StoreUnavailableError(
+                f"cannot open the event store {str(self.path)!r}: {error}"
+            ) from error
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection: projections and relays read from their own threads."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA busy_timeout=60000")
+            # Switching to WAL takes an exclusive lock that does not wait on the busy handler.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    # Appending
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        with write_transaction(self._conn) as conn:
+            return _append(conn, appends)
+
+    # Reading
+
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        return _page(
+            self._conn.execute(
+                "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "
+                "ORDER BY version",
+                (stream, from_version, to_version if to_version is not None else 2**62),
+            ).fetchall()
+        )
+
+    def stream_version(self, stream: str) -> int:
+        return _stream_version(self._conn, stream)
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        return _page(
+            self._conn.execute(
+                "SELECT record FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        )
+
+    def last_position(self) -> int:
+        return _last_position(self._conn)
+
+    def wait_for_events(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if self.last_position() > after:
+                return True
+            while self._conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                time.sleep(min(POLL_S, remaining))
+
+    # Snapshots and keys
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        with write_transaction(self._conn) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO snapshots (stream, version, type, schema, data, "
+                "timestamp_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                (snapshot.stream, snapshot.version, snapshot.type, snapshot.schema,
+                 snapshot.data, snapshot.timestamp_ms),
+            )  # fmt: skip
+            # Only the latest snapshot matters for loading; older ones would only grow the file.
+            conn.execute(
+                "DELETE FROM snapshots WHERE stream = ? AND version < ?",
+                (snapshot.stream, snapshot.version),
+            )
+
+    def load_snapshot(self, stream: str, max_version: int | None = None) -> Snapshot | None:
+        row = self._conn.execute(
+            "SELECT stream, version, type, schema, data, timestamp_ms FROM snapshots "
+            "WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT 1",
+            (stream, max_version if max_version is not None else 2**62),
+        ).fetchone()
+        return Snapshot(*row) if row is not None else None
+
+    def stream_key(self, stream: str, create: bool) -> bytes | None:
+        row = self._conn.execute(
+            "SELECT key FROM stream_keys WHERE stream = ?", (stream,)
+        ).fetchone()
+        if row is not None or not create:
+            return row[0] if row is not None else None
+        with write_transaction(self._conn) as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO stream_keys (stream, key) VALUES (?, ?)",
+                (stream, os.urandom(KEY_BYTES)),
+            )
+            key: bytes = conn.execute(
+                "SELECT key FROM stream_keys WHERE stream = ?", (stream,)
+            ).fetchone()[0]
+        return key
+
+    def delete_stream_key(self, stream: str) -> bool:
+        with write_transaction(self._conn) as conn:
+            return conn.execute("DELETE FROM stream_keys WHERE stream = ?", (stream,)).rowcount > 0
+
+    # The read side
+
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[SqliteTransaction]:
+        # BEGIN IMMEDIATE takes the file's write lock: subscriber transactions never interleave.
+        with write_transaction(self._conn) as conn:
+            yield SqliteTransaction(conn, name)
+
+    def checkpoint(self, name: str) -> int:
+        return _checkpoint(self._conn, name)
+
+    def get_document(self, collection: str, key: str) -> Document | None:
+        return _get_document(self._conn, collection, key)
+
+    def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        rows = self._conn.execute(
+            "SELECT key, document FROM documents WHERE collection = ? ORDER BY key LIMIT ?",
+            (collection, -1 if limit is None else limit),
+        )
+        return {key: json.loads(document) for key, document in rows}
+
+    def parked(self, projection: str) -> list[ParkedEvent]:
+        rows = self._conn.execute(
+            "SELECT projection, position, event_id, type, error, parked_ms FROM parked "
+            "WHERE projection = ? ORDER BY position",
+            (projection,),
+        ).fetchall()
+        return [ParkedEvent(*row) for row in rows]
+
+    def unpark(self, projection: str, position: int) -> bool:
+        with write_transaction(self._conn) as conn:
+            return (
+                conn.execute(
+                    "DELETE FROM parked WHERE projection = ? AND position = ?",
+                    (projection, position),
+                ).rowcount
+                > 0
+            )
+
+    def footprint(self) -> int:
+        return sum(
+            self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in _TABLES
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+
+class SqliteTransaction:
+    """A subscriber's transaction on the store's file (``Transaction`` in the contract)."""
+
+    def __init__(self, conn: sqlite3.Connection, name: str) -> None:
+        self._conn = conn
+        self.name = name
+        self._checkpoint: int | None = None
+
+    @property
+    def checkpoint(self) -> int:
+        if self._checkpoint is None:
+            self._checkpoint = _checkpoint(self._conn, self.name)
+        return self._checkpoint
+
+    def set_checkpoint(self, position: int) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (name, position) VALUES (?, ?)",
+            (self.name, position),
+        )
+        self._checkpoint = position
+
+    def get(self, collection: str, key: str) -> Document | None:
+        return _get_document(self._conn, collection, key)
+
+    def put(self, collection: str, key: str, document: Document) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO documents (collection, key, document) VALUES (?, ?, ?)",
+            (collection, key, json.dumps(document)),
+        )
+
+    def delete(self, collection: str, key: str) -> None:
+        self._conn.execute(
+            "DELETE FROM documents WHERE collection = ? AND key = ?", (collection, key)
+        )
+
+    def drop(self, collection: str) -> None:
+        self._conn.execute("DELETE FROM documents WHERE collection = ?", (collection,))
+
+    def park(self, parked: ParkedEvent) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO parked (projection, position, event_id, type, error, "
+            "parked_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            (parked.projection, parked.position, parked.event_id, parked.type, parked.error,
+             parked.parked_ms),
+        )  # fmt: skip
+
+    def seen(self, event_id: str) -> bool:
+        inserted = self._conn.execute(
+            "INSERT OR IGNORE INTO inbox (name, event_id) VALUES (?, ?)", (self.name, event_id)
+        ).rowcount
+        return inserted == 0
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        return _append(self._conn, appends)
+
+    def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO timers (name, key, due_ms, data) VALUES (?, ?, ?, ?)",
+            (self.name, key, due_ms, data),
+        )
+
+    def cancel_timer(self, key: str) -> None:
+        self._conn.execute("DELETE FROM timers WHERE name = ? AND key = ?", (self.name, key))
+
+    def due_timers(self, now_ms: int, limit: int = 100) -> list[Timer]:
+        rows = self._conn.execute(
+            "SELECT name, key, due_ms, data FROM timers WHERE name = ? AND due_ms <= ? "
+            "ORDER BY due_ms LIMIT ?",
+            (self.name, now_ms, limit),
+        ).fetchall()
+        return [Timer(*row) for row in rows]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+
+def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
+    """Check every stream's version, then insert all the events, positions following the last
+    (the caller holds the write lock)."""
+    for append in appends:
+        if append.expected_version is not None:
+            actual = _stream_version(conn, append.stream)
+            if actual != append.expected_version:
+                raise ConcurrencyError(append.stream, append.expected_version, actual)
+    position = _last_position(conn)
+    rows: list[tuple[object, ...]] = []
+    for append in appends:
+        for e in append.events:
+            position += 1
+            record = StoredEvent(
+                position, e.id, e.stream, e.version, e.type, e.schema, e.data, e.metadata,
+                e.timestamp_ms,
+            )  # fmt: skip
+            rows.append((position, e.id, e.stream, e.version, _encoder.encode(record)))
+    try:
+        conn.executemany(
+            "INSERT INTO events (position, id, stream, version, record) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError as error:
+        # Two events for one version in this append (the caller's bug), or an id used twice.
+        raise EventSourcingError(f"cannot append: {error}") from error
+    return position
+
+
+def _page(rows: list[tuple[bytes]]) -> list[StoredEvent]:
+    """Decode rows of ``record`` blobs at once: a msgpack array header, then the records."""
+    if not rows:
+        return []
+    header = b"\xdd" + len(rows).to_bytes(4, "big")
+    return _page_decoder.decode(header + b"".join([row[0] for row in rows]))
+
+
+def _last_position(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+    return int(row[0] or 0)
+
+
+def _stream_version(conn: sqlite3.Connection, stream: str) -> int:
+    row = conn.execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)).fetchone()
+    return int(row[0] or 0)
+
+
+def _checkpoint(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT position FROM checkpoints WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _get_document(conn: sqlite3.Connection, collection: str, key: str) -> Document | None:
+    row = conn.execute(
+        "SELECT document FROM documents WHERE collection = ? AND key = ?", (collection, key)
+    ).fetchone()
+    if row is None:
+        return None
+    document: Document = json.loads(row[0])
+    return document
