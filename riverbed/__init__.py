@@ -5,6 +5,22 @@ from __future__ import annotations
 from riverbed.app import App
 from riverbed.backoff import Backoff, exponential
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
+from riverbed.eventsourcing import (
+    ERASED,
+    Aggregate,
+    AggregateNotFoundError,
+    ConcurrencyError,
+    DomainEvent,
+    Envelope,
+    EventDecodeError,
+    Inbox,
+    Personal,
+    ProcessManager,
+    Projection,
+    Saga,
+    UnknownEventTypeError,
+    event,
+)
 from riverbed.log import connect
 from riverbed.log.api import (
     Consumer,
@@ -68,6 +84,9 @@ from riverbed.tasks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ERASED",
+    "Aggregate",
+    "AggregateNotFoundError",
     "Aggregator",
     "App",
     "Backoff",
@@ -75,11 +94,16 @@ __all__ = [
     "ClosedError",
     "CommitFailedError",
     "Compatibility",
+    "ConcurrencyError",
     "Consumer",
     "CorruptLogError",
     "DeliveryError",
     "DeserializationError",
+    "DomainEvent",
+    "Envelope",
+    "EventDecodeError",
     "GroupDescription",
+    "Inbox",
     "IncompatibleSchemaError",
     "InvalidRecordError",
     "InvalidTopicError",
@@ -87,13 +111,17 @@ __all__ = [
     "Log",
     "MissingExtraError",
     "PartitionInfo",
+    "Personal",
+    "ProcessManager",
     "Producer",
+    "Projection",
     "Record",
     "RecordMetadata",
     "RecordTooLargeError",
     "ResultExpiredError",
     "ResultTimeoutError",
     "RiverbedError",
+    "Saga",
     "SendFuture",
     "SerializationError",
     "SoftTimeLimitExceeded",
@@ -110,6 +138,7 @@ __all__ = [
     "TopicExistsError",
     "TopicInfo",
     "TypedRecord",
+    "UnknownEventTypeError",
     "UnknownGroupError",
     "UnknownPartitionError",
     "UnknownTopicError",
@@ -121,6 +150,7 @@ __all__ = [
     "connect",
     "count",
     "current_task",
+    "event",
     "exponential",
     "group",
     "hopping",

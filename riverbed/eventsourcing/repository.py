@@ -124,7 +124,7 @@ class Events:
         """Append the aggregates' pending events atomically; returns the global position of the
         last one (for read-your-writes: ``projection.wait_for(position)``). Raises
         ``ConcurrencyError`` if another writer saved one of them first."""
-        appends = self._appends(aggregates, metadata, self.store.stream_key)
+        appends = self.appends(aggregates, metadata, self.store.stream_key)
         position = self.store.append(appends) if appends else self.store.last_position()
         self._saved(aggregates, self.store.save_snapshot, self.store.stream_key)
         return position
@@ -137,7 +137,7 @@ class Events:
         for aggregate in aggregates:
             if any(recorded.type.personal for recorded in aggregate.pending):
                 keys[aggregate.id] = await store.stream_key(aggregate.id, True)
-        appends = self._appends(aggregates, metadata, lambda stream, create: keys[stream])
+        appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream])
         position = await store.append(appends) if appends else 0
         snapshots: list[Snapshot] = []
         self._saved(aggregates, snapshots.append, lambda stream, create: keys.get(stream))
@@ -145,12 +145,14 @@ class Events:
             await store.save_snapshot(snapshot)
         return position
 
-    def _appends(
+    def appends(
         self,
         aggregates: Sequence[Aggregate],
         metadata: dict[str, Any] | None,
-        stream_key: Callable[[str, bool], bytes | None],
+        stream_key: Callable[[str, bool], bytes | None] | None = None,
     ) -> list[StreamAppend]:
+        """The appends that save the aggregates' pending events, with their metadata."""
+        stream_key = stream_key or self.store.stream_key
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
         cause = _cause.get() or Cause(str(uuid.uuid4()), "")

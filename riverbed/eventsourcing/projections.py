@@ -1,0 +1,193 @@
+"""Projections: read models kept up to date from the store's global order, exactly once
+(a ``Subscription``: each event's read-model writes commit with the checkpoint).
+
+Read models are documents in collections named per projection version. ``rebuild`` fills a new
+version from position 0 beside the live one and switches queries (and running workers) to it once
+it has caught up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.repository import Envelope
+from riverbed.eventsourcing.stores.api import Document, Transaction
+from riverbed.eventsourcing.subscriptions import Subscription
+
+if TYPE_CHECKING:
+    from riverbed.eventsourcing.repository import Events
+
+ACTIVE_VERSIONS = "riverbed.projection-versions"
+POLL_S = 0.005
+
+
+class Projection:
+    """Subclass with a ``name`` and ``handle(event, tx)``; register with
+    ``app.events.projection(MyProjection())``.
+
+    ``tx.put(collection, key, document)``, ``tx.get``, ``tx.delete`` write the read model in the
+    same transaction as the checkpoint; ``tx.execute(sql)`` reaches tables of your own."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    on_error: ClassVar[Literal["park", "stop"]] = "park"
+
+    def handle(self, event: Envelope, tx: ReadModel) -> None:
+        raise NotImplementedError
+
+
+class ReadModel:
+    """A projection version's view of a subscriber transaction: collections are scoped to it."""
+
+    def __init__(self, tx: Transaction, prefix: str) -> None:
+        self.tx = tx
+        self._prefix = prefix
+
+    def get(self, collection: str, key: str) -> Document | None:
+        return self.tx.get(self._prefix + collection, key)
+
+    def put(self, collection: str, key: str, document: Document) -> None:
+        self.tx.put(self._prefix + collection, key, document)
+
+    def delete(self, collection: str, key: str) -> None:
+        self.tx.delete(self._prefix + collection, key)
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.tx.execute(sql, params)
+
+
+def prefix(name: str, version: int) -> str:
+    return f"{name}@v{version}/"
+
+
+def subscriber(name: str, version: int) -> str:
+    return f"projection:{name}@v{version}"
+
+
+class ProjectionRunner(Subscription):
+    """Runs one version of a projection."""
+
+    def __init__(
+        self,
+        events: Events,
+        projection: Projection,
+        version: int | None = None,
+        active_version: Callable[[], int] | None = None,
+    ) -> None:
+        """``active_version``: where ``run`` learns that a rebuild switched versions."""
+        self.projection = projection
+        self.on_error = projection.on_error
+        self._active_version = active_version
+        version = version or projection.version
+        super().__init__(events, subscriber(projection.name, version), projection.name)
+        self._use(version)
+
+    def _use(self, version: int) -> None:
+        self.version = version
+        self.name = subscriber(self.projection.name, version)
+        self._prefix = prefix(self.projection.name, version)
+
+    def handle(self, event: Envelope, tx: Transaction) -> None:
+        self.projection.handle(event, ReadModel(tx, self._prefix))
+
+    def refresh(self) -> None:
+        if self._active_version is not None and self._active_version() != self.version:
+            self._use(self._active_version())
+
+
+class Projections:
+    """The projections of an app (``app.events.projections``): register, run, query, rebuild."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.registered: dict[str, Projection] = {}
+
+    def add(self, projection: Projection) -> Projection:
+        name = getattr(projection, "name", "")
+        if not name:
+            raise EventSourcingError(f"{type(projection).__name__} needs a name = '...'")
+        if name in self.registered:
+            raise EventSourcingError(f"a projection named {name!r} is already registered")
+        self.registered[name] = projection
+        return projection
+
+    def active_version(self, name: str) -> int:
+        document = self.events.store.get_document(ACTIVE_VERSIONS, name)
+        if document is not None:
+            return int(document["version"])
+        return self.registered[name].version
+
+    def runner(self, name: str) -> ProjectionRunner:
+        return ProjectionRunner(
+            self.events,
+            self.registered[name],
+            self.active_version(name),
+            lambda: self.active_version(name),
+        )
+
+    def get(
+        self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
+    ) -> Document | None:
+        """A document of the projection's read model; ``wait_for``: a position a save returned,
+        to read your own writes (waits until the projection has applied it)."""
+        if wait_for:
+            self.wait_for(name, wait_for, timeout)
+        version = self.active_version(name)
+        return self.events.store.get_document(prefix(name, version) + collection, key)
+
+    def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float = 10.0
+            ) -> dict[str, Document]:  # fmt: skip
+        if wait_for:
+            self.wait_for(name, wait_for, timeout)
+        version = self.active_version(name)
+        return self.events.store.documents(prefix(name, version) + collection)
+
+    def wait_for(self, name: str, position: int, timeout: float = 10.0) -> None:
+        """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
+        store = self.events.store
+        checkpoint = subscriber(name, self.active_version(name))
+        deadline = time.monotonic() + timeout
+        while store.checkpoint(checkpoint) < position:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"projection {name!r} has not reached position {position} within {timeout} s;"
+                    " is a worker running it?"
+                )
+            time.sleep(POLL_S)
+
+    def rebuild(self, name: str, stop: threading.Event | None = None) -> int:
+        """Fill the projection's next version from position 0 beside the live one; once it has
+        caught up with the store, switch queries to it and drop the old version's documents.
+        Returns the new version."""
+        projection = self.registered[name]
+        old = self.active_version(name)
+        runner = ProjectionRunner(self.events, projection, old + 1)
+        while stop is None or not stop.is_set():
+            runner.catch_up()
+            with self.events.store.transaction(runner.name) as tx:
+                # Caught up when nothing is left to read inside the switching transaction.
+                if self.events.store.read_all(tx.checkpoint, 1):
+                    continue
+                tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
+                return old + 1
+        raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
+
+    def drop_version(self, name: str, version: int, collections: list[str]) -> None:
+        with self.events.store.transaction(subscriber(name, version)) as tx:
+            for collection in collections:
+                tx.drop(prefix(name, version) + collection)
+
+    def run(self, stop: threading.Event) -> list[threading.Thread]:
+        """Run every registered projection in a thread of its own until ``stop``."""
+        threads = []
+        for name in self.registered:
+            runner = self.runner(name)
+            thread = threading.Thread(target=runner.run, args=(stop,), daemon=True,
+                                      name=f"riverbed-projection-{name}")  # fmt: skip
+            thread.start()
+            threads.append(thread)
+        return threads

@@ -1,0 +1,58 @@
+"""``app.events``: the repository plus what runs beside it — projections, process managers and
+outbox relays — registered on the app and run by ``app.events.run``."""
+
+from __future__ import annotations
+
+import threading
+from typing import TypeVar
+
+from riverbed.eventsourcing.outbox import Relay
+from riverbed.eventsourcing.projections import Projection, Projections
+from riverbed.eventsourcing.repository import Events
+from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner
+from riverbed.log.api import Log
+
+P = TypeVar("P", bound=Projection)
+M = TypeVar("M", bound=ProcessManager)
+
+
+class EventSourcing(Events):
+    def __init__(self, app_name: str, url: str | None = None) -> None:
+        super().__init__(app_name, url)
+        self.projections = Projections(self)
+        self.process_managers: dict[str, ProcessManager] = {}
+        self.relays: dict[str, int] = {}
+
+    def projection(self, projection: P) -> P:
+        """Register a projection (``app.events.projection(OrderTotals())``)."""
+        self.projections.add(projection)
+        return projection
+
+    def process_manager(self, manager: M) -> M:
+        self.process_managers[manager.name] = manager
+        return manager
+
+    def relay(self, topic: str, partitions: int = 4) -> None:
+        """Publish every stored event to log topic ``topic`` (keyed by stream id)."""
+        self.relays[topic] = partitions
+
+    def run(self, stop: threading.Event, log: Log | None = None) -> list[threading.Thread]:
+        """Run the projections, process managers and (given the ``log``) relays, each in a thread
+        of its own, until ``stop`` is set; returns the threads."""
+        threads = self.projections.run(stop)
+        for manager in self.process_managers.values():
+            runner = SagaRunner(self, manager)
+            threads.append(_start(runner.run, stop, f"riverbed-saga-{manager.name}"))
+        if self.relays and log is None:
+            raise ValueError("relays publish to a log: pass log= (app.log)")
+        for topic, partitions in self.relays.items():
+            assert log is not None
+            relay = Relay(self, log, topic, partitions)
+            threads.append(_start(relay.run, stop, f"riverbed-relay-{topic}"))
+        return threads
+
+
+def _start(target: object, stop: threading.Event, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=(stop,), daemon=True, name=name)  # type: ignore[arg-type]
+    thread.start()
+    return thread

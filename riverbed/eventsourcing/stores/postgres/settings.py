@@ -1,0 +1,79 @@
+"""What a ``postgresql://`` URL asks for: the server to connect to (libpq's conninfo, without
+riverbed's own options), the schema the store's tables live in and the size of the pool."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit
+
+from riverbed.errors import InvalidUrlError
+from riverbed.eventsourcing.errors import StoreUnavailableError
+from riverbed.urls import BackendUrl
+
+# riverbed's options and their defaults.
+RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10"}
+# libpq's parameters a URL may carry on to the server connection ("" = libpq's default). An
+# unreachable server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
+LIBPQ_OPTIONS = {
+    "connect_timeout": "3",
+    "application_name": "",
+    "sslmode": "",
+    "sslrootcert": "",
+    "sslcert": "",
+    "sslkey": "",
+    "target_session_attrs": "",
+}
+# A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name,
+# which PostgreSQL cuts at 63 bytes.
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    conninfo: str  # what psycopg connects with; may hold a password
+    where: str  # the server for messages: never the password
+    schema: str
+    channel: str  # NOTIFY channel of this store's appends
+    pool_size: int
+
+
+def parse_settings(parsed: BackendUrl) -> Settings:
+    options = parsed.pop_options({**RIVERBED_OPTIONS, **LIBPQ_OPTIONS})
+    schema = options["schema"]
+    if not SCHEMA_NAME.fullmatch(schema):
+        raise InvalidUrlError(
+            f"schema={schema!r} in the event store URL is not a plain lower-case name of up to "
+            "48 letters, digits and underscores; pick one like schema=shop_events"
+        )
+    try:
+        pool_size = int(options["pool_size"])
+    except ValueError:
+        pool_size = 0
+    if pool_size < 1:
+        raise InvalidUrlError(
+            f"pool_size={options['pool_size']!r} in the event store URL is not a positive "
+            "number of connections; use e.g. pool_size=10"
+        )
+    parts = urlsplit(parsed.raw)
+    libpq = {key: options[key] for key in LIBPQ_OPTIONS if options[key]}
+    conninfo = parts._replace(scheme="postgresql", query=urlencode(libpq), fragment="").geturl()
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    where = f"postgresql://{user}{host}{port}{parts.path}"
+    return Settings(conninfo, where, schema, f"riverbed_events_{schema}", pool_size)
+
+
+def connection_options(settings: Settings) -> str:
+    """libpq ``options`` for every connection: unqualified names resolve in the store's schema,
+    and each statement of the append function sees what committed before it (READ COMMITTED),
+    whatever the server's default isolation."""
+    return f"-c search_path={settings.schema} -c default_transaction_isolation=read\\ committed"
+
+
+def unavailable(settings: Settings, error: Exception) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"cannot reach the event store at {settings.where}: {str(error).strip()}; check that "
+        "PostgreSQL runs there and that the URL's user, database and password are right"
+    )

@@ -1,0 +1,149 @@
+"""Subscriptions: handlers that follow the store's global order, exactly once.
+
+A subscription handles events in position order inside a transaction of the store's own database
+that also moves its checkpoint, so each event's effects (read-model writes, appended commands,
+timers) commit with the checkpoint that says it was handled: a crash replays nothing twice and
+skips nothing. It catches up in pages, then follows live appends (LISTEN/NOTIFY on PostgreSQL,
+``data_version`` on SQLite).
+
+A page is handled in one transaction; if an event fails, the page is rolled back and handled
+again one event per transaction, so the failing event alone is parked with its error (or the
+subscription stops, with ``on_error = "stop"``) and the rest go on. A ``ConcurrencyError`` (a
+command raced another writer) is not a failure: the page is rolled back and tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Literal
+
+from riverbed.eventsourcing.errors import ConcurrencyError
+from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
+from riverbed.eventsourcing.repository import Envelope, causing, envelope
+from riverbed.eventsourcing.stores.api import EventStore, Transaction
+
+if TYPE_CHECKING:
+    from riverbed.eventsourcing.repository import Events
+
+log = logging.getLogger("riverbed.subscriptions")
+
+PAGE = 1000
+RETRY_S = 0.05
+
+
+class Subscription:
+    """The loop; subclasses say what handling an event means (``handle``)."""
+
+    on_error: Literal["park", "stop"] = "park"
+
+    def __init__(self, events: Events, name: str, label: str) -> None:
+        """``name``: the checkpoint's; ``label``: what parked events are filed under."""
+        self.events = events
+        self.name = name
+        self.label = label
+        self.stopped_on: ParkedEvent | None = None
+
+    @property
+    def store(self) -> EventStore:
+        return self.events.store
+
+    @property
+    def checkpoint(self) -> int:
+        return self.store.checkpoint(self.name)
+
+    def handle(self, event: Envelope, tx: Transaction) -> None:
+        raise NotImplementedError
+
+    def before_page(self, tx: Transaction) -> None:
+        """Work due in every transaction before the page (a process manager's timers)."""
+
+    def run_once(self, limit: int = PAGE) -> int:
+        """Handle the next page of events; how many were handled (applied or parked)."""
+        if self.stopped_on is not None:
+            return 0
+        try:
+            with self.store.transaction(self.name) as tx:
+                self.before_page(tx)
+                page = self.store.read_all(tx.checkpoint, limit)
+                for stored in page:
+                    self._apply(stored, tx)
+                return len(page)
+        except _HandlerError:
+            return self._one_by_one(limit)
+
+    def _one_by_one(self, limit: int) -> int:
+        handled = 0
+        while handled < limit and self.stopped_on is None:
+            try:
+                # The failing event's writes roll back with its transaction.
+                with self.store.transaction(self.name) as tx:
+                    page = self.store.read_all(tx.checkpoint, 1)
+                    if not page:
+                        break
+                    (stored,) = page
+                    self._apply(stored, tx)
+            except _HandlerError as failed:
+                self._failed(stored, failed.reason)
+            handled += 1
+        return handled
+
+    def _failed(self, stored: StoredEvent, reason: str) -> None:
+        """Park the event and move past it, or stop here."""
+        parked = ParkedEvent(self.label, stored.position, stored.id, stored.type, reason,
+                             time.time_ns() // 1_000_000)  # fmt: skip
+        if self.on_error == "stop":
+            self.stopped_on = parked
+            log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
+            return
+        with self.store.transaction(self.name) as tx:
+            tx.park(parked)
+            tx.set_checkpoint(stored.position)
+        log.warning("%s parked position %d: %s", self.name, stored.position, reason)
+
+    def _apply(self, stored: StoredEvent, tx: Transaction) -> None:
+        try:
+            decoded = envelope(stored, self.store.stream_key)
+            with causing(decoded.id, decoded.correlation_id):
+                self.handle(decoded, tx)
+        except ConcurrencyError:
+            raise
+        except Exception as error:
+            reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
+            raise _HandlerError(reason) from error
+        tx.set_checkpoint(stored.position)
+
+    def catch_up(self) -> int:
+        """Handle every event stored so far; how many."""
+        total = 0
+        while (handled := self._retrying_once()) > 0:
+            total += handled
+        return total
+
+    def _retrying_once(self) -> int:
+        while True:
+            try:
+                return self.run_once()
+            except ConcurrencyError as error:
+                log.info("%s raced another writer, trying again: %s", self.name, error)
+                time.sleep(RETRY_S)
+
+    def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+        while not stop.is_set():
+            self.refresh()
+            if self._retrying_once() == 0:
+                self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))
+
+    def refresh(self) -> None:
+        """Called between pages while running (a projection follows a rebuild's switch)."""
+
+    def idle_wait(self, default: float) -> float:
+        return default
+
+
+class _HandlerError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,56 @@
+"""Given/when/then for aggregates, in users' unit tests (no store needed).
+
+scenario(Order).given(Order.Placed(...)).when(lambda o: o.pay("r1")).then(Order.Paid(...))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from riverbed.eventsourcing.aggregate import Aggregate
+from riverbed.eventsourcing.codec import registry
+
+A = TypeVar("A", bound=Aggregate)
+
+
+class Scenario(Generic[A]):
+    def __init__(self, cls: type[A], aggregate_id: str = "test-aggregate") -> None:
+        self.cls = cls
+        self.aggregate: A = cls.__new__(cls)
+        self.aggregate._begin(aggregate_id)
+        self.error: BaseException | None = None
+
+    def given(self, *events: Any) -> Scenario[A]:
+        """Events that already happened to the aggregate (applied, not recorded)."""
+        for event in events:
+            self.aggregate._replay(event, registry.of(event), self.aggregate.version + 1)
+        return self
+
+    def when(self, command: Callable[[A], object]) -> Scenario[A]:
+        """Run a command on the aggregate; an exception it raises is kept for ``then_raises``."""
+        try:
+            command(self.aggregate)
+        except Exception as error:
+            self.error = error
+        return self
+
+    def then(self, *expected: Any) -> A:
+        """The command recorded exactly these events, in order; returns the aggregate."""
+        if self.error is not None:
+            raise AssertionError(f"the command raised {self.error!r}") from self.error
+        recorded = [entry.event for entry in self.aggregate.pending]
+        if recorded != list(expected):
+            raise AssertionError(f"expected events {list(expected)!r}, recorded {recorded!r}")
+        return self.aggregate
+
+    def then_raises(self, error: type[BaseException], match: str = "") -> BaseException:
+        if not isinstance(self.error, error) or match not in str(self.error):
+            raise AssertionError(f"expected {error.__name__}({match!r}), got {self.error!r}")
+        if self.aggregate.pending:
+            raise AssertionError(f"a refused command recorded {self.aggregate.pending!r}")
+        return self.error
+
+
+def scenario(cls: type[A], aggregate_id: str = "test-aggregate") -> Scenario[A]:
+    return Scenario(cls, aggregate_id)

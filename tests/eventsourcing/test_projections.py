@@ -1,0 +1,202 @@
+"""Projections and process managers on both stores: catch-up then live, exactly once, read your
+writes, parked events, rebuilds, and the order-payment-shipping saga with its compensation."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing, ReadModel
+from riverbed.eventsourcing.projections import ProjectionRunner
+from riverbed.eventsourcing.records import NewEvent, StreamAppend
+from riverbed.eventsourcing.sagas import SagaRunner
+from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals, Payment
+from tests.support import wait_until
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    events = EventSourcing("shop", store_url)
+    yield events
+    events.close()
+
+
+def place(events: EventSourcing, customer: str, amount: str = "10") -> Order:
+    order = Order.create(customer, f"{customer}@x", Money(Decimal(amount), "EUR"), NOW)
+    events.save(order)
+    return order
+
+
+def test_a_projection_catches_up_then_follows_live(events: EventSourcing) -> None:
+    for customer in ("ada", "bob", "ada"):
+        place(events, customer)
+    events.projection(OrderTotals())
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        events.projections.wait_for("order-totals", 3)
+        assert events.projections.get("order-totals", "customers", "ada") == {
+            "orders": 2, "total": "20",
+        }  # fmt: skip
+        order = Order.create("cy", "cy@x", Money(Decimal("5"), "EUR"), NOW)
+        position = events.save(order)
+        # Read your writes: wait until the projection has applied the save's position.
+        assert events.projections.get("order-totals", "customers", "cy", wait_for=position) == {
+            "orders": 1,
+            "total": "5",
+        }
+        assert set(events.projections.all("order-totals", "customers")) == {"ada", "bob", "cy"}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+class Counting(riverbed.Projection):
+    """Counts events per type, and fails where told to."""
+
+    name = "counting"
+    fail_on: set[str] = set()  # noqa: RUF012 - set per test
+
+    def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+        current = tx.get("types", event.type) or {"n": 0}
+        tx.put("types", event.type, {"n": current["n"] + 1})
+        if event.stream in self.fail_on:
+            raise RuntimeError(f"cannot project {event.stream}")
+
+
+def test_each_event_is_applied_once_and_a_failing_one_is_parked(events: EventSourcing) -> None:
+    orders = [place(events, name) for name in ("ada", "bob", "cy", "dan")]
+    projection = Counting()
+    projection.fail_on = {orders[1].id}
+    runner = ProjectionRunner(events, projection)
+    assert runner.catch_up() == 4
+    # bob's event was parked: its writes rolled back, the rest applied exactly once.
+    assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 3}}
+    (parked,) = events.store.parked("counting")
+    assert parked.position == 2 and parked.type == "Order.Placed"
+    assert f"RuntimeError: cannot project {orders[1].id}" in parked.error
+    assert runner.checkpoint == 4
+    assert runner.run_once() == 0  # nothing applied twice
+    assert events.store.unpark("counting", 2)
+    assert events.store.parked("counting") == []
+
+
+def test_a_payload_that_no_longer_decodes_is_parked_with_the_reason(
+    events: EventSourcing,
+) -> None:
+    place(events, "ada")
+    events.store.append([StreamAppend("p-1", 0, [NewEvent(
+        str(uuid.uuid4()), "p-1", 1, "Payment.Requested", 1,
+        msgspec.msgpack.encode({"order_id": 5}), msgspec.msgpack.encode({}), 1,
+    )])])  # fmt: skip
+    place(events, "bob")
+    runner = ProjectionRunner(events, Counting())
+    runner.catch_up()
+    (parked,) = events.store.parked("counting")
+    assert parked.position == 2
+    assert "EventDecodeError" in parked.error and "Payment.Requested" in parked.error
+    assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
+
+
+def test_a_projection_can_stop_on_error_instead(events: EventSourcing) -> None:
+    orders = [place(events, name) for name in ("ada", "bob", "cy")]
+
+    class Strict(Counting):
+        name = "strict"
+        on_error = "stop"
+
+    projection = Strict()
+    projection.fail_on = {orders[1].id}
+    runner = ProjectionRunner(events, projection)
+    runner.catch_up()
+    assert runner.stopped_on is not None and runner.stopped_on.position == 2
+    assert runner.checkpoint == 1
+    assert events.store.parked("strict") == []
+
+
+def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) -> None:
+    for customer in ("ada", "bob"):
+        place(events, customer)
+    events.projection(OrderTotals())
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        events.projections.wait_for("order-totals", 2)
+        assert events.projections.rebuild("order-totals") == 2
+        assert events.projections.active_version("order-totals") == 2
+        assert set(events.projections.all("order-totals", "customers")) == {"ada", "bob"}
+        # The running worker follows the switch: new events reach version 2.
+        position = events.save(Order.create("cy", "c@x", Money(Decimal(1), "EUR"), NOW))
+        assert events.projections.get("order-totals", "customers", "cy", wait_for=position)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_the_saga_pays_and_ships_an_order(events: EventSourcing) -> None:
+    order = place(events, "ada")
+    runner = SagaRunner(events, Fulfilment())
+    runner.catch_up()
+    payment = events.get(Payment, f"payment-{order.id}")
+    assert payment.status == "requested"
+    payment.succeed()
+    events.save(payment)
+    runner.catch_up()
+    shipped = events.get(Order, order.id)
+    assert shipped.status == "shipped"
+    # Metadata links the chain: the command events were caused by the payment's event.
+    last = events.read()[-1]
+    succeeded = next(e for e in events.read() if e.type == "Payment.Succeeded")
+    assert last.metadata["causation_id"] == succeeded.id
+    requested = next(e for e in events.read() if e.type == "Payment.Requested")
+    placed = events.read()[0]
+    assert requested.metadata["causation_id"] == placed.id
+    assert requested.metadata["correlation_id"] == placed.metadata["correlation_id"]
+
+
+def test_a_failed_payment_is_compensated(events: EventSourcing) -> None:
+    order = place(events, "bob")
+    runner = SagaRunner(events, Fulfilment())
+    runner.catch_up()
+    payment = events.get(Payment, f"payment-{order.id}")
+    payment.fail("card declined")
+    events.save(payment)
+    runner.catch_up()
+    cancelled = events.get(Order, order.id)
+    assert cancelled.status == "cancelled"
+    reason = events.read()[-1].event.reason
+    assert reason == "payment failed: card declined"
+    assert events.store.get_document("saga:fulfilment", order.id) is None  # state ended
+
+
+def test_a_payment_that_never_answers_times_out(events: EventSourcing) -> None:
+    class Impatient(Fulfilment):
+        payment_timeout = 0.3
+
+    order = place(events, "cy")
+    stop = threading.Event()
+    runner = SagaRunner(events, Impatient())
+    thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: events.get(Order, order.id).status == "cancelled", 30, "the timeout")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert events.read()[-1].event.reason == "no payment in time"
+    # The timer fired once: a second run changes nothing.
+    assert runner.run_once() == 0
+    time.sleep(0.4)
+    assert events.get(Order, order.id).version == 2
