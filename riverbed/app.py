@@ -1,12 +1,15 @@
-"""``riverbed.App``: the one object users wire streams, handlers and tasks onto."""
+"""``riverbed.App``: the one object users wire streams, handlers, tasks and aggregates onto."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from riverbed.eventsourcing.runtime import EventSourcing
-from riverbed.streams.app import DEFAULT_STATE_DIR
+from riverbed.streams.app import DEFAULT_STATE_DIR, stopping_on_signals
 from riverbed.streams.app import App as StreamApp
+from riverbed.streams.runner import Runner
 from riverbed.tasks.registry import Tasks
 
 
@@ -36,3 +39,27 @@ class App(StreamApp):
         self.tasks.close()
         self.events.close()
         super().close()
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        report: Callable[[Runner], None] | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        """Run the app's pipelines and handlers, and its projections, process managers and
+        outbox relays, until ``stop`` is set or the process gets SIGTERM or SIGINT."""
+        if not self.events.has_work():
+            super().run(stop, report, metrics_port)
+            return
+        stop = stop or threading.Event()
+        threads = self.events.run(stop, self.log if self.events.relays else None)
+        try:
+            if self.has_streams():
+                super().run(stop, report, metrics_port)
+            else:
+                with stopping_on_signals(stop):
+                    stop.wait()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)

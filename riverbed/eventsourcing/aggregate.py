@@ -9,6 +9,7 @@ with ``self.trigger(event)``. Loading replays the stored events through the same
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 import uuid
@@ -148,11 +149,19 @@ class EventMethod(Generic[P, R]):
             else:
                 fields.append((parameter.name, hint, parameter.default))
         type_name = f"{owner.__name__}.{self.name}"
-        payload = msgspec.defstruct(type_name, fields, kw_only=True, module=owner.__module__)
+        # Fields in the method's parameter order, so the payload class takes a call's arguments
+        # as they are: recording an event is one constructor call.
+        payload = msgspec.defstruct(type_name, fields, module=owner.__module__)
         method = self.method
+        keyword_only = any(
+            p.kind is inspect.Parameter.KEYWORD_ONLY for p in self.signature.parameters.values()
+        )
 
         def apply(aggregate: Any, event: Any) -> None:
-            method(aggregate, **msgspec.structs.asdict(event))
+            if keyword_only:
+                method(aggregate, **msgspec.structs.asdict(event))
+            else:
+                method(aggregate, *msgspec.structs.astuple(event))
 
         self.entry = registry.register(
             type_name, payload, version=self.version, upcasters=self.upcasters, apply=apply
@@ -163,18 +172,16 @@ class EventMethod(Generic[P, R]):
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
-        entry = self.entry
-        assert entry is not None, "the event method was not set on an Aggregate class"
-        signature = self.signature
+        assert self.entry is not None, "the event method was not set on an Aggregate class"
+        return functools.partial(_record_call, instance, self.entry)
 
-        def record(*args: Any, **kwargs: Any) -> None:
-            bound = signature.bind(instance, *args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            arguments.pop(next(iter(signature.parameters)))
-            instance._record(entry.cls(**arguments), entry)
 
-        return record
+def _record_call(instance: Aggregate, entry: EventType, *args: Any, **kwargs: Any) -> None:
+    try:
+        payload = entry.cls(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{entry.name}: {error}") from None
+    instance._record(payload, entry)
 
 
 def event(

@@ -7,7 +7,21 @@ no gaps, so a reader that has seen position N has seen every event before it.
 
 from __future__ import annotations
 
+import os
+
 import msgspec
+
+
+def new_event_ids(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as strings, several times faster than ``uuid.uuid4``:
+    one ``urandom`` call for all of them."""
+    raw = os.urandom(16 * count).hex()
+    ids = []
+    for start in range(0, 32 * count, 32):
+        h = raw[start : start + 32]
+        variant = "89ab"[int(h[16], 16) & 3]
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return ids
 
 
 class NewEvent(msgspec.Struct, frozen=True):

@@ -33,7 +33,13 @@ from riverbed.eventsourcing.codec import (
     unseal,
 )
 from riverbed.eventsourcing.errors import AggregateNotFoundError, ConcurrencyError
-from riverbed.eventsourcing.records import NewEvent, Snapshot, StoredEvent, StreamAppend
+from riverbed.eventsourcing.records import (
+    NewEvent,
+    Snapshot,
+    StoredEvent,
+    StreamAppend,
+    new_event_ids,
+)
 from riverbed.eventsourcing.stores import (
     AsyncEventStore,
     EventStore,
@@ -162,14 +168,15 @@ class Events:
             if not pending:
                 continue
             events = []
-            for recorded in pending:
+            ids = new_event_ids(len(pending))
+            for event_id, recorded in zip(ids, pending, strict=True):
                 meta = dict(metadata or {})
                 meta["correlation_id"] = cause.correlation_id
                 if cause.causation_id:
                     meta["causation_id"] = cause.causation_id
                 events.append(
                     NewEvent(
-                        id=str(uuid.uuid4()),
+                        id=event_id,
                         stream=aggregate.id,
                         version=recorded.version,
                         type=recorded.type.name,
@@ -202,13 +209,24 @@ class Events:
     def get(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
         """The aggregate as of its latest event (or as of ``version``: time travel), from its
         latest snapshot on. Raises ``AggregateNotFoundError`` when it has no events."""
+        return self.load(cls, aggregate_id, version, self.store.read_stream)
+
+    def load(
+        self,
+        cls: type[A],
+        aggregate_id: str,
+        version: int | None,
+        read_stream: Callable[[str, int, int | None], list[StoredEvent]],
+    ) -> A:
+        """``get``, reading the stream with ``read_stream`` (a transaction's, to see its own
+        appends)."""
         store = self.store
         snapshot = store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
         aggregate = None
         if snapshot is not None:
             aggregate = _from_snapshot(cls, snapshot, store.stream_key(aggregate_id, False))
         start = aggregate.version + 1 if aggregate is not None else 1
-        events = store.read_stream(aggregate_id, start, version)
+        events = read_stream(aggregate_id, start, version)
         return self._replayed(cls, aggregate_id, aggregate, events, store.stream_key)
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
@@ -353,7 +371,8 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
         and typing.get_origin(hint) is not typing.ClassVar
     }
     described = json.dumps({name: repr(hint) for name, hint in hints.items()}, sort_keys=True)
-    schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big")
+    # 31 bits: the snapshot schema column is a 32-bit integer on PostgreSQL.
+    schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big") & 0x7FFFFFFF
     cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
     return hints, schema
 

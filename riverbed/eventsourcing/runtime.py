@@ -36,6 +36,10 @@ class EventSourcing(Events):
         """Publish every stored event to log topic ``topic`` (keyed by stream id)."""
         self.relays[topic] = partitions
 
+    def has_work(self) -> bool:
+        """Whether projections, process managers or relays are registered."""
+        return bool(self.projections.registered or self.process_managers or self.relays)
+
     def run(self, stop: threading.Event, log: Log | None = None) -> list[threading.Thread]:
         """Run the projections, process managers and (given the ``log``) relays, each in a thread
         of its own, until ``stop`` is set; returns the threads."""

@@ -65,7 +65,7 @@ class Saga:
     def command(self, cls: type[A], aggregate_id: str, decide: Callable[[A], None]) -> A:
         """Load an aggregate, let ``decide`` call its command methods, and append the events in
         this transaction."""
-        aggregate = self.events.get(cls, aggregate_id)
+        aggregate = self.events.load(cls, aggregate_id, None, self.tx.read_stream)
         decide(aggregate)
         self.save(aggregate)
         return aggregate

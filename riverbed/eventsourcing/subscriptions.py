@@ -32,6 +32,7 @@ log = logging.getLogger("riverbed.subscriptions")
 
 PAGE = 1000
 RETRY_S = 0.05
+CONFLICT_RETRIES = 10
 
 
 class Subscription:
@@ -45,6 +46,7 @@ class Subscription:
         self.name = name
         self.label = label
         self.stopped_on: ParkedEvent | None = None
+        self._conflicts_fail = False
 
     @property
     def store(self) -> EventStore:
@@ -109,7 +111,10 @@ class Subscription:
             with causing(decoded.id, decoded.correlation_id):
                 self.handle(decoded, tx)
         except ConcurrencyError:
-            raise
+            if not self._conflicts_fail:
+                raise
+            reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
+            raise _HandlerError(reason) from None
         except Exception as error:
             reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
             raise _HandlerError(reason) from error
@@ -123,12 +128,18 @@ class Subscription:
         return total
 
     def _retrying_once(self) -> int:
-        while True:
+        for _ in range(CONFLICT_RETRIES):
             try:
                 return self.run_once()
             except ConcurrencyError as error:
                 log.info("%s raced another writer, trying again: %s", self.name, error)
                 time.sleep(RETRY_S)
+        # The same conflict every time is the handler's doing, not a race: a failure.
+        self._conflicts_fail = True
+        try:
+            return self._one_by_one(1)
+        finally:
+            self._conflicts_fail = False
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
         while not stop.is_set():

@@ -256,7 +256,7 @@ class App(Closing):
             metrics = RunnerMetrics(self.name)
             metrics.serve(metrics_port)
             report = self._reporting_lag(metrics, report)
-        with _stopping_on_signals(stop), self.runner(metrics) as runner:
+        with stopping_on_signals(stop), self.runner(metrics) as runner:
             runner.run(stop, report)
 
     @contextmanager
@@ -295,9 +295,22 @@ class App(Closing):
             cleanup.callback(runner.close)
             yield runner
 
+    def has_streams(self) -> bool:
+        """Whether the app has a pipeline or handler to run."""
+        return bool(self._source_topics())
+
     def _sources(self) -> list[str]:
         """The topics the app's consumer reads; an error if there is nothing to run."""
-        sources = sorted(
+        sources = self._source_topics()
+        if not sources:
+            raise RiverbedError(
+                f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
+                "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
+            )
+        return sources
+
+    def _source_topics(self) -> list[str]:
+        return sorted(
             set(self._topology.running_sources())
             | {t.name for t, _ in self._handlers}
             | {
@@ -306,12 +319,6 @@ class App(Closing):
                 for level in range(1, len(h.retry_delays) + 1)
             }
         )
-        if not sources:
-            raise RiverbedError(
-                f"app '{self.name}' has no pipeline or handler to run; end a pipeline with "
-                "app.stream(topic)...to(other), or decorate a function with @app.handler(topic)"
-            )
-        return sources
 
     def _reporting_lag(
         self, metrics: RunnerMetrics, report: Callable[[Runner], None] | None
@@ -336,7 +343,7 @@ class App(Closing):
 
 
 @contextmanager
-def _stopping_on_signals(stop: threading.Event) -> Iterator[None]:
+def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGTERM and SIGINT set ``stop`` while running (main thread only); the previous handlers
     come back afterwards."""
     if threading.current_thread() is not threading.main_thread():

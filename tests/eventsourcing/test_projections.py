@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -200,3 +201,25 @@ def test_a_payment_that_never_answers_times_out(events: EventSourcing) -> None:
     assert runner.run_once() == 0
     time.sleep(0.4)
     assert events.get(Order, order.id).version == 2
+
+
+def test_app_run_runs_the_projections_of_an_app_without_pipelines(
+    store_url: str, tmp_path: Path
+) -> None:
+    app = riverbed.App("shop", url=f"sqlite:///{tmp_path}/log.db", events_url=store_url)
+    app.events.projection(OrderTotals())
+    app.events.relay("shop-events")
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(stop,))
+    thread.start()
+    try:
+        order = Order.create("ada", "a@x", Money(Decimal("3"), "EUR"), NOW)
+        position = app.events.save(order)
+        totals = app.events.projections.get("order-totals", "customers", "ada", wait_for=position)
+        assert totals == {"orders": 1, "total": "3"}
+        wait_until(lambda: sum(app.log.end_offsets("shop-events").values()) == 1, 30, "relay")
+    finally:
+        stop.set()
+        thread.join(30)
+        app.close()
+    assert not thread.is_alive()

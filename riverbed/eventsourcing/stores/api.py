@@ -63,6 +63,13 @@ class Transaction(Protocol):
         ``EventStore.append``."""
         ...
 
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        """``EventStore.read_stream`` inside this transaction: it sees the events this
+        transaction appended (a process manager's second command to one aggregate)."""
+        ...
+
     def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
         """Set (or move) this subscriber's timer ``key``."""
         ...

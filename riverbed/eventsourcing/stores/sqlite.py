@@ -178,13 +178,7 @@ class SqliteEventStore:
     def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None
     ) -> list[StoredEvent]:
-        return _page(
-            self._conn.execute(
-                "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "
-                "ORDER BY version",
-                (stream, from_version, to_version if to_version is not None else 2**62),
-            ).fetchall()
-        )
+        return _read_stream(self._conn, stream, from_version, to_version)
 
     def stream_version(self, stream: str) -> int:
         return _stream_version(self._conn, stream)
@@ -363,6 +357,11 @@ class SqliteTransaction:
     def append(self, appends: Sequence[StreamAppend]) -> int:
         return _append(self._conn, appends)
 
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        return _read_stream(self._conn, stream, from_version, to_version)
+
     def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
         self._conn.execute(
             "INSERT OR REPLACE INTO timers (name, key, due_ms, data) VALUES (?, ?, ?, ?)",
@@ -411,6 +410,18 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
         # Two events for one version in this append (the caller's bug), or an id used twice.
         raise EventSourcingError(f"cannot append: {error}") from error
     return position
+
+
+def _read_stream(
+    conn: sqlite3.Connection, stream: str, from_version: int, to_version: int | None
+) -> list[StoredEvent]:
+    return _page(
+        conn.execute(
+            "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "
+            "ORDER BY version",
+            (stream, from_version, to_version if to_version is not None else 2**62),
+        ).fetchall()
+    )
 
 
 def _page(rows: list[tuple[bytes]]) -> list[StoredEvent]:
