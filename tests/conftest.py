@@ -11,7 +11,7 @@ import pytest
 import riverbed
 from tests.support import Worker
 
-pytest_plugins = ["tests.services.kafka", "tests.services.redis"]
+pytest_plugins = ["tests.services.kafka", "tests.services.postgres", "tests.services.redis"]
 
 BACKENDS = ["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)]
 

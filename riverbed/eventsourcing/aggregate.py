@@ -152,7 +152,7 @@ class EventMethod(Generic[P, R]):
         # Fields in the method's parameter order, so the payload class takes a call's arguments
         # as they are: recording an event is one constructor call.
         payload = msgspec.defstruct(type_name, fields, module=owner.__module__)
-        method = self.method
+        method: Callable[..., Any] = self.method
         keyword_only = any(
             p.kind is inspect.Parameter.KEYWORD_ONLY for p in self.signature.parameters.values()
         )

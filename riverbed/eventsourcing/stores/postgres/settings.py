@@ -24,6 +24,8 @@ LIBPQ_OPTIONS = {
     "sslkey": "",
     "target_session_attrs": "",
 }
+# How long a call waits for a free connection of the pool before giving up on the server.
+POOL_TIMEOUT_S = 30.0
 # A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name,
 # which PostgreSQL cuts at 63 bytes.
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")

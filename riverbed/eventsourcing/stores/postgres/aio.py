@@ -1,0 +1,225 @@
+"""The event store on PostgreSQL for ``async`` code: psycopg's async connections in a pool, the
+same statements as the sync store, and one LISTEN connection read by a background task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import args_row
+
+from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
+from riverbed.eventsourcing.stores.api import Document
+from riverbed.eventsourcing.stores.postgres import statements as q
+from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
+from riverbed.eventsourcing.stores.postgres.settings import (
+    POOL_TIMEOUT_S,
+    Settings,
+    connection_options,
+    parse_settings,
+    unavailable,
+)
+from riverbed.urls import BackendUrl
+
+
+class AsyncPostgresEventStore:
+    """The ``postgresql://`` store of ``PostgresEventStore`` for ``asyncio``; open it with
+    ``await AsyncPostgresEventStore.connect(url)``."""
+
+    def __init__(
+        self, url: str, settings: Settings, pool: psycopg_pool.AsyncConnectionPool[Any]
+    ) -> None:
+        self.url = url
+        self._settings = settings
+        self._pool = pool
+        self._listener: AsyncListener | None = None
+        self._listener_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: BackendUrl) -> AsyncPostgresEventStore:
+        settings = parse_settings(url)
+        # Once per store, with the sync driver in a thread: the same code as the sync store's.
+        await asyncio.to_thread(prepare_schema, settings)
+        pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+            settings.conninfo,
+            kwargs={"autocommit": True, "options": connection_options(settings)},
+            min_size=1,
+            max_size=settings.pool_size,
+            timeout=POOL_TIMEOUT_S,
+            num_workers=1,
+            open=False,
+        )
+        try:
+            await pool.open(wait=True, timeout=POOL_TIMEOUT_S)
+        except psycopg_pool.PoolTimeout as error:
+            await pool.close()
+            raise unavailable(settings, error) from None
+        return cls(url.raw, settings, pool)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection. A lost server raises ``StoreUnavailableError`` (the pool
+        replaces the broken connection)."""
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg_pool.PoolTimeout as error:
+            raise unavailable(self._settings, error) from None
+        except psycopg.OperationalError as error:
+            if conn is None or not conn.broken:
+                raise
+            # The server restarted or dropped us: replace every dead connection now, so that
+            # one call fails, not one per pooled connection.
+            await self._pool.check()
+            raise unavailable(self._settings, error) from None
+
+    async def append(self, appends: Sequence[StreamAppend]) -> int:
+        params = q.append_params(appends, self._settings.channel)
+        async with self._connection() as conn:
+            try:
+                cur = await conn.execute(q.APPEND, params)
+            except psycopg.errors.UniqueViolation as error:
+                raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
+            return q.appended(await cur.fetchone())
+
+    async def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        upto = q.NO_LIMIT if to_version is None else to_version
+        async with self._connection() as conn:
+            cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
+            await cur.execute(q.READ_STREAM, (stream, from_version, upto))
+            return await cur.fetchall()
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        async with self._connection() as conn:
+            cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
+            await cur.execute(q.READ_ALL, (after, limit))
+            return await cur.fetchall()
+
+    async def last_position(self) -> int:
+        return int(await self._value(q.LAST_POSITION))
+
+    async def load_snapshot(self, stream: str, max_version: int | None = None) -> Snapshot | None:
+        upto = q.NO_LIMIT if max_version is None else max_version
+        async with self._connection() as conn:
+            cur = conn.cursor(binary=True, row_factory=args_row(Snapshot))
+            await cur.execute(q.LOAD_SNAPSHOT, (stream, upto))
+            return await cur.fetchone()
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        s = snapshot
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                q.SAVE_SNAPSHOT, (s.stream, s.version, s.type, s.schema, s.data, s.timestamp_ms)
+            )
+            await conn.execute(q.PRUNE_SNAPSHOTS, (s.stream, s.version))
+
+    async def stream_key(self, stream: str, create: bool) -> bytes | None:
+        key: bytes | None = await self._value(q.STREAM_KEY, (stream,))
+        if key is not None or not create:
+            return key
+        created: bytes = await self._value(q.CREATE_STREAM_KEY, (stream, os.urandom(q.KEY_BYTES)))
+        return created
+
+    async def wait_for_events(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        listener = await self._listening()
+        # LISTEN is on before this read, so no append after it goes unnoticed.
+        listener.saw(await self.last_position())
+        return await listener.wait(after, deadline)
+
+    async def _listening(self) -> AsyncListener:
+        async with self._listener_lock:
+            if self._listener is not None and self._listener.lost is not None:
+                # Its connection broke: listen on a new one.
+                await self._listener.close()
+                self._listener = None
+            if self._listener is None:
+                self._listener = await AsyncListener.start(self._settings)
+            return self._listener
+
+    async def get_document(self, collection: str, key: str) -> Document | None:
+        document: Document | None = await self._value(q.GET_DOCUMENT, (collection, key))
+        return document
+
+    async def checkpoint(self, name: str) -> int:
+        return int(await self._value(q.CHECKPOINT, (name,), 0))
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+        await self._pool.close()
+
+    async def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:
+        """The first column of the query's one row, or ``default`` when it finds none."""
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            row = await cur.fetchone()
+        return default if row is None else row[0]
+
+
+class AsyncListener:
+    """The store's LISTEN connection: a task reads its notifications (each carries an append's
+    last position) and wakes the waiters."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], settings: Settings) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._newest = 0
+        self._changed = asyncio.Condition()
+        self.lost: psycopg.OperationalError | None = None  # why the connection broke
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, settings: Settings) -> AsyncListener:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                settings.conninfo, autocommit=True, options=connection_options(settings)
+            )
+        except psycopg.OperationalError as error:
+            raise unavailable(settings, error) from None
+        await conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        return cls(conn, settings)
+
+    async def _read(self) -> None:
+        try:
+            async for notify in self._conn.notifies():
+                async with self._changed:
+                    self._newest = max(self._newest, int(notify.payload))
+                    self._changed.notify_all()
+        except psycopg.OperationalError as error:
+            async with self._changed:
+                self.lost = error
+                self._changed.notify_all()
+
+    def saw(self, position: int) -> None:
+        self._newest = max(self._newest, position)
+
+    async def wait(self, after: int, deadline: float) -> bool:
+        """Whether a position above ``after`` is known by ``deadline``."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._newest > after or self.lost is not None),
+                    max(0.0, deadline - time.monotonic()),
+                )
+            if self._newest <= after and self.lost is not None:
+                raise unavailable(self._settings, self.lost) from None
+            return self._newest > after
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._conn.close()

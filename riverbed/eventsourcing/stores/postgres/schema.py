@@ -1,0 +1,196 @@
+"""The store's tables and its append function, created in the URL's schema when a store opens.
+
+Positions come from ``riverbed_head``, a one-row table: an append locks the row, checks the
+streams' versions, takes the next positions, inserts its events and commits, and only then does
+the next append get the row. So positions are handed out in commit order with no gaps, and a
+reader that sees position N sees every position below it. A sequence (``bigserial``) would not
+do: transactions commit in another order than they drew their numbers, so a reader could pass a
+number whose transaction commits later, and a rolled-back append would leave a hole for ever.
+The pyeventsourcing library gets the first property with ``LOCK TABLE ... IN EXCLUSIVE MODE``
+around a sequence (holes stay); the row lock gives both, does not block autovacuum of the events
+table, and stays within the schema (an advisory lock is database-wide).
+
+The append is one plpgsql function, so one round trip does it all: in READ COMMITTED each
+statement of a function sees what committed before it started, so the version check, run after
+the lock is held, sees every earlier append. A single SQL statement could not: its snapshot is
+taken before it waits for the lock.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
+from riverbed.eventsourcing.stores.postgres.settings import (
+    Settings,
+    connection_options,
+    unavailable,
+)
+
+SCHEMA_VERSION = 1
+# Several processes opening a new store at once would race on the catalogs (CREATE ... IF NOT
+# EXISTS is not safe against a concurrent CREATE); they take turns on this advisory lock.
+SETUP_LOCK = 0x72697665_72626564  # "riverbed"
+
+TABLES = (
+    "riverbed_events",
+    "riverbed_snapshots",
+    "riverbed_stream_keys",
+    "riverbed_checkpoints",
+    "riverbed_documents",
+    "riverbed_parked",
+    "riverbed_inbox",
+    "riverbed_timers",
+)
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS riverbed_head (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    position bigint NOT NULL,
+    schema_version integer NOT NULL
+);
+INSERT INTO riverbed_head (id, position, schema_version) VALUES (1, 0, {SCHEMA_VERSION})
+    ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS riverbed_events (
+    position bigint PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    stream text NOT NULL,
+    version bigint NOT NULL,
+    type text NOT NULL,
+    schema integer NOT NULL,
+    data bytea NOT NULL,
+    metadata bytea NOT NULL,
+    timestamp_ms bigint NOT NULL,
+    UNIQUE (stream, version)
+);
+CREATE TABLE IF NOT EXISTS riverbed_snapshots (
+    stream text NOT NULL,
+    version bigint NOT NULL,
+    type text NOT NULL,
+    schema integer NOT NULL,
+    data bytea NOT NULL,
+    timestamp_ms bigint NOT NULL,
+    PRIMARY KEY (stream, version)
+);
+CREATE TABLE IF NOT EXISTS riverbed_stream_keys (stream text PRIMARY KEY, key bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS riverbed_checkpoints (name text PRIMARY KEY, position bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS riverbed_documents (
+    collection text NOT NULL,
+    key text NOT NULL,
+    document jsonb NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE TABLE IF NOT EXISTS riverbed_parked (
+    projection text NOT NULL,
+    position bigint NOT NULL,
+    event_id text NOT NULL,
+    type text NOT NULL,
+    error text NOT NULL,
+    parked_ms bigint NOT NULL,
+    PRIMARY KEY (projection, position)
+);
+CREATE TABLE IF NOT EXISTS riverbed_inbox (
+    name text NOT NULL,
+    event_id text NOT NULL,
+    PRIMARY KEY (name, event_id)
+);
+CREATE TABLE IF NOT EXISTS riverbed_timers (
+    name text NOT NULL,
+    key text NOT NULL,
+    due_ms bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (name, key)
+);
+CREATE INDEX IF NOT EXISTS riverbed_timers_due ON riverbed_timers (name, due_ms);
+
+-- Appends events to streams that are at their expected versions (null: any), all or none.
+-- p_appends is the JSON of the StreamAppend list (bytes in base64), one parameter the client
+-- encodes in one msgspec call: binding ten arrays cost the client twice as much CPU.
+-- Returns the position of the last event appended, or, appending nothing, the first stream (in
+-- the order given) that is not at its expected version, with both versions.
+CREATE OR REPLACE FUNCTION riverbed_append(p_appends json, p_channel text) RETURNS TABLE (
+    last_position bigint, conflict_stream text, conflict_expected bigint, conflict_actual bigint
+) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_last bigint;
+    v_count bigint;
+BEGIN
+    -- Held until the transaction ends: appends commit one at a time, in position order.
+    SELECT h.position INTO v_last FROM riverbed_head h WHERE h.id = 1 FOR UPDATE;
+    RETURN QUERY
+        SELECT NULL::bigint, s.stream, s.expected, s.actual FROM (
+            SELECT a.stream, a.expected, a.ord, coalesce(
+                (SELECT max(e.version) FROM riverbed_events e WHERE e.stream = a.stream), 0
+            ) AS actual
+            FROM ROWS FROM (
+                json_to_recordset(p_appends) AS (stream text, expected_version bigint)
+            ) WITH ORDINALITY AS a(stream, expected, ord)
+        ) s
+        WHERE s.expected IS NOT NULL AND s.expected <> s.actual
+        ORDER BY s.ord LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO riverbed_events
+        (position, id, stream, version, type, schema, data, metadata, timestamp_ms)
+    SELECT v_last + row_number() OVER (ORDER BY a.ord, e.ord), e.id, e.stream, e.version,
+           e.type, e.schema, decode(e.data, 'base64'), decode(e.metadata, 'base64'),
+           e.timestamp_ms
+    FROM json_array_elements(p_appends) WITH ORDINALITY AS a(append, ord),
+         ROWS FROM (
+             json_to_recordset(a.append->'events') AS (
+                 id text, stream text, version bigint, type text, schema integer, data text,
+                 metadata text, timestamp_ms bigint
+             )
+         ) WITH ORDINALITY AS e(id, stream, version, type, schema, data, metadata,
+                                timestamp_ms, ord);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    UPDATE riverbed_head SET position = v_last + v_count WHERE id = 1;
+    -- Delivered when the transaction commits: wakes wait_for_events in every process.
+    PERFORM pg_notify(p_channel, (v_last + v_count)::text);
+    RETURN QUERY SELECT v_last + v_count, NULL::text, NULL::bigint, NULL::bigint;
+END
+$$;
+"""
+
+
+def prepare_schema(settings: Settings) -> None:
+    """Create the schema, tables and function if missing; refuse a store a newer riverbed made.
+    An unreachable server raises ``StoreUnavailableError``."""
+    try:
+        conn = psycopg.connect(settings.conninfo, options=connection_options(settings))
+    except psycopg.OperationalError as error:
+        raise unavailable(settings, error) from None
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SETUP_LOCK,))
+            found = conn.execute("SELECT to_regclass('riverbed_head') IS NOT NULL").fetchone()
+            if found is not None and found[0]:
+                version = conn.execute(
+                    "SELECT schema_version FROM riverbed_head WHERE id = 1"
+                ).fetchone()
+                if version is not None and version[0] > SCHEMA_VERSION:
+                    raise EventSourcingError(
+                        f"the event store at {settings.where} (schema {settings.schema!r}) has "
+                        f"schema version {version[0]}, newer than this riverbed's "
+                        f"{SCHEMA_VERSION}; upgrade riverbed"
+                    )
+                if version is not None and version[0] == SCHEMA_VERSION:
+                    return
+            # Only when missing: CREATE SCHEMA checks the CREATE privilege on the database even
+            # with IF NOT EXISTS, which a user of an existing schema may lack.
+            missing = conn.execute("SELECT to_regnamespace(%s) IS NULL", (settings.schema,))
+            if (row := missing.fetchone()) is not None and row[0]:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(settings.schema)))
+            conn.execute(DDL.encode())
+    except psycopg.OperationalError as error:
+        raise unavailable(settings, error) from None
+    except psycopg.Error as error:
+        raise StoreUnavailableError(
+            f"cannot create the event store's tables at {settings.where} (schema "
+            f"{settings.schema!r}): {str(error).strip()}; the URL's user needs the CREATE "
+            "privilege there"
+        ) from None
+    finally:
+        conn.close()

@@ -1,0 +1,354 @@
+"""The event store on PostgreSQL for sync code: a pool of autocommit connections (a read is one
+round trip; a write opens its own transaction), and one LISTEN connection for the waiters.
+
+While a thread holds a subscriber's transaction, the store's calls on that thread run in it, as
+they do on SQLite (whose connections are per thread): a handler that appended through the
+transaction sees its append when it reads through the store, and an append through the store
+joins the transaction instead of waiting forever for the head row that transaction holds."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+from psycopg.rows import args_row
+from psycopg.types.json import Jsonb
+
+from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import (
+    ParkedEvent,
+    Snapshot,
+    StoredEvent,
+    StreamAppend,
+    Timer,
+)
+from riverbed.eventsourcing.stores.api import Document
+from riverbed.eventsourcing.stores.postgres import statements as q
+from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
+from riverbed.eventsourcing.stores.postgres.settings import (
+    POOL_TIMEOUT_S,
+    Settings,
+    connection_options,
+    parse_settings,
+    unavailable,
+)
+from riverbed.urls import BackendUrl
+
+
+class PostgresEventStore:
+    """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10``, plus libpq's
+    ``connect_timeout`` (3 s), ``sslmode`` and the like."""
+
+    def __init__(self, url: BackendUrl) -> None:
+        self.url = url.raw
+        self._settings = parse_settings(url)
+        prepare_schema(self._settings)
+        self._pool = psycopg_pool.ConnectionPool(
+            self._settings.conninfo,
+            kwargs={"autocommit": True, "options": connection_options(self._settings)},
+            min_size=1,
+            max_size=self._settings.pool_size,
+            timeout=POOL_TIMEOUT_S,
+            num_workers=1,
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=POOL_TIMEOUT_S)
+        except psycopg_pool.PoolTimeout as error:
+            self._pool.close()
+            raise unavailable(self._settings, error) from None
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()
+        self._local = threading.local()  # .transaction: this thread's open transaction
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """This thread's open transaction's connection, else a pooled one. A lost server raises
+        ``StoreUnavailableError`` (the pool replaces the broken connection)."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "transaction", None)
+        try:
+            if conn is not None:
+                yield conn
+                return
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg_pool.PoolTimeout as error:
+            raise unavailable(self._settings, error) from None
+        except psycopg.OperationalError as error:
+            if conn is None or not conn.broken:
+                raise
+            # The server restarted or dropped us: replace every dead connection now, so that
+            # one call fails, not one per pooled connection.
+            self._pool.check()
+            raise unavailable(self._settings, error) from None
+
+    # Appending
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        with self._connection() as conn:
+            return _append(conn, appends, self._settings.channel)
+
+    # Reading
+
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        with self._connection() as conn:
+            return _read_stream(conn, stream, from_version, to_version)
+
+    def stream_version(self, stream: str) -> int:
+        return int(self._value(q.STREAM_VERSION_OF, (stream,)))
+
+    def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        with self._connection() as conn, _events_cursor(conn) as cur:
+            return cur.execute(q.READ_ALL, (after, limit)).fetchall()
+
+    def last_position(self) -> int:
+        return int(self._value(q.LAST_POSITION))
+
+    def wait_for_events(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        listener = self._listening()
+        # LISTEN is on before this read, so no append after it goes unnoticed.
+        listener.saw(self.last_position())
+        try:
+            return listener.wait(after, deadline)
+        except psycopg.OperationalError as error:
+            # The next wait listens on a new connection.
+            with self._listener_lock:
+                if self._listener is listener:
+                    self._listener = None
+            listener.close()
+            raise unavailable(self._settings, error) from None
+
+    def _listening(self) -> Listener:
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = Listener(self._settings)
+            return self._listener
+
+    # Snapshots and keys
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        s = snapshot
+        with self._connection() as conn, conn.transaction():
+            conn.execute(
+                q.SAVE_SNAPSHOT, (s.stream, s.version, s.type, s.schema, s.data, s.timestamp_ms)
+            )
+            conn.execute(q.PRUNE_SNAPSHOTS, (s.stream, s.version))
+
+    def load_snapshot(self, stream: str, max_version: int | None = None) -> Snapshot | None:
+        upto = q.NO_LIMIT if max_version is None else max_version
+        with self._connection() as conn:
+            cur = conn.cursor(binary=True, row_factory=args_row(Snapshot))
+            return cur.execute(q.LOAD_SNAPSHOT, (stream, upto)).fetchone()
+
+    def stream_key(self, stream: str, create: bool) -> bytes | None:
+        key: bytes | None = self._value(q.STREAM_KEY, (stream,))
+        if key is not None or not create:
+            return key
+        created: bytes = self._value(q.CREATE_STREAM_KEY, (stream, os.urandom(q.KEY_BYTES)))
+        return created
+
+    def delete_stream_key(self, stream: str) -> bool:
+        with self._connection() as conn:
+            return conn.execute(q.DELETE_STREAM_KEY, (stream,)).rowcount > 0
+
+    # The read side
+
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[PostgresTransaction]:
+        lock = q.subscriber_lock_key(self._settings.schema, name)
+        with self._connection() as conn, conn.transaction():
+            conn.execute(q.LOCK_SUBSCRIBER, (lock,))
+            outer, self._local.transaction = getattr(self._local, "transaction", None), conn
+            try:
+                yield PostgresTransaction(conn, name, self._settings.channel)
+            finally:
+                self._local.transaction = outer
+
+    def checkpoint(self, name: str) -> int:
+        return int(self._value(q.CHECKPOINT, (name,), 0))
+
+    def get_document(self, collection: str, key: str) -> Document | None:
+        document: Document | None = self._value(q.GET_DOCUMENT, (collection, key))
+        return document
+
+    def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        with self._connection() as conn:
+            rows = conn.execute(q.DOCUMENTS, (collection, limit)).fetchall()
+        return dict(rows)
+
+    def parked(self, projection: str) -> list[ParkedEvent]:
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=args_row(ParkedEvent))
+            return cur.execute(q.PARKED, (projection,)).fetchall()
+
+    def unpark(self, projection: str, position: int) -> bool:
+        with self._connection() as conn:
+            return conn.execute(q.UNPARK, (projection, position)).rowcount > 0
+
+    def footprint(self) -> int:
+        return int(self._value(q.FOOTPRINT))
+
+    def close(self) -> None:
+        with self._listener_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        self._pool.close()
+
+    def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:
+        """The first column of the query's one row, or ``default`` when it finds none."""
+        with self._connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        return default if row is None else row[0]
+
+
+class PostgresTransaction:
+    """A subscriber's transaction on one pooled connection (``Transaction`` in the contract);
+    ``PostgresEventStore.transaction`` holds the subscriber's advisory lock for its length."""
+
+    def __init__(self, conn: psycopg.Connection[Any], name: str, channel: str) -> None:
+        self._conn = conn
+        self._channel = channel
+        self.name = name
+        self._checkpoint: int | None = None
+
+    @property
+    def checkpoint(self) -> int:
+        if self._checkpoint is None:
+            row = self._conn.execute(q.CHECKPOINT, (self.name,)).fetchone()
+            self._checkpoint = 0 if row is None else int(row[0])
+        return self._checkpoint
+
+    def set_checkpoint(self, position: int) -> None:
+        self._conn.execute(q.SET_CHECKPOINT, (self.name, position))
+        self._checkpoint = position
+
+    def get(self, collection: str, key: str) -> Document | None:
+        row = self._conn.execute(q.GET_DOCUMENT, (collection, key)).fetchone()
+        document: Document | None = None if row is None else row[0]
+        return document
+
+    def put(self, collection: str, key: str, document: Document) -> None:
+        self._conn.execute(q.PUT_DOCUMENT, (collection, key, Jsonb(document)))
+
+    def delete(self, collection: str, key: str) -> None:
+        self._conn.execute(q.DELETE_DOCUMENT, (collection, key))
+
+    def drop(self, collection: str) -> None:
+        self._conn.execute(q.DROP_COLLECTION, (collection,))
+
+    def park(self, parked: ParkedEvent) -> None:
+        p = parked
+        self._conn.execute(
+            q.PARK, (p.projection, p.position, p.event_id, p.type, p.error, p.parked_ms)
+        )
+
+    def seen(self, event_id: str) -> bool:
+        return self._conn.execute(q.SEEN, (self.name, event_id)).rowcount == 0
+
+    def append(self, appends: Sequence[StreamAppend]) -> int:
+        return _append(self._conn, appends, self._channel)
+
+    def read_stream(
+        self, stream: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        return _read_stream(self._conn, stream, from_version, to_version)
+
+    def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
+        self._conn.execute(q.SET_TIMER, (self.name, key, due_ms, data))
+
+    def cancel_timer(self, key: str) -> None:
+        self._conn.execute(q.CANCEL_TIMER, (self.name, key))
+
+    def due_timers(self, now_ms: int, limit: int = 100) -> list[Timer]:
+        cur = self._conn.cursor(row_factory=args_row(Timer))
+        return cur.execute(q.DUE_TIMERS, (self.name, now_ms, limit)).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self._conn.execute(sql.encode(), params)
+        return cur.fetchall() if cur.description is not None else []
+
+
+class Listener:
+    """The store's LISTEN connection, shared by its waiting threads: whichever finds it free
+    reads the notifications (each carries an append's last position) while the others wait to
+    be told the newest position seen."""
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            self._conn = psycopg.connect(
+                settings.conninfo, autocommit=True, options=connection_options(settings)
+            )
+        except psycopg.OperationalError as error:
+            raise unavailable(settings, error) from None
+        self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        self._newest = 0
+        self._reading = False
+        self._changed = threading.Condition()
+
+    def saw(self, position: int) -> None:
+        with self._changed:
+            self._newest = max(self._newest, position)
+
+    def wait(self, after: int, deadline: float) -> bool:
+        """Whether a position above ``after`` is known by ``deadline``."""
+        with self._changed:
+            while self._newest <= after:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if self._reading:
+                    self._changed.wait(remaining)
+                    continue
+                self._reading = True
+                newest = 0
+                self._changed.release()
+                try:
+                    newest = self._read(remaining)
+                finally:
+                    self._changed.acquire()
+                    self._reading = False
+                    self._newest = max(self._newest, newest)
+                    self._changed.notify_all()
+            return True
+
+    def _read(self, timeout: float) -> int:
+        return max(
+            (int(n.payload) for n in self._conn.notifies(timeout=timeout, stop_after=1)),
+            default=0,
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _events_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[StoredEvent]:
+    # Binary rows are built by psycopg's C loaders straight into StoredEvent: no text parsing.
+    return conn.cursor(binary=True, row_factory=args_row(StoredEvent))
+
+
+def _read_stream(
+    conn: psycopg.Connection[Any], stream: str, from_version: int, to_version: int | None
+) -> list[StoredEvent]:
+    upto = q.NO_LIMIT if to_version is None else to_version
+    with _events_cursor(conn) as cur:
+        return cur.execute(q.READ_STREAM, (stream, from_version, upto)).fetchall()
+
+
+def _append(conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], channel: str) -> int:
+    try:
+        row = conn.execute(q.APPEND, q.append_params(appends, channel)).fetchone()
+    except psycopg.errors.UniqueViolation as error:
+        # Two events for one version in this append (the caller's bug), or an id used twice.
+        raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
+    return q.appended(row)

@@ -1,0 +1,789 @@
+"""The event-store contract (``riverbed/eventsourcing/stores/api.py``), run against every store:
+appends with optimistic concurrency, reads by stream and by global position, the gap-free order
+under concurrent writer processes, waiting for events, snapshots, stream keys, and the read
+side's transactions (checkpoints, documents, parked events, the inbox, timers, raw SQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from multiprocessing.synchronize import Event as EventFlag
+
+import psycopg
+import pytest
+
+from riverbed.errors import InvalidUrlError
+from riverbed.eventsourcing.errors import (
+    ConcurrencyError,
+    EventSourcingError,
+    StoreUnavailableError,
+)
+from riverbed.eventsourcing.records import (
+    NewEvent,
+    ParkedEvent,
+    Snapshot,
+    StoredEvent,
+    StreamAppend,
+    Timer,
+)
+from riverbed.eventsourcing.stores import EventStore, connect_async_store, connect_store
+from tests.eventsourcing.conftest import OpenStore
+
+WRITERS = 4
+APPENDS_PER_WRITER = 500
+
+
+def new_event(stream: str, version: int, data: bytes = b"\x81\xa1n\x01") -> NewEvent:
+    return NewEvent(
+        id=uuid.uuid4().hex,
+        stream=stream,
+        version=version,
+        type="Order.Placed",
+        schema=2,
+        data=data,
+        metadata=b"\x81\xaecorrelation_id\xa1c",
+        timestamp_ms=1_764_158_400_000 + version,
+    )
+
+
+def events_for(stream: str, first: int, count: int) -> list[NewEvent]:
+    return [new_event(stream, version) for version in range(first, first + count)]
+
+
+def append_to(store: EventStore, stream: str, expected: int | None, count: int = 1) -> int:
+    first = (store.stream_version(stream) if expected is None else expected) + 1
+    return store.append([StreamAppend(stream, expected, events_for(stream, first, count))])
+
+
+def positions(events: Sequence[StoredEvent]) -> list[int]:
+    return [event.position for event in events]
+
+
+def placeholder(store_url: str) -> str:
+    return "?" if store_url.startswith("sqlite") else "%s"
+
+
+# Appending and reading
+
+
+def test_append_returns_the_last_position_and_reads_back_what_was_appended(
+    store: EventStore,
+) -> None:
+    appended = events_for("order-1", 1, 3)
+    assert store.append([StreamAppend("order-1", 0, appended)]) == 3
+
+    stored = store.read_stream("order-1")
+    assert positions(stored) == [1, 2, 3]
+    for event, original in zip(stored, appended, strict=True):
+        assert isinstance(event, StoredEvent)
+        assert (event.id, event.stream, event.version, event.type, event.schema) == (
+            original.id, original.stream, original.version, original.type, original.schema,
+        )  # fmt: skip
+        assert (event.data, event.metadata, event.timestamp_ms) == (
+            original.data, original.metadata, original.timestamp_ms,
+        )  # fmt: skip
+        assert isinstance(event.data, bytes)
+        assert isinstance(event.metadata, bytes)
+    assert store.read_all() == stored
+    assert store.stream_version("order-1") == 3
+    assert store.last_position() == 3
+
+
+def test_an_empty_store(store: EventStore) -> None:
+    assert store.read_all() == []
+    assert store.read_stream("nothing") == []
+    assert store.stream_version("nothing") == 0
+    assert store.last_position() == 0
+    assert store.footprint() == 0
+
+
+def test_positions_follow_each_other_across_streams_and_appends(store: EventStore) -> None:
+    assert append_to(store, "a", 0, 2) == 2
+    assert append_to(store, "b", 0, 1) == 3
+    assert append_to(store, "a", 2, 3) == 6
+    assert [(e.stream, e.version) for e in store.read_all()] == [
+        ("a", 1), ("a", 2), ("b", 1), ("a", 3), ("a", 4), ("a", 5),
+    ]  # fmt: skip
+    assert positions(store.read_stream("a")) == [1, 2, 4, 5, 6]
+
+
+def test_binary_payloads_round_trip_unchanged(store: EventStore) -> None:
+    payloads = [b"", bytes(range(256)), b"\x00" * 70_000]
+    store.append(
+        [StreamAppend("blobs", 0, [new_event("blobs", i + 1, p) for i, p in enumerate(payloads)])]
+    )
+    assert [event.data for event in store.read_stream("blobs")] == payloads
+
+
+def test_a_stale_expected_version_raises_concurrency_error_naming_stream_and_versions(
+    store: EventStore,
+) -> None:
+    append_to(store, "order-7", 0, 2)
+    with pytest.raises(ConcurrencyError) as raised:
+        store.append([StreamAppend("order-7", 1, [new_event("order-7", 2)])])
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("order-7", 1, 2)
+    assert "'order-7'" in str(raised.value)
+    assert "version 2" in str(raised.value)
+    assert "expected 1" in str(raised.value)
+
+    with pytest.raises(ConcurrencyError) as raised:
+        store.append([StreamAppend("order-7", 5, [new_event("order-7", 6)])])
+    assert (raised.value.expected, raised.value.actual) == (5, 2)
+
+    with pytest.raises(ConcurrencyError) as raised:
+        store.append([StreamAppend("order-8", 3, [new_event("order-8", 4)])])
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("order-8", 3, 0)
+    assert store.last_position() == 2
+
+
+def test_a_conflict_in_one_stream_appends_nothing_to_any_stream(store: EventStore) -> None:
+    append_to(store, "b", 0, 1)
+    with pytest.raises(ConcurrencyError) as raised:
+        store.append(
+            [
+                StreamAppend("a", 0, events_for("a", 1, 2)),
+                StreamAppend("b", 0, events_for("b", 1, 1)),
+                StreamAppend("c", None, events_for("c", 1, 1)),
+            ]
+        )
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("b", 0, 1)
+    assert store.read_stream("a") == []
+    assert store.read_stream("c") == []
+    assert store.last_position() == 1
+    # The failed append left no hole: the next one takes position 2.
+    assert append_to(store, "a", 0) == 2
+    assert positions(store.read_all()) == [1, 2]
+
+
+def test_an_append_to_several_streams_is_atomic_and_in_the_order_given(
+    store: EventStore,
+) -> None:
+    append_to(store, "order", 0)
+    last = store.append(
+        [
+            StreamAppend("order", 1, events_for("order", 2, 2)),
+            StreamAppend("payment", 0, events_for("payment", 1, 1)),
+            StreamAppend("shipment", None, events_for("shipment", 1, 2)),
+        ]
+    )
+    assert last == 6
+    assert [(e.position, e.stream, e.version) for e in store.read_all(after=1)] == [
+        (2, "order", 2), (3, "order", 3), (4, "payment", 1), (5, "shipment", 1),
+        (6, "shipment", 2),
+    ]  # fmt: skip
+
+
+def test_no_expected_version_appends_at_any_version(store: EventStore) -> None:
+    append_to(store, "s", 0, 2)
+    assert store.append([StreamAppend("s", None, [new_event("s", 3)])]) == 3
+    assert store.stream_version("s") == 3
+
+
+def test_an_append_of_no_events_checks_versions_and_returns_the_last_position(
+    store: EventStore,
+) -> None:
+    append_to(store, "s", 0, 2)
+    assert store.append([StreamAppend("s", 2, [])]) == 2
+    with pytest.raises(ConcurrencyError):
+        store.append([StreamAppend("s", 1, [])])
+    assert store.append([]) == 2
+
+
+def test_a_duplicate_version_or_event_id_is_an_error_and_appends_nothing(
+    store: EventStore,
+) -> None:
+    append_to(store, "s", 0, 2)
+    with pytest.raises(EventSourcingError, match="cannot append"):
+        store.append([StreamAppend("s", None, [new_event("s", 2)])])
+    with pytest.raises(EventSourcingError, match="cannot append"):
+        store.append([StreamAppend("t", 0, [new_event("t", 1), new_event("t", 1)])])
+    reused = store.read_all()[0].id
+    duplicate = NewEvent(reused, "u", 1, "Order.Placed", 1, b"", b"\x80", 0)
+    with pytest.raises(EventSourcingError, match="cannot append"):
+        store.append([StreamAppend("u", 0, [duplicate])])
+    assert store.last_position() == 2
+    assert append_to(store, "u", 0) == 3
+
+
+def test_concurrent_appends_expecting_one_version_let_exactly_one_win(
+    open_store: OpenStore,
+) -> None:
+    stores = [open_store() for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    outcomes: list[int | ConcurrencyError] = []
+
+    def race(store: EventStore) -> None:
+        start.wait()
+        try:
+            outcomes.append(store.append([StreamAppend("hot", 0, [new_event("hot", 1)])]))
+        except ConcurrencyError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=race, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [o for o in outcomes if isinstance(o, int)] == [1]
+    conflicts = [o for o in outcomes if isinstance(o, ConcurrencyError)]
+    assert [(c.stream, c.expected, c.actual) for c in conflicts] == [("hot", 0, 1)] * 3
+    assert len(stores[0].read_all()) == 1
+
+
+def test_read_stream_between_versions_travels_in_time(store: EventStore) -> None:
+    append_to(store, "other", 0, 1)
+    append_to(store, "s", 0, 5)
+    assert [e.version for e in store.read_stream("s", from_version=3)] == [3, 4, 5]
+    assert [e.version for e in store.read_stream("s", to_version=2)] == [1, 2]
+    assert [e.version for e in store.read_stream("s", 2, 4)] == [2, 3, 4]
+    assert [e.version for e in store.read_stream("s", 4, 4)] == [4]
+    assert store.read_stream("s", 6) == []
+    assert store.read_stream("s", 4, 3) == []
+
+
+def test_read_all_pages_by_position(store: EventStore) -> None:
+    for i in range(5):
+        append_to(store, f"s{i}", 0, 5)
+    pages: list[list[int]] = []
+    after = 0
+    while page := store.read_all(after=after, limit=10):
+        pages.append(positions(page))
+        after = page[-1].position
+    assert pages == [list(range(1, 11)), list(range(11, 21)), list(range(21, 26))]
+    assert positions(store.read_all(after=23)) == [24, 25]
+    assert store.read_all(after=25) == []
+    assert len(store.read_all()) == 25
+
+
+# The gap-free global order, with writer processes
+
+
+def _writer(url: str, writer: int, start: EventFlag) -> None:
+    """Append APPENDS_PER_WRITER times to this writer's stream, alternating one event and three,
+    every tenth append also to a stream all writers share (any version)."""
+    store = connect_store(url)
+    stream = f"writer-{writer}"
+    version = 0
+    start.wait()
+    try:
+        for i in range(APPENDS_PER_WRITER):
+            count = 1 if i % 2 else 3
+            appends = [StreamAppend(stream, version, events_for(stream, version + 1, count))]
+            if i % 10 == 0:
+                # Versions of the shared stream need only be unique (no expected version).
+                shared = NewEvent(uuid.uuid4().hex, "shared", writer * 1000 + i + 1, "Tick", 1,
+                                  b"", b"\x80", 0)  # fmt: skip
+                appends.append(StreamAppend("shared", None, [shared]))
+            store.append(appends)
+            version += count
+    finally:
+        store.close()
+
+
+def test_readers_never_see_a_gap_while_writer_processes_append(store_url: str) -> None:
+    store = connect_store(store_url)  # creates the tables before the writers race to
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    writers = [
+        context.Process(target=_writer, args=(store_url, writer, start))
+        for writer in range(WRITERS)
+    ]
+    for process in writers:
+        process.start()
+    per_writer = APPENDS_PER_WRITER * 2 + APPENDS_PER_WRITER // 10
+    total = WRITERS * per_writer
+    seen = 0
+    pages = 0
+    try:
+        start.set()
+        deadline = time.monotonic() + 240
+        while seen < total:
+            assert time.monotonic() < deadline, f"read {seen} of {total} events"
+            page = store.read_all(after=seen, limit=97)
+            # Contiguous from where the reader was: a position never shows before all below it.
+            assert positions(page) == list(range(seen + 1, seen + 1 + len(page)))
+            seen += len(page)
+            pages += 1
+            if not page:
+                store.wait_for_events(after=seen, timeout=0.05)
+        for process in writers:
+            process.join(60)
+            assert process.exitcode == 0
+        assert store.last_position() == total
+        assert store.read_all(after=total) == []
+        for writer in range(WRITERS):
+            versions = [e.version for e in store.read_stream(f"writer-{writer}")]
+            assert versions == list(range(1, per_writer - APPENDS_PER_WRITER // 10 + 1))
+        assert pages > WRITERS  # the reader ran alongside the writers, not only after them
+    finally:
+        for process in writers:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        store.close()
+
+
+# Waiting for events
+
+
+def test_wait_for_events_returns_at_once_when_events_are_there(store: EventStore) -> None:
+    append_to(store, "s", 0, 2)
+    assert store.wait_for_events(after=1, timeout=10)
+    assert store.wait_for_events(after=0, timeout=0)
+
+
+def test_wait_for_events_times_out_when_nothing_is_appended(store: EventStore) -> None:
+    append_to(store, "s", 0)
+    started = time.monotonic()
+    assert not store.wait_for_events(after=1, timeout=0.3)
+    assert time.monotonic() - started >= 0.29
+
+
+def test_wait_for_events_wakes_on_an_append_from_another_connection(
+    open_store: OpenStore,
+) -> None:
+    waiter, writer = open_store(), open_store()
+    append_to(writer, "s", 0)
+    woke: list[tuple[bool, float]] = []
+
+    def wait() -> None:
+        woke.append((waiter.wait_for_events(after=1, timeout=30), time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.2)
+    assert not woke  # still waiting: nothing past position 1 yet
+    appended_at = time.monotonic()
+    append_to(writer, "s", 1)
+    thread.join(30)
+    assert woke and woke[0][0]
+    assert woke[0][1] - appended_at < 5  # woken by the append, long before the timeout
+
+
+def test_several_waiters_wake_each_at_its_own_position(open_store: OpenStore) -> None:
+    waiter, writer = open_store(), open_store()
+    results: dict[int, bool] = {}
+
+    def wait(after: int) -> None:
+        results[after] = waiter.wait_for_events(after=after, timeout=20 if after < 2 else 1)
+
+    threads = [threading.Thread(target=wait, args=(after,)) for after in (0, 1, 2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    append_to(writer, "s", 0, 2)
+    for thread in threads:
+        thread.join(30)
+    assert results == {0: True, 1: True, 2: False}
+
+
+# Snapshots
+
+
+def test_the_latest_snapshot_at_or_below_a_version_is_loaded(store: EventStore) -> None:
+    assert store.load_snapshot("order") is None
+    store.save_snapshot(Snapshot("order", 5, "Order", 1, b"v5", 1000))
+    assert store.load_snapshot("order") == Snapshot("order", 5, "Order", 1, b"v5", 1000)
+    assert store.load_snapshot("order", max_version=5) == store.load_snapshot("order")
+    assert store.load_snapshot("order", max_version=4) is None
+    assert store.load_snapshot("other") is None
+
+    store.save_snapshot(Snapshot("order", 10, "Order", 2, b"v10", 2000))
+    assert store.load_snapshot("order") == Snapshot("order", 10, "Order", 2, b"v10", 2000)
+    assert store.load_snapshot("order", max_version=12) == store.load_snapshot("order")
+    # A later snapshot replaces the earlier ones: time travel before it replays from the start.
+    assert store.load_snapshot("order", max_version=9) is None
+
+
+def test_saving_a_snapshot_again_at_its_version_replaces_it(store: EventStore) -> None:
+    store.save_snapshot(Snapshot("order", 3, "Order", 1, b"old", 1))
+    store.save_snapshot(Snapshot("order", 3, "Order", 2, b"new", 2))
+    assert store.load_snapshot("order") == Snapshot("order", 3, "Order", 2, b"new", 2)
+    assert store.footprint() == 1
+
+
+# Stream keys (crypto-shredding)
+
+
+def test_a_stream_key_is_created_once_and_shredded_on_delete(store: EventStore) -> None:
+    assert store.stream_key("person-1", create=False) is None
+    key = store.stream_key("person-1", create=True)
+    assert isinstance(key, bytes)
+    assert len(key) == 32
+    assert store.stream_key("person-1", create=True) == key
+    assert store.stream_key("person-1", create=False) == key
+    other = store.stream_key("person-2", create=True)
+    assert other is not None
+    assert other != key
+
+    assert store.delete_stream_key("person-1")
+    assert store.stream_key("person-1", create=False) is None
+    assert not store.delete_stream_key("person-1")
+    assert store.stream_key("person-2", create=False) == other
+
+
+def test_stores_creating_one_stream_key_at_once_agree_on_it(open_store: OpenStore) -> None:
+    stores = [open_store() for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    keys: list[bytes | None] = []
+
+    def create(store: EventStore) -> None:
+        start.wait()
+        keys.append(store.stream_key("person", create=True))
+
+    threads = [threading.Thread(target=create, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(keys) == 4
+    assert len(set(keys)) == 1
+    assert keys[0] is not None
+
+
+# Subscriber transactions
+
+
+def test_documents_and_checkpoint_commit_together(store: EventStore) -> None:
+    with store.transaction("orders-view") as tx:
+        assert tx.name == "orders-view"
+        assert tx.checkpoint == 0
+        tx.put("orders", "o1", {"status": "placed", "lines": [1, 2.5, None, "é"], "n": {"a": 1}})
+        tx.put("orders", "o2", {"status": "paid"})
+        assert tx.get("orders", "o1") == {
+            "status": "placed", "lines": [1, 2.5, None, "é"], "n": {"a": 1},
+        }  # fmt: skip
+        tx.set_checkpoint(7)
+        assert tx.checkpoint == 7
+    assert store.checkpoint("orders-view") == 7
+    assert store.checkpoint("another-view") == 0
+    assert store.get_document("orders", "o2") == {"status": "paid"}
+    assert store.get_document("orders", "o3") is None
+    assert store.get_document("payments", "o1") is None
+
+    with store.transaction("orders-view") as tx:
+        assert tx.checkpoint == 7
+        tx.put("orders", "o2", {"status": "shipped"})
+        tx.delete("orders", "o1")
+        tx.set_checkpoint(9)
+    assert store.documents("orders") == {"o2": {"status": "shipped"}}
+    assert store.checkpoint("orders-view") == 9
+
+
+def test_a_failed_transaction_leaves_nothing_behind(store: EventStore) -> None:
+    with store.transaction("view") as tx:
+        tx.put("c", "kept", {"v": 1})
+        tx.set_checkpoint(1)
+    before = store.footprint()
+
+    with pytest.raises(RuntimeError, match="projection failed"), store.transaction("view") as tx:
+        tx.put("c", "new", {"v": 2})
+        tx.put("c", "kept", {"v": 3})
+        tx.set_checkpoint(2)
+        assert tx.seen("event-1") is False
+        tx.set_timer("t", 100, b"x")
+        tx.park(ParkedEvent("view", 1, "event-1", "T", "boom", 5))
+        tx.append([StreamAppend("s", 0, [new_event("s", 1)])])
+        raise RuntimeError("projection failed")
+
+    assert store.checkpoint("view") == 1
+    assert store.documents("c") == {"kept": {"v": 1}}
+    assert store.parked("view") == []
+    assert store.read_all() == []
+    assert store.footprint() == before
+    with store.transaction("view") as tx:
+        assert tx.checkpoint == 1
+        assert tx.seen("event-1") is False
+        assert tx.due_timers(now_ms=1000) == []
+
+
+def test_transactions_of_one_subscriber_take_turns(open_store: OpenStore) -> None:
+    stores = [open_store() for _ in range(3)]
+    rounds = 15
+
+    def advance(store: EventStore) -> None:
+        for _ in range(rounds):
+            with store.transaction("counter") as tx:
+                position = tx.checkpoint
+                time.sleep(0.001)  # widen the window a lost update would need
+                tx.set_checkpoint(position + 1)
+
+    threads = [threading.Thread(target=advance, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert stores[0].checkpoint("counter") == len(stores) * rounds
+
+
+def test_a_second_transaction_of_a_subscriber_waits_for_the_first(
+    open_store: OpenStore,
+) -> None:
+    first, second = open_store(), open_store()
+    entered = threading.Event()
+    timeline: list[str] = []
+
+    def hold() -> None:
+        with first.transaction("saga") as tx:
+            tx.set_checkpoint(1)
+            entered.set()
+            time.sleep(0.3)
+            timeline.append("first commits")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert entered.wait(10)
+    with second.transaction("saga") as tx:
+        timeline.append("second enters")
+        assert tx.checkpoint == 1  # it sees what the first committed
+    thread.join(10)
+    assert timeline == ["first commits", "second enters"]
+
+
+def test_documents_lists_a_collection_in_key_order(store: EventStore) -> None:
+    with store.transaction("view") as tx:
+        for key in ("b", "c", "a", "d"):
+            tx.put("letters", key, {"key": key})
+        tx.put("numbers", "1", {"n": 1})
+    assert list(store.documents("letters")) == ["a", "b", "c", "d"]
+    assert store.documents("letters", limit=2) == {"a": {"key": "a"}, "b": {"key": "b"}}
+    assert store.documents("nothing") == {}
+
+    with store.transaction("view") as tx:
+        tx.drop("letters")
+        assert tx.get("letters", "a") is None
+    assert store.documents("letters") == {}
+    assert store.documents("numbers") == {"1": {"n": 1}}
+
+
+def test_parked_events_are_listed_by_position_and_unparked(store: EventStore) -> None:
+    with store.transaction("view") as tx:
+        tx.park(ParkedEvent("view", 9, "e9", "Order.Placed", "KeyError: 'total'", 100))
+        tx.park(ParkedEvent("view", 4, "e4", "Order.Paid", "ValueError: bad", 101))
+        tx.park(ParkedEvent("other", 4, "e4", "Order.Paid", "no", 102))
+    assert store.parked("view") == [
+        ParkedEvent("view", 4, "e4", "Order.Paid", "ValueError: bad", 101),
+        ParkedEvent("view", 9, "e9", "Order.Placed", "KeyError: 'total'", 100),
+    ]
+    assert store.unpark("view", 4)
+    assert not store.unpark("view", 4)
+    assert [p.position for p in store.parked("view")] == [9]
+    assert [p.projection for p in store.parked("other")] == ["other"]
+    assert store.parked("nobody") == []
+
+
+def test_the_inbox_remembers_event_ids_per_subscriber(store: EventStore) -> None:
+    with store.transaction("billing") as tx:
+        assert tx.seen("event-1") is False
+        assert tx.seen("event-1") is True
+        assert tx.seen("event-2") is False
+    with store.transaction("billing") as tx:
+        assert tx.seen("event-1") is True
+    with store.transaction("shipping") as tx:
+        assert tx.seen("event-1") is False
+
+
+def test_timers_are_set_moved_found_due_and_cancelled(store: EventStore) -> None:
+    with store.transaction("saga") as tx:
+        tx.set_timer("payment-timeout:o1", 300, b"o1")
+        tx.set_timer("payment-timeout:o2", 100, b"o2")
+        tx.set_timer("payment-timeout:o3", 200, b"o3")
+    with store.transaction("other-saga") as tx:
+        tx.set_timer("x", 50, b"")
+    with store.transaction("saga") as tx:
+        assert tx.due_timers(now_ms=99) == []
+        assert tx.due_timers(now_ms=250) == [
+            Timer("saga", "payment-timeout:o2", 100, b"o2"),
+            Timer("saga", "payment-timeout:o3", 200, b"o3"),
+        ]
+        assert [t.key for t in tx.due_timers(now_ms=1000, limit=1)] == ["payment-timeout:o2"]
+        tx.set_timer("payment-timeout:o2", 500, b"moved")
+        tx.cancel_timer("payment-timeout:o3")
+        tx.cancel_timer("never-set")
+    with store.transaction("saga") as tx:
+        assert tx.due_timers(now_ms=1000) == [
+            Timer("saga", "payment-timeout:o1", 300, b"o1"),
+            Timer("saga", "payment-timeout:o2", 500, b"moved"),
+        ]
+
+
+def test_events_appended_in_a_transaction_commit_with_its_checkpoint(
+    store: EventStore,
+) -> None:
+    append_to(store, "order", 0)
+    with store.transaction("saga") as tx:
+        assert tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])]) == 2
+        tx.set_checkpoint(1)
+    assert [(e.position, e.stream) for e in store.read_all()] == [(1, "order"), (2, "payment")]
+    assert store.checkpoint("saga") == 1
+
+    with pytest.raises(ConcurrencyError) as raised, store.transaction("saga") as tx:
+        tx.set_checkpoint(2)
+        tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])])
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("payment", 0, 1)
+    assert store.checkpoint("saga") == 1
+    assert store.last_position() == 2
+
+
+def test_a_transaction_reads_the_events_it_appended_before_it_commits(
+    open_store: OpenStore,
+) -> None:
+    store, other = open_store(), open_store()
+    append_to(store, "order", 0)
+    with store.transaction("saga") as tx:
+        tx.append([StreamAppend("payment", 0, events_for("payment", 1, 2))])
+        assert [e.version for e in tx.read_stream("payment")] == [1, 2]
+        assert [e.version for e in tx.read_stream("payment", 2)] == [2]
+        assert [e.version for e in tx.read_stream("payment", to_version=1)] == [1]
+        # The store's reads on the transaction's thread run in it.
+        assert store.stream_version("payment") == 2
+        assert [e.version for e in store.read_stream("payment")] == [1, 2]
+        assert store.last_position() == 3
+        # Other connections see none of it before the commit.
+        assert other.read_stream("payment") == []
+        assert other.last_position() == 1
+    assert [e.version for e in other.read_stream("payment")] == [1, 2]
+
+
+def test_raw_sql_runs_in_the_transaction(store: EventStore, store_url: str) -> None:
+    p = placeholder(store_url)
+    with store.transaction("custom-view") as tx:
+        assert tx.execute("CREATE TABLE totals (customer TEXT PRIMARY KEY, total INTEGER)") == []
+        tx.execute(f"INSERT INTO totals (customer, total) VALUES ({p}, {p})", ("ann", 10))
+        tx.execute(f"INSERT INTO totals (customer, total) VALUES ({p}, {p})", ("bob", 5))
+        assert tx.execute(f"SELECT customer, total FROM totals WHERE total > {p}", (6,)) == [
+            ("ann", 10)
+        ]
+    with pytest.raises(RuntimeError), store.transaction("custom-view") as tx:
+        tx.execute(f"UPDATE totals SET total = total + 1 WHERE customer = {p}", ("ann",))
+        raise RuntimeError("rolled back")
+    with store.transaction("custom-view") as tx:
+        assert tx.execute("SELECT customer, total FROM totals ORDER BY customer") == [
+            ("ann", 10), ("bob", 5),
+        ]  # fmt: skip
+
+
+def test_footprint_counts_the_rows_of_every_table(store: EventStore) -> None:
+    append_to(store, "s", 0, 3)
+    store.save_snapshot(Snapshot("s", 3, "S", 1, b"", 0))
+    store.stream_key("s", create=True)
+    with store.transaction("view") as tx:
+        tx.set_checkpoint(3)
+        tx.put("c", "k", {})
+        tx.park(ParkedEvent("view", 2, "e", "T", "error", 0))
+        tx.seen("e")
+        tx.set_timer("t", 1, b"")
+    assert store.footprint() == 3 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+
+
+# The async face
+
+
+def test_the_async_store_appends_reads_and_waits(store: EventStore, store_url: str) -> None:
+    async def main() -> None:
+        astore = await connect_async_store(store_url)
+        try:
+            assert await astore.append([StreamAppend("s", 0, events_for("s", 1, 2))]) == 2
+            with pytest.raises(ConcurrencyError):
+                await astore.append([StreamAppend("s", 0, events_for("s", 1, 1))])
+            assert positions(await astore.read_stream("s", 2)) == [2]
+            assert positions(await astore.read_all(after=1)) == [2]
+            await astore.save_snapshot(Snapshot("s", 2, "S", 1, b"state", 0))
+            assert await astore.load_snapshot("s") == Snapshot("s", 2, "S", 1, b"state", 0)
+            key = await astore.stream_key("s", create=True)
+            assert key is not None
+            assert await astore.stream_key("s", create=False) == key
+            assert await astore.checkpoint("view") == 0
+            assert await astore.get_document("c", "k") is None
+
+            waiting = asyncio.create_task(astore.wait_for_events(after=2, timeout=30))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+            await asyncio.to_thread(append_to, store, "s", 2)  # from another connection
+            assert await asyncio.wait_for(waiting, 10)
+            assert not await astore.wait_for_events(after=3, timeout=0.1)
+        finally:
+            await astore.close()
+
+    asyncio.run(main())
+    with store.transaction("view") as tx:
+        tx.put("c", "k", {"v": 1})
+        tx.set_checkpoint(3)
+
+    async def read_side() -> None:
+        astore = await connect_async_store(store_url)
+        try:
+            assert await astore.checkpoint("view") == 3
+            assert await astore.get_document("c", "k") == {"v": 1}
+        finally:
+            await astore.close()
+
+    asyncio.run(read_side())
+
+
+# URLs
+
+
+def test_an_unknown_url_option_is_refused(store_url: str) -> None:
+    with pytest.raises(InvalidUrlError, match="bogus"):
+        connect_store(store_url + ("&" if "?" in store_url else "?") + "bogus=1")
+
+
+def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_password() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as raised:
+            connect_store(f"postgresql://shop:s3cret-pw@127.0.0.1:{port}/shop")
+    assert time.monotonic() - started < 10
+    assert f"127.0.0.1:{port}" in str(raised.value)
+    assert "s3cret-pw" not in str(raised.value)
+
+
+@pytest.mark.parametrize("option", ["schema=Bad-Name", "pool_size=0"])
+def test_bad_postgresql_options_are_refused(option: str) -> None:
+    with pytest.raises(InvalidUrlError, match=option.split("=", maxsplit=1)[0]):
+        connect_store(f"postgresql://shop@127.0.0.1:1/shop?{option}")
+
+
+def test_stores_in_two_schemas_of_one_database_are_separate(postgres_url: str) -> None:
+    first = connect_store(f"{postgres_url}?schema=shop_{uuid.uuid4().hex[:8]}")
+    second = connect_store(f"{postgres_url}?schema=shop_{uuid.uuid4().hex[:8]}")
+    try:
+        append_to(first, "s", 0, 2)
+        assert second.read_all() == []
+        assert append_to(second, "s", 0) == 1
+        assert not second.wait_for_events(after=1, timeout=0.2)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url: str) -> None:
+    name = f"dropped_{uuid.uuid4().hex[:8]}"
+    store = connect_store(f"{postgres_url}?schema={name}&application_name={name}")
+    try:
+        append_to(store, "s", 0)
+        assert not store.wait_for_events(after=1, timeout=0.01)  # opens the LISTEN connection
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            ).fetchall()
+        assert len(killed) == 2  # the pool's one connection and the listener's
+        with pytest.raises(StoreUnavailableError, match="cannot reach the event store"):
+            store.read_all()
+        with pytest.raises(StoreUnavailableError):
+            store.wait_for_events(after=1, timeout=5)
+        assert append_to(store, "s", 1) == 2
+        assert positions(store.read_all()) == [1, 2]
+        assert store.wait_for_events(after=1, timeout=5)
+    finally:
+        store.close()
