@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -27,9 +28,19 @@ class BackendUrl:
         if unknown:
             known = ", ".join(sorted(allowed)) or "none"
             raise InvalidUrlError(
-                f"unknown option {unknown[0]!r} in {self.raw!r}; {self.scheme}:// accepts: {known}"
+                f"unknown option {unknown[0]!r} in {self.shown!r}; {self.scheme}:// accepts: "
+                f"{known}"
             )
         return {**allowed, **self.options}
+
+    @property
+    def shown(self) -> str:
+        """The URL for messages: any password replaced by ``***``."""
+        return redacted(self.raw)
+
+
+def redacted(url: str) -> str:
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def resolve_url(url: str | None, env: str = LOG_URL_ENV, default: str = DEFAULT_LOG_URL) -> str:

@@ -208,12 +208,12 @@ class KafkaLog(Closing):
             replication_factor = int(parsed["replication_factor"])
         except ValueError:
             raise InvalidUrlError(
-                f"invalid option in {url.raw!r}: connect_timeout must be a number of seconds "
+                f"invalid option in {url.shown!r}: connect_timeout must be a number of seconds "
                 "and replication_factor a whole number"
             ) from None
         if connect_timeout <= 0 or replication_factor < 1:
             raise InvalidUrlError(
-                f"invalid option in {url.raw!r}: connect_timeout must be > 0 "
+                f"invalid option in {url.shown!r}: connect_timeout must be > 0 "
                 "and replication_factor >= 1"
             )
         return cls(url.location, passthrough, connect_timeout, replication_factor, url.raw)

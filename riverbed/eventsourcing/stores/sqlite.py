@@ -170,8 +170,19 @@ class SqliteEventStore:
     # Appending
 
     def append(self, appends: Sequence[StreamAppend]) -> int:
-        with write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             return _append(conn, appends)
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; inside this thread's open one (a subscriber's handler saving an
+        aggregate), the write joins it, as on PostgreSQL."""
+        conn = self._conn
+        if conn.in_transaction:
+            yield conn
+        else:
+            with write_transaction(conn):
+                yield conn
 
     # Reading
 
@@ -209,7 +220,7 @@ class SqliteEventStore:
     # Snapshots and keys
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
-        with write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO snapshots (stream, version, type, schema, data, "
                 "timestamp_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -236,7 +247,7 @@ class SqliteEventStore:
         ).fetchone()
         if row is not None or not create:
             return row[0] if row is not None else None
-        with write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO stream_keys (stream, key) VALUES (?, ?)",
                 (stream, os.urandom(KEY_BYTES)),

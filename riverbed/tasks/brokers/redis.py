@@ -552,9 +552,9 @@ class RedisBroker:
     def __init__(self, url: BackendUrl) -> None:
         options = url.pop_options(URL_OPTIONS)
         self.url = url.raw
-        self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.raw, options)
+        self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.shown, options)
         if not options["prefix"]:
-            raise InvalidUrlError(f"prefix= in {url.raw!r} is empty; name a key prefix")
+            raise InvalidUrlError(f"prefix= in {url.shown!r} is empty; name a key prefix")
         self._prefix = "{" + options["prefix"] + "}"
         parts = urlsplit(url.raw)
         server = parts._replace(query="").geturl()
@@ -579,7 +579,7 @@ class RedisBroker:
                 retry_on_error=transient,
             )
         except ValueError as error:
-            raise InvalidUrlError(f"invalid Redis URL {url.raw!r}: {error}") from error
+            raise InvalidUrlError(f"invalid Redis URL {url.shown!r}: {error}") from error
         self._probe(server)
         script = self._redis.register_script
         self._enqueue = script(_PRELUDE + _ENQUEUE)

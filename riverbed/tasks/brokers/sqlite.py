@@ -132,7 +132,7 @@ class SqliteBroker:
     def __init__(self, url: BackendUrl) -> None:
         options = url.pop_options({**COMMON_OPTIONS, "fsync": "normal"})
         self.url = url.raw
-        self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.raw, options)
+        self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.shown, options)
         if options["fsync"] not in FSYNC_MODES:
             raise InvalidUrlError(
                 f"fsync={options['fsync']!r} in {url.raw!r}: use one of {', '.join(FSYNC_MODES)}"
