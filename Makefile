@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-deps lint bench bench-peers bench-streams clean
+.PHONY: demo test test-deps lint bench bench-peers bench-streams bench-tasks bench-eventstore clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-peers: $(PEERS_VENV)/.installed
 
 bench-streams: $(VENV)/.installed-dev test-deps bench-peers
 	$(BIN)/python bench/streams.py
+
+bench-tasks: $(VENV)/.installed-dev test-deps bench-peers
+	$(BIN)/python bench/tasks.py
+
+bench-eventstore: $(VENV)/.installed-dev test-deps bench-peers
+	$(BIN)/python bench/eventstore.py
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) .riverbed .cache .mypy_cache .ruff_cache .pytest_cache
