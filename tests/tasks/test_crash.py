@@ -151,3 +151,25 @@ def test_unknown_task_name_at_a_worker_process(
         start_worker(workers, "--queues", "default")
         with pytest.raises(riverbed.TaskFailed, match="UnknownTaskError"):
             handle.result(timeout=60)
+
+
+def test_three_worker_processes_run_a_periodic_task_once_per_tick(
+    journal: Path, workers: list[Worker]
+) -> None:
+    for _ in range(3):
+        workers.append(
+            Worker("riverbed.cli.main", "tasks", "worker", "tests.tasks.periodic_app:app")
+        )
+
+    def ticks() -> list[int]:
+        return [int(line) for p in journal.glob("*.log") for line in p.read_text().split()]
+
+    wait_until(lambda: bool(ticks()), 60, "a worker to lead and run the first tick")
+    first = min(ticks()) + 1000
+    # Ten seconds from the next tick, and a margin for the last run to finish.
+    time.sleep(max(0.0, (first + 10_000) / 1000 - time.time()) + 1.5)
+    seen = ticks()
+    assert len(seen) == len(set(seen)), "a tick ran twice"
+    assert sorted(t for t in seen if first <= t < first + 10_000) == list(
+        range(first, first + 10_000, 1000)
+    )

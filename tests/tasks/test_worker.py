@@ -403,27 +403,6 @@ def test_results_expire_back_to_the_baseline(broker_url: str) -> None:
             handles[0].result(timeout=1)
 
 
-def test_periodic_task_runs_once_per_tick_under_several_workers(app: riverbed.App) -> None:
-    ticks: list[int] = []
-    lock = threading.Lock()
-
-    @app.periodic(every=1.0)
-    def beat() -> None:
-        context = riverbed.current_task()
-        assert context is not None
-        with lock:
-            ticks.append(context.scheduled_ms)
-
-    with working(app), working(app), working(app):
-        wait_until(lambda: bool(ticks), 30, "a worker to lead and run the first tick")
-        first = ticks[0] + 1000
-        # Ten seconds from the next tick, and a margin for the last run to finish.
-        time.sleep(max(0.0, (first + 10_000) / 1000 - time.time()) + 1.5)
-    window = [t for t in ticks if first <= t < first + 10_000]
-    assert sorted(window) == list(range(first, first + 10_000, 1000)), sorted(ticks)
-    assert len(ticks) == len(set(ticks)), "a tick ran twice"
-
-
 def test_stats_list_and_purge(app: riverbed.App) -> None:
     @app.task(queue="bulk")
     def job(i: int) -> None: ...
