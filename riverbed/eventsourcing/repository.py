@@ -161,7 +161,12 @@ class Events:
         stream_key = stream_key or self.store.stream_key
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
-        cause = _cause.get() or Cause(str(uuid.uuid4()), "")
+        cause = _cause.get() or Cause(new_event_ids(1)[0], "")
+        meta = dict(metadata or {})
+        meta["correlation_id"] = cause.correlation_id
+        if cause.causation_id:
+            meta["causation_id"] = cause.causation_id
+        encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
         appends = []
         for aggregate in aggregates:
             pending = aggregate.pending
@@ -170,10 +175,6 @@ class Events:
             events = []
             ids = new_event_ids(len(pending))
             for event_id, recorded in zip(ids, pending, strict=True):
-                meta = dict(metadata or {})
-                meta["correlation_id"] = cause.correlation_id
-                if cause.causation_id:
-                    meta["causation_id"] = cause.causation_id
                 events.append(
                     NewEvent(
                         id=event_id,
@@ -184,7 +185,7 @@ class Events:
                         data=encode(
                             recorded.event, recorded.type, _key_of(aggregate.id, stream_key)
                         ),
-                        metadata=ENCODER.encode(meta),
+                        metadata=encoded_meta,
                         timestamp_ms=now,
                     )
                 )

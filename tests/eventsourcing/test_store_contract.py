@@ -194,18 +194,14 @@ def test_an_append_of_no_events_checks_versions_and_returns_the_last_position(
     assert store.append([]) == 2
 
 
-def test_a_duplicate_version_or_event_id_is_an_error_and_appends_nothing(
-    store: EventStore,
-) -> None:
+def test_a_duplicate_version_is_an_error_and_appends_nothing(store: EventStore) -> None:
+    # Event ids are random UUIDs made by the writer (riverbed.eventsourcing.records
+    # .new_event_ids); stores do not index them, so a reused id is not checked here.
     append_to(store, "s", 0, 2)
     with pytest.raises(EventSourcingError, match="cannot append"):
         store.append([StreamAppend("s", None, [new_event("s", 2)])])
     with pytest.raises(EventSourcingError, match="cannot append"):
         store.append([StreamAppend("t", 0, [new_event("t", 1), new_event("t", 1)])])
-    reused = store.read_all()[0].id
-    duplicate = NewEvent(reused, "u", 1, "Order.Placed", 1, b"", b"\x80", 0)
-    with pytest.raises(EventSourcingError, match="cannot append"):
-        store.append([StreamAppend("u", 0, [duplicate])])
     assert store.last_position() == 2
     assert append_to(store, "u", 0) == 3
 

@@ -2,8 +2,9 @@
 
 A row per event; ``position`` is the rowid, handed out by the append under SQLite's one write
 lock, so positions come in commit order with no gaps: a reader that has seen position N has seen
-every event before it. ``record`` is the whole ``StoredEvent`` as msgpack, so a read fetches one
-column and decodes a page of events with one msgspec call (the sqlite3 module builds rows far
+every event before it. Event ids are random UUIDs, not indexed: an index on them would cost a
+random page write per event. ``record`` is the whole ``StoredEvent`` as msgpack, so a read fetches
+one column and decodes a page of events with one msgspec call (the sqlite3 module builds rows far
 slower than msgspec decodes them). The read side (checkpoints,
 documents, parked events, timers, the inbox) lives in the same file, so a subscriber commits its
 writes and its checkpoint in one transaction.
@@ -48,7 +49,7 @@ SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     stream TEXT NOT NULL,
     version INTEGER NOT NULL,
     record BLOB NOT NULL,

@@ -54,7 +54,8 @@ INSERT INTO riverbed_head (id, position, schema_version) VALUES (1, 0, {SCHEMA_V
     ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS riverbed_events (
     position bigint PRIMARY KEY,
-    id text NOT NULL UNIQUE,
+    -- Random UUIDs made by the writer; not indexed, which would cost a random page per event.
+    id text NOT NULL,
     stream text NOT NULL,
     version bigint NOT NULL,
     type text NOT NULL,
