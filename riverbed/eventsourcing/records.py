@@ -13,15 +13,17 @@ import msgspec
 
 
 def new_event_ids(count: int) -> list[str]:
-    """``count`` random (version 4) UUIDs as strings, several times faster than ``uuid.uuid4``:
-    one ``urandom`` call for all of them."""
+    """``count`` random version-4 UUIDs in their 32-hex-digit form, from one ``urandom`` call
+    (``uuid.uuid4`` costs several microseconds each)."""
     raw = os.urandom(16 * count).hex()
-    ids = []
-    for start in range(0, 32 * count, 32):
-        h = raw[start : start + 32]
-        variant = "89ab"[int(h[16], 16) & 3]
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
-    return ids
+    return [
+        f"{raw[i : i + 12]}4{raw[i + 13 : i + 16]}{_VARIANT[raw[i + 16]]}{raw[i + 17 : i + 32]}"
+        for i in range(0, 32 * count, 32)
+    ]
+
+
+# The RFC 4122 variant: the top two bits of the 17th hex digit are 10.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class NewEvent(msgspec.Struct, frozen=True):
