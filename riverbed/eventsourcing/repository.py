@@ -38,7 +38,6 @@ from riverbed.eventsourcing.records import (
     Snapshot,
     StoredEvent,
     StreamAppend,
-    new_event_ids,
 )
 from riverbed.eventsourcing.stores import (
     AsyncEventStore,
@@ -46,6 +45,7 @@ from riverbed.eventsourcing.stores import (
     connect_async_store,
     connect_store,
 )
+from riverbed.ids import random_ids
 
 A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("riverbed.events")
@@ -161,7 +161,7 @@ class Events:
         stream_key = stream_key or self.store.stream_key
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
-        cause = _cause.get() or Cause(new_event_ids(1)[0], "")
+        cause = _cause.get() or Cause(random_ids(1)[0], "")
         meta = dict(metadata or {})
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
@@ -173,7 +173,7 @@ class Events:
             if not pending:
                 continue
             events = []
-            ids = new_event_ids(len(pending))
+            ids = random_ids(len(pending))
             for event_id, recorded in zip(ids, pending, strict=True):
                 events.append(
                     NewEvent(

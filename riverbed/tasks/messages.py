@@ -8,10 +8,11 @@ lookup. A task's arguments travel as one msgpack blob, ``[args, kwargs]``, encod
 from __future__ import annotations
 
 import time
-import uuid
 from enum import StrEnum
 
 import msgspec
+
+from riverbed.ids import random_id
 
 DEFAULT_QUEUE = "default"
 MIN_PRIORITY = 0
@@ -132,7 +133,7 @@ def now_ms() -> int:
 
 
 def new_task_id() -> str:
-    return uuid.uuid4().hex
+    return random_id()
 
 
 ENCODER = msgspec.msgpack.Encoder()

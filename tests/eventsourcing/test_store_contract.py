@@ -195,8 +195,8 @@ def test_an_append_of_no_events_checks_versions_and_returns_the_last_position(
 
 
 def test_a_duplicate_version_is_an_error_and_appends_nothing(store: EventStore) -> None:
-    # Event ids are random UUIDs made by the writer (riverbed.eventsourcing.records
-    # .new_event_ids); stores do not index them, so a reused id is not checked here.
+    # Event ids are random UUIDs made by the writer (riverbed.ids.random_ids); stores do not
+    # index them, so a reused id is not checked here.
     append_to(store, "s", 0, 2)
     with pytest.raises(EventSourcingError, match="cannot append"):
         store.append([StreamAppend("s", None, [new_event("s", 2)])])
