@@ -11,21 +11,21 @@ from riverbed.streams.nodes import Item
 from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings, grouped
 
 
-class AggregateNode(WindowNode[list[Any]]):
+class AggregateNode(WindowNode[tuple[Any, ...]]):
     def __init__(self, store: str, aggregation: Aggregation) -> None:
         super().__init__(WindowSettings(store, aggregation), aggregation.state_type)
 
     def process(
         self,
         partition: int,
-        entries: dict[Any, list[Any]],
+        entries: dict[Any, tuple[Any, ...]],
         dirty: set[Any],
         items: list[Item],
         times: list[int],
         stream_times: list[int],
     ) -> tuple[list[Item], list[Item]]:
         result = self.aggregation.result
-        groups = grouped((k for k, _, _ in items), (v for _, v, _ in items))
+        groups = grouped([k for k, _, _ in items], [v for _, v, _ in items])
         keys = list(groups)
         folded = self.aggregation.fold([entries.get(k) for k in keys], list(groups.values()))
         entries.update(zip(keys, folded, strict=True))
@@ -33,6 +33,6 @@ class AggregateNode(WindowNode[list[Any]]):
         return [], [(key, result(entries[key]), stream_times[-1]) for key in groups]
 
     def close(
-        self, partition: int, entries: dict[Any, list[Any]], dirty: set[Any], stream_time: int
+        self, partition: int, entries: dict[Any, tuple[Any, ...]], dirty: set[Any], stream_time: int
     ) -> list[Item]:
         return []

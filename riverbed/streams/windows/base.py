@@ -10,6 +10,7 @@ a window's current result after every batch that changed it.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain
@@ -65,14 +66,17 @@ class Aggregation:
             accs = self.initial()
         return [a.add_many(acc, values) for a, acc in zip(self.aggregators, accs, strict=True)]
 
-    def fold(self, previous: list[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        """``add_many`` for each (accumulators or None, values) pair, an aggregator at a time."""
+    def fold(
+        self, previous: Sequence[Sequence[Any] | None], groups: Sequence[Sequence[Any]]
+    ) -> list[tuple[Any, ...]]:
+        """``add_many`` for each (accumulators or None, values) pair, an aggregator at a time.
+        The new accumulators are tuples (never changed in place), made by one C-level zip."""
         columns = []
         for index, aggregator in enumerate(self.aggregators):
             initial = aggregator.initial
             accs = [initial() if p is None else p[index] for p in previous]
             columns.append(aggregator.add_groups(accs, groups))
-        return [list(row) for row in zip(*columns, strict=True)]
+        return list(zip(*columns, strict=True))
 
     def merge(self, left: list[Any], right: list[Any]) -> list[Any]:
         return [a.merge(x, y) for a, x, y in zip(self.aggregators, left, right, strict=True)]
@@ -83,7 +87,7 @@ class Aggregation:
                 aggregator.merge(None, None)  # raises, naming the aggregator
                 raise RiverbedError(f"{window} windows need mergeable aggregators")
 
-    def result(self, accs: list[Any]) -> Any:
+    def result(self, accs: Sequence[Any]) -> Any:
         if self.names is None:
             return self.aggregators[0].result(accs[0])
         return {
@@ -260,13 +264,9 @@ def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:
     return value
 
 
-def grouped(keys: Iterable[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
-    """Values by key, in arrival order."""
-    groups: dict[Any, list[Any]] = {}
-    for key, value in zip(keys, values, strict=True):
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [value]
-        else:
-            group.append(value)
+def grouped(keys: Sequence[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
+    """Values by key, in arrival order. A Python loop here would cost a few bytecodes per value;
+    the lists are made once per distinct key and filled by C-level ``map``s instead."""
+    groups: dict[Any, list[Any]] = {key: [] for key in dict.fromkeys(keys)}
+    deque(map(list.append, map(groups.__getitem__, keys), values), maxlen=0)
     return groups
