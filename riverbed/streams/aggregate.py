@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings, grouped
+from riverbed.streams.nodes import EMPTY, Batch, grouped
+from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings
 
 
 class AggregateNode(WindowNode[tuple[Any, ...]]):
@@ -20,19 +20,20 @@ class AggregateNode(WindowNode[tuple[Any, ...]]):
         partition: int,
         entries: dict[Any, tuple[Any, ...]],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
         stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
+    ) -> tuple[Batch, Batch]:
         result = self.aggregation.result
-        groups = grouped([k for k, _, _ in items], [v for _, v, _ in items])
+        groups = grouped(batch.keys, batch.values)
         keys = list(groups)
-        folded = self.aggregation.fold([entries.get(k) for k in keys], list(groups.values()))
+        folded = self.aggregation.fold(list(map(entries.get, keys)), list(groups.values()))
         entries.update(zip(keys, folded, strict=True))
         dirty.update(keys)
-        return [], [(key, result(entries[key]), stream_times[-1]) for key in groups]
+        results = [result(accs) for accs in folded]
+        return EMPTY, Batch(keys, results, [stream_times[-1]] * len(keys))
 
     def close(
         self, partition: int, entries: dict[Any, tuple[Any, ...]], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
-        return []
+    ) -> Batch:
+        return EMPTY

@@ -33,7 +33,7 @@ from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
 from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
 from riverbed.streams.handlers import ATTEMPTS_HEADER, DUE_HEADER, Handler, retry_topic
-from riverbed.streams.nodes import Context, Item, Node, ToNode
+from riverbed.streams.nodes import Batch, Context, Node, ToNode
 from riverbed.streams.state.backend import Changes, StateBackend
 from riverbed.streams.topics import ERROR_HEADER, Topic
 from riverbed.streams.topology import InternalSource, TopicSource, Topology
@@ -231,11 +231,11 @@ class Runner:
             ctx.partition = partition
             source = self._sources.get(topic_name)
             if isinstance(source, TopicSource):
-                source.push(self._items(source.topic, batch), ctx)
+                source.push(self._columns(source.topic, batch), ctx)
             elif isinstance(source, InternalSource):
-                items = source.items(batch)
-                taken[topic_name, partition] = len(items)
-                source.push(items, ctx)
+                columns = source.batch(batch)
+                taken[topic_name, partition] = len(columns)
+                source.push(columns, ctx)
             for topic, handler in self._handlers[topic_name]:
                 self._handle(handler, topic, batch, 0)
             retry = self._retries.get(topic_name)
@@ -321,13 +321,15 @@ class Runner:
         topic.dead_letter(self._producer, record, error, attempts)
         self._count_dead_letter(topic)
 
-    def _items(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Item]:
-        """The batch as pipeline items; undecodable records are dead-lettered."""
+    def _columns(self, topic: Topic[Any, Any], batch: list[Record]) -> Batch:
+        """The records as a pipeline batch; undecodable records are dead-lettered."""
         whole = _decode_whole(topic, batch)
         if whole is not None:
             keys, values = whole
-            return list(zip(keys, values, [r.timestamp_ms for r in batch], strict=True))
-        return [(key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)]
+            return Batch(keys, values, [r.timestamp_ms for r in batch])
+        return Batch.of(
+            (key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)
+        )
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""

@@ -10,8 +10,7 @@ a window's current result after every batch that changed it.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain
 from typing import Any, Generic, Literal, TypeVar
@@ -20,7 +19,7 @@ import msgspec
 
 from riverbed.errors import RiverbedError
 from riverbed.streams.aggregators import Aggregator
-from riverbed.streams.nodes import Context, Item, Node, StatefulNode
+from riverbed.streams.nodes import Batch, Context, Node, StatefulNode
 from riverbed.streams.state.backend import Changes
 
 T = TypeVar("T")
@@ -215,41 +214,40 @@ class WindowNode(StatefulNode, Generic[T]):
 
     # Processing
 
-    def push(self, items: list[Item], ctx: Context) -> None:
+    def push(self, batch: Batch, ctx: Context) -> None:
         entries = self._state(ctx)
         partition = ctx.partition
         self._pushed.add(partition)
         timestamp = self.timestamp
-        times = (
-            [t for _, _, t in items] if timestamp is None else [timestamp(v) for _, v, _ in items]
-        )
+        times = batch.timestamps if timestamp is None else list(map(timestamp, batch.values))
         stream_times = list(accumulate(chain((self._times[partition],), times), max))
         late, emitted = self.process(
-            partition, entries, self._dirty[partition], items, times, stream_times[1:]
+            partition, entries, self._dirty[partition], batch, times, stream_times[1:]
         )
         self._times[partition] = stream_times[-1]
-        emitted.extend(self.close(partition, entries, self._dirty[partition], stream_times[-1]))
+        closed = self.close(partition, entries, self._dirty[partition], stream_times[-1])
         if late:
             ctx.late += len(late)
             if self.late is not None:
                 self.late.push(late, ctx)
         self.forward(emitted, ctx)
+        self.forward(closed, ctx)
 
     def process(
         self,
         partition: int,
         entries: dict[Any, T],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
         stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
-        """Fold the batch into the entries; returns the late items and the updates to emit."""
+    ) -> tuple[Batch, Batch]:
+        """Fold the batch into the entries; returns the late records and the updates to emit."""
         raise NotImplementedError
 
     def close(
         self, partition: int, entries: dict[Any, T], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         """Drop the windows that stream time closed; returns their final results to emit."""
         raise NotImplementedError
 
@@ -262,11 +260,3 @@ def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:
     if value <= 0:
         raise RiverbedError(f"the {what} must be positive, got {value} ms")
     return value
-
-
-def grouped(keys: Sequence[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
-    """Values by key, in arrival order. A Python loop here would cost a few bytecodes per value;
-    the lists are made once per distinct key and filled by C-level ``map``s instead."""
-    groups: dict[Any, list[Any]] = {key: [] for key in dict.fromkeys(keys)}
-    deque(map(list.append, map(groups.__getitem__, keys), values), maxlen=0)
-    return groups

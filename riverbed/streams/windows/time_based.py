@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 
 from riverbed.errors import RiverbedError
-from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, grouped, ms
+from riverbed.streams.nodes import EMPTY, Batch, grouped
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
 
 ROW_ENTRIES = 1024
 HASHED_KEYS_LIMIT = 100_000
@@ -173,44 +173,39 @@ class FixedWindowNode(WindowNode[Window]):
         partition: int,
         entries: dict[int, Window],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
         stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
+    ) -> tuple[Batch, Batch]:
         size, advance, grace = self.size, self.advance, self.grace_ms
-        late: list[Item] = []
         if size == advance:
-            every_start = [ts - ts % size for ts in times]
-            if min(every_start) + size + grace > stream_times[-1]:
-                # The common case, no record late: keys and values in C-level passes.
-                keys = [item[0] for item in items]
-                values = [item[1] for item in items]
-                return late, self._fold(partition, entries, dirty, every_start, keys, values)
-        starts: list[int] = []
-        keys, values = [], []
-        if size == advance:
-            for item, ts, now in zip(items, times, stream_times, strict=True):
-                start = ts - ts % size
-                if start + size + grace <= now:
-                    late.append(item)
-                else:
-                    starts.append(start)
-                    keys.append(item[0])
-                    values.append(item[1])
-        else:
-            for item, ts, now in zip(items, times, stream_times, strict=True):
-                start = ts - ts % advance
-                placed = False
-                while start > ts - size:
-                    if start + size + grace > now:
-                        starts.append(start)
-                        keys.append(item[0])
-                        values.append(item[1])
-                        placed = True
-                    start -= advance
-                if not placed:
-                    late.append(item)
-        return late, self._fold(partition, entries, dirty, starts, keys, values)
+            starts = [ts - ts % size for ts in times]
+            if min(starts) + size + grace > stream_times[-1]:
+                # The common case, no record late: whole columns.
+                return EMPTY, self._fold(partition, entries, dirty, starts, batch)
+            on_time = [
+                start + size + grace > now for start, now in zip(starts, stream_times, strict=True)
+            ]
+            late = batch.select([not kept for kept in on_time])
+            starts = list(compress(starts, on_time))
+            return late, self._fold(partition, entries, dirty, starts, batch.select(on_time))
+        # Hopping: a record falls into several windows; one (start, index) pair per window.
+        placed: list[int] = []
+        indexes: list[int] = []
+        late_indexes: list[int] = []
+        for index, (ts, now) in enumerate(zip(times, stream_times, strict=True)):
+            start = ts - ts % advance
+            in_some = False
+            while start > ts - size:
+                if start + size + grace > now:
+                    placed.append(start)
+                    indexes.append(index)
+                    in_some = True
+                start -= advance
+            if not in_some:
+                late_indexes.append(index)
+        late = batch.take(late_indexes)
+        return late, self._fold(partition, entries, dirty, placed, batch.take(indexes))
 
     def _fold(
         self,
@@ -218,20 +213,17 @@ class FixedWindowNode(WindowNode[Window]):
         windows: dict[int, Window],
         dirty: set[Any],
         starts: list[int],
-        keys: list[Any],
-        values: list[Any],
-    ) -> list[Item]:
-        """Fold the values into their windows, a window at a time; returns the updates to emit
-        (with ``emit="update"``): each changed (window, key) once."""
-        if not starts:
-            return []
+        batch: Batch,
+    ) -> Batch:
+        """Fold the records into their windows (``starts``), a window at a time; returns the
+        updates to emit (with ``emit="update"``): each changed (window, key) once."""
         aggregation, changed_keys = self.aggregation, self._changed[partition]
-        emitted: list[Item] = []
-        for start, (window_keys, window_values) in _by_start(starts, keys, values).items():
+        emitted: list[Batch] = []
+        for start, (keys, values) in _by_start(starts, batch.keys, batch.values).items():
             window = windows.get(start)
             if window is None:
                 window = windows[start] = {}
-            groups = grouped(window_keys, window_values)
+            groups = grouped(keys, values)
             touched = list(groups)
             previous = list(map(window.get, touched))
             folded = aggregation.fold(previous, list(groups.values()))
@@ -240,26 +232,27 @@ class FixedWindowNode(WindowNode[Window]):
             if len(window) > ROW_ENTRIES:
                 changed_keys.setdefault(start, set()).update(touched)
             if self.emit == "update":
-                emitted += self._results(start, window, touched)
-        return emitted
+                emitted.append(self._results(start, window, touched))
+        return Batch.joined(emitted)
 
     def close(
         self, partition: int, entries: dict[int, Window], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         closing = self.size + self.grace_ms
         due = sorted(start for start in entries if start + closing <= stream_time)
-        emitted: list[Item] = []
+        emitted: list[Batch] = []
         for start in due:
             window = entries.pop(start)
             dirty.add(start)
             if self.emit == "final":
-                emitted += self._results(start, window, sorted(window, key=repr))
-        return emitted
+                emitted.append(self._results(start, window, sorted(window, key=repr)))
+        return Batch.joined(emitted)
 
-    def _results(self, start: int, window: Window, keys: list[Any]) -> list[Item]:
+    def _results(self, start: int, window: Window, keys: list[Any]) -> Batch:
         end = start + self.size
         result = self.aggregation.result
-        return [(key, Windowed(start, end, result(window[key])), end - 1) for key in keys]
+        results = [Windowed(start, end, result(window[key])) for key in keys]
+        return Batch(keys, results, [end - 1] * len(keys))
 
 
 def _by_start(
