@@ -24,13 +24,12 @@ class AggregateNode(WindowNode[tuple[Any, ...]]):
         times: list[int],
         stream_times: list[int],
     ) -> tuple[Batch, Batch]:
-        result = self.aggregation.result
         groups = grouped(batch.keys, batch.values)
         keys = list(groups)
         folded = self.aggregation.fold(list(map(entries.get, keys)), list(groups.values()))
         entries.update(zip(keys, folded, strict=True))
         dirty.update(keys)
-        results = [result(accs) for accs in folded]
+        results = self.aggregation.results(folded)
         return EMPTY, Batch(keys, results, [stream_times[-1]] * len(keys))
 
     def close(

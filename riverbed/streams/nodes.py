@@ -179,16 +179,20 @@ class ToNode(Node):
 
     def push(self, batch: Batch, ctx: Context) -> None:
         topic = self.topic
-        encode_key = topic.key_codec.encode
         headers = {}
         if topic.schema_version is not None:
             headers[SCHEMA_VERSION_HEADER] = str(topic.schema_version).encode()
         try:
-            keys = [None if k is None else encode_key(k) for k in batch.keys]
+            keys: Sequence[bytes | None]
+            if None in batch.keys:  # records without a key stay without one
+                encode_key = topic.key_codec.encode
+                keys = [None if k is None else encode_key(k) for k in batch.keys]
+            else:
+                keys = topic.key_codec.encode_many(batch.keys)
         except SerializationError as error:
             raise _mismatch(topic, "key", batch.keys[0], error) from error
         try:
-            values = list(map(topic.value_codec.encode, batch.values))
+            values = topic.value_codec.encode_many(batch.values)
         except SerializationError as error:
             raise _mismatch(topic, "value", batch.values[0], error) from error
         ctx.producer.send_many(topic.name, list(zip(keys, values, strict=True)), headers=headers)

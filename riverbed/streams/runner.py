@@ -51,6 +51,7 @@ COMMIT_INTERVAL_S = 0.1
 COMMIT_RECORDS = 50_000
 
 _topic_partition: Callable[[Record], TopicPartition] = attrgetter("topic", "partition")
+_timestamp_of: Callable[[Record], int] = attrgetter("timestamp_ms")
 
 
 class Runner:
@@ -326,7 +327,7 @@ class Runner:
         whole = _decode_whole(topic, batch)
         if whole is not None:
             keys, values = whole
-            return Batch(keys, values, [r.timestamp_ms for r in batch])
+            return Batch(keys, values, list(map(_timestamp_of, batch)))
         return Batch.of(
             (key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)
         )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate, chain, repeat
+from operator import itemgetter
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -56,6 +57,7 @@ class Aggregation:
             self.names = tuple(aggregators)
             self.aggregators = tuple(aggregators.values())
         self.state_type: Any = tuple[tuple(a.state_type for a in self.aggregators)]  # type: ignore[misc]
+        self._plain_results = all(a.plain_result for a in self.aggregators)
 
     def initial(self) -> list[Any]:
         return [a.initial() for a in self.aggregators]
@@ -85,6 +87,15 @@ class Aggregation:
             if not aggregator.mergeable:
                 aggregator.merge(None, None)  # raises, naming the aggregator
                 raise RiverbedError(f"{window} windows need mergeable aggregators")
+
+    def results(self, accs: Sequence[Sequence[Any]]) -> list[Any]:
+        """``result`` of each of ``accs``; when every aggregator's result is its accumulator, in
+        C-level maps (the dicts of named aggregators from zips of names and accumulators)."""
+        if not self._plain_results:
+            return list(map(self.result, accs))
+        if self.names is None:
+            return list(map(itemgetter(0), accs))
+        return list(map(dict, map(zip, repeat(self.names), accs)))
 
     def result(self, accs: Sequence[Any]) -> Any:
         if self.names is None:

@@ -15,7 +15,7 @@ deletes its rows.
 from __future__ import annotations
 
 import zlib
-from itertools import compress, islice
+from itertools import compress, islice, repeat
 from operator import ne
 from typing import Any
 
@@ -249,10 +249,10 @@ class FixedWindowNode(WindowNode[Window]):
         return Batch.joined(emitted)
 
     def _results(self, start: int, window: Window, keys: list[Any]) -> Batch:
-        end = start + self.size
-        result = self.aggregation.result
-        results = [Windowed(start, end, result(window[key])) for key in keys]
-        return Batch(keys, results, [end - 1] * len(keys))
+        end, count = start + self.size, len(keys)
+        results = self.aggregation.results(list(map(window.__getitem__, keys)))
+        values = list(map(Windowed, repeat(start, count), repeat(end, count), results))
+        return Batch(keys, values, [end - 1] * count)
 
 
 def _by_start(
