@@ -8,7 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from riverbed.streams.nodes import EMPTY, Batch, grouped
-from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings
+from riverbed.streams.windows.base import (
+    Aggregation,
+    WindowNode,
+    WindowSettings,
+    stream_time_after,
+)
 
 
 class AggregateNode(WindowNode[tuple[Any, ...]]):
@@ -22,7 +27,7 @@ class AggregateNode(WindowNode[tuple[Any, ...]]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
         groups = grouped(batch.keys, batch.values)
         keys = list(groups)
@@ -30,7 +35,7 @@ class AggregateNode(WindowNode[tuple[Any, ...]]):
         entries.update(zip(keys, folded, strict=True))
         dirty.update(keys)
         results = self.aggregation.results(folded)
-        return EMPTY, Batch(keys, results, [stream_times[-1]] * len(keys))
+        return EMPTY, Batch(keys, results, [stream_time_after(before, times)] * len(keys))
 
     def close(
         self, partition: int, entries: dict[Any, tuple[Any, ...]], dirty: set[Any], stream_time: int

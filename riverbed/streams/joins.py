@@ -16,7 +16,7 @@ import msgspec
 
 from riverbed.streams.nodes import EMPTY, Batch, Context, InternalTopic, Item, Node
 from riverbed.streams.topics import Topic
-from riverbed.streams.windows.base import WindowNode, WindowSettings
+from riverbed.streams.windows.base import WindowNode, WindowSettings, stream_times
 
 LEFT, RIGHT = 0, 1
 # (event time, side, msgpack of the value)
@@ -113,13 +113,13 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
         within, horizon = self.within, self.within + self.grace_ms
         decoders, fn = self._decoders, self.fn
         late: list[Item] = []
         joined: list[Item] = []
-        for item, ts, now in zip(batch, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + horizon < now:
                 late.append(item)
                 continue

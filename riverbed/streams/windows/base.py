@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, islice, repeat
 from operator import itemgetter
 from typing import Any, Generic, Literal, TypeVar
 
@@ -231,12 +231,12 @@ class WindowNode(StatefulNode, Generic[T]):
         self._pushed.add(partition)
         timestamp = self.timestamp
         times = batch.timestamps if timestamp is None else list(map(timestamp, batch.values))
-        stream_times = list(accumulate(chain((self._times[partition],), times), max))
+        before = self._times[partition]
         late, emitted = self.process(
-            partition, entries, self._dirty[partition], batch, times, stream_times[1:]
+            partition, entries, self._dirty[partition], batch, times, before
         )
-        self._times[partition] = stream_times[-1]
-        closed = self.close(partition, entries, self._dirty[partition], stream_times[-1])
+        after = self._times[partition] = stream_time_after(before, times)
+        closed = self.close(partition, entries, self._dirty[partition], after)
         if late:
             ctx.late += len(late)
             if self.late is not None:
@@ -251,9 +251,10 @@ class WindowNode(StatefulNode, Generic[T]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
-        """Fold the batch into the entries; returns the late records and the updates to emit."""
+        """Fold the batch into the entries; returns the late records and the updates to emit.
+        ``before`` is the stream time before the batch (see ``stream_times``)."""
         raise NotImplementedError
 
     def close(
@@ -261,6 +262,16 @@ class WindowNode(StatefulNode, Generic[T]):
     ) -> Batch:
         """Drop the windows that stream time closed; returns their final results to emit."""
         raise NotImplementedError
+
+
+def stream_time_after(before: int, times: list[int]) -> int:
+    """The stream time after the records at ``times``, from ``before``."""
+    return max(chain((before,), times))
+
+
+def stream_times(before: int, times: list[int]) -> list[int]:
+    """The stream time at each record: the largest event time up to it, from ``before``."""
+    return list(islice(accumulate(times, max, initial=before), 1, None))
 
 
 def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:

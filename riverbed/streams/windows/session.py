@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from riverbed.streams.nodes import EMPTY, Batch, Item
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
+from riverbed.streams.windows.base import (
+    Windowed,
+    WindowNode,
+    WindowSettings,
+    ms,
+    stream_time_after,
+    stream_times,
+)
 
 Session = tuple[int, int, list[Any]]
 
@@ -46,13 +53,13 @@ class SessionNode(WindowNode[list[Session]]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
         gap, horizon = self.gap, self.gap + self.grace_ms
         aggregation = self.aggregation
         late: list[Item] = []
         changed: dict[Any, None] = {}
-        for item, ts, now in zip(batch, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + horizon <= now:
                 late.append(item)
                 continue
@@ -75,11 +82,12 @@ class SessionNode(WindowNode[list[Session]]):
             dirty.add(key)
             changed[key] = None
         if self.emit == "update":
+            after = stream_time_after(before, times)
             return Batch.of(late), Batch.of(
                 self._result(key, session)
                 for key in changed
                 for session in entries[key]
-                if session[1] + horizon > stream_times[-1]
+                if session[1] + horizon > after
             )
         return Batch.of(late), EMPTY
 

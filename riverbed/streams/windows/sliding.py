@@ -14,7 +14,7 @@ from functools import reduce
 from typing import Any
 
 from riverbed.streams.nodes import Batch, Item
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms, stream_times
 
 Entry = tuple[int, bool, list[Any]]
 
@@ -50,13 +50,13 @@ class SlidingNode(WindowNode[list[Entry]]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
         grace, update = self.grace_ms, self.emit == "update"
         aggregation = self.aggregation
         late: list[Item] = []
         emitted: list[Item] = []
-        for item, ts, now in zip(batch, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + grace < now:
                 late.append(item)
                 continue

@@ -23,7 +23,14 @@ import msgspec
 
 from riverbed.errors import RiverbedError
 from riverbed.streams.nodes import EMPTY, Batch, grouped
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
+from riverbed.streams.windows.base import (
+    Windowed,
+    WindowNode,
+    WindowSettings,
+    ms,
+    stream_time_after,
+    stream_times,
+)
 
 ROW_ENTRIES = 1024
 HASHED_KEYS_LIMIT = 100_000
@@ -175,16 +182,17 @@ class FixedWindowNode(WindowNode[Window]):
         dirty: set[Any],
         batch: Batch,
         times: list[int],
-        stream_times: list[int],
+        before: int,
     ) -> tuple[Batch, Batch]:
         size, advance, grace = self.size, self.advance, self.grace_ms
         if size == advance:
             starts = [ts - ts % size for ts in times]
-            if min(starts) + size + grace > stream_times[-1]:
-                # The common case, no record late: whole columns.
+            if min(starts) + size + grace > stream_time_after(before, times):
+                # The common case, no record late: whole columns, no stream time per record.
                 return EMPTY, self._fold(partition, entries, dirty, starts, batch)
             on_time = [
-                start + size + grace > now for start, now in zip(starts, stream_times, strict=True)
+                start + size + grace > now
+                for start, now in zip(starts, stream_times(before, times), strict=True)
             ]
             late = batch.select([not kept for kept in on_time])
             starts = list(compress(starts, on_time))
@@ -193,7 +201,7 @@ class FixedWindowNode(WindowNode[Window]):
         placed: list[int] = []
         indexes: list[int] = []
         late_indexes: list[int] = []
-        for index, (ts, now) in enumerate(zip(times, stream_times, strict=True)):
+        for index, (ts, now) in enumerate(zip(times, stream_times(before, times), strict=True)):
             start = ts - ts % advance
             in_some = False
             while start > ts - size:
