@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 import riverbed
+from riverbed.log.sqlite.producer import CHECKPOINT_BYTES
 from tests.support import consume, running, wait_until
 
 
@@ -88,3 +89,25 @@ def test_run_gives_the_signal_handlers_back(tmp_path: Path) -> None:
         stop.set()  # nothing to do: start, join, leave
         app.run(stop)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_producer_thread_checkpoints_the_embedded_log(tmp_path: Path) -> None:
+    """A runner commits through its producer many times a second: the WAL is copied into the
+    database file by the producer's thread once its appends pass CHECKPOINT_BYTES, not by
+    SQLite inside one of those commits (which it would do only past 1,000 pages, 16 MiB)."""
+    path = tmp_path / "log.db"
+    log = riverbed.connect(f"sqlite:///{path}")
+    try:
+        log.create_topic("big", partitions=1)
+        before = path.stat().st_size
+        value = b"x" * 10_000
+        with log.producer() as producer:
+            producer.send_many("big", [(None, value)] * (CHECKPOINT_BYTES // len(value) + 10))
+            producer.flush()
+            wait_until(
+                lambda: path.stat().st_size > before + CHECKPOINT_BYTES,
+                timeout=10,
+                what="the producer's thread to checkpoint the WAL",
+            )
+    finally:
+        log.close()
