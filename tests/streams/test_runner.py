@@ -6,12 +6,16 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 import riverbed
+from riverbed.log.errors import CommitFailedError
+from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.producer import CHECKPOINT_BYTES
+from riverbed.testing import run_app
 from tests.support import consume, running, wait_until
 
 
@@ -111,3 +115,26 @@ def test_the_producer_thread_checkpoints_the_embedded_log(tmp_path: Path) -> Non
             )
     finally:
         log.close()
+
+
+def test_at_least_once_state_commits_with_the_offsets_on_the_embedded_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose offsets fail to commit leaves no state behind either: the batch runs again
+    on the state it started from, so a count is not counted twice."""
+    app = riverbed.App("counts", exactly_once=False, state_dir=tmp_path)
+    words = app.topic("words", value=str, key=str)
+    totals = app.topic("totals", value=int, key=str)
+    app.stream(words).count(name="counts").to(totals)
+    store_offsets = groups.store_offsets
+    failures = [CommitFailedError("the group rebalanced (injected)")]
+
+    def failing_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        store_offsets(*args, **kwargs)
+
+    monkeypatch.setattr(groups, "store_offsets", failing_once)
+    result = run_app(app, {words: [("a", "x"), ("a", "y"), ("b", "z")]})
+    assert not failures
+    assert result.state["counts"] == {"a": (2,), "b": (1,)}
