@@ -50,7 +50,8 @@ RETRY_WAIT_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_RECORDS = 50_000
 
-_topic_partition: Callable[[Record], TopicPartition] = attrgetter("topic", "partition")
+_partition_of: Callable[[Record], int] = attrgetter("partition")
+_topic_of: Callable[[Record], str] = attrgetter("topic")
 _timestamp_of: Callable[[Record], int] = attrgetter("timestamp_ms")
 
 
@@ -223,9 +224,11 @@ class Runner:
         """Push the records through; returns how many each partition had (on an internal topic:
         how many items its records carried)."""
         by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
-        # A poll returns each partition's records in runs: one extend per run.
-        for tp, run in groupby(records, _topic_partition):
-            by_partition[tp].extend(run)
+        # A poll returns each partition's records in runs: one extend per run. Runs are found by
+        # partition number, then by topic within them: no (topic, partition) tuple per record.
+        for partition, run in groupby(records, _partition_of):
+            for topic_name, same in groupby(run, _topic_of):
+                by_partition[topic_name, partition].extend(same)
         taken: dict[TopicPartition, int] = {}
         for (topic_name, partition), batch in by_partition.items():
             taken[topic_name, partition] = len(batch)
