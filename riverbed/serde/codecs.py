@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any, Generic, Protocol, TypeVar, cast, get_origin
 
 import msgspec
@@ -36,6 +37,8 @@ class Codec(Protocol[T]):
 
     def encode(self, value: T) -> bytes: ...
 
+    def encode_many(self, values: Sequence[T]) -> list[bytes]: ...
+
     def decode(self, data: bytes) -> T: ...
 
     def decode_many(self, datas: Sequence[bytes]) -> list[T]: ...
@@ -52,6 +55,9 @@ class BytesCodec:
             )
         return bytes(value)
 
+    def encode_many(self, values: Sequence[bytes]) -> list[bytes]:
+        return list(map(self.encode, values))
+
     def decode(self, data: bytes) -> bytes:
         return data
 
@@ -66,6 +72,12 @@ class StrCodec:
         if not isinstance(value, str):
             raise SerializationError(f"cannot encode a {type(value).__name__} as str")
         return value.encode()
+
+    def encode_many(self, values: Sequence[str]) -> list[bytes]:
+        try:
+            return list(map(str.encode, values))
+        except TypeError:
+            return list(map(self.encode, values))  # names the value that is not a str
 
     def decode(self, data: bytes) -> str:
         try:
@@ -101,6 +113,14 @@ class JsonCodec(Generic[T]):
         except (TypeError, msgspec.EncodeError) as error:
             raise SerializationError(f"cannot encode as {self.type_name}: {error}") from None
 
+    def encode_many(self, values: Sequence[T]) -> list[bytes]:
+        if all(map(isinstance, values, repeat(self._instance_of))):
+            try:
+                return list(map(self._encoder.encode, values))
+            except (TypeError, msgspec.EncodeError):
+                pass
+        return list(map(self.encode, values))  # names the value that does not encode
+
     def decode(self, data: bytes) -> T:
         try:
             return self._decoder.decode(data)
@@ -129,6 +149,9 @@ class PydanticCodec(Generic[T]):
                 f"pass a {self.type_name}"
             )
         return cast(bytes, self._model.model_dump_json(value).encode())
+
+    def encode_many(self, values: Sequence[T]) -> list[bytes]:
+        return list(map(self.encode, values))
 
     def decode(self, data: bytes) -> T:
         try:

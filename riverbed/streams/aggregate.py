@@ -7,32 +7,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Aggregation, WindowNode, WindowSettings, grouped
+from riverbed.streams.nodes import EMPTY, Batch, grouped
+from riverbed.streams.windows.base import (
+    Aggregation,
+    WindowNode,
+    WindowSettings,
+    stream_time_after,
+)
 
 
-class AggregateNode(WindowNode[list[Any]]):
+class AggregateNode(WindowNode[tuple[Any, ...]]):
     def __init__(self, store: str, aggregation: Aggregation) -> None:
         super().__init__(WindowSettings(store, aggregation), aggregation.state_type)
 
     def process(
         self,
         partition: int,
-        entries: dict[Any, list[Any]],
+        entries: dict[Any, tuple[Any, ...]],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
-        stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
-        result = self.aggregation.result
-        groups = grouped((k for k, _, _ in items), (v for _, v, _ in items))
+        before: int,
+    ) -> tuple[Batch, Batch]:
+        groups = grouped(batch.keys, batch.values)
         keys = list(groups)
-        folded = self.aggregation.fold([entries.get(k) for k in keys], list(groups.values()))
+        folded = self.aggregation.fold(list(map(entries.get, keys)), list(groups.values()))
         entries.update(zip(keys, folded, strict=True))
         dirty.update(keys)
-        return [], [(key, result(entries[key]), stream_times[-1]) for key in groups]
+        results = self.aggregation.results(folded)
+        return EMPTY, Batch(keys, results, [stream_time_after(before, times)] * len(keys))
 
     def close(
-        self, partition: int, entries: dict[Any, list[Any]], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
-        return []
+        self, partition: int, entries: dict[Any, tuple[Any, ...]], dirty: set[Any], stream_time: int
+    ) -> Batch:
+        return EMPTY

@@ -69,6 +69,11 @@ class Aggregator(Generic[V, A, R]):
         return [add_many(acc, values) for acc, values in zip(accs, groups, strict=True)]
 
     @property
+    def plain_result(self) -> bool:
+        """Whether ``result(acc)`` is the accumulator itself (count, sum and the like)."""
+        return self.result is _identity
+
+    @property
     def mergeable(self) -> bool:
         return self._merge is not None
 

@@ -20,7 +20,7 @@ from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
 from riverbed.streams.handlers import Handler, retry_topic
 from riverbed.streams.joins import Table
-from riverbed.streams.runner import Runner
+from riverbed.streams.runner import COMMIT_INTERVAL_S, Runner
 from riverbed.streams.state import state_backend_for
 from riverbed.streams.state.backend import changelog_topics
 from riverbed.streams.topics import Topic
@@ -34,6 +34,11 @@ V = TypeVar("V")
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STATE_DIR = ".riverbed/state"
+# At least once, the runner's producer holds records until the batch's commit flushes them (as
+# Kafka Streams' producers linger): written in the runner's own thread, in one go. On the embedded
+# log, the producer's thread writing them meanwhile would take turns with the runner for the GIL
+# at every SQLite call, and hold the write lock the commit then waits for.
+RUNNER_LINGER_MS = 2 * COMMIT_INTERVAL_S * 1000
 
 
 class App(Closing):
@@ -277,9 +282,11 @@ class App(Closing):
             ) as consumer,
             contextlib.ExitStack() as cleanup,
         ):
-            producer: Producer = self.producer
+            producer: Producer
             if self.exactly_once:
                 producer = cleanup.enter_context(self.log.transactional_producer(consumer))
+            else:
+                producer = cleanup.enter_context(self.log.producer(linger_ms=RUNNER_LINGER_MS))
             state = state_backend_for(self.log, self.name, self.state_dir)
             cleanup.callback(state.close)
             runner = Runner(

@@ -1,9 +1,11 @@
 """The Stream DSL: ``app.stream(topic).filter(...).key_by(...).window(...).aggregate(...).to(out)``.
 
 Each operator adds a node to the app's pipeline graph and returns a stream over it. Stateless
-steps turn a whole batch into the next one with one comprehension, so a pipeline costs a few
-Python calls per batch per step, not per record per layer. ``key_by`` writes to an internal topic
-keyed by the new key, so all of a key's records meet in one partition, where state lives.
+steps turn a whole batch into the next one with a C-level ``map`` over the column they read
+(``filter`` then picks from each column), so a pipeline costs a few Python calls per batch per
+step plus the user's function per record, not per record per layer. ``key_by`` writes to an
+internal topic keyed by the new key, so all of a key's records meet in one partition, where
+state lives.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from riverbed.streams.aggregate import AggregateNode
 from riverbed.streams.aggregators import Aggregator, count, reducer
 from riverbed.streams.joins import LEFT, RIGHT, IntervalJoinNode, JoinSideNode, Table, TableJoinNode
 from riverbed.streams.nodes import (
+    Batch,
     BranchNode,
-    Item,
     Node,
     RepartitionNode,
     SinkNode,
@@ -75,9 +77,7 @@ class Stream(Generic[K, V]):
             self.origin,
         )
 
-    def _step(
-        self, step: Callable[[list[Item]], list[Item]], value_type: Any = None
-    ) -> Stream[Any, Any]:
+    def _step(self, step: Callable[[Batch], Batch], value_type: Any = None) -> Stream[Any, Any]:
         return self._then(StepNode(step), value_type)
 
     # Stateless
@@ -86,28 +86,30 @@ class Stream(Generic[K, V]):
         """Replace each value with ``fn(value)``; ``value`` is its type if ``fn`` has no
         return annotation (needed to carry it through ``key_by``)."""
         return self._step(
-            lambda items: [(k, fn(v), t) for k, v, t in items], value or _return_type(fn)
+            lambda batch: Batch(batch.keys, list(map(fn, batch.values)), batch.timestamps),
+            value or _return_type(fn),
         )
 
     def filter(self, fn: Callable[[V], bool]) -> Stream[K, V]:
         """Keep the records whose value passes ``fn``."""
-        return self._step(lambda items: [item for item in items if fn(item[1])])
+        return self._step(lambda batch: batch.select(list(map(fn, batch.values))))
 
     def flat_map(
         self, fn: Callable[[V], Iterable[V2]], value: type[V2] | None = None
     ) -> Stream[K, V2]:
         """Replace each value with the values ``fn(value)`` yields (none, one or many)."""
         return self._step(
-            lambda items: [(k, out, t) for k, v, t in items for out in fn(v)], value or UNKNOWN
+            lambda batch: Batch.of((k, out, t) for k, v, t in batch for out in fn(v)),
+            value or UNKNOWN,
         )
 
     def peek(self, fn: Callable[[K, V], None]) -> Stream[K, V]:
         """Call ``fn(key, value)`` for each record and pass it on unchanged."""
 
-        def step(items: list[Item]) -> list[Item]:
-            for k, v, _ in items:
+        def step(batch: Batch) -> Batch:
+            for k, v in zip(batch.keys, batch.values, strict=True):
                 fn(k, v)
-            return items
+            return batch
 
         return self._step(step)
 
@@ -149,9 +151,9 @@ class Stream(Generic[K, V]):
         topic, source = self._topology.internal(
             "repartition", partitions or self.partitions, value_type
         )
-        self._step(lambda items: [(fn(v), v, t) for _, v, t in items]).node.children.append(
-            RepartitionNode(topic)
-        )
+        self._step(
+            lambda batch: Batch(list(map(fn, batch.values)), batch.values, batch.timestamps)
+        ).node.children.append(RepartitionNode(topic))
         return Stream(self._topology, source, value_type, topic.partitions, self.origin)
 
     def _known_value_type(self, value: Any, operator: str) -> Any:

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from riverbed.streams.nodes import Context, InternalTopic, Item, Node
+from riverbed.streams.nodes import EMPTY, Batch, Context, InternalTopic, Item, Node
 from riverbed.streams.topics import Topic
-from riverbed.streams.windows.base import WindowNode, WindowSettings
+from riverbed.streams.windows.base import WindowNode, WindowSettings, stream_times
 
 LEFT, RIGHT = 0, 1
 # (event time, side, msgpack of the value)
@@ -56,14 +56,14 @@ class TableJoinNode(Node):
         super().__init__()
         self.table, self.fn, self.on, self.how = table, fn, on, how
 
-    def push(self, items: list[Item], ctx: Context) -> None:
+    def push(self, batch: Batch, ctx: Context) -> None:
         lookup, fn, on = self.table.values.get, self.fn, self.on
         joined: list[Item] = []
-        for key, value, ts in items:
+        for key, value, ts in batch:
             other = lookup(key if on is None else on(value))
             if other is not None or self.how == "left":
                 joined.append((key, fn(value, other), ts))
-        self.forward(joined, ctx)
+        self.forward(Batch.of(joined), ctx)
 
 
 class JoinSideNode(Node):
@@ -78,10 +78,10 @@ class JoinSideNode(Node):
     def terminal(self) -> bool:
         return True
 
-    def push(self, items: list[Item], ctx: Context) -> None:
+    def push(self, batch: Batch, ctx: Context) -> None:
         encode, side = self.topic.encoder.encode, self.side
         ctx.producer.send_many(
-            self.topic.name, [(encode(k), encode((t, side, v))) for k, v, t in items]
+            self.topic.name, [(encode(k), encode((t, side, v))) for k, v, t in batch]
         )
 
 
@@ -111,15 +111,15 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
         partition: int,
         entries: dict[Any, list[Buffered]],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
-        stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
+        before: int,
+    ) -> tuple[Batch, Batch]:
         within, horizon = self.within, self.within + self.grace_ms
         decoders, fn = self._decoders, self.fn
         late: list[Item] = []
         joined: list[Item] = []
-        for item, ts, now in zip(items, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + horizon < now:
                 late.append(item)
                 continue
@@ -133,11 +133,11 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
                     joined.append((key, fn(*pair), max(ts, other_ts)))
             buffered.append((ts, side, raw))
             dirty.add(key)
-        return late, joined
+        return Batch.of(late), Batch.of(joined)
 
     def close(
         self, partition: int, entries: dict[Any, list[Buffered]], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         oldest = stream_time - self.within - self.grace_ms
         for key in list(entries):
             buffered = entries[key]
@@ -149,4 +149,4 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
             else:
                 del entries[key]
             dirty.add(key)
-        return []
+        return EMPTY

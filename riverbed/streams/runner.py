@@ -33,7 +33,7 @@ from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
 from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
 from riverbed.streams.handlers import ATTEMPTS_HEADER, DUE_HEADER, Handler, retry_topic
-from riverbed.streams.nodes import Context, Item, Node, ToNode
+from riverbed.streams.nodes import Batch, Context, Node, ToNode
 from riverbed.streams.state.backend import Changes, StateBackend
 from riverbed.streams.topics import ERROR_HEADER, Topic
 from riverbed.streams.topology import InternalSource, TopicSource, Topology
@@ -50,7 +50,9 @@ RETRY_WAIT_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_RECORDS = 50_000
 
-_topic_partition: Callable[[Record], TopicPartition] = attrgetter("topic", "partition")
+_partition_of: Callable[[Record], int] = attrgetter("partition")
+_topic_of: Callable[[Record], str] = attrgetter("topic")
+_timestamp_of: Callable[[Record], int] = attrgetter("timestamp_ms")
 
 
 class Runner:
@@ -222,20 +224,22 @@ class Runner:
         """Push the records through; returns how many each partition had (on an internal topic:
         how many items its records carried)."""
         by_partition: dict[TopicPartition, list[Record]] = defaultdict(list)
-        # A poll returns each partition's records in runs: one extend per run.
-        for tp, run in groupby(records, _topic_partition):
-            by_partition[tp].extend(run)
+        # A poll returns each partition's records in runs: one extend per run. Runs are found by
+        # partition number, then by topic within them: no (topic, partition) tuple per record.
+        for partition, run in groupby(records, _partition_of):
+            for topic_name, same in groupby(run, _topic_of):
+                by_partition[topic_name, partition].extend(same)
         taken: dict[TopicPartition, int] = {}
         for (topic_name, partition), batch in by_partition.items():
             taken[topic_name, partition] = len(batch)
             ctx.partition = partition
             source = self._sources.get(topic_name)
             if isinstance(source, TopicSource):
-                source.push(self._items(source.topic, batch), ctx)
+                source.push(self._columns(source.topic, batch), ctx)
             elif isinstance(source, InternalSource):
-                items = source.items(batch)
-                taken[topic_name, partition] = len(items)
-                source.push(items, ctx)
+                columns = source.batch(batch)
+                taken[topic_name, partition] = len(columns)
+                source.push(columns, ctx)
             for topic, handler in self._handlers[topic_name]:
                 self._handle(handler, topic, batch, 0)
             retry = self._retries.get(topic_name)
@@ -321,13 +325,15 @@ class Runner:
         topic.dead_letter(self._producer, record, error, attempts)
         self._count_dead_letter(topic)
 
-    def _items(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Item]:
-        """The batch as pipeline items; undecodable records are dead-lettered."""
+    def _columns(self, topic: Topic[Any, Any], batch: list[Record]) -> Batch:
+        """The records as a pipeline batch; undecodable records are dead-lettered."""
         whole = _decode_whole(topic, batch)
         if whole is not None:
             keys, values = whole
-            return list(zip(keys, values, [r.timestamp_ms for r in batch], strict=True))
-        return [(key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)]
+            return Batch(keys, values, list(map(_timestamp_of, batch)))
+        return Batch.of(
+            (key, value, r.timestamp_ms) for r, key, value in self._decode_each(topic, batch)
+        )
 
     def _decode(self, topic: Topic[Any, Any], batch: list[Record]) -> list[Decoded]:
         """The batch's records with their keys and values; undecodable ones are dead-lettered."""

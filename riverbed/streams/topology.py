@@ -14,7 +14,7 @@ import msgspec
 from riverbed.errors import RiverbedError
 from riverbed.log.api import Record
 from riverbed.streams.joins import Table
-from riverbed.streams.nodes import InternalTopic, Item, Node, StatefulNode
+from riverbed.streams.nodes import Batch, InternalTopic, Item, Node, StatefulNode
 from riverbed.streams.topics import Topic
 
 
@@ -36,29 +36,30 @@ class TopicSource(SourceNode):
 
 
 class InternalSource(SourceNode):
-    """An internal topic: runs of repartitioned items (see ``RepartitionNode``), or one
-    side of a join per record."""
+    """An internal topic: runs of repartitioned records as columns (see ``RepartitionNode``),
+    or one side of a join per record."""
 
     def __init__(self, topic: InternalTopic, joined: bool) -> None:
         super().__init__(topic.name)
         self._decode_key = msgspec.msgpack.Decoder().decode
         self._decode_joined = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw]).decode
-        item_type: Any = tuple.__class_getitem__((Any, topic.value_type, int))
-        self._decode_run = msgspec.msgpack.Decoder(list[item_type]).decode
+        values_type: Any = list.__class_getitem__(topic.value_type)
+        run_type: Any = tuple.__class_getitem__((list[Any], values_type, list[int]))
+        self._decode_run = msgspec.msgpack.Decoder(run_type).decode
         self._joined = joined
 
-    def items(self, records: list[Record]) -> list[Item]:
-        out: list[Item] = []
+    def batch(self, records: list[Record]) -> Batch:
         if self._joined:
             decode_key = self._decode_key
+            items: list[Item] = []
             for record in records:
                 ts, side, raw = self._decode_joined(record.value or b"")
-                out.append((decode_key(record.key or b""), (side, bytes(raw)), ts))
-            return out
-        decode_run = self._decode_run
-        for record in records:
-            out += decode_run(record.value or b"")
-        return out
+                items.append((decode_key(record.key or b""), (side, bytes(raw)), ts))
+            return Batch.of(items)
+        runs = [self._decode_run(record.value or b"") for record in records]
+        if len(runs) == 1:
+            return Batch(*runs[0])
+        return Batch.joined([Batch(*run) for run in runs])
 
 
 class Topology:

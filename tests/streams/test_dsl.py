@@ -68,6 +68,24 @@ def test_output_type_is_checked(app: riverbed.App) -> None:
         run_app(app, {payments: [(None, Payment("c1", 1))]})
 
 
+def test_output_keys_are_encoded_a_batch_at_a_time(app: riverbed.App) -> None:
+    """Keys of a batch are encoded together; a record without a key keeps none, and a key of
+    the wrong type is named."""
+    words = app.topic("words", value=str, key=str)
+    lengths = app.topic("lengths", value=str, key=str)
+    app.stream(words).to(lengths)
+    result = run_app(app, {words: [("a", "one"), (None, "two"), ("c", "three")]})
+    assert result.outputs["lengths"] == [("a", "one"), (None, "two"), ("c", "three")]
+
+
+def test_output_key_type_is_checked(app: riverbed.App) -> None:
+    words = app.topic("words", value=str)
+    keyed = app.topic("keyed", value=str, key=str)
+    app.stream(words).key_by(len).to(keyed)  # int keys for a topic of str keys
+    with pytest.raises(SerializationError, match="cannot encode a int as str"):
+        run_app(app, {words: [(None, "one"), (None, "three")]})
+
+
 def test_misuse_is_refused(app: riverbed.App) -> None:
     payments = app.topic("payments", value=Payment)
     other = riverbed.App("other", url="sqlite:///never-opened.db")

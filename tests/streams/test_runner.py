@@ -6,11 +6,16 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 import riverbed
+from riverbed.log.errors import CommitFailedError
+from riverbed.log.sqlite import groups
+from riverbed.log.sqlite.producer import CHECKPOINT_BYTES
+from riverbed.testing import run_app
 from tests.support import consume, running, wait_until
 
 
@@ -88,3 +93,48 @@ def test_run_gives_the_signal_handlers_back(tmp_path: Path) -> None:
         stop.set()  # nothing to do: start, join, leave
         app.run(stop)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_producer_thread_checkpoints_the_embedded_log(tmp_path: Path) -> None:
+    """A runner commits through its producer many times a second: the WAL is copied into the
+    database file by the producer's thread once its appends pass CHECKPOINT_BYTES, not by
+    SQLite inside one of those commits (which it would do only past 1,000 pages, 16 MiB)."""
+    path = tmp_path / "log.db"
+    log = riverbed.connect(f"sqlite:///{path}")
+    try:
+        log.create_topic("big", partitions=1)
+        before = path.stat().st_size
+        value = b"x" * 10_000
+        with log.producer() as producer:
+            producer.send_many("big", [(None, value)] * (CHECKPOINT_BYTES // len(value) + 10))
+            producer.flush()
+            wait_until(
+                lambda: path.stat().st_size > before + CHECKPOINT_BYTES,
+                timeout=10,
+                what="the producer's thread to checkpoint the WAL",
+            )
+    finally:
+        log.close()
+
+
+def test_at_least_once_state_commits_with_the_offsets_on_the_embedded_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose offsets fail to commit leaves no state behind either: the batch runs again
+    on the state it started from, so a count is not counted twice."""
+    app = riverbed.App("counts", exactly_once=False, state_dir=tmp_path)
+    words = app.topic("words", value=str, key=str)
+    totals = app.topic("totals", value=int, key=str)
+    app.stream(words).count(name="counts").to(totals)
+    store_offsets = groups.store_offsets
+    failures = [CommitFailedError("the group rebalanced (injected)")]
+
+    def failing_once(*args: Any, **kwargs: Any) -> None:
+        if failures:
+            raise failures.pop()
+        store_offsets(*args, **kwargs)
+
+    monkeypatch.setattr(groups, "store_offsets", failing_once)
+    result = run_app(app, {words: [("a", "x"), ("a", "y"), ("b", "z")]})
+    assert not failures
+    assert result.state["counts"] == {"a": (2,), "b": (1,)}

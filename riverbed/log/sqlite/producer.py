@@ -2,8 +2,8 @@
 
 All partitions' pending records go to the file in one write transaction, so a producer killed
 mid-stream leaves either whole batches or nothing, and a future resolves only after its batch is
-committed. A background thread flushes after ``linger_ms`` and runs retention and compaction for
-the topics this producer writes to about once a second.
+committed. A background thread flushes after ``linger_ms``, runs retention and compaction for the
+topics this producer writes to about once a second, and checkpoints the write-ahead log.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ if TYPE_CHECKING:
     from riverbed.log.sqlite.log import SqliteLog, TopicMeta
 
 MAINTENANCE_INTERVAL_S = 1.0
+# SQLite's own checkpoint (wal_autocheckpoint) runs inside whichever commit finds the WAL past
+# 1,000 pages, and that commit's caller waits the tens of milliseconds it takes to copy them into
+# the database file. A producer turns it off on its connection and has its thread checkpoint,
+# on a connection of its own, each time its appends have added this much; well below 1,000 of
+# our 16 KiB pages, so that the other connections' automatic checkpoints find little to copy.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
 
 # Records sent together share a timestamp and headers: a run keeps them as the (key, value)
 # pairs the caller passed, so queueing a record allocates nothing, and one comprehension per run
@@ -80,6 +86,7 @@ class SqliteProducer(Closing):
         self._linger_s = linger_ms / 1000
         self._batch_size = batch_size
         self._conn = log.db.connect()
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
         self._appended = AppendNotifier.for_path(log.path)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -87,6 +94,7 @@ class SqliteProducer(Closing):
         self._buffers: dict[tuple[str, int], _PartitionBuffer] = {}
         self._buffered_bytes = 0
         self._first_buffered_at = 0.0
+        self._unchecked_bytes = 0  # appended since the last checkpoint
         self._topics: dict[str, TopicMeta] = {}
         self._sticky = StickyPartitioner(batch_size)
         self._errors = DeliveryErrors()
@@ -274,9 +282,13 @@ class SqliteProducer(Closing):
         written: list[tuple[int, _PartitionBuffer]],
         failed: list[tuple[_PartitionBuffer, BaseException]],
     ) -> None:
-        """Wake local consumers and resolve the futures of committed and failed batches."""
+        """Wake local consumers and resolve the futures of committed and failed batches (and
+        this producer's thread, when a checkpoint is due)."""
         with self._appended:
             self._appended.notify_all()
+        if self._unchecked_bytes >= CHECKPOINT_BYTES:
+            with self._wakeup:
+                self._wakeup.notify()
         for base, buffer in written:
             buffer.delivery.resolve(base)
         for buffer, reason in failed:
@@ -341,29 +353,47 @@ class SqliteProducer(Closing):
             "record_count = record_count + ? WHERE topic_id = ? AND partition = ?",
             (base + count, len(payload), count, meta.topic_id, partition),
         )
+        self._unchecked_bytes += len(payload)
         return base
 
     def _flush_loop(self) -> None:
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
-        while True:
-            with self._wakeup:
-                while not self._closed:
-                    now = time.monotonic()
-                    if self._buffered_bytes and self.autoflush:
-                        remaining = self._first_buffered_at + self._linger_s - now
-                        if remaining <= 0:
+        checkpoints: sqlite3.Connection | None = None  # this thread's, opened when first needed
+        try:
+            while True:
+                with self._wakeup:
+                    while not self._closed:
+                        now = time.monotonic()
+                        if self._unchecked_bytes >= CHECKPOINT_BYTES:
                             break
-                    else:
-                        remaining = next_maintenance - now
-                        if remaining <= 0:
-                            break
-                    self._wakeup.wait(remaining)
-                if self._closed:
-                    return
-            self._write_buffered()
-            if time.monotonic() >= next_maintenance:
-                self._maintain()
-                next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+                        if self._buffered_bytes and self.autoflush:
+                            remaining = self._first_buffered_at + self._linger_s - now
+                            if remaining <= 0:
+                                break
+                        else:
+                            remaining = next_maintenance - now
+                            if remaining <= 0:
+                                break
+                        self._wakeup.wait(remaining)
+                    if self._closed:
+                        return
+                self._write_buffered()
+                if self._unchecked_bytes >= CHECKPOINT_BYTES:
+                    checkpoints = checkpoints or self._log.db.connect()
+                    self._checkpoint(checkpoints)
+                if time.monotonic() >= next_maintenance:
+                    self._maintain()
+                    next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database file, as far as readers allow, without holding up
+        writers (PASSIVE); SQLite releases the GIL meanwhile."""
+        self._unchecked_bytes = 0
+        with contextlib.suppress(sqlite3.OperationalError):  # busy: the next one catches up
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _maintain(self) -> None:
         """Retention and compaction for the topics this producer writes to: records age and

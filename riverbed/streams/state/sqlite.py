@@ -1,7 +1,8 @@
 """State on the embedded log: a table in the log's database, written by the batch's commit.
 
 With exactly-once, the state rows are written inside the transactional producer's commit, so
-outputs, state and input offsets are one SQLite transaction.
+outputs, state and input offsets are one SQLite transaction. At least once, the outputs are
+flushed first, then the state rows and the input offsets are one transaction.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sqlite3
 from collections.abc import Mapping
 
 from riverbed.log.api import Consumer, Producer, TopicPartition
+from riverbed.log.sqlite import groups
+from riverbed.log.sqlite.consumer import SqliteConsumer
 from riverbed.log.sqlite.log import SqliteLog
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.log.sqlite.transactions import SqliteTransactionalProducer
@@ -53,11 +56,13 @@ class SqliteState:
             assert isinstance(producer, SqliteTransactionalProducer)
             producer.commit_transaction(offsets, lambda conn: self._write(conn, changes))
             return
+        # Outputs first, then state and offsets together: a crash in between replays the batch
+        # onto the state it started from.
         producer.flush()
-        if changes:
-            with write_transaction(self._conn) as conn:
-                self._write(conn, changes)
-        consumer.commit(offsets)
+        assert isinstance(consumer, SqliteConsumer) and consumer.group is not None
+        with write_transaction(self._conn) as conn:
+            self._write(conn, changes)
+            groups.store_offsets(conn, consumer.group, consumer.member_id, offsets)
 
     def _write(self, conn: sqlite3.Connection, changes: Changes) -> None:
         # Keys and values go in as bytearray: Python's sqlite3 binds a bytes parameter only

@@ -10,16 +10,17 @@ a window's current result after every batch that changed it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate, chain, islice, repeat
+from operator import itemgetter
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
 from riverbed.errors import RiverbedError
 from riverbed.streams.aggregators import Aggregator
-from riverbed.streams.nodes import Context, Item, Node, StatefulNode
+from riverbed.streams.nodes import Batch, Context, Node, StatefulNode
 from riverbed.streams.state.backend import Changes
 
 T = TypeVar("T")
@@ -56,6 +57,7 @@ class Aggregation:
             self.names = tuple(aggregators)
             self.aggregators = tuple(aggregators.values())
         self.state_type: Any = tuple[tuple(a.state_type for a in self.aggregators)]  # type: ignore[misc]
+        self._plain_results = all(a.plain_result for a in self.aggregators)
 
     def initial(self) -> list[Any]:
         return [a.initial() for a in self.aggregators]
@@ -65,14 +67,17 @@ class Aggregation:
             accs = self.initial()
         return [a.add_many(acc, values) for a, acc in zip(self.aggregators, accs, strict=True)]
 
-    def fold(self, previous: list[Any], groups: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        """``add_many`` for each (accumulators or None, values) pair, an aggregator at a time."""
+    def fold(
+        self, previous: Sequence[Sequence[Any] | None], groups: Sequence[Sequence[Any]]
+    ) -> list[tuple[Any, ...]]:
+        """``add_many`` for each (accumulators or None, values) pair, an aggregator at a time.
+        The new accumulators are tuples (never changed in place), made by one C-level zip."""
         columns = []
         for index, aggregator in enumerate(self.aggregators):
             initial = aggregator.initial
             accs = [initial() if p is None else p[index] for p in previous]
             columns.append(aggregator.add_groups(accs, groups))
-        return [list(row) for row in zip(*columns, strict=True)]
+        return list(zip(*columns, strict=True))
 
     def merge(self, left: list[Any], right: list[Any]) -> list[Any]:
         return [a.merge(x, y) for a, x, y in zip(self.aggregators, left, right, strict=True)]
@@ -83,7 +88,16 @@ class Aggregation:
                 aggregator.merge(None, None)  # raises, naming the aggregator
                 raise RiverbedError(f"{window} windows need mergeable aggregators")
 
-    def result(self, accs: list[Any]) -> Any:
+    def results(self, accs: Sequence[Sequence[Any]]) -> list[Any]:
+        """``result`` of each of ``accs``; when every aggregator's result is its accumulator, in
+        C-level maps (the dicts of named aggregators from zips of names and accumulators)."""
+        if not self._plain_results:
+            return list(map(self.result, accs))
+        if self.names is None:
+            return list(map(itemgetter(0), accs))
+        return list(map(dict, map(zip, repeat(self.names), accs)))
+
+    def result(self, accs: Sequence[Any]) -> Any:
         if self.names is None:
             return self.aggregators[0].result(accs[0])
         return {
@@ -211,43 +225,53 @@ class WindowNode(StatefulNode, Generic[T]):
 
     # Processing
 
-    def push(self, items: list[Item], ctx: Context) -> None:
+    def push(self, batch: Batch, ctx: Context) -> None:
         entries = self._state(ctx)
         partition = ctx.partition
         self._pushed.add(partition)
         timestamp = self.timestamp
-        times = (
-            [t for _, _, t in items] if timestamp is None else [timestamp(v) for _, v, _ in items]
-        )
-        stream_times = list(accumulate(chain((self._times[partition],), times), max))
+        times = batch.timestamps if timestamp is None else list(map(timestamp, batch.values))
+        before = self._times[partition]
         late, emitted = self.process(
-            partition, entries, self._dirty[partition], items, times, stream_times[1:]
+            partition, entries, self._dirty[partition], batch, times, before
         )
-        self._times[partition] = stream_times[-1]
-        emitted.extend(self.close(partition, entries, self._dirty[partition], stream_times[-1]))
+        after = self._times[partition] = stream_time_after(before, times)
+        closed = self.close(partition, entries, self._dirty[partition], after)
         if late:
             ctx.late += len(late)
             if self.late is not None:
                 self.late.push(late, ctx)
         self.forward(emitted, ctx)
+        self.forward(closed, ctx)
 
     def process(
         self,
         partition: int,
         entries: dict[Any, T],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
-        stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
-        """Fold the batch into the entries; returns the late items and the updates to emit."""
+        before: int,
+    ) -> tuple[Batch, Batch]:
+        """Fold the batch into the entries; returns the late records and the updates to emit.
+        ``before`` is the stream time before the batch (see ``stream_times``)."""
         raise NotImplementedError
 
     def close(
         self, partition: int, entries: dict[Any, T], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         """Drop the windows that stream time closed; returns their final results to emit."""
         raise NotImplementedError
+
+
+def stream_time_after(before: int, times: list[int]) -> int:
+    """The stream time after the records at ``times``, from ``before``."""
+    return max(chain((before,), times))
+
+
+def stream_times(before: int, times: list[int]) -> list[int]:
+    """The stream time at each record: the largest event time up to it, from ``before``."""
+    return list(islice(accumulate(times, max, initial=before), 1, None))
 
 
 def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:
@@ -258,15 +282,3 @@ def ms(seconds: float | None, milliseconds: int | None, what: str) -> int:
     if value <= 0:
         raise RiverbedError(f"the {what} must be positive, got {value} ms")
     return value
-
-
-def grouped(keys: Iterable[Any], values: Iterable[Any]) -> dict[Any, list[Any]]:
-    """Values by key, in arrival order."""
-    groups: dict[Any, list[Any]] = {}
-    for key, value in zip(keys, values, strict=True):
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [value]
-        else:
-            group.append(value)
-    return groups

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
+from riverbed.streams.nodes import EMPTY, Batch, Item
+from riverbed.streams.windows.base import (
+    Windowed,
+    WindowNode,
+    WindowSettings,
+    ms,
+    stream_time_after,
+    stream_times,
+)
 
 Session = tuple[int, int, list[Any]]
 
@@ -44,15 +51,15 @@ class SessionNode(WindowNode[list[Session]]):
         partition: int,
         entries: dict[Any, list[Session]],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
-        stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
+        before: int,
+    ) -> tuple[Batch, Batch]:
         gap, horizon = self.gap, self.gap + self.grace_ms
         aggregation = self.aggregation
         late: list[Item] = []
         changed: dict[Any, None] = {}
-        for item, ts, now in zip(items, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + horizon <= now:
                 late.append(item)
                 continue
@@ -75,17 +82,18 @@ class SessionNode(WindowNode[list[Session]]):
             dirty.add(key)
             changed[key] = None
         if self.emit == "update":
-            return late, [
+            after = stream_time_after(before, times)
+            return Batch.of(late), Batch.of(
                 self._result(key, session)
                 for key in changed
                 for session in entries[key]
-                if session[1] + horizon > stream_times[-1]
-            ]
-        return late, []
+                if session[1] + horizon > after
+            )
+        return Batch.of(late), EMPTY
 
     def close(
         self, partition: int, entries: dict[Any, list[Session]], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         horizon = self.gap + self.grace_ms
         emitted: list[Item] = []
         final = self.emit == "final"
@@ -106,7 +114,7 @@ class SessionNode(WindowNode[list[Session]]):
                 del entries[key]
             dirty.add(key)
         emitted.sort(key=lambda item: item[2])
-        return emitted
+        return Batch.of(emitted)
 
     def _result(self, key: Any, session: Session) -> Item:
         start, end, accs = session

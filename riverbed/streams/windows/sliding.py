@@ -13,8 +13,8 @@ from bisect import insort
 from functools import reduce
 from typing import Any
 
-from riverbed.streams.nodes import Item
-from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms
+from riverbed.streams.nodes import Batch, Item
+from riverbed.streams.windows.base import Windowed, WindowNode, WindowSettings, ms, stream_times
 
 Entry = tuple[int, bool, list[Any]]
 
@@ -48,15 +48,15 @@ class SlidingNode(WindowNode[list[Entry]]):
         partition: int,
         entries: dict[Any, list[Entry]],
         dirty: set[Any],
-        items: list[Item],
+        batch: Batch,
         times: list[int],
-        stream_times: list[int],
-    ) -> tuple[list[Item], list[Item]]:
+        before: int,
+    ) -> tuple[Batch, Batch]:
         grace, update = self.grace_ms, self.emit == "update"
         aggregation = self.aggregation
         late: list[Item] = []
         emitted: list[Item] = []
-        for item, ts, now in zip(items, times, stream_times, strict=True):
+        for item, ts, now in zip(batch, times, stream_times(before, times), strict=True):
             if ts + grace < now:
                 late.append(item)
                 continue
@@ -66,11 +66,11 @@ class SlidingNode(WindowNode[list[Entry]]):
             dirty.add(key)
             if update:
                 emitted.append(self._window(key, recent, ts))
-        return late, emitted
+        return Batch.of(late), Batch.of(emitted)
 
     def close(
         self, partition: int, entries: dict[Any, list[Entry]], dirty: set[Any], stream_time: int
-    ) -> list[Item]:
+    ) -> Batch:
         due = stream_time - self.grace_ms
         horizon = due - self.size
         emitted: list[Item] = []
@@ -91,7 +91,7 @@ class SlidingNode(WindowNode[list[Entry]]):
                 del entries[key]
             dirty.add(key)
         emitted.sort(key=lambda item: item[2])
-        return emitted
+        return Batch.of(emitted)
 
     def _window(self, key: Any, recent: list[Entry], end: int) -> Item:
         start = end - self.size
