@@ -49,6 +49,7 @@ class Inflight:
         self.ready: deque[tuple[Task[Any, Any], TaskMessage]] = deque()
         self.running: dict[str, Running] = {}
         self.outcomes: list[Outcome] = []
+        self.unstored = 0  # outcomes the reporter took and the broker has not yet stored
         self.counts = Counts()
         self.closed = False  # no more tasks to take: pool threads leave
         self._lock = threading.Lock()
@@ -60,13 +61,23 @@ class Inflight:
 
     def held(self) -> int:
         with self._lock:
-            return len(self.ready) + len(self.running)
+            return self._held_locked()
 
     def wait_for_room(self, low_water: int, timeout: float) -> int:
-        """How many more tasks may be fetched, once fewer than ``low_water`` wait for a slot."""
+        """How many more tasks may be fetched, once fewer than ``low_water`` wait for a slot.
+
+        A task counts until its outcome is stored: a worker killed with outcomes not yet
+        reported has them run again, so those are bounded by the capacity too."""
         with self._lock:
-            self.room.wait_for(lambda: len(self.ready) < low_water or self.closed, timeout)
-            return self.capacity - len(self.ready) - len(self.running)
+            self.room.wait_for(
+                lambda: (len(self.ready) < low_water and self._held_locked() < self.capacity)
+                or self.closed,
+                timeout,
+            )
+            return self.capacity - self._held_locked()
+
+    def _held_locked(self) -> int:
+        return len(self.ready) + len(self.running) + len(self.outcomes) + self.unstored
 
     def wake_fetcher(self) -> None:
         with self._lock:
@@ -150,11 +161,19 @@ class Inflight:
         with self._lock:
             self.reported.wait_for(lambda: self.outcomes, timeout)
             outcomes, self.outcomes = self.outcomes, []
+            self.unstored += len(outcomes)
             return outcomes
+
+    def stored(self, count: int) -> None:
+        """The broker stored ``count`` drained outcomes: their room is free."""
+        with self._lock:
+            self.unstored -= count
+            self.room.notify()
 
     def put_back(self, outcomes: list[Outcome]) -> None:
         """Outcomes the broker could not take now; reported again on the next round."""
         with self._lock:
+            self.unstored -= len(outcomes)
             self.outcomes[:0] = outcomes
 
     # The supervisor
@@ -196,4 +215,4 @@ class Inflight:
 
     def idle(self) -> bool:
         with self._lock:
-            return not self.running and not self.outcomes
+            return not self.running and not self.outcomes and not self.unstored

@@ -254,6 +254,7 @@ class Worker:
                     log.warning("cannot store %d outcomes, retrying: %s", len(outcomes), error)
                     time.sleep(0.5)
                     continue
+                self.inflight.stored(len(outcomes))
                 if self.metrics is not None:
                     self.metrics.observe(outcomes)
             elif self._stopping.is_set() and self.inflight.idle() and self._drained.is_set():
