@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
@@ -21,6 +20,7 @@ import msgspec
 
 from riverbed.eventsourcing.codec import EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.ids import random_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,7 +80,7 @@ class Aggregate:
         return aggregate
 
     def _begin(self, aggregate_id: str | None) -> None:
-        self.id = aggregate_id or str(uuid.uuid4())
+        self.id = aggregate_id or random_id()
         self.version = 0
         self._pending: list[Recorded] = []
 

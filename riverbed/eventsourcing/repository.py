@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 import typing
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -161,7 +160,9 @@ class Events:
         stream_key = stream_key or self.store.stream_key
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
-        cause = _cause.get() or Cause(random_ids(1)[0], "")
+        # Every id this save needs from one urandom call: events', and a correlation id.
+        ids = iter(random_ids(sum(len(a.pending) for a in aggregates) + 1))
+        cause = _cause.get() or Cause(next(ids), "")
         meta = dict(metadata or {})
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
@@ -173,8 +174,7 @@ class Events:
             if not pending:
                 continue
             events = []
-            ids = random_ids(len(pending))
-            for event_id, recorded in zip(ids, pending, strict=True):
+            for recorded, event_id in zip(pending, ids, strict=False):
                 events.append(
                     NewEvent(
                         id=event_id,
@@ -280,7 +280,7 @@ class Events:
         """Load, decide, save; on a concurrent save, load again and retry (up to ``retries``
         times). ``decide`` calls the aggregate's command methods (or raises to refuse). Returns
         the aggregate and the saved position."""
-        with causing(command_id or str(uuid.uuid4())):
+        with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = self.get(cls, aggregate_id)
                 decide(aggregate)
@@ -301,7 +301,7 @@ class Events:
         command_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[A, int]:
-        with causing(command_id or str(uuid.uuid4())):
+        with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = await self.get_async(cls, aggregate_id)
                 decide(aggregate)
