@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from typing import Any
 
 import msgspec
 
-from riverbed.errors import InvalidUrlError
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -38,7 +36,8 @@ from riverbed.eventsourcing.records import (
     Timer,
 )
 from riverbed.eventsourcing.stores.api import Document
-from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.log.sqlite.store import write_transaction
+from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
 
 SCHEMA_VERSION = 1
@@ -122,28 +121,11 @@ class SqliteEventStore:
 
     def __init__(self, url: BackendUrl) -> None:
         options = url.pop_options({"fsync": "normal"})
-        if options["fsync"] not in FSYNC_MODES:
-            raise InvalidUrlError(
-                f"fsync={options['fsync']!r} in {url.raw!r}: use one of {', '.join(FSYNC_MODES)}"
-            )
         self.url = url.raw
         self.path = Path(url.location)
-        self._synchronous = FSYNC_MODES[options["fsync"]]
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._file = SqliteFile(self.path, synchronous_option(url, options), "event store")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with write_transaction(self._conn) as conn:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise EventSourcingError(
-                        f"event store {str(self.path)!r} has schema version {version}, newer than "
-                        f"this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
-                    )
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except (sqlite3.DatabaseError, OSError) as error:
             raise StoreUnavailableError(
                 f"cannot open the event store {str(self.path)!r}: {error}"
@@ -152,21 +134,7 @@ class SqliteEventStore:
     @property
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection: projections and relays read from their own threads."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA busy_timeout=60000")
-            # Switching to WAL takes an exclusive lock that does not wait on the busy handler.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA cache_size=-65536")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        return self._file.conn
 
     # Appending
 
@@ -307,11 +275,7 @@ class SqliteEventStore:
         )
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._file.close()
 
 
 class SqliteTransaction:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import msgspec
 
-from riverbed.errors import InvalidUrlError, RiverbedError
-from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.log.sqlite.store import write_transaction
+from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.tasks.brokers.api import (
     CANCELLED_AFTER_LEASE,
     CANCELLED_BEFORE_START,
@@ -133,51 +132,19 @@ class SqliteBroker:
         options = url.pop_options({**COMMON_OPTIONS, "fsync": "normal"})
         self.url = url.raw
         self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.shown, options)
-        if options["fsync"] not in FSYNC_MODES:
-            raise InvalidUrlError(
-                f"fsync={options['fsync']!r} in {url.raw!r}: use one of {', '.join(FSYNC_MODES)}"
-            )
-        self._synchronous = FSYNC_MODES[options["fsync"]]
         self.path = Path(url.location)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._file = SqliteFile(self.path, synchronous_option(url, options), "task database")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._write() as conn:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise RiverbedError(
-                        f"task database {str(self.path)!r} has schema version {version}, newer "
-                        f"than this riverbed's {SCHEMA_VERSION}; upgrade riverbed"
-                    )
-                for statement in SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except (sqlite3.DatabaseError, OSError) as error:
             raise BrokerUnavailableError(
                 f"cannot open the task database {str(self.path)!r}: {error}"
             ) from error
 
-    # Connections: one per thread, since workers call from their pool threads.
-
     @property
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA busy_timeout=60000")
-            # Switching to WAL takes an exclusive lock that does not wait on the busy handler;
-            # once the file is in WAL mode (it stays so) there is nothing to switch.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        """This thread's connection: workers call from their pool threads."""
+        return self._file.conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -665,11 +632,7 @@ class SqliteBroker:
         )
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._file.close()
 
 
 def _info(row: Sequence[object]) -> TaskInfo:

@@ -70,8 +70,10 @@ class Inflight:
         reported has them run again, so those are bounded by the capacity too."""
         with self._lock:
             self.room.wait_for(
-                lambda: (len(self.ready) < low_water and self._held_locked() < self.capacity)
-                or self.closed,
+                lambda: (
+                    (len(self.ready) < low_water and self._held_locked() < self.capacity)
+                    or self.closed
+                ),
                 timeout,
             )
             return self.capacity - self._held_locked()

@@ -1,0 +1,79 @@
+"""One SQLite file in WAL mode, used from many threads: the task broker's and the event store's.
+
+Each thread gets its own connection (workers, projections and relays call from their own
+threads); the schema is created once, versioned with ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from riverbed.errors import InvalidUrlError, RiverbedError
+from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.urls import BackendUrl
+
+
+def synchronous_option(url: BackendUrl, options: dict[str, str]) -> str:
+    """SQLite's ``synchronous`` setting for the URL's ``fsync=`` option."""
+    fsync = options["fsync"]
+    if fsync not in FSYNC_MODES:
+        raise InvalidUrlError(
+            f"fsync={fsync!r} in {url.shown!r}: use one of {', '.join(FSYNC_MODES)}"
+        )
+    return FSYNC_MODES[fsync]
+
+
+class SqliteFile:
+    def __init__(self, path: Path, synchronous: str, what: str) -> None:
+        """``what`` names the file in errors ("task database")."""
+        self.path = path
+        self.what = what
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA busy_timeout=60000")
+            # Switching to WAL takes an exclusive lock that does not wait on the busy handler;
+            # once the file is in WAL mode (it stays so) there is nothing to switch.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def create_schema(self, statements: Sequence[str], version: int) -> None:
+        """Create the tables (idempotent); an error if the file is of a newer riverbed.
+        Raises ``sqlite3.DatabaseError`` or ``OSError`` when the file cannot be opened."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with write_transaction(self.conn) as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > version:
+                raise RiverbedError(
+                    f"{self.what} {str(self.path)!r} has schema version {found}, newer than "
+                    f"this riverbed's {version}; upgrade riverbed"
+                )
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version}")
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
