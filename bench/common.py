@@ -6,6 +6,7 @@ Imports nothing of riverbed, so a benchmark can still run its peers while riverb
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -13,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PEER_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 
 
 class BenchError(Exception):
@@ -69,3 +71,27 @@ def stop_on_signals() -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+
+
+def peer_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """The versions of ``packages`` in the peers venv (empty when the venv is missing)."""
+    if not PEER_PYTHON.exists():
+        return {}
+    code = (
+        "import importlib.metadata as m, json\n"
+        "found = {}\n"
+        f"for name in {list(packages)!r}:\n"
+        "    try:\n"
+        "        found[name] = m.version(name)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        pass\n"
+        "print(json.dumps(found))\n"
+    )
+    output = subprocess.run(
+        [str(PEER_PYTHON), "-c", code], capture_output=True, text=True, check=False
+    )
+    try:
+        found: dict[str, str] = json.loads(output.stdout)
+    except json.JSONDecodeError:
+        return {}
+    return found

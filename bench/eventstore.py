@@ -42,11 +42,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common import (  # bench/common.py: python puts bench/ first on sys.path
+    PEER_PYTHON,
     BenchError,
     git_revision,
     loadavg,
     machine,
     markdown_table,
+    peer_versions,
     stop_on_signals,
 )
 from rich.console import Console
@@ -66,7 +68,6 @@ def _import_riverbed() -> tuple[Any, str | None]:
 riverbed, RIVERBED_IMPORT_ERROR = _import_riverbed()
 RESULTS = ROOT / "bench" / "RESULTS.md"
 DRIVER = ROOT / "bench" / "peers" / "eventsourcing_bench.py"
-PEER_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 PEER_PACKAGES = ("eventsourcing", "psycopg", "psycopg-binary", "psycopg-pool")
 
 # The workload
@@ -459,30 +460,6 @@ class Unavailable:
         raise BenchError(self.reason)
 
 
-def peer_versions() -> dict[str, str]:
-    """The peers venv's package versions (empty when the venv is missing)."""
-    if not PEER_PYTHON.exists():
-        return {}
-    code = (
-        "import importlib.metadata as m, json\n"
-        "found = {}\n"
-        f"for name in {list(PEER_PACKAGES)!r}:\n"
-        "    try:\n"
-        "        found[name] = m.version(name)\n"
-        "    except m.PackageNotFoundError:\n"
-        "        pass\n"
-        "print(json.dumps(found))\n"
-    )
-    output = subprocess.run(
-        [str(PEER_PYTHON), "-c", code], capture_output=True, text=True, check=False
-    )
-    try:
-        found: dict[str, str] = json.loads(output.stdout)
-    except json.JSONDecodeError:
-        return {}
-    return found
-
-
 def open_systems(
     args: argparse.Namespace, stack: contextlib.ExitStack, root: Path, peers: dict[str, str]
 ) -> tuple[list[System], Postgres | None]:
@@ -857,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     load = loadavg()
     # Read before riverbed runs: a commit landing during the run must not be credited with it.
     revision = git_revision()
-    peers = peer_versions()
+    peers = peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results() for name in args.systems}
     postgres_text = "not started"

@@ -41,11 +41,13 @@ from typing import IO, Any, Protocol
 import confluent_kafka
 import msgspec
 from common import (  # bench/common.py: python puts bench/ first on sys.path
+    PEER_PYTHON,
     BenchError,
     git_revision,
     loadavg,
     machine,
     markdown_table,
+    peer_versions,
     stop_on_signals,
 )
 from confluent_kafka import ConsumerGroupTopicPartitions
@@ -68,7 +70,6 @@ def _import_riverbed() -> tuple[Any, str | None]:
 riverbed, RIVERBED_IMPORT_ERROR = _import_riverbed()
 RESULTS = ROOT / "bench" / "RESULTS.md"
 PEERS = ROOT / "bench" / "peers"
-PEER_PYTHON = ROOT / "bench" / ".venv-peers" / "bin" / "python"
 PEER_PACKAGES = ("quixstreams", "faust-streaming", "bytewax", "confluent-kafka", "aiokafka")
 
 # The workload
@@ -634,30 +635,6 @@ class Unavailable:
         raise BenchError(self.reason)
 
 
-def peer_versions() -> dict[str, str]:
-    """The peers venv's package versions (empty when the venv is missing)."""
-    if not PEER_PYTHON.exists():
-        return {}
-    code = (
-        "import importlib.metadata as m, json\n"
-        "found = {}\n"
-        f"for name in {list(PEER_PACKAGES)!r}:\n"
-        "    try:\n"
-        "        found[name] = m.version(name)\n"
-        "    except m.PackageNotFoundError:\n"
-        "        pass\n"
-        "print(json.dumps(found))\n"
-    )
-    output = subprocess.run(
-        [str(PEER_PYTHON), "-c", code], capture_output=True, text=True, check=False
-    )
-    try:
-        found: dict[str, str] = json.loads(output.stdout)
-    except json.JSONDecodeError:
-        return {}
-    return found
-
-
 PEER_PACKAGE = {
     "quix": "quixstreams",
     "quix-eos": "quixstreams",
@@ -1016,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     now_ms = int(time.time() * 1000)
     workload = make_workload(args.records, now_ms)
     warmup = make_workload(args.warmup_records, now_ms) if args.warmup_records else None
-    peers = peer_versions()
+    peers = peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results(records=workload.records) for name in args.systems}
     with contextlib.ExitStack() as stack:

@@ -48,6 +48,7 @@ from common import (  # bench/common.py: python puts bench/ first on sys.path
     loadavg,
     machine,
     markdown_table,
+    peer_versions,
     stop_on_signals,
 )
 from rich.console import Console
@@ -526,30 +527,6 @@ def riverbed_problem() -> str | None:
     return None
 
 
-def peer_versions() -> dict[str, str]:
-    """The peers venv's package versions (empty when the venv is missing)."""
-    if not PEER_PYTHON.exists():
-        return {}
-    code = (
-        "import importlib.metadata as m, json\n"
-        "found = {}\n"
-        f"for name in {list(PEER_PACKAGES)!r}:\n"
-        "    try:\n"
-        "        found[name] = m.version(name)\n"
-        "    except m.PackageNotFoundError:\n"
-        "        pass\n"
-        "print(json.dumps(found))\n"
-    )
-    output = subprocess.run(
-        [str(PEER_PYTHON), "-c", code], capture_output=True, text=True, check=False
-    )
-    try:
-        found: dict[str, str] = json.loads(output.stdout)
-    except json.JSONDecodeError:
-        return {}
-    return found
-
-
 def open_systems(
     args: argparse.Namespace, redis_url: str | None, root: Path, peers: dict[str, str]
 ) -> list[Runner | Unavailable]:
@@ -897,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     load = loadavg()
-    peers = peer_versions()
+    peers = peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results() for name in args.systems}
     with contextlib.ExitStack() as stack:
