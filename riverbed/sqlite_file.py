@@ -6,6 +6,7 @@ threads); the schema is created once, versioned with ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -14,6 +15,11 @@ from pathlib import Path
 from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
 from riverbed.urls import BackendUrl
+
+CHECKPOINT_EVERY_S = 0.1
+WRITER_CHECKPOINT_PAGES = 16384  # 64 MiB of 4 KiB pages
+JOURNAL_LIMIT_BYTES = 64 * 1024 * 1024
+log = logging.getLogger("riverbed.sqlite")
 
 
 def synchronous_option(url: BackendUrl, options: dict[str, str]) -> str:
@@ -27,14 +33,28 @@ def synchronous_option(url: BackendUrl, options: dict[str, str]) -> str:
 
 
 class SqliteFile:
-    def __init__(self, path: Path, synchronous: str, what: str) -> None:
-        """``what`` names the file in errors ("task database")."""
+    def __init__(
+        self, path: Path, synchronous: str, what: str, *, background_checkpoints: bool = False
+    ) -> None:
+        """``what`` names the file in errors ("task database").
+
+        ``background_checkpoints``: SQLite's automatic checkpoint runs inside whichever commit
+        finds the write-ahead log full (1,000 pages), and copies the log into the database on
+        that writer's time. With this, a thread of this file checkpoints passively every
+        ``CHECKPOINT_EVERY_S`` when something was written, and writers only past
+        ``WRITER_CHECKPOINT_PAGES``, finding little left to copy."""
         self.path = path
         self.what = what
         self._synchronous = synchronous
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if background_checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="riverbed-sqlite-checkpoint", daemon=True
+            )
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -51,6 +71,16 @@ class SqliteFile:
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA cache_size=-65536")
+            if self._checkpointer is not None and not self._closed.is_set():
+                # The log starts over only when a checkpoint completes between two writes,
+                # which this thread cannot arrange under a busy writer: writers still
+                # checkpoint, but only past a size, when this thread has copied most of it.
+                conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
+                # Give back what a long burst grew the log to, once it starts over.
+                conn.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT_BYTES}")
+                with self._lock:
+                    if not self._checkpointer.is_alive():
+                        self._checkpointer.start()
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -71,7 +101,27 @@ class SqliteFile:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={version}")
 
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=60000")
+        try:
+            last = None
+            while not self._closed.wait(CHECKPOINT_EVERY_S):
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != last:
+                    # PASSIVE copies what it can without waiting for readers or writers.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    last = version
+        except sqlite3.Error as error:
+            # Writers report a broken file themselves; without checkpoints the log only grows.
+            log.warning("checkpoints of %s stopped: %s", self.path, error)
+        finally:
+            conn.close()
+
     def close(self) -> None:
+        self._closed.set()
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            self._checkpointer.join(5)
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:

@@ -123,7 +123,12 @@ class SqliteEventStore:
         options = url.pop_options({"fsync": "normal"})
         self.url = url.raw
         self.path = Path(url.location)
-        self._file = SqliteFile(self.path, synchronous_option(url, options), "event store")
+        self._file = SqliteFile(
+            self.path,
+            synchronous_option(url, options),
+            "event store",
+            background_checkpoints=True,
+        )
         try:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except (sqlite3.DatabaseError, OSError) as error:

@@ -1,0 +1,36 @@
+"""``SqliteFile`` with background checkpoints: writers never checkpoint inside a commit, and the
+write-ahead log still stays bounded under a writer that never pauses."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from riverbed import sqlite_file
+from riverbed.log.sqlite.store import write_transaction
+from riverbed.sqlite_file import SqliteFile
+
+
+def test_background_checkpoints_keep_the_log_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_file, "WRITER_CHECKPOINT_PAGES", 1024)
+    monkeypatch.setattr(sqlite_file, "JOURNAL_LIMIT_BYTES", 4 * 1024 * 1024)
+    database = SqliteFile(tmp_path / "x.db", "NORMAL", "test file", background_checkpoints=True)
+    database.create_schema(["CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB)"], 1)
+    conn = database.conn
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1024
+    wal = tmp_path / "x.db-wal"
+    largest = 0
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:  # one writer, never pausing, ~50 MB of pages
+        with write_transaction(conn):
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [(os.urandom(512),)] * 20)
+        largest = max(largest, wal.stat().st_size)
+    database.close()
+    # With no checkpoint completing between writes, the log would hold every page written.
+    assert largest < 16 * 1024 * 1024, largest
+    assert (tmp_path / "x.db").stat().st_size > 4 * 1024 * 1024  # the pages reached the file
