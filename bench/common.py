@@ -5,6 +5,7 @@ Imports nothing of riverbed, so a benchmark can still run its peers while riverb
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -95,3 +96,36 @@ def peer_versions(packages: tuple[str, ...]) -> dict[str, str]:
     except json.JSONDecodeError:
         return {}
     return found
+
+
+def short(reason: str, limit: int = 160) -> str:
+    """``reason`` on one line, without Markdown cell breaks, at most ``limit`` characters."""
+    reason = " ".join(reason.split()).replace("|", "/")
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
+def write_results(results: Path, lines: list[str]) -> None:
+    """Append a benchmark's section to ``bench/RESULTS.md`` (created with its title if new)."""
+    if not results.exists():
+        results.write_text("# Benchmark results\n\nAppended by the scripts in bench/.\n")
+    with results.open("a") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def chosen_systems(
+    parser: argparse.ArgumentParser,
+    text: str,
+    systems: tuple[str, ...],
+    aliases: dict[str, tuple[str, ...]],
+) -> list[str]:
+    """The systems named in ``--systems`` (comma-separated names or aliases), in order, once."""
+    chosen: list[str] = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in systems and name not in aliases:
+            parser.error(
+                f"unknown system {name!r}; choose from {', '.join(systems + tuple(aliases))}"
+            )
+        for system in aliases.get(name, (name,)):
+            if system not in chosen:
+                chosen.append(system)
+    return chosen

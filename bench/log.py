@@ -46,6 +46,7 @@ from common import (  # bench/common.py: python puts bench/ first on sys.path
     machine,
     markdown_table,
     stop_on_signals,
+    write_results,
 )
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
@@ -950,10 +951,7 @@ def append_results(args: argparse.Namespace, results: dict[str, Figures], report
     if report.lost:
         lines += ["", "Lost records (e2e; the figures above exclude them):", ""]
         lines += [f"- {problem}" for problem in report.lost]
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/.\n")
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines) + "\n")
+    write_results(RESULTS, lines)
 
 
 # Main

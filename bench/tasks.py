@@ -44,12 +44,15 @@ from typing import IO, Any
 import redis
 from common import (  # bench/common.py: python puts bench/ first on sys.path
     BenchError,
+    chosen_systems,
     git_revision,
     loadavg,
     machine,
     markdown_table,
     peer_versions,
+    short,
     stop_on_signals,
+    write_results,
 )
 from rich.console import Console
 from rich.table import Table
@@ -635,11 +638,6 @@ def target_marks(results: dict[str, Results]) -> dict[tuple[str, str], str]:
     return marks
 
 
-def short(reason: str, limit: int = 160) -> str:
-    reason = " ".join(reason.split()).replace("|", "/")  # one line, and no markdown cell break
-    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
-
-
 def table_rows(results: dict[str, Results]) -> list[list[str]]:
     marks = target_marks(results)
     rows = []
@@ -792,10 +790,7 @@ def append_results(
         ]
         runs += [f"failed: {short(reason, 300)}" for reason in result.failures]
         lines.append(f"- {name}: " + " — ".join(runs))
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in bench/.\n")
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines) + "\n")
+    write_results(RESULTS, lines)
 
 
 # Main
@@ -833,16 +828,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
     )
     args = parser.parse_args(argv)
-    chosen: list[str] = []
-    for name in (n.strip() for n in args.systems.split(",") if n.strip()):
-        if name not in SYSTEMS and name not in ALIASES:
-            parser.error(
-                f"unknown system {name!r}; choose from {', '.join(SYSTEMS + tuple(ALIASES))}"
-            )
-        for system in ALIASES.get(name, (name,)):
-            if system not in chosen:
-                chosen.append(system)
-    args.systems = chosen
+    args.systems = chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
 
 

@@ -30,10 +30,13 @@ class Projection:
     ``app.events.projection(MyProjection())``.
 
     ``tx.put(collection, key, document)``, ``tx.get``, ``tx.delete`` write the read model in the
-    same transaction as the checkpoint; ``tx.execute(sql)`` reaches tables of your own."""
+    same transaction as the checkpoint; ``tx.execute(sql)`` reaches tables of your own.
+    ``collections`` names the document collections it writes, which a rebuild drops from the
+    old version once it has switched."""
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    collections: ClassVar[tuple[str, ...]] = ()
     on_error: ClassVar[Literal["park", "stop"]] = "park"
 
     def handle(self, event: Envelope, tx: ReadModel) -> None:
@@ -161,8 +164,8 @@ class Projections:
 
     def rebuild(self, name: str, stop: threading.Event | None = None) -> int:
         """Fill the projection's next version from position 0 beside the live one; once it has
-        caught up with the store, switch queries to it and drop the old version's documents.
-        Returns the new version."""
+        caught up with the store, switch queries (and running workers) to it and drop the old
+        version's ``collections``. Returns the new version."""
         projection = self.registered[name]
         old = self.active_version(name)
         runner = ProjectionRunner(self.events, projection, old + 1)
@@ -173,13 +176,10 @@ class Projections:
                 if self.events.store.read_all(tx.checkpoint, 1):
                     continue
                 tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
+                for collection in projection.collections:
+                    tx.drop(prefix(name, old) + collection)
                 return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
-
-    def drop_version(self, name: str, version: int, collections: list[str]) -> None:
-        with self.events.store.transaction(subscriber(name, version)) as tx:
-            for collection in collections:
-                tx.drop(prefix(name, version) + collection)
 
     def run(self, stop: threading.Event) -> list[threading.Thread]:
         """Run every registered projection in a thread of its own until ``stop``."""

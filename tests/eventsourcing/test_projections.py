@@ -136,6 +136,7 @@ def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) 
         events.projections.wait_for("order-totals", 2)
         assert events.projections.rebuild("order-totals") == 2
         assert events.projections.active_version("order-totals") == 2
+        assert events.store.documents("order-totals@v1/customers") == {}  # the old version
         assert set(events.projections.all("order-totals", "customers")) == {"ada", "bob"}
         # The running worker follows the switch: new events reach version 2.
         position = events.save(Order.create("cy", "c@x", Money(Decimal(1), "EUR"), NOW))
