@@ -127,6 +127,7 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 # transactional.id per producer instance means no successor aborts a crashed member's open
 # transaction, and until the broker does, read_committed consumers wait at its first record.
 # ``?transaction.timeout.ms=N`` in the URL changes it.
+TRANSACTION_RETRY_BACKOFF_MS = 10
 TRANSACTION_TIMEOUT_MS = 10_000
 _MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 _LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
@@ -1003,6 +1004,11 @@ class KafkaTransactionalProducer(KafkaProducer):
                 "transaction.timeout.ms": timeout_ms,
                 # librdkafka refuses a delivery timeout longer than the transaction's.
                 "delivery.timeout.ms": min(int(linger_ms) + 60_000, timeout_ms),
+                # A transaction begun right after a commit finds the broker still writing the
+                # last one's markers (CONCURRENT_TRANSACTIONS); librdkafka retries after
+                # retry.backoff.ms, 100 ms by default, which capped back-to-back transactions
+                # near 10/s. Java's client retries that case after 20 ms (KAFKA-5477).
+                "retry.backoff.ms": TRANSACTION_RETRY_BACKOFF_MS,
             },
         )
         self._consumer = consumer
@@ -1011,6 +1017,13 @@ class KafkaTransactionalProducer(KafkaProducer):
         self._transaction: _Transaction | None = None
         self._broken: str | None = None  # why a fatal error made the producer unusable
         try:
+            # init_transactions finding no broker connection up retries after 500 ms (the
+            # PID timer): that was half of a worker's start. A metadata request needs one up:
+            # the first is answered by the bootstrap connection, which librdkafka then drops
+            # for the brokers it names; the second waits for one of those (0.5 s -> 0.07 s).
+            topic = consumer.topics[0] if consumer.topics else None
+            for _ in range(2):
+                self._producer.list_topics(topic, timeout=self._timeout_s)
             self._retrying(self._producer.init_transactions, self._timeout_s)
         except KafkaException as error:
             self._broken = "it never started"
@@ -1277,6 +1290,11 @@ class KafkaConsumer(Closing):
     @property
     def group(self) -> str | None:
         return self._group
+
+    @property
+    def topics(self) -> list[str]:
+        """The topics this consumer reads."""
+        return list(self._topics)
 
     # Rebalance callbacks, run by librdkafka inside consume()
 
