@@ -773,7 +773,7 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
                 "WHERE application_name = %s",
                 (name,),
             ).fetchall()
-        assert len(killed) == 2  # the pool's one connection and the listener's
+        assert len(killed) == 3  # the pool's (one kept for appends) and the listener's
         with pytest.raises(StoreUnavailableError, match="cannot reach the event store"):
             store.read_all()
         with pytest.raises(StoreUnavailableError):
@@ -783,3 +783,43 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
         assert store.wait_for_events(after=1, timeout=5)
     finally:
         store.close()
+
+
+# What schema version 1 made: positions in a head row (its append function is replaced too).
+V1_STORE = """
+CREATE TABLE riverbed_head (
+    id smallint PRIMARY KEY CHECK (id = 1), position bigint NOT NULL,
+    schema_version integer NOT NULL
+);
+INSERT INTO riverbed_head VALUES (1, 2, 1);
+CREATE TABLE riverbed_events (
+    position bigint PRIMARY KEY, id text NOT NULL, stream text NOT NULL, version bigint NOT NULL,
+    type text NOT NULL, schema integer NOT NULL, data bytea NOT NULL, metadata bytea NOT NULL,
+    timestamp_ms bigint NOT NULL, UNIQUE (stream, version)
+);
+INSERT INTO riverbed_events VALUES
+    (1, 'e1', 's', 1, 'Order.Placed', 2, '\\x81a16e01', '\\x80', 1),
+    (2, 'e2', 's', 2, 'Order.Placed', 2, '\\x81a16e01', '\\x80', 2);
+CREATE FUNCTION riverbed_append(p_appends json, p_channel text) RETURNS TABLE (
+    last_position bigint, conflict_stream text, conflict_expected bigint, conflict_actual bigint
+) LANGUAGE sql AS $$ SELECT NULL::bigint, 'v1', 0::bigint, 0::bigint $$;
+"""
+
+
+def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_url: str) -> None:
+    schema = f"v1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        admin.execute(f"SET search_path TO {schema}")
+        admin.execute(V1_STORE.encode())
+    store = connect_store(f"{postgres_url}?schema={schema}")
+    try:
+        assert store.last_position() == 2
+        assert append_to(store, "s", 2) == 3
+        assert positions(store.read_all()) == [1, 2, 3]
+        assert store.read_stream("s")[-1].version == 3
+    finally:
+        store.close()
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        head = admin.execute(f"SELECT * FROM {schema}.riverbed_head").fetchall()
+    assert head == [(1, 2)]  # schema version 2, no position column

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from psycopg.types.json import Json
+from psycopg.types.json import Jsonb
 
 from riverbed.eventsourcing.errors import ConcurrencyError
 from riverbed.eventsourcing.records import StreamAppend
@@ -16,11 +16,11 @@ from riverbed.eventsourcing.stores.postgres.schema import TABLES
 # Columns in the order of StoredEvent's fields, so rows become events with ``args_row``.
 EVENT_COLUMNS = "position, id, stream, version, type, schema, data, metadata, timestamp_ms"
 
-# One call appends a whole batch, whatever its size: one statement, one round trip.
-APPEND = (
-    "SELECT last_position, conflict_stream, conflict_expected, conflict_actual "
-    "FROM riverbed_append(%s, %s)"
-)
+# One call appends a whole batch, whatever its size: one statement, one round trip. The sync
+# store runs it through libpq (libpq_append.py), with libpq's numbered placeholders.
+_APPEND_COLUMNS = "SELECT last_position, conflict_stream, conflict_expected, conflict_actual "
+APPEND = _APPEND_COLUMNS + "FROM riverbed_append(%s, %s)"
+APPEND_NUMBERED = _APPEND_COLUMNS + "FROM riverbed_append($1, $2)"
 STREAM_VERSION_OF = "SELECT coalesce(max(version), 0) FROM riverbed_events WHERE stream = %s"
 READ_STREAM = (
     f"SELECT {EVENT_COLUMNS} FROM riverbed_events "
@@ -29,8 +29,8 @@ READ_STREAM = (
 READ_ALL = (
     f"SELECT {EVENT_COLUMNS} FROM riverbed_events WHERE position > %s ORDER BY position LIMIT %s"
 )
-# The head row commits with the events, so it is the last visible position, read in one probe.
-LAST_POSITION = "SELECT position FROM riverbed_head WHERE id = 1"
+# Positions are gap-free and commit in order: the highest visible one is the last (an index probe).
+LAST_POSITION = "SELECT coalesce(max(position), 0) FROM riverbed_events"
 LISTEN = "LISTEN {}"
 
 SAVE_SNAPSHOT = (
@@ -107,9 +107,9 @@ _json_encoder = msgspec.json.Encoder()
 NO_LIMIT = 2**62
 
 
-def append_params(appends: Sequence[StreamAppend], channel: str) -> tuple[Json, str]:
+def append_params(appends: Sequence[StreamAppend], channel: str) -> tuple[Jsonb, str]:
     """APPEND's parameters: the appends as JSON, encoded by msgspec in one call."""
-    return Json(appends, dumps=_json_encoder.encode), channel
+    return Jsonb(appends, dumps=_json_encoder.encode), channel
 
 
 def appended(row: tuple[Any, ...] | None) -> int:
