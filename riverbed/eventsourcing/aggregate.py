@@ -13,7 +13,6 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
 
 import msgspec
@@ -51,9 +50,9 @@ class DomainEvent(msgspec.Struct, kw_only=True):
         raise NotImplementedError(f"{type(self).__qualname__} has no apply(aggregate) method")
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """An event recorded by an aggregate and not yet saved."""
+class Recorded(msgspec.Struct, frozen=True):
+    """An event recorded by an aggregate and not yet saved (a Struct: a frozen dataclass took a
+    tenth of a command's time to build)."""
 
     event: Any
     type: EventType
@@ -87,8 +86,11 @@ class Aggregate:
     @property
     def pending(self) -> list[Recorded]:
         """Events recorded since the last save."""
-        pending: list[Recorded] = self.__dict__.setdefault("_pending", [])
-        return pending
+        try:
+            return self._pending
+        except AttributeError:  # set up by _begin, which a subclass may have bypassed
+            self._pending = []
+            return self._pending
 
     def trigger(self, event: DomainEvent) -> None:
         """Record and apply an explicit event."""
@@ -100,8 +102,8 @@ class Aggregate:
             self._begin(None)
         assert entry.apply is not None
         entry.apply(self, event)
-        self.version += 1
-        self.pending.append(Recorded(event, entry, self.version))
+        self.version = version = self.version + 1
+        self.pending.append(Recorded(event, entry, version))
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None
@@ -158,13 +160,17 @@ class EventMethod(Generic[P, R]):
         )
 
         def apply(aggregate: Any, event: Any) -> None:
-            if keyword_only:
-                method(aggregate, **msgspec.structs.asdict(event))
-            else:
-                method(aggregate, *msgspec.structs.astuple(event))
+            method(aggregate, *msgspec.structs.astuple(event))
+
+        def apply_by_keyword(aggregate: Any, event: Any) -> None:
+            method(aggregate, **msgspec.structs.asdict(event))
 
         self.entry = registry.register(
-            type_name, payload, version=self.version, upcasters=self.upcasters, apply=apply
+            type_name,
+            payload,
+            version=self.version,
+            upcasters=self.upcasters,
+            apply=apply_by_keyword if keyword_only else apply,
         )
         if not hasattr(owner, self.name):  # Order.Paid: the payload class, for tests
             setattr(owner, self.name, payload)
