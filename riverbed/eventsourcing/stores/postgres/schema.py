@@ -14,6 +14,9 @@ The append is one plpgsql function, so one round trip does it all: in READ COMMI
 statement of a function sees what committed before it started, so the version check, run after
 the lock is held, sees every earlier append. A single SQL statement could not: its snapshot is
 taken before it waits for the lock.
+
+``riverbed_head`` also holds the schema version. Version 2 added ``riverbed_leases``; a store of
+an older version gets what it lacks when it opens, the DDL being idempotent.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Several processes opening a new store at once would race on the catalogs (CREATE ... IF NOT
 # EXISTS is not safe against a concurrent CREATE); they take turns on this advisory lock.
 SETUP_LOCK = 0x72697665_72626564  # "riverbed"
@@ -42,6 +45,7 @@ TABLES = (
     "riverbed_parked",
     "riverbed_inbox",
     "riverbed_timers",
+    "riverbed_leases",
 )
 
 DDL = f"""
@@ -104,6 +108,11 @@ CREATE TABLE IF NOT EXISTS riverbed_timers (
     PRIMARY KEY (name, key)
 );
 CREATE INDEX IF NOT EXISTS riverbed_timers_due ON riverbed_timers (name, due_ms);
+CREATE TABLE IF NOT EXISTS riverbed_leases (
+    name text PRIMARY KEY,
+    owner text NOT NULL,
+    expires_ms bigint NOT NULL
+);
 
 -- Appends events to streams that are at their expected versions (null: any), all or none.
 -- p_appends is the JSON of the StreamAppend list (bytes in base64), one parameter the client
@@ -153,6 +162,9 @@ BEGIN
     RETURN QUERY SELECT v_last + v_count, NULL::text, NULL::bigint, NULL::bigint;
 END
 $$;
+
+-- Last: an older store is now this version (prepare_schema refused a newer one).
+UPDATE riverbed_head SET schema_version = {SCHEMA_VERSION} WHERE id = 1;
 """
 
 
@@ -179,6 +191,7 @@ def prepare_schema(settings: Settings) -> None:
                     )
                 if version is not None and version[0] == SCHEMA_VERSION:
                     return
+                # An older version: the DDL below adds what it lacks.
             # Only when missing: CREATE SCHEMA checks the CREATE privilege on the database even
             # with IF NOT EXISTS, which a user of an existing schema may lack.
             missing = conn.execute("SELECT to_regnamespace(%s) IS NULL", (settings.schema,))
