@@ -7,10 +7,20 @@ publishes again at most the batch that was not acknowledged, never skipping or r
 Records carry the stored payload as it is (personal fields still encrypted, so crypto-shredding
 reaches the log too) and the event's id, type, schema version, stream, version, position and
 correlation and causation ids in headers. Consumers drop the repeats with ``Inbox``.
+
+Every worker process may run the relay of a topic: the relays elect a leader through a lease in
+the store, as Kafka Connect runs one task per connector. Only the lease's holder publishes; it
+renews the lease with each page and, when idle, at least every third of its time to live, and
+gives it up when it stops. The others stand by and take over once it is given up or expires (the
+leader died). Publishing stays at-least-once: a checkpoint commits only while its relay still
+holds the lease, so a leader that stalled past it moves nothing once another has taken over, and
+the successor, starting from the last checkpoint, publishes again the page its predecessor
+published but did not checkpoint; the inbox drops those repeats by event id.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,12 +29,14 @@ import msgspec
 
 from riverbed.eventsourcing.records import StoredEvent
 from riverbed.eventsourcing.stores.api import Transaction
+from riverbed.ids import random_id
 from riverbed.log.api import Log, Producer, Record
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
 
 PAGE = 5000
+LEASE_TTL_S = 10.0
 EVENT_ID = "riverbed-event-id"
 EVENT_TYPE = "riverbed-event-type"
 EVENT_SCHEMA = "riverbed-event-schema"
@@ -35,6 +47,7 @@ CORRELATION = "riverbed-correlation-id"
 CAUSATION = "riverbed-causation-id"
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+logger = logging.getLogger("riverbed.outbox")
 
 
 def relay_name(topic: str) -> str:
@@ -43,20 +56,42 @@ def relay_name(topic: str) -> str:
 
 class Relay:
     """Publishes the store's events to ``topic`` on ``log`` (created with ``partitions`` if
-    missing). One relay per topic should run at a time."""
+    missing), while it holds the lease of its name in the store: of the relays of one topic in
+    any number of processes, one publishes and the others stand by (see the module's doc).
+    ``lease_ttl``: seconds a leader that stopped renewing keeps the lease, so how long its
+    successor waits after a crash; keep it well above the time a page takes to publish, or the
+    leader loses the lease on the way."""
 
-    def __init__(self, events: Events, log: Log, topic: str, partitions: int = 4) -> None:
+    def __init__(
+        self,
+        events: Events,
+        log: Log,
+        topic: str,
+        partitions: int = 4,
+        *,
+        lease_ttl: float = LEASE_TTL_S,
+    ) -> None:
         self.events = events
         self.log = log
         self.topic = topic
         self.name = relay_name(topic)
+        self.owner = random_id()
+        self.lease_ttl = lease_ttl
+        self.leading = False  # whether it held the lease when it last tried
         if topic not in {t.name for t in log.list_topics()}:
             log.create_topic(topic, partitions=partitions)
         self._producer: Producer = log.producer()
 
     def run_once(self, limit: int = PAGE) -> int:
-        """Publish the next page of events and checkpoint it; how many were published."""
+        """Take or renew the lease, then publish the next page of events and checkpoint it; how
+        many were published and checkpointed: 0 with nothing new, when another relay holds the
+        lease, or when this one lost it while publishing (its successor may publish the page
+        again)."""
         store = self.events.store
+        ttl_ms = int(self.lease_ttl * 1000)
+        self.leading = store.acquire_lease(self.name, self.owner, ttl_ms)
+        if not self.leading:
+            return 0
         page = store.read_all(store.checkpoint(self.name), limit)
         if not page:
             return 0
@@ -66,17 +101,44 @@ class Relay:
                  timestamp_ms=stored.timestamp_ms)  # fmt: skip
         self._producer.flush()  # raises if the log did not take them: nothing is checkpointed
         with store.transaction(self.name) as tx:
-            tx.set_checkpoint(page[-1].position)
-        return len(page)
+            # The fence: once another relay has taken the lease over, the checkpoint is its own.
+            self.leading = tx.renew_lease(self.name, self.owner, ttl_ms)
+            if self.leading:
+                tx.set_checkpoint(page[-1].position)
+        if self.leading:
+            return len(page)
+        logger.warning(
+            "relay %s lost its lease while publishing positions %d-%d; another relay took over "
+            "and may publish them again", self.name, page[0].position, page[-1].position,
+        )  # fmt: skip
+        return 0
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+        """Publish until ``stop`` is set, then give the lease up. Idle or standing by, it tries
+        again every ``idle_wait`` seconds, and at least every third of ``lease_ttl``, which keeps
+        an idle leader's lease alive."""
         store = self.events.store
-        while not stop.is_set():
-            if self.run_once() == 0:
-                store.wait_for_events(store.checkpoint(self.name), idle_wait)
+        wait = min(idle_wait, self.lease_ttl / 3)
+        try:
+            while not stop.is_set():
+                if self.run_once() > 0:
+                    continue
+                if self.leading:
+                    store.wait_for_events(store.checkpoint(self.name), wait)
+                else:
+                    stop.wait(wait)
+        finally:
+            self._release()
 
     def close(self) -> None:
+        """Give the lease up, so a relay standing by takes over at once, and close the
+        producer."""
+        self._release()
         self._producer.close()
+
+    def _release(self) -> None:
+        self.events.store.release_lease(self.name, self.owner)
+        self.leading = False
 
 
 def _headers(stored: StoredEvent) -> dict[str, bytes]:

@@ -33,7 +33,8 @@ class EventSourcing(Events):
         return manager
 
     def relay(self, topic: str, partitions: int = 4) -> None:
-        """Publish every stored event to log topic ``topic`` (keyed by stream id)."""
+        """Publish every stored event to log topic ``topic`` (keyed by stream id): every process
+        running the app runs the relay, and one of them at a time publishes (see ``Relay``)."""
         self.relays[topic] = partitions
 
     def has_work(self) -> bool:

@@ -1,10 +1,14 @@
 """The outbox relay publishes stored events to a log topic: keyed by stream, in order per key,
 nothing lost when the relay is SIGKILLed, repeats only of its last unacknowledged batch, which an
-inbox drops."""
+inbox drops. Of several relays of one topic, the one holding the lease publishes; another takes
+over from the checkpoint when it stops or its lease expires, and a leader that stalled past its
+lease cannot move the checkpoint."""
 
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,12 +19,13 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, Inbox, Relay, stored_event
-from riverbed.eventsourcing.outbox import relay_name
+from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 PAGE = 200
+TOPIC = "shop-events"
 
 
 @pytest.fixture
@@ -56,6 +61,10 @@ def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
         while len(records) < total:
             records.extend(consumer.poll(max_records=10_000, timeout=1.0))
     return records
+
+
+def published_ids(log: riverbed.Log) -> list[bytes]:
+    return [record.headers[EVENT_ID] for record in read_topic(log, TOPIC)]
 
 
 def test_the_relay_publishes_keyed_in_order_with_headers(
@@ -112,3 +121,118 @@ def test_a_sigkilled_relay_loses_and_reorders_nothing(
     inbox = Inbox(events, "billing")
     handled = [inbox.handle(record, lambda event, tx: None) for record in records]
     assert sum(handled) == last
+
+
+# Leader and standby
+
+
+@pytest.fixture
+def relays(events: EventSourcing, log: riverbed.Log) -> Iterator[list[Relay]]:
+    """Relays the test adds, closed when it ends (before the store and the log)."""
+    made: list[Relay] = []
+    yield made
+    for relay in made:
+        relay.close()
+
+
+def test_of_two_relays_of_a_topic_one_publishes_and_each_event_once(
+    events: EventSourcing, log: riverbed.Log, relays: list[Relay]
+) -> None:
+    fill(events, orders=5, lines=3)  # 20 events
+    first, second = Relay(events, log, TOPIC), Relay(events, log, TOPIC)
+    relays += [first, second]
+    rounds = [(first.run_once(limit=8), second.run_once(limit=8)) for _ in range(4)]
+    assert rounds == [(8, 0), (8, 0), (4, 0), (0, 0)]
+    assert first.leading and not second.leading
+    ids = published_ids(log)
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_a_standby_takes_over_from_the_checkpoint_when_the_leader_closes(
+    events: EventSourcing, log: riverbed.Log, relays: list[Relay]
+) -> None:
+    fill(events, orders=5, lines=3)
+    leader, standby = Relay(events, log, TOPIC), Relay(events, log, TOPIC)
+    relays += [leader, standby]
+    assert leader.run_once(limit=8) == 8
+    assert standby.run_once(limit=8) == 0
+    leader.close()
+    assert standby.run_once(limit=100) == 12
+    assert events.store.checkpoint(relay_name(TOPIC)) == 20
+    ids = published_ids(log)
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_a_standby_takes_over_when_the_leaders_lease_expires(
+    events: EventSourcing, log: riverbed.Log, relays: list[Relay]
+) -> None:
+    fill(events, orders=5, lines=3)
+    leader = Relay(events, log, TOPIC, lease_ttl=0.1)
+    standby = Relay(events, log, TOPIC)
+    relays += [leader, standby]
+    assert leader.run_once(limit=8) == 8
+    assert standby.run_once(limit=8) == 0
+    time.sleep(0.2)  # the leader renews no more, as if it had died
+    assert standby.run_once(limit=100) == 12
+    assert leader.run_once() == 0
+    assert standby.leading and not leader.leading
+    ids = published_ids(log)
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_a_leader_that_stalled_past_its_lease_cannot_move_the_checkpoint(
+    events: EventSourcing, log: riverbed.Log, relays: list[Relay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    fill(events, orders=5, lines=3)
+    stalled = Relay(events, log, TOPIC, lease_ttl=0.1)
+    successor = Relay(events, log, TOPIC)
+    relays += [stalled, successor]
+    flush = stalled._producer.flush
+
+    def stall_then_flush(timeout: float | None = None) -> None:
+        time.sleep(0.2)  # the log is slow to acknowledge; the lease expires meanwhile
+        assert successor.run_once(limit=100) == 20
+        flush(timeout)
+
+    monkeypatch.setattr(stalled._producer, "flush", stall_then_flush)
+    assert stalled.run_once(limit=8) == 0
+    assert not stalled.leading
+    assert events.store.checkpoint(relay_name(TOPIC)) == 20  # not moved back to 8
+    ids = published_ids(log)
+    assert len(ids) == 28 and len(set(ids)) == 20  # the stalled page, published twice
+
+
+def test_running_relays_keep_one_leader_while_idle_and_hand_over_on_stop(
+    events: EventSourcing, log: riverbed.Log, relays: list[Relay]
+) -> None:
+    orders = fill(events, orders=5, lines=3)
+    leader = Relay(events, log, TOPIC, lease_ttl=0.45)
+    standby = Relay(events, log, TOPIC, lease_ttl=0.45)
+    relays += [leader, standby]
+    stop_leader, stop_standby = threading.Event(), threading.Event()
+    leading = threading.Thread(target=leader.run, args=(stop_leader,))
+    # The standby tries often, the leader idles (1 s by default): only renewing keeps it leading.
+    standing_by = threading.Thread(target=standby.run, args=(stop_standby, 0.05))
+    leading.start()
+    try:
+        name = relay_name(TOPIC)
+        wait_until(lambda: events.store.checkpoint(name) == 20, 30, "the leader")
+        standing_by.start()
+        time.sleep(0.6)  # idle for longer than the lease, which the leader renews
+        assert leader.leading and not standby.leading
+        stop_leader.set()
+        leading.join(10)
+        for order in orders:
+            order.add_line("sku-late")
+        events.save(*orders)
+        wait_until(lambda: events.store.checkpoint(name) == 25, 30, "the standby")
+        assert standby.leading
+    finally:
+        stop_leader.set()
+        stop_standby.set()
+        leading.join(10)
+        if standing_by.is_alive():
+            standing_by.join(10)
+    ids = published_ids(log)
+    assert len(ids) == len(set(ids)) == 25

@@ -1,23 +1,27 @@
 """The event-store contract (``riverbed/eventsourcing/stores/api.py``), run against every store:
 appends with optimistic concurrency, reads by stream and by global position, the gap-free order
 under concurrent writer processes, waiting for events, snapshots, stream keys, and the read
-side's transactions (checkpoints, documents, parked events, the inbox, timers, raw SQL)."""
+side's transactions (checkpoints, documents, parked events, the inbox, timers, raw SQL), leases,
+and the upgrade of a store an older riverbed made."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import socket
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import closing
 from multiprocessing.synchronize import Event as EventFlag
+from typing import Any
 
 import psycopg
 import pytest
 
-from riverbed.errors import InvalidUrlError
+from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -664,6 +668,97 @@ def test_raw_sql_runs_in_the_transaction(store: EventStore, store_url: str) -> N
         ]  # fmt: skip
 
 
+# Leases
+
+
+def test_a_lease_has_one_owner_until_it_is_released(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    assert first.acquire_lease("relay:orders", "a", 10_000)
+    assert first.acquire_lease("relay:orders", "a", 10_000)  # renewed
+    assert not second.acquire_lease("relay:orders", "b", 10_000)
+    assert second.acquire_lease("relay:payments", "b", 10_000)  # one lease per name
+    second.release_lease("relay:orders", "b")  # not b's to release
+    assert not second.acquire_lease("relay:orders", "b", 10_000)
+    first.release_lease("relay:orders", "a")
+    assert second.acquire_lease("relay:orders", "b", 10_000)
+    assert not first.acquire_lease("relay:orders", "a", 10_000)
+
+
+def test_an_expired_lease_goes_to_the_next_owner_asking(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    assert first.acquire_lease("relay", "a", 100)
+    assert not second.acquire_lease("relay", "b", 10_000)
+    time.sleep(0.2)
+    assert second.acquire_lease("relay", "b", 10_000)
+    assert not first.acquire_lease("relay", "a", 10_000)
+
+
+def race_for_lease(stores: list[EventStore], name: str) -> list[str]:
+    """The owners that got lease ``name``, one per store, all asking at once."""
+    start = threading.Barrier(len(stores))
+    winners: list[str] = []
+
+    def race(store: EventStore, owner: str) -> None:
+        start.wait()
+        if store.acquire_lease(name, owner, 10_000):
+            winners.append(owner)
+
+    threads = [
+        threading.Thread(target=race, args=(store, f"owner-{i}")) for i, store in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return winners
+
+
+def test_owners_racing_for_a_free_or_expired_lease_get_it_once(open_store: OpenStore) -> None:
+    stores = [open_store() for _ in range(4)]
+    assert len(race_for_lease(stores, "relay:free")) == 1
+    assert stores[0].acquire_lease("relay:expired", "gone", 1)
+    time.sleep(0.01)
+    assert len(race_for_lease(stores, "relay:expired")) == 1
+
+
+def test_a_lease_renewed_in_a_transaction_is_its_owners_until_it_commits(
+    open_store: OpenStore,
+) -> None:
+    first, second = open_store(), open_store()
+    assert first.acquire_lease("relay", "a", 50)
+    time.sleep(0.1)  # expired, but nobody took it: still a's to renew
+    renewed = threading.Event()
+
+    def checkpoint() -> None:
+        with first.transaction("relay") as tx:
+            assert tx.renew_lease("relay", "a", 10_000)
+            tx.set_checkpoint(7)
+            renewed.set()
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=checkpoint)
+    thread.start()
+    assert renewed.wait(10)
+    assert not second.acquire_lease("relay", "b", 10_000)  # waits for the commit, then sees it
+    thread.join(10)
+    assert second.checkpoint("relay") == 7
+
+
+def test_a_lease_taken_over_or_released_is_not_renewed_in_a_transaction(
+    open_store: OpenStore,
+) -> None:
+    first, second = open_store(), open_store()
+    assert first.acquire_lease("relay", "a", 50)
+    time.sleep(0.1)
+    assert second.acquire_lease("relay", "b", 50)
+    with first.transaction("relay") as tx:
+        assert not tx.renew_lease("relay", "a", 10_000)
+    second.release_lease("relay", "b")
+    with second.transaction("relay") as tx:
+        assert not tx.renew_lease("relay", "b", 10_000)
+    assert first.acquire_lease("relay", "a", 10_000)
+
+
 def test_footprint_counts_the_rows_of_every_table(store: EventStore) -> None:
     append_to(store, "s", 0, 3)
     store.save_snapshot(Snapshot("s", 3, "S", 1, b"", 0))
@@ -674,7 +769,54 @@ def test_footprint_counts_the_rows_of_every_table(store: EventStore) -> None:
         tx.park(ParkedEvent("view", 2, "e", "T", "error", 0))
         tx.seen("e")
         tx.set_timer("t", 1, b"")
-    assert store.footprint() == 3 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+    store.acquire_lease("relay", "a", 1000)
+    assert store.footprint() == 3 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+
+
+# Schema versions
+
+
+def execute(store_url: str, statement: str) -> list[tuple[Any, ...]]:
+    """Run ``statement`` on the test's store behind riverbed's back; its rows."""
+    if store_url.startswith("sqlite"):
+        path = store_url.removeprefix("sqlite:///")
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            return conn.execute(statement).fetchall()
+    server, schema = store_url.split("?schema=")
+    with psycopg.connect(server, autocommit=True, options=f"-c search_path={schema}") as conn:
+        cur = conn.execute(statement.encode())
+        return cur.fetchall() if cur.description is not None else []
+
+
+def test_a_version_1_store_gets_the_leases_table_when_opened(
+    open_store: OpenStore, store_url: str
+) -> None:
+    append_to(open_store(), "s", 0, 2)
+    # Version 1 had every table but the leases.
+    if store_url.startswith("sqlite"):
+        execute(store_url, "DROP TABLE leases")
+        execute(store_url, "PRAGMA user_version = 1")
+        version = "PRAGMA user_version"
+    else:
+        execute(store_url, "DROP TABLE riverbed_leases")
+        execute(store_url, "UPDATE riverbed_head SET schema_version = 1")
+        version = "SELECT schema_version FROM riverbed_head"
+    assert execute(store_url, version) == [(1,)]
+
+    store = open_store()
+    assert positions(store.read_all()) == [1, 2]
+    assert store.acquire_lease("relay", "a", 10_000)
+    assert execute(store_url, version) == [(2,)]
+
+
+def test_a_store_of_a_newer_riverbed_is_refused(open_store: OpenStore, store_url: str) -> None:
+    open_store()
+    if store_url.startswith("sqlite"):
+        execute(store_url, "PRAGMA user_version = 3")
+    else:
+        execute(store_url, "UPDATE riverbed_head SET schema_version = 3")
+    with pytest.raises(RiverbedError, match="schema version 3, newer than this riverbed's 2"):
+        open_store()
 
 
 # The async face

@@ -3,8 +3,8 @@
 An event store keeps streams of events (one per aggregate) in one global order, plus what the
 read side needs in the same database, so that it commits with the events or with a checkpoint:
 snapshots, per-stream encryption keys (crypto-shredding), projection checkpoints and their
-documents (read models), parked events, timers of process managers, and an inbox of handled
-event ids.
+documents (read models), parked events, timers of process managers, an inbox of handled event
+ids, and leases that let one of several processes act for a name (the outbox relay's leader).
 """
 
 from __future__ import annotations
@@ -86,6 +86,13 @@ class Transaction(Protocol):
         placeholders, PostgreSQL ``%s``."""
         ...
 
+    def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Whether ``owner`` still holds lease ``name``, no other owner having taken it since
+        ``owner`` acquired it (even if it expired meanwhile: nobody else acted under it); if so,
+        it is extended by ``ttl_ms`` and stays ``owner``'s until this transaction ends. A fence:
+        a holder that paused past its lease commits nothing once another has taken over."""
+        ...
+
 
 class EventStore(Protocol):
     url: str
@@ -151,6 +158,16 @@ class EventStore(Protocol):
     def parked(self, projection: str) -> list[ParkedEvent]: ...
 
     def unpark(self, projection: str, position: int) -> bool: ...
+
+    def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take lease ``name`` for ``owner`` if it is free, expired or already ``owner``'s, and
+        extend it to ``ttl_ms`` from now, in one atomic step; whether ``owner`` holds it. Expiry
+        is by the database's clock on PostgreSQL, by the machine's on SQLite."""
+        ...
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give lease ``name`` up if ``owner`` holds it, so another owner can take it at once."""
+        ...
 
     def footprint(self) -> int:
         """Rows the store holds in all its tables (tests)."""

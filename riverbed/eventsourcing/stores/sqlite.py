@@ -7,7 +7,11 @@ random page write per event. ``record`` is the whole ``StoredEvent`` as msgpack,
 one column and decodes a page of events with one msgspec call (the sqlite3 module builds rows far
 slower than msgspec decodes them). The read side (checkpoints,
 documents, parked events, timers, the inbox) lives in the same file, so a subscriber commits its
-writes and its checkpoint in one transaction.
+writes and its checkpoint in one transaction. Leases expire by the machine's clock: every process
+using the file runs on it.
+
+Schema version 2 added the ``leases`` table: opening a version-1 file creates it (every
+statement of ``SCHEMA`` is idempotent and runs on each open).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from riverbed.errors import RiverbedError
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -40,7 +45,7 @@ from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POLL_S = 0.001
 KEY_BYTES = 32
 
@@ -108,12 +113,24 @@ CREATE TABLE IF NOT EXISTS timers (
     """
 CREATE INDEX IF NOT EXISTS timers_due ON timers (name, due_ms)
     """,
+    """
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL) WITHOUT ROWID
+    """,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _TABLES = ("events", "snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
-           "timers")  # fmt: skip
+           "timers", "leases")  # fmt: skip
+# Takes the lease when it is free, already ours or expired; parameters: name, owner, the new
+# expiry, now.
+_ACQUIRE_LEASE = (
+    "INSERT INTO leases (name, owner, expires_ms) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+    "SET owner = excluded.owner, expires_ms = excluded.expires_ms "
+    "WHERE leases.owner = excluded.owner OR leases.expires_ms <= ?"
+)
+_RENEW_LEASE = "UPDATE leases SET expires_ms = ? WHERE name = ? AND owner = ?"
 
 
 class SqliteEventStore:
@@ -132,9 +149,13 @@ class SqliteEventStore:
         try:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except (sqlite3.DatabaseError, OSError) as error:
+            self._file.close()
             raise StoreUnavailableError(
                 f"cannot open the event store {str(self.path)!r}: {error}"
             ) from error
+        except RiverbedError:  # a file of a newer riverbed
+            self._file.close()  # its connection, and the checkpointing thread that started
+            raise
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -284,6 +305,15 @@ class SqliteEventStore:
                 > 0
             )
 
+    def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        with self._writing() as conn:
+            now = _now_ms()  # read under the write lock, which may take a while to get
+            return conn.execute(_ACQUIRE_LEASE, (name, owner, now + ttl_ms, now)).rowcount == 1
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._writing() as conn:
+            conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
     def footprint(self) -> int:
         return sum(
             self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in _TABLES
@@ -373,6 +403,10 @@ class SqliteTransaction:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
 
+    def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        # The transaction holds the file's write lock: nobody takes the lease before it ends.
+        return self._conn.execute(_RENEW_LEASE, (_now_ms() + ttl_ms, name, owner)).rowcount == 1
+
 
 def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
     """Check every stream's version, then insert all the events, positions following the last
@@ -442,6 +476,10 @@ def _last_position(conn: sqlite3.Connection) -> int:
 def _stream_version(conn: sqlite3.Connection, stream: str) -> int:
     row = conn.execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)).fetchone()
     return int(row[0] or 0)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _checkpoint(conn: sqlite3.Connection, name: str) -> int:

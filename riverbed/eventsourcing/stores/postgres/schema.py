@@ -15,6 +15,9 @@ The append is one plpgsql function, so one round trip does it all: in READ COMMI
 statement of a function sees what committed before it started, so the version check and the
 numbering, run after the lock is held, see every earlier append. A single SQL statement could
 not: its snapshot is taken before it waits for the lock.
+
+``riverbed_head`` holds the schema version. Version 2 also added ``riverbed_leases``; a store of
+an older version is brought up to date when it opens, the DDL being idempotent.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ TABLES = (
     "riverbed_parked",
     "riverbed_inbox",
     "riverbed_timers",
+    "riverbed_leases",
 )
 
 DDL = f"""
@@ -53,7 +57,7 @@ CREATE TABLE IF NOT EXISTS riverbed_head (
 -- Version 1 kept the last position here; it is max(position) of the events now.
 ALTER TABLE riverbed_head DROP COLUMN IF EXISTS position;
 INSERT INTO riverbed_head (id, schema_version) VALUES (1, {SCHEMA_VERSION})
-    ON CONFLICT (id) DO UPDATE SET schema_version = excluded.schema_version;
+    ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS riverbed_events (
     position bigint PRIMARY KEY,
     -- Random UUIDs made by the writer; not indexed, which would cost a random page per event.
@@ -106,6 +110,11 @@ CREATE TABLE IF NOT EXISTS riverbed_timers (
     PRIMARY KEY (name, key)
 );
 CREATE INDEX IF NOT EXISTS riverbed_timers_due ON riverbed_timers (name, due_ms);
+CREATE TABLE IF NOT EXISTS riverbed_leases (
+    name text PRIMARY KEY,
+    owner text NOT NULL,
+    expires_ms bigint NOT NULL
+);
 
 -- Appends events to streams that are at their expected versions (null: any), all or none.
 -- p_appends is the JSON of the StreamAppend list (bytes in base64), one parameter the client
@@ -157,6 +166,9 @@ BEGIN
     RETURN QUERY SELECT v_last + v_count, NULL::text, NULL::bigint, NULL::bigint;
 END
 $$;
+
+-- Last: an older store is now this version (prepare_schema refused a newer one).
+UPDATE riverbed_head SET schema_version = {SCHEMA_VERSION} WHERE id = 1;
 """
 
 
@@ -183,6 +195,7 @@ def prepare_schema(settings: Settings) -> None:
                     )
                 if version is not None and version[0] == SCHEMA_VERSION:
                     return
+                # An older version: the DDL below adds what it lacks.
             # Only when missing: CREATE SCHEMA checks the CREATE privilege on the database even
             # with IF NOT EXISTS, which a user of an existing schema may lack.
             missing = conn.execute("SELECT to_regnamespace(%s) IS NULL", (settings.schema,))

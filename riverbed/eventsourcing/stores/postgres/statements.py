@@ -99,6 +99,22 @@ DUE_TIMERS = (
     "SELECT name, key, due_ms, data FROM riverbed_timers WHERE name = %s AND due_ms <= %s "
     "ORDER BY due_ms, key LIMIT %s"
 )
+# Leases expire by the server's clock, which every process of the store shares.
+NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+# Takes the lease when it is free, already ours or expired. The upsert locks the row, so of two
+# owners racing for it, the second re-checks the first's lease and gets no row back.
+ACQUIRE_LEASE = (
+    f"INSERT INTO riverbed_leases (name, owner, expires_ms) VALUES (%s, %s, {NOW_MS} + %s) "
+    "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_ms = excluded.expires_ms "
+    f"WHERE riverbed_leases.owner = excluded.owner OR riverbed_leases.expires_ms <= {NOW_MS} "
+    "RETURNING owner"
+)
+# Locks the row until the transaction ends: an owner trying to take the lease waits, then finds
+# it extended.
+RENEW_LEASE = (
+    f"UPDATE riverbed_leases SET expires_ms = {NOW_MS} + %s WHERE name = %s AND owner = %s"
+)
+RELEASE_LEASE = "DELETE FROM riverbed_leases WHERE name = %s AND owner = %s"
 FOOTPRINT = "SELECT " + " + ".join(f"(SELECT count(*) FROM {table})" for table in TABLES)
 
 _json_encoder = msgspec.json.Encoder()

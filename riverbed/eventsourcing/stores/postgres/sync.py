@@ -237,6 +237,13 @@ class PostgresEventStore:
         with self._connection() as conn:
             return conn.execute(q.UNPARK, (projection, position)).rowcount > 0
 
+    def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return self._value(q.ACQUIRE_LEASE, (name, owner, ttl_ms)) is not None
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._connection() as conn:
+            conn.execute(q.RELEASE_LEASE, (name, owner))
+
     def footprint(self) -> int:
         return int(self._value(q.FOOTPRINT))
 
@@ -323,6 +330,9 @@ class PostgresTransaction:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cur = self._conn.execute(sql.encode(), params)
         return cur.fetchall() if cur.description is not None else []
+
+    def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return self._conn.execute(q.RENEW_LEASE, (ttl_ms, name, owner)).rowcount == 1
 
 
 class Listener:
