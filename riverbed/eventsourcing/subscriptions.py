@@ -85,7 +85,9 @@ class Subscription:
                     return len(page)
             return 0
         except _HandlerError:
-            return self._one_by_one(limit)
+            pass
+        # Outside the except block, so that a parked event's traceback does not carry the page's.
+        return self._one_by_one(limit)
 
     def _one_by_one(self, limit: int) -> int:
         handled = 0

@@ -87,6 +87,7 @@ def test_each_event_is_applied_once_and_a_failing_one_is_parked(events: EventSou
     (parked,) = events.store.parked("counting")
     assert parked.position == 2 and parked.type == "Order.Placed"
     assert f"RuntimeError: cannot project {orders[1].id}" in parked.error
+    assert parked.error.count("Traceback") == 1  # not the failed page's as well
     assert runner.checkpoint == 4
     assert runner.run_once() == 0  # nothing applied twice
     assert events.store.unpark("counting", 2)
