@@ -18,7 +18,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import msgspec
+
 from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import Document, Transaction
 from riverbed.eventsourcing.subscriptions import Subscription
@@ -82,6 +85,17 @@ def recorded_version(document: Document | None, projection: Projection) -> int:
     return projection.version if document is None else int(document["version"])
 
 
+class ProjectionStatus(msgspec.Struct, frozen=True):
+    """Where a projection stands (``Projections.status``)."""
+
+    name: str
+    version: int  # the active one
+    checkpoint: int  # the position the active version applied last
+    head: int  # the store's last position
+    lag: int  # events stored that the active version has not applied yet
+    parked: int
+
+
 class ProjectionRunner(Subscription):
     """Runs one version of a projection."""
 
@@ -139,12 +153,40 @@ class Projections:
         self.registered[name] = projection
         return projection
 
+    def named(self, name: str) -> Projection:
+        """The projection registered as ``name``; an error naming the registered ones if none."""
+        projection = self.registered.get(name)
+        if projection is None:
+            known = ", ".join(sorted(self.registered)) or "none"
+            raise EventSourcingError(f"no projection named {name!r}; registered: {known}")
+        return projection
+
     def active_version(self, name: str) -> int:
         document = self.events.store.get_document(ACTIVE_VERSIONS, name)
-        return recorded_version(document, self.registered[name])
+        return recorded_version(document, self.named(name))
 
     def runner(self, name: str) -> ProjectionRunner:
-        return ProjectionRunner(self.events, self.registered[name], self.active_version(name))
+        return ProjectionRunner(self.events, self.named(name), self.active_version(name))
+
+    def status(self, name: str) -> ProjectionStatus:
+        """The active version, how far it got, how far behind the store it is, what it parked."""
+        store = self.events.store
+        version = self.active_version(name)
+        checkpoint = store.checkpoint(subscriber(name, version))
+        head = store.last_position()  # read after the checkpoint: the lag is never negative
+        return ProjectionStatus(name, version, checkpoint, head, head - checkpoint,
+                                len(self.parked(name)))  # fmt: skip
+
+    def parked(self, name: str) -> list[ParkedEvent]:
+        """The events projection ``name`` could not apply, in position order, with the errors."""
+        self.named(name)  # fails for a name never registered
+        return self.events.store.parked(name)
+
+    def unpark(self, name: str, position: int) -> bool:
+        """Forget a parked event: the projection goes on without it (a rebuild applies every
+        event again, parked ones included). False if ``position`` was not parked."""
+        self.named(name)  # fails for a name never registered
+        return self.events.store.unpark(name, position)
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -180,7 +222,7 @@ class Projections:
         """Fill the projection's next version from position 0 beside the live one; once it has
         caught up with the store, switch queries (and running workers) to it and drop the old
         version's ``collections``. Returns the new version."""
-        projection = self.registered[name]
+        projection = self.named(name)
         old = self.active_version(name)
         runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
         while stop is None or not stop.is_set():
