@@ -93,3 +93,28 @@ def test_tasks_worker_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "receipt for order 42 sent to ada@example.com" in result.stdout
     assert "dead letters: 0" in result.stdout
     assert (fresh_dir / ".riverbed" / "tasks.db").exists()
+
+
+PROJECTIONS_BLOCK = next(
+    code for lang, code in BLOCKS if lang == "bash" and "riverbed projections" in code
+)
+PROJECTIONS_MODULE = next(code for code in PYTHON_BLOCKS if code.startswith("# stock.py"))
+
+
+def test_projections_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RIVERBED_EVENTS_URL", raising=False)
+    (fresh_dir / "stock.py").write_text(PROJECTIONS_MODULE)
+    bin_dir = shlex.quote(str(Path(sys.executable).parent))
+    result = subprocess.run(
+        ["bash", "-c", f"set -e\nPATH={bin_dir}:$PATH\n{PROJECTIONS_BLOCK}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt stock-levels: version 2 is active (was 1), at position 2" in result.stdout
+    assert "Item.Received  parked=" in result.stdout
+    assert "ValueError: cannot receive -1 of sku-2" in result.stdout
+    assert "unparked 1 events of stock-levels" in result.stdout
+    assert (fresh_dir / ".riverbed" / "events.db").exists()

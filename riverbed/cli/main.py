@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from riverbed.cli import demo, groups, tasks, topics, worker
+from riverbed.cli import demo, groups, projections, tasks, topics, worker
 from riverbed.cli.common import RiverbedGroup
 from riverbed.cli.consume import consume
 from riverbed.cli.produce import produce
@@ -23,6 +23,7 @@ app = typer.Typer(
 app.add_typer(topics.app, name="topics")
 app.add_typer(groups.app, name="groups")
 app.add_typer(tasks.app, name="tasks")
+app.add_typer(projections.app, name="projections")
 app.command("produce")(produce)
 app.command("consume")(consume)
 app.command("demo")(demo.demo)

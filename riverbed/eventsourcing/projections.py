@@ -4,16 +4,24 @@
 Read models are documents in collections named per projection version. ``rebuild`` fills a new
 version from position 0 beside the live one and switches queries (and running workers) to it once
 it has caught up.
+
+A runner re-reads the active version first in each of its transactions (one key lookup per page)
+and writes nothing for a version a rebuild switched away from: a page of the old version that
+commits after the switch would leave documents in collections the rebuild has dropped. The
+switch itself commits in a transaction of the old version's subscriber, so the two take turns:
+see ``Projections.rebuild``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import msgspec
+
 from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import Document, Transaction
 from riverbed.eventsourcing.subscriptions import Subscription
@@ -71,6 +79,23 @@ def subscriber(name: str, version: int) -> str:
     return f"projection:{name}@v{version}"
 
 
+def recorded_version(document: Document | None, projection: Projection) -> int:
+    """The active version that ``projection``'s ACTIVE_VERSIONS document records: the class's
+    own until a rebuild switches."""
+    return projection.version if document is None else int(document["version"])
+
+
+class ProjectionStatus(msgspec.Struct, frozen=True):
+    """Where a projection stands (``Projections.status``)."""
+
+    name: str
+    version: int  # the active one
+    checkpoint: int  # the position the active version applied last
+    head: int  # the store's last position
+    lag: int  # events stored that the active version has not applied yet
+    parked: int
+
+
 class ProjectionRunner(Subscription):
     """Runs one version of a projection."""
 
@@ -79,12 +104,15 @@ class ProjectionRunner(Subscription):
         events: Events,
         projection: Projection,
         version: int | None = None,
-        active_version: Callable[[], int] | None = None,
+        *,
+        rebuilding: bool = False,
     ) -> None:
-        """``active_version``: where ``run`` learns that a rebuild switched versions."""
+        """``version``: the one to run (default: the class's). A runner switches to the active
+        version whenever it finds that a rebuild replaced its own, except one ``rebuilding``
+        (it fills a version that is not active yet)."""
         self.projection = projection
         self.on_error = projection.on_error
-        self._active_version = active_version
+        self._rebuilding = rebuilding
         version = version or projection.version
         super().__init__(events, subscriber(projection.name, version), projection.name)
         self._use(version)
@@ -97,9 +125,16 @@ class ProjectionRunner(Subscription):
     def handle(self, event: Envelope, tx: Transaction) -> None:
         self.projection.handle(event, ReadModel(tx, self._prefix))
 
-    def refresh(self) -> None:
-        if self._active_version is not None and self._active_version() != self.version:
-            self._use(self._active_version())
+    def replaced(self, tx: Transaction) -> bool:
+        if self._rebuilding:
+            return False
+        # Read inside the page's transaction, after it took the subscriber's lock, so a switch
+        # that committed before is seen, and one that had not yet waits for this page to end.
+        active = recorded_version(tx.get(ACTIVE_VERSIONS, self.projection.name), self.projection)
+        if active == self.version:
+            return False
+        self._use(active)
+        return True
 
 
 class Projections:
@@ -118,19 +153,40 @@ class Projections:
         self.registered[name] = projection
         return projection
 
+    def named(self, name: str) -> Projection:
+        """The projection registered as ``name``; an error naming the registered ones if none."""
+        projection = self.registered.get(name)
+        if projection is None:
+            known = ", ".join(sorted(self.registered)) or "none"
+            raise EventSourcingError(f"no projection named {name!r}; registered: {known}")
+        return projection
+
     def active_version(self, name: str) -> int:
         document = self.events.store.get_document(ACTIVE_VERSIONS, name)
-        if document is not None:
-            return int(document["version"])
-        return self.registered[name].version
+        return recorded_version(document, self.named(name))
 
     def runner(self, name: str) -> ProjectionRunner:
-        return ProjectionRunner(
-            self.events,
-            self.registered[name],
-            self.active_version(name),
-            lambda: self.active_version(name),
-        )
+        return ProjectionRunner(self.events, self.named(name), self.active_version(name))
+
+    def status(self, name: str) -> ProjectionStatus:
+        """The active version, how far it got, how far behind the store it is, what it parked."""
+        store = self.events.store
+        version = self.active_version(name)
+        checkpoint = store.checkpoint(subscriber(name, version))
+        head = store.last_position()  # read after the checkpoint: the lag is never negative
+        return ProjectionStatus(name, version, checkpoint, head, head - checkpoint,
+                                len(self.parked(name)))  # fmt: skip
+
+    def parked(self, name: str) -> list[ParkedEvent]:
+        """The events projection ``name`` could not apply, in position order, with the errors."""
+        self.named(name)  # fails for a name never registered
+        return self.events.store.parked(name)
+
+    def unpark(self, name: str, position: int) -> bool:
+        """Forget a parked event: the projection goes on without it (a rebuild applies every
+        event again, parked ones included). False if ``position`` was not parked."""
+        self.named(name)  # fails for a name never registered
+        return self.events.store.unpark(name, position)
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -166,14 +222,19 @@ class Projections:
         """Fill the projection's next version from position 0 beside the live one; once it has
         caught up with the store, switch queries (and running workers) to it and drop the old
         version's ``collections``. Returns the new version."""
-        projection = self.registered[name]
+        projection = self.named(name)
         old = self.active_version(name)
-        runner = ProjectionRunner(self.events, projection, old + 1)
+        runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
         while stop is None or not stop.is_set():
             runner.catch_up()
-            with self.events.store.transaction(runner.name) as tx:
+            # The switch takes turns with the old version's pages: it commits in a transaction of
+            # that version's subscriber (its advisory lock on PostgreSQL, the write lock on
+            # SQLite). A page in flight commits first and the drop below deletes its writes too
+            # (under READ COMMITTED each statement sees what committed before it started); a
+            # later page reads the new version once the switch commits and writes nothing.
+            with self.events.store.transaction(subscriber(name, old)) as tx:
                 # Caught up when nothing is left to read inside the switching transaction.
-                if self.events.store.read_all(tx.checkpoint, 1):
+                if self.events.store.read_all(runner.checkpoint, 1):
                     continue
                 tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
                 for collection in projection.collections:

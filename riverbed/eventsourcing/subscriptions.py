@@ -10,6 +10,9 @@ A page is handled in one transaction; if an event fails, the page is rolled back
 again one event per transaction, so the failing event alone is parked with its error (or the
 subscription stops, with ``on_error = "stop"``) and the rest go on. A ``ConcurrencyError`` (a
 command raced another writer) is not a failure: the page is rolled back and tried again.
+
+Each transaction first asks whether the subscriber was ``replaced`` (a projection version a
+rebuild switched away from): if so it writes nothing and the work goes on under the successor.
 """
 
 from __future__ import annotations
@@ -59,22 +62,32 @@ class Subscription:
     def handle(self, event: Envelope, tx: Transaction) -> None:
         raise NotImplementedError
 
+    def replaced(self, tx: Transaction) -> bool:
+        """Whether a successor took this subscriber's place, asked first in each of its
+        transactions (which then write nothing); a subscriber that says so has switched to the
+        successor (a projection runner to the version a rebuild made active)."""
+        return False
+
     def before_page(self, tx: Transaction) -> None:
         """Work due in every transaction before the page (a process manager's timers)."""
 
     def run_once(self, limit: int = PAGE) -> int:
         """Handle the next page of events; how many were handled (applied or parked)."""
-        if self.stopped_on is not None:
-            return 0
         try:
-            with self.store.transaction(self.name) as tx:
-                self.before_page(tx)
-                page = self.store.read_all(tx.checkpoint, limit)
-                for stored in page:
-                    self._apply(stored, tx)
-                return len(page)
+            while self.stopped_on is None:
+                with self.store.transaction(self.name) as tx:
+                    if self.replaced(tx):
+                        continue  # nothing written: read the page again as the successor
+                    self.before_page(tx)
+                    page = self.store.read_all(tx.checkpoint, limit)
+                    for stored in page:
+                        self._apply(stored, tx)
+                    return len(page)
+            return 0
         except _HandlerError:
-            return self._one_by_one(limit)
+            pass
+        # Outside the except block, so that a parked event's traceback does not carry the page's.
+        return self._one_by_one(limit)
 
     def _one_by_one(self, limit: int) -> int:
         handled = 0
@@ -82,6 +95,8 @@ class Subscription:
             try:
                 # The failing event's writes roll back with its transaction.
                 with self.store.transaction(self.name) as tx:
+                    if self.replaced(tx):
+                        continue
                     page = self.store.read_all(tx.checkpoint, 1)
                     if not page:
                         break
@@ -101,6 +116,8 @@ class Subscription:
             log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
             return
         with self.store.transaction(self.name) as tx:
+            if self.replaced(tx):
+                return  # the successor applies the event itself, and parks it if it fails
             tx.park(parked)
             tx.set_checkpoint(stored.position)
         log.warning("%s parked position %d: %s", self.name, stored.position, reason)
@@ -143,12 +160,8 @@ class Subscription:
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
         while not stop.is_set():
-            self.refresh()
             if self._retrying_once() == 0:
                 self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))
-
-    def refresh(self) -> None:
-        """Called between pages while running (a projection follows a rebuild's switch)."""
 
     def idle_wait(self, default: float) -> float:
         return default

@@ -16,7 +16,7 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, ReadModel
-from riverbed.eventsourcing.projections import ProjectionRunner
+from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
 from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals, Payment
@@ -87,6 +87,7 @@ def test_each_event_is_applied_once_and_a_failing_one_is_parked(events: EventSou
     (parked,) = events.store.parked("counting")
     assert parked.position == 2 and parked.type == "Order.Placed"
     assert f"RuntimeError: cannot project {orders[1].id}" in parked.error
+    assert parked.error.count("Traceback") == 1  # not the failed page's as well
     assert runner.checkpoint == 4
     assert runner.run_once() == 0  # nothing applied twice
     assert events.store.unpark("counting", 2)
@@ -145,6 +146,80 @@ def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) 
         stop.set()
         for thread in threads:
             thread.join(10)
+
+
+def test_a_page_begun_for_a_replaced_version_writes_nothing(events: EventSourcing) -> None:
+    place(events, "ada")
+    events.projection(OrderTotals())
+    # A worker that chose version 1 before the rebuild switched, and runs its next page after.
+    worker = events.projections.runner("order-totals")
+    assert worker.catch_up() == 1
+    assert events.projections.rebuild("order-totals") == 2
+    place(events, "bob")
+    assert worker.run_once() == 1
+    assert events.store.documents("order-totals@v1/customers") == {}
+    assert worker.version == 2
+    assert set(events.projections.all("order-totals", "customers")) == {"ada", "bob"}
+
+
+class PausingTotals(OrderTotals):
+    """``OrderTotals`` that waits for ``release`` the first time it has written position 3: a
+    page still in flight."""
+
+    def __init__(self) -> None:
+        self.paused = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+        super().handle(event, tx)
+        if event.position == 3 and not self.paused.is_set():
+            self.paused.set()
+            self.release.wait(30)
+
+
+def test_a_rebuild_drops_what_a_page_in_flight_of_the_old_version_writes(
+    events: EventSourcing, store_url: str
+) -> None:
+    for customer in ("ada", "bob"):
+        place(events, customer)
+    projection = events.projection(PausingTotals())
+    stop = threading.Event()
+    threads = events.run(stop)
+    rebuilt: list[int] = []
+    rebuilding = threading.Thread(
+        target=lambda: rebuilt.append(events.projections.rebuild("order-totals"))
+    )
+    try:
+        events.projections.wait_for("order-totals", 2)
+        place(events, "cy")
+        assert projection.paused.wait(30), "version 1 never reached position 3"
+        rebuilding.start()
+        if store_url.startswith("postgresql"):
+            # Version 2 fills beside the paused page (on SQLite that page holds the write lock).
+            version_2 = subscriber("order-totals", 2)
+            wait_until(lambda: events.store.checkpoint(version_2) == 3, 30, "version 2 to fill")
+        rebuilding.join(0.5)
+        assert rebuilding.is_alive(), "the switch did not wait for version 1's page in flight"
+        projection.release.set()
+        rebuilding.join(30)
+        assert rebuilt == [2]
+        order = Order.create("dan", "d@x", Money(Decimal("4"), "EUR"), NOW)
+        position = events.save(order)
+        # The worker followed the switch.
+        assert events.projections.get("order-totals", "customers", "dan", wait_for=position)
+    finally:
+        projection.release.set()
+        stop.set()
+        for thread in [*threads, rebuilding]:
+            if thread.ident is not None:
+                thread.join(10)
+    assert events.store.documents("order-totals@v1/customers") == {}
+    assert events.projections.all("order-totals", "customers") == {
+        "ada": {"orders": 1, "total": "10"},
+        "bob": {"orders": 1, "total": "10"},
+        "cy": {"orders": 1, "total": "10"},
+        "dan": {"orders": 1, "total": "4"},
+    }
 
 
 def test_the_saga_pays_and_ships_an_order(events: EventSourcing) -> None:

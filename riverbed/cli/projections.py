@@ -1,0 +1,114 @@
+"""``riverbed projections``: where an app's projections stand, their parked events, rebuilds.
+
+Each command loads the app (``module:attribute``) and works on the event store it uses: its
+``events_url``, else ``$RIVERBED_EVENTS_URL``, else the SQLite default."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from riverbed.cli.common import out
+from riverbed.cli.worker import load_app
+from riverbed.errors import RiverbedError
+from riverbed.eventsourcing.projections import Projections
+from riverbed.eventsourcing.runtime import EventSourcing
+
+app = typer.Typer(
+    help="Look after an app's projections: status and lag, parked events, rebuilds.",
+    no_args_is_help=True,
+)
+
+Target = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
+Name = Annotated[str, typer.Argument(help="The projection's name.")]
+
+
+@contextmanager
+def open_projections(target: str) -> Iterator[Projections]:
+    """The projections the app registers, on its event store (closed afterwards)."""
+    events = getattr(load_app(target), "events", None)
+    if not isinstance(events, EventSourcing):
+        raise RiverbedError(f"{target} has no event store: create it with riverbed.App(...)")
+    try:
+        yield events.projections
+    finally:
+        events.close()
+
+
+@app.command("list")
+def list_projections(target: Target) -> None:
+    """Each projection's active version, the position it applied last, the store's last position,
+    the lag between them and how many events it parked."""
+    with open_projections(target) as projections:
+        statuses = [projections.status(name) for name in projections.registered]
+    if not statuses:
+        out.print(f"{target} registers no projections")
+        return
+    table = Table("projection", "version", "checkpoint", "head", "lag", "parked")
+    for status in statuses:
+        table.add_row(
+            status.name,
+            str(status.version),
+            f"{status.checkpoint:,}",
+            f"{status.head:,}",
+            f"{status.lag:,}",
+            f"{status.parked:,}",
+        )
+    out.print(table)
+
+
+@app.command("parked")
+def parked(
+    target: Target,
+    name: Name,
+    show_traceback: Annotated[
+        bool, typer.Option("--traceback", help="Print each error's whole traceback.")
+    ] = False,
+) -> None:
+    """The events a projection could not apply, one per line: position, event id, type, when,
+    and the error's first line."""
+    with open_projections(target) as projections:
+        events = projections.parked(name)
+    for event in events:
+        first_line, _, rest = event.error.partition("\n")
+        parked_at = datetime.fromtimestamp(event.parked_ms / 1000, UTC)
+        out.print(
+            f"{event.position}  {event.event_id}  {event.type}  "
+            f"parked={parked_at:%Y-%m-%d %H:%M:%S}  {first_line}"
+        )
+        if show_traceback and rest.strip():
+            out.print(rest.rstrip())
+    if not events:
+        out.print(f"{name} has no parked events")
+
+
+@app.command("unpark")
+def unpark(
+    target: Target,
+    name: Name,
+    positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
+) -> None:
+    """Forget parked events once dealt with: the projection goes on without them. The events
+    stay in the store; ``rebuild`` applies every event again, parked ones included."""
+    with open_projections(target) as projections:
+        missing = [p for p in positions if not projections.unpark(name, p)]
+    out.print(f"unparked {len(positions) - len(missing)} events of {name}")
+    if missing:
+        raise RiverbedError(f"not parked by {name}: {', '.join(map(str, missing))}")
+
+
+@app.command("rebuild")
+def rebuild(target: Target, name: Name) -> None:
+    """Fill the projection's next version from the first event, beside the live one; switch
+    queries and running workers to it once it has caught up, and drop the old version's
+    collections."""
+    with open_projections(target) as projections:
+        old = projections.active_version(name)
+        new = projections.rebuild(name)
+        applied = projections.status(name).checkpoint
+    out.print(f"rebuilt {name}: version {new} is active (was {old}), at position {applied:,}")

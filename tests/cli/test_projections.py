@@ -1,0 +1,142 @@
+"""``riverbed projections``: status and lag, parked events, unparking and rebuilds of an app's
+projections, on a SQLite event store."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from riverbed.cli.main import app as cli
+
+APP_MODULE = textwrap.dedent(
+    """
+    import riverbed
+
+    app = riverbed.App("rooms", events_url=EVENTS_URL)
+
+
+    class Booking(riverbed.Aggregate):
+        @riverbed.event("Made")
+        def __init__(self, guest: str) -> None:
+            self.guest = guest
+
+
+    class BookingsPerGuest(riverbed.Projection):
+        name = "bookings-per-guest"
+        collections = ("guests",)
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            guest = event.event.guest
+            if guest == "mallory":
+                raise ValueError("mallory cannot book")
+            count = (tx.get("guests", guest) or {"bookings": 0})["bookings"]
+            tx.put("guests", guest, {"bookings": count + 1})
+
+
+    app.events.projection(BookingsPerGuest())
+    """
+)
+NAME = "bookings-per-guest"
+
+
+@pytest.fixture
+def rooms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The app module, importable here and by the command (which imports from the cwd)."""
+    url = f"sqlite:///{tmp_path}/events.db"
+    (tmp_path / "rooms.py").write_text(APP_MODULE.replace("EVENTS_URL", repr(url)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import rooms as module  # type: ignore[import-not-found]
+
+    yield module
+    module.app.close()
+    sys.modules.pop("rooms", None)
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["projections", *args], catch_exceptions=False)
+
+
+def book(rooms: ModuleType, *guests: str) -> None:
+    for guest in guests:
+        rooms.app.events.save(rooms.Booking(guest))
+
+
+def status_row(listed: Result) -> list[str]:
+    """The cells of the projection's row in ``list``'s table."""
+    (row,) = [line for line in listed.stdout.splitlines() if NAME in line]
+    return [cell for cell in re.split(r"[\s│|]+", row) if cell]
+
+
+def test_list_shows_each_projection_with_its_version_checkpoint_and_lag(
+    rooms: ModuleType,
+) -> None:
+    book(rooms, "ada", "bob", "ada")
+    rooms.app.events.projections.runner(NAME).run_once(limit=2)
+    listed = run("list", "rooms:app")
+    assert listed.exit_code == 0, listed.output
+    assert status_row(listed) == [NAME, "1", "2", "3", "1", "0"]
+
+
+def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:
+    book(rooms, "ada", "mallory")
+    rooms.app.events.projections.runner(NAME).catch_up()
+    mallory = rooms.app.events.read()[1]
+
+    parked = run("parked", "rooms:app", NAME)
+    assert parked.exit_code == 0, parked.output
+    (line,) = parked.stdout.splitlines()
+    assert line.startswith(f"2  {mallory.id}  Booking.Made  parked=")
+    assert line.endswith("ValueError: mallory cannot book")
+    with_traceback = run("parked", "rooms:app", NAME, "--traceback")
+    assert "Traceback (most recent call last)" in with_traceback.stdout
+    assert status_row(run("list", "rooms:app")) == [NAME, "1", "2", "2", "0", "1"]
+
+    unparked = run("unpark", "rooms:app", NAME, "2")
+    assert unparked.stdout.strip() == f"unparked 1 events of {NAME}"
+    assert run("parked", "rooms:app", NAME).stdout.strip() == f"{NAME} has no parked events"
+    again = run("unpark", "rooms:app", NAME, "2")
+    assert again.exit_code == 1
+    assert again.stderr == f"error: not parked by {NAME}: 2\n"
+
+
+def test_rebuild_switches_to_a_new_version(rooms: ModuleType) -> None:
+    book(rooms, "ada", "bob")
+    projections = rooms.app.events.projections
+    projections.runner(NAME).catch_up()
+
+    rebuilt = run("rebuild", "rooms:app", NAME)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert rebuilt.stdout.strip() == f"rebuilt {NAME}: version 2 is active (was 1), at position 2"
+    assert projections.active_version(NAME) == 2
+    assert rooms.app.events.store.documents(f"{NAME}@v1/guests") == {}
+    assert projections.all(NAME, "guests") == {"ada": {"bookings": 1}, "bob": {"bookings": 1}}
+    assert status_row(run("list", "rooms:app")) == [NAME, "2", "2", "2", "0", "0"]
+
+
+@pytest.mark.usefixtures("rooms")
+def test_unknown_projections_and_apps_are_one_line_errors() -> None:
+    for args in (
+        ("parked", "rooms:app", "nope"),
+        ("unpark", "rooms:app", "nope", "1"),
+        ("rebuild", "rooms:app", "nope"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr == f"error: no projection named 'nope'; registered: {NAME}\n"
+    for target, message in (
+        ("nosuchmodule:app", "cannot import module 'nosuchmodule'"),
+        ("rooms:nothing", "rooms:nothing is missing, not a riverbed.App"),
+        ("rooms", "expected module:attribute"),
+    ):
+        result = run("list", target)
+        assert result.exit_code == 1, (target, result.output)
+        assert result.stderr.startswith(f"error: {message}")
+        assert len(result.stderr.splitlines()) == 1
