@@ -160,7 +160,7 @@ class Events:
         stream_key = stream_key or self.store.stream_key
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
-        # Every id this save needs from one urandom call: events', and a correlation id.
+        # Every id this save needs in one call: events', and a correlation id.
         ids = iter(random_ids(sum(len(a.pending) for a in aggregates) + 1))
         cause = _cause.get() or Cause(next(ids), "")
         meta = dict(metadata or {})
@@ -173,22 +173,21 @@ class Events:
             pending = aggregate.pending
             if not pending:
                 continue
-            events = []
-            for recorded, event_id in zip(pending, ids, strict=False):
-                events.append(
-                    NewEvent(
-                        id=event_id,
-                        stream=aggregate.id,
-                        version=recorded.version,
-                        type=recorded.type.name,
-                        schema=recorded.type.version,
-                        data=encode(
-                            recorded.event, recorded.type, _key_of(aggregate.id, stream_key)
-                        ),
-                        metadata=encoded_meta,
-                        timestamp_ms=now,
-                    )
+            stream = aggregate.id
+            key = _key_of(stream, stream_key)
+            events = [
+                NewEvent(
+                    event_id,
+                    stream,
+                    recorded.version,
+                    recorded.type.name,
+                    recorded.type.version,
+                    encode(recorded.event, recorded.type, key),
+                    encoded_meta,
+                    now,
                 )
+                for recorded, event_id in zip(pending, ids, strict=False)
+            ]
             appends.append(StreamAppend(aggregate.id, pending[0].version - 1, events))
         return appends
 

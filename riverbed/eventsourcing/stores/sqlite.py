@@ -439,10 +439,9 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
     for append in appends:
         for e in append.events:
             position += 1
-            record = StoredEvent(
-                position, e.id, e.stream, e.version, e.type, e.schema, e.data, e.metadata,
-                e.timestamp_ms,
-            )  # fmt: skip
+            # A StoredEvent as msgpack (it is array_like): the tuple encodes the same.
+            record = (position, e.id, e.stream, e.version, e.type, e.schema, e.data, e.metadata,
+                      e.timestamp_ms)  # fmt: skip
             values += (position, e.id, e.stream, e.version, _encoder.encode(record))
     step = INSERT_ROWS * len(_ROW_COLUMNS)
     try:
