@@ -127,8 +127,9 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 # transactional.id per producer instance means no successor aborts a crashed member's open
 # transaction, and until the broker does, read_committed consumers wait at its first record.
 # ``?transaction.timeout.ms=N`` in the URL changes it.
-TRANSACTION_RETRY_BACKOFF_MS = 10
 TRANSACTION_TIMEOUT_MS = 10_000
+# The retry delay after CONCURRENT_TRANSACTIONS (see KafkaTransactionalProducer).
+TRANSACTION_RETRY_BACKOFF_MS = 10
 _MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 _LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
 # A group coordinator that is still loading (a fresh broker) or moving: ask again.
