@@ -71,6 +71,8 @@ class Relay:
         *,
         lease_ttl: float = LEASE_TTL_S,
     ) -> None:
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
         self.events = events
         self.log = log
         self.topic = topic

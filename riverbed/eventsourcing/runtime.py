@@ -4,15 +4,22 @@ outbox relays — registered on the app and run by ``app.events.run``."""
 from __future__ import annotations
 
 import threading
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from riverbed.eventsourcing.outbox import Relay
+from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner
 from riverbed.log.api import Log
 
 P = TypeVar("P", bound=Projection)
+
+
+class RelaySettings(NamedTuple):
+    partitions: int
+    lease_ttl: float
+
+
 M = TypeVar("M", bound=ProcessManager)
 
 
@@ -21,7 +28,7 @@ class EventSourcing(Events):
         super().__init__(app_name, url)
         self.projections = Projections(self)
         self.process_managers: dict[str, ProcessManager] = {}
-        self.relays: dict[str, int] = {}
+        self.relays: dict[str, RelaySettings] = {}
 
     def projection(self, projection: P) -> P:
         """Register a projection (``app.events.projection(OrderTotals())``)."""
@@ -32,10 +39,13 @@ class EventSourcing(Events):
         self.process_managers[manager.name] = manager
         return manager
 
-    def relay(self, topic: str, partitions: int = 4) -> None:
+    def relay(self, topic: str, partitions: int = 4, *, lease_ttl: float = LEASE_TTL_S) -> None:
         """Publish every stored event to log topic ``topic`` (keyed by stream id): every process
-        running the app runs the relay, and one of them at a time publishes (see ``Relay``)."""
-        self.relays[topic] = partitions
+        running the app runs the relay, and one of them at a time publishes (see ``Relay``; a
+        standby takes over ``lease_ttl`` seconds after the leader dies)."""
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
+        self.relays[topic] = RelaySettings(partitions, lease_ttl)
 
     def has_work(self) -> bool:
         """Whether projections, process managers or relays are registered."""
@@ -50,9 +60,9 @@ class EventSourcing(Events):
             threads.append(_start(runner.run, stop, f"riverbed-saga-{manager.name}"))
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
-        for topic, partitions in self.relays.items():
+        for topic, settings in self.relays.items():
             assert log is not None
-            relay = Relay(self, log, topic, partitions)
+            relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
             threads.append(_start(relay.run, stop, f"riverbed-relay-{topic}"))
         return threads
 

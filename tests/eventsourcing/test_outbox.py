@@ -236,3 +236,26 @@ def test_running_relays_keep_one_leader_while_idle_and_hand_over_on_stop(
             standing_by.join(10)
     ids = published_ids(log)
     assert len(ids) == len(set(ids)) == 25
+
+
+def test_an_apps_relay_runs_with_its_lease_ttl_and_refuses_a_bad_one(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="lease_ttl=0"):
+        events.relay(TOPIC, lease_ttl=0)
+    with pytest.raises(ValueError, match="lease_ttl=-1"):
+        Relay(events, log, TOPIC, lease_ttl=-1)
+    assert not events.relays  # nothing registered by the refused call
+    started: list[Relay] = []
+
+    class RecordedRelay(Relay):
+        def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+            started.append(self)
+
+    monkeypatch.setattr("riverbed.eventsourcing.runtime.Relay", RecordedRelay)
+    events.relay(TOPIC, partitions=2, lease_ttl=2.5)
+    for thread in events.run(threading.Event(), log):
+        thread.join(10)
+    assert [(r.topic, r.lease_ttl) for r in started] == [(TOPIC, 2.5)]
+    assert len(log.end_offsets(TOPIC)) == 2
+    started[0].close()
