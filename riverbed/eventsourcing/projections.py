@@ -75,6 +75,12 @@ def prefix(name: str, version: int) -> str:
     return f"{name}@v{version}/"
 
 
+def parked_label(name: str, version: int) -> str:
+    """What a projection version's parked events are filed under: a rebuild's version parks
+    afresh, and the old version's entries go with it."""
+    return f"{name}@v{version}"
+
+
 def subscriber(name: str, version: int) -> str:
     return f"projection:{name}@v{version}"
 
@@ -114,12 +120,14 @@ class ProjectionRunner(Subscription):
         self.on_error = projection.on_error
         self._rebuilding = rebuilding
         version = version or projection.version
-        super().__init__(events, subscriber(projection.name, version), projection.name)
+        name = projection.name
+        super().__init__(events, subscriber(name, version), parked_label(name, version))
         self._use(version)
 
     def _use(self, version: int) -> None:
         self.version = version
         self.name = subscriber(self.projection.name, version)
+        self.label = parked_label(self.projection.name, version)
         self._prefix = prefix(self.projection.name, version)
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
@@ -178,15 +186,19 @@ class Projections:
                                 len(self.parked(name)))  # fmt: skip
 
     def parked(self, name: str) -> list[ParkedEvent]:
-        """The events projection ``name`` could not apply, in position order, with the errors."""
-        self.named(name)  # fails for a name never registered
-        return self.events.store.parked(name)
+        """The events the active version of projection ``name`` could not apply, in position
+        order, with the errors."""
+        store = self.events.store
+        label = parked_label(name, self.active_version(name))  # fails for an unknown name
+        # Before parked events were filed per version, they were filed under the bare name.
+        return sorted(store.parked(label) + store.parked(name), key=lambda p: p.position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every
         event again, parked ones included). False if ``position`` was not parked."""
-        self.named(name)  # fails for a name never registered
-        return self.events.store.unpark(name, position)
+        store = self.events.store
+        label = parked_label(name, self.active_version(name))  # fails for an unknown name
+        return store.unpark(label, position) or store.unpark(name, position)
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -239,7 +251,11 @@ class Projections:
                 tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
                 for collection in projection.collections:
                     tx.drop(prefix(name, old) + collection)
-                return old + 1
+            # The old version's parked events are out of sight now; they go too.
+            store = self.events.store
+            for parked in store.parked(parked_label(name, old)) + store.parked(name):
+                store.unpark(parked.projection, parked.position)
+            return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
 
     def run(self, stop: threading.Event) -> list[threading.Thread]:

@@ -17,7 +17,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, ReadModel
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
-from riverbed.eventsourcing.records import NewEvent, StreamAppend
+from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
 from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals, Payment
 from tests.support import wait_until
@@ -84,14 +84,14 @@ def test_each_event_is_applied_once_and_a_failing_one_is_parked(events: EventSou
     assert runner.catch_up() == 4
     # bob's event was parked: its writes rolled back, the rest applied exactly once.
     assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 3}}
-    (parked,) = events.store.parked("counting")
+    (parked,) = events.store.parked("counting@v1")
     assert parked.position == 2 and parked.type == "Order.Placed"
     assert f"RuntimeError: cannot project {orders[1].id}" in parked.error
     assert parked.error.count("Traceback") == 1  # not the failed page's as well
     assert runner.checkpoint == 4
     assert runner.run_once() == 0  # nothing applied twice
-    assert events.store.unpark("counting", 2)
-    assert events.store.parked("counting") == []
+    assert events.store.unpark("counting@v1", 2)
+    assert events.store.parked("counting@v1") == []
 
 
 def test_a_payload_that_no_longer_decodes_is_parked_with_the_reason(
@@ -105,10 +105,35 @@ def test_a_payload_that_no_longer_decodes_is_parked_with_the_reason(
     place(events, "bob")
     runner = ProjectionRunner(events, Counting())
     runner.catch_up()
-    (parked,) = events.store.parked("counting")
+    (parked,) = events.store.parked("counting@v1")
     assert parked.position == 2
     assert "EventDecodeError" in parked.error and "Payment.Requested" in parked.error
     assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
+
+
+def test_parked_events_belong_to_the_version_that_parked_them(events: EventSourcing) -> None:
+    orders = [place(events, name) for name in ("ada", "bob")]
+    projection = events.projection(Counting())
+    projection.fail_on = {orders[1].id}
+    events.projections.runner("counting").catch_up()
+    assert [p.projection for p in events.projections.parked("counting")] == ["counting@v1"]
+    # Filed under the bare name, as a riverbed before versioned entries did: listed too.
+    with events.store.transaction("legacy") as tx:
+        tx.park(ParkedEvent("counting", 1, "e1", "Order.Placed", "old", 0))
+    assert [p.position for p in events.projections.parked("counting")] == [1, 2]
+    assert events.projections.status("counting").parked == 2
+    projection.fail_on = set()
+    assert events.projections.rebuild("counting") == 2
+    # Version 2 applied both events; version 1's entries went with it.
+    assert events.projections.parked("counting") == []
+    assert events.store.parked("counting@v1") == events.store.parked("counting") == []
+    projection.fail_on = {orders[0].id}
+    assert events.projections.rebuild("counting") == 3
+    (parked,) = events.projections.parked("counting")
+    assert (parked.projection, parked.position) == ("counting@v3", 1)
+    assert events.projections.unpark("counting", 1)
+    assert not events.projections.unpark("counting", 1)
+    assert events.projections.parked("counting") == []
 
 
 def test_a_projection_can_stop_on_error_instead(events: EventSourcing) -> None:
@@ -124,7 +149,7 @@ def test_a_projection_can_stop_on_error_instead(events: EventSourcing) -> None:
     runner.catch_up()
     assert runner.stopped_on is not None and runner.stopped_on.position == 2
     assert runner.checkpoint == 1
-    assert events.store.parked("strict") == []
+    assert events.store.parked("strict@v1") == []
 
 
 def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) -> None:
