@@ -245,6 +245,36 @@ def test_concurrent_appends_expecting_one_version_let_exactly_one_win(
     assert len(stores[0].read_all()) == 1
 
 
+def test_threads_appending_through_one_store_get_gap_free_positions(store: EventStore) -> None:
+    # On PostgreSQL one thread at a time appends on the connection kept for appends, the others
+    # on pooled ones; conflicts on a shared stream are reported, not lost.
+    threads_count, appends = 6, 40
+    start = threading.Barrier(threads_count)
+    conflicts: list[ConcurrencyError] = []
+
+    def write(worker: int) -> None:
+        start.wait()
+        for i in range(appends):
+            append_to(store, f"w{worker}", i)
+            try:
+                append_to(store, "shared", store.stream_version("shared"))
+            except ConcurrencyError as error:  # another thread appended since the read
+                conflicts.append(error)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = store.read_all(limit=10_000)
+    assert positions(stored) == list(range(1, len(stored) + 1))
+    assert len(stored) == threads_count * appends * 2 - len(conflicts)
+    for worker in range(threads_count):
+        assert [e.version for e in store.read_stream(f"w{worker}")] == list(range(1, appends + 1))
+    shared = [e.version for e in store.read_stream("shared")]
+    assert shared == list(range(1, len(shared) + 1))
+
+
 def test_read_stream_between_versions_travels_in_time(store: EventStore) -> None:
     append_to(store, "other", 0, 1)
     append_to(store, "s", 0, 5)
