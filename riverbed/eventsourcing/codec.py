@@ -96,10 +96,13 @@ class EventRegistry:
         apply: Callable[[Any, Any], None] | None = None,
     ) -> EventType:
         existing = self._by_name.get(name)
-        if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
+        # The same class again (a module reloaded, a class made in a function called twice)
+        # replaces its entry; another one would decode the first one's stored events.
+        if existing is not None and _where(existing.cls) != _where(cls):
             raise EventSourcingError(
-                f"event type {name!r} is already registered for {existing.cls.__qualname__}; "
-                "give one of them another name"
+                f"event type {name!r} is already registered for {_where(existing.cls)}, so "
+                f"{_where(cls)} cannot have it too: stored events name their type only; give "
+                "one of them another name (the aggregate class's, or the event's)"
             )
         if version < 1:
             raise EventSourcingError(f"event {name}: version must be >= 1, got {version}")
@@ -242,3 +245,7 @@ def _encrypt(key: bytes, plaintext: bytes) -> bytes:
 def _decrypt(key: bytes, sealed: bytes) -> bytes:
     plaintext: bytes = _aesgcm(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], None)
     return plaintext
+
+
+def _where(cls: type[Any]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -16,6 +16,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, scenario
 from riverbed.eventsourcing.codec import registry
+from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from tests.eventsourcing.shop import Money, Order, OrderShipped, Payment
 
@@ -269,3 +270,26 @@ def test_given_when_then() -> None:
 def test_event_type_names_are_unique() -> None:
     with pytest.raises(riverbed.RiverbedError, match="already registered"):
         registry.register("Order.Placed", dict)
+
+
+BILLING_ORDER = """
+class Order(riverbed.Aggregate):
+    @riverbed.event("Placed")
+    def __init__(self, customer: str) -> None:
+        self.customer = customer
+"""
+
+
+def test_an_event_type_of_another_module_is_refused() -> None:
+    # A second `Order` with a `Placed` event would name its stored events like the first's.
+    with pytest.raises(Exception) as raised:  # Python 3.11 wraps errors of __set_name__
+        exec(BILLING_ORDER, {"__name__": "billing", "riverbed": riverbed})
+    error = raised.value
+    if not isinstance(error, EventSourcingError):
+        error = error.__cause__
+    assert isinstance(error, EventSourcingError)
+    assert "tests.eventsourcing.shop.Order.Placed, so billing.Order.Placed cannot" in str(error)
+    placed = Order.Placed(  # type: ignore[attr-defined]
+        customer="ada", email="a@x", total=Money(Decimal(1), "EUR"), placed_at=NOW
+    )
+    assert registry.of(placed).cls.__module__ == "tests.eventsourcing.shop"  # untouched
