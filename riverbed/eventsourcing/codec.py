@@ -98,7 +98,7 @@ class EventRegistry:
         existing = self._by_name.get(name)
         # The same class again (a module reloaded, a class made in a function called twice)
         # replaces its entry; another one would decode the first one's stored events.
-        if existing is not None and _where(existing.cls) != _where(cls):
+        if existing is not None and not _same_class(existing.cls, cls):
             raise EventSourcingError(
                 f"event type {name!r} is already registered for {_where(existing.cls)}, so "
                 f"{_where(cls)} cannot have it too: stored events name their type only; give "
@@ -249,3 +249,12 @@ def _decrypt(key: bytes, sealed: bytes) -> bytes:
 
 def _where(cls: type[Any]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(first: type[Any], second: type[Any]) -> bool:
+    if first.__qualname__ != second.__qualname__:
+        return False
+    modules = {first.__module__, second.__module__}
+    # A script's classes, imported again by its module name (or by a multiprocessing child as
+    # __mp_main__), are the same code.
+    return len(modules) == 1 or bool(modules & {"__main__", "__mp_main__"})

@@ -293,3 +293,9 @@ def test_an_event_type_of_another_module_is_refused() -> None:
         customer="ada", email="a@x", total=Money(Decimal(1), "EUR"), placed_at=NOW
     )
     assert registry.of(placed).cls.__module__ == "tests.eventsourcing.shop"  # untouched
+
+
+def test_a_scripts_event_types_may_be_registered_again_under_its_module_name() -> None:
+    # `python billing.py` defines them in __main__; `import billing` somewhere defines them again.
+    for module in ("__main__", "billing_script"):
+        exec(BILLING_ORDER.replace("Order", "Invoice"), {"__name__": module, "riverbed": riverbed})
