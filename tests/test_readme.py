@@ -79,20 +79,27 @@ TASKS_BLOCK = next(
 TASKS_MODULE = next(code for code in PYTHON_BLOCKS if code.startswith("# emails.py"))
 
 
-def test_tasks_worker_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RIVERBED_TASKS_URL", raising=False)
-    (fresh_dir / "emails.py").write_text(TASKS_MODULE)
+def run_session(directory: Path, module: str, code: str, session: str) -> str:
+    """Write the README's ``module`` into ``directory``, run its shell ``session`` there (this
+    venv's commands first on PATH, stopping at the first failing command); its output."""
+    (directory / module).write_text(code)
     bin_dir = shlex.quote(str(Path(sys.executable).parent))
     result = subprocess.run(
-        ["bash", "-c", f"PATH={bin_dir}:$PATH\n{TASKS_BLOCK}"],
+        ["bash", "-c", f"set -e\nPATH={bin_dir}:$PATH\n{session}"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "receipt for order 42 sent to ada@example.com" in result.stdout
-    assert "dead letters: 0" in result.stdout
+    return result.stdout
+
+
+def test_tasks_worker_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RIVERBED_TASKS_URL", raising=False)
+    output = run_session(fresh_dir, "emails.py", TASKS_MODULE, TASKS_BLOCK)
+    assert "receipt for order 42 sent to ada@example.com" in output
+    assert "dead letters: 0" in output
     assert (fresh_dir / ".riverbed" / "tasks.db").exists()
 
 
@@ -104,18 +111,9 @@ PROJECTIONS_MODULE = next(code for code in PYTHON_BLOCKS if code.startswith("# s
 
 def test_projections_session(fresh_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RIVERBED_EVENTS_URL", raising=False)
-    (fresh_dir / "stock.py").write_text(PROJECTIONS_MODULE)
-    bin_dir = shlex.quote(str(Path(sys.executable).parent))
-    result = subprocess.run(
-        ["bash", "-c", f"set -e\nPATH={bin_dir}:$PATH\n{PROJECTIONS_BLOCK}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "rebuilt stock-levels: version 2 is active (was 1), at position 2" in result.stdout
-    assert "Item.Received  parked=" in result.stdout
-    assert "ValueError: cannot receive -1 of sku-2" in result.stdout
-    assert "unparked 1 events of stock-levels" in result.stdout
+    output = run_session(fresh_dir, "stock.py", PROJECTIONS_MODULE, PROJECTIONS_BLOCK)
+    assert "rebuilt stock-levels: version 2 is active (was 1), at position 2" in output
+    assert "Item.Received  parked=" in output
+    assert "ValueError: cannot receive -1 of sku-2" in output
+    assert "unparked 1 events of stock-levels" in output
     assert (fresh_dir / ".riverbed" / "events.db").exists()
