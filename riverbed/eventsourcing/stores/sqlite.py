@@ -166,18 +166,11 @@ class SqliteEventStore:
     # Appending
 
     def append(self, appends: Sequence[StreamAppend]) -> int:
-        # write_transaction inlined: two generator context managers were 3% of a save.
         conn = self._conn
         if conn.in_transaction:  # a subscriber's handler saving: the write joins its transaction
             return _append(conn, appends)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            position = _append(conn, appends)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return position
+        with write_transaction(conn):
+            return _append(conn, appends)
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
