@@ -7,7 +7,11 @@ no gaps, so a reader that has seen position N has seen every event before it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
+
+from riverbed.eventsourcing.errors import EventSourcingError
 
 
 class NewEvent(msgspec.Struct, frozen=True):
@@ -44,6 +48,19 @@ class StreamAppend(msgspec.Struct, frozen=True):
     stream: str
     expected_version: int | None
     events: list[NewEvent]
+
+
+def distinct_streams(appends: Sequence[StreamAppend]) -> None:
+    """Refuse an append that names a stream twice: its expected versions would be checked
+    against each other's events on one store and not on another."""
+    seen: set[str] = set()
+    for append in appends:
+        if append.stream in seen:
+            raise EventSourcingError(
+                f"cannot append: stream {append.stream!r} appears twice in one append; give "
+                "all its events in one StreamAppend"
+            )
+        seen.add(append.stream)
 
 
 class Snapshot(msgspec.Struct, frozen=True):

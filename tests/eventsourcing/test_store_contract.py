@@ -36,6 +36,8 @@ from riverbed.eventsourcing.records import (
     Timer,
 )
 from riverbed.eventsourcing.stores import EventStore, connect_async_store, connect_store
+from riverbed.eventsourcing.stores import sqlite as sqlite_store
+from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from tests.eventsourcing.conftest import OpenStore
 
 WRITERS = 4
@@ -206,6 +208,18 @@ def test_an_append_of_no_events_checks_versions_and_returns_the_last_position(
     with pytest.raises(ConcurrencyError):
         store.append([StreamAppend("s", 1, [])])
     assert store.append([]) == 2
+
+
+def test_a_stream_given_twice_in_one_append_is_refused(store: EventStore) -> None:
+    with pytest.raises(EventSourcingError, match="stream 'a' appears twice in one append"):
+        store.append(
+            [
+                StreamAppend("a", 0, [new_event("a", 1)]),
+                StreamAppend("b", 0, [new_event("b", 1)]),
+                StreamAppend("a", 1, [new_event("a", 2)]),
+            ]
+        )
+    assert store.last_position() == 0
 
 
 def test_a_duplicate_version_is_an_error_and_appends_nothing(store: EventStore) -> None:
@@ -670,6 +684,19 @@ def test_events_appended_in_a_transaction_commit_with_its_checkpoint(
     assert store.last_position() == 2
 
 
+def test_a_conflict_in_a_transaction_leaves_it_usable(store: EventStore) -> None:
+    # A saga's command that loses a race retries in the same transaction.
+    append_to(store, "payment", 0)
+    with store.transaction("saga") as tx:
+        with pytest.raises(ConcurrencyError) as raised:
+            tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])])
+        assert (raised.value.expected, raised.value.actual) == (0, 1)
+        assert tx.append([StreamAppend("payment", 1, [new_event("payment", 2)])]) == 2
+        tx.set_checkpoint(1)
+    assert [e.version for e in store.read_stream("payment")] == [1, 2]
+    assert store.checkpoint("saga") == 1
+
+
 def test_a_transaction_reads_the_events_it_appended_before_it_commits(
     open_store: OpenStore,
 ) -> None:
@@ -846,16 +873,26 @@ def test_a_version_1_store_gets_the_leases_table_when_opened(
     store = open_store()
     assert positions(store.read_all()) == [1, 2]
     assert store.acquire_lease("relay", "a", 10_000)
-    assert execute(store_url, version) == [(2,)]
+    assert execute(store_url, version) == [(schema_version(store_url),)]
+
+
+def schema_version(store_url: str) -> int:
+    """The schema version this riverbed makes for the store at ``store_url``."""
+    if store_url.startswith("sqlite"):
+        return sqlite_store.SCHEMA_VERSION
+    return postgres_schema.SCHEMA_VERSION
 
 
 def test_a_store_of_a_newer_riverbed_is_refused(open_store: OpenStore, store_url: str) -> None:
     open_store()
+    ours = schema_version(store_url)
     if store_url.startswith("sqlite"):
-        execute(store_url, "PRAGMA user_version = 3")
+        execute(store_url, f"PRAGMA user_version = {ours + 1}")
     else:
-        execute(store_url, "UPDATE riverbed_head SET schema_version = 3")
-    with pytest.raises(RiverbedError, match="schema version 3, newer than this riverbed's 2"):
+        execute(store_url, f"UPDATE riverbed_head SET schema_version = {ours + 1}")
+    with pytest.raises(
+        RiverbedError, match=f"schema version {ours + 1}, newer than this riverbed's {ours}"
+    ):
         open_store()
 
 
@@ -867,8 +904,15 @@ def test_the_async_store_appends_reads_and_waits(store: EventStore, store_url: s
         astore = await connect_async_store(store_url)
         try:
             assert await astore.append([StreamAppend("s", 0, events_for("s", 1, 2))]) == 2
-            with pytest.raises(ConcurrencyError):
-                await astore.append([StreamAppend("s", 0, events_for("s", 1, 1))])
+            with pytest.raises(ConcurrencyError) as raised:
+                await astore.append(
+                    [
+                        StreamAppend("t", 0, events_for("t", 1, 40)),  # two statements
+                        StreamAppend("s", 0, events_for("s", 1, 1)),
+                    ]
+                )
+            assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("s", 0, 2)
+            assert await astore.read_stream("t") == []
             assert positions(await astore.read_stream("s", 2)) == [2]
             assert positions(await astore.read_all(after=1)) == [2]
             await astore.save_snapshot(Snapshot("s", 2, "S", 1, b"state", 0))
@@ -1000,8 +1044,10 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_ur
         assert append_to(store, "s", 2) == 3
         assert positions(store.read_all()) == [1, 2, 3]
         assert store.read_stream("s")[-1].version == 3
+        with pytest.raises(ConcurrencyError):  # the version check of this riverbed
+            append_to(store, "s", 2)
     finally:
         store.close()
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         head = admin.execute(f"SELECT * FROM {schema}.riverbed_head").fetchall()
-    assert head == [(1, 2)]  # schema version 2, no position column
+    assert head == [(1, postgres_schema.SCHEMA_VERSION)]  # no position column

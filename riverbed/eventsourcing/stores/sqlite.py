@@ -40,6 +40,7 @@ from riverbed.eventsourcing.records import (
     StoredEvent,
     StreamAppend,
     Timer,
+    distinct_streams,
 )
 from riverbed.eventsourcing.stores.api import Document
 from riverbed.log.sqlite.store import write_transaction
@@ -417,6 +418,8 @@ def _insert(rows: int) -> str:
 def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
     """Check every stream's version, then insert all the events, positions following the last
     (the caller holds the write lock)."""
+    if len(appends) > 1:
+        distinct_streams(appends)
     position: int | None = None
     for append in appends:
         if append.expected_version is not None:

@@ -19,7 +19,7 @@ from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
 from riverbed.eventsourcing.stores.api import Document
 from riverbed.eventsourcing.stores.postgres import statements as q
-from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
+from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
     POOL_TIMEOUT_S,
     Settings,
@@ -83,13 +83,33 @@ class AsyncPostgresEventStore:
             raise unavailable(self._settings, error) from None
 
     async def append(self, appends: Sequence[StreamAppend]) -> int:
-        params = q.append_params(appends, self._settings.channel)
+        """The same statements as the sync store's append (statements.py), pipelined by
+        psycopg in one transaction."""
+        channel = self._settings.channel
+        chunks = list(q.append_chunks(appends))
         async with self._connection() as conn:
             try:
-                cur = await conn.execute(q.APPEND, params)
+                async with conn.pipeline(), conn.transaction():
+                    cur = psycopg.AsyncRawCursor(conn)
+                    await cur.execute(q.LOCK_APPENDS, prepare=True)
+                    for stream, expected, events in chunks:
+                        params: list[object] = [stream, expected]
+                        if events:  # a check alone notifies nobody
+                            params.append(channel)
+                        for e in events:
+                            params += (e.id, e.stream, e.version, e.type, e.schema, e.data,
+                                       e.metadata, e.timestamp_ms)  # fmt: skip
+                        await cur.execute(q.append_statement(len(events)), params, prepare=True)
+                    row = await cur.fetchone()
             except psycopg.errors.UniqueViolation as error:
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
-            return q.appended(await cur.fetchone())
+            except psycopg.DatabaseError as error:
+                if error.sqlstate == CONFLICT:
+                    raise q.conflict(error.diag.message_detail) from None
+                raise
+        assert row is not None
+        last_position: int = row[0]
+        return last_position
 
     async def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None

@@ -1,4 +1,4 @@
-"""The store's tables and its append function, created in the URL's schema when a store opens.
+"""The store's tables, created in the URL's schema when a store opens.
 
 An append takes a transaction-scoped advisory lock named after the store's schema, checks the
 streams' versions, numbers its events after the highest stored position, inserts them and
@@ -11,13 +11,15 @@ gets the first property with ``LOCK TABLE ... IN EXCLUSIVE MODE`` around a seque
 Schema version 1 locked and updated a one-row head table instead: an advisory lock writes no
 WAL, and dropping that row update made an append 15 us (7%) cheaper.
 
-The append is one plpgsql function, so one round trip does it all: in READ COMMITTED each
-statement of a function sees what committed before it started, so the version check and the
-numbering, run after the lock is held, see every earlier append. A single SQL statement could
-not: its snapshot is taken before it waits for the lock.
+The lock is a statement of its own, before the statements that check and insert
+(statements.py): in READ COMMITTED each statement sees what committed before it started, so they
+see every earlier append. One statement could not lock and then read: its snapshot is taken
+before it waits for the lock. Versions 1 and 2 ran the statements in a plpgsql function, for one
+round trip; version 3 pipelines them instead, which is one round trip too and cheaper.
 
-``riverbed_head`` holds the schema version. Version 2 also added ``riverbed_leases``; a store of
-an older version is brought up to date when it opens, the DDL being idempotent.
+``riverbed_head`` holds the schema version. Version 2 added ``riverbed_leases``; version 3
+replaced the append function by ``riverbed_conflict``. A store of an older version is brought
+up to date when it opens, the DDL being idempotent.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Several processes opening a new store at once would race on the catalogs (CREATE ... IF NOT
 # EXISTS is not safe against a concurrent CREATE); they take turns on this advisory lock.
 SETUP_LOCK = 0x72697665_72626564  # "riverbed"
+# The SQLSTATE riverbed_conflict raises, its DETAIL being [stream, expected, actual] as JSON.
+CONFLICT = "RB409"
 
 TABLES = (
     "riverbed_events",
@@ -116,54 +120,19 @@ CREATE TABLE IF NOT EXISTS riverbed_leases (
     expires_ms bigint NOT NULL
 );
 
--- Appends events to streams that are at their expected versions (null: any), all or none.
--- p_appends is the JSON of the StreamAppend list (bytes in base64), one parameter the client
--- encodes in one msgspec call: binding ten arrays cost the client twice as much CPU. As jsonb it
--- is parsed once, not by each json function that reads it (version 1 took json).
+-- Schema version 2 appended through a function; the statements of statements.py do it now.
+DROP FUNCTION IF EXISTS riverbed_append(jsonb, text);
 DROP FUNCTION IF EXISTS riverbed_append(json, text);
--- Returns the position of the last event appended, or, appending nothing, the first stream (in
--- the order given) that is not at its expected version, with both versions.
-CREATE OR REPLACE FUNCTION riverbed_append(p_appends jsonb, p_channel text) RETURNS TABLE (
-    last_position bigint, conflict_stream text, conflict_expected bigint, conflict_actual bigint
-) LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    v_last bigint;
-    v_count bigint;
+-- An append's version check calls this when a stream is not at the version expected: the error
+-- rolls the whole append back, and its DETAIL tells the client the stream and both versions.
+CREATE OR REPLACE FUNCTION riverbed_conflict(p_stream text, p_expected bigint, p_actual bigint)
+RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
-    -- Held until the transaction ends: appends commit one at a time, in position order.
-    PERFORM pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0));
-    SELECT coalesce(max(e.position), 0) INTO v_last FROM riverbed_events e;
-    RETURN QUERY
-        SELECT NULL::bigint, s.stream, s.expected, s.actual FROM (
-            SELECT a.stream, a.expected, a.ord, coalesce(
-                (SELECT max(e.version) FROM riverbed_events e WHERE e.stream = a.stream), 0
-            ) AS actual
-            FROM ROWS FROM (
-                jsonb_to_recordset(p_appends) AS (stream text, expected_version bigint)
-            ) WITH ORDINALITY AS a(stream, expected, ord)
-        ) s
-        WHERE s.expected IS NOT NULL AND s.expected <> s.actual
-        ORDER BY s.ord LIMIT 1;
-    IF FOUND THEN
-        RETURN;
-    END IF;
-    INSERT INTO riverbed_events
-        (position, id, stream, version, type, schema, data, metadata, timestamp_ms)
-    SELECT v_last + row_number() OVER (ORDER BY a.ord, e.ord), e.id, e.stream, e.version,
-           e.type, e.schema, decode(e.data, 'base64'), decode(e.metadata, 'base64'),
-           e.timestamp_ms
-    FROM jsonb_array_elements(p_appends) WITH ORDINALITY AS a(append, ord),
-         ROWS FROM (
-             jsonb_to_recordset(a.append->'events') AS (
-                 id text, stream text, version bigint, type text, schema integer, data text,
-                 metadata text, timestamp_ms bigint
-             )
-         ) WITH ORDINALITY AS e(id, stream, version, type, schema, data, metadata,
-                                timestamp_ms, ord);
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    -- Delivered when the transaction commits: wakes wait_for_events in every process.
-    PERFORM pg_notify(p_channel, (v_last + v_count)::text);
-    RETURN QUERY SELECT v_last + v_count, NULL::text, NULL::bigint, NULL::bigint;
+    RAISE EXCEPTION USING
+        ERRCODE = '{CONFLICT}',
+        MESSAGE = format('stream %L is at version %s, not the expected %s',
+                         p_stream, p_actual, p_expected),
+        DETAIL = json_build_array(p_stream, p_expected, p_actual)::text;
 END
 $$;
 

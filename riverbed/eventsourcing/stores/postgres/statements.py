@@ -3,24 +3,100 @@ connection. Names are unqualified: every connection's search_path is the store's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import msgspec
-from psycopg.types.json import Jsonb
 
 from riverbed.eventsourcing.errors import ConcurrencyError
-from riverbed.eventsourcing.records import StreamAppend
+from riverbed.eventsourcing.records import NewEvent, StreamAppend, distinct_streams
 from riverbed.eventsourcing.stores.postgres.schema import TABLES
 
 # Columns in the order of StoredEvent's fields, so rows become events with ``args_row``.
 EVENT_COLUMNS = "position, id, stream, version, type, schema, data, metadata, timestamp_ms"
 
-# One call appends a whole batch, whatever its size: one statement, one round trip. The sync
-# store runs it through libpq (libpq_append.py), with libpq's numbered placeholders.
-_APPEND_COLUMNS = "SELECT last_position, conflict_stream, conflict_expected, conflict_actual "
-APPEND = _APPEND_COLUMNS + "FROM riverbed_append(%s, %s)"
-APPEND_NUMBERED = _APPEND_COLUMNS + "FROM riverbed_append($1, $2)"
+# An append is one transaction, its statements sent together (one round trip): LOCK_APPENDS, then
+# append_statement(n) for each stream (a stream of more than CHUNK_EVENTS events in chunks). The
+# lock is held until the transaction ends, so appends commit one at a time, and as each statement
+# starts after the lock is held, its snapshot sees every earlier append: the version check and
+# the numbering after the highest position are exact. schema.py says why not a sequence.
+LOCK_APPENDS = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0))"
+)
+CHUNK_EVENTS = 32
+# One event's parameters, in this order, with their types.
+_EVENT_PARAMETERS = (
+    ("id", "text"), ("stream", "text"), ("version", "bigint"), ("type", "text"),
+    ("schema", "integer"), ("data", "bytea"), ("metadata", "bytea"), ("timestamp_ms", "bigint"),
+)  # fmt: skip
+EVENT_PARAMETERS = len(_EVENT_PARAMETERS)
+# $1 the stream, $2 its expected version (null: any), $3 the NOTIFY channel; the events' follow.
+# A statement with no events has only $1 and $2.
+FIRST_EVENT_PARAMETER = 4
+# Raises CONFLICT unless the stream $1 is at version $2; a conflict is an error so that the whole
+# append rolls back, whichever of its statements finds it.
+_CHECK = (
+    "WITH actual AS (SELECT coalesce(max(version), 0) AS version FROM riverbed_events "
+    "WHERE stream = $1::text), checked AS (SELECT CASE WHEN $2::bigint IS NULL OR "
+    "actual.version = $2 THEN true ELSE riverbed_conflict($1, $2, actual.version) END AS ok "
+    "FROM actual)"
+)
+
+
+def append_statement(events: int) -> str:
+    """Checks a stream's version and inserts ``events`` events numbered after the highest
+    position, notifying the store's channel; returns the last position. With no events it only
+    checks, and returns the highest position."""
+    if events == 0:
+        return (
+            f"{_CHECK} SELECT (SELECT coalesce(max(position), 0) FROM riverbed_events) "
+            "FROM checked WHERE checked.ok"
+        )
+    rows = ", ".join(
+        "("
+        + ", ".join(
+            [str(row + 1)]
+            + [
+                f"${FIRST_EVENT_PARAMETER + row * EVENT_PARAMETERS + column}::{type_}"
+                for column, (_, type_) in enumerate(_EVENT_PARAMETERS)
+            ]
+        )
+        + ")"
+        for row in range(events)
+    )
+    names = ", ".join(name for name, _ in _EVENT_PARAMETERS)
+    return (
+        f"{_CHECK}, last AS (SELECT coalesce(max(position), 0) AS position FROM riverbed_events), "
+        f"inserted AS (INSERT INTO riverbed_events (position, {names}) "
+        f"SELECT last.position + e.n, {', '.join(f'e.{name}' for name, _ in _EVENT_PARAMETERS)} "
+        f"FROM checked, last, (VALUES {rows}) AS e(n, {names}) WHERE checked.ok "
+        "RETURNING position) "
+        # Delivered when the transaction commits: wakes wait_for_events in every process.
+        "SELECT max(position), pg_notify($3, max(position)::text) FROM inserted"
+    )
+
+
+def append_chunks(
+    appends: Sequence[StreamAppend],
+) -> Iterator[tuple[str, int | None, Sequence[NewEvent]]]:
+    """Each statement's stream, expected version and events, in order. A stream's later chunks
+    check nothing: the first checked it, and the lock keeps other appends out."""
+    if not appends:  # still one statement: it returns the last position
+        yield "", None, ()
+    elif len(appends) > 1:
+        distinct_streams(appends)
+    for append in appends:
+        events = append.events
+        yield append.stream, append.expected_version, events[:CHUNK_EVENTS]
+        for start in range(CHUNK_EVENTS, len(events), CHUNK_EVENTS):
+            yield append.stream, None, events[start : start + CHUNK_EVENTS]
+
+
+def conflict(detail: str | None) -> ConcurrencyError:
+    """The ``ConcurrencyError`` that riverbed_conflict's DETAIL describes."""
+    stream, expected, actual = _conflict_detail.decode(detail or "")
+    return ConcurrencyError(stream, expected, actual)
+
+
 STREAM_VERSION_OF = "SELECT coalesce(max(version), 0) FROM riverbed_events WHERE stream = %s"
 READ_STREAM = (
     f"SELECT {EVENT_COLUMNS} FROM riverbed_events "
@@ -117,25 +193,10 @@ RENEW_LEASE = (
 RELEASE_LEASE = "DELETE FROM riverbed_leases WHERE name = %s AND owner = %s"
 FOOTPRINT = "SELECT " + " + ".join(f"(SELECT count(*) FROM {table})" for table in TABLES)
 
-_json_encoder = msgspec.json.Encoder()
+_conflict_detail = msgspec.json.Decoder(tuple[str, int, int])
 
 # No version bound: read_stream's and load_snapshot's ``None``.
 NO_LIMIT = 2**62
-
-
-def append_params(appends: Sequence[StreamAppend], channel: str) -> tuple[Jsonb, str]:
-    """APPEND's parameters: the appends as JSON, encoded by msgspec in one call."""
-    return Jsonb(appends, dumps=_json_encoder.encode), channel
-
-
-def appended(row: tuple[Any, ...] | None) -> int:
-    """The last position APPEND returned, or the ``ConcurrencyError`` it reported."""
-    assert row is not None
-    last_position, stream, expected, actual = row
-    if last_position is None:
-        raise ConcurrencyError(stream, expected, actual)
-    position: int = last_position
-    return position
 
 
 def subscriber_lock_key(schema: str, name: str) -> str:
