@@ -135,8 +135,7 @@ def _results(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
     poller.modify(pgconn.socket, select.POLLIN)
     results: list[pq.abc.PGresult] = []
     while True:
-        pgconn.consume_input()
-        while pgconn.is_busy():
+        while pgconn.is_busy():  # reads the socket only when what it holds is not enough
             poller.poll()
             pgconn.consume_input()
         result = pgconn.get_result()
