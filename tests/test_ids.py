@@ -1,12 +1,14 @@
-"""Random ids: version-4 UUIDs, unique across batches, threads and forked processes."""
+"""Random ids: version-4 UUIDs, unique across batches, threads and forked processes; and
+time-ordered ones (version 7) for aggregates."""
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 import uuid
 
-from riverbed.ids import BATCH, random_id, random_ids
+from riverbed.ids import BATCH, random_id, random_ids, time_ordered_id
 
 
 def test_ids_are_version_4_uuids_in_hex() -> None:
@@ -45,3 +47,17 @@ def test_a_forked_child_does_not_hand_out_its_parents_spare_ids() -> None:
     from_child = queue.get(timeout=30)
     child.join(30)
     assert not set(from_child) & set(random_ids(10))
+
+
+def test_time_ordered_ids_are_version_7_uuids_that_sort_by_their_millisecond() -> None:
+    before = time.time_ns() // 1_000_000
+    earlier = [time_ordered_id() for _ in range(BATCH)]
+    time.sleep(0.002)
+    later = [time_ordered_id() for _ in range(BATCH)]
+    after = time.time_ns() // 1_000_000
+    for text in earlier + later:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and parsed.hex == text
+        assert before <= int(text[:12], 16) <= after
+    assert max(earlier) < min(later)
+    assert len(set(earlier + later)) == 2 * BATCH

@@ -19,7 +19,7 @@ import msgspec
 
 from riverbed.eventsourcing.codec import EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.ids import random_id
+from riverbed.ids import time_ordered_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,7 +62,8 @@ class Recorded(msgspec.Struct, frozen=True):
 class Aggregate:
     """Base class of event-sourced aggregates.
 
-    ``id`` is a UUID string unless given (``Order.create(..., id="order-42")``: a natural key);
+    ``id`` is a time-ordered UUID (version 7, 32 hex digits) unless given
+    (``Order.create(..., id="order-42")``: a natural key);
     ``version`` is the number of events applied. ``snapshot_every = 50`` in the class body makes
     ``app.events.save`` store a snapshot every 50 events, which loading starts from."""
 
@@ -79,7 +80,7 @@ class Aggregate:
         return aggregate
 
     def _begin(self, aggregate_id: str | None) -> None:
-        self.id = aggregate_id or random_id()
+        self.id = aggregate_id or time_ordered_id()
         self.version = 0
         self._pending: list[Recorded] = []
 
