@@ -41,19 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from common import (  # bench/common.py: python puts bench/ first on sys.path
-    PEER_PYTHON,
-    BenchError,
-    chosen_systems,
-    git_revision,
-    loadavg,
-    machine,
-    markdown_table,
-    peer_versions,
-    short,
-    stop_on_signals,
-    write_results,
-)
+import common  # bench/common.py: python puts bench/ first on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -176,7 +164,7 @@ def postgres_server(root: Path) -> Iterator[Postgres]:
     try:
         server = start_postgres(root)
     except RuntimeError as error:
-        raise BenchError(str(error)) from None
+        raise common.BenchError(str(error)) from None
     try:
         yield Postgres(server)
     finally:
@@ -291,7 +279,7 @@ class RiverbedEvents:
             in_log = sum(log.end_offsets(RELAY_TOPIC).values())
             expected = counts["read_all"]
             if published != expected or in_log != expected:
-                raise BenchError(
+                raise common.BenchError(
                     f"the relay published {published} events and the topic holds {in_log}; "
                     f"the store holds {expected}"
                 )
@@ -342,7 +330,7 @@ class RiverbedEvents:
         for aggregate_id in ids:
             order = get(order_class, aggregate_id)
             if order.version != events or len(order.lines) != events - 1:
-                raise BenchError(f"loaded {order!r}, expected version {events}")
+                raise common.BenchError(f"loaded {order!r}, expected version {events}")
         seconds["load"] = time.perf_counter() - started
         counts["load"] = len(ids)
 
@@ -364,7 +352,7 @@ class RiverbedEvents:
             seconds[phase] = time.perf_counter() - started
             counts[phase] = count
             if count != expected or last != expected:
-                raise BenchError(
+                raise common.BenchError(
                     f"{phase} read {count} events up to position {last}; expected {expected}"
                 )
         return counts, seconds
@@ -429,7 +417,7 @@ def run_driver(config: dict[str, Any], log_path: Path, timeout: float) -> dict[s
     with log_path.open("wb") as log:
         try:
             done = subprocess.run(
-                [str(PEER_PYTHON), str(DRIVER), json.dumps(config)],
+                [str(common.PEER_PYTHON), str(DRIVER), json.dumps(config)],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -439,16 +427,18 @@ def run_driver(config: dict[str, Any], log_path: Path, timeout: float) -> dict[s
                 cwd=log_path.parent,
             )
         except subprocess.TimeoutExpired:
-            raise BenchError(f"the eventsourcing driver took more than {timeout:g} s") from None
+            raise common.BenchError(
+                f"the eventsourcing driver took more than {timeout:g} s"
+            ) from None
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         errors = log_path.read_text(errors="replace").strip().splitlines()
         reason = next((line for line in reversed(errors) if line.strip()), "no output")
-        raise BenchError(f"the eventsourcing driver exited with {done.returncode}: {reason}")
+        raise common.BenchError(f"the eventsourcing driver exited with {done.returncode}: {reason}")
     try:
         answer: dict[str, Any] = json.loads(lines[-1])
     except json.JSONDecodeError:
-        raise BenchError(f"the eventsourcing driver printed {lines[-1][:200]!r}") from None
+        raise common.BenchError(f"the eventsourcing driver printed {lines[-1][:200]!r}") from None
     return answer
 
 
@@ -460,7 +450,7 @@ class Unavailable:
         self.reason = reason
 
     def run(self, aggregates: int, tag: str) -> Outcome:
-        raise BenchError(self.reason)
+        raise common.BenchError(self.reason)
 
 
 def open_systems(
@@ -473,7 +463,7 @@ def open_systems(
         (root / "postgres").mkdir()
         try:
             postgres = stack.enter_context(postgres_server(root / "postgres"))
-        except BenchError as error:
+        except common.BenchError as error:
             postgres_problem = f"PostgreSQL did not start: {error}"
     work = root / "runs"
     work.mkdir()
@@ -602,7 +592,9 @@ def table_rows(results: dict[str, Results]) -> list[list[str]]:
         )
         if not result.outcomes:
             reason = result.failures[0] if result.failures else "not run"
-            rows.append([name, f"failed: {short(reason)}"] + ["-"] * (len(PHASES) - 1) + [runs])
+            rows.append(
+                [name, f"failed: {common.short(reason)}"] + ["-"] * (len(PHASES) - 1) + [runs]
+            )
             continue
         cells = []
         for phase in PHASES:
@@ -725,15 +717,15 @@ def append_results(
         "",
         f"## Event store: {report['date']}",
         "",
-        f"- Machine: {machine()}; load average {report['load_start']} at start, "
+        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
         f"{report['load_end']} at end",
         f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
         f"- Versions: {versions(peers, report['postgres'], report['revision'])}",
         f"- Targets: {TARGETS_NOTE}.",
         "",
-        *markdown_table(COLUMNS, table_rows(results)),
+        *common.markdown_table(COLUMNS, table_rows(results)),
         "",
-        *markdown_table(("system", "target", "measured", "status"), target_rows(results)),
+        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
         "",
         "Settings:",
         "",
@@ -751,9 +743,9 @@ def append_results(
             + ")"
             for o in result.outcomes
         ]
-        runs += [f"failed: {short(reason, 300)}" for reason in result.failures]
+        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
         lines.append(f"- {name}: " + ", ".join(runs))
-    write_results(RESULTS, lines)
+    common.write_results(RESULTS, lines)
 
 
 # Main
@@ -787,7 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.events < 1 or args.aggregates < 1 or args.page < 1:
         parser.error("--aggregates, --events and --page must be at least 1")
-    args.systems = chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
+    args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
 
 
@@ -812,15 +804,15 @@ def describe(outcome: Outcome) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_signals()
+    common.stop_on_signals()
     # Not a terminal (a log file): wide enough for the table's seven figures.
     console = Console() if sys.stdout.isatty() else Console(width=170)
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = loadavg()
+    load = common.loadavg()
     # Read before riverbed runs: a commit landing during the run must not be credited with it.
-    revision = git_revision()
-    peers = peer_versions(PEER_PACKAGES)
+    revision = common.git_revision()
+    peers = common.peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results() for name in args.systems}
     postgres_text = "not started"
@@ -836,26 +828,32 @@ def main(argv: list[str] | None = None) -> int:
                     with console.status(f"warming up {system.name}"):
                         outcome = run_system(system, args.warmup_aggregates, warm_tag())
                     if isinstance(outcome, str):
-                        console.log(f"warm-up {system.name}: [red]failed[/] {short(outcome, 300)}")
+                        console.log(
+                            f"warm-up {system.name}: [red]failed[/] {common.short(outcome, 300)}"
+                        )
         for run in range(1, args.runs + 1):
             for system in systems:
                 with console.status(f"run {run}/{args.runs}: {system.name}"):
                     outcome = run_system(system, args.aggregates, f"r{run}_{uuid.uuid4().hex[:8]}")
                 if isinstance(outcome, str):
                     results[system.name].failures.append(outcome)
-                    console.log(f"run {run} {system.name}: [red]failed[/] {short(outcome, 300)}")
+                    console.log(
+                        f"run {run} {system.name}: [red]failed[/] {common.short(outcome, 300)}"
+                    )
                 else:
                     results[system.name].outcomes.append(outcome)
                     console.log(f"run {run} {system.name}: {describe(outcome)}")
     elapsed = time.monotonic() - started
     print_tables(console, results, args)
-    console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
+    console.print(
+        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
+    )
     if not args.no_results:
         report = {
             "date": date,
             "elapsed": elapsed,
             "load_start": load,
-            "load_end": loadavg(),
+            "load_end": common.loadavg(),
             "postgres": postgres_text,
             "revision": revision,
         }

@@ -37,17 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import common  # bench/common.py: python puts bench/ first on sys.path
 import confluent_kafka
 import redis
-from common import (  # bench/common.py: python puts bench/ first on sys.path
-    BenchError,
-    git_revision,
-    loadavg,
-    machine,
-    markdown_table,
-    stop_on_signals,
-    write_results,
-)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
@@ -279,7 +271,7 @@ class ConfluentSystem:
                 if len(leaders) == PARTITIONS and all(leader >= 0 for leader in leaders):
                     return
             time.sleep(0.05)
-        raise BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
+        raise common.BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
 
     def delete_topic(self, topic: str) -> None:
         self._admin.delete_topics([topic])[topic].result(30)
@@ -348,7 +340,7 @@ class ConfluentSystem:
                 messages = confluent_take(consumer, CONSUME_BATCH, timeout=1.0)
                 for message in messages:
                     if message.error() is not None:
-                        raise BenchError(f"confluent-kafka consume: {message.error()}")
+                        raise common.BenchError(f"confluent-kafka consume: {message.error()}")
                     message.value()  # what an application reads at least
                 received += len(messages)
         finally:
@@ -415,7 +407,7 @@ def _confluent_produce(
 def _confluent_flush(producer: confluent_kafka.Producer, failures: list[str]) -> None:
     remaining = producer.flush(60)
     if remaining or failures:
-        raise BenchError(
+        raise common.BenchError(
             f"confluent-kafka: {remaining} record(s) unacknowledged, {len(failures)} failed: "
             f"{failures[:3]}"
         )
@@ -568,7 +560,7 @@ def redis_server(root: Path) -> Iterator[int]:
     try:
         server = start_redis(root, REDIS_SETTINGS)
     except RuntimeError as error:
-        raise BenchError(str(error)) from None
+        raise common.BenchError(str(error)) from None
     try:
         yield server.port
     finally:
@@ -619,7 +611,9 @@ def timed(action: Callable[[], None]) -> float:
 def check_count(system: System, topic: str, expected: int) -> None:
     stored = system.count(topic)
     if stored != expected:
-        raise BenchError(f"{system.name}: '{topic}' holds {stored} records, expected {expected}")
+        raise common.BenchError(
+            f"{system.name}: '{topic}' holds {stored} records, expected {expected}"
+        )
 
 
 @dataclass(frozen=True)
@@ -854,7 +848,8 @@ def versions() -> str:
             (p.removeprefix("v=") for p in output.split() if p.startswith("v=")), "?"
         )
     return (
-        f"riverbed {riverbed.__version__} ({git_revision()}), Python {platform.python_version()}, "
+        f"riverbed {riverbed.__version__} ({common.git_revision()}), "
+        f"Python {platform.python_version()}, "
         f"confluent-kafka {confluent_kafka.version()} / librdkafka "
         f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {kafka} (KRaft, one node), "
         f"redis-server {redis_version}, redis-py {redis.__version__} with hiredis"
@@ -926,15 +921,15 @@ def append_results(args: argparse.Namespace, results: dict[str, Figures], report
         "",
         f"## Log: {report.date}",
         "",
-        f"- Machine: {machine()}; load average {report.load_start} at start, "
+        f"- Machine: {common.machine()}; load average {report.load_start} at start, "
         f"{report.load_end} at end",
         f"- Command: `{command.strip()}` ({report.elapsed / 60:.1f} min)",
         f"- Versions: {versions()}",
         f"- Targets: {TARGETS_NOTE}.",
         "",
-        *markdown_table(COLUMNS, table_rows(results)),
+        *common.markdown_table(COLUMNS, table_rows(results)),
         "",
-        *markdown_table(("system", "target", "measured", "status"), target_rows(results)),
+        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
         "",
         "Settings:",
         "",
@@ -951,7 +946,7 @@ def append_results(args: argparse.Namespace, results: dict[str, Figures], report
     if report.lost:
         lines += ["", "Lost records (e2e; the figures above exclude them):", ""]
         lines += [f"- {problem}" for problem in report.lost]
-    write_results(RESULTS, lines)
+    common.write_results(RESULTS, lines)
 
 
 # Main
@@ -1030,14 +1025,14 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_signals()
+    common.stop_on_signals()
     console = Console()
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     results: dict[str, Figures] = {name: Figures() for name in args.systems}
     lost: list[str] = []
     reported = 0
-    load = loadavg()
+    load = common.loadavg()
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="riverbed-bench-")))
         with console.status("starting servers"):
@@ -1063,9 +1058,11 @@ def main(argv: list[str] | None = None) -> int:
                 reported = len(lost)
     elapsed = time.monotonic() - started
     print_tables(console, results, args.runs)
-    console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
+    console.print(
+        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
+    )
     if not args.no_results:
-        append_results(args, results, Report(elapsed, date, load, loadavg(), lost, settings))
+        append_results(args, results, Report(elapsed, date, load, common.loadavg(), lost, settings))
         console.print(f"appended to {RESULTS.relative_to(ROOT)}")
     return 0
 

@@ -38,21 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import common  # bench/common.py: python puts bench/ first on sys.path
 import confluent_kafka
 import msgspec
-from common import (  # bench/common.py: python puts bench/ first on sys.path
-    PEER_PYTHON,
-    BenchError,
-    chosen_systems,
-    git_revision,
-    loadavg,
-    machine,
-    markdown_table,
-    peer_versions,
-    short,
-    stop_on_signals,
-    write_results,
-)
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from confluent_kafka.cimpl import NewTopic
@@ -129,7 +117,7 @@ def kafka_server(root: Path) -> Iterator[str]:
     try:
         server = start_kafka(root)
     except RuntimeError as error:
-        raise BenchError(str(error)) from None
+        raise common.BenchError(str(error)) from None
     try:
         yield server.bootstrap
     finally:
@@ -257,7 +245,7 @@ def wait_caught_up(
     while True:
         trouble = problem()
         if trouble is not None:
-            raise BenchError(trouble)
+            raise common.BenchError(trouble)
         try:
             last = lags()
             error = None
@@ -270,7 +258,7 @@ def wait_caught_up(
             lagging: dict[str, int] = {}
             for (topic, _), lag in sorted(last.items()):
                 lagging[topic] = lagging.get(topic, 0) + lag
-            raise BenchError(
+            raise common.BenchError(
                 f"not caught up after {timeout:g} s; lag per topic {lagging or 'unknown'}"
                 + (f"; last error: {error}" if error else "")
             )
@@ -298,7 +286,7 @@ class KafkaTools:
                 if len(leaders) == PARTITIONS and all(leader >= 0 for leader in leaders):
                     return
             time.sleep(0.05)
-        raise BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
+        raise common.BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
 
     def delete_topics(self, tag: str) -> None:
         """Every topic whose name holds ``tag`` (inputs, outputs, repartition, changelogs)."""
@@ -339,10 +327,14 @@ class KafkaTools:
                 producer.poll(0)
         remaining = producer.flush(60)
         if remaining or failures:
-            raise BenchError(f"producing the input: {remaining} unacknowledged, {failures[:3]}")
+            raise common.BenchError(
+                f"producing the input: {remaining} unacknowledged, {failures[:3]}"
+            )
         stored = self.count(topic)
         if stored != workload.records:
-            raise BenchError(f"'{topic}' holds {stored} records, expected {workload.records}")
+            raise common.BenchError(
+                f"'{topic}' holds {stored} records, expected {workload.records}"
+            )
 
     def ends(self, partitions: list[confluent_kafka.TopicPartition]) -> dict[tuple[str, int], int]:
         if not partitions:
@@ -437,7 +429,9 @@ class RiverbedStreams:
                 producer.close()
             stored = sum(app.log.end_offsets(source).values())
             if stored != workload.records:
-                raise BenchError(f"'{source}' holds {stored} records, expected {workload.records}")
+                raise common.BenchError(
+                    f"'{source}' holds {stored} records, expected {workload.records}"
+                )
             stop = threading.Event()
             failure: list[BaseException] = []
 
@@ -469,9 +463,9 @@ class RiverbedStreams:
                 stop.set()
                 thread.join(60)
             if thread.is_alive():
-                raise BenchError("app.run did not return within 60 s of stop being set")
+                raise common.BenchError("app.run did not return within 60 s of stop being set")
             if failure:
-                raise BenchError(f"app.run raised {failure[0]!r} while stopping")
+                raise common.BenchError(f"app.run raised {failure[0]!r} while stopping")
             emitted = sum(app.log.end_offsets(sink).values())
             return Outcome(done - started, emitted)
         finally:
@@ -489,7 +483,7 @@ class PeerProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self._process = subprocess.Popen(
-            [str(PEER_PYTHON), str(script), json.dumps(config)],
+            [str(common.PEER_PYTHON), str(script), json.dumps(config)],
             stdout=subprocess.PIPE,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
@@ -515,10 +509,10 @@ class PeerProcess:
             try:
                 line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.001))
             except queue.Empty:
-                raise BenchError(f"no '{word}' from the peer within {timeout:g} s") from None
+                raise common.BenchError(f"no '{word}' from the peer within {timeout:g} s") from None
             if line is None:
                 self._process.wait(10)
-                raise BenchError(self.exited())
+                raise common.BenchError(self.exited())
             if line == word:
                 return time.perf_counter()
 
@@ -635,7 +629,7 @@ class Unavailable:
         self.reason = reason
 
     def run(self, workload: Workload, tag: str) -> Outcome:
-        raise BenchError(self.reason)
+        raise common.BenchError(self.reason)
 
 
 PEER_PACKAGE = {
@@ -777,7 +771,7 @@ def table_rows(results: dict[str, Results]) -> list[list[str]]:
         )
         if rate is None:
             reason = result.failures[0] if result.failures else "not run"
-            rows.append([name, f"failed: {short(reason)}", "-", "-", runs])
+            rows.append([name, f"failed: {common.short(reason)}", "-", "-", runs])
             continue
         rows.append(
             [
@@ -828,7 +822,7 @@ def versions(peers: dict[str, str]) -> str:
     version = riverbed.__version__ if riverbed is not None else "(does not import)"
     peer_text = ", ".join(f"{name} {version}" for name, version in peers.items()) or "none"
     return (
-        f"riverbed {version} ({git_revision()}), Python {platform.python_version()}, "
+        f"riverbed {version} ({common.git_revision()}), Python {platform.python_version()}, "
         f"msgspec {msgspec.__version__}, confluent-kafka {confluent_kafka.version()}; peers "
         f"(bench/.venv-peers, Python 3.11): {peer_text}; Apache Kafka broker {kafka} (KRaft, one "
         "node)"
@@ -900,15 +894,15 @@ def append_results(
         "",
         f"## Streams: {report['date']}",
         "",
-        f"- Machine: {machine()}; load average {report['load_start']} at start, "
+        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
         f"{report['load_end']} at end",
         f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
         f"- Versions: {versions(peers)}",
         f"- Targets: {TARGETS_NOTE}.",
         "",
-        *markdown_table(COLUMNS, table_rows(results)),
+        *common.markdown_table(COLUMNS, table_rows(results)),
         "",
-        *markdown_table(("system", "target", "measured", "status"), target_rows(results)),
+        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
         "",
         "Settings:",
         "",
@@ -919,9 +913,9 @@ def append_results(
     ]
     for name, result in results.items():
         runs = [f"{result.records / o.seconds:,.0f} ({o.emitted:,})" for o in result.outcomes]
-        runs += [f"failed: {short(reason, 300)}" for reason in result.failures]
+        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
         lines.append(f"- {name}: " + " / ".join(runs))
-    write_results(RESULTS, lines)
+    common.write_results(RESULTS, lines)
 
 
 # Main
@@ -955,7 +949,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
     )
     args = parser.parse_args(argv)
-    args.systems = chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
+    args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
 
 
@@ -971,15 +965,15 @@ def run_system(system: System, workload: Workload, tag: str) -> Outcome | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_signals()
+    common.stop_on_signals()
     console = Console()
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = loadavg()
+    load = common.loadavg()
     now_ms = int(time.time() * 1000)
     workload = make_workload(args.records, now_ms)
     warmup = make_workload(args.warmup_records, now_ms) if args.warmup_records else None
-    peers = peer_versions(PEER_PACKAGES)
+    peers = common.peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results(records=workload.records) for name in args.systems}
     with contextlib.ExitStack() as stack:
@@ -991,14 +985,18 @@ def main(argv: list[str] | None = None) -> int:
                 with console.status(f"warming up {system.name}"):
                     outcome = run_system(system, warmup, f"w{uuid.uuid4().hex[:8]}")
                 if isinstance(outcome, str):
-                    console.log(f"warm-up {system.name}: [red]failed[/] {short(outcome, 300)}")
+                    console.log(
+                        f"warm-up {system.name}: [red]failed[/] {common.short(outcome, 300)}"
+                    )
         for run in range(1, args.runs + 1):
             for system in systems:
                 with console.status(f"run {run}/{args.runs}: {system.name}"):
                     outcome = run_system(system, workload, f"r{run}{uuid.uuid4().hex[:8]}")
                 if isinstance(outcome, str):
                     results[system.name].failures.append(outcome)
-                    console.log(f"run {run} {system.name}: [red]failed[/] {short(outcome, 300)}")
+                    console.log(
+                        f"run {run} {system.name}: [red]failed[/] {common.short(outcome, 300)}"
+                    )
                 else:
                     results[system.name].outcomes.append(outcome)
                     console.log(
@@ -1008,9 +1006,16 @@ def main(argv: list[str] | None = None) -> int:
                     )
     elapsed = time.monotonic() - started
     print_tables(console, results, args.runs, workload.records)
-    console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
+    console.print(
+        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
+    )
     if not args.no_results:
-        report = {"date": date, "elapsed": elapsed, "load_start": load, "load_end": loadavg()}
+        report = {
+            "date": date,
+            "elapsed": elapsed,
+            "load_start": load,
+            "load_end": common.loadavg(),
+        }
         append_results(args, results, workload, peers, report)
         console.print(f"appended to {RESULTS.relative_to(ROOT)}")
     return 0

@@ -41,19 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import common  # bench/common.py: python puts bench/ first on sys.path
 import redis
-from common import (  # bench/common.py: python puts bench/ first on sys.path
-    BenchError,
-    chosen_systems,
-    git_revision,
-    loadavg,
-    machine,
-    markdown_table,
-    peer_versions,
-    short,
-    stop_on_signals,
-    write_results,
-)
 from rich.console import Console
 from rich.table import Table
 
@@ -119,7 +108,7 @@ def redis_server(root: Path) -> Iterator[str]:
     try:
         server = start_redis(root, REDIS_SETTINGS)
     except RuntimeError as error:
-        raise BenchError(str(error)) from None
+        raise common.BenchError(str(error)) from None
     try:
         yield server.url
     finally:
@@ -312,16 +301,18 @@ class LineReader:
         while True:
             trouble = problem()
             if trouble is not None:
-                raise BenchError(trouble)
+                raise common.BenchError(trouble)
             try:
                 line = self._lines.get(timeout=0.05)
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"no answer from the driver within {timeout:g} s") from None
+                    raise common.BenchError(
+                        f"no answer from the driver within {timeout:g} s"
+                    ) from None
                 continue
             if line is None:
                 self.process.wait(10)
-                raise BenchError(f"the driver exited: {last_error(self.log_path)}")
+                raise common.BenchError(f"the driver exited: {last_error(self.log_path)}")
             if line:
                 return line
 
@@ -413,7 +404,7 @@ class Runner:
             directory.mkdir(parents=True, exist_ok=True)
             return f"sqlite:///{directory / 'tasks.db'}"
         if self._redis_url is None:
-            raise BenchError("no Redis server")
+            raise common.BenchError("no Redis server")
         client = redis.Redis.from_url(self._redis_url)
         try:
             client.flushall()
@@ -463,7 +454,7 @@ class Runner:
         try:
             ready = waiter.next_line(60, lambda: None)
             if ready != "READY":
-                raise BenchError(f"the driver said {ready[:200]!r} instead of READY")
+                raise common.BenchError(f"the driver said {ready[:200]!r} instead of READY")
             started = time.monotonic()
             workers = Workers(self.spec.workers(url), self._env(url), work / "workers.log")
             answer = parse_answer(waiter.next_line(TIMEOUT, workers.problem), "wait")
@@ -473,7 +464,7 @@ class Runner:
             latencies = self._driver("roundtrip", url, config, work / "roundtrip.log")
             trouble = workers.problem()
             if trouble is not None:
-                raise BenchError(trouble)
+                raise common.BenchError(trouble)
         finally:
             waiter.stop()
             if workers is not None:
@@ -493,9 +484,9 @@ def parse_answer(line: str, phase: str) -> dict[str, Any]:
     try:
         answer: dict[str, Any] = json.loads(line)
     except json.JSONDecodeError:
-        raise BenchError(f"{phase}: the driver printed {line[:200]!r}") from None
+        raise common.BenchError(f"{phase}: the driver printed {line[:200]!r}") from None
     if "error" in answer:
-        raise BenchError(f"{phase}: {answer['error']}")
+        raise common.BenchError(f"{phase}: {answer['error']}")
     return answer
 
 
@@ -512,7 +503,7 @@ class Unavailable:
         self.reason = reason
 
     def run(self, tasks: int, round_trips: int, tag: str) -> Outcome:
-        raise BenchError(self.reason)
+        raise common.BenchError(self.reason)
 
 
 def riverbed_problem() -> str | None:
@@ -647,7 +638,7 @@ def table_rows(results: dict[str, Results]) -> list[list[str]]:
         )
         if not result.outcomes:
             reason = result.failures[0] if result.failures else "not run"
-            rows.append([name, f"failed: {short(reason)}", "-", "-", "-", "-", "-", runs])
+            rows.append([name, f"failed: {common.short(reason)}", "-", "-", "-", "-", "-", runs])
             continue
 
         def mark(column: str, text: str, name: str = name) -> str:
@@ -717,8 +708,8 @@ def versions(peers: dict[str, str]) -> str:
         version = "(does not import)"
     peer_text = ", ".join(f"{name} {v}" for name, v in peers.items()) or "none"
     return (
-        f"riverbed {version} ({git_revision()}), Python {platform.python_version()}, redis-py "
-        f"{redis.__version__}; peers (bench/.venv-peers, Python 3.11): {peer_text}; "
+        f"riverbed {version} ({common.git_revision()}), Python {platform.python_version()}, "
+        f"redis-py {redis.__version__}; peers (bench/.venv-peers, Python 3.11): {peer_text}; "
         f"redis-server {redis_version()}"
     )
 
@@ -765,15 +756,15 @@ def append_results(
         "",
         f"## Tasks: {report['date']}",
         "",
-        f"- Machine: {machine()}; load average {report['load_start']} at start, "
+        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
         f"{report['load_end']} at end",
         f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
         f"- Versions: {versions(peers)}",
         f"- Targets: {TARGETS_NOTE}.",
         "",
-        *markdown_table(COLUMNS, table_rows(results)),
+        *common.markdown_table(COLUMNS, table_rows(results)),
         "",
-        *markdown_table(("system", "target", "measured", "status"), target_rows(results)),
+        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
         "",
         "Settings:",
         "",
@@ -788,9 +779,9 @@ def append_results(
             f"{o.processing:,.0f}; {o.p50 * 1000:.2f} / {o.p99 * 1000:.2f}"
             for o in result.outcomes
         ]
-        runs += [f"failed: {short(reason, 300)}" for reason in result.failures]
+        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
         lines.append(f"- {name}: " + " — ".join(runs))
-    write_results(RESULTS, lines)
+    common.write_results(RESULTS, lines)
 
 
 # Main
@@ -828,7 +819,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
     )
     args = parser.parse_args(argv)
-    args.systems = chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
+    args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
 
 
@@ -855,12 +846,12 @@ def describe(outcome: Outcome) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop_on_signals()
+    common.stop_on_signals()
     console = Console()
     started = time.monotonic()
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = loadavg()
-    peers = peer_versions(PEER_PACKAGES)
+    load = common.loadavg()
+    peers = common.peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results() for name in args.systems}
     with contextlib.ExitStack() as stack:
@@ -876,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
                 with console.status(f"warming up {system.spec.name}"):
                     outcome = run_system(system, args.warmup_tasks, 20, f"{system.spec.name}-w")
                 if isinstance(outcome, str):
-                    console.log(f"warm-up {system.spec.name}: [red]failed[/] {short(outcome, 300)}")
+                    console.log(
+                        f"warm-up {system.spec.name}: [red]failed[/] {common.short(outcome, 300)}"
+                    )
         for run in range(1, args.runs + 1):
             for system in systems:
                 name = system.spec.name
@@ -884,15 +877,22 @@ def main(argv: list[str] | None = None) -> int:
                     outcome = run_system(system, args.tasks, args.round_trips, f"{name}-{run}")
                 if isinstance(outcome, str):
                     results[name].failures.append(outcome)
-                    console.log(f"run {run} {name}: [red]failed[/] {short(outcome, 300)}")
+                    console.log(f"run {run} {name}: [red]failed[/] {common.short(outcome, 300)}")
                 else:
                     results[name].outcomes.append(outcome)
                     console.log(f"run {run} {name}: {describe(outcome)}")
     elapsed = time.monotonic() - started
     print_tables(console, results, args)
-    console.print(f"took {elapsed / 60:.1f} min; load average at start {load}, at end {loadavg()}")
+    console.print(
+        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
+    )
     if not args.no_results:
-        report = {"date": date, "elapsed": elapsed, "load_start": load, "load_end": loadavg()}
+        report = {
+            "date": date,
+            "elapsed": elapsed,
+            "load_start": load,
+            "load_end": common.loadavg(),
+        }
         append_results(args, results, systems, peers, report)
         console.print(f"appended to {RESULTS.relative_to(ROOT)}")
     return 0
