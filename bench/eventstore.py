@@ -46,17 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_riverbed() -> tuple[Any, str | None]:
-    """riverbed, or why it does not import (it may be mid-change; the peer still runs)."""
-    try:
-        return importlib.import_module("riverbed"), None
-    except Exception as exc:
-        return None, f"import riverbed failed: {type(exc).__name__}: {exc}"
-
-
-riverbed, RIVERBED_IMPORT_ERROR = _import_riverbed()
+riverbed, RIVERBED_IMPORT_ERROR = common.import_riverbed()
 RESULTS = ROOT / "bench" / "RESULTS.md"
 DRIVER = ROOT / "bench" / "peers" / "eventsourcing_bench.py"
 PEER_PACKAGES = ("eventsourcing", "psycopg", "psycopg-binary", "psycopg-pool")
@@ -157,18 +147,11 @@ class Postgres:
 @contextlib.contextmanager
 def postgres_server(root: Path) -> Iterator[Postgres]:
     """The tests' PostgreSQL (tests/services/postgres.py), stopped and deleted at the end."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    common.tests_importable()
     from tests.services.postgres import start_postgres
 
-    try:
-        server = start_postgres(root)
-    except RuntimeError as error:
-        raise common.BenchError(str(error)) from None
-    try:
+    with common.running(lambda: start_postgres(root)) as server:
         yield Postgres(server)
-    finally:
-        server.stop()
 
 
 def postgres_version(postgres: Postgres | None) -> str:

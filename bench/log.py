@@ -20,19 +20,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import inspect
 import platform
 import shlex
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +39,6 @@ import common  # bench/common.py: python puts bench/ first on sys.path
 import confluent_kafka
 import redis
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
 from rich.table import Table
 
@@ -96,17 +93,6 @@ CONFLUENT_CONSUMER = {
 # The e2e run uses riverbed's default linger (5 ms) for every Kafka producer.
 E2E_LINGER_MS = 5
 
-# Redis: no RDB snapshots; an append-only file written every event loop and fsynced once a
-# second (survives a process crash, like SQLite's fsync=normal and Kafka's page cache); no AOF
-# rewrites, whose fork would compete for the 2 cores mid-run.
-REDIS_SETTINGS = [
-    "--appendonly",
-    "yes",
-    "--appendfsync",
-    "everysec",
-    "--auto-aof-rewrite-percentage",
-    "0",
-]
 REDIS_GROUP = "bench"
 
 TARGETS_NOTE = (
@@ -261,17 +247,7 @@ class ConfluentSystem:
         self._admin = AdminClient({"bootstrap.servers": bootstrap})
 
     def create_topic(self, topic: str) -> None:
-        futures = self._admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-        futures[topic].result(30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            metadata = self._admin.list_topics(topic, timeout=5).topics.get(topic)
-            if metadata is not None and metadata.error is None:
-                leaders = [p.leader for p in metadata.partitions.values()]
-                if len(leaders) == PARTITIONS and all(leader >= 0 for leader in leaders):
-                    return
-            time.sleep(0.05)
-        raise common.BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
+        common.create_kafka_topic(self._admin, topic, PARTITIONS)
 
     def delete_topic(self, topic: str) -> None:
         self._admin.delete_topics([topic])[topic].result(30)
@@ -543,48 +519,6 @@ class RedisE2e:
         self._consumer.close()
 
 
-# Servers the benchmark starts (the test suite's own, from tests/services)
-
-
-def _test_services() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
-@contextlib.contextmanager
-def redis_server(root: Path) -> Iterator[int]:
-    """Debian's redis-server on a free loopback port with its files in ``root``; yields the port."""
-    _test_services()
-    from tests.services.redis import start_redis
-
-    try:
-        server = start_redis(root, REDIS_SETTINGS)
-    except RuntimeError as error:
-        raise common.BenchError(str(error)) from None
-    try:
-        yield server.port
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def kafka_server(root: Path) -> Iterator[str]:
-    """The tests' single-node Kafka broker (tests/services/kafka.py); yields its bootstrap."""
-    server = _start_kafka(root)
-    try:
-        yield server.bootstrap
-    finally:
-        gc.collect()  # destroy the clients first, or librdkafka logs the broker going away
-        server.stop()
-
-
-def _start_kafka(root: Path) -> Any:
-    _test_services()
-    from tests.services.kafka import start_kafka
-
-    return start_kafka(root)
-
-
 # Measuring
 
 
@@ -835,24 +769,13 @@ def print_tables(console: Console, results: dict[str, Figures], runs: int) -> No
 
 
 def versions() -> str:
-    kafka = "?"
-    libs = ROOT / ".cache" / "kafka" / "libs"
-    for jar in libs.glob("kafka_2.13-*.jar"):
-        kafka = jar.stem.removeprefix("kafka_2.13-")
-    redis_version = "?"
-    with contextlib.suppress(OSError):
-        output = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, check=False
-        ).stdout
-        redis_version = next(
-            (p.removeprefix("v=") for p in output.split() if p.startswith("v=")), "?"
-        )
     return (
         f"riverbed {riverbed.__version__} ({common.git_revision()}), "
         f"Python {platform.python_version()}, "
         f"confluent-kafka {confluent_kafka.version()} / librdkafka "
-        f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {kafka} (KRaft, one node), "
-        f"redis-server {redis_version}, redis-py {redis.__version__} with hiredis"
+        f"{confluent_kafka.libversion()[0]}, Apache Kafka broker {common.kafka_broker_version()} "
+        f"(KRaft, one node), redis-server {common.redis_server_version()}, redis-py "
+        f"{redis.__version__} with hiredis"
     )
 
 
@@ -991,7 +914,7 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
     bootstrap = ""
     if {"riverbed-kafka", "confluent-kafka", *EXTRA_SYSTEMS} & set(args.systems):
         (root / "kafka").mkdir()
-        bootstrap = stack.enter_context(kafka_server(root / "kafka"))
+        bootstrap = stack.enter_context(common.kafka_server(root / "kafka"))
     for name in args.systems:
         system: System
         if name == "riverbed-sqlite":
@@ -1017,7 +940,7 @@ def open_systems(args: argparse.Namespace, stack: contextlib.ExitStack, root: Pa
             system = ConfluentSystem(bootstrap, name, matched)
         else:
             (root / "redis").mkdir()
-            system = RedisSystem(stack.enter_context(redis_server(root / "redis")))
+            system = RedisSystem(stack.enter_context(common.redis_server(root / "redis")).port)
         stack.callback(system.close)
         systems.append(system)
     return systems

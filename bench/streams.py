@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
-import importlib
 import inspect
 import json
 import platform
@@ -33,7 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -43,22 +41,11 @@ import confluent_kafka
 import msgspec
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
-from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_riverbed() -> tuple[Any, str | None]:
-    """riverbed, or why it does not import (it may be mid-change; the peers still run)."""
-    try:
-        return importlib.import_module("riverbed"), None
-    except Exception as exc:
-        return None, f"import riverbed failed: {type(exc).__name__}: {exc}"
-
-
-riverbed, RIVERBED_IMPORT_ERROR = _import_riverbed()
+riverbed, RIVERBED_IMPORT_ERROR = common.import_riverbed()
 RESULTS = ROOT / "bench" / "RESULTS.md"
 PEERS = ROOT / "bench" / "peers"
 PEER_PACKAGES = ("quixstreams", "faust-streaming", "bytewax", "confluent-kafka", "aiokafka")
@@ -105,24 +92,6 @@ TARGETS_NOTE = (
     "against at-least-once, exactly-once against exactly-once); exactly-once costs at most 20% "
     "against at-least-once on each backend"
 )
-
-
-@contextlib.contextmanager
-def kafka_server(root: Path) -> Iterator[str]:
-    """The tests' single-node Kafka broker (tests/services/kafka.py); yields its bootstrap."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.services.kafka import start_kafka
-
-    try:
-        server = start_kafka(root)
-    except RuntimeError as error:
-        raise common.BenchError(str(error)) from None
-    try:
-        yield server.bootstrap
-    finally:
-        gc.collect()  # destroy the clients first, or librdkafka logs the broker going away
-        server.stop()
 
 
 # The input: the same bytes for every system
@@ -277,16 +246,7 @@ class KafkaTools:
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
 
     def create_topic(self, topic: str) -> None:
-        self.admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            metadata = self.admin.list_topics(topic, timeout=5).topics.get(topic)
-            if metadata is not None and metadata.error is None:
-                leaders = [p.leader for p in metadata.partitions.values()]
-                if len(leaders) == PARTITIONS and all(leader >= 0 for leader in leaders):
-                    return
-            time.sleep(0.05)
-        raise common.BenchError(f"topic '{topic}' has no leaders 30 s after it was created")
+        common.create_kafka_topic(self.admin, topic, PARTITIONS)
 
     def delete_topics(self, tag: str) -> None:
         """Every topic whose name holds ``tag`` (inputs, outputs, repartition, changelogs)."""
@@ -521,12 +481,9 @@ class PeerProcess:
 
     def exited(self) -> str:
         self._log.flush()
-        lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        reason = next(
-            (line for line in reversed(lines) if "Error" in line or "error" in line),
-            lines[-1] if lines else "no output",
+        return (
+            f"the peer exited with code {self._process.poll()}: {common.last_error(self.log_path)}"
         )
-        return f"the peer exited with code {self._process.poll()}: {reason.strip()[:300]}"
 
     def stop(self) -> None:
         if self._process.poll() is None:
@@ -647,7 +604,7 @@ def open_systems(
     kafka: KafkaTools | None = None
     if KAFKA_SYSTEMS & set(args.systems):
         (root / "kafka").mkdir()
-        kafka = KafkaTools(stack.enter_context(kafka_server(root / "kafka")))
+        kafka = KafkaTools(stack.enter_context(common.kafka_server(root / "kafka")))
     work = root / "runs"
     work.mkdir()
     options = {"commit_interval": args.peer_commit_interval}
@@ -816,16 +773,13 @@ def print_tables(console: Console, results: dict[str, Results], runs: int, recor
 
 
 def versions(peers: dict[str, str]) -> str:
-    kafka = "?"
-    for jar in (ROOT / ".cache" / "kafka" / "libs").glob("kafka_2.13-*.jar"):
-        kafka = jar.stem.removeprefix("kafka_2.13-")
     version = riverbed.__version__ if riverbed is not None else "(does not import)"
     peer_text = ", ".join(f"{name} {version}" for name, version in peers.items()) or "none"
     return (
         f"riverbed {version} ({common.git_revision()}), Python {platform.python_version()}, "
         f"msgspec {msgspec.__version__}, confluent-kafka {confluent_kafka.version()}; peers "
-        f"(bench/.venv-peers, Python 3.11): {peer_text}; Apache Kafka broker {kafka} (KRaft, one "
-        "node)"
+        f"(bench/.venv-peers, Python 3.11): {peer_text}; Apache Kafka broker "
+        f"{common.kafka_broker_version()} (KRaft, one node)"
     )
 
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -66,14 +66,6 @@ POLL = 0.01  # s between completion checks while workers process
 TIMEOUT = 300.0  # s for one phase (enqueue, processing, round trips)
 RESULT_TIMEOUT = 10.0  # s a round trip may wait for its result
 STOP_TIMEOUT = 10.0  # s for workers to exit on SIGTERM before SIGKILL
-REDIS_SETTINGS = [
-    "--appendonly",
-    "yes",
-    "--appendfsync",
-    "everysec",
-    "--auto-aof-rewrite-percentage",
-    "0",
-]
 
 # riverbed's worker per backend: the fastest of the pools (thread, async, process) and
 # concurrencies (2-8) tried on 2 cores (README); --riverbed-pool/--riverbed-concurrency override.
@@ -96,23 +88,6 @@ TARGETS_NOTE = (
     "riverbed-redis processing >= 3x Celery and >= 1.2x the fastest peer; round trip p50 <= 2 ms "
     "on riverbed-redis and on riverbed-sqlite"
 )
-
-
-@contextlib.contextmanager
-def redis_server(root: Path) -> Iterator[str]:
-    """Debian's redis-server (tests/services/redis.py) on a free loopback port; yields its URL."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.services.redis import start_redis
-
-    try:
-        server = start_redis(root, REDIS_SETTINGS)
-    except RuntimeError as error:
-        raise common.BenchError(str(error)) from None
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 # The systems
@@ -312,22 +287,13 @@ class LineReader:
                 continue
             if line is None:
                 self.process.wait(10)
-                raise common.BenchError(f"the driver exited: {last_error(self.log_path)}")
+                raise common.BenchError(f"the driver exited: {common.last_error(self.log_path)}")
             if line:
                 return line
 
     def stop(self) -> None:
         stop_group(self.process)
         self._log.close()
-
-
-def last_error(log_path: Path) -> str:
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    reason = next(
-        (line for line in reversed(lines) if "Error" in line or "error" in line),
-        lines[-1] if lines else "no output",
-    )
-    return reason.strip()[:300]
 
 
 def stop_group(process: subprocess.Popen[Any]) -> None:
@@ -367,7 +333,8 @@ class Workers:
             if process.poll() is not None:
                 self._log.flush()
                 return (
-                    f"a worker exited with code {process.returncode}: {last_error(self.log_path)}"
+                    f"a worker exited with code {process.returncode}: "
+                    f"{common.last_error(self.log_path)}"
                 )
         return None
 
@@ -690,15 +657,6 @@ def print_tables(console: Console, results: dict[str, Results], args: argparse.N
     console.print(targets)
 
 
-def redis_version() -> str:
-    with contextlib.suppress(OSError):
-        output = subprocess.run(
-            ["redis-server", "--version"], capture_output=True, text=True, check=False
-        ).stdout
-        return next((p.removeprefix("v=") for p in output.split() if p.startswith("v=")), "?")
-    return "?"
-
-
 def versions(peers: dict[str, str]) -> str:
     try:
         import riverbed
@@ -710,7 +668,7 @@ def versions(peers: dict[str, str]) -> str:
     return (
         f"riverbed {version} ({common.git_revision()}), Python {platform.python_version()}, "
         f"redis-py {redis.__version__}; peers (bench/.venv-peers, Python 3.11): {peer_text}; "
-        f"redis-server {redis_version()}"
+        f"redis-server {common.redis_server_version()}"
     )
 
 
@@ -860,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(name != "riverbed-sqlite" for name in args.systems):
             (root / "redis").mkdir()
             with console.status("starting redis-server"):
-                redis_url = stack.enter_context(redis_server(root / "redis"))
+                redis_url = stack.enter_context(common.redis_server(root / "redis")).url
         systems = open_systems(args, redis_url, root, peers)
         if args.warmup_tasks:
             for system in systems:
