@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import importlib
 import importlib.metadata
 import json
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,18 +34,15 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import common  # bench/common.py: python puts bench/ first on sys.path
 from rich.console import Console
-from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
 riverbed, RIVERBED_IMPORT_ERROR = common.import_riverbed()
-RESULTS = ROOT / "bench" / "RESULTS.md"
-DRIVER = ROOT / "bench" / "peers" / "eventsourcing_bench.py"
+DRIVER = common.PEERS / "eventsourcing_bench.py"
 PEER_PACKAGES = ("eventsourcing", "psycopg", "psycopg-binary", "psycopg-pool")
 
 # The workload
@@ -425,17 +419,6 @@ def run_driver(config: dict[str, Any], log_path: Path, timeout: float) -> dict[s
     return answer
 
 
-class Unavailable:
-    """A system that cannot run here; every run fails with the reason."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-
-    def run(self, aggregates: int, tag: str) -> Outcome:
-        raise common.BenchError(self.reason)
-
-
 def open_systems(
     args: argparse.Namespace, stack: contextlib.ExitStack, root: Path, peers: dict[str, str]
 ) -> tuple[list[System], Postgres | None]:
@@ -455,10 +438,10 @@ def open_systems(
     for name in args.systems:
         on_postgres = name in POSTGRES_SYSTEMS
         if on_postgres and postgres is None:
-            systems.append(Unavailable(name, postgres_problem or "no PostgreSQL"))
+            systems.append(common.Unavailable(name, postgres_problem or "no PostgreSQL"))
         elif name.startswith("riverbed-"):
             if RIVERBED_IMPORT_ERROR is not None or order is None:
-                systems.append(Unavailable(name, RIVERBED_IMPORT_ERROR or "no riverbed"))
+                systems.append(common.Unavailable(name, RIVERBED_IMPORT_ERROR or "no riverbed"))
                 continue
             fsync = "always" if name.endswith("-always") else None
             systems.append(
@@ -473,10 +456,10 @@ def open_systems(
                 )
             )
         elif not peers:
-            systems.append(Unavailable(name, "no bench/.venv-peers: run `make bench-peers`"))
+            systems.append(common.Unavailable(name, "no bench/.venv-peers: run `make bench-peers`"))
         elif "eventsourcing" not in peers:
             systems.append(
-                Unavailable(
+                common.Unavailable(
                     name,
                     "eventsourcing is not installed in bench/.venv-peers: run `make bench-peers`",
                 )
@@ -499,46 +482,27 @@ def open_systems(
 # Results
 
 
-@dataclass
-class Results:
-    """One system's runs: the outcome of each, or why it failed."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
+class Results(common.Runs[Outcome]):
     def rate(self, phase: str) -> float | None:
         rates = [r for r in (o.rate(phase) for o in self.outcomes) if r is not None]
         return statistics.median(rates) if rates else None
 
 
-@dataclass(frozen=True)
-class Target:
-    system: str
-    phase: str
-    description: str
-    check: Callable[[dict[str, Results]], tuple[str, bool] | None]
-
-
-def at_least(system: str, phase: str, bound: float) -> Target:
+def at_least(system: str, phase: str, bound: float) -> common.Target[Results]:
     def check(results: dict[str, Results]) -> tuple[str, bool] | None:
         rate = results[system].rate(phase) if system in results else None
         return None if rate is None else (f"{rate:,.0f} events/s", rate >= bound)
 
     label = phase.replace("_", " ")
-    return Target(system, phase, f"{label} >= {bound:,.0f} events/s", check)
+    return common.Target(system, phase, f"{label} >= {bound:,.0f} events/s", check)
 
 
-def ratio(system: str, peer: str, phase: str, factor: float) -> Target:
-    def check(results: dict[str, Results]) -> tuple[str, bool] | None:
-        if system not in results or peer not in results:
-            return None
-        ours, theirs = results[system].rate(phase), results[peer].rate(phase)
-        if ours is None or not theirs:
-            return None
-        return f"{ours / theirs:.2f}x {peer}", ours >= factor * theirs
-
+def ratio(system: str, peer: str, phase: str, factor: float) -> common.Target[Results]:
+    check: common.Check[Results] = common.ratio_check(
+        system, peer, factor, lambda result: result.rate(phase)
+    )
     label = phase.replace("_", " ")
-    return Target(system, phase, f"{label} >= {factor:g}x {peer}", check)
+    return common.Target(system, phase, f"{label} >= {factor:g}x {peer}", check)
 
 
 TARGETS = (
@@ -556,68 +520,28 @@ TARGETS = (
 COLUMNS = ("system", *(phase.column for phase in PHASES), "runs")
 
 
-def target_marks(results: dict[str, Results]) -> dict[tuple[str, str], str]:
-    marks: dict[tuple[str, str], str] = {}
-    for target in TARGETS:
-        outcome = target.check(results)
-        if outcome is not None:
-            key = (target.system, target.phase)
-            marks[key] = marks.get(key, "") + (" ✓" if outcome[1] else " ✗")
-    return marks
-
-
 def table_rows(results: dict[str, Results]) -> list[list[str]]:
-    marks = target_marks(results)
+    marks = common.target_marks(TARGETS, results)
     rows = []
     for name, result in results.items():
-        runs = f"{len(result.outcomes)} ok" + (
-            f", {len(result.failures)} failed" if result.failures else ""
-        )
         if not result.outcomes:
-            reason = result.failures[0] if result.failures else "not run"
-            rows.append(
-                [name, f"failed: {common.short(reason)}"] + ["-"] * (len(PHASES) - 1) + [runs]
-            )
+            rows.append(result.failed_row(name, len(COLUMNS)))
             continue
         cells = []
         for phase in PHASES:
             rate = result.rate(phase.key)
             cells.append("-" if rate is None else f"{rate:,.0f}" + marks.get((name, phase.key), ""))
-        rows.append([name, *cells, runs])
+        rows.append([name, *cells, result.tally()])
     return rows
 
 
-def target_rows(results: dict[str, Results]) -> list[list[str]]:
-    rows = []
-    for target in TARGETS:
-        if target.system not in results:
-            continue
-        outcome = target.check(results)
-        if outcome is None:
-            rows.append([target.system, target.description, "-", "not measured"])
-        else:
-            rows.append(
-                [target.system, target.description, outcome[0], "met" if outcome[1] else "MISSED"]
-            )
-    return rows
-
-
-def print_tables(console: Console, results: dict[str, Results], args: argparse.Namespace) -> None:
-    table = Table(
-        title=f"event store benchmark: {args.aggregates:,} aggregates x {args.events} events "
+def result_tables(results: dict[str, Results], args: argparse.Namespace) -> common.Tables:
+    title = (
+        f"event store benchmark: {args.aggregates:,} aggregates x {args.events} events "
         f"(median of {args.runs} runs)"
     )
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "system" else "right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
-    targets = Table(title="targets")
-    for column in ("system", "target", "measured", "status"):
-        targets.add_column(column)
-    for row in target_rows(results):
-        targets.add_row(*row)
-    console.print(targets)
+    targets = common.target_rows(TARGETS, results)
+    return common.Tables(title, COLUMNS, table_rows(results), targets)
 
 
 def versions(peers: dict[str, str], postgres: str, revision: str) -> str:
@@ -692,31 +616,13 @@ def settings_notes(args: argparse.Namespace) -> list[str]:
 def append_results(
     args: argparse.Namespace,
     results: dict[str, Results],
+    report: common.Report,
+    tables: common.Tables,
     peers: dict[str, str],
-    report: dict[str, Any],
+    postgres: str,
+    revision: str,
 ) -> None:
-    command = ".venv/bin/python bench/eventstore.py " + shlex.join(sys.argv[1:])
-    lines = [
-        "",
-        f"## Event store: {report['date']}",
-        "",
-        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
-        f"{report['load_end']} at end",
-        f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
-        f"- Versions: {versions(peers, report['postgres'], report['revision'])}",
-        f"- Targets: {TARGETS_NOTE}.",
-        "",
-        *common.markdown_table(COLUMNS, table_rows(results)),
-        "",
-        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
-        "",
-        "Settings:",
-        "",
-        *[f"- {note}" for note in settings_notes(args)],
-        "",
-        "All runs (each: " + " / ".join(phase.column for phase in PHASES) + "):",
-        "",
-    ]
+    lines = report.section(versions(peers, postgres, revision), tables, settings_notes(args))
     for name, result in results.items():
         runs = [
             "("
@@ -726,9 +632,8 @@ def append_results(
             + ")"
             for o in result.outcomes
         ]
-        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
-        lines.append(f"- {name}: " + ", ".join(runs))
-    common.write_results(RESULTS, lines)
+        lines.append(result.runs_line(name, runs, ", "))
+    common.write_results(lines)
 
 
 # Main
@@ -738,12 +643,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aggregates", type=int, default=AGGREGATES, help="orders per run")
     parser.add_argument("--events", type=int, default=EVENTS, help="events per order (>= 1)")
-    parser.add_argument("--runs", type=int, default=3, help="runs; figures are their median")
-    parser.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        help=f"comma-separated, from {','.join(SYSTEMS)} or {','.join(ALIASES)} (default: all)",
-    )
+    common.add_runs_argument(parser)
+    common.add_systems_argument(parser, SYSTEMS, ALIASES)
     parser.add_argument(
         "--page", type=int, default=PAGE, help="events per read-all page and relay batch"
     )
@@ -756,24 +657,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=TIMEOUT, help="seconds one run of one peer may take"
     )
-    parser.add_argument(
-        "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
-    )
+    common.add_no_results_argument(parser)
     args = parser.parse_args(argv)
     if args.events < 1 or args.aggregates < 1 or args.page < 1:
         parser.error("--aggregates, --events and --page must be at least 1")
     args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
-
-
-def run_system(system: System, aggregates: int, tag: str) -> Outcome | str:
-    """The outcome, or the reason the run failed (any exception: the other systems go on)."""
-    try:
-        return system.run(aggregates, tag)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
 
 
 def describe(outcome: Outcome) -> str:
@@ -790,9 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     common.stop_on_signals()
     # Not a terminal (a log file): wide enough for the table's seven figures.
     console = Console() if sys.stdout.isatty() else Console(width=170)
-    started = time.monotonic()
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = common.loadavg()
+    report = common.Report(
+        "Event store",
+        "bench/eventstore.py",
+        TARGETS_NOTE,
+        "each: " + " / ".join(phase.column for phase in PHASES),
+    )
     # Read before riverbed runs: a commit landing during the run must not be credited with it.
     revision = common.git_revision()
     peers = common.peer_versions(PEER_PACKAGES)
@@ -809,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems:
                 if isinstance(system, RiverbedEvents):  # the peer warms up in each process
                     with console.status(f"warming up {system.name}"):
-                        outcome = run_system(system, args.warmup_aggregates, warm_tag())
+                        outcome = common.outcome_or_failure(
+                            system.run, args.warmup_aggregates, warm_tag()
+                        )
                     if isinstance(outcome, str):
                         console.log(
                             f"warm-up {system.name}: [red]failed[/] {common.short(outcome, 300)}"
@@ -817,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(1, args.runs + 1):
             for system in systems:
                 with console.status(f"run {run}/{args.runs}: {system.name}"):
-                    outcome = run_system(system, args.aggregates, f"r{run}_{uuid.uuid4().hex[:8]}")
+                    tag = f"r{run}_{uuid.uuid4().hex[:8]}"
+                    outcome = common.outcome_or_failure(system.run, args.aggregates, tag)
                 if isinstance(outcome, str):
                     results[system.name].failures.append(outcome)
                     console.log(
@@ -826,22 +721,13 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     results[system.name].outcomes.append(outcome)
                     console.log(f"run {run} {system.name}: {describe(outcome)}")
-    elapsed = time.monotonic() - started
-    print_tables(console, results, args)
-    console.print(
-        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
-    )
+    report.stop()
+    tables = result_tables(results, args)
+    tables.print(console)
+    console.print(report.summary())
     if not args.no_results:
-        report = {
-            "date": date,
-            "elapsed": elapsed,
-            "load_start": load,
-            "load_end": common.loadavg(),
-            "postgres": postgres_text,
-            "revision": revision,
-        }
-        append_results(args, results, peers, report)
-        console.print(f"appended to {RESULTS.relative_to(ROOT)}")
+        append_results(args, results, report, tables, peers, postgres_text, revision)
+        console.print(f"appended to {common.RESULTS.relative_to(common.ROOT)}")
     return 0
 
 

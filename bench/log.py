@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import inspect
 import platform
-import shlex
 import statistics
 import struct
 import sys
@@ -43,9 +41,6 @@ from rich.console import Console
 from rich.table import Table
 
 import riverbed
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 PARTITIONS = 4
 VALUE_BYTES = 100
@@ -672,31 +667,23 @@ def format_figure(metric: str, value: float | None) -> str:
     return f"{value:,.0f}"
 
 
-@dataclass(frozen=True)
-class Target:
-    system: str
-    metric: str
-    description: str
-    check: Callable[[dict[str, Figures]], tuple[str, bool] | None]
-
-
-def minimum(system: str, metric: str, bound: float) -> Target:
+def minimum(system: str, metric: str, bound: float) -> common.Target[Figures]:
     def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
         value = results[system].median(metric) if system in results else None
         return None if value is None else (format_figure(metric, value), value >= bound)
 
-    return Target(system, metric, f"{metric} >= {bound:,.0f} rec/s", check)
+    return common.Target(system, metric, f"{metric} >= {bound:,.0f} rec/s", check)
 
 
-def maximum(system: str, metric: str, bound: float) -> Target:
+def maximum(system: str, metric: str, bound: float) -> common.Target[Figures]:
     def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
         value = results[system].median(metric) if system in results else None
         return None if value is None else (f"{value:.2f} ms", value <= bound)
 
-    return Target(system, metric, f"e2e {metric} <= {bound:g} ms", check)
+    return common.Target(system, metric, f"e2e {metric} <= {bound:g} ms", check)
 
 
-def near_peer(metric: str) -> Target:
+def near_peer(metric: str) -> common.Target[Figures]:
     def check(results: dict[str, Figures]) -> tuple[str, bool] | None:
         if "riverbed-kafka" not in results or "confluent-kafka" not in results:
             return None
@@ -706,7 +693,7 @@ def near_peer(metric: str) -> Target:
             return None
         return f"{ours / peer:.0%} of confluent-kafka", ours >= 0.9 * peer
 
-    return Target("riverbed-kafka", metric, f"{metric} within 10% of confluent-kafka", check)
+    return common.Target("riverbed-kafka", metric, f"{metric} within 10% of confluent-kafka", check)
 
 
 TARGETS = (
@@ -731,11 +718,7 @@ COLUMNS = (
 
 def table_rows(results: dict[str, Figures]) -> list[list[str]]:
     """Each cell is the median, marked ✓/✗ where a target applies to it."""
-    marks: dict[tuple[str, str], str] = {}
-    for target in TARGETS:
-        outcome = target.check(results)
-        if outcome is not None and target.system in results:
-            marks[target.system, target.metric] = " ✓" if outcome[1] else " ✗"
+    marks = common.target_marks(TARGETS, results)
     return [
         [name] + [format_figure(m, figures.median(m)) + marks.get((name, m), "") for m in METRICS]
         for name, figures in results.items()
@@ -743,6 +726,7 @@ def table_rows(results: dict[str, Figures]) -> list[list[str]]:
 
 
 def target_rows(results: dict[str, Figures]) -> list[list[str]]:
+    """The measured targets (the other benchmarks also list those not measured)."""
     rows = []
     for target in TARGETS:
         outcome = target.check(results)
@@ -752,20 +736,20 @@ def target_rows(results: dict[str, Figures]) -> list[list[str]]:
     return rows
 
 
-def print_tables(console: Console, results: dict[str, Figures], runs: int) -> None:
-    table = Table(title=f"log benchmark (median of {runs} runs)")
+def result_tables(results: dict[str, Figures], runs: int) -> common.Tables:
+    title = f"log benchmark (median of {runs} runs)"
+    return common.Tables(title, COLUMNS, table_rows(results), target_rows(results))
+
+
+def print_tables(console: Console, tables: common.Tables) -> None:
+    table = Table(title=tables.title)
     table.add_column("system", no_wrap=True)
     for column in COLUMNS[1:]:  # shorter headers, so that 80 columns fit the system names
         table.add_column(column.removeprefix("produce ").removeprefix("e2e "), justify="right")
-    for row in table_rows(results):
+    for row in tables.rows:
         table.add_row(*row)
     console.print(table)
-    targets = Table(title="targets")
-    for column in ("system", "target", "measured", "status"):
-        targets.add_column(column)
-    for row in target_rows(results):
-        targets.add_row(*row)
-    console.print(targets)
+    console.print(tables.targets_table())
 
 
 def versions() -> str:
@@ -779,8 +763,8 @@ def versions() -> str:
     )
 
 
-def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
-    clients = "; ".join(f"{name}: {text}" for name, text in report.settings.items() if text)
+def settings_notes(args: argparse.Namespace, settings: dict[str, str]) -> list[str]:
+    clients = "; ".join(f"{name}: {text}" for name, text in settings.items() if text)
     return [
         f"Workload: {PARTITIONS} partitions (Redis: {PARTITIONS} streams), {VALUE_BYTES}-byte "
         "values, keyless (no key; riverbed and librdkafka use sticky partitioning, a batch's "
@@ -828,48 +812,25 @@ def settings_notes(args: argparse.Namespace, report: Report) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
-class Report:
-    elapsed: float  # seconds
-    date: str
-    load_start: str
-    load_end: str
-    lost: list[str]
-    settings: dict[str, str]  # per system
-
-
-def append_results(args: argparse.Namespace, results: dict[str, Figures], report: Report) -> None:
-    command = ".venv/bin/python bench/log.py " + shlex.join(sys.argv[1:])
-    lines = [
-        "",
-        f"## Log: {report.date}",
-        "",
-        f"- Machine: {common.machine()}; load average {report.load_start} at start, "
-        f"{report.load_end} at end",
-        f"- Command: `{command.strip()}` ({report.elapsed / 60:.1f} min)",
-        f"- Versions: {versions()}",
-        f"- Targets: {TARGETS_NOTE}.",
-        "",
-        *common.markdown_table(COLUMNS, table_rows(results)),
-        "",
-        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
-        "",
-        "Settings:",
-        "",
-        *[f"- {note}" for note in settings_notes(args, report)],
-        "",
-        "All runs (rec/s; ms):",
-        "",
-    ]
+def append_results(
+    args: argparse.Namespace,
+    results: dict[str, Figures],
+    report: common.Report,
+    tables: common.Tables,
+    lost: list[str],
+    settings: dict[str, str],
+) -> None:
+    """``lost``: the records the e2e consumers lost; ``settings``: each system's client settings."""
+    lines = report.section(versions(), tables, settings_notes(args, settings))
     for name, figures in results.items():
         runs = ", ".join(
             f"{m} " + " / ".join(format_figure(m, v) for v in figures.runs[m]) for m in METRICS
         )
         lines.append(f"- {name}: {runs}")
-    if report.lost:
+    if lost:
         lines += ["", "Lost records (e2e; the figures above exclude them):", ""]
-        lines += [f"- {problem}" for problem in report.lost]
-    common.write_results(RESULTS, lines)
+        lines += [f"- {problem}" for problem in lost]
+    common.write_results(lines)
 
 
 # Main
@@ -881,7 +842,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--send-records", type=int, default=None, help="records for send (default: records/5)"
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs; figures are their median")
+    common.add_runs_argument(parser)
     parser.add_argument(
         "--only",
         default=",".join(SYSTEMS),
@@ -893,9 +854,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="riverbed producer batch_size (default: own)"
     )
-    parser.add_argument(
-        "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
-    )
+    common.add_no_results_argument(parser)
     args = parser.parse_args(argv)
     args.systems = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(args.systems) - set(SYSTEMS + EXTRA_SYSTEMS)
@@ -950,12 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.stop_on_signals()
     console = Console()
-    started = time.monotonic()
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    report = common.Report("Log", "bench/log.py", TARGETS_NOTE, "rec/s; ms")
     results: dict[str, Figures] = {name: Figures() for name in args.systems}
     lost: list[str] = []
     reported = 0
-    load = common.loadavg()
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="riverbed-bench-")))
         with console.status("starting servers"):
@@ -979,14 +936,13 @@ def main(argv: list[str] | None = None) -> int:
                 for problem in lost[reported:]:
                     console.log(f"[bold red]lost records:[/] {problem}")
                 reported = len(lost)
-    elapsed = time.monotonic() - started
-    print_tables(console, results, args.runs)
-    console.print(
-        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
-    )
+    report.stop()
+    tables = result_tables(results, args.runs)
+    print_tables(console, tables)
+    console.print(report.summary())
     if not args.no_results:
-        append_results(args, results, Report(elapsed, date, load, common.loadavg(), lost, settings))
-        console.print(f"appended to {RESULTS.relative_to(ROOT)}")
+        append_results(args, results, report, tables, lost, settings)
+        console.print(f"appended to {common.RESULTS.relative_to(common.ROOT)}")
     return 0
 
 

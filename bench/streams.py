@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import inspect
 import json
 import platform
 import queue
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -42,12 +40,8 @@ import msgspec
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from rich.console import Console
-from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
 riverbed, RIVERBED_IMPORT_ERROR = common.import_riverbed()
-RESULTS = ROOT / "bench" / "RESULTS.md"
-PEERS = ROOT / "bench" / "peers"
 PEER_PACKAGES = ("quixstreams", "faust-streaming", "bytewax", "confluent-kafka", "aiokafka")
 
 # The workload
@@ -517,7 +511,7 @@ class PeerStreams:
         internal: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.name = name
-        self._script = PEERS / script
+        self._script = common.PEERS / script
         self._root = root
         self._kafka = kafka
         self._timeout = timeout
@@ -578,17 +572,6 @@ def faust_internal(topic: str, tag: str) -> bool:
     return topic.endswith("-repartition") and tag in topic
 
 
-class Unavailable:
-    """A system that cannot run here; every run fails with the reason."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-
-    def run(self, workload: Workload, tag: str) -> Outcome:
-        raise common.BenchError(self.reason)
-
-
 PEER_PACKAGE = {
     "quix": "quixstreams",
     "quix-eos": "quixstreams",
@@ -611,7 +594,7 @@ def open_systems(
     systems: list[System] = []
     for name in args.systems:
         if name.startswith("riverbed-") and RIVERBED_IMPORT_ERROR is not None:
-            systems.append(Unavailable(name, RIVERBED_IMPORT_ERROR))
+            systems.append(common.Unavailable(name, RIVERBED_IMPORT_ERROR))
             continue
         if name.startswith("riverbed-"):
             backend = kafka if "-kafka-" in name else None
@@ -622,9 +605,11 @@ def open_systems(
         assert kafka is not None
         package = PEER_PACKAGE[name]
         if not peers:
-            systems.append(Unavailable(name, "no bench/.venv-peers: run `make bench-peers`"))
+            systems.append(common.Unavailable(name, "no bench/.venv-peers: run `make bench-peers`"))
         elif package not in peers:
-            systems.append(Unavailable(name, f"{package} is not installed in bench/.venv-peers"))
+            systems.append(
+                common.Unavailable(name, f"{package} is not installed in bench/.venv-peers")
+            )
         elif name in ("quix", "quix-eos"):
             eos = {"exactly_once": name == "quix-eos"}
             systems.append(
@@ -653,12 +638,8 @@ def open_systems(
 
 
 @dataclass
-class Results:
-    """One system's runs: the outcome of each, or why it failed."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    records: int = 0
+class Results(common.Runs[Outcome]):
+    records: int = 0  # input records per run
 
     def rate(self) -> float | None:
         rates = [self.records / o.seconds for o in self.outcomes]
@@ -671,31 +652,20 @@ class Results:
         return statistics.median(o.emitted for o in self.outcomes) if self.outcomes else None
 
 
-@dataclass(frozen=True)
-class Target:
-    system: str
-    description: str
-    check: Callable[[dict[str, Results]], tuple[str, bool] | None]
+RATE = "records/s"  # the figure every target is about
 
 
-def at_least(system: str, bound: float) -> Target:
+def at_least(system: str, bound: float) -> common.Target[Results]:
     def check(results: dict[str, Results]) -> tuple[str, bool] | None:
         rate = results[system].rate() if system in results else None
         return None if rate is None else (f"{rate:,.0f} records/s", rate >= bound)
 
-    return Target(system, f">= {bound:,.0f} records/s", check)
+    return common.Target(system, RATE, f">= {bound:,.0f} records/s", check)
 
 
-def ratio(system: str, peer: str, factor: float, description: str) -> Target:
-    def check(results: dict[str, Results]) -> tuple[str, bool] | None:
-        if system not in results or peer not in results:
-            return None
-        ours, theirs = results[system].rate(), results[peer].rate()
-        if ours is None or not theirs:
-            return None
-        return f"{ours / theirs:.2f}x {peer}", ours >= factor * theirs
-
-    return Target(system, description, check)
+def ratio(system: str, peer: str, factor: float, description: str) -> common.Target[Results]:
+    check: common.Check[Results] = common.ratio_check(system, peer, factor, Results.rate)
+    return common.Target(system, RATE, description, check)
 
 
 TARGETS = (
@@ -706,70 +676,33 @@ TARGETS = (
     ratio("riverbed-sqlite-eos", "riverbed-sqlite-alo", 0.8, "exactly-once costs <= 20%"),
     ratio("riverbed-kafka-eos", "riverbed-kafka-alo", 0.8, "exactly-once costs <= 20%"),
 )
-COLUMNS = ("system", "records/s", "seconds", "window results emitted", "runs")
-
-
-def target_marks(results: dict[str, Results]) -> dict[str, str]:
-    marks: dict[str, str] = {}
-    for target in TARGETS:
-        outcome = target.check(results)
-        if outcome is not None:
-            marks[target.system] = marks.get(target.system, "") + (" ✓" if outcome[1] else " ✗")
-    return marks
+COLUMNS = ("system", RATE, "seconds", "window results emitted", "runs")
 
 
 def table_rows(results: dict[str, Results]) -> list[list[str]]:
-    marks = target_marks(results)
+    marks = common.target_marks(TARGETS, results)
     rows = []
     for name, result in results.items():
         rate, seconds, emitted = result.rate(), result.seconds(), result.emitted()
-        runs = f"{len(result.outcomes)} ok" + (
-            f", {len(result.failures)} failed" if result.failures else ""
-        )
         if rate is None:
-            reason = result.failures[0] if result.failures else "not run"
-            rows.append([name, f"failed: {common.short(reason)}", "-", "-", runs])
+            rows.append(result.failed_row(name, len(COLUMNS)))
             continue
         rows.append(
             [
                 name,
-                f"{rate:,.0f}" + marks.get(name, ""),
+                f"{rate:,.0f}" + marks.get((name, RATE), ""),
                 f"{seconds:.2f}",
                 f"{emitted:,.0f}",
-                runs,
+                result.tally(),
             ]
         )
     return rows
 
 
-def target_rows(results: dict[str, Results]) -> list[list[str]]:
-    rows = []
-    for target in TARGETS:
-        if target.system not in results:
-            continue
-        outcome = target.check(results)
-        if outcome is None:
-            rows.append([target.system, target.description, "-", "not measured"])
-        else:
-            rows.append(
-                [target.system, target.description, outcome[0], "met" if outcome[1] else "MISSED"]
-            )
-    return rows
-
-
-def print_tables(console: Console, results: dict[str, Results], runs: int, records: int) -> None:
-    table = Table(title=f"streams benchmark: {records:,} records (median of {runs} runs)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "system" else "right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
-    targets = Table(title="targets")
-    for column in ("system", "target", "measured", "status"):
-        targets.add_column(column)
-    for row in target_rows(results):
-        targets.add_row(*row)
-    console.print(targets)
+def result_tables(results: dict[str, Results], runs: int, records: int) -> common.Tables:
+    title = f"streams benchmark: {records:,} records (median of {runs} runs)"
+    targets = common.target_rows(TARGETS, results)
+    return common.Tables(title, COLUMNS, table_rows(results), targets)
 
 
 def versions(peers: dict[str, str]) -> str:
@@ -839,37 +772,16 @@ def settings_notes(args: argparse.Namespace, workload: Workload) -> list[str]:
 def append_results(
     args: argparse.Namespace,
     results: dict[str, Results],
+    report: common.Report,
+    tables: common.Tables,
     workload: Workload,
     peers: dict[str, str],
-    report: dict[str, Any],
 ) -> None:
-    command = ".venv/bin/python bench/streams.py " + shlex.join(sys.argv[1:])
-    lines = [
-        "",
-        f"## Streams: {report['date']}",
-        "",
-        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
-        f"{report['load_end']} at end",
-        f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
-        f"- Versions: {versions(peers)}",
-        f"- Targets: {TARGETS_NOTE}.",
-        "",
-        *common.markdown_table(COLUMNS, table_rows(results)),
-        "",
-        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
-        "",
-        "Settings:",
-        "",
-        *[f"- {note}" for note in settings_notes(args, workload)],
-        "",
-        "All runs (records/s; window results emitted):",
-        "",
-    ]
+    lines = report.section(versions(peers), tables, settings_notes(args, workload))
     for name, result in results.items():
         runs = [f"{result.records / o.seconds:,.0f} ({o.emitted:,})" for o in result.outcomes]
-        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
-        lines.append(f"- {name}: " + " / ".join(runs))
-    common.write_results(RESULTS, lines)
+        lines.append(result.runs_line(name, runs, " / "))
+    common.write_results(lines)
 
 
 # Main
@@ -878,12 +790,8 @@ def append_results(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=200_000, help="input records per run")
-    parser.add_argument("--runs", type=int, default=3, help="runs; figures are their median")
-    parser.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        help=f"comma-separated, from {','.join(SYSTEMS)} or {','.join(ALIASES)} (default: all)",
-    )
+    common.add_runs_argument(parser)
+    common.add_systems_argument(parser, SYSTEMS, ALIASES)
     parser.add_argument(
         "--warmup-records",
         type=int,
@@ -899,31 +807,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=PEER_COMMIT_INTERVAL,
         help="Quix commit_interval and faust broker_commit_interval in seconds",
     )
-    parser.add_argument(
-        "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
-    )
+    common.add_no_results_argument(parser)
     args = parser.parse_args(argv)
     args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
-
-
-def run_system(system: System, workload: Workload, tag: str) -> Outcome | str:
-    """The outcome, or the reason the run failed (any exception: the other systems go on)."""
-    try:
-        return system.run(workload, tag)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.stop_on_signals()
     console = Console()
-    started = time.monotonic()
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = common.loadavg()
+    report = common.Report(
+        "Streams", "bench/streams.py", TARGETS_NOTE, "records/s; window results emitted"
+    )
     now_ms = int(time.time() * 1000)
     workload = make_workload(args.records, now_ms)
     warmup = make_workload(args.warmup_records, now_ms) if args.warmup_records else None
@@ -937,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         if warmup is not None:
             for system in systems:
                 with console.status(f"warming up {system.name}"):
-                    outcome = run_system(system, warmup, f"w{uuid.uuid4().hex[:8]}")
+                    outcome = common.outcome_or_failure(
+                        system.run, warmup, f"w{uuid.uuid4().hex[:8]}"
+                    )
                 if isinstance(outcome, str):
                     console.log(
                         f"warm-up {system.name}: [red]failed[/] {common.short(outcome, 300)}"
@@ -945,7 +843,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(1, args.runs + 1):
             for system in systems:
                 with console.status(f"run {run}/{args.runs}: {system.name}"):
-                    outcome = run_system(system, workload, f"r{run}{uuid.uuid4().hex[:8]}")
+                    outcome = common.outcome_or_failure(
+                        system.run, workload, f"r{run}{uuid.uuid4().hex[:8]}"
+                    )
                 if isinstance(outcome, str):
                     results[system.name].failures.append(outcome)
                     console.log(
@@ -958,20 +858,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"records/s ({outcome.seconds:.2f} s), {outcome.emitted:,} window "
                         "results emitted"
                     )
-    elapsed = time.monotonic() - started
-    print_tables(console, results, args.runs, workload.records)
-    console.print(
-        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
-    )
+    report.stop()
+    tables = result_tables(results, args.runs, workload.records)
+    tables.print(console)
+    console.print(report.summary())
     if not args.no_results:
-        report = {
-            "date": date,
-            "elapsed": elapsed,
-            "load_start": load,
-            "load_end": common.loadavg(),
-        }
-        append_results(args, results, workload, peers, report)
-        console.print(f"appended to {RESULTS.relative_to(ROOT)}")
+        append_results(args, results, report, tables, workload, peers)
+        console.print(f"appended to {common.RESULTS.relative_to(common.ROOT)}")
     return 0
 
 

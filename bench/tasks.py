@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import inspect
 import json
 import os
 import platform
 import queue
-import shlex
 import signal
 import statistics
 import subprocess
@@ -37,21 +35,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import common  # bench/common.py: python puts bench/ first on sys.path
 import redis
 from rich.console import Console
-from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
-PEERS = ROOT / "bench" / "peers"
-DRIVER = PEERS / "tasks_driver.py"
-PEER_BIN = ROOT / "bench" / ".venv-peers" / "bin"
-PEER_PYTHON = PEER_BIN / "python"
+DRIVER = common.PEERS / "tasks_driver.py"
+PEER_BIN = common.PEER_PYTHON.parent
 RIVERBED_PYTHON = Path(sys.executable)
 RIVERBED_CLI = RIVERBED_PYTHON.parent / "riverbed"
 PEER_PACKAGES = ("celery", "kombu", "dramatiq", "rq", "arq", "taskiq", "taskiq-redis", "huey")
@@ -161,7 +154,7 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
         "riverbed-redis": riverbed_spec("riverbed-redis", args),
         "riverbed-sqlite": riverbed_spec("riverbed-sqlite", args),
         "celery": Spec(
-            "celery", "celery_tasks", PEER_PYTHON,
+            "celery", "celery_tasks", common.PEER_PYTHON,
             peer(
                 "celery", "-A", "celery_tasks", "worker", "--pool", "solo",
                 "--prefetch-multiplier", "128", "--loglevel", "WARNING",
@@ -177,7 +170,7 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
             "task's `celery-task-meta-<id>` key exists",
         ),
         "dramatiq": Spec(
-            "dramatiq", "dramatiq_tasks", PEER_PYTHON,
+            "dramatiq", "dramatiq_tasks", common.PEER_PYTHON,
             peer("dramatiq", "dramatiq_tasks", "--processes", "2", "--threads", "8"),
             {},
             "Dramatiq, RedisBroker with the Results middleware (RedisBackend), "
@@ -187,7 +180,7 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
             "message's result key exists",
         ),
         "rq": Spec(
-            "rq", "rq_tasks", PEER_PYTHON,
+            "rq", "rq_tasks", common.PEER_PYTHON,
             lambda url: [
                 [
                     str(PEER_BIN / "rq"), "worker-pool", "--num-workers", "3", "--worker-class",
@@ -205,8 +198,8 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
             "`rq:results:<id>` stream exists",
         ),
         "arq": Spec(
-            "arq", "arq_tasks", PEER_PYTHON,
-            lambda url: [[str(PEER_PYTHON), "-m", "arq_tasks"]],
+            "arq", "arq_tasks", common.PEER_PYTHON,
+            lambda url: [[str(common.PEER_PYTHON), "-m", "arq_tasks"]],
             {"BENCH_ARQ_MAX_JOBS": "100", "BENCH_ARQ_POLL_DELAY": "0.002"},
             "One worker process, `arq.run_worker(WorkerSettings)` with max_jobs 100 and "
             "poll_delay 0.002 s (defaults 10 and 0.5 s: ~1/3 the throughput and a 250 ms round "
@@ -216,7 +209,7 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
             "enqueue; done: every job's `arq:result:<id>` key exists",
         ),
         "taskiq": Spec(
-            "taskiq", "taskiq_tasks", PEER_PYTHON,
+            "taskiq", "taskiq_tasks", common.PEER_PYTHON,
             peer(
                 "taskiq", "worker", "taskiq_tasks:broker", "--workers", "2",
                 "--max-async-tasks", "100", "--log-level", "WARNING",
@@ -229,7 +222,7 @@ def specs(args: argparse.Namespace) -> dict[str, Spec]:
             "bulk enqueue; done: every task's result key exists",
         ),
         "huey": Spec(
-            "huey", "huey_tasks", PEER_PYTHON,
+            "huey", "huey_tasks", common.PEER_PYTHON,
             peer("huey_consumer", "huey_tasks.huey", "--workers", "4", "--worker-type",
                  "thread", "--quiet"),
             {},
@@ -258,7 +251,7 @@ class LineReader:
             stderr=self._log,
             stdin=subprocess.DEVNULL,
             text=True,
-            cwd=PEERS,
+            cwd=common.PEERS,
             env=env,
             start_new_session=True,
         )
@@ -322,7 +315,7 @@ class Workers:
                     stdout=self._log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    cwd=PEERS,
+                    cwd=common.PEERS,
                     env=env,
                     start_new_session=True,
                 )
@@ -383,7 +376,7 @@ class Runner:
         env = dict(os.environ) | self.spec.env
         env["BENCH_REDIS_URL"] = self._redis_url or ""
         env["RIVERBED_TASKS_URL"] = url
-        env["PYTHONPATH"] = str(PEERS)
+        env["PYTHONPATH"] = str(common.PEERS)
         return env
 
     def _driver(self, phase: str, url: str, config: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -514,28 +507,16 @@ def open_systems(
 # Results
 
 
-@dataclass
-class Results:
-    """One system's runs: the outcome of each, or why it failed."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
+class Results(common.Runs[Outcome]):
     def median(self, figure: str) -> float | None:
         values = [getattr(o, figure) for o in self.outcomes]
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
 
-@dataclass(frozen=True)
-class Target:
-    system: str
-    description: str
-    column: str  # the figure the mark goes on
-    check: Callable[[dict[str, Results]], tuple[str, bool] | None]
-
-
-def processing_ratio(factor: float, peers: Callable[[dict[str, Results]], list[str]]) -> Any:
+def processing_ratio(
+    factor: float, peers: Callable[[dict[str, Results]], list[str]]
+) -> common.Check[Results]:
     def check(results: dict[str, Results]) -> tuple[str, bool] | None:
         ours = None
         if "riverbed-redis" in results:
@@ -550,25 +531,25 @@ def processing_ratio(factor: float, peers: Callable[[dict[str, Results]], list[s
     return check
 
 
-def p50_at_most(system: str, bound: float) -> Target:
+def p50_at_most(system: str, bound: float) -> common.Target[Results]:
     def check(results: dict[str, Results]) -> tuple[str, bool] | None:
         p50 = results[system].median("p50") if system in results else None
         return None if p50 is None else (f"{p50 * 1000:.2f} ms", p50 <= bound)
 
-    return Target(system, f"round trip p50 <= {bound * 1000:g} ms", "p50", check)
+    return common.Target(system, "p50", f"round trip p50 <= {bound * 1000:g} ms", check)
 
 
 TARGETS = (
-    Target(
+    common.Target(
         "riverbed-redis",
-        "processing >= 3x Celery",
         "processing",
+        "processing >= 3x Celery",
         processing_ratio(3.0, lambda results: ["celery"] if "celery" in results else []),
     ),
-    Target(
+    common.Target(
         "riverbed-redis",
-        "processing >= 1.2x the fastest peer",
         "processing",
+        "processing >= 1.2x the fastest peer",
         processing_ratio(1.2, lambda results: [p for p in PEER_SYSTEMS if p in results]),
     ),
     p50_at_most("riverbed-redis", 0.002),
@@ -586,26 +567,12 @@ COLUMNS = (
 )
 
 
-def target_marks(results: dict[str, Results]) -> dict[tuple[str, str], str]:
-    marks: dict[tuple[str, str], str] = {}
-    for target in TARGETS:
-        outcome = target.check(results)
-        if outcome is not None:
-            key = (target.system, target.column)
-            marks[key] = marks.get(key, "") + (" ✓" if outcome[1] else " ✗")
-    return marks
-
-
 def table_rows(results: dict[str, Results]) -> list[list[str]]:
-    marks = target_marks(results)
+    marks = common.target_marks(TARGETS, results)
     rows = []
     for name, result in results.items():
-        runs = f"{len(result.outcomes)} ok" + (
-            f", {len(result.failures)} failed" if result.failures else ""
-        )
         if not result.outcomes:
-            reason = result.failures[0] if result.failures else "not run"
-            rows.append([name, f"failed: {common.short(reason)}", "-", "-", "-", "-", "-", runs])
+            rows.append(result.failed_row(name, len(COLUMNS)))
             continue
 
         def mark(column: str, text: str, name: str = name) -> str:
@@ -621,40 +588,16 @@ def table_rows(results: dict[str, Results]) -> list[list[str]]:
                 f"{result.median('startup') or 0:.2f}",
                 mark("p50", f"{(result.median('p50') or 0) * 1000:.2f}"),
                 f"{(result.median('p99') or 0) * 1000:.2f}",
-                runs,
+                result.tally(),
             ]
         )
     return rows
 
 
-def target_rows(results: dict[str, Results]) -> list[list[str]]:
-    rows = []
-    for target in TARGETS:
-        if target.system not in results:
-            continue
-        outcome = target.check(results)
-        if outcome is None:
-            rows.append([target.system, target.description, "-", "not measured"])
-        else:
-            rows.append(
-                [target.system, target.description, outcome[0], "met" if outcome[1] else "MISSED"]
-            )
-    return rows
-
-
-def print_tables(console: Console, results: dict[str, Results], args: argparse.Namespace) -> None:
-    table = Table(title=f"tasks benchmark: {args.tasks:,} no-op tasks (median of {args.runs} runs)")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "system" else "right")
-    for row in table_rows(results):
-        table.add_row(*row)
-    console.print(table)
-    targets = Table(title="targets")
-    for column in ("system", "target", "measured", "status"):
-        targets.add_column(column)
-    for row in target_rows(results):
-        targets.add_row(*row)
-    console.print(targets)
+def result_tables(results: dict[str, Results], args: argparse.Namespace) -> common.Tables:
+    title = f"tasks benchmark: {args.tasks:,} no-op tasks (median of {args.runs} runs)"
+    targets = common.target_rows(TARGETS, results)
+    return common.Tables(title, COLUMNS, table_rows(results), targets)
 
 
 def versions(peers: dict[str, str]) -> str:
@@ -705,41 +648,20 @@ def settings_notes(args: argparse.Namespace, systems: list[Runner | Unavailable]
 def append_results(
     args: argparse.Namespace,
     results: dict[str, Results],
+    report: common.Report,
+    tables: common.Tables,
     systems: list[Runner | Unavailable],
     peers: dict[str, str],
-    report: dict[str, Any],
 ) -> None:
-    command = ".venv/bin/python bench/tasks.py " + shlex.join(sys.argv[1:])
-    lines = [
-        "",
-        f"## Tasks: {report['date']}",
-        "",
-        f"- Machine: {common.machine()}; load average {report['load_start']} at start, "
-        f"{report['load_end']} at end",
-        f"- Command: `{command.strip()}` ({report['elapsed'] / 60:.1f} min)",
-        f"- Versions: {versions(peers)}",
-        f"- Targets: {TARGETS_NOTE}.",
-        "",
-        *common.markdown_table(COLUMNS, table_rows(results)),
-        "",
-        *common.markdown_table(("system", "target", "measured", "status"), target_rows(results)),
-        "",
-        "Settings:",
-        "",
-        *[f"- {note}" for note in settings_notes(args, systems)],
-        "",
-        "All runs (enqueue / bulk / processing tasks/s; round trip p50 / p99 ms):",
-        "",
-    ]
+    lines = report.section(versions(peers), tables, settings_notes(args, systems))
     for name, result in results.items():
         runs = [
             f"{o.enqueue:,.0f} / {'-' if o.bulk is None else f'{o.bulk:,.0f}'} / "
             f"{o.processing:,.0f}; {o.p50 * 1000:.2f} / {o.p99 * 1000:.2f}"
             for o in result.outcomes
         ]
-        runs += [f"failed: {common.short(reason, 300)}" for reason in result.failures]
-        lines.append(f"- {name}: " + " — ".join(runs))
-    common.write_results(RESULTS, lines)
+        lines.append(result.runs_line(name, runs, " — "))
+    common.write_results(lines)
 
 
 # Main
@@ -748,12 +670,8 @@ def append_results(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=TASKS, help="no-op tasks per run")
-    parser.add_argument("--runs", type=int, default=3, help="runs; figures are their median")
-    parser.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        help=f"comma-separated, from {','.join(SYSTEMS)} or {','.join(ALIASES)} (default: all)",
-    )
+    common.add_runs_argument(parser)
+    common.add_systems_argument(parser, SYSTEMS, ALIASES)
     parser.add_argument(
         "--round-trips", type=int, default=ROUND_TRIPS, help="timed round trips per run"
     )
@@ -773,24 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="riverbed worker --concurrency for both backends (default: 8 on Redis, 4 on SQLite)",
     )
-    parser.add_argument(
-        "--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md"
-    )
+    common.add_no_results_argument(parser)
     args = parser.parse_args(argv)
     args.systems = common.chosen_systems(parser, args.systems, SYSTEMS, ALIASES)
     return args
-
-
-def run_system(
-    system: Runner | Unavailable, tasks: int, round_trips: int, tag: str
-) -> Outcome | str:
-    """The outcome, or the reason the run failed (any exception: the other systems go on)."""
-    try:
-        return system.run(tasks, round_trips, tag)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
 
 
 def describe(outcome: Outcome) -> str:
@@ -806,9 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.stop_on_signals()
     console = Console()
-    started = time.monotonic()
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    load = common.loadavg()
+    report = common.Report(
+        "Tasks",
+        "bench/tasks.py",
+        TARGETS_NOTE,
+        "enqueue / bulk / processing tasks/s; round trip p50 / p99 ms",
+    )
     peers = common.peer_versions(PEER_PACKAGES)
     console.log(f"peers venv: {peers or 'missing'}")
     results = {name: Results() for name in args.systems}
@@ -823,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup_tasks:
             for system in systems:
                 with console.status(f"warming up {system.spec.name}"):
-                    outcome = run_system(system, args.warmup_tasks, 20, f"{system.spec.name}-w")
+                    outcome = common.outcome_or_failure(
+                        system.run, args.warmup_tasks, 20, f"{system.spec.name}-w"
+                    )
                 if isinstance(outcome, str):
                     console.log(
                         f"warm-up {system.spec.name}: [red]failed[/] {common.short(outcome, 300)}"
@@ -832,27 +741,22 @@ def main(argv: list[str] | None = None) -> int:
             for system in systems:
                 name = system.spec.name
                 with console.status(f"run {run}/{args.runs}: {name}"):
-                    outcome = run_system(system, args.tasks, args.round_trips, f"{name}-{run}")
+                    outcome = common.outcome_or_failure(
+                        system.run, args.tasks, args.round_trips, f"{name}-{run}"
+                    )
                 if isinstance(outcome, str):
                     results[name].failures.append(outcome)
                     console.log(f"run {run} {name}: [red]failed[/] {common.short(outcome, 300)}")
                 else:
                     results[name].outcomes.append(outcome)
                     console.log(f"run {run} {name}: {describe(outcome)}")
-    elapsed = time.monotonic() - started
-    print_tables(console, results, args)
-    console.print(
-        f"took {elapsed / 60:.1f} min; load average at start {load}, at end {common.loadavg()}"
-    )
+    report.stop()
+    tables = result_tables(results, args)
+    tables.print(console)
+    console.print(report.summary())
     if not args.no_results:
-        report = {
-            "date": date,
-            "elapsed": elapsed,
-            "load_start": load,
-            "load_end": common.loadavg(),
-        }
-        append_results(args, results, systems, peers, report)
-        console.print(f"appended to {RESULTS.relative_to(ROOT)}")
+        append_results(args, results, report, tables, systems, peers)
+        console.print(f"appended to {common.RESULTS.relative_to(common.ROOT)}")
     return 0
 
 
