@@ -8,7 +8,8 @@ per call (its jsonb argument parsed and unpacked, each statement run through SPI
 cursor around the call would cost the client as much time again, so each statement is an
 ``exec``-style prepared statement with its parameters as bytes. Every connection prepares the
 statements it needs the first time it needs them; a connection that breaks is replaced by the
-pool, and the new one prepares them again.
+pool, and the new one prepares them again. An append in a subscriber's open transaction checks
+the versions first, in round trips of their own (``_append_in_transaction`` says why).
 
 libpq's ``PQgetResult`` would wait for the server holding the GIL (psycopg releases it only
 around the ``PQexec`` calls), so the wait is a ``poll`` on the socket instead.
@@ -25,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
@@ -33,12 +34,9 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
 CONFLICT = schema.CONFLICT.encode()
-# In a transaction that goes on after the append (a subscriber's), a conflict must not leave it
-# aborted: the append runs in a savepoint, rolled back on error.
-SAVEPOINT = b"SAVEPOINT riverbed_append"
-RELEASE = b"RELEASE SAVEPOINT riverbed_append"
-ROLLBACK = b"ROLLBACK TO SAVEPOINT riverbed_append"
 
+# An append statement's event count and parameters.
+Chunk = tuple[int, list[bytes | None]]
 # What each connection has prepared: LOCK and the append statements by event count.
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[int]] = (
     weakref.WeakKeyDictionary()
@@ -60,24 +58,43 @@ def append(
     """The position of the last event appended; ``ConcurrencyError`` when a stream is not at
     its expected version (nothing is appended then). On a connection in a transaction (a
     subscriber's), the append joins it, and the transaction stays usable if the append fails."""
-    channel_param = channel.encode()
-    chunks = [
-        (len(events), _params(stream, expected, channel_param, events))
-        for stream, expected, events in q.append_chunks(appends)
-    ]
+    if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
+        return _append_in_transaction(conn, appends, channel)
+    return _run(conn, _chunks(appends, channel), lock=True)
+
+
+def _append_in_transaction(
+    conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], channel: str
+) -> int:
+    """The append in the connection's open transaction. The versions are checked before
+    anything is inserted, so that a conflict raises with the transaction still usable (a saga
+    retries its command in it). The conflict error of the pipelined check would abort the
+    transaction; a savepoint around each append would avoid that but give each one a
+    subtransaction, and past 64 in one transaction every snapshot on the server slows down."""
+    conn.execute(q.LOCK_APPENDS)
+    for stream_append in appends:
+        stream, expected = stream_append.stream, stream_append.expected_version
+        if expected is not None:
+            row = conn.execute(q.STREAM_VERSION_OF, (stream,)).fetchone()
+            actual = 0 if row is None else int(row[0])
+            if actual != expected:
+                raise ConcurrencyError(stream, expected, actual)
+    unchecked = [StreamAppend(a.stream, None, a.events) for a in appends]
+    return _run(conn, _chunks(unchecked, channel), lock=False)
+
+
+def _run(conn: psycopg.Connection[Any], chunks: list[Chunk], lock: bool) -> int:
+    """Send the lock (if ``lock``) and the append statements in one pipeline; the last
+    position the last statement returns."""
     pgconn = conn.pgconn
     with conn.lock:
-        in_transaction = pgconn.transaction_status == pq.TransactionStatus.INTRANS
         _prepare(conn, {events for events, _ in chunks})
         pgconn.enter_pipeline_mode()
         try:
-            if in_transaction:
-                pgconn.send_query_params(SAVEPOINT, None)
-            pgconn.send_query_prepared(LOCK, None)
+            if lock:
+                pgconn.send_query_prepared(LOCK, None)
             for events, params in chunks:
                 pgconn.send_query_prepared(_names[events], params, param_formats=_formats[events])
-            if in_transaction:
-                pgconn.send_query_params(RELEASE, None)
             pgconn.pipeline_sync()
             results = _results(pgconn)
         finally:
@@ -85,14 +102,20 @@ def append(
             # not idle, and the store gives it back to the pool, which discards it.
             with contextlib.suppress(psycopg.OperationalError):
                 pgconn.exit_pipeline_mode()
-        failed = next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
-        if failed is not None and in_transaction:
-            _check(pgconn.exec_(ROLLBACK))
-    if failed is not None:
-        _check(failed)
-    last_position = results[-2 if in_transaction else -1].get_value(0, 0)
+    for result in results:
+        _check(result)
+    last_position = results[-1].get_value(0, 0)
     assert last_position is not None
     return int(last_position)
+
+
+def _chunks(appends: Sequence[StreamAppend], channel: str) -> list[Chunk]:
+    """Each append statement's event count and parameters."""
+    channel_param = channel.encode()
+    return [
+        (len(events), _params(stream, expected, channel_param, events))
+        for stream, expected, events in q.append_chunks(appends)
+    ]
 
 
 def _params(
