@@ -697,24 +697,24 @@ def test_a_conflict_in_a_transaction_leaves_it_usable(store: EventStore) -> None
     assert store.checkpoint("saga") == 1
 
 
-def test_appends_in_a_postgresql_transaction_open_no_subtransactions(
-    store: EventStore, store_url: str
-) -> None:
+def test_appends_in_a_postgresql_transaction_open_no_subtransactions(postgres_url: str) -> None:
     # Past 64 subtransactions in one transaction, every snapshot on the server slows down; a
     # saga appending once per event of a page would get there with a savepoint per append.
-    if store_url.startswith("sqlite"):
-        pytest.skip("PostgreSQL's subtransactions")
-    with store.transaction("saga") as tx:
-        for version in range(1, 4):
-            tx.append([StreamAppend("payment", version - 1, [new_event("payment", version)])])
-        with pytest.raises(ConcurrencyError):
-            tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])])
-        # Rows a subtransaction inserts carry its transaction id, not the transaction's.
-        inserted_by = tx.execute(
-            "SELECT count(DISTINCT xmin::text) FROM riverbed_events WHERE stream = 'payment'"
-        )
-        assert inserted_by == [(1,)]
-    assert [e.version for e in store.read_stream("payment")] == [1, 2, 3]
+    store = connect_store(f"{postgres_url}?schema=subxacts_{uuid.uuid4().hex[:8]}")
+    try:
+        with store.transaction("saga") as tx:
+            for version in range(1, 4):
+                tx.append([StreamAppend("payment", version - 1, [new_event("payment", version)])])
+            with pytest.raises(ConcurrencyError):
+                tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])])
+            # Rows a subtransaction inserts carry its transaction id, not the transaction's.
+            inserted_by = tx.execute(
+                "SELECT count(DISTINCT xmin::text) FROM riverbed_events WHERE stream = 'payment'"
+            )
+            assert inserted_by == [(1,)]
+        assert [e.version for e in store.read_stream("payment")] == [1, 2, 3]
+    finally:
+        store.close()
 
 
 def test_a_transaction_reads_the_events_it_appended_before_it_commits(
