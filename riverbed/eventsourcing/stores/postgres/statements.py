@@ -3,6 +3,7 @@ connection. Names are unqualified: every connection's search_path is the store's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import msgspec
@@ -29,11 +30,11 @@ _EVENT_PARAMETERS = (
     ("schema", "integer"), ("data", "bytea"), ("metadata", "bytea"), ("timestamp_ms", "bigint"),
 )  # fmt: skip
 EVENT_PARAMETERS = len(_EVENT_PARAMETERS)
-# $1 the stream, $2 its expected version (null: any), $3 the NOTIFY channel; the events' follow.
-# A statement with no events has only $1 and $2.
+# $1 the stream, $2 its expected version (null: any), $3 the NOTIFY channel, then each event's
+# parameters; a statement with no events has only $1 and $2.
 FIRST_EVENT_PARAMETER = 4
-# Raises CONFLICT unless the stream $1 is at version $2; a conflict is an error so that the whole
-# append rolls back, whichever of its statements finds it.
+# Raises schema.CONFLICT unless the stream $1 is at version $2; a conflict is an error so that
+# the whole append rolls back, whichever of its statements finds it.
 _CHECK = (
     "WITH actual AS (SELECT coalesce(max(version), 0) AS version FROM riverbed_events "
     "WHERE stream = $1::text), checked AS (SELECT CASE WHEN $2::bigint IS NULL OR "
@@ -42,6 +43,7 @@ _CHECK = (
 )
 
 
+@functools.cache  # one text per event count: the async store sends it on every append
 def append_statement(events: int) -> str:
     """Checks a stream's version and inserts ``events`` events numbered after the highest
     position, notifying the store's channel; returns the last position. With no events it only
