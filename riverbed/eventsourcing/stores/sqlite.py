@@ -445,7 +445,8 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
             chunk = values[start : start + step]
             conn.execute(_insert(len(chunk) // len(_ROW_COLUMNS)), chunk)
     except sqlite3.IntegrityError as error:
-        # Two events for one version in this append (the caller's bug), or an id used twice.
+        # Two events for one version in this append, or, appending with no expected version, a
+        # version already stored: the caller's bug.
         raise EventSourcingError(f"cannot append: {error}") from error
     return position
 

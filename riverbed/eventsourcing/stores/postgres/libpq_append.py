@@ -183,7 +183,8 @@ def _check(result: pq.abc.PGresult) -> None:
         raise q.conflict(None if detail is None else detail.decode())
     message = result.get_error_message() or "the server sent no error message"
     if sqlstate == UNIQUE_VIOLATION:
-        # Two events for one version in this append (the caller's bug), or an id used twice.
+        # Two events for one version in this append, or, appending with no expected version, a
+        # version already stored: the caller's bug.
         raise EventSourcingError(f"cannot append: {message.strip()}")
     if sqlstate is None:
         raise psycopg.OperationalError(message)
