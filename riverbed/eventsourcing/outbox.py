@@ -50,6 +50,11 @@ _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 logger = logging.getLogger("riverbed.outbox")
 
 
+def check_lease_ttl(lease_ttl: float) -> None:
+    if not lease_ttl > 0:
+        raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
+
+
 def relay_name(topic: str) -> str:
     return f"relay:{topic}"
 
@@ -71,8 +76,7 @@ class Relay:
         *,
         lease_ttl: float = LEASE_TTL_S,
     ) -> None:
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
+        check_lease_ttl(lease_ttl)
         self.events = events
         self.log = log
         self.topic = topic

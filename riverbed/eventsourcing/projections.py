@@ -188,10 +188,13 @@ class Projections:
     def parked(self, name: str) -> list[ParkedEvent]:
         """The events the active version of projection ``name`` could not apply, in position
         order, with the errors."""
+        parked = self._parked(name, self.active_version(name))  # fails for an unknown name
+        return sorted(parked, key=lambda p: p.position)
+
+    def _parked(self, name: str, version: int) -> list[ParkedEvent]:
         store = self.events.store
-        label = parked_label(name, self.active_version(name))  # fails for an unknown name
         # Before parked events were filed per version, they were filed under the bare name.
-        return sorted(store.parked(label) + store.parked(name), key=lambda p: p.position)
+        return store.parked(parked_label(name, version)) + store.parked(name)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every
@@ -252,9 +255,8 @@ class Projections:
                 for collection in projection.collections:
                     tx.drop(prefix(name, old) + collection)
             # The old version's parked events are out of sight now; they go too.
-            store = self.events.store
-            for parked in store.parked(parked_label(name, old)) + store.parked(name):
-                store.unpark(parked.projection, parked.position)
+            for parked in self._parked(name, old):
+                self.events.store.unpark(parked.projection, parked.position)
             return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
 

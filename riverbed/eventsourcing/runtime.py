@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import NamedTuple, TypeVar
 
-from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay
+from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner
@@ -43,8 +43,7 @@ class EventSourcing(Events):
         """Publish every stored event to log topic ``topic`` (keyed by stream id): every process
         running the app runs the relay, and one of them at a time publishes (see ``Relay``; a
         standby takes over ``lease_ttl`` seconds after the leader dies)."""
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
+        check_lease_ttl(lease_ttl)  # here, not when the workers start
         self.relays[topic] = RelaySettings(partitions, lease_ttl)
 
     def has_work(self) -> bool:

@@ -19,7 +19,7 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, Inbox, Relay, stored_event
-from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
+from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, relay_name
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, wait_until
 
@@ -65,6 +65,11 @@ def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
 
 def published_ids(log: riverbed.Log) -> list[bytes]:
     return [record.headers[EVENT_ID] for record in read_topic(log, TOPIC)]
+
+
+def assert_each_published_once(log: riverbed.Log, events: int) -> None:
+    ids = published_ids(log)
+    assert len(ids) == len(set(ids)) == events
 
 
 def test_the_relay_publishes_keyed_in_order_with_headers(
@@ -135,6 +140,23 @@ def relays(events: EventSourcing, log: riverbed.Log) -> Iterator[list[Relay]]:
         relay.close()
 
 
+def leader_and_standby(
+    events: EventSourcing,
+    log: riverbed.Log,
+    relays: list[Relay],
+    leader_lease_ttl: float = LEASE_TTL_S,
+) -> tuple[Relay, Relay]:
+    """20 events stored, and two relays: the first leads and published the first 8 of them, the
+    second stands by."""
+    fill(events, orders=5, lines=3)
+    leader = Relay(events, log, TOPIC, lease_ttl=leader_lease_ttl)
+    standby = Relay(events, log, TOPIC)
+    relays += [leader, standby]
+    assert leader.run_once(limit=8) == 8
+    assert standby.run_once(limit=8) == 0
+    return leader, standby
+
+
 def test_of_two_relays_of_a_topic_one_publishes_and_each_event_once(
     events: EventSourcing, log: riverbed.Log, relays: list[Relay]
 ) -> None:
@@ -144,40 +166,28 @@ def test_of_two_relays_of_a_topic_one_publishes_and_each_event_once(
     rounds = [(first.run_once(limit=8), second.run_once(limit=8)) for _ in range(4)]
     assert rounds == [(8, 0), (8, 0), (4, 0), (0, 0)]
     assert first.leading and not second.leading
-    ids = published_ids(log)
-    assert len(ids) == len(set(ids)) == 20
+    assert_each_published_once(log, 20)
 
 
 def test_a_standby_takes_over_from_the_checkpoint_when_the_leader_closes(
     events: EventSourcing, log: riverbed.Log, relays: list[Relay]
 ) -> None:
-    fill(events, orders=5, lines=3)
-    leader, standby = Relay(events, log, TOPIC), Relay(events, log, TOPIC)
-    relays += [leader, standby]
-    assert leader.run_once(limit=8) == 8
-    assert standby.run_once(limit=8) == 0
+    leader, standby = leader_and_standby(events, log, relays)
     leader.close()
     assert standby.run_once(limit=100) == 12
     assert events.store.checkpoint(relay_name(TOPIC)) == 20
-    ids = published_ids(log)
-    assert len(ids) == len(set(ids)) == 20
+    assert_each_published_once(log, 20)
 
 
 def test_a_standby_takes_over_when_the_leaders_lease_expires(
     events: EventSourcing, log: riverbed.Log, relays: list[Relay]
 ) -> None:
-    fill(events, orders=5, lines=3)
-    leader = Relay(events, log, TOPIC, lease_ttl=0.1)
-    standby = Relay(events, log, TOPIC)
-    relays += [leader, standby]
-    assert leader.run_once(limit=8) == 8
-    assert standby.run_once(limit=8) == 0
+    leader, standby = leader_and_standby(events, log, relays, leader_lease_ttl=0.1)
     time.sleep(0.2)  # the leader renews no more, as if it had died
     assert standby.run_once(limit=100) == 12
     assert leader.run_once() == 0
     assert standby.leading and not leader.leading
-    ids = published_ids(log)
-    assert len(ids) == len(set(ids)) == 20
+    assert_each_published_once(log, 20)
 
 
 def test_a_leader_that_stalled_past_its_lease_cannot_move_the_checkpoint(
@@ -234,8 +244,7 @@ def test_running_relays_keep_one_leader_while_idle_and_hand_over_on_stop(
         leading.join(10)
         if standing_by.is_alive():
             standing_by.join(10)
-    ids = published_ids(log)
-    assert len(ids) == len(set(ids)) == 25
+    assert_each_published_once(log, 25)
 
 
 def test_an_apps_relay_runs_with_its_lease_ttl_and_refuses_a_bad_one(

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -167,22 +167,15 @@ class SqliteEventStore:
     # Appending
 
     def append(self, appends: Sequence[StreamAppend]) -> int:
-        conn = self._conn
-        if conn.in_transaction:  # a subscriber's handler saving: the write joins its transaction
-            return _append(conn, appends)
-        with write_transaction(conn):
+        with self._writing() as conn:
             return _append(conn, appends)
 
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction; inside this thread's open one (a subscriber's handler saving an
-        aggregate), the write joins it, as on PostgreSQL."""
+        aggregate), the write joins it, as on PostgreSQL. Not a generator: every save opens
+        one."""
         conn = self._conn
-        if conn.in_transaction:
-            yield conn
-        else:
-            with write_transaction(conn):
-                yield conn
+        return nullcontext(conn) if conn.in_transaction else write_transaction(conn)
 
     # Reading
 

@@ -4,7 +4,7 @@ round trip; a write opens its own transaction), and one LISTEN connection for th
 While a thread holds a subscriber's transaction, the store's calls on that thread run in it, as
 they do on SQLite (whose connections are per thread): a handler that appended through the
 transaction sees its append when it reads through the store, and an append through the store
-joins the transaction instead of waiting forever for the head row that transaction holds."""
+joins the transaction instead of waiting forever for the append lock that transaction holds."""
 
 from __future__ import annotations
 
