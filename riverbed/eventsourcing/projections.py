@@ -14,6 +14,7 @@ see ``Projections.rebuild``.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -23,7 +24,7 @@ import msgspec
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
-from riverbed.eventsourcing.stores.api import Document, Transaction
+from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
 from riverbed.eventsourcing.subscriptions import Subscription
 
 if TYPE_CHECKING:
@@ -227,11 +228,43 @@ class Projections:
         deadline = time.monotonic() + timeout
         while store.checkpoint(checkpoint) < position:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"projection {name!r} has not reached position {position} within {timeout} s;"
-                    " is a worker running it?"
-                )
+                raise _not_reached(name, position, timeout)
             time.sleep(POLL_S)
+
+    # The queries for async code: the same answers, waiting without blocking the event loop.
+
+    async def get_async(
+        self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
+    ) -> Document | None:
+        """``get`` for async code."""
+        store = await self.events.async_store()
+        if wait_for:
+            await self.wait_for_async(name, wait_for, timeout)
+        version = await self._active_version_async(store, name)
+        return await store.get_document(prefix(name, version) + collection, key)
+
+    async def all_async(self, name: str, collection: str, *, wait_for: int = 0,
+                        timeout: float = 10.0) -> dict[str, Document]:  # fmt: skip
+        """``all`` for async code."""
+        store = await self.events.async_store()
+        if wait_for:
+            await self.wait_for_async(name, wait_for, timeout)
+        version = await self._active_version_async(store, name)
+        return await store.documents(prefix(name, version) + collection)
+
+    async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
+        """``wait_for`` for async code."""
+        store = await self.events.async_store()
+        checkpoint = subscriber(name, await self._active_version_async(store, name))
+        deadline = time.monotonic() + timeout
+        while await store.checkpoint(checkpoint) < position:
+            if time.monotonic() > deadline:
+                raise _not_reached(name, position, timeout)
+            await asyncio.sleep(POLL_S)
+
+    async def _active_version_async(self, store: AsyncEventStore, name: str) -> int:
+        document = await store.get_document(ACTIVE_VERSIONS, name)
+        return recorded_version(document, self.named(name))
 
     def rebuild(self, name: str, stop: threading.Event | None = None) -> int:
         """Fill the projection's next version from position 0 beside the live one; once it has
@@ -270,3 +303,10 @@ class Projections:
             thread.start()
             threads.append(thread)
         return threads
+
+
+def _not_reached(name: str, position: int, timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"projection {name!r} has not reached position {position} within {timeout} s;"
+        " is a worker running it?"
+    )

@@ -3,6 +3,7 @@ writes, parked events, rebuilds, and the order-payment-shipping saga with its co
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, ReadModel
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
@@ -57,6 +58,41 @@ def test_a_projection_catches_up_then_follows_live(events: EventSourcing) -> Non
             "total": "5",
         }
         assert set(events.projections.all("order-totals", "customers")) == {"ada", "bob", "cy"}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_queries_from_async_code_wait_without_blocking_the_event_loop(
+    events: EventSourcing,
+) -> None:
+    events.projection(OrderTotals())
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    async def main() -> None:
+        order = Order.create("ada", "ada@x", Money(Decimal("7"), "EUR"), NOW)
+        position = await events.save_async(order)
+        waiting = asyncio.create_task(
+            events.projections.get_async("order-totals", "customers", "ada", wait_for=position)
+        )
+        await asyncio.sleep(0.1)  # the loop runs on while the query waits for the projection
+        assert not waiting.done()
+        threads.extend(events.run(stop))
+        assert await waiting == {"orders": 1, "total": "7"}
+        assert await events.projections.all_async("order-totals", "customers") == {
+            "ada": {"orders": 1, "total": "7"}
+        }
+        await events.projections.wait_for_async("order-totals", position)
+        with pytest.raises(TimeoutError, match=f"has not reached position {position + 1}"):
+            await events.projections.wait_for_async("order-totals", position + 1, timeout=0.05)
+        with pytest.raises(EventSourcingError, match="no projection named 'nope'"):
+            await events.projections.get_async("nope", "customers", "ada")
+        await events.close_async()
+
+    try:
+        asyncio.run(main())
     finally:
         stop.set()
         for thread in threads:

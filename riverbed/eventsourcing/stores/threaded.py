@@ -40,6 +40,9 @@ class ThreadedAsyncStore:
     async def get_document(self, collection: str, key: str) -> Document | None:
         return await asyncio.to_thread(self.store.get_document, collection, key)
 
+    async def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        return await asyncio.to_thread(self.store.documents, collection, limit)
+
     async def checkpoint(self, name: str) -> int:
         return await asyncio.to_thread(self.store.checkpoint, name)
 

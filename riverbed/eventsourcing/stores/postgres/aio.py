@@ -172,6 +172,11 @@ class AsyncPostgresEventStore:
         document: Document | None = await self._value(q.GET_DOCUMENT, (collection, key))
         return document
 
+    async def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        async with self._connection() as conn:
+            cur = await conn.execute(q.DOCUMENTS, (collection, limit))
+            return dict(await cur.fetchall())
+
     async def checkpoint(self, name: str) -> int:
         return int(await self._value(q.CHECKPOINT, (name,), 0))
 
