@@ -197,12 +197,18 @@ class Events:
         save_snapshot: Callable[[Snapshot], None],
         stream_key: Callable[[str, bool], bytes | None],
     ) -> None:
+        # The events are committed: the aggregates are saved whatever becomes of their snapshots.
+        due = []
         for aggregate in aggregates:
             pending = aggregate.pending
             every = type(aggregate).snapshot_every
             if pending and every and aggregate.version // every > (pending[0].version - 1) // every:
-                save_snapshot(_snapshot(aggregate, stream_key(aggregate.id, False)))
+                due.append(aggregate)
             pending.clear()
+        for aggregate in due:
+            snapshot = _snapshot(aggregate, stream_key(aggregate.id, False))
+            if snapshot is not None:
+                save_snapshot(snapshot)
 
     # Loading
 
@@ -355,7 +361,10 @@ def _key_of(
 # Snapshots: the aggregate's public attributes, typed by its class annotations, so custom types
 # (Structs, dataclasses, datetimes, Decimals) come back as themselves. The snapshot's schema is a
 # fingerprint of those annotations: after the class changes shape, old snapshots are ignored and
-# the aggregate is replayed from its events instead of loading wrong.
+# the aggregate is replayed from its events instead of loading wrong. A state that would not load
+# back equal (an attribute of a custom type with no annotation comes back as a dict) or does not
+# encode at all gets no snapshot: loading then replays the events, and a warning names the
+# attributes.
 
 
 def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
@@ -377,12 +386,25 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
     return hints, schema
 
 
-def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot:
+def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
     """``key``: the stream's data key, if it has one; the snapshot is then sealed with it, since
-    the state may hold personal fields, and a deleted key must erase them here too."""
-    _, schema = _state_hints(type(aggregate))
+    the state may hold personal fields, and a deleted key must erase them here too. None when
+    the state would not load back as it is."""
+    cls = type(aggregate)
+    hints, schema = _state_hints(cls)
     public = {k: v for k, v in vars(aggregate).items() if not k.startswith("_")}
-    data = ENCODER.encode(public)
+    try:
+        data = ENCODER.encode(public)
+        restored = _typed(_snapshot_decoder.decode(data), hints)
+        differing = [name for name, value in public.items() if restored.get(name) != value]
+    except (NotImplementedError, TypeError, ValueError, msgspec.MsgspecError) as error:
+        _no_snapshots(cls, f"its state does not encode ({error})")
+        return None
+    if differing:
+        changes = ", ".join(_change(name, public[name], restored.get(name)) for name in differing)
+        example = f"{differing[0]}: {type(public[differing[0]]).__name__}"
+        _no_snapshots(cls, f"{changes}; annotate them on the class (`{example}`)")
+        return None
     return Snapshot(
         stream=aggregate.id,
         version=aggregate.version,
@@ -402,10 +424,7 @@ def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | N
     if snapshot.schema != schema or snapshot.type != cls.__qualname__ or data is None:
         return None
     try:
-        values = _snapshot_decoder.decode(data)
-        for name, hint in hints.items():
-            if name in values:
-                values[name] = msgspec.convert(values[name], hint, dec_hook=dec_hook)
+        values = _typed(_snapshot_decoder.decode(data), hints)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         log.warning("ignoring the snapshot of %s %s: %s", cls.__name__, snapshot.stream, error)
         return None
@@ -415,3 +434,27 @@ def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | N
         setattr(aggregate, name, value)
     aggregate.version = snapshot.version
     return aggregate
+
+
+def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
+    """A decoded state's annotated attributes converted to their types."""
+    for name, hint in hints.items():
+        if name in values:
+            values[name] = msgspec.convert(values[name], hint, dec_hook=dec_hook)
+    return values
+
+
+def _change(name: str, value: object, restored: object) -> str:
+    if type(restored) is not type(value):
+        return f"{name} ({type(value).__name__} loads back as {type(restored).__name__})"
+    return f"{name} ({type(value).__name__} whose items load back changed)"
+
+
+_warned_unsnapshotted: set[type[Aggregate]] = set()
+
+
+def _no_snapshots(cls: type[Aggregate], reason: str) -> None:
+    """Warn, once per class, that its aggregates are saved without snapshots."""
+    if cls not in _warned_unsnapshotted:
+        _warned_unsnapshotted.add(cls)
+        log.warning("no snapshots of %s, loads replay its events: %s", cls.__qualname__, reason)
