@@ -172,6 +172,7 @@ class EventMethod(Generic[P, R]):
             version=self.version,
             upcasters=self.upcasters,
             apply=apply_by_keyword if keyword_only else apply,
+            aggregate=owner,
         )
         if not hasattr(owner, self.name):  # Order.Paid: the payload class, for tests
             setattr(owner, self.name, payload)

@@ -64,6 +64,17 @@ class EventType:
     upcasters: dict[int, Upcaster] = field(default_factory=dict)
     personal: frozenset[str] = frozenset()
     apply: Callable[[Any, Any], None] | None = None  # (aggregate, event) -> None
+    # The aggregate class whose @event method records it; None for a DomainEvent class, which
+    # any aggregate may trigger.
+    aggregate: type[Any] | None = None
+
+    def recorded_by(self, cls: type[Any]) -> bool:
+        """Whether aggregates of ``cls`` record this event (an aggregate of another class
+        must not replay it)."""
+        owner = self.aggregate
+        if owner is None or issubclass(cls, owner):
+            return True
+        return any(_same_class(base, owner) for base in cls.__mro__)
 
     @functools.cached_property
     def decoder(self) -> msgspec.msgpack.Decoder[Any]:
@@ -94,6 +105,7 @@ class EventRegistry:
         version: int = 1,
         upcasters: dict[int, Upcaster] | None = None,
         apply: Callable[[Any, Any], None] | None = None,
+        aggregate: type[Any] | None = None,
     ) -> EventType:
         existing = self._by_name.get(name)
         # The same class again (a module reloaded, a class made in a function called twice)
@@ -106,7 +118,9 @@ class EventRegistry:
             )
         if version < 1:
             raise EventSourcingError(f"event {name}: version must be >= 1, got {version}")
-        entry = EventType(name, cls, version, dict(upcasters or {}), _personal_fields(cls), apply)
+        entry = EventType(
+            name, cls, version, dict(upcasters or {}), _personal_fields(cls), apply, aggregate
+        )
         self._by_name[name] = entry
         self._by_class[cls] = entry
         return entry

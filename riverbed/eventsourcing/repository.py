@@ -31,7 +31,11 @@ from riverbed.eventsourcing.codec import (
     seal,
     unseal,
 )
-from riverbed.eventsourcing.errors import AggregateNotFoundError, ConcurrencyError
+from riverbed.eventsourcing.errors import (
+    AggregateNotFoundError,
+    ConcurrencyError,
+    EventSourcingError,
+)
 from riverbed.eventsourcing.records import (
     NewEvent,
     Snapshot,
@@ -51,6 +55,8 @@ log = logging.getLogger("riverbed.events")
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+# Metadata keys a save sets from the cause in force (``causing``).
+CAUSE_KEYS = frozenset({"correlation_id", "causation_id"})
 
 
 class Cause(msgspec.Struct, frozen=True):
@@ -164,10 +170,20 @@ class Events:
         ids = iter(random_ids(sum(len(a.pending) for a in aggregates) + 1))
         cause = _cause.get() or Cause(next(ids), "")
         meta = dict(metadata or {})
+        reserved = sorted(CAUSE_KEYS & meta.keys())
+        if reserved:
+            raise EventSourcingError(
+                f"metadata {reserved[0]!r} is set by riverbed; give the command's id with "
+                "handle(..., command_id=), or the ids with "
+                "`with riverbed.eventsourcing.causing(cause_id, correlation_id=...)`"
+            )
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
             meta["causation_id"] = cause.causation_id
-        encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
+        try:
+            encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
+        except (NotImplementedError, TypeError, ValueError) as error:
+            raise EventSourcingError(f"the save's metadata does not encode: {error}") from None
         appends = []
         for aggregate in aggregates:
             pending = aggregate.pending
@@ -226,6 +242,7 @@ class Events:
     ) -> A:
         """``get``, reading the stream with ``read_stream`` (a transaction's, to see its own
         appends)."""
+        _check_version(version)
         store = self.store
         snapshot = store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
         aggregate = None
@@ -236,6 +253,7 @@ class Events:
         return self._replayed(cls, aggregate_id, aggregate, events, store.stream_key)
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
+        _check_version(version)
         store = await self.async_store()
         snapshot = await store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
         key = await store.stream_key(aggregate_id, False)
@@ -265,6 +283,11 @@ class Events:
             aggregate._begin(aggregate_id)
         for stored in events:
             entry = registry.named(stored.type, stored.position)
+            if not entry.recorded_by(cls):
+                raise AggregateNotFoundError(
+                    f"no {cls.__name__} with id {aggregate_id!r}: its stream holds events of "
+                    f"another aggregate class ({stored.type} at position {stored.position})"
+                )
             event = decode(stored.data, stored.schema, entry, _key_of(stored.stream, stream_key),
                            f"at position {stored.position}")  # fmt: skip
             aggregate._replay(event, entry, stored.version)
@@ -350,6 +373,11 @@ def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None
         stored.timestamp_ms,
         _metadata_decoder.decode(stored.metadata),
     )
+
+
+def _check_version(version: int | None) -> None:
+    if version is not None and version < 1:
+        raise ValueError(f"version={version}: an aggregate's first version is 1")
 
 
 def _key_of(

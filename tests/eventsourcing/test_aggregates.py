@@ -144,6 +144,42 @@ def test_snapshots_are_used_and_survive_custom_types(events: EventSourcing) -> N
     assert events.get(Order, order.id, version=2).lines == ["a"]
 
 
+class RushOrder(Order):
+    """A subclass loads its base class's streams."""
+
+
+def test_an_aggregate_loads_only_from_a_stream_of_its_class(events: EventSourcing) -> None:
+    order = place()
+    events.save(order)
+    assert events.get(RushOrder, order.id).customer == "ada"
+    for other in (Payment, riverbed.Aggregate):
+        with pytest.raises(
+            riverbed.AggregateNotFoundError,
+            match=rf"no {other.__name__} with id '{order.id}': its stream holds events of another "
+            r"aggregate class \(Order.Placed at position 1\)",
+        ):
+            events.get(other, order.id)
+
+
+def test_a_version_below_1_and_reserved_or_unencodable_metadata_are_refused(
+    events: EventSourcing,
+) -> None:
+    order = place()
+    for version in (0, -1):
+        with pytest.raises(ValueError, match=f"version={version}: an aggregate's first version"):
+            events.get(Order, order.id, version=version)
+    with pytest.raises(ValueError, match="version=0"):
+        asyncio.run(events.get_async(Order, order.id, version=0))
+    for key in ("correlation_id", "causation_id"):
+        with pytest.raises(EventSourcingError, match=f"metadata '{key}' is set by riverbed"):
+            events.save(order, metadata={key: "mine"})
+    with pytest.raises(EventSourcingError, match="metadata does not encode: objects of type"):
+        events.save(order, metadata={"user": object()})
+    assert events.read() == [] and len(order.pending) == 1  # nothing saved, nothing lost
+    events.save(order, metadata={"user": "ada"})
+    assert events.read()[0].metadata["user"] == "ada"
+
+
 @dataclass(frozen=True)
 class Address:
     street: str
