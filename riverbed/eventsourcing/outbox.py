@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from riverbed.eventsourcing.records import StoredEvent
+from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import Log, Producer, Record
@@ -45,6 +46,8 @@ STREAM_VERSION = "riverbed-stream-version"
 POSITION = "riverbed-position"
 CORRELATION = "riverbed-correlation-id"
 CAUSATION = "riverbed-causation-id"
+# The event's whole metadata (msgpack), sent only when the save gave metadata of its own.
+METADATA = "riverbed-metadata"
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 logger = logging.getLogger("riverbed.outbox")
@@ -160,15 +163,20 @@ def _headers(stored: StoredEvent) -> dict[str, bytes]:
     }
     if "causation_id" in metadata:
         headers[CAUSATION] = str(metadata["causation_id"]).encode()
+    if metadata.keys() - CAUSE_KEYS:
+        headers[METADATA] = stored.metadata
     return headers
 
 
 def stored_event(record: Record) -> StoredEvent:
     """The event a relayed record carries, for ``riverbed.eventsourcing`` decoding."""
     headers = record.headers
-    metadata = {"correlation_id": headers[CORRELATION].decode()}
-    if CAUSATION in headers:
-        metadata["causation_id"] = headers[CAUSATION].decode()
+    metadata = headers.get(METADATA)
+    if metadata is None:
+        ids = {"correlation_id": headers[CORRELATION].decode()}
+        if CAUSATION in headers:
+            ids["causation_id"] = headers[CAUSATION].decode()
+        metadata = msgspec.msgpack.encode(ids)
     return StoredEvent(
         position=int(headers[POSITION]),
         id=headers[EVENT_ID].decode(),
@@ -177,7 +185,7 @@ def stored_event(record: Record) -> StoredEvent:
         type=headers[EVENT_TYPE].decode(),
         schema=int(headers[EVENT_SCHEMA]),
         data=record.value or b"",
-        metadata=msgspec.msgpack.encode(metadata),
+        metadata=metadata,
         timestamp_ms=record.timestamp_ms,
     )
 

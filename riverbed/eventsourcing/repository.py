@@ -347,6 +347,12 @@ class Events:
         store = self.store
         return [envelope(stored, store.stream_key) for stored in store.read_all(after, limit)]
 
+    def decode(self, stored: StoredEvent) -> Envelope:
+        """A stored event as a typed one, such as a relayed record's (``stored_event(record)``,
+        or the event an ``Inbox`` hands over): personal fields are decrypted with the stream's
+        key in this store, and read as erased once it is deleted."""
+        return envelope(stored, self.store.stream_key)
+
     async def async_store(self) -> AsyncEventStore:
         if self._async_store is None:
             self._async_store = await connect_async_store(self._url)

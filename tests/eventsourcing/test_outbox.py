@@ -19,7 +19,7 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, Inbox, Relay, stored_event
-from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, relay_name
+from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, METADATA, relay_name
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, wait_until
 
@@ -91,6 +91,22 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     stored = events.store.read_stream("order-0")[0]
     assert first.id == stored.id and first.data == stored.data  # personal fields stay sealed
     assert b"c0@x" not in first.data
+    # A consumer of the app decodes it with the store's keys.
+    placed = events.decode(first)
+    assert (placed.event.email, placed.position) == ("c0@x", stored.position)
+    assert placed.metadata == events.read(stored.position - 1, 1)[0].metadata
+    assert not any(METADATA in record.headers for record in records)  # no metadata of its own
+
+    order = events.get(Order, "order-1")
+    order.add_line("gift")
+    events.save(order, metadata={"user": "ada"})
+    assert relay.run_once() == 1
+    (added,) = [r for r in read_topic(log, "shop-events") if r.key == b"order-1"][-1:]
+    decoded = events.decode(stored_event(added))
+    assert decoded.event.sku == "gift" and decoded.metadata["user"] == "ada"
+    assert decoded.metadata == events.read(20, 1)[0].metadata  # with its correlation id
+    events.store.delete_stream_key("order-0")
+    assert events.decode(first).event.email == riverbed.eventsourcing.ERASED
 
 
 def test_a_sigkilled_relay_loses_and_reorders_nothing(
