@@ -69,6 +69,8 @@ class ReadModel:
         self.tx.delete(self._prefix + collection, key)
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Your own SQL in the projection's transaction, in the store's dialect: ``?``
+        placeholders on SQLite, ``%s`` on PostgreSQL. Rows, or [] for a statement without."""
         return self.tx.execute(sql, params)
 
 
