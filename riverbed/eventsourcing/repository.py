@@ -149,7 +149,7 @@ class Events:
             if any(recorded.type.personal for recorded in aggregate.pending):
                 keys[aggregate.id] = await store.stream_key(aggregate.id, True)
         appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream])
-        position = await store.append(appends) if appends else 0
+        position = await store.append(appends) if appends else await store.last_position()
         snapshots: list[Snapshot] = []
         self._saved(aggregates, snapshots.append, lambda stream, create: keys.get(stream))
         for snapshot in snapshots:

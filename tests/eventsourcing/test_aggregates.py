@@ -361,9 +361,10 @@ def test_a_payload_that_no_longer_decodes_is_a_clear_error(events: EventSourcing
 def test_async_save_load_and_command(events: EventSourcing) -> None:
     async def main() -> Order:
         order = place()
-        await events.save_async(order)
+        assert await events.save_async(order) == 1
         await events.handle_async(Order, order.id, lambda o: o.add_line("async"))
         loaded = await events.get_async(Order, order.id)
+        assert await events.save_async(loaded) == 2  # nothing new: the last position
         await events.close_async()
         return loaded
 

@@ -25,6 +25,9 @@ class ThreadedAsyncStore:
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         return await asyncio.to_thread(self.store.read_all, after, limit)
 
+    async def last_position(self) -> int:
+        return await asyncio.to_thread(self.store.last_position)
+
     async def load_snapshot(self, stream: str, max_version: int | None = None) -> Snapshot | None:
         return await asyncio.to_thread(self.store.load_snapshot, stream, max_version)
 
