@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -107,6 +107,29 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     assert decoded.metadata == events.read(20, 1)[0].metadata  # with its correlation id
     events.store.delete_stream_key("order-0")
     assert events.decode(first).event.email == riverbed.eventsourcing.ERASED
+
+
+@pytest.mark.kafka
+def test_the_relay_publishes_to_kafka_as_to_the_embedded_log(
+    events: EventSourcing, kafka_url: str, topic_name: Callable[[str], str]
+) -> None:
+    fill(events, orders=4, lines=2)
+    topic = topic_name("events")
+    with riverbed.connect(kafka_url) as kafka:
+        relay = Relay(events, kafka, topic, partitions=2)
+        assert relay.run_once(limit=5) == 5  # the page size holds
+        assert relay.run_once() == 7
+        assert relay.run_once() == 0
+        relay.close()
+        records = read_topic(kafka, topic)
+    assert len(records) == 12
+    by_key: dict[bytes, list[int]] = defaultdict(list)
+    for record in records:
+        assert record.key is not None
+        by_key[record.key].append(stored_event(record).version)
+    assert by_key == {f"order-{i}".encode(): [1, 2, 3] for i in range(4)}
+    placed = events.decode(stored_event(next(r for r in records if r.key == b"order-3")))
+    assert (placed.event.email, placed.version) == ("c3@x", 1)
 
 
 def test_a_sigkilled_relay_loses_and_reorders_nothing(
