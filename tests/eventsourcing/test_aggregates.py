@@ -365,6 +365,18 @@ def test_async_save_load_and_command(events: EventSourcing) -> None:
         await events.handle_async(Order, order.id, lambda o: o.add_line("async"))
         loaded = await events.get_async(Order, order.id)
         assert await events.save_async(loaded) == 2  # nothing new: the last position
+        raced = []
+
+        def decide(current: Order) -> None:
+            if not raced:  # another writer saves between the load and the save, once
+                rival = events.get(Order, order.id)
+                rival.add_line("rival")
+                events.save(rival)
+                raced.append(True)
+            current.add_line("mine")
+
+        retried, _ = await events.handle_async(Order, order.id, decide)
+        assert retried.lines == ["async", "rival", "mine"]
         await events.close_async()
         return loaded
 
