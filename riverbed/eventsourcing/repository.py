@@ -432,7 +432,7 @@ def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
         restored = _typed(_snapshot_decoder.decode(data), hints)
         differing = [name for name, value in public.items() if restored.get(name) != value]
     except (NotImplementedError, TypeError, ValueError, msgspec.MsgspecError) as error:
-        _no_snapshots(cls, f"its state does not encode ({error})")
+        _no_snapshots(cls, f"its state does not encode and decode ({error})")
         return None
     if differing:
         changes = ", ".join(_change(name, public[name], restored.get(name)) for name in differing)
