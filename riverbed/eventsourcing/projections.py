@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
 
 ACTIVE_VERSIONS = "riverbed.projection-versions"
+# A query waiting for a projection reads its checkpoint again after a pause that starts short (a
+# running projection applies a save within a few milliseconds) and grows to POLL_S.
+FIRST_POLL_S = 0.00025
 POLL_S = 0.005
 
 
@@ -228,10 +232,11 @@ class Projections:
         store = self.events.store
         checkpoint = subscriber(name, self.active_version(name))
         deadline = time.monotonic() + timeout
+        pauses = _pauses()
         while store.checkpoint(checkpoint) < position:
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
-            time.sleep(POLL_S)
+            time.sleep(next(pauses))
 
     # The queries for async code: the same answers, waiting without blocking the event loop.
 
@@ -259,10 +264,11 @@ class Projections:
         store = await self.events.async_store()
         checkpoint = subscriber(name, await self._active_version_async(store, name))
         deadline = time.monotonic() + timeout
+        pauses = _pauses()
         while await store.checkpoint(checkpoint) < position:
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(next(pauses))
 
     async def _active_version_async(self, store: AsyncEventStore, name: str) -> int:
         document = await store.get_document(ACTIVE_VERSIONS, name)
@@ -305,6 +311,13 @@ class Projections:
             thread.start()
             threads.append(thread)
         return threads
+
+
+def _pauses() -> Iterator[float]:
+    pause = FIRST_POLL_S
+    while True:
+        yield pause
+        pause = min(pause * 1.5, POLL_S)
 
 
 def _not_reached(name: str, position: int, timeout: float) -> TimeoutError:
