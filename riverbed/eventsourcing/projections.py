@@ -215,17 +215,18 @@ class Projections:
     ) -> Document | None:
         """A document of the projection's read model; ``wait_for``: a position a save returned,
         to read your own writes (waits until the projection has applied it)."""
-        if wait_for:
-            self.wait_for(name, wait_for, timeout)
-        version = self.active_version(name)
-        return self.events.store.get_document(prefix(name, version) + collection, key)
+        return self.events.store.get_document(self._read(name, wait_for, timeout) + collection, key)
 
     def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float = 10.0
             ) -> dict[str, Document]:  # fmt: skip
+        return self.events.store.documents(self._read(name, wait_for, timeout) + collection)
+
+    def _read(self, name: str, wait_for: int, timeout: float) -> str:
+        """The prefix of the collections a query reads, once the projection has applied
+        ``wait_for`` (if given)."""
         if wait_for:
             self.wait_for(name, wait_for, timeout)
-        version = self.active_version(name)
-        return self.events.store.documents(prefix(name, version) + collection)
+        return prefix(name, self.active_version(name))
 
     def wait_for(self, name: str, position: int, timeout: float = 10.0) -> None:
         """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
@@ -245,19 +246,15 @@ class Projections:
     ) -> Document | None:
         """``get`` for async code."""
         store = await self.events.async_store()
-        if wait_for:
-            await self.wait_for_async(name, wait_for, timeout)
-        version = await self._active_version_async(store, name)
-        return await store.get_document(prefix(name, version) + collection, key)
+        read = await self._read_async(store, name, wait_for, timeout)
+        return await store.get_document(read + collection, key)
 
     async def all_async(self, name: str, collection: str, *, wait_for: int = 0,
                         timeout: float = 10.0) -> dict[str, Document]:  # fmt: skip
         """``all`` for async code."""
         store = await self.events.async_store()
-        if wait_for:
-            await self.wait_for_async(name, wait_for, timeout)
-        version = await self._active_version_async(store, name)
-        return await store.documents(prefix(name, version) + collection)
+        read = await self._read_async(store, name, wait_for, timeout)
+        return await store.documents(read + collection)
 
     async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
         """``wait_for`` for async code."""
@@ -269,6 +266,13 @@ class Projections:
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
             await asyncio.sleep(next(pauses))
+
+    async def _read_async(
+        self, store: AsyncEventStore, name: str, wait_for: int, timeout: float
+    ) -> str:
+        if wait_for:
+            await self.wait_for_async(name, wait_for, timeout)
+        return prefix(name, await self._active_version_async(store, name))
 
     async def _active_version_async(self, store: AsyncEventStore, name: str) -> int:
         document = await store.get_document(ACTIVE_VERSIONS, name)
