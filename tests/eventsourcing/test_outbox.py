@@ -101,7 +101,7 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     order.add_line("gift")
     events.save(order, metadata={"user": "ada"})
     assert relay.run_once() == 1
-    (added,) = [r for r in read_topic(log, "shop-events") if r.key == b"order-1"][-1:]
+    added = [r for r in read_topic(log, "shop-events") if r.key == b"order-1"][-1]
     decoded = events.decode(stored_event(added))
     assert decoded.event.sku == "gift" and decoded.metadata["user"] == "ada"
     assert decoded.metadata == events.read(20, 1)[0].metadata  # with its correlation id
