@@ -8,10 +8,12 @@ from the command or event being handled (``causing``), plus the user's own.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import json
 import logging
+import random
 import threading
 import time
 import typing
@@ -55,6 +57,8 @@ log = logging.getLogger("riverbed.events")
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+RETRY_PAUSE_S = 0.002  # the bound of the first pause before a command's retry
+RETRY_PAUSE_MAX_S = 0.1
 # Metadata keys a save sets from the cause in force (``causing``).
 CAUSE_KEYS = frozenset({"correlation_id", "causation_id"})
 
@@ -301,13 +305,14 @@ class Events:
         aggregate_id: str,
         decide: Callable[[A], None],
         *,
-        retries: int = 3,
+        retries: int = 5,
         command_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[A, int]:
         """Load, decide, save; on a concurrent save, load again and retry (up to ``retries``
-        times). ``decide`` calls the aggregate's command methods (or raises to refuse). Returns
-        the aggregate and the saved position."""
+        times, each after a random pause that grows with the attempts). ``decide`` calls the
+        aggregate's command methods (or raises to refuse). Returns the aggregate and the saved
+        position."""
         with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = self.get(cls, aggregate_id)
@@ -317,6 +322,7 @@ class Events:
                 except ConcurrencyError:
                     if attempt == retries:
                         raise
+                time.sleep(_retry_pause(attempt))
         raise AssertionError("unreachable")
 
     async def handle_async(
@@ -325,7 +331,7 @@ class Events:
         aggregate_id: str,
         decide: Callable[[A], None],
         *,
-        retries: int = 3,
+        retries: int = 5,
         command_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[A, int]:
@@ -338,6 +344,7 @@ class Events:
                 except ConcurrencyError:
                     if attempt == retries:
                         raise
+                await asyncio.sleep(_retry_pause(attempt))
         raise AssertionError("unreachable")
 
     # Reading the store
@@ -379,6 +386,13 @@ def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None
         stored.timestamp_ms,
         _metadata_decoder.decode(stored.metadata),
     )
+
+
+def _retry_pause(attempt: int) -> float:
+    """How long a command that lost a race waits before trying again: a random pause whose
+    bound doubles with each attempt ("full jitter"), so that writers racing for one aggregate
+    spread out instead of colliding again at once."""
+    return random.uniform(0, min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2**attempt))
 
 
 def _check_version(version: int | None) -> None:

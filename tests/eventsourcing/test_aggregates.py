@@ -4,6 +4,7 @@ snapshots, upcasting, metadata, crypto-shredding, bad stored data, async, given/
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,6 +114,26 @@ def test_a_command_handler_retries_on_conflict(events: EventSourcing) -> None:
     assert last.metadata["correlation_id"] == "cmd-1"
     with pytest.raises(ValueError, match="cannot be paid"):
         events.handle(Order, order.id, lambda o: (o.pay(), o.pay()))
+
+
+def test_commands_racing_for_one_aggregate_all_apply_once(events: EventSourcing) -> None:
+    order = place()
+    events.save(order)
+    writers = 8
+
+    def add_line(n: int) -> None:
+        events.handle(Order, order.id, lambda o: o.add_line(f"sku-{n}"))
+
+    # Retries after a lost race wait a random, growing pause, so the writers spread out; without
+    # it some ran out of retries colliding with each other.
+    threads = [threading.Thread(target=add_line, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loaded = events.get(Order, order.id)
+    assert sorted(loaded.lines) == sorted(f"sku-{n}" for n in range(writers))
+    assert loaded.version == 1 + writers
 
 
 def test_events_saved_together_share_a_correlation_id(events: EventSourcing) -> None:
