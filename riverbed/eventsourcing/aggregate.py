@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
 
 import msgspec
@@ -30,11 +30,13 @@ class DomainEvent(msgspec.Struct, kw_only=True):
 
     Class attributes name and evolve it: ``event_type = "Order.Shipped"`` (default: the class's
     qualified name), ``event_version = 2`` with ``upcasters = {1: fn}`` for events stored at
-    version 1."""
+    version 1, ``event_aliases = ("Order.Dispatched",)`` for the names it was stored under
+    before a rename."""
 
     event_type: ClassVar[str] = ""
     event_version: ClassVar[int] = 1
     upcasters: ClassVar[dict[int, Upcaster]] = {}
+    event_aliases: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -44,6 +46,7 @@ class DomainEvent(msgspec.Struct, kw_only=True):
             version=cls.__dict__.get("event_version", 1),
             upcasters=cls.__dict__.get("upcasters"),
             apply=lambda aggregate, event: event.apply(aggregate),
+            aliases=cls.__dict__.get("event_aliases", ()),
         )
 
     def apply(self, aggregate: Any) -> None:
@@ -65,9 +68,12 @@ class Aggregate:
     ``id`` is a time-ordered UUID (version 7, 32 hex digits) unless given
     (``Order.create(..., id="order-42")``: a natural key);
     ``version`` is the number of events applied. ``snapshot_every = 50`` in the class body makes
-    ``app.events.save`` store a snapshot every 50 events, which loading starts from."""
+    ``app.events.save`` store a snapshot every 50 events, which loading starts from.
+    ``stored_name = "Order"`` keeps the names its events are stored under (``Order.Placed``)
+    when the class is renamed; by default they start with the class's name."""
 
     snapshot_every: ClassVar[int | None] = None
+    stored_name: ClassVar[str] = ""
     id: str
     version: int
 
@@ -124,11 +130,13 @@ class EventMethod(Generic[P, R]):
         name: str,
         version: int,
         upcasters: dict[int, Upcaster] | None,
+        aliases: Sequence[str],
     ) -> None:
         self.method = method
         self.name = name
         self.version = version
         self.upcasters = upcasters
+        self.aliases = aliases
         self.signature = inspect.signature(method)
         self.entry: EventType | None = None
         self.__doc__ = method.__doc__
@@ -151,7 +159,7 @@ class EventMethod(Generic[P, R]):
                 fields.append((parameter.name, hint))
             else:
                 fields.append((parameter.name, hint, parameter.default))
-        type_name = f"{owner.__name__}.{self.name}"
+        type_name = f"{owner.__dict__.get('stored_name') or owner.__name__}.{self.name}"
         # Fields in the method's parameter order, so the payload class takes a call's arguments
         # as they are: recording an event is one constructor call.
         payload = msgspec.defstruct(type_name, fields, module=owner.__module__)
@@ -173,6 +181,7 @@ class EventMethod(Generic[P, R]):
             upcasters=self.upcasters,
             apply=apply_by_keyword if keyword_only else apply,
             aggregate=owner,
+            aliases=self.aliases,
         )
         if not hasattr(owner, self.name):  # Order.Paid: the payload class, for tests
             setattr(owner, self.name, payload)
@@ -193,13 +202,18 @@ def _record_call(instance: Aggregate, entry: EventType, *args: Any, **kwargs: An
 
 
 def event(
-    name: str, *, version: int = 1, upcasters: dict[int, Upcaster] | None = None
+    name: str,
+    *,
+    version: int = 1,
+    upcasters: dict[int, Upcaster] | None = None,
+    aliases: Sequence[str] = (),
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """``@riverbed.event("Paid")`` on an aggregate method: calling it records the event
     ``<Aggregate>.Paid`` with the call's arguments as its payload and applies it by running the
-    body. ``version``/``upcasters`` evolve the payload's shape."""
+    body. ``version``/``upcasters`` evolve the payload's shape; ``aliases`` are the full names
+    it was stored under before a rename (``("Order.Settled",)``), which still load as it."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
-        return EventMethod(method, name, version, upcasters)  # type: ignore[return-value]
+        return EventMethod(method, name, version, upcasters, aliases)  # type: ignore[return-value]
 
     return decorate

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,22 +106,28 @@ class EventRegistry:
         upcasters: dict[int, Upcaster] | None = None,
         apply: Callable[[Any, Any], None] | None = None,
         aggregate: type[Any] | None = None,
+        aliases: Sequence[str] = (),
     ) -> EventType:
-        existing = self._by_name.get(name)
-        # The same class again (a module reloaded, a class made in a function called twice)
-        # replaces its entry; another one would decode the first one's stored events.
-        if existing is not None and not _same_class(existing.cls, cls):
-            raise EventSourcingError(
-                f"event type {name!r} is already registered for {_where(existing.cls)}, so "
-                f"{_where(cls)} cannot have it too: stored events name their type only; give "
-                "one of them another name (the aggregate class's, or the event's)"
-            )
+        """``aliases``: names the class's events were stored under before a rename; they decode
+        as it, and new events are stored as ``name``."""
+        names = [name, *aliases]
+        for taken in names:
+            existing = self._by_name.get(taken)
+            # The same class again (a module reloaded, a class made in a function called twice)
+            # replaces its entry; another one would decode the first one's stored events.
+            if existing is not None and not _same_class(existing.cls, cls):
+                raise EventSourcingError(
+                    f"event type {taken!r} is already registered for {_where(existing.cls)}, so "
+                    f"{_where(cls)} cannot have it too: stored events name their type only; give "
+                    "one of them another name (the aggregate class's, or the event's)"
+                )
         if version < 1:
             raise EventSourcingError(f"event {name}: version must be >= 1, got {version}")
         entry = EventType(
             name, cls, version, dict(upcasters or {}), _personal_fields(cls), apply, aggregate
         )
-        self._by_name[name] = entry
+        for taken in names:
+            self._by_name[taken] = entry
         self._by_class[cls] = entry
         return entry
 
@@ -140,8 +146,9 @@ class EventRegistry:
             where = f" at position {position}" if position is not None else ""
             raise UnknownEventTypeError(
                 f"the store holds an event of type {name!r}{where}, which no event class of "
-                "this program is registered as; import the module that defines it, or "
-                "register an upcaster under its new name"
+                "this program is registered as; import the module that defines it, or, if it "
+                "was renamed, give the old name in the event's aliases= (event_aliases on a "
+                "DomainEvent), or its aggregate class's old name as stored_name"
             )
         return entry
 

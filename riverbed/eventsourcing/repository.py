@@ -378,7 +378,7 @@ def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None
                    f"at position {stored.position}")  # fmt: skip
     return Envelope(
         event,
-        stored.type,
+        entry.name,  # the current name, for an event stored under an alias too
         stored.id,
         stored.stream,
         stored.version,

@@ -329,6 +329,72 @@ def test_old_events_are_upcast_when_read(events: EventSourcing) -> None:
     assert events.store.read_stream(new.id)[0].schema == 2
 
 
+def append_raw(events: EventSourcing, stream: str, *types: str) -> None:
+    """Events as an earlier version of the program stored them: empty payloads."""
+    empty, no_metadata = msgspec.msgpack.encode({}), msgspec.msgpack.encode({})
+    events.store.append([StreamAppend(stream, 0, [
+        NewEvent(str(uuid.uuid4()), stream, version, type_, 1, empty, no_metadata, 1)
+        for version, type_ in enumerate(types, start=1)
+    ])])  # fmt: skip
+
+
+def test_renamed_aggregates_and_events_still_load_their_stored_events(
+    events: EventSourcing,
+) -> None:
+    # A class renamed from Locker keeps its events' stored names.
+    append_raw(events, "safe-1", "Locker.Installed", "Locker.Opened")
+
+    class Safe(riverbed.Aggregate):
+        stored_name = "Locker"
+
+        @riverbed.event("Installed")
+        def __init__(self) -> None:
+            self.opened = 0
+
+        @riverbed.event("Opened")
+        def open(self) -> None:
+            self.opened += 1
+
+    safe = events.get(Safe, "safe-1")
+    assert (safe.opened, safe.version) == (1, 2)
+    safe.open()
+    events.save(safe)
+    assert [e.type for e in events.store.read_stream("safe-1")][-1] == "Locker.Opened"
+
+    # An event renamed from Shelved (and a DomainEvent from Stocktaken) loads under its new name.
+    append_raw(events, "stock-1", "Stock.Created", "Stock.Shelved", "Stock.Stocktaken")
+
+    class Counted(riverbed.DomainEvent):
+        event_type = "Stock.Counted"
+        event_aliases = ("Stock.Stocktaken",)
+
+        def apply(self, stock: Any) -> None:
+            stock.counted = True
+
+    class Stock(riverbed.Aggregate):
+        @riverbed.event("Created")
+        def __init__(self) -> None:
+            self.stored = False
+            self.counted = False
+
+        @riverbed.event("Stored", aliases=("Stock.Shelved",))
+        def store(self) -> None:
+            self.stored = True
+
+    stock = events.get(Stock, "stock-1")
+    assert (stock.stored, stock.counted, stock.version) == (True, True, 3)
+    assert [e.type for e in events.read()][-2:] == ["Stock.Stored", "Stock.Counted"]
+    # An alias another class has (Python 3.11 wraps the error of __set_name__).
+    with pytest.raises((EventSourcingError, RuntimeError)) as raised:
+
+        class Vault(riverbed.Aggregate):
+            @riverbed.event("Opened", aliases=("Locker.Opened",))
+            def __init__(self) -> None:
+                pass
+
+    assert "'Locker.Opened' is already registered" in str(raised.value.__cause__ or raised.value)
+
+
 def test_a_missing_upcaster_is_refused_at_definition() -> None:
     # Python 3.11 wraps errors of __set_name__ in a RuntimeError; later versions do not.
     with pytest.raises((riverbed.RiverbedError, RuntimeError)) as raised:
