@@ -215,13 +215,15 @@ class Projections:
     ) -> Document | None:
         """A document of the projection's read model; ``wait_for``: a position a save returned,
         to read your own writes (waits until the projection has applied it)."""
-        return self.events.store.get_document(self._read(name, wait_for, timeout) + collection, key)
+        read = self._prefix_to_read(name, wait_for, timeout)
+        return self.events.store.get_document(read + collection, key)
 
     def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float = 10.0
             ) -> dict[str, Document]:  # fmt: skip
-        return self.events.store.documents(self._read(name, wait_for, timeout) + collection)
+        read = self._prefix_to_read(name, wait_for, timeout)
+        return self.events.store.documents(read + collection)
 
-    def _read(self, name: str, wait_for: int, timeout: float) -> str:
+    def _prefix_to_read(self, name: str, wait_for: int, timeout: float) -> str:
         """The prefix of the collections a query reads, once the projection has applied
         ``wait_for`` (if given)."""
         if wait_for:
@@ -246,14 +248,14 @@ class Projections:
     ) -> Document | None:
         """``get`` for async code."""
         store = await self.events.async_store()
-        read = await self._read_async(store, name, wait_for, timeout)
+        read = await self._prefix_to_read_async(store, name, wait_for, timeout)
         return await store.get_document(read + collection, key)
 
     async def all_async(self, name: str, collection: str, *, wait_for: int = 0,
                         timeout: float = 10.0) -> dict[str, Document]:  # fmt: skip
         """``all`` for async code."""
         store = await self.events.async_store()
-        read = await self._read_async(store, name, wait_for, timeout)
+        read = await self._prefix_to_read_async(store, name, wait_for, timeout)
         return await store.documents(read + collection)
 
     async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
@@ -267,7 +269,7 @@ class Projections:
                 raise _not_reached(name, position, timeout)
             await asyncio.sleep(next(pauses))
 
-    async def _read_async(
+    async def _prefix_to_read_async(
         self, store: AsyncEventStore, name: str, wait_for: int, timeout: float
     ) -> str:
         if wait_for:

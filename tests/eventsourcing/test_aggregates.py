@@ -304,13 +304,20 @@ def test_a_snapshot_of_an_older_class_shape_is_ignored(events: EventSourcing) ->
     assert events.get(Counter, counter.id).count == 2  # replayed, not loaded wrong
 
 
+def append_raw(
+    events: EventSourcing, stream: str, *types: str, payload: dict[str, Any] | None = None
+) -> None:
+    """Events as an earlier version of the program stored them, each with ``payload``."""
+    data, no_metadata = msgspec.msgpack.encode(payload or {}), msgspec.msgpack.encode({})
+    events.store.append([StreamAppend(stream, 0, [
+        NewEvent(str(uuid.uuid4()), stream, version, type_, 1, data, no_metadata, 1)
+        for version, type_ in enumerate(types, start=1)
+    ])])  # fmt: skip
+
+
 def test_old_events_are_upcast_when_read(events: EventSourcing) -> None:
     stream = "customer-1"
-    old_payload = msgspec.msgpack.encode({"name": "Ada Lovelace"})
-    events.store.append([StreamAppend(stream, 0, [NewEvent(
-        str(uuid.uuid4()), stream, 1, "Customer.Registered", 1, old_payload,
-        msgspec.msgpack.encode({}), 1,
-    )])])  # fmt: skip
+    append_raw(events, stream, "Customer.Registered", payload={"name": "Ada Lovelace"})
 
     def split_name(data: dict[str, Any]) -> dict[str, Any]:
         first, _, last = data.pop("name").partition(" ")
@@ -327,15 +334,6 @@ def test_old_events_are_upcast_when_read(events: EventSourcing) -> None:
     new = Customer("Grace", "Hopper")
     events.save(new)
     assert events.store.read_stream(new.id)[0].schema == 2
-
-
-def append_raw(events: EventSourcing, stream: str, *types: str) -> None:
-    """Events as an earlier version of the program stored them: empty payloads."""
-    empty, no_metadata = msgspec.msgpack.encode({}), msgspec.msgpack.encode({})
-    events.store.append([StreamAppend(stream, 0, [
-        NewEvent(str(uuid.uuid4()), stream, version, type_, 1, empty, no_metadata, 1)
-        for version, type_ in enumerate(types, start=1)
-    ])])  # fmt: skip
 
 
 def test_renamed_aggregates_and_events_still_load_their_stored_events(
