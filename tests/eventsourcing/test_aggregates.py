@@ -147,15 +147,32 @@ def test_events_saved_together_share_a_correlation_id(events: EventSourcing) -> 
     assert placed.id != added.id
 
 
-def test_snapshots_are_used_and_survive_custom_types(events: EventSourcing) -> None:
+def reads_from(events: EventSourcing, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first version of each stream read from now on (a load after a snapshot at version N
+    reads from N + 1)."""
+    starts: list[int] = []
+    read_stream = events.store.read_stream
+
+    def recorded(stream: str, from_version: int = 1, to_version: int | None = None) -> list[Any]:
+        starts.append(from_version)
+        return read_stream(stream, from_version, to_version)
+
+    monkeypatch.setattr(events.store, "read_stream", recorded)
+    return starts
+
+
+def test_snapshots_are_used_and_survive_custom_types(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
     order = place()
     for sku in ("a", "b", "c", "d", "e"):
         order.add_line(sku)
     events.save(order)  # version 6: snapshots every 3 events
     snapshot = events.store.load_snapshot(order.id)
     assert snapshot is not None and snapshot.version == 6
-    # Events below the snapshot are not read again: make them unreadable and load anyway.
+    starts = reads_from(events, monkeypatch)
     loaded = events.get(Order, order.id)
+    assert starts == [7]  # the events below the snapshot are not read again
     assert loaded.total == Money(Decimal("12.50"), "EUR")
     assert loaded.placed_at == NOW and loaded.lines == ["a", "b", "c", "d", "e"]
     loaded.add_line("f")
@@ -337,7 +354,7 @@ def test_old_events_are_upcast_when_read(events: EventSourcing) -> None:
 
 
 def test_renamed_aggregates_and_events_still_load_their_stored_events(
-    events: EventSourcing,
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A class renamed from Locker keeps its events' stored names.
     append_raw(events, "safe-1", "Locker.Installed", "Locker.Opened")
@@ -358,6 +375,14 @@ def test_renamed_aggregates_and_events_still_load_their_stored_events(
     safe.open()
     events.save(safe)
     assert [e.type for e in events.store.read_stream("safe-1")][-1] == "Locker.Opened"
+    # Its snapshots too are filed under the old name, which the class had as its own.
+    Safe.snapshot_every = 2
+    safe.open()
+    events.save(safe)
+    snapshot = events.store.load_snapshot("safe-1")
+    assert snapshot is not None and (snapshot.type, snapshot.version) == ("Locker", 4)
+    starts = reads_from(events, monkeypatch)
+    assert events.get(Safe, "safe-1").opened == 3 and starts == [5]
 
     # An event renamed from Shelved (and a DomainEvent from Stocktaken) loads under its new name.
     append_raw(events, "stock-1", "Stock.Created", "Stock.Shelved", "Stock.Stocktaken")
