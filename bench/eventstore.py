@@ -26,6 +26,7 @@ import contextlib
 import gc
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -562,7 +563,7 @@ def versions(peers: dict[str, str], postgres: str, revision: str) -> str:
 
 def settings_notes(args: argparse.Namespace) -> list[str]:
     total = 2 * args.aggregates * args.events
-    return [
+    notes = [
         f"Workload: {args.aggregates:,} orders x {args.events} events (`Placed(customer)`, then "
         f"{args.events - 1} x `LineAdded(sku)`), on a new store per system and run. Phase 1 saves "
         f"after every command ({args.aggregates * args.events:,} saves), phase 2 makes the "
@@ -611,6 +612,13 @@ def settings_notes(args: argparse.Namespace) -> list[str]:
         "each run. The machine's 2 cores are shared with the PostgreSQL server and, possibly, "
         "other work (see the load average).",
     ]
+    if args.one_cpu:
+        notes.append(
+            "`--one-cpu`: this script, the PostgreSQL server and the peers' processes all ran "
+            "on CPU 0 (`sched_setaffinity`), so a client and its server backend take turns on "
+            "one CPU instead of waking each other across two."
+        )
+    return notes
 
 
 def append_results(
@@ -657,6 +665,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=TIMEOUT, help="seconds one run of one peer may take"
     )
+    parser.add_argument(
+        "--one-cpu",
+        action="store_true",
+        help="run everything (this script, PostgreSQL, the peers) on CPU 0, which spares each "
+        "round trip the wake-up of a process on the other CPU",
+    )
     common.add_no_results_argument(parser)
     args = parser.parse_args(argv)
     if args.events < 1 or args.aggregates < 1 or args.page < 1:
@@ -676,6 +690,8 @@ def describe(outcome: Outcome) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.one_cpu:  # before the server and the peers start: they inherit it
+        os.sched_setaffinity(0, {0})
     common.stop_on_signals()
     # Not a terminal (a log file): wide enough for the table's seven figures.
     console = Console() if sys.stdout.isatty() else Console(width=170)
