@@ -63,3 +63,5 @@ class App(StreamApp):
             stop.set()
             for thread in threads:
                 thread.join(30)
+        if self.events.failures:
+            raise self.events.failures[0]

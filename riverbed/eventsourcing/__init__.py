@@ -9,6 +9,7 @@ from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventDecodeError,
     EventSourcingError,
+    RunnerFailedError,
     StoreUnavailableError,
     UnknownEventTypeError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Projection",
     "ReadModel",
     "Relay",
+    "RunnerFailedError",
     "Saga",
     "StoreUnavailableError",
     "UnknownEventTypeError",

@@ -37,3 +37,7 @@ class EventDecodeError(EventSourcingError, ValueError):
 
 class StoreUnavailableError(EventSourcingError, BrokerUnavailableError):
     """The event store's server cannot be reached."""
+
+
+class RunnerFailedError(EventSourcingError):
+    """A projection, process manager or relay thread ended on an error (its ``__cause__``)."""

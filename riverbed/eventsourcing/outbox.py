@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent
 from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import Log, Producer, Record
+from riverbed.log.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -126,18 +128,30 @@ class Relay:
         """Publish until ``stop`` is set, then give the lease up. Idle or standing by, it tries
         again every ``idle_wait`` seconds, and at least every third of ``lease_ttl``, which keeps
         an idle leader's lease alive."""
-        store = self.events.store
         wait = min(idle_wait, self.lease_ttl / 3)
+        outage = Outage(self.name)
         try:
             while not stop.is_set():
-                if self.run_once() > 0:
-                    continue
-                if self.leading:
-                    store.wait_for_events(store.checkpoint(self.name), wait)
+                try:
+                    self._run_or_wait(stop, wait)
+                except UNREACHABLE as error:
+                    outage.wait(error, stop)
                 else:
-                    stop.wait(wait)
+                    outage.over()
         finally:
-            self._release()
+            try:
+                self._release()
+            except BrokerUnavailableError as error:  # the lease expires on its own
+                logger.warning("relay %s could not give its lease up: %s", self.name, error)
+
+    def _run_or_wait(self, stop: threading.Event, wait: float) -> None:
+        if self.run_once() > 0:
+            return
+        store = self.events.store
+        if self.leading:
+            store.wait_for_events(store.checkpoint(self.name), wait)
+        else:
+            stop.wait(wait)
 
     def close(self) -> None:
         """Give the lease up, so a relay standing by takes over at once, and close the

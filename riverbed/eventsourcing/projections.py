@@ -307,17 +307,6 @@ class Projections:
             return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
 
-    def run(self, stop: threading.Event) -> list[threading.Thread]:
-        """Run every registered projection in a thread of its own until ``stop``."""
-        threads = []
-        for name in self.registered:
-            runner = self.runner(name)
-            thread = threading.Thread(target=runner.run, args=(stop,), daemon=True,
-                                      name=f"riverbed-projection-{name}")  # fmt: skip
-            thread.start()
-            threads.append(thread)
-        return threads
-
 
 def _pauses() -> Iterator[float]:
     pause = FIRST_POLL_S

@@ -3,14 +3,19 @@ outbox relays — registered on the app and run by ``app.events.run``."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+from riverbed.eventsourcing.errors import RunnerFailedError
 from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner
 from riverbed.log.api import Log
+
+log = logging.getLogger("riverbed.eventsourcing")
 
 P = TypeVar("P", bound=Projection)
 
@@ -29,6 +34,7 @@ class EventSourcing(Events):
         self.projections = Projections(self)
         self.process_managers: dict[str, ProcessManager] = {}
         self.relays: dict[str, RelaySettings] = {}
+        self.failures: list[RunnerFailedError] = []
 
     def projection(self, projection: P) -> P:
         """Register a projection (``app.events.projection(OrderTotals())``)."""
@@ -52,21 +58,37 @@ class EventSourcing(Events):
 
     def run(self, stop: threading.Event, log: Log | None = None) -> list[threading.Thread]:
         """Run the projections, process managers and (given the ``log``) relays, each in a thread
-        of its own, until ``stop`` is set; returns the threads."""
-        threads = self.projections.run(stop)
-        for manager in self.process_managers.values():
-            runner = SagaRunner(self, manager)
-            threads.append(_start(runner.run, stop, f"riverbed-saga-{manager.name}"))
+        of its own, until ``stop`` is set; returns the threads. They wait out outages of the
+        store and the log; one that fails otherwise sets ``stop``, so the others end too, and
+        its error is in ``failures`` (``App.run`` raises it)."""
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
+        self.failures.clear()
+        runners: list[tuple[str, Callable[[threading.Event], None]]] = [
+            (f"projection {name}", self.projections.runner(name).run)
+            for name in self.projections.registered
+        ]
+        for manager in self.process_managers.values():
+            runners.append((f"process manager {manager.name}", SagaRunner(self, manager).run))
         for topic, settings in self.relays.items():
             assert log is not None
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
-            threads.append(_start(relay.run, stop, f"riverbed-relay-{topic}"))
-        return threads
+            runners.append((f"relay to {topic}", relay.run))
+        return [self._start(what, run, stop) for what, run in runners]
 
+    def _start(
+        self, what: str, run: Callable[[threading.Event], None], stop: threading.Event
+    ) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                run(stop)
+            except Exception as error:
+                log.exception("the %s failed; stopping the others", what)
+                self.failures.append(RunnerFailedError(f"the {what} failed: {error!r}"))
+                self.failures[-1].__cause__ = error
+                stop.set()
 
-def _start(target: object, stop: threading.Event, name: str) -> threading.Thread:
-    thread = threading.Thread(target=target, args=(stop,), daemon=True, name=name)  # type: ignore[arg-type]
-    thread.start()
-    return thread
+        name = "riverbed-" + what.replace(" ", "-")
+        thread = threading.Thread(target=guarded, daemon=True, name=name)
+        thread.start()
+        return thread

@@ -24,9 +24,11 @@ import traceback
 from typing import TYPE_CHECKING, Literal
 
 from riverbed.eventsourcing.errors import ConcurrencyError
+from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
 from riverbed.eventsourcing.repository import Envelope, causing, envelope
 from riverbed.eventsourcing.stores.api import EventStore, Transaction
+from riverbed.log.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -159,9 +161,16 @@ class Subscription:
             self._conflicts_fail = False
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
+        """Handle events until ``stop``, waiting out the store's outages."""
+        outage = Outage(self.name)
         while not stop.is_set():
-            if self._retrying_once() == 0:
-                self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))
+            try:
+                if self._retrying_once() == 0:
+                    self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))
+            except BrokerUnavailableError as error:
+                outage.wait(error, stop)
+            else:
+                outage.over()
 
     def idle_wait(self, default: float) -> float:
         return default

@@ -1,0 +1,137 @@
+"""The worker's runners (projections, process managers, relays) through outages and failures:
+they wait out a store or log they cannot reach, and one that fails otherwise stops the worker
+with its error instead of ending its thread unseen."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing, RunnerFailedError, StoreUnavailableError
+from tests.eventsourcing.shop import Money, Order, OrderTotals
+from tests.support import wait_until
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+TOPIC = "shop-events"
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    events = EventSourcing("shop", store_url)
+    yield events
+    events.close()
+
+
+def place(events: EventSourcing, customer: str) -> int:
+    return events.save(Order.create(customer, f"{customer}@x", Money(Decimal("2"), "EUR"), NOW))
+
+
+def failing_first(calls: int, method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, raising StoreUnavailableError on its first ``calls`` calls (from any thread)."""
+    left = [calls]
+    lock = threading.Lock()
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            left[0] -= 1
+            if left[0] >= 0:
+                raise StoreUnavailableError("cannot reach the event store (test)")
+        return method(*args, **kwargs)
+
+    return call
+
+
+def joined(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def test_runners_wait_out_a_store_they_cannot_reach(
+    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
+    events.projection(OrderTotals())
+    events.relay(TOPIC)
+    place(events, "ada")
+    store = events.store
+    # The projection's and the relay's reads fail 6 times between them before the store returns.
+    monkeypatch.setattr(store, "read_all", failing_first(6, store.read_all))
+    stop = threading.Event()
+    threads = events.run(stop, log=log)
+    try:
+        position = place(events, "bob")
+        assert events.projections.get("order-totals", "customers", "bob", wait_for=position) == {
+            "orders": 1, "total": "2",
+        }  # fmt: skip
+        wait_until(lambda: sum(log.end_offsets(TOPIC).values()) == 2, 30, "the relay")
+        assert all(thread.is_alive() for thread in threads) and events.failures == []
+    finally:
+        joined(stop, threads)
+        log.close()
+
+
+def test_a_projection_goes_on_after_postgresql_drops_its_connections(
+    postgres_url: str,
+) -> None:
+    name = f"dropped_{uuid.uuid4().hex[:8]}"
+    events = EventSourcing("shop", f"{postgres_url}?schema={name}&application_name={name}")
+    events.projection(OrderTotals())
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        events.projections.wait_for("order-totals", place(events, "ada"))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            ).fetchall()
+        assert len(killed) >= 2  # the runner's and the listener's, at least
+        # The first call after the drop may fail; the store replaces its connections.
+        position = 0
+        for _ in range(3):
+            try:
+                position = place(events, "bob")
+                break
+            except StoreUnavailableError:
+                pass
+        assert events.projections.get("order-totals", "customers", "bob", wait_for=position) == {
+            "orders": 1, "total": "2",
+        }  # fmt: skip
+        assert all(thread.is_alive() for thread in threads) and events.failures == []
+    finally:
+        joined(stop, threads)
+        events.close()
+
+
+def test_a_runner_that_fails_stops_the_others_and_the_app_raises_its_error(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = riverbed.App("shop", url=f"sqlite:///{tmp_path}/log.db", events_url=store_url)
+    app.events.projection(OrderTotals())
+    app.events.relay(TOPIC)
+    store = app.events.store
+
+    def broken(name: str) -> int:
+        raise RuntimeError("the checkpoint table is gone")
+
+    monkeypatch.setattr(store, "checkpoint", broken)
+    stop = threading.Event()
+    try:
+        with pytest.raises(RunnerFailedError, match="failed: RuntimeError") as raised:
+            app.run(stop)  # returns once a runner failed, without waiting for a signal
+        assert isinstance(raised.value.__cause__, RuntimeError)
+        assert stop.is_set()
+    finally:
+        app.close()
