@@ -1031,6 +1031,39 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
         store.close()
 
 
+def test_appends_survive_psycopg_deallocating_every_prepared_statement(
+    postgres_url: str,
+) -> None:
+    """psycopg prepares a statement run 5 times on a connection, and after a rollback on it
+    deallocates all of the connection's prepared statements (DEALLOCATE ALL), the append's
+    too. With one pooled connection besides the one kept for appends, every transaction here
+    runs on that connection."""
+    store = connect_store(f"{postgres_url}?schema=dealloc_{uuid.uuid4().hex[:8]}&pool_size=2")
+    try:
+        append_to(store, "kept", 0)  # takes the appends' connection out of the pool
+        for version in range(6):  # psycopg prepares the subscriber's lock statement
+            with store.transaction("sub") as tx:
+                tx.append([StreamAppend("in-tx", version, events_for("in-tx", version + 1, 1))])
+        with pytest.raises(ValueError), store.transaction("sub"):
+            raise ValueError("rolled back")
+        with store.transaction("sub") as tx:  # psycopg deallocates all before its first statement
+            tx.append([StreamAppend("in-tx", 6, events_for("in-tx", 7, 1))])
+        with store.transaction("sub") as tx:  # a conflict in a transaction leaves it usable
+            with pytest.raises(ConcurrencyError):
+                tx.append([StreamAppend("in-tx", 0, events_for("in-tx", 1, 1))])
+            tx.set_checkpoint(1)
+        assert store.stream_version("in-tx") == 7 and store.checkpoint("sub") == 1
+        # Appends outside transactions use the pooled connection while the kept one is busy.
+        with store._appender_free:  # type: ignore[attr-defined]
+            assert append_to(store, "pooled", 0) == 9
+            with pytest.raises(ValueError), store.transaction("sub"):
+                raise ValueError("rolled back")
+            assert store.stream_version("pooled") == 1  # psycopg deallocates all first
+            assert append_to(store, "pooled", 1) == 10
+    finally:
+        store.close()
+
+
 # What schema version 1 made: positions in a head row (its append function is replaced too).
 V1_STORE = """
 CREATE TABLE riverbed_head (

@@ -93,12 +93,7 @@ class AsyncPostgresEventStore:
                     cur = psycopg.AsyncRawCursor(conn)
                     await cur.execute(q.LOCK_APPENDS, prepare=True)
                     for stream, expected, events in chunks:
-                        params: list[object] = [stream, expected]
-                        if events:  # a check alone notifies nobody
-                            params.append(channel)
-                        for e in events:
-                            params += (e.id, e.stream, e.version, e.type, e.schema, e.data,
-                                       e.metadata, e.timestamp_ms)  # fmt: skip
+                        params = q.append_params(stream, expected, channel, events)
                         await cur.execute(q.append_statement(len(events)), params, prepare=True)
                     row = await cur.fetchone()
             except psycopg.errors.UniqueViolation as error:

@@ -60,7 +60,14 @@ def append(
     subscriber's), the append joins it, and the transaction stays usable if the append fails."""
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
         return _append_in_transaction(conn, appends, channel)
-    return _run(conn, _chunks(appends, channel), lock=True)
+    chunks = _chunks(appends, channel)
+    try:
+        return _run(conn, chunks)
+    except psycopg.errors.InvalidSqlStatementName:
+        # After a rollback psycopg deallocates every prepared statement of the connection, ours
+        # too (DEALLOCATE ALL): nothing was appended, so prepare them again and append.
+        _prepared.pop(conn, None)
+        return _run(conn, chunks)
 
 
 def _append_in_transaction(
@@ -70,7 +77,9 @@ def _append_in_transaction(
     anything is inserted, so that a conflict raises with the transaction still usable (a saga
     retries its command in it). The conflict error of the pipelined check would abort the
     transaction; a savepoint around each append would avoid that but give each one a
-    subtransaction, and past 64 in one transaction every snapshot on the server slows down."""
+    subtransaction, and past 64 in one transaction every snapshot on the server slows down.
+    The statements go through psycopg, which prepares them again after it deallocated them
+    (see ``append``): a failed statement would abort the transaction, so it could not retry."""
     conn.execute(q.LOCK_APPENDS)
     for stream_append in appends:
         stream, expected = stream_append.stream, stream_append.expected_version
@@ -79,20 +88,28 @@ def _append_in_transaction(
             actual = 0 if row is None else int(row[0])
             if actual != expected:
                 raise ConcurrencyError(stream, expected, actual)
-    unchecked = [StreamAppend(a.stream, None, a.events) for a in appends]
-    return _run(conn, _chunks(unchecked, channel), lock=False)
+    cur = psycopg.RawCursor(conn)
+    try:
+        for stream, _, events in q.append_chunks(appends):
+            params = q.append_params(stream, None, channel, events)
+            cur.execute(q.append_statement(len(events)), params, prepare=True)
+    except psycopg.errors.UniqueViolation as error:
+        raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
+    row = cur.fetchone()
+    assert row is not None
+    last_position: int = row[0]
+    return last_position
 
 
-def _run(conn: psycopg.Connection[Any], chunks: list[Chunk], lock: bool) -> int:
-    """Send the lock (if ``lock``) and the append statements in one pipeline; the last
-    position the last statement returns."""
+def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
+    """Send the lock and the append statements in one pipeline; the last position the last
+    statement returns."""
     pgconn = conn.pgconn
     with conn.lock:
         _prepare(conn, {events for events, _ in chunks})
         pgconn.enter_pipeline_mode()
         try:
-            if lock:
-                pgconn.send_query_prepared(LOCK, None)
+            pgconn.send_query_prepared(LOCK, None)
             for events, params in chunks:
                 pgconn.send_query_prepared(_names[events], params, param_formats=_formats[events])
             pgconn.pipeline_sync()

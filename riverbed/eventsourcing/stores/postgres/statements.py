@@ -93,6 +93,18 @@ def append_chunks(
             yield append.stream, None, events[start : start + CHUNK_EVENTS]
 
 
+def append_params(
+    stream: str, expected: int | None, channel: str, events: Sequence[NewEvent]
+) -> list[object]:
+    """An append statement's parameters, for psycopg."""
+    params: list[object] = [stream, expected]
+    if events:  # a check alone notifies nobody
+        params.append(channel)
+    for e in events:
+        params += (e.id, e.stream, e.version, e.type, e.schema, e.data, e.metadata, e.timestamp_ms)
+    return params
+
+
 def conflict(detail: str | None) -> ConcurrencyError:
     """The ``ConcurrencyError`` that riverbed_conflict's DETAIL describes."""
     stream, expected, actual = _conflict_detail.decode(detail or "")
