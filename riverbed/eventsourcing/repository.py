@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import inspect
 import json
 import logging
 import random
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -113,7 +115,10 @@ class Events:
         self.app_name = app_name
         self._url = url
         self._store: EventStore | None = None
-        self._async_store: AsyncEventStore | None = None
+        # An async store's connections belong to the event loop that opened them.
+        self._async_stores: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncEventStore
+        ] = weakref.WeakKeyDictionary()
         self._connecting = threading.Lock()
 
     @property
@@ -174,6 +179,12 @@ class Events:
         ids = iter(random_ids(sum(len(a.pending) for a in aggregates) + 1))
         cause = _cause.get() or Cause(next(ids), "")
         meta = dict(metadata or {})
+        not_text = [key for key in meta if not isinstance(key, str)]
+        if not_text:
+            first = not_text[0]
+            raise EventSourcingError(
+                f"metadata keys are strings, not {type(first).__name__} ({first!r})"
+            )
         reserved = sorted(CAUSE_KEYS & meta.keys())
         if reserved:
             raise EventSourcingError(
@@ -303,7 +314,7 @@ class Events:
         self,
         cls: type[A],
         aggregate_id: str,
-        decide: Callable[[A], None],
+        decide: Callable[[A], object],
         *,
         retries: int = 5,
         command_id: str | None = None,
@@ -316,7 +327,13 @@ class Events:
         with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = self.get(cls, aggregate_id)
-                decide(aggregate)
+                decided = decide(aggregate)
+                if inspect.isawaitable(decided):
+                    if inspect.iscoroutine(decided):
+                        decided.close()  # never to run: no "never awaited" warning
+                    raise TypeError(
+                        f"decide {decide!r} is async: await app.events.handle_async(...) instead"
+                    )
                 try:
                     return aggregate, self.save(aggregate, metadata=metadata)
                 except ConcurrencyError:
@@ -329,16 +346,19 @@ class Events:
         self,
         cls: type[A],
         aggregate_id: str,
-        decide: Callable[[A], None],
+        decide: Callable[[A], Awaitable[None] | None],
         *,
         retries: int = 5,
         command_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[A, int]:
+        """``handle`` for async code; ``decide`` may be a coroutine function."""
         with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = await self.get_async(cls, aggregate_id)
-                decide(aggregate)
+                decided = decide(aggregate)
+                if inspect.isawaitable(decided):
+                    await decided
                 try:
                     return aggregate, await self.save_async(aggregate, metadata=metadata)
                 except ConcurrencyError:
@@ -361,14 +381,22 @@ class Events:
         return envelope(stored, self.store.stream_key)
 
     async def async_store(self) -> AsyncEventStore:
-        if self._async_store is None:
-            self._async_store = await connect_async_store(self._url)
-        return self._async_store
+        """The running event loop's store (opened on first use)."""
+        loop = asyncio.get_running_loop()
+        store = self._async_stores.get(loop)
+        if store is None:
+            opened = await connect_async_store(self._url)
+            # Calls that raced to open one keep the first; the others close theirs.
+            store = self._async_stores.setdefault(loop, opened)
+            if store is not opened:
+                await opened.close()
+        return store
 
     async def close_async(self) -> None:
-        if self._async_store is not None:
-            await self._async_store.close()
-            self._async_store = None
+        """Close the running event loop's store."""
+        store = self._async_stores.pop(asyncio.get_running_loop(), None)
+        if store is not None:
+            await store.close()
 
 
 def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None]) -> Envelope:

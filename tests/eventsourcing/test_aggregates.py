@@ -213,6 +213,8 @@ def test_a_version_below_1_and_reserved_or_unencodable_metadata_are_refused(
             events.save(order, metadata={key: "mine"})
     with pytest.raises(EventSourcingError, match="metadata does not encode: objects of type"):
         events.save(order, metadata={"user": object()})
+    with pytest.raises(EventSourcingError, match=r"metadata keys are strings, not int \(1\)"):
+        events.save(order, metadata={1: "one"})
     assert events.read() == [] and len(order.pending) == 1  # nothing saved, nothing lost
     events.save(order, metadata={"user": "ada"})
     assert events.read()[0].metadata["user"] == "ada"
@@ -493,6 +495,45 @@ def test_async_save_load_and_command(events: EventSourcing) -> None:
     loaded = asyncio.run(main())
     assert loaded.lines == ["async"]
     assert loaded.email == "ada@example.com"
+
+
+def test_async_commands_may_await_and_sync_ones_refuse_a_coroutine(
+    events: EventSourcing,
+) -> None:
+    order = place()
+    events.save(order)
+
+    async def decide(current: Order) -> None:
+        await asyncio.sleep(0)
+        current.add_line("awaited")
+
+    async def main() -> None:
+        handled, position = await events.handle_async(Order, order.id, decide)
+        assert handled.lines == ["awaited"] and position == 2
+        await events.close_async()
+
+    asyncio.run(main())
+    with pytest.raises(TypeError, match=r"is async: await app\.events\.handle_async"):
+        events.handle(Order, order.id, decide)
+    assert events.get(Order, order.id).lines == ["awaited"]
+
+
+def test_each_event_loop_gets_its_own_async_store(events: EventSourcing) -> None:
+    order = place()
+
+    async def first_use() -> None:  # racing to open the store: one is kept, none is leaked
+        stores = await asyncio.gather(*(events.async_store() for _ in range(5)))
+        assert len({id(store) for store in stores}) == 1
+        await events.save_async(order)
+
+    async def later() -> Order:  # another loop, as in one test per loop under pytest-asyncio
+        loaded = await events.get_async(Order, order.id)
+        await events.close_async()
+        return loaded
+
+    asyncio.run(first_use())  # left open: its loop is closed now
+    assert asyncio.run(later()).customer == "ada"
+    assert asyncio.run(later()).customer == "ada"
 
 
 def test_given_when_then() -> None:
