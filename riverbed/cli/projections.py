@@ -60,6 +60,13 @@ def list_projections(target: Target) -> None:
             f"{status.parked:,}",
         )
     out.print(table)
+    for status in statuses:
+        if status.stopped_at is not None and status.stopped_error is not None:
+            out.print(
+                f"{status.name} stopped at position {status.stopped_at:,} (on_error = 'stop'): "
+                f"{status.stopped_error.splitlines()[0]}; fix it and restart the worker",
+                markup=False,
+            )
 
 
 @app.command("parked")

@@ -26,7 +26,7 @@ from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
-from riverbed.eventsourcing.subscriptions import Subscription
+from riverbed.eventsourcing.subscriptions import STOPPED, Subscription
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -107,6 +107,9 @@ class ProjectionStatus(msgspec.Struct, frozen=True):
     head: int  # the store's last position
     lag: int  # events stored that the active version has not applied yet
     parked: int
+    # With on_error = "stop": the event it stopped at, until a restarted runner applies it.
+    stopped_at: int | None = None
+    stopped_error: str | None = None
 
 
 class ProjectionRunner(Subscription):
@@ -189,8 +192,14 @@ class Projections:
         version = self.active_version(name)
         checkpoint = store.checkpoint(subscriber(name, version))
         head = store.last_position()  # read after the checkpoint: the lag is never negative
-        return ProjectionStatus(name, version, checkpoint, head, head - checkpoint,
-                                len(self.parked(name)))  # fmt: skip
+        status = ProjectionStatus(name, version, checkpoint, head, head - checkpoint,
+                                  len(self.parked(name)))  # fmt: skip
+        stopped = store.get_document(STOPPED, subscriber(name, version))
+        if stopped is None or stopped["position"] <= checkpoint:
+            return status
+        return msgspec.structs.replace(
+            status, stopped_at=stopped["position"], stopped_error=stopped["error"]
+        )
 
     def parked(self, name: str) -> list[ParkedEvent]:
         """The events the active version of projection ``name`` could not apply, in position
@@ -233,10 +242,10 @@ class Projections:
     def wait_for(self, name: str, position: int, timeout: float = 10.0) -> None:
         """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
         store = self.events.store
-        checkpoint = subscriber(name, self.active_version(name))
         deadline = time.monotonic() + timeout
         pauses = _pauses()
-        while store.checkpoint(checkpoint) < position:
+        # The active version is read again each time: a rebuild may switch to another.
+        while store.checkpoint(subscriber(name, self.active_version(name))) < position:
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
             time.sleep(next(pauses))
@@ -261,10 +270,12 @@ class Projections:
     async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
         """``wait_for`` for async code."""
         store = await self.events.async_store()
-        checkpoint = subscriber(name, await self._active_version_async(store, name))
         deadline = time.monotonic() + timeout
         pauses = _pauses()
-        while await store.checkpoint(checkpoint) < position:
+        while (
+            await store.checkpoint(subscriber(name, await self._active_version_async(store, name)))
+            < position
+        ):
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
             await asyncio.sleep(next(pauses))
@@ -289,6 +300,13 @@ class Projections:
         runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
         while stop is None or not stop.is_set():
             runner.catch_up()
+            if runner.stopped_on is not None:  # on_error = "stop": it will not catch up
+                failed = runner.stopped_on
+                raise EventSourcingError(
+                    f"the rebuild of projection {name!r} stopped at position {failed.position} "
+                    f"({failed.type}), and version {old} stays active: "
+                    f"{failed.error.splitlines()[0]}"
+                )
             # The switch takes turns with the old version's pages: it commits in a transaction of
             # that version's subscriber (its advisory lock on PostgreSQL, the write lock on
             # SQLite). A page in flight commits first and the drop below deletes its writes too

@@ -23,6 +23,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
+
 from riverbed.eventsourcing.errors import ConcurrencyError
 from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("riverbed.subscriptions")
 
 PAGE = 1000
+# The documents saying where subscribers with on_error = "stop" stopped, by subscriber name.
+STOPPED = "riverbed.stopped"
 RETRY_S = 0.05
 CONFLICT_RETRIES = 10
 
@@ -116,6 +120,11 @@ class Subscription:
         if self.on_error == "stop":
             self.stopped_on = parked
             log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
+            with self.store.transaction(self.name) as tx:
+                # For status(): it holds until the checkpoint passes the position, when a
+                # restarted runner applied the event.
+                if not self.replaced(tx):
+                    tx.put(STOPPED, self.name, msgspec.structs.asdict(parked))
             return
         with self.store.transaction(self.name) as tx:
             if self.replaced(tx):
@@ -161,9 +170,10 @@ class Subscription:
             self._conflicts_fail = False
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
-        """Handle events until ``stop``, waiting out the store's outages."""
+        """Handle events until ``stop``, waiting out the store's outages, or until an event
+        fails with ``on_error = "stop"``."""
         outage = Outage(self.name)
-        while not stop.is_set():
+        while not stop.is_set() and self.stopped_on is None:
             try:
                 if self._retrying_once() == 0:
                     self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))

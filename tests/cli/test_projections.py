@@ -71,7 +71,7 @@ def book(rooms: ModuleType, *guests: str) -> None:
 
 def status_row(listed: Result) -> list[str]:
     """The cells of the projection's row in ``list``'s table."""
-    (row,) = [line for line in listed.stdout.splitlines() if NAME in line]
+    row = next(line for line in listed.stdout.splitlines() if NAME in line)
     return [cell for cell in re.split(r"[\s│|]+", row) if cell]
 
 
@@ -105,6 +105,18 @@ def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:
     again = run("unpark", "rooms:app", NAME, "2")
     assert again.exit_code == 1
     assert again.stderr == f"error: not parked by {NAME}: 2\n"
+
+
+def test_list_says_where_a_projection_that_stops_on_errors_stopped(rooms: ModuleType) -> None:
+    book(rooms, "ada", "mallory", "bob")
+    rooms.BookingsPerGuest.on_error = "stop"
+    rooms.app.events.projections.runner(NAME).catch_up()
+    listed = run("list", "rooms:app")
+    assert status_row(listed) == [NAME, "1", "1", "3", "2", "0"]
+    assert listed.stdout.splitlines()[-1] == (
+        f"{NAME} stopped at position 2 (on_error = 'stop'): ValueError: mallory cannot book; "
+        "fix it and restart the worker"
+    )
 
 
 def test_rebuild_switches_to_a_new_version(rooms: ModuleType) -> None:

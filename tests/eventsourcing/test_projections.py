@@ -179,13 +179,25 @@ def test_a_projection_can_stop_on_error_instead(events: EventSourcing) -> None:
         name = "strict"
         on_error = "stop"
 
-    projection = Strict()
+    projection = events.projection(Strict())
     projection.fail_on = {orders[1].id}
-    runner = ProjectionRunner(events, projection)
-    runner.catch_up()
-    assert runner.stopped_on is not None and runner.stopped_on.position == 2
-    assert runner.checkpoint == 1
-    assert events.store.parked("strict@v1") == []
+    stop = threading.Event()
+    (thread,) = events.run(stop)
+    thread.join(10)  # the runner ends there, instead of trying the event again and again
+    assert not thread.is_alive() and not stop.is_set() and events.failures == []
+    status = events.projections.status("strict")
+    assert (status.checkpoint, status.stopped_at, status.parked) == (1, 2, 0)
+    assert (
+        status.stopped_error is not None and "RuntimeError: cannot project" in status.stopped_error
+    )
+    with pytest.raises(EventSourcingError, match=r"rebuild of projection 'strict' stopped at "
+                       r"position 2 \(Order.Placed\), and version 1 stays active"):  # fmt: skip
+        events.projections.rebuild("strict")
+    assert events.projections.active_version("strict") == 1
+    # Fixed and run again, it applies the event and no longer reports a stop.
+    projection.fail_on = set()
+    assert events.projections.runner("strict").catch_up() == 2
+    assert events.projections.status("strict").stopped_at is None
 
 
 def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) -> None:
@@ -207,6 +219,31 @@ def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) 
         stop.set()
         for thread in threads:
             thread.join(10)
+
+
+def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events.projection(OrderTotals())
+    position = place(events, "ada") and events.store.last_position()
+    answers: list[object] = []
+    waiting = threading.Thread(target=lambda: answers.append(events.projections.get(
+        "order-totals", "customers", "ada", wait_for=position, timeout=10
+    )))  # fmt: skip
+    looked_up = threading.Event()
+    active_version = events.projections.active_version
+
+    def noted(name: str) -> int:
+        version = active_version(name)
+        looked_up.set()
+        return version
+
+    monkeypatch.setattr(events.projections, "active_version", noted)
+    waiting.start()
+    assert looked_up.wait(10)  # it waits on version 1, which no worker runs
+    assert events.projections.rebuild("order-totals") == 2  # fills version 2 and switches
+    waiting.join(15)
+    assert answers == [{"orders": 1, "total": "10"}]
 
 
 def test_a_page_begun_for_a_replaced_version_writes_nothing(events: EventSourcing) -> None:
