@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.codec import EventType, Upcaster, registry
+from riverbed.eventsourcing.codec import ENCODER, EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.ids import time_ordered_id
 
@@ -76,10 +76,13 @@ class Aggregate:
     stored_name: ClassVar[str] = ""
     id: str
     version: int
+    _applying: EventType | None = None  # the event whose body (or apply) runs, if any
 
     @classmethod
     def create(cls, *args: Any, id: str | None = None, **kwargs: Any) -> Self:
         """Construct through the recorded ``__init__`` event, with this ``id``."""
+        if id is not None:
+            check_id(id, f"{cls.__name__}.create")
         aggregate = cls.__new__(cls)
         aggregate._begin(id)
         aggregate.__init__(*args, **kwargs)  # type: ignore[misc]
@@ -107,14 +110,36 @@ class Aggregate:
     def _record(self, event: Any, entry: EventType) -> None:
         if "id" not in self.__dict__:
             self._begin(None)
+        applying = self._applying
+        if applying is not None:
+            # A load would run the outer body again, recording the inner event a second time.
+            raise EventSourcingError(
+                f"{entry.name} recorded while applying {applying.name}: an event's body (or a "
+                "DomainEvent's apply) runs again each time the aggregate loads, so it must not "
+                "record events; record both from a plain, undecorated method that calls one "
+                "event method after the other"
+            )
+        try:  # through the codec's encoder and the event's decoder, as a save and a load will
+            entry.decoder.decode(ENCODER.encode(event))
+        except _PAYLOAD_ERRORS as error:
+            raise _payload_error(event, entry, error) from None
         assert entry.apply is not None
-        entry.apply(self, event)
+        # Applied as _replay does, inlined: this is every command's path.
+        self._applying = entry
+        try:
+            entry.apply(self, event)
+        finally:
+            self._applying = None
         self.version = version = self.version + 1
         self.pending.append(Recorded(event, entry, version))
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None
-        entry.apply(self, event)
+        self._applying = entry
+        try:
+            entry.apply(self, event)
+        finally:
+            self._applying = None
         self.version = version
 
     def __repr__(self) -> str:
@@ -193,6 +218,34 @@ class EventMethod(Generic[P, R]):
         return functools.partial(_record_call, instance, self.entry)
 
 
+def check_id(aggregate_id: object, where: str) -> None:
+    """Raise ``ValueError`` unless ``aggregate_id`` is a non-empty str without NUL characters."""
+    if not isinstance(aggregate_id, str) or not aggregate_id or "\x00" in aggregate_id:
+        # PostgreSQL cuts a text at a NUL: "a\x00b" would land in the stream "a".
+        raise ValueError(
+            f"{where}: an aggregate id is a non-empty str without NUL characters, "
+            f"got {aggregate_id!r}"
+        )
+
+
+# What the encoder raises for a value it cannot encode
+_ENCODE_ERRORS = (NotImplementedError, OverflowError, TypeError, ValueError)
+_PAYLOAD_ERRORS = (msgspec.ValidationError, *_ENCODE_ERRORS)
+
+
+def _payload_error(event: Any, entry: EventType, error: Exception) -> TypeError:
+    """The error for an event that would not load back, naming its field."""
+    if isinstance(error, msgspec.ValidationError):  # its message ends "- at `$.amount`"
+        return TypeError(f"{entry.name}: {error}")
+    # The encoder's messages name no field: find the first that does not encode.
+    for name in event.__struct_fields__:
+        try:
+            ENCODER.encode(getattr(event, name))
+        except _ENCODE_ERRORS:
+            return TypeError(f"{entry.name}: {error} - at `$.{name}`")
+    return TypeError(f"{entry.name}: {error}")
+
+
 def _record_call(instance: Aggregate, entry: EventType, *args: Any, **kwargs: Any) -> None:
     try:
         payload = entry.cls(*args, **kwargs)
@@ -210,8 +263,10 @@ def event(
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """``@riverbed.event("Paid")`` on an aggregate method: calling it records the event
     ``<Aggregate>.Paid`` with the call's arguments as its payload and applies it by running the
-    body. ``version``/``upcasters`` evolve the payload's shape; ``aliases`` are the full names
-    it was stored under before a rename (``("Order.Settled",)``), which still load as it."""
+    body. Arguments that would not load back as the annotations say raise ``TypeError``, and
+    the body must not record events (it runs again on every load). ``version``/``upcasters``
+    evolve the payload's shape; ``aliases`` are the full names it was stored under before a
+    rename (``("Order.Settled",)``), which still load as it."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
         return EventMethod(method, name, version, upcasters, aliases)  # type: ignore[return-value]

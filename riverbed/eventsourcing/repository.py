@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate
+from riverbed.eventsourcing.aggregate import Aggregate, check_id
 from riverbed.eventsourcing.codec import (
     ENCODER,
     dec_hook,
@@ -205,6 +205,7 @@ class Events:
             if not pending:
                 continue
             stream = aggregate.id
+            check_id(stream, "save")
             key = _key_of(stream, stream_key)
             events = [
                 NewEvent(
@@ -257,6 +258,7 @@ class Events:
     ) -> A:
         """``get``, reading the stream with ``read_stream`` (a transaction's, to see its own
         appends)."""
+        check_id(aggregate_id, f"get({cls.__name__}, id)")
         _check_version(version)
         store = self.store
         snapshot = store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
@@ -268,6 +270,7 @@ class Events:
         return self._replayed(cls, aggregate_id, aggregate, events, store.stream_key)
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
+        check_id(aggregate_id, f"get_async({cls.__name__}, id)")
         _check_version(version)
         store = await self.async_store()
         snapshot = await store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None

@@ -1,0 +1,206 @@
+"""What an event method accepts: no events recorded from inside an event's body, arguments that
+match its annotations (what will load back), and ids that a store keeps as they are."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import msgspec
+import pytest
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing, scenario
+from riverbed.eventsourcing.errors import EventSourcingError
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    events = EventSourcing("shop", store_url)
+    yield events
+    events.close()
+
+
+class Stamped(riverbed.DomainEvent):
+    event_type = "Nest.Stamped"
+
+    def apply(self, nest: Any) -> None:
+        nest.log.append("stamped")
+        nest.check()  # records from an apply: refused like from a body
+
+
+class Nest(riverbed.Aggregate):
+    @riverbed.event("Opened")
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    @riverbed.event("Checked")
+    def check(self) -> None:
+        self.log.append("checked")
+
+    @riverbed.event("Closed")
+    def close(self) -> None:
+        self.check()
+        self.log.append("closed")
+
+    @riverbed.event("Sealed")
+    def seal(self) -> None:
+        self.trigger(Stamped())
+
+    def finish(self) -> None:
+        """The remedy: a plain method that records one event after the other."""
+        self.check()
+        self._finished()
+
+    @riverbed.event("Finished")
+    def _finished(self) -> None:
+        self.log.append("finished")
+
+
+def test_an_event_recorded_while_another_is_applied_is_refused(events: EventSourcing) -> None:
+    nest = Nest.create()
+    for command, inner, outer in [
+        (nest.close, "Nest.Checked", "Nest.Closed"),
+        (nest.seal, "Nest.Stamped", "Nest.Sealed"),
+        (lambda: nest.trigger(Stamped()), "Nest.Checked", "Nest.Stamped"),
+    ]:
+        with pytest.raises(EventSourcingError) as raised:
+            command()
+        assert f"{inner} recorded while applying {outer}" in str(raised.value)
+        assert "plain, undecorated method" in str(raised.value)
+        assert (nest.version, [r.type.name for r in nest.pending]) == (1, ["Nest.Opened"])
+
+    nest.log.clear()  # the refused apply had appended before it recorded
+    nest.finish()  # the guard is lifted after a refusal
+    events.save(nest)  # no ConcurrencyError: the pending events match the versions
+    loaded = events.get(Nest, nest.id)
+    assert (loaded.version, loaded.log) == (3, ["checked", "finished"])
+    # Replaying runs the body again, and is refused the same way.
+    with pytest.raises(
+        EventSourcingError, match=r"Nest\.Checked recorded while applying Nest\.Closed"
+    ):
+        scenario(Nest).given(Nest.Opened(), Nest.Closed())  # type: ignore[attr-defined]
+
+
+class Tip(riverbed.DomainEvent):
+    event_type = "Wallet.Tipped"
+    amount: int
+
+    def apply(self, wallet: Any) -> None:
+        wallet.entries.append(self.amount)
+
+
+class Wallet(riverbed.Aggregate):
+    @riverbed.event("Opened")
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.entries: list[Any] = []
+
+    @riverbed.event("Credited")
+    def credit(self, amount: int) -> None:
+        self.entries.append(amount)
+
+    @riverbed.event("Noted")
+    def note(self, text) -> None:  # type: ignore[no-untyped-def]  # Any: whatever encodes
+        self.entries.append(text)
+
+
+def refused(message: str) -> pytest.RaisesExc[TypeError]:
+    return pytest.raises(TypeError, match=re.escape(message))
+
+
+def test_arguments_that_would_not_load_back_are_refused_before_the_body_runs() -> None:
+    with refused("Wallet.Opened: Expected `str`, got `int` - at `$.owner`"):
+        Wallet(5)  # type: ignore[arg-type]
+    wallet = Wallet("ada")
+    with refused("Wallet.Credited: Expected `int`, got `str` - at `$.amount`"):
+        wallet.credit("100")  # type: ignore[arg-type]
+    with refused("Wallet.Credited: Expected `int`, got `bool` - at `$.amount`"):
+        wallet.credit(True)
+    with refused("Wallet.Noted: objects of type object are not supported - at `$.text`"):
+        wallet.note(object())
+    with refused("Wallet.Noted: can't serialize ints < -2**63 or > 2**64 - 1 - at `$.text`"):
+        wallet.note(2**70)
+    with refused("Wallet.Tipped: Expected `int`, got `str` - at `$.amount`"):
+        wallet.trigger(Tip(amount="5"))  # type: ignore[arg-type]
+    assert (wallet.entries, wallet.version, len(wallet.pending)) == ([], 1, 1)
+
+    wallet.credit(100)
+    wallet.note({"any": ["thing", 1, None]})
+    wallet.trigger(Tip(amount=5))
+    assert wallet.entries == [100, {"any": ["thing", 1, None]}, 5]
+
+
+@dataclass(frozen=True)
+class Address:
+    street: str
+    city: str
+
+
+class Price(msgspec.Struct, frozen=True):
+    amount: Decimal
+    currency: str
+
+
+class Line(msgspec.Struct, frozen=True):
+    sku: str
+    price: Price
+
+
+class Kit(riverbed.Aggregate):
+    @riverbed.event("Ordered")
+    def __init__(
+        self,
+        email: Annotated[str, riverbed.Personal],
+        ship_to: Address,
+        lines: list[Line],
+        total: Decimal,
+        at: datetime,
+        ref: uuid.UUID,
+        note: str | None = None,
+    ) -> None:
+        self.email, self.ship_to, self.lines = email, ship_to, lines
+        self.total, self.at, self.ref, self.note = total, at, ref, note
+
+
+def test_payloads_of_custom_types_are_accepted_and_load_back(events: EventSourcing) -> None:
+    address, ref = Address("Main St 1", "Oslo"), uuid.uuid4()
+    lines = [Line("a", Price(Decimal("2.50"), "EUR")), Line("b", Price(Decimal(10), "EUR"))]
+    wrong = [lines[0], Line("b", Price("ten", "EUR"))]  # type: ignore[arg-type]
+    with refused("Kit.Ordered: Invalid decimal string - at `$.lines[1].price.amount`"):
+        Kit.create("ada@example.com", address, wrong, Decimal("12.50"), NOW, ref)
+    with refused("Kit.Ordered: Expected `str | null`, got `int` - at `$.note`"):
+        Kit.create("ada@example.com", address, lines, Decimal("12.50"), NOW, ref, 7)
+
+    kit = Kit.create("ada@example.com", address, lines, Decimal("12.50"), NOW, ref)
+    other = Kit.create("bob@example.com", address, [], Decimal(0), NOW, ref, note="gift")
+    events.save(kit, other)
+    loaded = events.get(Kit, kit.id)
+    assert (loaded.email, loaded.ship_to, loaded.lines) == ("ada@example.com", address, lines)
+    assert (loaded.total, loaded.at, loaded.ref, loaded.note) == (Decimal("12.50"), NOW, ref, None)
+    assert events.get(Kit, other.id).note == "gift"
+
+
+def test_an_id_that_is_empty_not_a_str_or_holds_a_nul_is_refused(events: EventSourcing) -> None:
+    message = "an aggregate id is a non-empty str without NUL characters"
+    for bad in ("", "a\x00X", 42):
+        with pytest.raises(ValueError, match=rf"Wallet\.create: {message}"):
+            Wallet.create("ada", id=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=rf"get\(Wallet, id\): {message}, got"):
+            events.get(Wallet, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=message):
+            asyncio.run(events.get_async(Wallet, bad))  # type: ignore[arg-type]
+    wallet = Wallet.create("ada", id="wallet-1")
+    wallet.id = "a\x00X"  # set by hand
+    with pytest.raises(ValueError, match=rf"save: {message}"):
+        events.save(wallet)
+    assert events.read() == []
+    assert Wallet.create("ada").id  # None: a generated id
