@@ -6,13 +6,23 @@ old events. An event class carries a version; events stored at an older version 
 class's upcasters (``{old_version: fn(dict) -> dict}``) before they are converted to the class.
 Fields marked personal (``Annotated[str, riverbed.Personal]``) are encrypted with the stream's
 own key (AES-GCM); deleting the key (crypto-shredding) leaves them unreadable, and they decode as
-``ERASED`` (strings) or None, while the rest of the event, and of the stream, still loads.
+None where their type allows None, else as ``ERASED`` (strings), while the rest of the event, and
+of the stream, still loads. A personal field of another type, or one nested in a field's type,
+could not be erased: its class is refused when it is defined. Each sealed value names the key
+that sealed it (a hash of it), so once a deleted key is replaced by a new one, what the old one
+sealed still reads as erased, while a field altered since it was sealed is an error (a snapshot
+is ignored: the events are replayed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import hashlib
+import logging
 import os
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +39,14 @@ from riverbed.eventsourcing.errors import (
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 ERASED = "[erased]"
-_ENCRYPTED = 1  # msgpack ext code of an encrypted personal field
+# msgpack ext codes of an encrypted personal field: sealed before key ids (nonce, ciphertext),
+# and with the sealing key's id first
+_ENCRYPTED = 1
+_KEYED = 2
+_KEY_ID_BYTES = 8
 _NONCE_BYTES = 12
+_NO_ERASED_VALUE = object()
+log = logging.getLogger("riverbed.events")
 
 
 class Personal:
@@ -62,7 +78,6 @@ class EventType:
     cls: type[Any]
     version: int = 1
     upcasters: dict[int, Upcaster] = field(default_factory=dict)
-    personal: frozenset[str] = frozenset()
     apply: Callable[[Any, Any], None] | None = None  # (aggregate, event) -> None
     # The aggregate class whose @event method records it; None for a DomainEvent class, which
     # any aggregate may trigger.
@@ -75,6 +90,11 @@ class EventType:
         if owner is None or issubclass(cls, owner):
             return True
         return any(_same_class(base, owner) for base in cls.__mro__)
+
+    @functools.cached_property
+    def personal(self) -> dict[str, object]:
+        """Its personal fields, each with the value it decodes as once erased."""
+        return _personal_fields(self.cls)
 
     @functools.cached_property
     def decoder(self) -> msgspec.msgpack.Decoder[Any]:
@@ -123,9 +143,11 @@ class EventRegistry:
                 )
         if version < 1:
             raise EventSourcingError(f"event {name}: version must be >= 1, got {version}")
-        entry = EventType(
-            name, cls, version, dict(upcasters or {}), _personal_fields(cls), apply, aggregate
-        )
+        entry = EventType(name, cls, version, dict(upcasters or {}), apply, aggregate)
+        # Personal fields that could not be erased are refused with the class; while it refers
+        # to a class defined later, on first use.
+        with contextlib.suppress(NameError):
+            entry.personal = _personal_fields(cls)
         for taken in names:
             self._by_name[taken] = entry
         self._by_class[cls] = entry
@@ -156,16 +178,94 @@ class EventRegistry:
 registry = EventRegistry()
 
 
-def _personal_fields(cls: type[Any]) -> frozenset[str]:
-    try:
-        hints = typing.get_type_hints(cls, include_extras=True)
-    except Exception:  # unresolvable forward references: no personal fields can be seen
-        return frozenset()
-    return frozenset(
-        name
-        for name, hint in hints.items()
-        if typing.get_origin(hint) is typing.Annotated and Personal in hint.__metadata__
+def _personal_fields(cls: type[Any]) -> dict[str, object]:
+    """The personal fields of ``cls`` with their erased values. Raises ``EventSourcingError``
+    for one that could not be erased, and ``NameError`` while an annotation does not resolve."""
+    erased: dict[str, object] = {}
+    plain_hints = typing.get_type_hints(cls)  # for the messages: without the Annotated extras
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        plain = plain_hints[name]
+        if _is_personal(hint):
+            erased[name] = _erased_value(hint)
+            if erased[name] is _NO_ERASED_VALUE:
+                raise EventSourcingError(
+                    f"{_where(cls)}: personal field {name!r} ({_describe(plain)}) has no erased "
+                    "value for when its stream's key is deleted: that is None for a type that "
+                    f"allows None, else {ERASED!r} for a str; make it optional (`{name}: "
+                    f"Annotated[{_describe(plain)} | None, riverbed.Personal]`)"
+                )
+            continue
+        path = _nested_personal(hint, set())
+        if path is not None:
+            whole = _describe(plain)
+            if _erased_value(plain) is _NO_ERASED_VALUE:
+                whole += " | None"
+            raise EventSourcingError(
+                f"{_where(cls)}: field {name!r} marks {name}{path} riverbed.Personal inside its "
+                "type, where it would be stored unencrypted: only an event's own fields can be "
+                f"personal; mark the whole field (`{name}: Annotated[{whole}, riverbed.Personal]`)"
+            )
+    return erased
+
+
+def _is_personal(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Annotated and Personal in hint.__metadata__
+
+
+def _nested_personal(hint: Any, seen: set[type[Any]]) -> str | None:
+    """The path to a part of ``hint`` marked personal ("" for ``hint`` itself), if any: in the
+    types it is made of, and in the fields of the classes msgspec encodes field by field."""
+    if _is_personal(hint):
+        return ""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    for arg in typing.get_args(hint):
+        path = _nested_personal(arg, seen)
+        if path is not None:
+            return path
+    cls = typing.get_origin(hint) or hint
+    if not isinstance(cls, type) or cls in seen or not _has_fields(cls):
+        return None
+    seen.add(cls)  # a recursive type is looked into once
+    for name, field_hint in typing.get_type_hints(cls, include_extras=True).items():
+        path = _nested_personal(field_hint, seen)
+        if path is not None:
+            return f".{name}{path}"
+    return None
+
+
+def _has_fields(cls: type[Any]) -> bool:
+    return (
+        issubclass(cls, msgspec.Struct)
+        or dataclasses.is_dataclass(cls)
+        or hasattr(cls, "__attrs_attrs__")
+        or typing.is_typeddict(cls)
+        or (issubclass(cls, tuple) and hasattr(cls, "_fields"))  # NamedTuple
     )
+
+
+def _erased_value(hint: Any) -> object:
+    """None where ``hint`` allows None, else ``ERASED`` where it takes that string, else
+    ``_NO_ERASED_VALUE``: a value that would not decode would make the stream unloadable."""
+    for value in (None, ERASED):
+        try:
+            msgspec.convert(value, hint, dec_hook=dec_hook)
+        except (msgspec.ValidationError, NotImplementedError, TypeError, ValueError):
+            continue
+        return value
+    return _NO_ERASED_VALUE
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` as code spells it: ``Address | None``, not ``Optional[shop.Address]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(map(_describe, args))
+    if args and isinstance(origin, type):
+        return f"{origin.__qualname__}[{', '.join(map(_describe, args))}]"
+    if hint is type(None):
+        return "None"
+    return hint.__qualname__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 # Encoding
@@ -184,7 +284,7 @@ def encode(event: object, entry: EventType, key: KeyLookup) -> bytes:
     for name in entry.personal:
         if fields.get(name) is not None:
             fields[name] = msgspec.msgpack.Ext(
-                _ENCRYPTED, _encrypt(stream_key, ENCODER.encode(fields[name]))
+                _KEYED, _encrypt(stream_key, ENCODER.encode(fields[name]))
             )
     return ENCODER.encode(fields)
 
@@ -199,8 +299,10 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
             fields = entry.upcasters[version](fields)
         for name, value in fields.items():
             if isinstance(value, _Erased):
-                fields[name] = _erased_value(entry.cls, name)
+                fields[name] = entry.personal.get(name)
         return msgspec.convert(fields, entry.cls, dec_hook=dec_hook)
+    except _AlteredError as error:
+        raise EventDecodeError(f"event {entry.name} {where} does not decode: {error}") from None
     except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError) as error:
         raise EventDecodeError(
             f"event {entry.name} {where} does not decode (stored at version {schema}, class at "
@@ -212,25 +314,41 @@ class _Erased:
     """A personal field whose stream key was deleted."""
 
 
+class _AlteredError(Exception):
+    """A personal field that fails authentication under the key that sealed it."""
+
+
 class _Decrypter:
     def __init__(self, key: KeyLookup) -> None:
         self._key = key
         self._loaded = False
         self._value: bytes | None = None
+        self._id = b""
 
     def __call__(self, code: int, data: memoryview) -> object:
-        if code != _ENCRYPTED:
+        if code not in (_KEYED, _ENCRYPTED):
             raise ValueError(f"unknown msgpack extension {code}")
         if not self._loaded:
             self._value, self._loaded = self._key(False), True
+            if self._value is not None:
+                self._id = _key_id(self._value)
         if self._value is None:
             return _Erased()
-        return msgspec.msgpack.decode(_decrypt(self._value, bytes(data)))
-
-
-def _erased_value(cls: type[Any], name: str) -> object:
-    hint = typing.get_type_hints(cls).get(name)
-    return ERASED if hint is str else None
+        sealed = bytes(data)
+        if code == _ENCRYPTED:
+            # Sealed before key ids: one that fails authentication cannot be told from one
+            # sealed with a deleted key since replaced, the likelier.
+            plaintext = _open(self._value, sealed)
+            return _Erased() if plaintext is None else msgspec.msgpack.decode(plaintext)
+        if sealed[:_KEY_ID_BYTES] != self._id:  # sealed with a key deleted since
+            return _Erased()
+        plaintext = _open(self._value, sealed[_KEY_ID_BYTES:])
+        if plaintext is None:
+            raise _AlteredError(
+                "a personal field fails authentication under the stream key that sealed it: "
+                "the stored payload was altered"
+            )
+        return msgspec.msgpack.decode(plaintext)
 
 
 def _aesgcm(key: bytes) -> Any:
@@ -251,20 +369,41 @@ def seal(key: bytes, plaintext: bytes) -> bytes:
 
 
 def unseal(key: bytes | None, data: bytes) -> bytes | None:
-    """The plaintext of ``data`` (sealed or not); None when sealed and the key is gone."""
+    """The plaintext of ``data`` (sealed or not); None when sealed with a key that is gone
+    (deleted, or replaced since; a snapshot sealed before key ids too) or altered since: a
+    snapshot only saves replaying the events."""
     if not data.startswith(SEALED):
         return data
-    return None if key is None else _decrypt(key, data[len(SEALED) :])
+    sealed = data[len(SEALED) :]
+    if key is None or sealed[:_KEY_ID_BYTES] != _key_id(key):
+        return None
+    plaintext = _open(key, sealed[_KEY_ID_BYTES:])
+    if plaintext is None:
+        log.warning("ignoring a snapshot altered since it was sealed: the events are replayed")
+    return plaintext
+
+
+def _key_id(key: bytes) -> bytes:
+    # Names the key without revealing it: it is a 256-bit random key, and the hash one-way.
+    return hashlib.sha256(b"riverbed stream key id:" + key).digest()[:_KEY_ID_BYTES]
 
 
 def _encrypt(key: bytes, plaintext: bytes) -> bytes:
+    """The sealing key's id, a nonce and the ciphertext."""
     nonce = os.urandom(_NONCE_BYTES)
     ciphertext: bytes = _aesgcm(key).encrypt(nonce, plaintext, None)
-    return nonce + ciphertext
+    return _key_id(key) + nonce + ciphertext
 
 
-def _decrypt(key: bytes, sealed: bytes) -> bytes:
-    plaintext: bytes = _aesgcm(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], None)
+def _open(key: bytes, sealed: bytes) -> bytes | None:
+    """The plaintext of a nonce and ciphertext; None when it fails authentication."""
+    aesgcm = _aesgcm(key)
+    from cryptography.exceptions import InvalidTag  # importable: _aesgcm imported cryptography
+
+    try:
+        plaintext: bytes = aesgcm.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], None)
+    except InvalidTag:
+        return None
     return plaintext
 
 

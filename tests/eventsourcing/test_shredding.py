@@ -1,0 +1,268 @@
+"""Crypto-shredding on both stores: personal data saved after a key deletion, personal fields of
+every type, personal fields nested in a field's type, and payloads altered since sealed."""
+
+# No `from __future__ import annotations`: the classes defined in tests annotate with locals.
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from typing import Annotated, Any, Literal
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing
+from riverbed.eventsourcing.codec import registry
+from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import NewEvent, StreamAppend
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    events = EventSourcing("shredding", store_url)
+    yield events
+    events.close()
+
+
+def cause(raised: pytest.ExceptionInfo[Exception]) -> str:
+    """The refusal's message (Python 3.11 wraps errors of __set_name__ in a RuntimeError)."""
+    error = raised.value.__cause__ or raised.value
+    assert isinstance(error, EventSourcingError)
+    return str(error)
+
+
+class Subscriber(riverbed.Aggregate):
+    snapshot_every = 2
+    email: str
+    touches: int
+
+    @riverbed.event("Joined")
+    def __init__(self, email: Annotated[str, riverbed.Personal]) -> None:
+        self.email = email
+        self.touches = 0
+
+    @riverbed.event("Touched")
+    def touch(self) -> None:
+        self.touches += 1
+
+    @riverbed.event("EmailChanged")
+    def change(self, email: Annotated[str, riverbed.Personal]) -> None:
+        self.email = email
+
+
+def test_personal_data_saved_after_a_key_deletion_loads_with_the_stream(
+    events: EventSourcing,
+) -> None:
+    subscriber = Subscriber("old@example.com")
+    subscriber.touch()  # version 2: a snapshot sealed with the first key
+    events.save(subscriber)
+    assert events.store.delete_stream_key(subscriber.id)
+    assert events.get(Subscriber, subscriber.id).email == riverbed.ERASED
+
+    # A second key seals the new address; the first key's snapshot and field stay erased.
+    events.handle(Subscriber, subscriber.id, lambda s: s.change("new@example.com"))
+    loaded = events.get(Subscriber, subscriber.id)
+    assert (loaded.email, loaded.touches, loaded.version) == ("new@example.com", 1, 3)
+    read = [
+        (e.type, e.event.email if e.type != "Subscriber.Touched" else None) for e in events.read()
+    ]
+    assert read == [
+        ("Subscriber.Joined", riverbed.ERASED),
+        ("Subscriber.Touched", None),
+        ("Subscriber.EmailChanged", "new@example.com"),
+    ]
+    relayed = events.decode(events.store.read_stream(subscriber.id)[0])  # as a consumer would
+    assert relayed.event.email == riverbed.ERASED
+
+    # A snapshot sealed with the second key loads; deleting that key erases both addresses.
+    events.handle(Subscriber, subscriber.id, lambda s: s.touch())  # version 4: a snapshot
+    assert events.get(Subscriber, subscriber.id).email == "new@example.com"
+    assert events.store.delete_stream_key(subscriber.id)
+    shredded = events.get(Subscriber, subscriber.id)
+    assert (shredded.email, shredded.touches, shredded.version) == (riverbed.ERASED, 2, 4)
+    assert [e.event.email for e in events.read() if e.type != "Subscriber.Touched"] == [
+        riverbed.ERASED,
+        riverbed.ERASED,
+    ]
+
+
+def test_a_personal_field_altered_since_sealed_is_an_error_not_erased(
+    events: EventSourcing,
+) -> None:
+    subscriber = Subscriber("ada@example.com")
+    events.save(subscriber)
+    stored = events.store.read_stream(subscriber.id)[0]
+    fields = msgspec.msgpack.decode(stored.data)
+    sealed = fields["email"]
+    assert isinstance(sealed, msgspec.msgpack.Ext)
+    altered = bytes(sealed.data[:-1]) + bytes([sealed.data[-1] ^ 1])
+    fields["email"] = msgspec.msgpack.Ext(sealed.code, altered)
+    events.store.append([StreamAppend(subscriber.id, 1, [NewEvent(
+        str(uuid.uuid4()), subscriber.id, 2, stored.type, stored.schema,
+        msgspec.msgpack.encode(fields), stored.metadata, stored.timestamp_ms,
+    )])])  # fmt: skip
+    with pytest.raises(riverbed.EventDecodeError, match=r"at position 2 .*altered"):
+        events.read()
+
+
+def test_a_snapshot_altered_since_sealed_is_ignored(
+    events: EventSourcing, caplog: pytest.LogCaptureFixture
+) -> None:
+    subscriber = Subscriber("ada@example.com")
+    subscriber.touch()  # version 2: a sealed snapshot
+    events.save(subscriber)
+    snapshot = events.store.load_snapshot(subscriber.id)
+    assert snapshot is not None
+    altered = snapshot.data[:-1] + bytes([snapshot.data[-1] ^ 1])
+    events.store.save_snapshot(msgspec.structs.replace(snapshot, data=altered))
+    loaded = events.get(Subscriber, subscriber.id)  # replayed from the events
+    assert (loaded.email, loaded.touches) == ("ada@example.com", 1)
+    assert "ignoring a snapshot altered since it was sealed" in caplog.text
+
+
+def test_a_field_sealed_before_key_ids_with_a_deleted_key_reads_as_erased(
+    events: EventSourcing,
+) -> None:
+    # Sealed as riverbed did before key ids: a nonce and the ciphertext, under a key that was
+    # deleted and then replaced by the stream's current one.
+    subscriber = Subscriber("ada@example.com")
+    events.save(subscriber)
+    deleted = AESGCM(AESGCM.generate_key(bit_length=256))
+    nonce = os.urandom(12)
+    sealed = nonce + deleted.encrypt(nonce, msgspec.msgpack.encode("old@example.com"), None)
+    stored = events.store.read_stream(subscriber.id)[0]
+    events.store.append([StreamAppend(subscriber.id, 1, [NewEvent(
+        str(uuid.uuid4()), subscriber.id, 2, "Subscriber.EmailChanged", 1,
+        msgspec.msgpack.encode({"email": msgspec.msgpack.Ext(1, sealed)}), stored.metadata,
+        stored.timestamp_ms,
+    )])])  # fmt: skip
+    assert [e.event.email for e in events.read()] == ["ada@example.com", riverbed.ERASED]
+
+
+@pytest.mark.parametrize(
+    ("hint", "shown"),
+    [(int, "int"), (date, "date"), (Literal["gold", "basic"], "Literal['gold', 'basic']")],
+)
+def test_a_personal_field_with_no_erased_value_is_refused_at_definition(
+    hint: Any, shown: str
+) -> None:
+    with pytest.raises((EventSourcingError, RuntimeError)) as raised:
+
+        class Donor(riverbed.Aggregate):
+            @riverbed.event("Registered")
+            def __init__(self, detail: Annotated[hint, riverbed.Personal]) -> None:  # type: ignore[valid-type]
+                self.detail = detail
+
+    message = cause(raised)
+    assert "Donor.Registered: personal field 'detail'" in message
+    assert f"make it optional (`detail: Annotated[{shown} | None, riverbed.Personal]`)" in message
+
+    with pytest.raises(EventSourcingError, match=r"Consented: personal field 'on' \(date\)"):
+
+        class Consented(riverbed.DomainEvent):
+            on: Annotated[date, riverbed.Personal]
+
+
+class Address(msgspec.Struct):
+    street: Annotated[str, riverbed.Personal]
+    city: str
+
+
+@dataclasses.dataclass
+class Contact:
+    phone: Annotated[str, riverbed.Personal]
+
+
+class Route(msgspec.Struct):
+    stops: list[Address]
+
+
+class Patient(riverbed.Aggregate):
+    @riverbed.event("Admitted")
+    def __init__(
+        self,
+        name: Annotated[str, riverbed.Personal],
+        age: Annotated[int | None, riverbed.Personal],
+        born: Annotated[date | None, riverbed.Personal] = None,
+        ward: str = "",
+        # Whole: a field of its type may be marked personal, encrypted with the rest.
+        address: Annotated[Address | None, riverbed.Personal] = None,
+    ) -> None:
+        self.name, self.age, self.born, self.ward = name, age, born, ward
+        self.address = address
+
+
+def test_optional_personal_fields_of_any_type_erase_to_none(events: EventSourcing) -> None:
+    assert registry.named("Patient.Admitted").personal == {
+        "name": riverbed.ERASED,
+        "age": None,
+        "born": None,
+        "address": None,
+    }
+    patient = Patient("Ada", 36, date(1990, 12, 10), "east", Address("1 Rue Royale", "Paris"))
+    events.save(patient)
+    assert b"Ada" not in events.store.read_stream(patient.id)[0].data
+    assert b"Rue Royale" not in events.store.read_stream(patient.id)[0].data
+    assert events.get(Patient, patient.id).address == Address("1 Rue Royale", "Paris")
+    assert events.store.delete_stream_key(patient.id)
+    shredded = events.get(Patient, patient.id)
+    erased = (shredded.name, shredded.age, shredded.born, shredded.address, shredded.ward)
+    assert erased == (riverbed.ERASED, None, None, None, "east")
+
+
+@pytest.mark.parametrize(
+    ("hint", "where", "whole"),
+    [
+        (Address, "address.street", "Address | None"),
+        (Address | None, "address.street", "Address | None"),
+        (Contact, "address.phone", "Contact | None"),
+        (Route, "address.stops.street", "Route | None"),
+        (dict[str, list[Address]], "address.street", "dict[str, list[Address]] | None"),
+        (Annotated[str, riverbed.Personal] | None, "address", "str | None"),
+    ],
+)
+def test_a_personal_field_nested_in_a_fields_type_is_refused(
+    hint: Any, where: str, whole: str
+) -> None:
+    with pytest.raises((EventSourcingError, RuntimeError)) as raised:
+
+        class Courier(riverbed.Aggregate):
+            @riverbed.event("Hired")
+            def __init__(self, address: hint) -> None:  # type: ignore[valid-type]
+                self.address = address
+
+    message = cause(raised)
+    assert f"Courier.Hired: field 'address' marks {where} riverbed.Personal" in message
+    assert f"mark the whole field (`address: Annotated[{whole}" in message
+
+
+class Signup(riverbed.DomainEvent):
+    event_type = "Shredding.Signup"
+    email: Annotated[str, riverbed.Personal]
+    plan: "Plan"  # defined below: the personal field is found on first use
+
+    def apply(self, aggregate: Any) -> None:
+        aggregate.email = self.email
+
+
+class Plan(msgspec.Struct):
+    name: str
+
+
+class Member(riverbed.Aggregate):
+    email: str
+
+
+def test_personal_fields_of_an_event_defined_before_its_field_types_are_encrypted(
+    events: EventSourcing,
+) -> None:
+    member = Member()
+    member.trigger(Signup(email="ada@example.com", plan=Plan("gold")))
+    events.save(member)
+    assert b"ada@example.com" not in events.store.read_stream(member.id)[0].data
+    assert events.store.delete_stream_key(member.id)
+    assert events.get(Member, member.id).email == riverbed.ERASED
