@@ -12,9 +12,10 @@ from riverbed.log.errors import BrokerUnavailableError, DeliveryError
 
 log = logging.getLogger("riverbed.eventsourcing")
 
-# What a relay waits out: its store or log unreachable, or the log not taking a page (which is
-# then not checkpointed, so publishing it again loses nothing). A store alone raises the first.
-UNREACHABLE = (BrokerUnavailableError, DeliveryError)
+# What a relay waits out: its store or log unreachable, or the log not taking a page, or not in
+# time (which is then not checkpointed, so publishing it again loses nothing). A store alone
+# raises the first.
+UNREACHABLE = (BrokerUnavailableError, DeliveryError, TimeoutError)
 # Pauses grow from 0.1 s to 5 s: a restarting server is found again within seconds of its return.
 OUTAGE_BACKOFF = Backoff(base=0.1, max=5.0)
 

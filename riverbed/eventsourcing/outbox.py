@@ -16,6 +16,11 @@ leader died). Publishing stays at-least-once: a checkpoint commits only while it
 holds the lease, so a leader that stalled past it moves nothing once another has taken over, and
 the successor, starting from the last checkpoint, publishes again the page its predecessor
 published but did not checkpoint; the inbox drops those repeats by event id.
+
+The relay waits at most ``FLUSH_TIMEOUT_S`` for the log to acknowledge a page, so that ``stop``
+is honoured within seconds: a log that does not (Kafka down) is an outage it waits out like the
+others, and the page, not checkpointed, is published again later. ``app.events.run`` closes its
+relays when they stop.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent
 from riverbed.eventsourcing.repository import CAUSE_KEYS
@@ -40,6 +46,9 @@ if TYPE_CHECKING:
 
 PAGE = 5000
 LEASE_TTL_S = 10.0
+# How long a page (or closing) waits for the log's acknowledgement: Kafka's own delivery timeout
+# is a minute, which would hold up stopping.
+FLUSH_TIMEOUT_S = 5.0
 EVENT_ID = "riverbed-event-id"
 EVENT_TYPE = "riverbed-event-type"
 EVENT_SCHEMA = "riverbed-event-schema"
@@ -50,6 +59,7 @@ CORRELATION = "riverbed-correlation-id"
 CAUSATION = "riverbed-causation-id"
 # The event's whole metadata (msgpack), sent only when the save gave metadata of its own.
 METADATA = "riverbed-metadata"
+_EVENT_HEADERS = (EVENT_ID, EVENT_TYPE, EVENT_SCHEMA, STREAM, STREAM_VERSION, POSITION)
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 logger = logging.getLogger("riverbed.outbox")
@@ -107,10 +117,16 @@ class Relay:
         if not page:
             return 0
         send = self._producer.send
-        for stored in page:
+        futures = [
             send(self.topic, stored.data, key=stored.stream.encode(), headers=_headers(stored),
-                 timestamp_ms=stored.timestamp_ms)  # fmt: skip
-        self._producer.flush()  # raises if the log did not take them: nothing is checkpointed
+                 timestamp_ms=stored.timestamp_ms)
+            for stored in page
+        ]  # fmt: skip
+        # Each raises if the log did not take the page in time: nothing is checkpointed. Kafka
+        # reports a record it failed to write only to its future.
+        self._producer.flush(FLUSH_TIMEOUT_S)
+        for future in futures:
+            future.result(0)
         with store.transaction(self.name) as tx:
             # The fence: once another relay has taken the lease over, the checkpoint is its own.
             self.leading = tx.renew_lease(self.name, self.owner, ttl_ms)
@@ -139,10 +155,7 @@ class Relay:
                 else:
                     outage.over()
         finally:
-            try:
-                self._release()
-            except BrokerUnavailableError as error:  # the lease expires on its own
-                logger.warning("relay %s could not give its lease up: %s", self.name, error)
+            self._release()
 
     def _run_or_wait(self, stop: threading.Event, wait: float) -> None:
         if self.run_once() > 0:
@@ -157,10 +170,31 @@ class Relay:
         """Give the lease up, so a relay standing by takes over at once, and close the
         producer."""
         self._release()
-        self._producer.close()
+        try:
+            self._producer.flush(FLUSH_TIMEOUT_S)
+        except UNREACHABLE as error:
+            # Not checkpointed, so published again by the next leader. Closing would wait for
+            # the log (a minute on Kafka): it does so beside the caller.
+            logger.warning("relay %s: closing before the log took its last page: %s",
+                           self.name, error)  # fmt: skip
+            threading.Thread(target=self._close_producer, name="riverbed-relay-closing",
+                             daemon=True).start()  # fmt: skip
+        else:
+            self._close_producer()
+
+    def _close_producer(self) -> None:
+        try:
+            self._producer.close()
+        except UNREACHABLE as error:
+            logger.warning("relay %s: the log did not take its last page: %s", self.name, error)
 
     def _release(self) -> None:
-        self.events.store.release_lease(self.name, self.owner)
+        if not self.leading:
+            return  # holds no lease
+        try:
+            self.events.store.release_lease(self.name, self.owner)
+        except BrokerUnavailableError as error:  # the lease expires on its own
+            logger.warning("relay %s could not give its lease up: %s", self.name, error)
         self.leading = False
 
 
@@ -186,6 +220,13 @@ def stored_event(record: Record) -> StoredEvent:
     """The event a relayed record carries, for ``riverbed.eventsourcing`` decoding."""
     headers = record.headers
     metadata = headers.get(METADATA)
+    needed = _EVENT_HEADERS if metadata is not None else (*_EVENT_HEADERS, CORRELATION)
+    missing = [name for name in needed if name not in headers]
+    if missing:
+        raise EventSourcingError(
+            f"record {record.topic}[{record.partition}]@{record.offset} has no header "
+            f"{', '.join(missing)}: it carries no event, the outbox relay did not publish it"
+        )
     if metadata is None:
         ids = {"correlation_id": headers[CORRELATION].decode()}
         if CAUSATION in headers:

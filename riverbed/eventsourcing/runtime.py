@@ -8,11 +8,11 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from riverbed.eventsourcing.errors import RunnerFailedError
+from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.repository import Events
-from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner
+from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner, manager_name
 from riverbed.log.api import Log
 
 log = logging.getLogger("riverbed.eventsourcing")
@@ -42,7 +42,11 @@ class EventSourcing(Events):
         return projection
 
     def process_manager(self, manager: M) -> M:
-        self.process_managers[manager.name] = manager
+        """Register a process manager (``app.events.process_manager(Fulfilment())``)."""
+        name = manager_name(manager)
+        if name in self.process_managers:
+            raise EventSourcingError(f"a process manager named {name!r} is already registered")
+        self.process_managers[name] = manager
         return manager
 
     def relay(self, topic: str, partitions: int = 4, *, lease_ttl: float = LEASE_TTL_S) -> None:
@@ -73,7 +77,7 @@ class EventSourcing(Events):
         for topic, settings in self.relays.items():
             assert log is not None
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
-            runners.append((f"relay to {topic}", relay.run))
+            runners.append((f"relay to {topic}", _closing(relay)))
         return [self._start(what, run, stop) for what, run in runners]
 
     def _start(
@@ -92,3 +96,15 @@ class EventSourcing(Events):
         thread = threading.Thread(target=guarded, daemon=True, name=name)
         thread.start()
         return thread
+
+
+def _closing(relay: Relay) -> Callable[[threading.Event], None]:
+    """``relay.run``, then ``relay.close``: each run makes its relays, and their producers."""
+
+    def run(stop: threading.Event) -> None:
+        try:
+            relay.run(stop)
+        finally:
+            relay.close()
+
+    return run

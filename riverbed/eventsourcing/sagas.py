@@ -3,13 +3,24 @@
 A process manager is a subscription: for each event it may read and write its own state,
 run commands on aggregates and set or cancel timers, and all of it commits with its checkpoint
 in one transaction of the store, commands' events included. So a crash neither loses a command
-nor issues one twice. Timers live in the store too (``due_timers``) and fire ``on_timeout`` in the
-same kind of transaction.
+nor issues one twice. Timers live in the store too (``due_timers``) and fire ``on_timeout``, each
+in a transaction of its own, which deletes the timer. ``on_timeout`` runs in the process's
+correlation: that of the event being handled when the timer was set, caused by the timer.
+
+A failing event is parked like a projection's (``on_error``). A failing ``on_timeout`` rolls back
+and its timer is parked too, not tried again: ``store.parked(name)`` lists it beside the events,
+with ``type`` "timer", ``event_id`` "timer:<key>", the error with its traceback, and a negative
+``position`` derived from the key (a key parked again replaces its entry; ``store.unpark(name,
+position)`` forgets it). The manager goes on with its other events and timers; with
+``on_error = "stop"`` it stops there instead, and the timer fires again when it restarts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -17,17 +28,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 import msgspec
 
 from riverbed.eventsourcing.aggregate import Aggregate
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
+from riverbed.eventsourcing.records import ParkedEvent, Timer
 from riverbed.eventsourcing.repository import Envelope, causing
 from riverbed.eventsourcing.stores.api import Document, Transaction
-from riverbed.eventsourcing.subscriptions import Subscription
+from riverbed.eventsourcing.subscriptions import PAGE, Subscription
+from riverbed.log.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
 
 A = TypeVar("A", bound=Aggregate)
-_timer_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+log = logging.getLogger("riverbed.sagas")
 TIMER_WAIT_S = 0.2
+TIMERS_PER_ROUND = 100  # then a page of events, so timers set due at once cannot starve them
 
 
 class ProcessManager:
@@ -41,16 +55,40 @@ class ProcessManager:
         raise NotImplementedError
 
     def on_timeout(self, key: str, data: dict[str, Any], saga: Saga) -> None:
+        # Reached only by a timer set before the manager lost its on_timeout: parked.
         raise NotImplementedError(f"{type(self).__name__} set a timer but has no on_timeout")
 
 
-class Saga:
-    """What a process manager may do while handling one event or timer, in its transaction."""
+def manager_name(manager: ProcessManager) -> str:
+    name = getattr(manager, "name", "")
+    if not name:
+        raise EventSourcingError(f"{type(manager).__name__} needs a name = '...'")
+    return name
 
-    def __init__(self, events: Events, tx: Transaction, name: str) -> None:
+
+class _StoredTimer(msgspec.Struct, frozen=True, array_like=True):
+    """A timer's data, with the correlation id in force when it was set."""
+
+    data: dict[str, Any]
+    correlation_id: str
+
+
+# A bare dict: a timer set before timers kept their correlation id.
+_timer_decoder = msgspec.msgpack.Decoder(_StoredTimer | dict[str, Any])
+
+
+class Saga:
+    """What a process manager may do while handling one event or timer, in its transaction;
+    ``correlation_id``: the process's (the event's, or the one the timer kept)."""
+
+    def __init__(
+        self, events: Events, tx: Transaction, manager: ProcessManager, correlation_id: str
+    ) -> None:
         self.events = events
         self.tx = tx
-        self._collection = f"saga:{name}"
+        self.manager = manager
+        self.correlation_id = correlation_id
+        self._collection = f"saga:{manager.name}"
 
     def state(self, key: str) -> Document | None:
         return self.tx.get(self._collection, key)
@@ -79,34 +117,96 @@ class Saga:
         return position
 
     def set_timer(self, key: str, seconds: float, data: dict[str, Any] | None = None) -> None:
+        """Call ``on_timeout(key, data, saga)`` in ``seconds`` (setting ``key`` again moves it)."""
+        manager = type(self.manager)
+        if manager.on_timeout is ProcessManager.on_timeout:
+            # Refused now, parking the event that set it, rather than failing when it is due.
+            raise EventSourcingError(
+                f"{manager.__name__} sets timer {key!r} but has no on_timeout: define "
+                "on_timeout(self, key, data, saga) to handle it"
+            )
         due = time.time_ns() // 1_000_000 + int(seconds * 1000)
-        self.tx.set_timer(key, due, msgspec.msgpack.encode(data or {}))
+        stored = _StoredTimer(data or {}, self.correlation_id)
+        self.tx.set_timer(key, due, msgspec.msgpack.encode(stored))
 
     def cancel_timer(self, key: str) -> None:
         self.tx.cancel_timer(key)
 
 
+def timer_position(key: str) -> int:
+    """Where a failed timer is parked: negative, never an event's position, one per key."""
+    digest = hashlib.blake2b(key.encode(), digest_size=7).digest()
+    return -1 - int.from_bytes(digest, "big")
+
+
 class SagaRunner(Subscription):
     def __init__(self, events: Events, manager: ProcessManager) -> None:
-        if not getattr(manager, "name", ""):
-            raise EventSourcingError(f"{type(manager).__name__} needs a name = '...'")
-        super().__init__(events, f"saga:{manager.name}", manager.name)
+        name = manager_name(manager)
+        super().__init__(events, f"saga:{name}", name)
         self.manager = manager
         self.on_error = manager.on_error
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
-        self.manager.handle(event, Saga(self.events, tx, self.manager.name))
+        self.manager.handle(event, Saga(self.events, tx, self.manager, event.correlation_id))
 
-    def before_page(self, tx: Transaction) -> None:
-        for timer in tx.due_timers(time.time_ns() // 1_000_000):
-            tx.cancel_timer(timer.key)
-            with causing(f"timer:{self.manager.name}:{timer.key}:{uuid.uuid4()}"):
-                self.manager.on_timeout(
-                    timer.key,
-                    _timer_decoder.decode(timer.data),
-                    Saga(self.events, tx, self.manager.name),
-                )
+    def run_once(self, limit: int = PAGE) -> int:
+        """Fire the due timers, then handle the next page of events; how many events."""
+        self._fire_due_timers()
+        return super().run_once(limit)
+
+    def _fire_due_timers(self) -> None:
+        # One transaction per timer: a failing one rolls back alone, then is parked.
+        now_ms = time.time_ns() // 1_000_000
+        for _ in range(TIMERS_PER_ROUND):
+            if self.stopped_on is not None:
+                return
+            try:
+                with self.store.transaction(self.name) as tx:
+                    due = tx.due_timers(now_ms, limit=1)
+                    if not due:
+                        return
+                    tx.cancel_timer(due[0].key)  # firing a timer is deleting it
+                    self._fire(due[0], tx)
+            except _TimerError as failed:
+                self._failed_timer(failed.timer, failed.reason)
+
+    def _fire(self, timer: Timer, tx: Transaction) -> None:
+        cause = f"timer:{self.manager.name}:{timer.key}:{uuid.uuid4()}"
+        try:
+            stored = _timer_decoder.decode(timer.data)
+            if isinstance(stored, dict):
+                stored = _StoredTimer(stored, cause)  # kept no correlation: starts its own
+            with causing(cause, stored.correlation_id):
+                saga = Saga(self.events, tx, self.manager, stored.correlation_id)
+                self.manager.on_timeout(timer.key, stored.data, saga)
+        except (ConcurrencyError, BrokerUnavailableError):
+            raise  # a race or an outage: the timer fires again in the next round
+        except Exception as error:
+            reason = f"on_timeout({timer.key!r}) raised {type(error).__qualname__}: {error}"
+            raise _TimerError(timer, f"{reason}\n{traceback.format_exc()}") from error
+
+    def _failed_timer(self, timer: Timer, reason: str) -> None:
+        """Park the timer and delete it, or stop here."""
+        parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}", "timer",
+                             reason, time.time_ns() // 1_000_000)  # fmt: skip
+        if self.on_error == "stop":
+            self.stopped_on = parked
+            log.error("%s stopped at timer %r: %s", self.name, timer.key, reason)
+            return
+        with self.store.transaction(self.name) as tx:
+            # Unless another runner of this manager fired or moved it meanwhile.
+            if timer in tx.due_timers(timer.due_ms):
+                tx.cancel_timer(timer.key)
+                tx.park(parked)
+        log.warning("%s parked timer %r: %s", self.name, timer.key, reason)
 
     def idle_wait(self, default: float) -> float:
         # Timers fall due without an append to wake the runner.
         return min(default, TIMER_WAIT_S)
+
+
+class _TimerError(Exception):
+    def __init__(self, timer: Timer, reason: str) -> None:
+        super().__init__(reason)
+        self.timer = timer
+        self.reason = reason

@@ -74,9 +74,6 @@ class Subscription:
         successor (a projection runner to the version a rebuild made active)."""
         return False
 
-    def before_page(self, tx: Transaction) -> None:
-        """Work due in every transaction before the page (a process manager's timers)."""
-
     def run_once(self, limit: int = PAGE) -> int:
         """Handle the next page of events; how many were handled (applied or parked)."""
         try:
@@ -84,7 +81,6 @@ class Subscription:
                 with self.store.transaction(self.name) as tx:
                     if self.replaced(tx):
                         continue  # nothing written: read the page again as the successor
-                    self.before_page(tx)
                     page = self.store.read_all(tx.checkpoint, limit)
                     for stored in page:
                         self._apply(stored, tx)

@@ -1,0 +1,263 @@
+"""Process managers' timers and the runners around them: a failing timer is parked and the saga
+goes on, ``on_timeout`` keeps the process's correlation id, managers are registered once and by
+name; relays are closed when they stop, wait out a log that does not acknowledge (and still stop
+at once), and the inbox refuses records the relay did not publish."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox
+from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
+from riverbed.eventsourcing.sagas import SagaRunner, timer_position
+from tests.eventsourcing.shop import Fulfilment, Money, Order
+from tests.support import wait_until
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+TOPIC = "shop-events"
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    events = EventSourcing("shop", store_url)
+    yield events
+    events.close()
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[riverbed.Log]:
+    with riverbed.connect(f"sqlite:///{tmp_path}/log.db") as opened:
+        yield opened
+
+
+def place(events: EventSourcing, customer: str) -> Order:
+    order = Order.create(customer, f"{customer}@x", Money(Decimal("5"), "EUR"), NOW)
+    events.save(order)
+    return order
+
+
+def stopped(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+class Reminders(riverbed.ProcessManager):
+    """For each order placed, a timer due at once, keyed by the customer, that cancels the
+    order; the one of customer "bad" fails after cancelling (which must roll back)."""
+
+    name = "reminders"
+
+    def __init__(self) -> None:
+        self.fired: list[str] = []
+
+    def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+        if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+            saga.set_timer(event.event.customer, 0, {"order": event.stream})
+
+    def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+        self.fired.append(key)
+        saga.command(Order, data["order"], lambda order: order.cancel("reminded"))
+        if key == "bad":
+            raise RuntimeError("the reminder service is down")
+
+
+# Timers
+
+
+def test_a_manager_without_on_timeout_cannot_set_a_timer(events: EventSourcing) -> None:
+    class Forgetful(riverbed.ProcessManager):
+        name = "forgetful"
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            saga.set_timer("reminder", 60)
+
+    place(events, "ann")
+    SagaRunner(events, Forgetful()).catch_up()
+    (parked,) = events.store.parked("forgetful")
+    assert parked.type == "Order.Placed"
+    assert "Forgetful sets timer 'reminder' but has no on_timeout" in parked.error
+    with events.store.transaction("saga:forgetful") as tx:
+        assert tx.due_timers(2**62) == []
+
+
+def test_a_failing_timer_is_parked_and_the_saga_goes_on(events: EventSourcing) -> None:
+    manager = events.process_manager(Reminders())
+    bad = place(events, "bad")
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        wait_until(lambda: bool(events.store.parked("reminders")), 30, "the timer to be parked")
+        good = place(events, "good")
+        wait_until(lambda: events.get(Order, good.id).status == "cancelled", 30, "the next timer")
+        assert all(thread.is_alive() for thread in threads) and events.failures == []
+    finally:
+        stopped(stop, threads)
+    assert events.get(Order, bad.id).status == "placed"  # its command rolled back
+    assert manager.fired.count("bad") == 1  # parked, not tried again
+    (parked,) = events.store.parked("reminders")
+    assert (parked.type, parked.event_id) == ("timer", "timer:bad")
+    assert parked.position == timer_position("bad") < 0
+    assert "RuntimeError: the reminder service is down" in parked.error
+    assert "Traceback" in parked.error
+    with events.store.transaction("saga:reminders") as tx:
+        assert tx.due_timers(2**62) == []  # deleted with its parking
+
+
+def test_a_failing_timer_stops_a_manager_that_stops_on_error(events: EventSourcing) -> None:
+    class Strict(Reminders):
+        name = "strict"
+        on_error = "stop"
+
+    manager = Strict()
+    place(events, "bad")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    assert runner.stopped_on is not None and runner.stopped_on.event_id == "timer:bad"
+    runner.catch_up()
+    assert manager.fired == ["bad"]
+    assert events.store.parked("strict") == []
+    # The timer stays: a restarted runner fires it again.
+    SagaRunner(events, manager).catch_up()
+    assert manager.fired == ["bad", "bad"]
+
+
+def test_on_timeout_runs_in_the_correlation_of_the_event_that_set_its_timer(
+    events: EventSourcing,
+) -> None:
+    order = place(events, "ann")
+    with events.store.transaction("saga:reminders") as tx:  # as timers were stored before
+        tx.set_timer("legacy", 0, msgspec.msgpack.encode({"order": order.id}))
+    SagaRunner(events, Reminders()).catch_up()
+    placed = events.read()[0]
+    cancelled = {
+        e.metadata["causation_id"].split(":")[2]: e
+        for e in events.read()
+        if e.type == "Order.Cancelled"
+    }
+    assert cancelled["ann"].metadata["causation_id"].startswith("timer:reminders:ann:")
+    assert cancelled["ann"].metadata["correlation_id"] == placed.metadata["correlation_id"]
+    # A timer stored without a correlation id still fires, in a chain of its own.
+    legacy = cancelled["legacy"].metadata
+    assert legacy["correlation_id"] == legacy["causation_id"]
+
+
+def test_process_managers_are_registered_once_and_by_name(tmp_path: Path) -> None:
+    class Nameless(riverbed.ProcessManager):
+        pass
+
+    events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
+    first = events.process_manager(Fulfilment())
+    with pytest.raises(EventSourcingError, match="'fulfilment' is already registered"):
+        events.process_manager(Fulfilment())
+    with pytest.raises(EventSourcingError, match="Nameless needs a name"):
+        events.process_manager(Nameless())
+    assert events.process_managers == {"fulfilment": first}
+
+
+# Relays
+
+
+def producer_threads() -> int:
+    return sum(thread.name == "riverbed-producer" for thread in threading.enumerate())
+
+
+def test_a_run_closes_its_relays(events: EventSourcing, log: riverbed.Log) -> None:
+    events.relay(TOPIC)
+    before = producer_threads()
+    stop = threading.Event()
+    threads = events.run(stop, log)
+    try:
+        place(events, "ann")
+        wait_until(lambda: sum(log.end_offsets(TOPIC).values()) == 1, 30, "the relay")
+    finally:
+        stopped(stop, threads)
+    assert producer_threads() == before
+    assert events.store.acquire_lease(relay_name(TOPIC), "another", 10_000)  # given up
+    assert events.failures == []
+
+
+def test_a_relay_waits_out_a_log_that_does_not_acknowledge_and_still_stops(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    down = threading.Event()  # the log takes records but does not acknowledge them
+    gone = threading.Event()  # set when the test ends: what a flush without timeout waits for
+    timeouts: list[float | None] = []
+    make_producer = log.producer
+
+    def producer(*args: Any, **kwargs: Any) -> riverbed.Producer:
+        made = make_producer(*args, **kwargs)
+        flush = made.flush
+
+        def unacknowledged(timeout: float | None = None) -> None:
+            timeouts.append(timeout)
+            if down.is_set():
+                gone.wait(timeout)  # the time Kafka's delivery timeout takes without one
+                raise TimeoutError("records not acknowledged (test)")
+            flush(timeout)
+
+        monkeypatch.setattr(made, "flush", unacknowledged)
+        return made
+
+    monkeypatch.setattr(log, "producer", producer)
+    monkeypatch.setattr("riverbed.eventsourcing.outbox.FLUSH_TIMEOUT_S", 0.05)
+    events.relay(TOPIC)
+    checkpoint = relay_name(TOPIC)
+    down.set()
+    place(events, "ann")
+    stop = threading.Event()
+    threads = events.run(stop, log)
+    try:
+        wait_until(lambda: len(timeouts) >= 3, 30, "the relay to try the page again")
+        assert events.store.checkpoint(checkpoint) == 0
+        down.clear()
+        wait_until(lambda: events.store.checkpoint(checkpoint) == 1, 30, "the log's return")
+        down.set()
+        place(events, "bob")
+        tried = len(timeouts)
+        wait_until(lambda: len(timeouts) > tried, 30, "the relay to try the next page")
+    finally:
+        try:
+            stopped(stop, threads)
+        finally:
+            gone.set()
+    assert events.failures == []
+    assert all(timeout is not None and timeout <= 0.05 for timeout in timeouts)
+    assert events.store.checkpoint(checkpoint) == 1
+    # The page the log did not acknowledge may have reached it, maybe more than once.
+    ids = {record.headers[EVENT_ID] for record in read_topic(log, TOPIC)}
+    assert ids >= {stored.id.encode() for stored in events.store.read_all(0, 1)}
+
+
+def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
+    total = sum(log.end_offsets(topic).values())
+    records: list[riverbed.Record] = []
+    with log.consumer(group=None, topics=[topic], from_beginning=True) as consumer:
+        while len(records) < total:
+            records.extend(consumer.poll(max_records=1000, timeout=1.0))
+    return records
+
+
+def test_the_inbox_refuses_a_record_the_relay_did_not_publish(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    log.create_topic("payments", partitions=1)
+    with log.producer() as producer:
+        producer.send("payments", b"{}", key=b"p1", headers={"source": b"bank"})
+    (record,) = read_topic(log, "payments")
+    handled: list[object] = []
+    with pytest.raises(
+        EventSourcingError, match=r"payments\[0\]@0 has no header riverbed-event-id"
+    ):
+        Inbox(events, "billing").handle(record, lambda event, tx: handled.append(event))
+    assert handled == []
