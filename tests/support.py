@@ -111,3 +111,21 @@ class Worker:
             self.process.kill()
         self.process.wait(30)
         self._reader.join(5)
+
+
+def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
+    """Every record of ``topic``, from the beginning."""
+    total = sum(log.end_offsets(topic).values())
+    records: list[riverbed.Record] = []
+    with log.consumer(group=None, topics=[topic], from_beginning=True) as consumer:
+        while len(records) < total:
+            records.extend(consumer.poll(max_records=10_000, timeout=1.0))
+    return records
+
+
+def stopped(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    """Set ``stop`` and check the threads end."""
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from riverbed.eventsourcing import EventSourcing
 from riverbed.eventsourcing.stores import EventStore, connect_store
 
 OpenStore = Callable[[], EventStore]
@@ -22,6 +23,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         server: str = request.getfixturevalue("postgres_url")
         return f"{server}?schema=test_{uuid.uuid4().hex[:12]}"
     return f"sqlite:///{tmp_path}/events.db"
+
+
+@pytest.fixture
+def events(store_url: str) -> Iterator[EventSourcing]:
+    """An app's ``app.events`` on the test's store."""
+    events = EventSourcing("shop", store_url)
+    yield events
+    events.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,13 +22,6 @@ from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from tests.eventsourcing.shop import Money, Order, OrderShipped, Payment
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 def place(customer: str = "ada", order_id: str | None = None) -> Order:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,13 +19,6 @@ from riverbed.eventsourcing import EventSourcing, scenario
 from riverbed.eventsourcing.errors import EventSourcingError
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 class Stamped(riverbed.DomainEvent):

@@ -21,18 +21,11 @@ import riverbed
 from riverbed.eventsourcing import EventSourcing, Inbox, Relay, stored_event
 from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, METADATA, relay_name
 from tests.eventsourcing.shop import Money, Order
-from tests.support import Worker, wait_until
+from tests.support import Worker, read_topic, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 PAGE = 200
 TOPIC = "shop-events"
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 @pytest.fixture
@@ -52,15 +45,6 @@ def fill(events: EventSourcing, orders: int, lines: int) -> list[Order]:
             order.add_line(f"sku-{n}")
         events.save(*saved)
     return saved
-
-
-def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
-    total = sum(log.end_offsets(topic).values())
-    records: list[riverbed.Record] = []
-    with log.consumer(group=None, topics=[topic], from_beginning=True) as consumer:
-        while len(records) < total:
-            records.extend(consumer.poll(max_records=10_000, timeout=1.0))
-    return records
 
 
 def versions_by_key(records: list[riverbed.Record]) -> dict[bytes, list[int]]:

@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -24,13 +23,6 @@ from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals, Paym
 from tests.support import wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 def place(events: EventSourcing, customer: str, amount: str = "10") -> Order:
@@ -225,7 +217,8 @@ def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
     events: EventSourcing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events.projection(OrderTotals())
-    position = place(events, "ada") and events.store.last_position()
+    place(events, "ada")
+    position = events.store.last_position()
     answers: list[object] = []
     waiting = threading.Thread(target=lambda: answers.append(events.projections.get(
         "order-totals", "customers", "ada", wait_for=position, timeout=10

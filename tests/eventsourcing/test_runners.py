@@ -6,29 +6,22 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, RunnerFailedError, StoreUnavailableError
 from tests.eventsourcing.shop import Money, Order, OrderTotals
-from tests.support import wait_until
+from tests.services.postgres import terminate_connections
+from tests.support import stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 TOPIC = "shop-events"
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 def place(events: EventSourcing, customer: str) -> int:
@@ -48,13 +41,6 @@ def failing_first(calls: int, method: Callable[..., Any]) -> Callable[..., Any]:
         return method(*args, **kwargs)
 
     return call
-
-
-def joined(stop: threading.Event, threads: list[threading.Thread]) -> None:
-    stop.set()
-    for thread in threads:
-        thread.join(10)
-    assert not any(thread.is_alive() for thread in threads)
 
 
 def test_runners_wait_out_a_store_they_cannot_reach(
@@ -77,7 +63,7 @@ def test_runners_wait_out_a_store_they_cannot_reach(
         wait_until(lambda: sum(log.end_offsets(TOPIC).values()) == 2, 30, "the relay")
         assert all(thread.is_alive() for thread in threads) and events.failures == []
     finally:
-        joined(stop, threads)
+        stopped(stop, threads)
         log.close()
 
 
@@ -91,13 +77,8 @@ def test_a_projection_goes_on_after_postgresql_drops_its_connections(
     threads = events.run(stop)
     try:
         events.projections.wait_for("order-totals", place(events, "ada"))
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (name,),
-            ).fetchall()
-        assert len(killed) >= 2  # the runner's and the listener's, at least
+        # The runner's connection and the listener's, at least.
+        assert terminate_connections(postgres_url, name) >= 2
         # The first call after the drop may fail; the store replaces its connections.
         position = 0
         for _ in range(3):
@@ -111,7 +92,7 @@ def test_a_projection_goes_on_after_postgresql_drops_its_connections(
         }  # fmt: skip
         assert all(thread.is_alive() for thread in threads) and events.failures == []
     finally:
-        joined(stop, threads)
+        stopped(stop, threads)
         events.close()
 
 

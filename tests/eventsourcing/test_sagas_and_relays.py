@@ -20,17 +20,10 @@ from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import SagaRunner, timer_position
 from tests.eventsourcing.shop import Fulfilment, Money, Order
-from tests.support import wait_until
+from tests.support import read_topic, stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 TOPIC = "shop-events"
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shop", store_url)
-    yield events
-    events.close()
 
 
 @pytest.fixture
@@ -43,13 +36,6 @@ def place(events: EventSourcing, customer: str) -> Order:
     order = Order.create(customer, f"{customer}@x", Money(Decimal("5"), "EUR"), NOW)
     events.save(order)
     return order
-
-
-def stopped(stop: threading.Event, threads: list[threading.Thread]) -> None:
-    stop.set()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads)
 
 
 class Reminders(riverbed.ProcessManager):
@@ -237,15 +223,6 @@ def test_a_relay_waits_out_a_log_that_does_not_acknowledge_and_still_stops(
     # The page the log did not acknowledge may have reached it, maybe more than once.
     ids = {record.headers[EVENT_ID] for record in read_topic(log, TOPIC)}
     assert ids >= {stored.id.encode() for stored in events.store.read_all(0, 1)}
-
-
-def read_topic(log: riverbed.Log, topic: str) -> list[riverbed.Record]:
-    total = sum(log.end_offsets(topic).values())
-    records: list[riverbed.Record] = []
-    with log.consumer(group=None, topics=[topic], from_beginning=True) as consumer:
-        while len(records) < total:
-            records.extend(consumer.poll(max_records=1000, timeout=1.0))
-    return records
 
 
 def test_the_inbox_refuses_a_record_the_relay_did_not_publish(

@@ -6,7 +6,6 @@ every type, personal fields nested in a field's type, and payloads altered since
 import dataclasses
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -19,13 +18,6 @@ from riverbed.eventsourcing import EventSourcing
 from riverbed.eventsourcing.codec import registry
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
-
-
-@pytest.fixture
-def events(store_url: str) -> Iterator[EventSourcing]:
-    events = EventSourcing("shredding", store_url)
-    yield events
-    events.close()
 
 
 def cause(raised: pytest.ExceptionInfo[Exception]) -> str:

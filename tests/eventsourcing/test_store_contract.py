@@ -39,6 +39,7 @@ from riverbed.eventsourcing.stores import EventStore, connect_async_store, conne
 from riverbed.eventsourcing.stores import sqlite as sqlite_store
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from tests.eventsourcing.conftest import OpenStore
+from tests.services.postgres import terminate_connections
 
 WRITERS = 4
 APPENDS_PER_WRITER = 500
@@ -1013,13 +1014,8 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
     try:
         append_to(store, "s", 0)
         assert not store.wait_for_events(after=1, timeout=0.01)  # opens the LISTEN connection
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (name,),
-            ).fetchall()
-        assert len(killed) == 3  # the pool's (one kept for appends) and the listener's
+        # The pool's connections (one kept for appends) and the listener's.
+        assert terminate_connections(postgres_url, name) == 3
         with pytest.raises(StoreUnavailableError, match="cannot reach the event store"):
             store.read_all()
         with pytest.raises(StoreUnavailableError):

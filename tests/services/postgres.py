@@ -183,3 +183,16 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 def postgres_url(postgres_server: PostgresServer) -> str:
     """``postgresql://riverbed@127.0.0.1:PORT/riverbed`` of the session's server."""
     return postgres_server.url
+
+
+def terminate_connections(url: str, application_name: str) -> int:
+    """End the server processes of the connections that gave ``application_name``, as a server
+    restart or a network failure would; how many there were."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        return len(
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (application_name,),
+            ).fetchall()
+        )
