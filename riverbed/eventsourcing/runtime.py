@@ -16,6 +16,8 @@ from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner, manager_nam
 from riverbed.log.api import Log
 
 log = logging.getLogger("riverbed.eventsourcing")
+# Which app runs each projection, process manager and relay of a store (EventSourcing._claim).
+RUNNERS = "riverbed.runners"
 
 P = TypeVar("P", bound=Projection)
 
@@ -67,6 +69,7 @@ class EventSourcing(Events):
         its error is in ``failures`` (``App.run`` raises it)."""
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
+        self._claim()
         self.failures.clear()
         runners: list[tuple[str, Callable[[threading.Event], None]]] = [
             (f"projection {name}", self.projections.runner(name).run)
@@ -79,6 +82,27 @@ class EventSourcing(Events):
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
             runners.append((f"relay to {topic}", _closing(relay)))
         return [self._start(what, run, stop) for what, run in runners]
+
+    def _claim(self) -> None:
+        """Record in the store that this app runs its projections, process managers and relays,
+        refusing a name another app runs there: their checkpoints, leases and read models are
+        named without the app's, so two apps sharing a store (the default one, in one directory)
+        would split a projection's events between them, or one's relay would stand by for ever."""
+        names = [f"projection {name}" for name in self.projections.registered]
+        names += [f"process manager {name}" for name in self.process_managers]
+        names += [f"relay to {topic}" for topic in self.relays]
+        with self.store.transaction(RUNNERS) as tx:
+            for name in names:
+                claimed = tx.get(RUNNERS, name)
+                if claimed is None:
+                    tx.put(RUNNERS, name, {"app": self.app_name})
+                elif claimed["app"] != self.app_name:
+                    raise EventSourcingError(
+                        f"app {claimed['app']!r} runs the {name} in this event store, so app "
+                        f"{self.app_name!r} cannot run one of that name too (they would share "
+                        "its checkpoint): rename one, or give this app a store of its own "
+                        "(events_url=...)"
+                    )
 
     def _start(
         self, what: str, run: Callable[[threading.Event], None], stop: threading.Event

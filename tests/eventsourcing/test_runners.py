@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, RunnerFailedError, StoreUnavailableError
+from riverbed.eventsourcing import (
+    EventSourcing,
+    EventSourcingError,
+    RunnerFailedError,
+    StoreUnavailableError,
+)
 from tests.eventsourcing.shop import Money, Order, OrderTotals
 from tests.services.postgres import terminate_connections
 from tests.support import stopped, wait_until
@@ -116,3 +121,34 @@ def test_a_runner_that_fails_stops_the_others_and_the_app_raises_its_error(
         assert stop.is_set()
     finally:
         app.close()
+
+
+def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
+    store_url: str, tmp_path: Path
+) -> None:
+    log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
+    shop, billing, shop_again = (
+        EventSourcing(app, store_url) for app in ("shop", "billing", "shop")
+    )
+    for events in (shop, billing, shop_again):
+        events.projection(OrderTotals())
+        events.relay(TOPIC)
+    stop = threading.Event()
+    threads = shop.run(stop, log=log)
+    try:
+        with pytest.raises(EventSourcingError, match=(
+            r"app 'shop' runs the projection order-totals in this event store, so app 'billing' "
+            r"cannot run one of that name too"
+        )):  # fmt: skip
+            billing.run(stop, log=log)
+        billing.projections.registered.clear()
+        with pytest.raises(EventSourcingError, match="app 'shop' runs the relay to shop-events"):
+            billing.run(stop, log=log)
+        threads += shop_again.run(stop, log=log)  # another process of the same app
+        position = place(shop, "ada")
+        shop_again.projections.wait_for("order-totals", position)
+    finally:
+        stopped(stop, threads)
+        for events in (shop, billing, shop_again):
+            events.close()
+        log.close()
