@@ -60,6 +60,7 @@ class Recorded(msgspec.Struct, frozen=True):
     event: Any
     type: EventType
     version: int
+    plain: bytes  # the payload encoded, unencrypted: a save of an event with no personal fields
 
 
 class Aggregate:
@@ -120,7 +121,8 @@ class Aggregate:
                 "event method after the other"
             )
         try:  # through the codec's encoder and the event's decoder, as a save and a load will
-            entry.decoder.decode(ENCODER.encode(event))
+            plain = ENCODER.encode(event)
+            entry.decoder.decode(plain)
         except _PAYLOAD_ERRORS as error:
             raise _payload_error(event, entry, error) from None
         assert entry.apply is not None
@@ -131,7 +133,7 @@ class Aggregate:
         finally:
             self._applying = None
         self.version = version = self.version + 1
-        self.pending.append(Recorded(event, entry, version))
+        self.pending.append(Recorded(event, entry, version, plain))
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None
