@@ -1027,6 +1027,18 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
         store.close()
 
 
+def test_a_store_with_a_pool_of_one_connection_serves_every_call(postgres_url: str) -> None:
+    store = connect_store(f"{postgres_url}?schema=one_{uuid.uuid4().hex[:8]}&pool_size=1")
+    try:
+        assert append_to(store, "s", 0) == 1
+        assert positions(store.read_all()) == [1]  # waited 30 s for the kept connection
+        with store.transaction("sub") as tx:
+            tx.append([StreamAppend("s", 1, events_for("s", 2, 1))])
+        assert append_to(store, "s", 2) == 3
+    finally:
+        store.close()
+
+
 def test_appends_survive_psycopg_deallocating_every_prepared_statement(
     postgres_url: str,
 ) -> None:

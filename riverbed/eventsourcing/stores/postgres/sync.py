@@ -69,9 +69,11 @@ class PostgresEventStore:
         self._local = threading.local()  # .transaction: this thread's open transaction
         # A pooled connection kept for appends, used by whichever thread finds it free: a save
         # per command then skips the pool's checkout and return (a tenth of its time). Appends
-        # take turns on the server anyway; concurrent ones use the pool.
+        # take turns on the server anyway; concurrent ones use the pool. Not with a pool of
+        # one, whose only connection every other call needs too.
         self._appender: psycopg.Connection[Any] | None = None
         self._appender_free = threading.Lock()
+        self._keeps_appender = self._settings.pool_size > 1
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -111,8 +113,10 @@ class PostgresEventStore:
 
     def append(self, appends: Sequence[StreamAppend]) -> int:
         channel = self._settings.channel
-        if getattr(self._local, "transaction", None) is None and self._appender_free.acquire(
-            blocking=False
+        if (
+            self._keeps_appender
+            and getattr(self._local, "transaction", None) is None
+            and self._appender_free.acquire(blocking=False)
         ):
             try:
                 return self._append_on_kept(appends, channel)
