@@ -296,14 +296,23 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
         if schema == entry.version and not entry.personal:
             return entry.decoder.decode(data)
         fields: dict[str, Any] = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
+        # Upcasters see an erased field as the class reads it (ERASED, None); one the class no
+        # longer has by that name stays a marker until they have moved it.
+        _erase(fields, entry, only_known=True)
         for version in range(schema, entry.version):
-            fields = entry.upcasters[version](fields)
-        for name, value in fields.items():
-            if isinstance(value, _Erased):
-                fields[name] = entry.personal.get(name)
+            try:
+                fields = entry.upcasters[version](fields)
+            except Exception as error:
+                raise EventDecodeError(
+                    f"event {entry.name} {where}: its upcaster from version {version} raised "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        _erase(fields, entry, only_known=False)
         return msgspec.convert(fields, entry.cls, dec_hook=dec_hook)
     except _AlteredError as error:
         raise EventDecodeError(f"event {entry.name} {where} does not decode: {error}") from None
+    except EventDecodeError:  # an upcaster's, which says so
+        raise
     except (msgspec.DecodeError, msgspec.ValidationError, KeyError, TypeError, ValueError) as error:
         raise EventDecodeError(
             f"event {entry.name} {where} does not decode (stored at version {schema}, class at "
@@ -313,6 +322,14 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
 
 class _Erased:
     """A personal field whose stream key was deleted."""
+
+
+def _erase(fields: dict[str, Any], entry: EventType, only_known: bool) -> None:
+    """Put the erased value of each erased field in its place (``only_known``: of the fields
+    the class has by that name)."""
+    for name, value in fields.items():
+        if isinstance(value, _Erased) and (name in entry.personal or not only_known):
+            fields[name] = entry.personal.get(name)
 
 
 class _AlteredError(Exception):

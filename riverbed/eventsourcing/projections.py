@@ -297,6 +297,7 @@ class Projections:
         version's ``collections``. Returns the new version."""
         projection = self.named(name)
         old = self.active_version(name)
+        self._start_afresh(projection, old + 1)
         runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
         while stop is None or not stop.is_set():
             runner.catch_up()
@@ -324,6 +325,18 @@ class Projections:
                 self.events.store.unpark(parked.projection, parked.position)
             return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
+
+    def _start_afresh(self, projection: Projection, version: int) -> None:
+        """Forget what a rebuild stopped before its switch left of ``version``, which the code
+        that ran it may have got wrong: its checkpoint, ``collections`` and parked events."""
+        name = projection.name
+        store = self.events.store
+        with store.transaction(subscriber(name, version)) as tx:
+            tx.set_checkpoint(0)
+            for collection in projection.collections:
+                tx.drop(prefix(name, version) + collection)
+        for parked in store.parked(parked_label(name, version)):
+            store.unpark(parked.projection, parked.position)
 
 
 def _pauses() -> Iterator[float]:

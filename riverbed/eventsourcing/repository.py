@@ -144,9 +144,13 @@ class Events:
         """Append the aggregates' pending events atomically; returns the global position of the
         last one (for read-your-writes: ``projection.wait_for(position)``). Raises
         ``ConcurrencyError`` if another writer saved one of them first."""
-        appends = self.appends(aggregates, metadata, self.store.stream_key)
-        position = self.store.append(appends) if appends else self.store.last_position()
-        self._saved(aggregates, self.store.save_snapshot, self.store.stream_key)
+        store = self.store
+        appends = self.appends(aggregates, metadata, store.stream_key)
+        position = store.append(appends) if appends else store.last_position()
+        for aggregate in _saved(aggregates):
+            snapshot = _snapshot(aggregate, store.stream_key(aggregate.id, False))
+            if snapshot is not None:
+                store.save_snapshot(snapshot)
         return position
 
     async def save_async(
@@ -159,10 +163,13 @@ class Events:
                 keys[aggregate.id] = await store.stream_key(aggregate.id, True)
         appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream])
         position = await store.append(appends) if appends else await store.last_position()
-        snapshots: list[Snapshot] = []
-        self._saved(aggregates, snapshots.append, lambda stream, create: keys.get(stream))
-        for snapshot in snapshots:
-            await store.save_snapshot(snapshot)
+        for aggregate in _saved(aggregates):
+            # Sealed with the stream's key, which events saved earlier may have made.
+            if aggregate.id not in keys:
+                keys[aggregate.id] = await store.stream_key(aggregate.id, False)
+            snapshot = _snapshot(aggregate, keys[aggregate.id])
+            if snapshot is not None:
+                await store.save_snapshot(snapshot)
         return position
 
     def appends(
@@ -222,25 +229,6 @@ class Events:
             ]
             appends.append(StreamAppend(aggregate.id, pending[0].version - 1, events))
         return appends
-
-    def _saved(
-        self,
-        aggregates: Sequence[Aggregate],
-        save_snapshot: Callable[[Snapshot], None],
-        stream_key: Callable[[str, bool], bytes | None],
-    ) -> None:
-        # The events are committed: the aggregates are saved whatever becomes of their snapshots.
-        due = []
-        for aggregate in aggregates:
-            pending = aggregate.pending
-            every = type(aggregate).snapshot_every
-            if pending and every and aggregate.version // every > (pending[0].version - 1) // every:
-                due.append(aggregate)
-            pending.clear()
-        for aggregate in due:
-            snapshot = _snapshot(aggregate, stream_key(aggregate.id, False))
-            if snapshot is not None:
-                save_snapshot(snapshot)
 
     # Loading
 
@@ -463,6 +451,19 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
     schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big") & 0x7FFFFFFF
     cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
     return hints, schema
+
+
+def _saved(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
+    """Mark the aggregates saved (their events are committed, whatever becomes of their
+    snapshots); those due for a snapshot."""
+    due = []
+    for aggregate in aggregates:
+        pending = aggregate.pending
+        every = type(aggregate).snapshot_every
+        if pending and every and aggregate.version // every > (pending[0].version - 1) // every:
+            due.append(aggregate)
+        pending.clear()
+    return due
 
 
 def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:

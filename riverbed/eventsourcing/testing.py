@@ -24,7 +24,13 @@ class Scenario(Generic[A]):
     def given(self, *events: Any) -> Scenario[A]:
         """Events that already happened to the aggregate (applied, not recorded)."""
         for event in events:
-            self.aggregate._replay(event, registry.of(event), self.aggregate.version + 1)
+            entry = registry.of(event)
+            if not entry.recorded_by(self.cls):  # a store would refuse this history too
+                raise AssertionError(
+                    f"{entry.name} is an event of another aggregate class, not of "
+                    f"{self.cls.__name__}"
+                )
+            self.aggregate._replay(event, entry, self.aggregate.version + 1)
         return self
 
     def when(self, command: Callable[[A], object]) -> Scenario[A]:

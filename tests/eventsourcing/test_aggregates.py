@@ -538,6 +538,9 @@ def test_given_when_then() -> None:
         ValueError, "cannot be paid"
     )
     scenario(Order).given(placed).when(lambda o: o.ship("dhl")).then(OrderShipped(carrier="dhl"))
+    requested = Payment.Requested(order_id="o-1", amount=Decimal(1))  # type: ignore[attr-defined]
+    with pytest.raises(AssertionError, match=r"Payment\.Requested is an event of another"):
+        scenario(Order).given(requested)
 
 
 def test_event_type_names_are_unique() -> None:

@@ -213,6 +213,25 @@ def test_rebuild_fills_a_new_version_beside_the_live_one(events: EventSourcing) 
             thread.join(10)
 
 
+def test_a_rebuild_stopped_before_its_switch_starts_afresh_the_next_time(
+    events: EventSourcing,
+) -> None:
+    orders = [place(events, name) for name in ("ada", "bob", "cy")]
+
+    class Declared(Counting):
+        collections = ("types",)
+
+    projection = events.projection(Declared())
+    projection.fail_on = {orders[1].id}  # the code of the first rebuild has a bug
+    runner = ProjectionRunner(events, projection, 2, rebuilding=True)
+    runner.run_once(limit=2)  # the first rebuild got this far, then was interrupted
+    assert len(events.store.parked("counting@v2")) == 1
+    projection.fail_on = set()  # fixed
+    assert events.projections.rebuild("counting") == 2
+    assert events.projections.all("counting", "types") == {"Order.Placed": {"n": 3}}
+    assert events.projections.parked("counting") == []
+
+
 def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
     events: EventSourcing, monkeypatch: pytest.MonkeyPatch
 ) -> None:

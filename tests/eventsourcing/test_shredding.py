@@ -3,6 +3,7 @@ every type, personal fields nested in a field's type, and payloads altered since
 
 # No `from __future__ import annotations`: the classes defined in tests annotate with locals.
 
+import asyncio
 import dataclasses
 import os
 import uuid
@@ -80,6 +81,57 @@ def test_personal_data_saved_after_a_key_deletion_loads_with_the_stream(
         riverbed.ERASED,
         riverbed.ERASED,
     ]
+
+
+def test_a_snapshot_saved_from_async_code_is_sealed_too(events: EventSourcing) -> None:
+    subscriber = Subscriber("ada@example.com")
+
+    async def main() -> None:
+        await events.save_async(subscriber)  # makes the stream's key
+        await events.handle_async(Subscriber, subscriber.id, lambda s: s.touch())  # a snapshot
+        await events.close_async()
+
+    asyncio.run(main())
+    snapshot = events.store.load_snapshot(subscriber.id)
+    assert snapshot is not None and b"ada@example.com" not in snapshot.data
+    assert events.store.delete_stream_key(subscriber.id)
+    assert events.get(Subscriber, subscriber.id).email == riverbed.ERASED
+
+
+def test_upcasters_see_an_erased_field_as_the_class_reads_it(events: EventSourcing) -> None:
+    stream = "lowered-1"
+    events.save(Subscriber.create("Ada@Example.com", id=stream))  # its key seals the address
+    stored = events.store.read_stream(stream)[0]
+    events.store.append([StreamAppend(stream, 1, [NewEvent(  # as version 1 of an event stored it
+        str(uuid.uuid4()), stream, 2, "Subscriber.Emailed", 1,
+        msgspec.msgpack.encode({"to": msgspec.msgpack.decode(stored.data)["email"]}),
+        stored.metadata, stored.timestamp_ms,
+    )])])  # fmt: skip
+
+    def lowered(data: dict[str, Any]) -> dict[str, Any]:
+        return {"to": data["to"].lower()}
+
+    class Emailed(riverbed.DomainEvent):
+        event_type = "Subscriber.Emailed"
+        event_version = 2
+        upcasters = {1: lowered}  # noqa: RUF012
+        to: Annotated[str, riverbed.Personal]
+
+        def apply(self, subscriber: Any) -> None:
+            subscriber.email = self.to
+
+    assert events.get(Subscriber, stream).email == "ada@example.com"
+    assert events.store.delete_stream_key(stream)
+    assert events.get(Subscriber, stream).email == riverbed.ERASED
+
+    def failing(data: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("address")
+
+    registry.of(Emailed(to="x")).upcasters[1] = failing
+    with pytest.raises(riverbed.EventDecodeError, match=(
+        r"Subscriber.Emailed at position 2: its upcaster from version 1 raised KeyError"
+    )):  # fmt: skip
+        events.get(Subscriber, stream)
 
 
 def test_a_personal_field_altered_since_sealed_is_an_error_not_erased(
