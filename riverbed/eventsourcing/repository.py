@@ -119,6 +119,7 @@ class Events:
         self._async_stores: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, AsyncEventStore
         ] = weakref.WeakKeyDictionary()
+        self._shared_async_store: AsyncEventStore | None = None
         self._connecting = threading.Lock()
 
     @property
@@ -372,22 +373,29 @@ class Events:
         return envelope(stored, self.store.stream_key)
 
     async def async_store(self) -> AsyncEventStore:
-        """The running event loop's store (opened on first use)."""
+        """The running event loop's store (opened on first use), or the one every loop shares
+        if its connections are not bound to a loop (SQLite's)."""
         loop = asyncio.get_running_loop()
-        store = self._async_stores.get(loop)
+        store = self._async_stores.get(loop) or self._shared_async_store
         if store is None:
             opened = await connect_async_store(self._url)
             # Calls that raced to open one keep the first; the others close theirs.
-            store = self._async_stores.setdefault(loop, opened)
+            if opened.bound_to_loop:
+                store = self._async_stores.setdefault(loop, opened)
+            else:
+                store = self._shared_async_store = self._shared_async_store or opened
             if store is not opened:
                 await opened.close()
         return store
 
     async def close_async(self) -> None:
-        """Close the running event loop's store."""
-        store = self._async_stores.pop(asyncio.get_running_loop(), None)
-        if store is not None:
-            await store.close()
+        """Close the running event loop's store (and the shared one)."""
+        stores = [self._async_stores.pop(asyncio.get_running_loop(), None)]
+        stores.append(self._shared_async_store)
+        self._shared_async_store = None
+        for store in stores:
+            if store is not None:
+                await store.close()
 
 
 def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None]) -> Envelope:

@@ -510,7 +510,7 @@ def test_async_commands_may_await_and_sync_ones_refuse_a_coroutine(
     assert events.get(Order, order.id).lines == ["awaited"]
 
 
-def test_each_event_loop_gets_its_own_async_store(events: EventSourcing) -> None:
+def test_each_event_loop_gets_its_own_async_store(events: EventSourcing, store_url: str) -> None:
     order = place()
 
     async def first_use() -> None:  # racing to open the store: one is kept, none is leaked
@@ -526,6 +526,12 @@ def test_each_event_loop_gets_its_own_async_store(events: EventSourcing) -> None
     asyncio.run(first_use())  # left open: its loop is closed now
     assert asyncio.run(later()).customer == "ada"
     assert asyncio.run(later()).customer == "ada"
+
+    async def opened() -> int:
+        return id(await events.async_store())
+
+    # SQLite's runs the sync store's calls in threads, for every loop: nothing to leak.
+    assert (asyncio.run(opened()) == asyncio.run(opened())) == store_url.startswith("sqlite")
 
 
 def test_given_when_then() -> None:
