@@ -47,7 +47,8 @@ class SqliteFile:
         self.what = what
         self._synchronous = synchronous
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # Each connection with the thread it belongs to.
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -60,6 +61,11 @@ class SqliteFile:
     def conn(self) -> sqlite3.Connection:
         """This thread's connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if self._closed.is_set():
+            if conn is not None:  # left open by close(), for this thread to close
+                conn.close()
+                self._local.conn = None
+            raise RiverbedError(f"{self.what} {str(self.path)!r} is closed")
         if conn is None:
             conn = sqlite3.connect(
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
@@ -83,7 +89,7 @@ class SqliteFile:
                         self._checkpointer.start()
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                self._connections.append((threading.current_thread(), conn))
         return conn
 
     def create_schema(self, statements: Sequence[str], version: int) -> None:
@@ -119,11 +125,16 @@ class SqliteFile:
             conn.close()
 
     def close(self) -> None:
+        """Close the file. Another live thread's connection may be running a statement, and
+        closing it under that would crash the process: that thread closes it on its next call
+        (which raises), or it closes when the thread ends."""
         self._closed.set()
         if self._checkpointer is not None and self._checkpointer.is_alive():
             self._checkpointer.join(5)
         with self._lock:
             connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        me = threading.current_thread()
+        for thread, conn in connections:
+            if thread is me or not thread.is_alive():
+                conn.close()
+        self._local.conn = None

@@ -4,6 +4,8 @@ write-ahead log still stays bounded under a writer that never pauses."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,3 +36,39 @@ def test_background_checkpoints_keep_the_log_bounded(
     # With no checkpoint completing between writes, the log would hold every page written.
     assert largest < 16 * 1024 * 1024, largest
     assert (tmp_path / "x.db").stat().st_size > 4 * 1024 * 1024  # the pages reached the file
+
+
+CLOSED_UNDER_A_READER = """
+import sys, threading, time
+from riverbed.eventsourcing.stores import connect_store
+
+store = connect_store(f"sqlite:///{sys.argv[1]}/events.db")
+errors = []
+
+def read():
+    while True:
+        try:
+            store.read_all()
+        except Exception as error:
+            errors.append(str(error))
+            return
+
+reader = threading.Thread(target=read)
+reader.start()
+time.sleep(0.3)
+store.close()  # while the reader runs statements on its own connection
+reader.join(10)
+print(errors)
+"""
+
+
+def test_closing_while_another_thread_reads_ends_its_calls_not_the_process(
+    tmp_path: Path,
+) -> None:
+    # Closing that thread's connection under a running statement crashed the interpreter.
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSED_UNDER_A_READER, str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"event store '{tmp_path}/events.db' is closed" in done.stdout

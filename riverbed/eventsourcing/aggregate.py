@@ -221,14 +221,23 @@ class EventMethod(Generic[P, R]):
 
 
 def check_id(aggregate_id: object, where: str) -> None:
-    """Raise ``ValueError`` unless ``aggregate_id`` is a non-empty str without NUL characters."""
+    """Raise ``ValueError`` unless ``aggregate_id`` is a non-empty str without NUL characters,
+    of at most ``MAX_ID_BYTES`` in UTF-8."""
     if not isinstance(aggregate_id, str) or not aggregate_id or "\x00" in aggregate_id:
         # PostgreSQL cuts a text at a NUL: "a\x00b" would land in the stream "a".
         raise ValueError(
             f"{where}: an aggregate id is a non-empty str without NUL characters, "
             f"got {aggregate_id!r}"
         )
+    if len(aggregate_id) > MAX_ID_BYTES // 4 and len(aggregate_id.encode()) > MAX_ID_BYTES:
+        raise ValueError(
+            f"{where}: an aggregate id is at most {MAX_ID_BYTES:,} bytes in UTF-8, got "
+            f"{len(aggregate_id.encode()):,} ({aggregate_id[:40]!r}...)"
+        )
 
+
+# PostgreSQL's index entries take ~2,700 bytes at most; both stores take the same ids.
+MAX_ID_BYTES = 1000
 
 # What the encoder raises for a value it cannot encode
 _ENCODE_ERRORS = (NotImplementedError, OverflowError, TypeError, ValueError)

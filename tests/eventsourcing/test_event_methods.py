@@ -181,14 +181,17 @@ def test_payloads_of_custom_types_are_accepted_and_load_back(events: EventSourci
     assert events.get(Kit, other.id).note == "gift"
 
 
-def test_an_id_that_is_empty_not_a_str_or_holds_a_nul_is_refused(events: EventSourcing) -> None:
+def test_an_id_that_is_empty_not_a_str_holds_a_nul_or_is_too_long_is_refused(
+    events: EventSourcing,
+) -> None:
     message = "an aggregate id is a non-empty str without NUL characters"
-    for bad in ("", "a\x00X", 42):
-        with pytest.raises(ValueError, match=rf"Wallet\.create: {message}"):
+    too_long = "an aggregate id is at most 1,000 bytes in UTF-8, got 1,002"
+    for bad, refusal in [("", message), ("a\x00X", message), (42, message), ("é" * 501, too_long)]:
+        with pytest.raises(ValueError, match=rf"Wallet\.create: {refusal}"):
             Wallet.create("ada", id=bad)  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match=rf"get\(Wallet, id\): {message}, got"):
+        with pytest.raises(ValueError, match=rf"get\(Wallet, id\): {refusal}"):
             events.get(Wallet, bad)  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=refusal):
             asyncio.run(events.get_async(Wallet, bad))  # type: ignore[arg-type]
     wallet = Wallet.create("ada", id="wallet-1")
     wallet.id = "a\x00X"  # set by hand
@@ -196,3 +199,6 @@ def test_an_id_that_is_empty_not_a_str_or_holds_a_nul_is_refused(events: EventSo
         events.save(wallet)
     assert events.read() == []
     assert Wallet.create("ada").id  # None: a generated id
+    longest = "é" * 500  # 1,000 bytes: stored on both stores
+    events.save(Wallet.create("ada", id=longest))
+    assert events.get(Wallet, longest).id == longest

@@ -989,7 +989,7 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
     assert "s3cret-pw" not in str(raised.value)
 
 
-@pytest.mark.parametrize("option", ["schema=Bad-Name", "pool_size=0"])
+@pytest.mark.parametrize("option", ["schema=Bad-Name", f"schema={'s' * 48}", "pool_size=0"])
 def test_bad_postgresql_options_are_refused(option: str) -> None:
     with pytest.raises(InvalidUrlError, match=option.split("=", maxsplit=1)[0]):
         connect_store(f"postgresql://shop@127.0.0.1:1/shop?{option}")
@@ -1023,6 +1023,15 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
         assert append_to(store, "s", 1) == 2
         assert positions(store.read_all()) == [1, 2]
         assert store.wait_for_events(after=1, timeout=5)
+    finally:
+        store.close()
+
+
+def test_the_longest_schema_name_works(postgres_url: str) -> None:
+    store = connect_store(f"{postgres_url}?schema={'s' * 47}")  # its channel: 63 bytes
+    try:
+        assert append_to(store, "s", 0) == 1
+        assert store.wait_for_events(after=0, timeout=1)
     finally:
         store.close()
 

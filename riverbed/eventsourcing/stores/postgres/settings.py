@@ -26,9 +26,9 @@ LIBPQ_OPTIONS = {
 }
 # How long a call waits for a free connection of the pool before giving up on the server.
 POOL_TIMEOUT_S = 30.0
-# A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name,
-# which PostgreSQL cuts at 63 bytes.
-SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+# A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name
+# (riverbed_events_<schema>), which PostgreSQL refuses past 63 bytes.
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def parse_settings(parsed: BackendUrl) -> Settings:
     if not SCHEMA_NAME.fullmatch(schema):
         raise InvalidUrlError(
             f"schema={schema!r} in the event store URL is not a plain lower-case name of up to "
-            "48 letters, digits and underscores; pick one like schema=shop_events"
+            "47 letters, digits and underscores; pick one like schema=shop_events"
         )
     try:
         pool_size = int(options["pool_size"])
