@@ -4,6 +4,7 @@ write-ahead log still stays bounded under a writer that never pauses."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from riverbed import sqlite_file
+from riverbed.errors import RiverbedError
+from riverbed.eventsourcing.stores import connect_store
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile
 
@@ -72,3 +75,16 @@ def test_closing_while_another_thread_reads_ends_its_calls_not_the_process(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"event store '{tmp_path}/events.db' is closed" in done.stdout
+
+
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, title TEXT)")
+    with pytest.raises(RiverbedError, match=(
+        r"is a database riverbed did not create \(it holds events\); give riverbed a file"
+    )):  # fmt: skip
+        connect_store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("events",)]
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)

@@ -989,7 +989,9 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
     assert "s3cret-pw" not in str(raised.value)
 
 
-@pytest.mark.parametrize("option", ["schema=Bad-Name", f"schema={'s' * 48}", "pool_size=0"])
+@pytest.mark.parametrize(
+    "option", ["schema=Bad-Name", f"schema={'s' * 48}", "pool_size=0", "pool_timeout=0"]
+)
 def test_bad_postgresql_options_are_refused(option: str) -> None:
     with pytest.raises(InvalidUrlError, match=option.split("=", maxsplit=1)[0]):
         connect_store(f"postgresql://shop@127.0.0.1:1/shop?{option}")
@@ -1023,6 +1025,27 @@ def test_a_dropped_connection_fails_one_call_and_the_store_recovers(postgres_url
         assert append_to(store, "s", 1) == 2
         assert positions(store.read_all()) == [1, 2]
         assert store.wait_for_events(after=1, timeout=5)
+    finally:
+        store.close()
+
+
+def test_a_call_waits_pool_timeout_for_a_connection(postgres_url: str) -> None:
+    url = f"{postgres_url}?schema=busy_{uuid.uuid4().hex[:8]}&pool_size=1&pool_timeout=0.2"
+    store = connect_store(url)
+    errors: list[Exception] = []
+
+    def read() -> None:
+        try:
+            store.read_all()
+        except StoreUnavailableError as error:
+            errors.append(error)
+
+    try:
+        with store.transaction("sub"):  # holds the pool's only connection
+            reader = threading.Thread(target=read)
+            reader.start()
+            reader.join(10)
+        assert len(errors) == 1 and "couldn't get a connection after 0.20 sec" in str(errors[0])
     finally:
         store.close()
 

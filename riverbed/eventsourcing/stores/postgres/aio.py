@@ -21,7 +21,6 @@ from riverbed.eventsourcing.stores.api import Document
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
-    POOL_TIMEOUT_S,
     Settings,
     connection_options,
     parse_settings,
@@ -55,12 +54,12 @@ class AsyncPostgresEventStore:
             kwargs={"autocommit": True, "options": connection_options(settings)},
             min_size=1,
             max_size=settings.pool_size,
-            timeout=POOL_TIMEOUT_S,
+            timeout=settings.pool_timeout,
             num_workers=1,
             open=False,
         )
         try:
-            await pool.open(wait=True, timeout=POOL_TIMEOUT_S)
+            await pool.open(wait=True, timeout=settings.pool_timeout)
         except psycopg_pool.PoolTimeout as error:
             await pool.close()
             raise unavailable(settings, error) from None

@@ -12,7 +12,7 @@ from riverbed.eventsourcing.errors import StoreUnavailableError
 from riverbed.urls import BackendUrl
 
 # riverbed's options and their defaults.
-RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10"}
+RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10", "pool_timeout": "30"}
 # libpq's parameters a URL may carry on to the server connection ("" = libpq's default). An
 # unreachable server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
 LIBPQ_OPTIONS = {
@@ -24,8 +24,6 @@ LIBPQ_OPTIONS = {
     "sslkey": "",
     "target_session_attrs": "",
 }
-# How long a call waits for a free connection of the pool before giving up on the server.
-POOL_TIMEOUT_S = 30.0
 # A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name
 # (riverbed_events_<schema>), which PostgreSQL refuses past 63 bytes.
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
@@ -38,6 +36,8 @@ class Settings:
     schema: str
     channel: str  # NOTIFY channel of this store's appends
     pool_size: int
+    # How long a call waits for a connection of the pool (all busy, or the server down).
+    pool_timeout: float
 
 
 def parse_settings(parsed: BackendUrl) -> Settings:
@@ -57,6 +57,15 @@ def parse_settings(parsed: BackendUrl) -> Settings:
             f"pool_size={options['pool_size']!r} in the event store URL is not a positive "
             "number of connections; use e.g. pool_size=10"
         )
+    try:
+        pool_timeout = float(options["pool_timeout"])
+    except ValueError:
+        pool_timeout = 0.0
+    if not pool_timeout > 0:
+        raise InvalidUrlError(
+            f"pool_timeout={options['pool_timeout']!r} in the event store URL is not a positive "
+            "number of seconds; use e.g. pool_timeout=5"
+        )
     parts = urlsplit(parsed.raw)
     libpq = {key: options[key] for key in LIBPQ_OPTIONS if options[key]}
     conninfo = parts._replace(scheme="postgresql", query=urlencode(libpq), fragment="").geturl()
@@ -64,7 +73,8 @@ def parse_settings(parsed: BackendUrl) -> Settings:
     user = f"{parts.username}@" if parts.username else ""
     port = f":{parts.port}" if parts.port else ""
     where = f"postgresql://{user}{host}{port}{parts.path}"
-    return Settings(conninfo, where, schema, f"riverbed_events_{schema}", pool_size)
+    channel = f"riverbed_events_{schema}"
+    return Settings(conninfo, where, schema, channel, pool_size, pool_timeout)
 
 
 def connection_options(settings: Settings) -> str:

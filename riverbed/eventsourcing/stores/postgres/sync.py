@@ -33,7 +33,6 @@ from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
-    POOL_TIMEOUT_S,
     Settings,
     connection_options,
     parse_settings,
@@ -55,12 +54,12 @@ class PostgresEventStore:
             kwargs={"autocommit": True, "options": connection_options(self._settings)},
             min_size=1,
             max_size=self._settings.pool_size,
-            timeout=POOL_TIMEOUT_S,
+            timeout=self._settings.pool_timeout,
             num_workers=1,
             open=False,
         )
         try:
-            self._pool.open(wait=True, timeout=POOL_TIMEOUT_S)
+            self._pool.open(wait=True, timeout=self._settings.pool_timeout)
         except psycopg_pool.PoolTimeout as error:
             self._pool.close()
             raise unavailable(self._settings, error) from None
