@@ -1050,6 +1050,15 @@ def test_a_call_waits_pool_timeout_for_a_connection(postgres_url: str) -> None:
         store.close()
 
 
+def test_a_closed_store_says_so(store_url: str) -> None:
+    store = connect_store(store_url)
+    append_to(store, "s", 0)
+    store.close()
+    for call in (store.read_all, lambda: append_to(store, "s", 1)):
+        with pytest.raises(RiverbedError, match="is closed"):
+            call()
+
+
 def test_the_longest_schema_name_works(postgres_url: str) -> None:
     store = connect_store(f"{postgres_url}?schema={'s' * 47}")  # its channel: 63 bytes
     try:

@@ -21,6 +21,7 @@ from psycopg import pq, sql
 from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 
+from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import (
     ParkedEvent,
     Snapshot,
@@ -85,10 +86,15 @@ class PostgresEventStore:
                 return
             with self._pool.connection() as conn:
                 yield conn
+        except psycopg_pool.PoolClosed:
+            raise self._closed() from None
         except psycopg_pool.PoolTimeout as error:
             raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
             raise self._lost(conn, error) from None
+
+    def _closed(self) -> EventSourcingError:
+        return EventSourcingError(f"the event store at {self._settings.where} is closed")
 
     def _lost(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
@@ -130,6 +136,8 @@ class PostgresEventStore:
             if conn is None:
                 conn = self._appender = self._pool.getconn()
             return libpq_append.append(conn, appends, channel)
+        except psycopg_pool.PoolClosed:
+            raise self._closed() from None
         except psycopg_pool.PoolTimeout as error:
             raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
