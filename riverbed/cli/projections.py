@@ -61,10 +61,11 @@ def list_projections(target: Target) -> None:
         )
     out.print(table)
     for status in statuses:
-        if status.stopped_at is not None and status.stopped_error is not None:
+        if status.stopped_at is not None:
+            error = (status.stopped_error or "").partition("\n")[0]
             out.print(
                 f"{status.name} stopped at position {status.stopped_at:,} (on_error = 'stop'): "
-                f"{status.stopped_error.splitlines()[0]}; fix it and restart the worker",
+                f"{error}; fix it and restart the worker",
                 markup=False,
             )
 

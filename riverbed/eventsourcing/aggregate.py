@@ -186,7 +186,7 @@ class EventMethod(Generic[P, R]):
                 fields.append((parameter.name, hint))
             else:
                 fields.append((parameter.name, hint, parameter.default))
-        type_name = f"{owner.__dict__.get('stored_name') or owner.__name__}.{self.name}"
+        type_name = f"{stored_name(owner)}.{self.name}"
         # Fields in the method's parameter order, so the payload class takes a call's arguments
         # as they are: recording an event is one constructor call.
         payload = msgspec.defstruct(type_name, fields, module=owner.__module__)
@@ -218,6 +218,12 @@ class EventMethod(Generic[P, R]):
             return self
         assert self.entry is not None, "the event method was not set on an Aggregate class"
         return functools.partial(_record_call, instance, self.entry)
+
+
+def stored_name(cls: type[Aggregate]) -> str:
+    """The name a class's events and snapshots are stored under: its own ``stored_name`` (kept
+    through a rename), else its name."""
+    return cls.__dict__.get("stored_name") or cls.__name__
 
 
 def check_id(aggregate_id: object, where: str) -> None:

@@ -298,7 +298,8 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
         fields: dict[str, Any] = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
         # Upcasters see an erased field as the class reads it (ERASED, None); one the class no
         # longer has by that name stays a marker until they have moved it.
-        _erase(fields, entry, only_known=True)
+        if schema < entry.version:
+            _erase(fields, entry, only_known=True)
         for version in range(schema, entry.version):
             try:
                 fields = entry.upcasters[version](fields)
@@ -369,6 +370,7 @@ class _Decrypter:
         return msgspec.msgpack.decode(plaintext)
 
 
+@functools.lru_cache(maxsize=256)  # a cipher and a key id per stream key, not per field
 def _aesgcm(key: bytes) -> Any:
     try:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -401,6 +403,7 @@ def unseal(key: bytes | None, data: bytes) -> bytes | None:
     return plaintext
 
 
+@functools.lru_cache(maxsize=256)
 def _key_id(key: bytes) -> bytes:
     # Names the key without revealing it: it is a 256-bit random key, and the hash one-way.
     return hashlib.sha256(b"riverbed stream key id:" + key).digest()[:_KEY_ID_BYTES]

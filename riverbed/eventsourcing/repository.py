@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate, check_id
+from riverbed.eventsourcing.aggregate import Aggregate, check_id, stored_name
 from riverbed.eventsourcing.codec import (
     ENCODER,
     dec_hook,
@@ -496,7 +496,7 @@ def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
     return Snapshot(
         stream=aggregate.id,
         version=aggregate.version,
-        type=_snapshot_type(cls),
+        type=stored_name(cls),
         schema=schema,
         data=seal(key, data) if key is not None else data,
         timestamp_ms=time.time_ns() // 1_000_000,
@@ -509,7 +509,7 @@ def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | N
     a key that was deleted."""
     hints, schema = _state_hints(cls)
     data = unseal(key, snapshot.data)
-    if snapshot.schema != schema or snapshot.type != _snapshot_type(cls) or data is None:
+    if snapshot.schema != schema or snapshot.type != stored_name(cls) or data is None:
         return None
     try:
         values = _typed(_snapshot_decoder.decode(data), hints)
@@ -522,12 +522,6 @@ def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | N
         setattr(aggregate, name, value)
     aggregate.version = snapshot.version
     return aggregate
-
-
-def _snapshot_type(cls: type[Aggregate]) -> str:
-    """The name a class's snapshots are filed under: its ``stored_name``, so that a renamed
-    class keeps loading from the snapshots saved under its old name, as from its events."""
-    return cls.__dict__.get("stored_name") or cls.__qualname__
 
 
 def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:

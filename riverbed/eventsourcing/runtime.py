@@ -112,8 +112,9 @@ class EventSourcing(Events):
                 run(stop)
             except Exception as error:
                 log.exception("the %s failed; stopping the others", what)
-                self.failures.append(RunnerFailedError(f"the {what} failed: {error!r}"))
-                self.failures[-1].__cause__ = error
+                failure = RunnerFailedError(f"the {what} failed: {error!r}")
+                failure.__cause__ = error
+                self.failures.append(failure)
                 stop.set()
 
         name = "riverbed-" + what.replace(" ", "-")

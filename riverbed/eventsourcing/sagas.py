@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("riverbed.sagas")
 TIMER_WAIT_S = 0.2
+# Every timer due by a time, to find one among them (a store lists them in due order).
+MAX_TIMERS = 2**31 - 1
 TIMERS_PER_ROUND = 100  # then a page of events, so timers set due at once cannot starve them
 
 
@@ -195,9 +197,10 @@ class SagaRunner(Subscription):
             return
         with self.store.transaction(self.name) as tx:
             # Unless another runner of this manager fired or moved it meanwhile.
-            if timer in tx.due_timers(timer.due_ms):
-                tx.cancel_timer(timer.key)
-                tx.park(parked)
+            if timer not in tx.due_timers(timer.due_ms, limit=MAX_TIMERS):
+                return
+            tx.cancel_timer(timer.key)
+            tx.park(parked)
         log.warning("%s parked timer %r: %s", self.name, timer.key, reason)
 
     def idle_wait(self, default: float) -> float:

@@ -114,13 +114,14 @@ class Subscription:
         parked = ParkedEvent(self.label, stored.position, stored.id, stored.type, reason,
                              time.time_ns() // 1_000_000)  # fmt: skip
         if self.on_error == "stop":
-            self.stopped_on = parked
-            log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
             with self.store.transaction(self.name) as tx:
                 # For status(): it holds until the checkpoint passes the position, when a
-                # restarted runner applied the event.
+                # restarted runner applied the event. Written first: if the store is down, the
+                # runner waits it out and fails on the event again.
                 if not self.replaced(tx):
                     tx.put(STOPPED, self.name, msgspec.structs.asdict(parked))
+            self.stopped_on = parked
+            log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
             return
         with self.store.transaction(self.name) as tx:
             if self.replaced(tx):
@@ -139,6 +140,8 @@ class Subscription:
                 raise
             reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
             raise _HandlerError(reason) from None
+        except BrokerUnavailableError:  # the store (a handler's read) is down: waited out
+            raise
         except Exception as error:
             reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
             raise _HandlerError(reason) from error

@@ -1058,6 +1058,14 @@ def test_a_closed_store_says_so(store_url: str) -> None:
         with pytest.raises(RiverbedError, match="is closed"):
             call()
 
+    async def read_closed() -> None:
+        async_store = await connect_async_store(store_url)
+        await async_store.close()
+        await async_store.read_all()
+
+    with pytest.raises(RiverbedError, match="is closed"):
+        asyncio.run(read_closed())
+
 
 def test_the_longest_schema_name_works(postgres_url: str) -> None:
     store = connect_store(f"{postgres_url}?schema={'s' * 47}")  # its channel: 63 bytes
@@ -1072,7 +1080,7 @@ def test_a_store_with_a_pool_of_one_connection_serves_every_call(postgres_url: s
     store = connect_store(f"{postgres_url}?schema=one_{uuid.uuid4().hex[:8]}&pool_size=1")
     try:
         assert append_to(store, "s", 0) == 1
-        assert positions(store.read_all()) == [1]  # waited 30 s for the kept connection
+        assert positions(store.read_all()) == [1]  # the only connection is not kept for appends
         with store.transaction("sub") as tx:
             tx.append([StreamAppend("s", 1, events_for("s", 2, 1))])
         assert append_to(store, "s", 2) == 3

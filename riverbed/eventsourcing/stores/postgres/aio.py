@@ -22,6 +22,7 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
+    closed,
     connection_options,
     parse_settings,
     unavailable,
@@ -73,6 +74,8 @@ class AsyncPostgresEventStore:
         try:
             async with self._pool.connection() as conn:
                 yield conn
+        except psycopg_pool.PoolClosed:
+            raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
             raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from riverbed.errors import InvalidUrlError
-from riverbed.eventsourcing.errors import StoreUnavailableError
+from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.urls import BackendUrl
 
 # riverbed's options and their defaults.
@@ -82,6 +82,10 @@ def connection_options(settings: Settings) -> str:
     and each statement of the append function sees what committed before it (READ COMMITTED),
     whatever the server's default isolation."""
     return f"-c search_path={settings.schema} -c default_transaction_isolation=read\\ committed"
+
+
+def closed(settings: Settings) -> EventSourcingError:
+    return EventSourcingError(f"the event store at {settings.where} is closed")
 
 
 def unavailable(settings: Settings, error: Exception) -> StoreUnavailableError:

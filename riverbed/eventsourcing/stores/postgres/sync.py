@@ -21,7 +21,6 @@ from psycopg import pq, sql
 from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 
-from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import (
     ParkedEvent,
     Snapshot,
@@ -35,6 +34,7 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
+    closed,
     connection_options,
     parse_settings,
     unavailable,
@@ -87,14 +87,11 @@ class PostgresEventStore:
             with self._pool.connection() as conn:
                 yield conn
         except psycopg_pool.PoolClosed:
-            raise self._closed() from None
+            raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
             raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
             raise self._lost(conn, error) from None
-
-    def _closed(self) -> EventSourcingError:
-        return EventSourcingError(f"the event store at {self._settings.where} is closed")
 
     def _lost(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
@@ -137,7 +134,7 @@ class PostgresEventStore:
                 conn = self._appender = self._pool.getconn()
             return libpq_append.append(conn, appends, channel)
         except psycopg_pool.PoolClosed:
-            raise self._closed() from None
+            raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
             raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
