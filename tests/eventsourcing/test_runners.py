@@ -152,3 +152,27 @@ def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
         for events in (shop, billing, shop_again):
             events.close()
         log.close()
+
+
+def test_an_outage_inside_a_handler_is_waited_out_not_parked(events: EventSourcing) -> None:
+    outages = [StoreUnavailableError("cannot reach the event store (test)")] * 2
+
+    class Reading(OrderTotals):
+        name = "reading"  # reads the store in its handler, which may be down for a moment
+
+        def handle(self, event: riverbed.Envelope, tx: Any) -> None:
+            if outages:
+                raise outages.pop()
+            super().handle(event, tx)
+
+    events.projection(Reading())
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        position = place(events, "ada")
+        assert events.projections.get("reading", "customers", "ada", wait_for=position) == {
+            "orders": 1, "total": "2",
+        }  # fmt: skip
+        assert events.projections.parked("reading") == [] and events.failures == []
+    finally:
+        stopped(stop, threads)
