@@ -51,7 +51,9 @@ from riverbed.eventsourcing.stores import (
     EventStore,
     connect_async_store,
     connect_store,
+    runs_in_threads,
 )
+from riverbed.eventsourcing.stores.threaded import ThreadedAsyncStore
 from riverbed.ids import random_ids
 
 A = TypeVar("A", bound=Aggregate)
@@ -119,7 +121,7 @@ class Events:
         self._async_stores: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, AsyncEventStore
         ] = weakref.WeakKeyDictionary()
-        self._shared_async_store: AsyncEventStore | None = None
+        self._threaded_store: ThreadedAsyncStore | None = None  # over self.store, any loop's
         self._connecting = threading.Lock()
 
     @property
@@ -135,6 +137,7 @@ class Events:
         self._url = url
 
     def close(self) -> None:
+        self._threaded_store = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -373,29 +376,28 @@ class Events:
         return envelope(stored, self.store.stream_key)
 
     async def async_store(self) -> AsyncEventStore:
-        """The running event loop's store (opened on first use), or the one every loop shares
-        if its connections are not bound to a loop (SQLite's)."""
+        """The running event loop's store (opened on first use); on SQLite, ``store``'s calls
+        run in worker threads, for any loop."""
+        if self._threaded_store is not None:
+            return self._threaded_store
+        if runs_in_threads(self._url):
+            self._threaded_store = ThreadedAsyncStore(self.store)
+            return self._threaded_store
         loop = asyncio.get_running_loop()
-        store = self._async_stores.get(loop) or self._shared_async_store
+        store = self._async_stores.get(loop)
         if store is None:
             opened = await connect_async_store(self._url)
             # Calls that raced to open one keep the first; the others close theirs.
-            if opened.bound_to_loop:
-                store = self._async_stores.setdefault(loop, opened)
-            else:
-                store = self._shared_async_store = self._shared_async_store or opened
+            store = self._async_stores.setdefault(loop, opened)
             if store is not opened:
                 await opened.close()
         return store
 
     async def close_async(self) -> None:
-        """Close the running event loop's store (and the shared one)."""
-        stores = [self._async_stores.pop(asyncio.get_running_loop(), None)]
-        stores.append(self._shared_async_store)
-        self._shared_async_store = None
-        for store in stores:
-            if store is not None:
-                await store.close()
+        """Close the running event loop's connections (``close`` closes SQLite's)."""
+        store = self._async_stores.pop(asyncio.get_running_loop(), None)
+        if store is not None:
+            await store.close()
 
 
 def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None]) -> Envelope:

@@ -41,6 +41,13 @@ async def connect_async_store(url: str | None = None) -> AsyncEventStore:
     return await AsyncPostgresEventStore.connect(parsed)
 
 
+def runs_in_threads(url: str | None = None) -> bool:
+    """Whether the async face of the store at ``url`` is its sync store's calls run in worker
+    threads (SQLite's), which any event loop can share."""
+    resolved = resolve_url(url, EVENTS_URL_ENV, DEFAULT_EVENTS_URL)
+    return parse_url(resolved, SCHEMES).scheme == "sqlite"
+
+
 def _require_psycopg() -> None:
     try:
         import psycopg  # noqa: F401
@@ -56,4 +63,5 @@ __all__ = [
     "Transaction",
     "connect_async_store",
     "connect_store",
+    "runs_in_threads",
 ]

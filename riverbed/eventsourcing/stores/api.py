@@ -180,8 +180,6 @@ class AsyncEventStore(Protocol):
     """The same store for ``async`` code: the appends and reads a command or query needs."""
 
     url: str
-    # Whether its connections belong to the event loop that opened it.
-    bound_to_loop: bool
 
     async def append(self, appends: Sequence[StreamAppend]) -> int: ...
 

@@ -10,8 +10,6 @@ from riverbed.eventsourcing.stores.api import Document, EventStore
 
 
 class ThreadedAsyncStore:
-    bound_to_loop = False  # it runs the sync store's calls in threads, for any loop
-
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self.url = store.url

@@ -34,8 +34,6 @@ class AsyncPostgresEventStore:
     """The ``postgresql://`` store of ``PostgresEventStore`` for ``asyncio``; open it with
     ``await AsyncPostgresEventStore.connect(url)``."""
 
-    bound_to_loop = True  # psycopg's async connections and pool tasks are the loop's
-
     def __init__(
         self, url: str, settings: Settings, pool: psycopg_pool.AsyncConnectionPool[Any]
     ) -> None:
