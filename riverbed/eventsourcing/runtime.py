@@ -101,8 +101,20 @@ class EventSourcing(Events):
                         f"app {claimed['app']!r} runs the {name} in this event store, so app "
                         f"{self.app_name!r} cannot run one of that name too (they would share "
                         "its checkpoint): rename one, or give this app a store of its own "
-                        "(events_url=...)"
+                        f"(events_url=...); if app {claimed['app']!r} was renamed to "
+                        f"{self.app_name!r}, call app.events.take_over_names"
+                        f"({claimed['app']!r}) once"
                     )
+
+    def take_over_names(self, renamed_from: str) -> int:
+        """After the app was renamed from ``renamed_from``: the projections, process managers
+        and relays that app ran in the store are this one's; how many."""
+        with self.store.transaction(RUNNERS) as tx:
+            names = [key for key, claimed in self.store.documents(RUNNERS).items()
+                     if claimed["app"] == renamed_from]  # fmt: skip
+            for name in names:
+                tx.put(RUNNERS, name, {"app": self.app_name})
+        return len(names)
 
     def _start(
         self, what: str, run: Callable[[threading.Event], None], stop: threading.Event

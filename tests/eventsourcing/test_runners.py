@@ -147,6 +147,12 @@ def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
         threads += shop_again.run(stop, log=log)  # another process of the same app
         position = place(shop, "ada")
         shop_again.projections.wait_for("order-totals", position)
+        stopped(stop, threads)
+        assert billing.take_over_names("shop") == 2  # shop was renamed billing
+        stop = threading.Event()
+        threads = billing.run(stop, log=log)
+        with pytest.raises(EventSourcingError, match="app 'billing' runs the projection"):
+            shop.run(stop, log=log)
     finally:
         stopped(stop, threads)
         for events in (shop, billing, shop_again):
