@@ -386,12 +386,22 @@ class Events:
         loop = asyncio.get_running_loop()
         store = self._async_stores.get(loop)
         if store is None:
+            self._forget_closed_loops()
             opened = await connect_async_store(self._url)
             # Calls that raced to open one keep the first; the others close theirs.
             store = self._async_stores.setdefault(loop, opened)
             if store is not opened:
                 await opened.close()
         return store
+
+    def _forget_closed_loops(self) -> None:
+        """Drop the stores of event loops that ended without ``close_async``: they can no
+        longer be closed (their loop is gone), and held here, their connections would stay
+        open for good; dropped, the garbage collector closes them."""
+        for loop in [loop for loop in self._async_stores if loop.is_closed()]:
+            del self._async_stores[loop]
+            log.warning("an event loop ended without app.events.close_async(); call it before "
+                        "the loop ends to close its connections at once")  # fmt: skip
 
     async def close_async(self) -> None:
         """Close the running event loop's connections (``close`` closes SQLite's)."""

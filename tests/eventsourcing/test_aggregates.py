@@ -4,6 +4,7 @@ snapshots, upcasting, metadata, crypto-shredding, bad stored data, async, given/
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 
 import riverbed
@@ -532,6 +534,28 @@ def test_each_event_loop_gets_its_own_async_store(events: EventSourcing, store_u
 
     # SQLite's runs the sync store's calls in threads, for every loop: nothing to leak.
     assert (asyncio.run(opened()) == asyncio.run(opened())) == store_url.startswith("sqlite")
+
+
+def test_event_loops_that_end_without_close_async_leave_no_connections_open(
+    postgres_url: str,
+) -> None:
+    name = f"loops_{uuid.uuid4().hex[:8]}"
+    events = EventSourcing("shop", f"{postgres_url}?schema={name}&application_name={name}")
+
+    async def save_one() -> None:
+        await events.save_async(place())
+
+    try:
+        for _ in range(6):
+            asyncio.run(save_one())  # a loop per test under pytest-asyncio, say
+        gc.collect()
+        with psycopg.connect(postgres_url) as admin:
+            (count,) = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+            ).fetchone() or (0,)
+        assert count <= 2  # the last loop's, not every loop's
+    finally:
+        events.close()
 
 
 def test_given_when_then() -> None:
