@@ -69,28 +69,27 @@ class EventSourcing(Events):
         its error is in ``failures`` (``App.run`` raises it)."""
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
-        self._claim()
+        whats = [f"projection {name}" for name in self.projections.registered]
+        whats += [f"process manager {name}" for name in self.process_managers]
+        whats += [f"relay to {topic}" for topic in self.relays]
+        self._claim(whats)
         self.failures.clear()
-        runners: list[tuple[str, Callable[[threading.Event], None]]] = [
-            (f"projection {name}", self.projections.runner(name).run)
-            for name in self.projections.registered
+        runs: list[Callable[[threading.Event], None]] = [
+            self.projections.runner(name).run for name in self.projections.registered
         ]
-        for manager in self.process_managers.values():
-            runners.append((f"process manager {manager.name}", SagaRunner(self, manager).run))
+        runs += [SagaRunner(self, manager).run for manager in self.process_managers.values()]
         for topic, settings in self.relays.items():
             assert log is not None
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
-            runners.append((f"relay to {topic}", _closing(relay)))
-        return [self._start(what, run, stop) for what, run in runners]
+            runs.append(_closing(relay))
+        return [self._start(what, run, stop) for what, run in zip(whats, runs, strict=True)]
 
-    def _claim(self) -> None:
-        """Record in the store that this app runs its projections, process managers and relays,
-        refusing a name another app runs there: their checkpoints, leases and read models are
-        named without the app's, so two apps sharing a store (the default one, in one directory)
-        would split a projection's events between them, or one's relay would stand by for ever."""
-        names = [f"projection {name}" for name in self.projections.registered]
-        names += [f"process manager {name}" for name in self.process_managers]
-        names += [f"relay to {topic}" for topic in self.relays]
+    def _claim(self, names: list[str]) -> None:
+        """Record in the store that this app runs these projections, process managers and
+        relays, refusing a name another app runs there: their checkpoints, leases and read models
+        are named without the app's, so two apps sharing a store (the default one, in one
+        directory) would split a projection's events between them, or one's relay would stand
+        by for ever."""
         with self.store.transaction(RUNNERS) as tx:
             for name in names:
                 claimed = tx.get(RUNNERS, name)

@@ -86,19 +86,20 @@ class PostgresEventStore:
                 return
             with self._pool.connection() as conn:
                 yield conn
-        except psycopg_pool.PoolClosed:
-            raise closed(self._settings) from None
-        except psycopg_pool.PoolTimeout as error:
-            raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
-            raise self._lost(conn, error) from None
+            raise self._failure(conn, error) from None
 
-    def _lost(
+    def _failure(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
     ) -> Exception:
-        """What to raise for an ``OperationalError`` on ``conn``: ``StoreUnavailableError`` if the
-        server restarted or dropped us, after every dead connection is replaced now, so that one
-        call fails, not one per pooled connection."""
+        """What to raise for an ``OperationalError`` of the pool or on ``conn``: the store is
+        closed; no connection came in time; or ``StoreUnavailableError`` if the server restarted
+        or dropped us, after every dead connection is replaced now, so that one call fails, not
+        one per pooled connection."""
+        if isinstance(error, psycopg_pool.PoolClosed):
+            return closed(self._settings)
+        if isinstance(error, psycopg_pool.PoolTimeout):
+            return unavailable(self._settings, error)
         if conn is None or not conn.broken:
             return error
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use
@@ -133,12 +134,8 @@ class PostgresEventStore:
             if conn is None:
                 conn = self._appender = self._pool.getconn()
             return libpq_append.append(conn, appends, channel)
-        except psycopg_pool.PoolClosed:
-            raise closed(self._settings) from None
-        except psycopg_pool.PoolTimeout as error:
-            raise unavailable(self._settings, error) from None
         except psycopg.OperationalError as error:
-            raise self._lost(conn, error) from None
+            raise self._failure(conn, error) from None
         finally:
             # Interrupted mid-call, or broken: the pool resets or replaces it.
             if conn is not None and conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
