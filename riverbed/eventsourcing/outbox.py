@@ -19,8 +19,10 @@ published but did not checkpoint; the inbox drops those repeats by event id.
 
 The relay waits at most ``FLUSH_TIMEOUT_S`` for the log to acknowledge a page, so that ``stop``
 is honoured within seconds: a log that does not (Kafka down) is an outage it waits out like the
-others, and the page, not checkpointed, is published again later. ``app.events.run`` closes its
-relays when they stop.
+others. The page, not checkpointed, stays queued in the producer, and the relay waits for those
+records rather than queueing the page again behind them (each retry would add a copy); it sends
+the page again only when the log reports a record failed. ``app.events.run`` closes its relays
+when they stop.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -38,7 +40,7 @@ from riverbed.eventsourcing.records import StoredEvent
 from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
-from riverbed.log.api import Log, Producer, Record
+from riverbed.log.api import Log, Producer, Record, SendFuture
 from riverbed.log.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
@@ -63,6 +65,14 @@ _EVENT_HEADERS = (EVENT_ID, EVENT_TYPE, EVENT_SCHEMA, STREAM, STREAM_VERSION, PO
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 logger = logging.getLogger("riverbed.outbox")
+
+
+class _Sent(NamedTuple):
+    """A page sent to the log: the checkpoint it was read after, its events, their futures."""
+
+    after: int
+    page: list[StoredEvent]
+    futures: list[SendFuture]
 
 
 def check_lease_ttl(lease_ttl: float) -> None:
@@ -102,6 +112,8 @@ class Relay:
         if topic not in {t.name for t in log.list_topics()}:
             log.create_topic(topic, partitions=partitions)
         self._producer: Producer = log.producer()
+        # The page whose flush timed out: its records are still queued in the producer.
+        self._unacknowledged: _Sent | None = None
 
     def run_once(self, limit: int = PAGE) -> int:
         """Take or renew the lease, then publish the next page of events and checkpoint it; how
@@ -112,21 +124,30 @@ class Relay:
         ttl_ms = int(self.lease_ttl * 1000)
         self.leading = store.acquire_lease(self.name, self.owner, ttl_ms)
         if not self.leading:
+            self._unacknowledged = None  # the leader publishes that page
             return 0
-        page = store.read_all(store.checkpoint(self.name), limit)
-        if not page:
-            return 0
-        send = self._producer.send
-        futures = [
-            send(self.topic, stored.data, key=stored.stream.encode(), headers=_headers(stored),
-                 timestamp_ms=stored.timestamp_ms)
-            for stored in page
-        ]  # fmt: skip
-        # Each raises if the log did not take the page in time: nothing is checkpointed. Kafka
-        # reports a record it failed to write only to its future.
+        after = store.checkpoint(self.name)
+        sent = self._unacknowledged
+        if sent is None or sent.after != after:
+            page = store.read_all(after, limit)
+            if not page:
+                return 0
+            send = self._producer.send
+            futures = [
+                send(self.topic, stored.data, key=stored.stream.encode(),
+                     headers=_headers(stored), timestamp_ms=stored.timestamp_ms)
+                for stored in page
+            ]  # fmt: skip
+            sent = _Sent(after, page, futures)
+        # Raises if the log did not take the page in time: nothing is checkpointed, and the next
+        # call waits for these records instead of queueing the page again behind them.
+        self._unacknowledged = sent
         self._producer.flush(FLUSH_TIMEOUT_S)
-        for future in futures:
+        self._unacknowledged = None
+        # Kafka reports a record it failed to write only to its future; the page goes again.
+        for future in sent.futures:
             future.result(0)
+        page = sent.page
         with store.transaction(self.name) as tx:
             # The fence: once another relay has taken the lease over, the checkpoint is its own.
             self.leading = tx.renew_lease(self.name, self.owner, ttl_ms)

@@ -6,7 +6,8 @@ at once), and the inbox refuses records the relay did not publish."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -16,9 +17,10 @@ import msgspec
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import SagaRunner, timer_position
+from riverbed.log.api import SendFuture
 from tests.eventsourcing.shop import Fulfilment, Money, Order
 from tests.support import read_topic, stopped, wait_until
 
@@ -220,9 +222,57 @@ def test_a_relay_waits_out_a_log_that_does_not_acknowledge_and_still_stops(
     assert events.failures == []
     assert all(timeout is not None and timeout <= 0.05 for timeout in timeouts)
     assert events.store.checkpoint(checkpoint) == 1
-    # The page the log did not acknowledge may have reached it, maybe more than once.
-    ids = {record.headers[EVENT_ID] for record in read_topic(log, TOPIC)}
-    assert ids >= {stored.id.encode() for stored in events.store.read_all(0, 1)}
+    # The retries waited for the page's records instead of queueing the page again behind them.
+    copies = Counter(record.headers[EVENT_ID] for record in read_topic(log, TOPIC))
+    (ann,) = events.store.read_all(0, 1)
+    assert copies[ann.id.encode()] == 1
+
+
+class Refused(SendFuture):
+    """The future of a record the log reports it failed to write."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self._callbacks = None
+        self._error = error
+
+    def _outcome(self) -> BaseException:
+        return self._error
+
+    def _force(self, timeout: float | None) -> None:
+        pass
+
+    def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
+        callback(self)
+
+
+def test_a_page_with_a_record_the_log_failed_is_sent_again_before_it_is_checkpointed(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = Relay(events, log, TOPIC)
+    ann, bob = place(events, "ann"), place(events, "bob")
+    send = relay._producer.send
+    refused: list[bytes | None] = []
+
+    def refuse_first(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
+        if not refused:
+            refused.append(kwargs["key"])
+            return Refused(RuntimeError("the broker refused the record (test)"))
+        return send(topic, value, **kwargs)
+
+    monkeypatch.setattr(relay._producer, "send", refuse_first)
+    try:
+        with pytest.raises(RuntimeError, match="refused the record"):
+            relay.run_once()
+        assert events.store.checkpoint(relay.name) == 0
+        assert relay.run_once() == 2
+    finally:
+        relay.close()
+    assert refused == [ann.id.encode()]
+    copies = Counter(record.key for record in read_topic(log, TOPIC))
+    assert copies == {ann.id.encode(): 1, bob.id.encode(): 2}
+    assert events.store.checkpoint(relay.name) == 2
 
 
 def test_the_inbox_refuses_a_record_the_relay_did_not_publish(
