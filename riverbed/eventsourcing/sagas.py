@@ -12,7 +12,9 @@ and its timer is parked too, not tried again: ``store.parked(name)`` lists it be
 with ``type`` "timer", ``event_id`` "timer:<key>", the error with its traceback, and a negative
 ``position`` derived from the key (a key parked again replaces its entry; ``store.unpark(name,
 position)`` forgets it). The manager goes on with its other events and timers; with
-``on_error = "stop"`` it stops there instead, and the timer fires again when it restarts.
+``on_error = "stop"`` it stops there instead, and the timer fires again when it restarts. An
+``on_timeout`` whose command raced another writer (``ConcurrencyError``) fires again at once;
+the same conflict ten times in a row is on_timeout's doing, and fails like an error.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent, Timer
 from riverbed.eventsourcing.repository import Envelope, causing
 from riverbed.eventsourcing.stores.api import Document, Transaction
-from riverbed.eventsourcing.subscriptions import PAGE, Subscription
+from riverbed.eventsourcing.subscriptions import (
+    CONFLICT_RETRIES,
+    PAGE,
+    RETRY_S,
+    Subscription,
+)
 from riverbed.log.errors import BrokerUnavailableError
 
 if TYPE_CHECKING:
@@ -159,6 +166,7 @@ class SagaRunner(Subscription):
     def _fire_due_timers(self) -> None:
         # One transaction per timer: a failing one rolls back alone, then is parked.
         now_ms = time.time_ns() // 1_000_000
+        conflicts = 0
         for _ in range(TIMERS_PER_ROUND):
             if self.stopped_on is not None:
                 return
@@ -169,7 +177,21 @@ class SagaRunner(Subscription):
                         return
                     tx.cancel_timer(due[0].key)  # firing a timer is deleting it
                     self._fire(due[0], tx)
+                conflicts = 0
+            except _TimerConflictError as conflict:
+                # A race: the timer, still due, fires again. The same conflict every time is
+                # on_timeout's doing, and would hold up the manager's events for ever.
+                conflicts += 1
+                if conflicts < CONFLICT_RETRIES:
+                    log.info("%s: timer %r raced another writer, trying again: %s",
+                             self.name, conflict.timer.key, conflict.reason)  # fmt: skip
+                    time.sleep(RETRY_S)
+                    continue
+                conflicts = 0
+                reason = f"ConcurrencyError on every retry: {conflict.reason}"
+                self._failed_timer(conflict.timer, reason)
             except _TimerError as failed:
+                conflicts = 0
                 self._failed_timer(failed.timer, failed.reason)
 
     def _fire(self, timer: Timer, tx: Transaction) -> None:
@@ -181,8 +203,10 @@ class SagaRunner(Subscription):
             with causing(cause, stored.correlation_id):
                 saga = Saga(self.events, tx, self.manager, stored.correlation_id)
                 self.manager.on_timeout(timer.key, stored.data, saga)
-        except (ConcurrencyError, BrokerUnavailableError):
-            raise  # a race or an outage: the timer fires again in the next round
+        except ConcurrencyError:
+            raise _TimerConflictError(timer, traceback.format_exc()) from None
+        except BrokerUnavailableError:
+            raise  # an outage: the runner waits it out, and the timer fires again
         except Exception as error:
             reason = f"on_timeout({timer.key!r}) raised {type(error).__qualname__}: {error}"
             raise _TimerError(timer, f"{reason}\n{traceback.format_exc()}") from error
@@ -213,3 +237,7 @@ class _TimerError(Exception):
         super().__init__(reason)
         self.timer = timer
         self.reason = reason
+
+
+class _TimerConflictError(_TimerError):
+    """on_timeout's command raced another writer."""

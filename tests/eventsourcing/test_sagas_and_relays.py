@@ -5,6 +5,7 @@ at once), and the inbox refuses records the relay did not publish."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import riverbed
 from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import SagaRunner, timer_position
+from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
 from riverbed.log.api import SendFuture
 from tests.eventsourcing.shop import Fulfilment, Money, Order
 from tests.support import read_topic, stopped, wait_until
@@ -118,6 +120,49 @@ def test_a_failing_timer_stops_a_manager_that_stops_on_error(events: EventSourci
     # The timer stays: a restarted runner fires it again.
     SagaRunner(events, manager).catch_up()
     assert manager.fired == ["bad", "bad"]
+
+
+def test_a_timer_that_conflicts_every_time_is_parked_and_the_saga_goes_on(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Stale(Reminders):
+        """Cancels from a copy of the order it loaded before a line was added."""
+
+        name = "stale"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies: dict[str, Order] = {}
+
+        def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+            if data["order"] not in self.copies:
+                return super().on_timeout(key, data, saga)
+            self.fired.append(key)
+            order = copy.deepcopy(self.copies[data["order"]])
+            order.cancel("reminded")
+            saga.save(order)  # at version 1, the order at 2: a conflict every time
+
+    monkeypatch.setattr("riverbed.eventsourcing.sagas.RETRY_S", 0)
+    manager = Stale()
+    ann = place(events, "ann")
+    manager.copies[ann.id] = events.get(Order, ann.id)
+    ann.add_line("socks")
+    events.save(ann)
+    runner = SagaRunner(events, manager)
+    runner.catch_up()  # sets the timer
+    runner.catch_up()  # fires it
+    assert manager.fired == ["ann"] * CONFLICT_RETRIES
+    (parked,) = events.store.parked("stale")
+    assert (parked.type, parked.event_id) == ("timer", "timer:ann")
+    assert "ConcurrencyError on every retry" in parked.error
+    assert f"stream '{ann.id}' is at version 2, not the expected 1" in parked.error
+    assert events.get(Order, ann.id).status == "placed"
+    # The manager goes on with its events and timers.
+    bob = place(events, "bob")
+    runner.catch_up()
+    runner.catch_up()
+    assert events.get(Order, bob.id).status == "cancelled"
+    assert [p.event_id for p in events.store.parked("stale")] == ["timer:ann"]
 
 
 def test_on_timeout_runs_in_the_correlation_of_the_event_that_set_its_timer(
