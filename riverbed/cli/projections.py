@@ -110,6 +110,29 @@ def unpark(
         raise RiverbedError(f"not parked by {name}: {', '.join(map(str, missing))}")
 
 
+@app.command("retry")
+def retry(
+    target: Target,
+    name: Name,
+    positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
+) -> None:
+    """Apply parked events again, once the projection's handler is fixed: each now, after the
+    events that followed it, and unparked once applied; one that fails again stays parked with
+    the new error. For handlers that do not depend on the order of events; else ``rebuild``."""
+    with open_projections(target) as projections:
+        failed = []
+        for position in positions:
+            again = projections.retry(name, position)
+            if again is None:
+                out.print(f"{position}  applied")
+            else:
+                out.print(f"{position}  failed again: {again.error.partition(chr(10))[0]}",
+                          markup=False)  # fmt: skip
+                failed.append(position)
+    if failed:
+        raise RiverbedError(f"still parked by {name}: {', '.join(map(str, failed))}")
+
+
 @app.command("rebuild")
 def rebuild(target: Target, name: Name) -> None:
     """Fill the projection's next version from the first event, beside the live one; switch

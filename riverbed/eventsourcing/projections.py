@@ -143,6 +143,13 @@ class ProjectionRunner(Subscription):
     def handle(self, event: Envelope, tx: Transaction) -> None:
         self.projection.handle(event, ReadModel(tx, self._prefix))
 
+    def parked_labels(self) -> list[str]:
+        # Before parked events were filed per version, they were filed under the bare name.
+        return [self.label, self.projection.name]
+
+    def described(self) -> str:
+        return f"projection {self.projection.name!r}"
+
     def replaced(self, tx: Transaction) -> bool:
         if self._rebuilding:
             return False
@@ -211,6 +218,13 @@ class Projections:
         store = self.events.store
         # Before parked events were filed per version, they were filed under the bare name.
         return store.parked(parked_label(name, version)) + store.parked(name)
+
+    def retry(self, name: str, position: int) -> ParkedEvent | None:
+        """Apply the event parked at ``position`` again, now (after the events that followed
+        it), and forget it once applied; if it fails again it stays parked with the new error,
+        which is returned. For a fixed handler whose events do not depend on their order;
+        otherwise ``rebuild``."""
+        return self.runner(name).retry(position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every

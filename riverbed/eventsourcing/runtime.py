@@ -11,6 +11,7 @@ from typing import NamedTuple, TypeVar
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl
 from riverbed.eventsourcing.projections import Projection, Projections
+from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner, manager_name
 from riverbed.log.api import Log
@@ -57,6 +58,25 @@ class EventSourcing(Events):
         standby takes over ``lease_ttl`` seconds after the leader dies)."""
         check_lease_ttl(lease_ttl)  # here, not when the workers start
         self.relays[topic] = RelaySettings(partitions, lease_ttl)
+
+    def retry_parked(self, name: str, position: int) -> ParkedEvent | None:
+        """Handle the event that projection or process manager ``name`` parked at ``position``
+        again, now (after the events that followed it), and forget it once handled; if it fails
+        again it stays parked with the new error, which is returned."""
+        manager = self.process_managers.get(name)
+        if name in self.projections.registered:
+            if manager is not None:
+                raise EventSourcingError(
+                    f"both a projection and a process manager are named {name!r}: call "
+                    "app.events.projections.retry for the projection"
+                )
+            return self.projections.retry(name, position)
+        if manager is None:
+            known = sorted([*self.projections.registered, *self.process_managers]) or ["none"]
+            raise EventSourcingError(
+                f"no projection or process manager named {name!r}; registered: {', '.join(known)}"
+            )
+        return SagaRunner(self, manager).retry(position)
 
     def has_work(self) -> bool:
         """Whether projections, process managers or relays are registered."""

@@ -158,6 +158,9 @@ class SagaRunner(Subscription):
     def handle(self, event: Envelope, tx: Transaction) -> None:
         self.manager.handle(event, Saga(self.events, tx, self.manager, event.correlation_id))
 
+    def described(self) -> str:
+        return f"process manager {self.manager.name!r}"
+
     def run_once(self, limit: int = PAGE) -> int:
         """Fire the due timers, then handle the next page of events; how many events."""
         self._fire_due_timers()

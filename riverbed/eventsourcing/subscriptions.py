@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from riverbed.eventsourcing.errors import ConcurrencyError
+from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
 from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
 from riverbed.eventsourcing.repository import Envelope, causing, envelope
@@ -131,6 +131,10 @@ class Subscription:
         log.warning("%s parked position %d: %s", self.name, stored.position, reason)
 
     def _apply(self, stored: StoredEvent, tx: Transaction) -> None:
+        self._handle(stored, tx)
+        tx.set_checkpoint(stored.position)
+
+    def _handle(self, stored: StoredEvent, tx: Transaction) -> None:
         try:
             decoded = envelope(stored, self.store.stream_key)
             with causing(decoded.id, decoded.correlation_id):
@@ -145,7 +149,62 @@ class Subscription:
         except Exception as error:
             reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
             raise _HandlerError(reason) from error
-        tx.set_checkpoint(stored.position)
+
+    def parked_labels(self) -> list[str]:
+        """What this subscriber's parked events are filed under."""
+        return [self.label]
+
+    def described(self) -> str:
+        """The subscriber, for error messages."""
+        return self.label
+
+    def retry(self, position: int) -> ParkedEvent | None:
+        """Handle the event parked at ``position`` again, now, after the events that followed
+        it, in a transaction of its own that forgets it once handled (the checkpoint, already
+        past it, stays). None once handled; if it fails again it stays parked, with the new
+        error, which is returned."""
+        parked = self._parked_at(position)
+        conflicts = 0
+        while True:
+            # A race with another writer is tried again; the same conflict every time fails.
+            self._conflicts_fail = conflicts == CONFLICT_RETRIES
+            try:
+                with self.store.transaction(self.name) as tx:
+                    if self.replaced(tx):
+                        raise EventSourcingError(
+                            f"{self.described()} was rebuilt while retrying position "
+                            f"{position}: the switch forgot the old version's parked events"
+                        )
+                    (stored,) = self.store.read_all(position - 1, 1)
+                    self._handle(stored, tx)
+                    tx.unpark(parked.projection, position)
+                log.info("%s applied parked position %d", self.name, position)
+                return None
+            except ConcurrencyError as error:
+                log.info("%s raced another writer, trying again: %s", self.name, error)
+                conflicts += 1
+                time.sleep(RETRY_S)
+            except _HandlerError as failed:
+                again = msgspec.structs.replace(
+                    parked, error=failed.reason, parked_ms=time.time_ns() // 1_000_000
+                )
+                with self.store.transaction(self.name) as tx:
+                    tx.park(again)
+                return again
+            finally:
+                self._conflicts_fail = False
+
+    def _parked_at(self, position: int) -> ParkedEvent:
+        for label in self.parked_labels():
+            for parked in self.store.parked(label):
+                if parked.position == position:
+                    if parked.type == "timer":
+                        raise EventSourcingError(
+                            f"{parked.event_id} of {self.described()} is a parked timer, which "
+                            "cannot be retried: set it again from the code, then unpark it"
+                        )
+                    return parked
+        raise EventSourcingError(f"{self.described()} has no event parked at position {position}")
 
     def catch_up(self) -> int:
         """Handle every event stored so far; how many."""

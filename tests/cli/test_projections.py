@@ -31,11 +31,12 @@ APP_MODULE = textwrap.dedent(
     class BookingsPerGuest(riverbed.Projection):
         name = "bookings-per-guest"
         collections = ("guests",)
+        refused = frozenset({"mallory"})
 
         def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
             guest = event.event.guest
-            if guest == "mallory":
-                raise ValueError("mallory cannot book")
+            if guest in self.refused:
+                raise ValueError(f"{guest} cannot book")
             count = (tx.get("guests", guest) or {"bookings": 0})["bookings"]
             tx.put("guests", guest, {"bookings": count + 1})
 
@@ -107,6 +108,32 @@ def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:
     assert again.stderr == f"error: not parked by {NAME}: 2\n"
 
 
+def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType) -> None:
+    book(rooms, "ada", "mallory", "bob")
+    projections = rooms.app.events.projections
+    projections.runner(NAME).catch_up()
+    (first,) = projections.parked(NAME)
+
+    failed = run("retry", "rooms:app", NAME, "2")
+    assert failed.exit_code == 1
+    assert failed.stdout.strip() == "2  failed again: ValueError: mallory cannot book"
+    assert failed.stderr == f"error: still parked by {NAME}: 2\n"
+    (again,) = projections.parked(NAME)
+    assert again.parked_ms >= first.parked_ms and "Traceback" in again.error
+
+    rooms.BookingsPerGuest.refused = frozenset()
+    fixed = run("retry", "rooms:app", NAME, "2")
+    assert fixed.exit_code == 0, fixed.output
+    assert fixed.stdout.strip() == "2  applied"
+    assert projections.all(NAME, "guests") == {
+        "ada": {"bookings": 1}, "bob": {"bookings": 1}, "mallory": {"bookings": 1}
+    }  # fmt: skip
+    assert status_row(run("list", "rooms:app")) == [NAME, "1", "3", "3", "0", "0"]
+    gone = run("retry", "rooms:app", NAME, "2")
+    assert gone.exit_code == 1
+    assert gone.stderr == f"error: projection '{NAME}' has no event parked at position 2\n"
+
+
 def test_list_says_where_a_projection_that_stops_on_errors_stopped(rooms: ModuleType) -> None:
     book(rooms, "ada", "mallory", "bob")
     rooms.BookingsPerGuest.on_error = "stop"
@@ -138,6 +165,7 @@ def test_unknown_projections_and_apps_are_one_line_errors() -> None:
     for args in (
         ("parked", "rooms:app", "nope"),
         ("unpark", "rooms:app", "nope", "1"),
+        ("retry", "rooms:app", "nope", "1"),
         ("rebuild", "rooms:app", "nope"),
     ):
         result = run(*args)

@@ -185,6 +185,63 @@ def test_on_timeout_runs_in_the_correlation_of_the_event_that_set_its_timer(
     assert legacy["correlation_id"] == legacy["causation_id"]
 
 
+class Picky(riverbed.ProcessManager):
+    """Cancels each order placed, keeping its customer's state; refuses some customers."""
+
+    name = "picky"
+
+    def __init__(self) -> None:
+        self.refused = {"mallory"}
+
+    def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+        if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+            customer = event.event.customer
+            if customer in self.refused:
+                raise ValueError(f"{customer} is refused")
+            saga.save_state(customer, {"order": event.stream})
+            saga.command(Order, event.stream, lambda order: order.cancel("picky"))
+
+
+def test_a_process_managers_parked_event_is_handled_again_once_fixed(
+    events: EventSourcing,
+) -> None:
+    manager = events.process_manager(Picky())
+    ann, mallory = place(events, "ann"), place(events, "mallory")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    checkpoint = runner.checkpoint
+    (parked,) = events.store.parked("picky")
+    assert parked.position == 2
+
+    again = events.retry_parked("picky", parked.position)
+    assert again is not None and "ValueError: mallory is refused" in again.error
+    assert events.store.parked("picky") == [again]
+    assert events.get(Order, mallory.id).status == "placed"
+
+    manager.refused.clear()
+    assert events.retry_parked("picky", parked.position) is None
+    assert events.store.parked("picky") == []
+    assert events.get(Order, mallory.id).status == "cancelled"
+    assert events.store.get_document("saga:picky", "mallory") == {"order": mallory.id}
+    assert runner.checkpoint == checkpoint  # already past it
+    runner.catch_up()  # the cancellation the retry appended is handled like any event
+    assert [e.type for e in events.read()][-1] == "Order.Cancelled"
+    assert events.get(Order, ann.id).status == "cancelled"
+    with pytest.raises(EventSourcingError, match="'picky' has no event parked at position 2"):
+        events.retry_parked("picky", parked.position)
+    with pytest.raises(EventSourcingError, match="no projection or process manager named 'n'"):
+        events.retry_parked("n", 1)
+
+
+def test_a_parked_timer_cannot_be_retried(events: EventSourcing) -> None:
+    events.process_manager(Reminders())
+    place(events, "bad")
+    SagaRunner(events, events.process_managers["reminders"]).catch_up()
+    SagaRunner(events, events.process_managers["reminders"]).catch_up()
+    with pytest.raises(EventSourcingError, match="timer:bad of process manager 'reminders' is a"):
+        events.retry_parked("reminders", timer_position("bad"))
+
+
 def test_process_managers_are_registered_once_and_by_name(tmp_path: Path) -> None:
     class Nameless(riverbed.ProcessManager):
         pass

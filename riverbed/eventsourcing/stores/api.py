@@ -54,6 +54,10 @@ class Transaction(Protocol):
 
     def park(self, parked: ParkedEvent) -> None: ...
 
+    def unpark(self, projection: str, position: int) -> bool:
+        """Forget a parked event; False if it was not parked."""
+        ...
+
     def seen(self, event_id: str) -> bool:
         """Record ``event_id`` as handled by this subscriber; True if it already was (inbox)."""
         ...

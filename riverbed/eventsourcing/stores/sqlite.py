@@ -285,13 +285,7 @@ class SqliteEventStore:
 
     def unpark(self, projection: str, position: int) -> bool:
         with write_transaction(self._conn) as conn:
-            return (
-                conn.execute(
-                    "DELETE FROM parked WHERE projection = ? AND position = ?",
-                    (projection, position),
-                ).rowcount
-                > 0
-            )
+            return _unpark(conn, projection, position)
 
     def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         with self._writing() as conn:
@@ -356,6 +350,9 @@ class SqliteTransaction:
             (parked.projection, parked.position, parked.event_id, parked.type, parked.error,
              parked.parked_ms),
         )  # fmt: skip
+
+    def unpark(self, projection: str, position: int) -> bool:
+        return _unpark(self._conn, projection, position)
 
     def seen(self, event_id: str) -> bool:
         inserted = self._conn.execute(
@@ -442,6 +439,11 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
         # version already stored: the caller's bug.
         raise EventSourcingError(f"cannot append: {error}") from error
     return position
+
+
+def _unpark(conn: sqlite3.Connection, projection: str, position: int) -> bool:
+    sql = "DELETE FROM parked WHERE projection = ? AND position = ?"
+    return conn.execute(sql, (projection, position)).rowcount > 0
 
 
 def _read_stream(

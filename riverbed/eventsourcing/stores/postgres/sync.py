@@ -311,6 +311,9 @@ class PostgresTransaction:
             q.PARK, (p.projection, p.position, p.event_id, p.type, p.error, p.parked_ms)
         )
 
+    def unpark(self, projection: str, position: int) -> bool:
+        return self._conn.execute(q.UNPARK, (projection, position)).rowcount > 0
+
     def seen(self, event_id: str) -> bool:
         return self._conn.execute(q.SEEN, (self.name, event_id)).rowcount == 0
 
