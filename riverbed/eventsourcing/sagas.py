@@ -11,7 +11,9 @@ A failing event is parked like a projection's (``on_error``). A failing ``on_tim
 and its timer is parked too, not tried again: ``store.parked(name)`` lists it beside the events,
 with ``type`` "timer", ``event_id`` "timer:<key>", the error with its traceback, and a negative
 ``position`` derived from the key (a key parked again replaces its entry; ``store.unpark(name,
-position)`` forgets it). The manager goes on with its other events and timers; with
+position)`` forgets it). The timer itself is kept with its data, never due, until
+``app.events.retry_parked(name, position)`` fires it again (or the manager sets or cancels that
+key). The manager goes on with its other events and timers; with
 ``on_error = "stop"`` it stops there instead, and the timer fires again when it restarts. An
 ``on_timeout`` whose command raced another writer (``ConcurrencyError``) fires again at once;
 the same conflict ten times in a row is on_timeout's doing, and fails like an error.
@@ -38,6 +40,7 @@ from riverbed.eventsourcing.subscriptions import (
     CONFLICT_RETRIES,
     PAGE,
     RETRY_S,
+    HandlerError,
     Subscription,
 )
 from riverbed.log.errors import BrokerUnavailableError
@@ -50,6 +53,8 @@ log = logging.getLogger("riverbed.sagas")
 TIMER_WAIT_S = 0.2
 # Every timer due by a time, to find one among them (a store lists them in due order).
 MAX_TIMERS = 2**31 - 1
+# A parked timer's due time: never, until retried.
+PARKED_DUE_MS = 2**62
 TIMERS_PER_ROUND = 100  # then a page of events, so timers set due at once cannot starve them
 
 
@@ -173,31 +178,36 @@ class SagaRunner(Subscription):
         for _ in range(TIMERS_PER_ROUND):
             if self.stopped_on is not None:
                 return
+            timer: Timer | None = None
             try:
                 with self.store.transaction(self.name) as tx:
                     due = tx.due_timers(now_ms, limit=1)
                     if not due:
                         return
-                    tx.cancel_timer(due[0].key)  # firing a timer is deleting it
-                    self._fire(due[0], tx)
+                    timer = due[0]
+                    tx.cancel_timer(timer.key)  # firing a timer is deleting it
+                    self._fire(timer, tx)
                 conflicts = 0
-            except _TimerConflictError as conflict:
+            except ConcurrencyError as error:
+                assert timer is not None  # raised by on_timeout's commands
                 # A race: the timer, still due, fires again. The same conflict every time is
                 # on_timeout's doing, and would hold up the manager's events for ever.
                 conflicts += 1
                 if conflicts < CONFLICT_RETRIES:
                     log.info("%s: timer %r raced another writer, trying again: %s",
-                             self.name, conflict.timer.key, conflict.reason)  # fmt: skip
+                             self.name, timer.key, error)  # fmt: skip
                     time.sleep(RETRY_S)
                     continue
                 conflicts = 0
-                reason = f"ConcurrencyError on every retry: {conflict.reason}"
-                self._failed_timer(conflict.timer, reason)
+                reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
+                self._failed_timer(timer, reason)
             except _TimerError as failed:
                 conflicts = 0
                 self._failed_timer(failed.timer, failed.reason)
 
     def _fire(self, timer: Timer, tx: Transaction) -> None:
+        """Run ``on_timeout``; ``_TimerError`` if it fails, except on a race
+        (``ConcurrencyError``) or an outage, after which the timer fires again."""
         cause = f"timer:{self.manager.name}:{timer.key}:{uuid.uuid4()}"
         try:
             stored = _timer_decoder.decode(timer.data)
@@ -206,16 +216,14 @@ class SagaRunner(Subscription):
             with causing(cause, stored.correlation_id):
                 saga = Saga(self.events, tx, self.manager, stored.correlation_id)
                 self.manager.on_timeout(timer.key, stored.data, saga)
-        except ConcurrencyError:
-            raise _TimerConflictError(timer, traceback.format_exc()) from None
-        except BrokerUnavailableError:
-            raise  # an outage: the runner waits it out, and the timer fires again
+        except (ConcurrencyError, BrokerUnavailableError):
+            raise
         except Exception as error:
             reason = f"on_timeout({timer.key!r}) raised {type(error).__qualname__}: {error}"
             raise _TimerError(timer, f"{reason}\n{traceback.format_exc()}") from error
 
     def _failed_timer(self, timer: Timer, reason: str) -> None:
-        """Park the timer and delete it, or stop here."""
+        """Park the timer, or stop here."""
         parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}", "timer",
                              reason, time.time_ns() // 1_000_000)  # fmt: skip
         if self.on_error == "stop":
@@ -226,21 +234,39 @@ class SagaRunner(Subscription):
             # Unless another runner of this manager fired or moved it meanwhile.
             if timer not in tx.due_timers(timer.due_ms, limit=MAX_TIMERS):
                 return
-            tx.cancel_timer(timer.key)
+            # Kept, never due, with its data, for retry.
+            tx.set_timer(timer.key, PARKED_DUE_MS, timer.data)
             tx.park(parked)
         log.warning("%s parked timer %r: %s", self.name, timer.key, reason)
+
+    def retry(self, position: int) -> ParkedEvent | None:
+        """Handle a parked event again (``Subscription.retry``), or fire a parked timer (at a
+        negative position) again."""
+        parked = self._parked_at(position)
+        if parked.type != "timer":
+            return super().retry(position)
+        key = parked.event_id.removeprefix("timer:")
+
+        def fire(tx: Transaction) -> None:
+            timer = next((t for t in tx.due_timers(PARKED_DUE_MS, limit=MAX_TIMERS)
+                          if t.key == key and t.due_ms == PARKED_DUE_MS), None)  # fmt: skip
+            if timer is None:
+                raise EventSourcingError(
+                    f"timer {key!r} of {self.described()} was set again or cancelled since it "
+                    "was parked, or parked before riverbed kept parked timers: there is nothing "
+                    "to fire; unpark it"
+                )
+            tx.cancel_timer(key)
+            self._fire(timer, tx)
+
+        return self._retry_parked(parked, fire)
 
     def idle_wait(self, default: float) -> float:
         # Timers fall due without an append to wake the runner.
         return min(default, TIMER_WAIT_S)
 
 
-class _TimerError(Exception):
+class _TimerError(HandlerError):
     def __init__(self, timer: Timer, reason: str) -> None:
         super().__init__(reason)
         self.timer = timer
-        self.reason = reason
-
-
-class _TimerConflictError(_TimerError):
-    """on_timeout's command raced another writer."""

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -86,7 +87,7 @@ class Subscription:
                         self._apply(stored, tx)
                     return len(page)
             return 0
-        except _HandlerError:
+        except HandlerError:
             pass
         # Outside the except block, so that a parked event's traceback does not carry the page's.
         return self._one_by_one(limit)
@@ -104,7 +105,7 @@ class Subscription:
                         break
                     (stored,) = page
                     self._apply(stored, tx)
-            except _HandlerError as failed:
+            except HandlerError as failed:
                 self._failed(stored, failed.reason)
             handled += 1
         return handled
@@ -143,12 +144,12 @@ class Subscription:
             if not self._conflicts_fail:
                 raise
             reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
-            raise _HandlerError(reason) from None
+            raise HandlerError(reason) from None
         except BrokerUnavailableError:  # the store (a handler's read) is down: waited out
             raise
         except Exception as error:
             reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
-            raise _HandlerError(reason) from error
+            raise HandlerError(reason) from error
 
     def parked_labels(self) -> list[str]:
         """What this subscriber's parked events are filed under."""
@@ -164,45 +165,53 @@ class Subscription:
         past it, stays). None once handled; if it fails again it stays parked, with the new
         error, which is returned."""
         parked = self._parked_at(position)
+
+        def handle(tx: Transaction) -> None:
+            (stored,) = self.store.read_all(position - 1, 1)
+            self._handle(stored, tx)
+
+        return self._retry_parked(parked, handle)
+
+    def _retry_parked(
+        self, parked: ParkedEvent, handle: Callable[[Transaction], None]
+    ) -> ParkedEvent | None:
+        """``handle`` the parked entry again in a transaction that unparks it; park it again
+        with the new error if it fails. A race with another writer is tried again; the same
+        conflict every time is a failure."""
         conflicts = 0
         while True:
-            # A race with another writer is tried again; the same conflict every time fails.
-            self._conflicts_fail = conflicts == CONFLICT_RETRIES
             try:
                 with self.store.transaction(self.name) as tx:
                     if self.replaced(tx):
                         raise EventSourcingError(
                             f"{self.described()} was rebuilt while retrying position "
-                            f"{position}: the switch forgot the old version's parked events"
+                            f"{parked.position}: the switch forgot the old version's parked "
+                            "events"
                         )
-                    (stored,) = self.store.read_all(position - 1, 1)
-                    self._handle(stored, tx)
-                    tx.unpark(parked.projection, position)
-                log.info("%s applied parked position %d", self.name, position)
+                    handle(tx)
+                    tx.unpark(parked.projection, parked.position)
+                log.info("%s handled parked %s", self.name, parked.event_id)
                 return None
             except ConcurrencyError as error:
-                log.info("%s raced another writer, trying again: %s", self.name, error)
                 conflicts += 1
-                time.sleep(RETRY_S)
-            except _HandlerError as failed:
-                again = msgspec.structs.replace(
-                    parked, error=failed.reason, parked_ms=time.time_ns() // 1_000_000
-                )
-                with self.store.transaction(self.name) as tx:
-                    tx.park(again)
-                return again
-            finally:
-                self._conflicts_fail = False
+                if conflicts <= CONFLICT_RETRIES:
+                    log.info("%s raced another writer, trying again: %s", self.name, error)
+                    time.sleep(RETRY_S)
+                    continue
+                reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
+            except HandlerError as failed:
+                reason = failed.reason
+            again = msgspec.structs.replace(
+                parked, error=reason, parked_ms=time.time_ns() // 1_000_000
+            )
+            with self.store.transaction(self.name) as tx:
+                tx.park(again)
+            return again
 
     def _parked_at(self, position: int) -> ParkedEvent:
         for label in self.parked_labels():
             for parked in self.store.parked(label):
                 if parked.position == position:
-                    if parked.type == "timer":
-                        raise EventSourcingError(
-                            f"{parked.event_id} of {self.described()} is a parked timer, which "
-                            "cannot be retried: set it again from the code, then unpark it"
-                        )
                     return parked
         raise EventSourcingError(f"{self.described()} has no event parked at position {position}")
 
@@ -244,7 +253,9 @@ class Subscription:
         return default
 
 
-class _HandlerError(Exception):
+class HandlerError(Exception):
+    """A handler failed; ``reason``: the error with its traceback, to park."""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason

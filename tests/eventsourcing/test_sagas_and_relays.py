@@ -20,7 +20,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
-from riverbed.eventsourcing.sagas import SagaRunner, timer_position
+from riverbed.eventsourcing.sagas import PARKED_DUE_MS, SagaRunner, timer_position
 from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
 from riverbed.log.api import SendFuture
 from tests.eventsourcing.shop import Fulfilment, Money, Order
@@ -50,6 +50,7 @@ class Reminders(riverbed.ProcessManager):
 
     def __init__(self) -> None:
         self.fired: list[str] = []
+        self.failing = {"bad"}
 
     def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
         if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
@@ -58,7 +59,7 @@ class Reminders(riverbed.ProcessManager):
     def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
         self.fired.append(key)
         saga.command(Order, data["order"], lambda order: order.cancel("reminded"))
-        if key == "bad":
+        if key in self.failing:
             raise RuntimeError("the reminder service is down")
 
 
@@ -101,7 +102,8 @@ def test_a_failing_timer_is_parked_and_the_saga_goes_on(events: EventSourcing) -
     assert "RuntimeError: the reminder service is down" in parked.error
     assert "Traceback" in parked.error
     with events.store.transaction("saga:reminders") as tx:
-        assert tx.due_timers(2**62) == []  # deleted with its parking
+        (kept,) = tx.due_timers(2**62)  # kept for retry, never due
+        assert (kept.key, kept.due_ms) == ("bad", PARKED_DUE_MS)
 
 
 def test_a_failing_timer_stops_a_manager_that_stops_on_error(events: EventSourcing) -> None:
@@ -233,13 +235,41 @@ def test_a_process_managers_parked_event_is_handled_again_once_fixed(
         events.retry_parked("n", 1)
 
 
-def test_a_parked_timer_cannot_be_retried(events: EventSourcing) -> None:
-    events.process_manager(Reminders())
+def test_a_parked_timer_fires_again_with_its_data_once_fixed(events: EventSourcing) -> None:
+    manager = events.process_manager(Reminders())
+    bad = place(events, "bad")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()  # sets the timer
+    runner.catch_up()  # fires it: parked
+    position = timer_position("bad")
+
+    again = events.retry_parked("reminders", position)
+    assert again is not None and "RuntimeError: the reminder service is down" in again.error
+    assert events.store.parked("reminders") == [again]
+    assert events.get(Order, bad.id).status == "placed"
+
+    manager.failing.clear()
+    assert events.retry_parked("reminders", position) is None
+    assert manager.fired == ["bad", "bad", "bad"]
+    assert events.get(Order, bad.id).status == "cancelled"
+    assert events.store.parked("reminders") == []
+    with events.store.transaction("saga:reminders") as tx:
+        assert tx.due_timers(2**62) == []  # fired is deleted
+    with pytest.raises(EventSourcingError, match="'reminders' has no event parked at position"):
+        events.retry_parked("reminders", position)
+
+
+def test_a_parked_timer_set_again_is_not_fired_by_a_retry(events: EventSourcing) -> None:
+    manager = events.process_manager(Reminders())
     place(events, "bad")
-    SagaRunner(events, events.process_managers["reminders"]).catch_up()
-    SagaRunner(events, events.process_managers["reminders"]).catch_up()
-    with pytest.raises(EventSourcingError, match="timer:bad of process manager 'reminders' is a"):
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    runner.catch_up()
+    with events.store.transaction("saga:reminders") as tx:
+        tx.set_timer("bad", 2**40, b"\x80")  # as set_timer("bad", ...) in a later handler
+    with pytest.raises(EventSourcingError, match="timer 'bad' of process manager 'reminders' was"):
         events.retry_parked("reminders", timer_position("bad"))
+    assert manager.fired == ["bad"]
 
 
 def test_process_managers_are_registered_once_and_by_name(tmp_path: Path) -> None:
