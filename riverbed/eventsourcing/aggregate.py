@@ -57,10 +57,16 @@ class Recorded(msgspec.Struct, frozen=True):
     """An event recorded by an aggregate and not yet saved (a Struct: a frozen dataclass took a
     tenth of a command's time to build)."""
 
-    event: Any
     type: EventType
     version: int
-    plain: bytes  # the payload encoded, unencrypted: a save of an event with no personal fields
+    # The payload encoded when it was recorded, unencrypted: what the save stores, whatever the
+    # aggregate or the caller did to the objects in it since.
+    plain: bytes
+
+    @property
+    def event(self) -> Any:
+        """The payload as recorded (a new copy each time)."""
+        return self.type.decoder.decode(self.plain)
 
 
 class Aggregate:
@@ -122,18 +128,20 @@ class Aggregate:
             )
         try:  # through the codec's encoder and the event's decoder, as a save and a load will
             plain = ENCODER.encode(event)
-            entry.decoder.decode(plain)
+            # The body applies the payload as a load will: "red" for a Color is Color.RED, and
+            # the caller's list is not the one the state keeps.
+            loaded = entry.decoder.decode(plain)
         except _PAYLOAD_ERRORS as error:
             raise _payload_error(event, entry, error) from None
         assert entry.apply is not None
         # Applied as _replay does, inlined: this is every command's path.
         self._applying = entry
         try:
-            entry.apply(self, event)
+            entry.apply(self, loaded)
         finally:
             self._applying = None
         self.version = version = self.version + 1
-        self.pending.append(Recorded(event, entry, version, plain))
+        self.pending.append(Recorded(entry, version, plain))
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None

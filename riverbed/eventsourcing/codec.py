@@ -274,12 +274,12 @@ def _describe(hint: Any) -> str:
 KeyLookup = Callable[[bool], bytes | None]  # create -> the stream's key, or None if deleted
 
 
-def encode(event: object, entry: EventType, key: KeyLookup, plain: bytes) -> bytes:
-    """The payload bytes of ``event``, whose unencrypted encoding is ``plain`` (made when it
-    was recorded); personal fields encrypted with the stream's key."""
+def encode(entry: EventType, key: KeyLookup, plain: bytes) -> bytes:
+    """The payload bytes of an event whose unencrypted encoding is ``plain`` (made when it was
+    recorded); personal fields encrypted with the stream's key."""
     if not entry.personal:
         return plain
-    fields: dict[str, Any] = msgspec.to_builtins(event, enc_hook=_enc_hook)
+    fields: dict[str, Any] = msgspec.msgpack.decode(plain)
     stream_key = key(True)
     assert stream_key is not None
     for name in entry.personal:

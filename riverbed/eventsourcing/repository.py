@@ -225,7 +225,7 @@ class Events:
                     recorded.version,
                     recorded.type.name,
                     recorded.type.version,
-                    encode(recorded.event, recorded.type, key, recorded.plain),
+                    encode(recorded.type, key, recorded.plain),
                     encoded_meta,
                     now,
                 )

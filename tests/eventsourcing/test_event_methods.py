@@ -4,6 +4,7 @@ match its annotations (what will load back), and ids that a store keeps as they 
 from __future__ import annotations
 
 import asyncio
+import enum
 import re
 import uuid
 from dataclasses import dataclass
@@ -202,3 +203,52 @@ def test_an_id_that_is_empty_not_a_str_holds_a_nul_or_is_too_long_is_refused(
     longest = "é" * 500  # 1,000 bytes: stored on both stores
     events.save(Wallet.create("ada", id=longest))
     assert events.get(Wallet, longest).id == longest
+
+
+# The body applies the event as a load will
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Basket(riverbed.Aggregate):
+    snapshot_every = 100
+
+    @riverbed.event("Filled")
+    def __init__(
+        self, email: Annotated[str, riverbed.Personal], lines: list[str], color: Color,
+        price: Decimal, at: datetime, tags: tuple[str, ...],
+    ) -> None:  # fmt: skip
+        self.email = email
+        self.lines = lines  # shares the payload's list, then changes it
+        self.color = color
+        self.price = price
+        self.at = at
+        self.tags = tags
+        self.red = color is Color.RED
+
+    @riverbed.event("LineAdded")
+    def add_line(self, sku: str) -> None:
+        self.lines.append(sku)
+
+
+def test_the_body_applies_the_event_as_stored_and_a_later_one_changes_neither(
+    events: EventSourcing,
+) -> None:
+    lines = ["sku-1"]
+    basket = Basket("ada@x", lines, "red", 10, "2026-11-26T12:00:00Z", ["a"])  # type: ignore[arg-type]
+    basket.add_line("sku-2")
+    assert lines == ["sku-1"]  # the caller's list is not the state's
+    assert (basket.color, basket.red, basket.price, basket.at, basket.tags) == (
+        Color.RED, True, Decimal("10"), NOW, ("a",)
+    )  # fmt: skip
+    # The recorded events stay as recorded, before the save and in the store.
+    assert [type(e.event).__name__ for e in basket.pending] == ["Basket.Filled", "Basket.LineAdded"]
+    assert basket.pending[0].event.lines == ["sku-1"]
+    events.save(basket)
+    placed = events.read()[0].event
+    assert placed.lines == ["sku-1"] and placed.email == "ada@x"
+    loaded = events.get(Basket, basket.id)
+    assert vars(loaded) == vars(basket) | {"_pending": []}
