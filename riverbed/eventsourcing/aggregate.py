@@ -84,6 +84,17 @@ class Aggregate:
     id: str
     version: int
     _applying: EventType | None = None  # the event whose body (or apply) runs, if any
+    # The stream key a load decrypted its state with: a snapshot must not outlive its deletion.
+    _decrypted_with: bytes | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        every = cls.__dict__.get("snapshot_every")
+        if every is not None and (type(every) is not int or every < 1):
+            raise EventSourcingError(
+                f"{cls.__name__}.snapshot_every = {every!r}: give a number of events >= 1, or "
+                "None for no snapshots"
+            )
 
     @classmethod
     def create(cls, *args: Any, id: str | None = None, **kwargs: Any) -> Self:

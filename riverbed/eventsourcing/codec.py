@@ -153,6 +153,11 @@ class EventRegistry:
         self._by_class[cls] = entry
         return entry
 
+    def recorded_by(self, cls: type[Any]) -> list[EventType]:
+        """The events that ``cls``'s event methods (its bases' too) record."""
+        entries = {id(entry): entry for entry in self._by_class.values()}.values()
+        return [e for e in entries if e.aggregate is not None and issubclass(cls, e.aggregate)]
+
     def of(self, event: object) -> EventType:
         entry = self._by_class.get(type(event))
         if entry is None:

@@ -14,9 +14,12 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import random
+import re
 import threading
 import time
+import types
 import typing
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -152,9 +155,10 @@ class Events:
         appends = self.appends(aggregates, metadata, store.stream_key)
         position = store.append(appends) if appends else store.last_position()
         for aggregate in _saved(aggregates):
-            snapshot = _snapshot(aggregate, store.stream_key(aggregate.id, False))
-            if snapshot is not None:
-                store.save_snapshot(snapshot)
+            with _never_failing(aggregate):
+                snapshot = _snapshot(aggregate, store.stream_key(aggregate.id, False))
+                if snapshot is not None:
+                    store.save_snapshot(snapshot)
         return position
 
     async def save_async(
@@ -168,12 +172,13 @@ class Events:
         appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream])
         position = await store.append(appends) if appends else await store.last_position()
         for aggregate in _saved(aggregates):
-            # Sealed with the stream's key, which events saved earlier may have made.
-            if aggregate.id not in keys:
-                keys[aggregate.id] = await store.stream_key(aggregate.id, False)
-            snapshot = _snapshot(aggregate, keys[aggregate.id])
-            if snapshot is not None:
-                await store.save_snapshot(snapshot)
+            with _never_failing(aggregate):
+                # Sealed with the stream's key, which events saved earlier may have made.
+                if aggregate.id not in keys:
+                    keys[aggregate.id] = await store.stream_key(aggregate.id, False)
+                snapshot = _snapshot(aggregate, keys[aggregate.id])
+                if snapshot is not None:
+                    await store.save_snapshot(snapshot)
         return position
 
     def appends(
@@ -253,13 +258,24 @@ class Events:
         check_id(aggregate_id, f"get({cls.__name__}, id)")
         _check_version(version)
         store = self.store
+        used: list[bytes] = []  # the stream's key, once the state needed it
+
+        def stream_key(stream: str, create: bool) -> bytes | None:
+            key = store.stream_key(stream, create)
+            if key is not None:
+                used.append(key)
+            return key
+
         snapshot = store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
         aggregate = None
         if snapshot is not None:
-            aggregate = _from_snapshot(cls, snapshot, store.stream_key(aggregate_id, False))
+            aggregate = _from_snapshot(cls, snapshot, stream_key(aggregate_id, False))
         start = aggregate.version + 1 if aggregate is not None else 1
         events = read_stream(aggregate_id, start, version)
-        return self._replayed(cls, aggregate_id, aggregate, events, store.stream_key)
+        loaded = self._replayed(cls, aggregate_id, aggregate, events, stream_key)
+        if used:
+            loaded._decrypted_with = used[-1]
+        return loaded
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
         check_id(aggregate_id, f"get_async({cls.__name__}, id)")
@@ -274,7 +290,10 @@ class Events:
         def stream_key(stream: str, create: bool) -> bytes | None:
             return key
 
-        return self._replayed(cls, aggregate_id, aggregate, events, stream_key)
+        loaded = self._replayed(cls, aggregate_id, aggregate, events, stream_key)
+        if key is not None:
+            loaded._decrypted_with = key
+        return loaded
 
     def _replayed(
         self,
@@ -445,32 +464,98 @@ def _key_of(
     return lambda create: stream_key(stream, create)
 
 
-# Snapshots: the aggregate's public attributes, typed by its class annotations, so custom types
+# Snapshots: the aggregate's attributes, typed by its class annotations, so custom types
 # (Structs, dataclasses, datetimes, Decimals) come back as themselves. The snapshot's schema is a
-# fingerprint of those annotations: after the class changes shape, old snapshots are ignored and
-# the aggregate is replayed from its events instead of loading wrong. A state that would not load
-# back equal (an attribute of a custom type with no annotation comes back as a dict) or does not
-# encode at all gets no snapshot: loading then replays the events, and a warning names the
-# attributes.
+# fingerprint of the class's code (the bodies that build the state from events), of its
+# annotations and the shape of their types, and of its events' versions: after any of them
+# changes, old snapshots are ignored and the aggregate is replayed from its events instead of
+# loading wrong. A state that would not load back equal (an attribute of a custom type with no
+# annotation comes back as a dict) or does not encode at all gets no snapshot: loading then
+# replays the events, and a warning names the attributes.
+
+# What every aggregate has besides its state.
+_NOT_STATE = frozenset({"id", "version", "snapshot_every", "stored_name", "_pending", "_applying",
+                        "_decrypted_with"})  # fmt: skip
 
 
 def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
-    """The annotated public attributes of ``cls`` and a fingerprint of them."""
+    """The annotated attributes of ``cls`` and the fingerprint of its snapshots' schema."""
     cached = cls.__dict__.get("_riverbed_state")
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     hints = {
         name: hint
         for name, hint in typing.get_type_hints(cls).items()
-        if not name.startswith("_")
-        and name not in ("id", "version", "snapshot_every")
-        and typing.get_origin(hint) is not typing.ClassVar
+        if name not in _NOT_STATE and typing.get_origin(hint) is not typing.ClassVar
     }
-    described = json.dumps({name: repr(hint) for name, hint in hints.items()}, sort_keys=True)
+    described = json.dumps(_fingerprinted(cls, hints))
     # 31 bits: the snapshot schema column is a 32-bit integer on PostgreSQL.
     schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big") & 0x7FFFFFFF
     cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
     return hints, schema
+
+
+def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
+    """What a snapshot of ``cls`` depends on: the code of the class and its aggregate bases (the
+    bytecode, not the source, which a class made by exec lacks and which a line moved would
+    change), the shape of each annotation's type (a Struct's fields too) and the events'
+    versions. An explicit event class's ``apply`` is its own: bump the event's version when it
+    changes."""
+    parts: list[str] = []
+    for base in cls.__mro__:
+        if issubclass(base, Aggregate) and base is not Aggregate:
+            attributes = sorted(vars(base).items())
+            parts += (f"{base.__qualname__}.{name} = {_behaviour(value)}"
+                      for name, value in attributes if name != "_riverbed_state")  # fmt: skip
+    for name, hint in sorted(hints.items(), key=lambda item: item[0]):
+        try:
+            shape = repr(msgspec.inspect.type_info(hint))
+        except Exception:  # a type msgspec cannot describe
+            shape = repr(hint)
+        parts.append(f"{name}: {_ADDRESS.sub('', shape)}")
+    parts += sorted(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
+    return parts
+
+
+# An object's address in a repr (a default factory's), which differs from process to process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _behaviour(value: object) -> str:
+    """A class attribute as a snapshot depends on it: a method's code, or the value."""
+    if isinstance(value, property):
+        return " ".join(_behaviour(f) for f in (value.fget, value.fset, value.fdel))
+    function = getattr(value, "method", value)  # an event method's
+    function = getattr(function, "__func__", function)  # a static or class method's
+    code = getattr(function, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return _code_text(code)
+    return str(_ADDRESS.sub("", repr(value)))
+
+
+def _code_text(code: types.CodeType) -> str:
+    return f"{code.co_code.hex()} {code.co_names} {[_constant(c) for c in code.co_consts]}"
+
+
+def _constant(value: object) -> str:
+    if isinstance(value, types.CodeType):
+        return _code_text(value)
+    if isinstance(value, frozenset):  # its order follows string hashes, which vary by process
+        return f"frozenset({sorted(map(_constant, value))})"
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_constant, value))})"
+    return repr(value)
+
+
+@contextmanager
+def _never_failing(aggregate: Aggregate) -> Iterator[None]:
+    """A snapshot never fails a save, whose events are committed: its error is logged, and
+    loading replays the events instead."""
+    try:
+        yield
+    except Exception as error:
+        log.warning("no snapshot of %s %s: %s: %s", type(aggregate).__qualname__, aggregate.id,
+                    type(error).__name__, error)  # fmt: skip
 
 
 def _saved(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
@@ -491,19 +576,34 @@ def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
     the state may hold personal fields, and a deleted key must erase them here too. None when
     the state would not load back as it is."""
     cls = type(aggregate)
-    hints, schema = _state_hints(cls)
-    public = {k: v for k, v in vars(aggregate).items() if not k.startswith("_")}
+    if aggregate._decrypted_with is not None and aggregate._decrypted_with != key:
+        # Its state holds personal data decrypted with a key deleted since: erased.
+        log.info("no snapshot of %s %s: its stream's key was deleted since it was loaded",
+                 cls.__qualname__, aggregate.id)  # fmt: skip
+        return None
     try:
-        data = ENCODER.encode(public)
+        hints, schema = _state_hints(cls)
+    except NameError as error:  # an annotation of a name only imported for type checkers
+        _no_snapshots(cls, f"its annotations do not resolve ({error})")
+        return None
+    state = {k: v for k, v in vars(aggregate).items() if k not in _NOT_STATE}
+    try:
+        data = ENCODER.encode(state)
         restored = _typed(_snapshot_decoder.decode(data), hints)
-        differing = [name for name, value in public.items() if restored.get(name) != value]
-    except (NotImplementedError, TypeError, ValueError, msgspec.MsgspecError) as error:
+        differing = [name for name, value in state.items() if not _same(restored.get(name), value)]
+    except (NotImplementedError, OverflowError, TypeError, ValueError, msgspec.MsgspecError
+            ) as error:  # fmt: skip
         _no_snapshots(cls, f"its state does not encode and decode ({error})")
         return None
     if differing:
-        changes = ", ".join(_change(name, public[name], restored.get(name)) for name in differing)
-        example = f"{differing[0]}: {type(public[differing[0]]).__name__}"
-        _no_snapshots(cls, f"{changes}; annotate them on the class (`{example}`)")
+        changes = ", ".join(_change(name, state[name], restored.get(name)) for name in differing)
+        name = differing[0]
+        advice = (
+            f"annotate them on the class (`{name}: {type(state[name]).__name__}`)"
+            if name not in hints
+            else "their annotations do not say what they hold"
+        )
+        _no_snapshots(cls, f"{changes}; {advice}")
         return None
     return Snapshot(
         stream=aggregate.id,
@@ -519,19 +619,20 @@ def _from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | N
     """The aggregate restored from ``snapshot``; None (replay from the events) when the class
     changed shape since, the snapshot does not convert to its annotations, or it is sealed with
     a key that was deleted."""
-    hints, schema = _state_hints(cls)
-    data = unseal(key, snapshot.data)
-    if snapshot.schema != schema or snapshot.type != stored_name(cls) or data is None:
-        return None
     try:
+        hints, schema = _state_hints(cls)
+        data = unseal(key, snapshot.data)
+        if snapshot.schema != schema or snapshot.type != stored_name(cls) or data is None:
+            return None
         values = _typed(_snapshot_decoder.decode(data), hints)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
-        log.warning("ignoring the snapshot of %s %s: %s", cls.__name__, snapshot.stream, error)
+        aggregate = cls.__new__(cls)
+        aggregate._begin(snapshot.stream)
+        for name, value in values.items():
+            setattr(aggregate, name, value)
+    except Exception as error:  # whatever fails, the events are there to replay
+        log.warning("ignoring the snapshot of %s %s: %s: %s", cls.__name__, snapshot.stream,
+                    type(error).__name__, error)  # fmt: skip
         return None
-    aggregate = cls.__new__(cls)
-    aggregate._begin(snapshot.stream)
-    for name, value in values.items():
-        setattr(aggregate, name, value)
     aggregate.version = snapshot.version
     return aggregate
 
@@ -542,6 +643,13 @@ def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
         if name in values:
             values[name] = msgspec.convert(values[name], hint, dec_hook=dec_hook)
     return values
+
+
+def _same(restored: object, value: object) -> bool:
+    """Whether a state's value loads back as it is (a NaN is itself, though not equal)."""
+    if isinstance(restored, float) and isinstance(value, float):
+        return restored == value or (math.isnan(restored) and math.isnan(value))
+    return restored == value
 
 
 def _change(name: str, value: object, restored: object) -> str:

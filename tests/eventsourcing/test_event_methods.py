@@ -251,4 +251,5 @@ def test_the_body_applies_the_event_as_stored_and_a_later_one_changes_neither(
     placed = events.read()[0].event
     assert placed.lines == ["sku-1"] and placed.email == "ada@x"
     loaded = events.get(Basket, basket.id)
-    assert vars(loaded) == vars(basket) | {"_pending": []}
+    state = {k: v for k, v in vars(basket).items() if not k.startswith("_")}
+    assert {k: v for k, v in vars(loaded).items() if not k.startswith("_")} == state

@@ -1,0 +1,153 @@
+"""Snapshots load only what the events would build: a snapshot of other code, another shape of
+a state's types or other event versions is ignored, private attributes are kept, a state whose
+stream key was deleted since it loaded is not snapshotted, and a snapshot never fails a save."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from typing import Annotated, Any
+
+import pytest
+
+import riverbed
+from riverbed.eventsourcing import EventSourcing
+from riverbed.eventsourcing.errors import EventSourcingError
+
+
+def deployed(source: str) -> dict[str, Any]:
+    """A module's classes as one release of it defines them: each release's classes have the
+    same module and names, as after a redeploy."""
+    namespace: dict[str, Any] = {"__name__": "tests.eventsourcing.ledger_release"}
+    # Not inheriting this module's postponed annotations, which would look for the module.
+    exec(compile(textwrap.dedent(source), "<release>", "exec", dont_inherit=True), namespace)
+    return namespace
+
+
+RELEASE_1 = """
+    import msgspec
+    import riverbed
+
+    def to_cents(data):
+        return {"amount": 100 * data["amount"]}
+
+    class Money(msgspec.Struct):
+        amount: int
+
+    class Ledger(riverbed.Aggregate):
+        snapshot_every = 2
+        total: Money
+
+        @riverbed.event("Opened")
+        def __init__(self, owner: str) -> None:
+            self.owner = owner
+            self.total = Money(0)
+            self._closed = False
+
+        @riverbed.event("Credited")
+        def credit(self, amount: int) -> None:
+            self.total = Money(self.total.amount + amount)
+
+        @riverbed.event("Closed")
+        def close(self) -> None:
+            self._closed = True
+"""
+
+
+def saved_in_release_1(events: EventSourcing) -> str:
+    ledger = deployed(RELEASE_1)["Ledger"]("ada")
+    ledger.credit(5)
+    events.save(ledger)
+    assert events.store.load_snapshot(ledger.id) is not None
+    return str(ledger.id)
+
+
+def test_private_attributes_are_part_of_a_snapshot(events: EventSourcing) -> None:
+    ledger = deployed(RELEASE_1)["Ledger"]("ada")
+    ledger.close()
+    events.save(ledger)
+    assert events.store.load_snapshot(ledger.id) is not None
+    assert events.get(type(ledger), ledger.id)._closed is True
+
+
+def test_a_snapshot_of_other_code_is_ignored(events: EventSourcing) -> None:
+    ledger_id = saved_in_release_1(events)
+    release_2 = deployed(RELEASE_1.replace(
+        "self._closed = False", "self._closed = False\n            self.discount = 0"
+    ))  # fmt: skip
+    loaded = events.get(release_2["Ledger"], ledger_id)
+    assert loaded.discount == 0  # replayed by the new __init__, not loaded without it
+
+
+def test_a_snapshot_of_another_shape_of_a_states_type_is_ignored(events: EventSourcing) -> None:
+    ledger_id = saved_in_release_1(events)
+    # Release 2 renames Money's field, the Ledger's code unchanged.
+    cents = (
+        "cents: int = 0\n\n        @property\n        def amount(self):\n"
+        "            return self.cents\n"
+    )
+    release_2 = deployed(RELEASE_1.replace("amount: int\n", cents))
+    assert events.get(release_2["Ledger"], ledger_id).total.cents == 5
+
+
+def test_a_snapshot_of_older_event_versions_is_ignored(events: EventSourcing) -> None:
+    ledger_id = saved_in_release_1(events)
+    # Release 2 counts in cents: the same bodies, Credited at version 2, old amounts upcast.
+    release_2 = deployed(RELEASE_1.replace(
+        '@riverbed.event("Credited")',
+        '@riverbed.event("Credited", version=2, upcasters={1: to_cents})',
+    ))  # fmt: skip
+    assert events.get(release_2["Ledger"], ledger_id).total.amount == 500
+
+
+def test_a_snapshot_never_fails_a_save(
+    events: EventSourcing, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Huge(riverbed.Aggregate):
+        snapshot_every = 1
+
+        @riverbed.event("Grown")
+        def __init__(self) -> None:
+            self.size = 2**70  # msgpack holds 64 bits
+
+    huge = Huge()
+    with caplog.at_level(logging.WARNING):
+        events.save(huge)
+    assert [e.type for e in events.read()] == ["Huge.Grown"] and huge.pending == []
+    assert "no snapshots of" in caplog.text and "Huge" in caplog.text
+    assert events.get(Huge, huge.id).size == 2**70
+
+
+def test_a_snapshot_every_that_is_not_a_count_is_refused_at_definition() -> None:
+    for every in ("2", 0, -1, 2.5, True):
+        with pytest.raises(EventSourcingError, match=r"snapshot_every = .*: give a number"):
+
+            class Bad(riverbed.Aggregate):
+                snapshot_every = every  # type: ignore[assignment]
+
+
+class Member(riverbed.Aggregate):
+    snapshot_every = 2
+
+    @riverbed.event("Joined")
+    def __init__(self, email: Annotated[str, riverbed.Personal]) -> None:
+        self.email = email
+        self.visits = 0
+
+    @riverbed.event("Visited")
+    def visit(self) -> None:
+        self.visits += 1
+
+
+def test_a_state_loaded_before_its_key_was_deleted_is_not_snapshotted(
+    events: EventSourcing,
+) -> None:
+    member = Member("ada@example.com")
+    events.save(member)
+    in_flight = events.get(Member, member.id)  # a command loads the member...
+    events.store.delete_stream_key(member.id)  # ...while the member is forgotten
+    in_flight.visit()
+    events.save(in_flight)  # version 2: a snapshot is due
+    snapshot = events.store.load_snapshot(member.id)
+    assert snapshot is None or b"ada@example.com" not in snapshot.data
+    assert events.get(Member, member.id).email == riverbed.ERASED
