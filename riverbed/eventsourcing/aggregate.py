@@ -229,7 +229,8 @@ class EventMethod(Generic[P, R]):
             aggregate=owner,
             aliases=self.aliases,
         )
-        if not hasattr(owner, self.name):  # Order.Paid: the payload class, for tests
+        # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
+        if self.name not in owner.__dict__:
             setattr(owner, self.name, payload)
 
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:

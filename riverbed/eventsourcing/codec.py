@@ -297,6 +297,11 @@ def encode(entry: EventType, key: KeyLookup, plain: bytes) -> bytes:
 
 def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: str) -> Any:
     """The typed event stored as ``data`` at version ``schema`` (upcast to the current one)."""
+    if schema > entry.version:
+        raise EventDecodeError(
+            f"event {entry.name} {where} was stored at version {schema}, newer than this "
+            f"program's {entry.version}: a newer release of it wrote the event; run that release"
+        )
     try:
         if schema == entry.version and not entry.personal:
             return entry.decoder.decode(data)
@@ -306,13 +311,20 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
         if schema < entry.version:
             _erase(fields, entry, only_known=True)
         for version in range(schema, entry.version):
+            upcaster = entry.upcasters[version]
             try:
-                fields = entry.upcasters[version](fields)
+                fields = upcaster(fields)
             except Exception as error:
                 raise EventDecodeError(
                     f"event {entry.name} {where}: its upcaster from version {version} raised "
                     f"{type(error).__name__}: {error}"
                 ) from error
+            if not isinstance(fields, dict):
+                raise EventDecodeError(
+                    f"event {entry.name} {where}: its upcaster from version {version} returned "
+                    f"{type(fields).__name__}, not the payload's fields as a dict (a missing "
+                    "return?)"
+                )
         _erase(fields, entry, only_known=False)
         return msgspec.convert(fields, entry.cls, dec_hook=dec_hook)
     except _AlteredError as error:

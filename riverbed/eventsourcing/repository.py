@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate, check_id, stored_name
+from riverbed.eventsourcing.aggregate import Aggregate, Recorded, check_id, stored_name
 from riverbed.eventsourcing.codec import (
     ENCODER,
     dec_hook,
@@ -152,9 +152,10 @@ class Events:
         last one (for read-your-writes: ``projection.wait_for(position)``). Raises
         ``ConcurrencyError`` if another writer saved one of them first."""
         store = self.store
+        recorded = [len(aggregate.pending) for aggregate in aggregates]
         appends = self.appends(aggregates, metadata, store.stream_key)
         position = store.append(appends) if appends else store.last_position()
-        for aggregate in _saved(aggregates):
+        for aggregate in _saved(aggregates, recorded):
             with _never_failing(aggregate):
                 snapshot = _snapshot(aggregate, store.stream_key(aggregate.id, False))
                 if snapshot is not None:
@@ -165,13 +166,16 @@ class Events:
         self, *aggregates: Aggregate, metadata: dict[str, Any] | None = None
     ) -> int:
         store = await self.async_store()
+        # What is saved: events recorded meanwhile (by another task) wait for the next save.
+        saving = [list(aggregate.pending) for aggregate in aggregates]
+        _check_metadata(metadata)  # before a key is made for nothing
         keys: dict[str, bytes | None] = {}
-        for aggregate in aggregates:
-            if any(recorded.type.personal for recorded in aggregate.pending):
+        for aggregate, events in zip(aggregates, saving, strict=True):
+            if any(recorded.type.personal for recorded in events):
                 keys[aggregate.id] = await store.stream_key(aggregate.id, True)
-        appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream])
+        appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream], saving)
         position = await store.append(appends) if appends else await store.last_position()
-        for aggregate in _saved(aggregates):
+        for aggregate in _saved(aggregates, [len(events) for events in saving]):
             with _never_failing(aggregate):
                 # Sealed with the stream's key, which events saved earlier may have made.
                 if aggregate.id not in keys:
@@ -186,28 +190,20 @@ class Events:
         aggregates: Sequence[Aggregate],
         metadata: dict[str, Any] | None,
         stream_key: Callable[[str, bool], bytes | None] | None = None,
+        saving: Sequence[Sequence[Recorded]] | None = None,
     ) -> list[StreamAppend]:
-        """The appends that save the aggregates' pending events, with their metadata."""
+        """The appends that save the aggregates' pending events (or ``saving``, each one's
+        events to save), with their metadata."""
         stream_key = stream_key or self.store.stream_key
+        if saving is None:
+            saving = [aggregate.pending for aggregate in aggregates]
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
         # Every id this save needs in one call: events', and a correlation id.
-        ids = iter(random_ids(sum(len(a.pending) for a in aggregates) + 1))
+        ids = iter(random_ids(sum(map(len, saving)) + 1))
         cause = _cause.get() or Cause(next(ids), "")
+        _check_metadata(metadata)
         meta = dict(metadata or {})
-        not_text = [key for key in meta if not isinstance(key, str)]
-        if not_text:
-            first = not_text[0]
-            raise EventSourcingError(
-                f"metadata keys are strings, not {type(first).__name__} ({first!r})"
-            )
-        reserved = sorted(CAUSE_KEYS & meta.keys())
-        if reserved:
-            raise EventSourcingError(
-                f"metadata {reserved[0]!r} is set by riverbed; give the command's id with "
-                "handle(..., command_id=), or the ids with "
-                "`with riverbed.eventsourcing.causing(cause_id, correlation_id=...)`"
-            )
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
             meta["causation_id"] = cause.causation_id
@@ -216,8 +212,7 @@ class Events:
         except (NotImplementedError, TypeError, ValueError) as error:
             raise EventSourcingError(f"the save's metadata does not encode: {error}") from None
         appends = []
-        for aggregate in aggregates:
-            pending = aggregate.pending
+        for aggregate, pending in zip(aggregates, saving, strict=True):
             if not pending:
                 continue
             stream = aggregate.id
@@ -282,10 +277,15 @@ class Events:
         _check_version(version)
         store = await self.async_store()
         snapshot = await store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
-        key = await store.stream_key(aggregate_id, False)
-        aggregate = _from_snapshot(cls, snapshot, key) if snapshot is not None else None
-        start = aggregate.version + 1 if aggregate is not None else 1
+        start = snapshot.version + 1 if snapshot is not None else 1
         events = await store.read_stream(aggregate_id, start, version)
+        # Read after the events: the key a personal event among them made is committed by now.
+        key = await store.stream_key(aggregate_id, False)
+        aggregate = None
+        if snapshot is not None:
+            aggregate = _from_snapshot(cls, snapshot, key)
+            if aggregate is None:  # replayed from the first event instead
+                events = await store.read_stream(aggregate_id, 1, snapshot.version) + events
 
         def stream_key(stream: str, create: bool) -> bytes | None:
             return key
@@ -338,6 +338,7 @@ class Events:
         times, each after a random pause that grows with the attempts). ``decide`` calls the
         aggregate's command methods (or raises to refuse). Returns the aggregate and the saved
         position."""
+        _check_retries(retries)
         with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = self.get(cls, aggregate_id)
@@ -367,6 +368,7 @@ class Events:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[A, int]:
         """``handle`` for async code; ``decide`` may be a coroutine function."""
+        _check_retries(retries)
         with causing(command_id or random_ids(1)[0]):
             for attempt in range(retries + 1):
                 aggregate = await self.get_async(cls, aggregate_id)
@@ -456,6 +458,28 @@ def _retry_pause(attempt: int) -> float:
 def _check_version(version: int | None) -> None:
     if version is not None and version < 1:
         raise ValueError(f"version={version}: an aggregate's first version is 1")
+
+
+def _check_retries(retries: object) -> None:
+    if type(retries) is not int or retries < 0:
+        raise ValueError(f"retries={retries!r}: give how many times to retry a conflict, >= 0")
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    """Refuse a save's metadata that is not a str-keyed dict of the caller's own keys."""
+    not_text = [key for key in metadata or {} if not isinstance(key, str)]
+    if not_text:
+        first = not_text[0]
+        raise EventSourcingError(
+            f"metadata keys are strings, not {type(first).__name__} ({first!r})"
+        )
+    reserved = sorted(CAUSE_KEYS & (metadata or {}).keys())
+    if reserved:
+        raise EventSourcingError(
+            f"metadata {reserved[0]!r} is set by riverbed; give the command's id with "
+            "handle(..., command_id=), or the ids with "
+            "`with riverbed.eventsourcing.causing(cause_id, correlation_id=...)`"
+        )
 
 
 def _key_of(
@@ -558,16 +582,23 @@ def _never_failing(aggregate: Aggregate) -> Iterator[None]:
                     type(error).__name__, error)  # fmt: skip
 
 
-def _saved(aggregates: Sequence[Aggregate]) -> list[Aggregate]:
-    """Mark the aggregates saved (their events are committed, whatever becomes of their
-    snapshots); those due for a snapshot."""
+def _saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Aggregate]:
+    """Mark the first ``saved`` pending events of each aggregate saved (they are committed,
+    whatever becomes of the snapshots); the aggregates due for a snapshot. One that recorded
+    more meanwhile (another task, while the save awaited the store) keeps those pending, and
+    its state, ahead of the store, is not snapshotted."""
     due = []
-    for aggregate in aggregates:
+    for aggregate, count in zip(aggregates, saved, strict=True):
         pending = aggregate.pending
         every = type(aggregate).snapshot_every
-        if pending and every and aggregate.version // every > (pending[0].version - 1) // every:
+        if (
+            every
+            and count
+            and count == len(pending)
+            and aggregate.version // every > (pending[0].version - 1) // every
+        ):
             due.append(aggregate)
-        pending.clear()
+        del pending[:count]
     return due
 
 

@@ -19,7 +19,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, repository, scenario
 from riverbed.eventsourcing.codec import registry
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import EventDecodeError, EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from tests.eventsourcing.shop import Money, Order, OrderShipped, Payment
 
@@ -605,3 +605,56 @@ def test_a_scripts_event_types_may_be_registered_again_under_its_module_name() -
     # `python billing.py` defines them in __main__; `import billing` somewhere defines them again.
     for module in ("__main__", "billing_script"):
         exec(BILLING_ORDER.replace("Order", "Invoice"), {"__name__": module, "riverbed": riverbed})
+
+
+def test_handle_refuses_a_retry_count_that_is_not_one(events: EventSourcing) -> None:
+    order = Order.create("ann", "ann@x", Money(Decimal("5"), "EUR"), NOW)
+    events.save(order)
+    for retries in (-1, "3", 1.5):
+        with pytest.raises(ValueError, match=r"retries=.*: give how many times"):
+            events.handle(Order, order.id, lambda o: o.pay(), retries=retries)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"retries=.*: give how many times"):
+            asyncio.run(events.handle_async(Order, order.id, lambda o: o.pay(), retries=retries))  # type: ignore[arg-type]
+    assert events.get(Order, order.id).version == 1
+
+
+def test_an_event_stored_by_a_newer_release_is_refused_not_misread(events: EventSourcing) -> None:
+    class Gauge(riverbed.Aggregate):
+        @riverbed.event("Read")
+        def __init__(self, amount: int) -> None:
+            self.amount = amount
+
+    data, meta = msgspec.msgpack.encode({"amount": 700}), msgspec.msgpack.encode({})
+    events.store.append([StreamAppend("g1", 0, [
+        NewEvent(str(uuid.uuid4()), "g1", 1, "Gauge.Read", 2, data, meta, 1)
+    ])])  # fmt: skip
+    with pytest.raises(EventDecodeError, match="at position 1 was stored at version 2, newer"):
+        events.get(Gauge, "g1")
+
+
+def test_an_upcaster_that_returns_no_dict_is_named(events: EventSourcing) -> None:
+    append_raw(events, "m1", "Meter.Read", payload={"value": 1})
+
+    class Meter(riverbed.Aggregate):
+        @riverbed.event("Read", version=2, upcasters={1: lambda data: None})
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+    with pytest.raises(EventDecodeError, match="upcaster from version 1 returned NoneType"):
+        events.get(Meter, "m1")
+
+
+def test_a_subclass_that_records_an_event_of_its_own_names_its_own_payload() -> None:
+    class Plan(riverbed.Aggregate):
+        @riverbed.event("Chosen")
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class PremiumPlan(Plan):
+        @riverbed.event("Chosen")
+        def __init__(self, name: str, seats: int = 1) -> None:
+            self.name = name
+            self.seats = seats
+
+    assert PremiumPlan.Chosen is not Plan.Chosen  # type: ignore[attr-defined]
+    assert PremiumPlan.Chosen.__name__ == "PremiumPlan.Chosen"  # type: ignore[attr-defined]

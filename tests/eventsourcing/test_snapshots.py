@@ -4,6 +4,7 @@ stream key was deleted since it loaded is not snapshotted, and a snapshot never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import textwrap
 from typing import Annotated, Any
@@ -151,3 +152,56 @@ def test_a_state_loaded_before_its_key_was_deleted_is_not_snapshotted(
     snapshot = events.store.load_snapshot(member.id)
     assert snapshot is None or b"ada@example.com" not in snapshot.data
     assert events.get(Member, member.id).email == riverbed.ERASED
+
+
+class Tally(riverbed.Aggregate):
+    snapshot_every = 2
+
+    @riverbed.event("Started")
+    def __init__(self) -> None:
+        self.count = 0
+
+    @riverbed.event("Counted")
+    def count_one(self) -> None:
+        self.count += 1
+
+
+def test_events_recorded_while_an_async_save_awaits_stay_pending(events: EventSourcing) -> None:
+    async def run() -> None:
+        tally = Tally()
+        store = await events.async_store()
+        append = store.append
+
+        async def append_while_another_task_records(appends: Any) -> int:
+            tally.count_one()  # another task, while the save awaits the store
+            return await append(appends)
+
+        store.append = append_while_another_task_records  # type: ignore[method-assign]
+        await events.save_async(tally)
+        store.append = append  # type: ignore[method-assign]
+        assert [r.version for r in tally.pending] == [2]  # saved next time, not dropped
+        assert events.store.load_snapshot(tally.id) is None  # the state is ahead of the store
+        await events.save_async(tally)
+        loaded = await events.get_async(Tally, tally.id)
+        assert (loaded.version, loaded.count) == (2, 1)
+        await events.close_async()
+
+    asyncio.run(run())
+
+
+def test_get_async_reads_the_key_after_the_events_it_decrypts(events: EventSourcing) -> None:
+    async def run() -> None:
+        member = Member("ada@example.com")
+        store = await events.async_store()
+        read_stream = store.read_stream
+
+        async def saved_meanwhile(*args: Any) -> Any:
+            events.save(member)  # the first personal event, and its key, land in between
+            return await read_stream(*args)
+
+        store.read_stream = saved_meanwhile  # type: ignore[method-assign]
+        loaded = await events.get_async(Member, member.id)
+        assert loaded.email == "ada@example.com"
+        await events.close_async()
+
+    asyncio.run(run())
