@@ -89,6 +89,13 @@ class SqliteFile:
                         self._checkpointer.start()
             self._local.conn = conn
             with self._lock:
+                # Ended threads' connections close now: their threads cannot be using them, and
+                # each event loop's or thread pool's threads would otherwise keep one open.
+                for thread, other in self._connections:
+                    if not thread.is_alive():
+                        other.close()
+                self._connections = [(thread, other) for thread, other in self._connections
+                                     if thread.is_alive()]  # fmt: skip
                 self._connections.append((threading.current_thread(), conn))
         return conn
 

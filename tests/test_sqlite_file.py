@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +89,17 @@ def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("events",)]
         assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:
+    store = connect_store(f"sqlite:///{tmp_path}/events.db")
+    opened = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(100):  # what each event loop's thread pool does
+            reader = threading.Thread(target=store.last_position)
+            reader.start()
+            reader.join()
+        store.last_position()
+        assert len(os.listdir("/proc/self/fd")) < opened + 10
+    finally:
+        store.close()
