@@ -658,3 +658,34 @@ def test_a_subclass_that_records_an_event_of_its_own_names_its_own_payload() -> 
 
     assert PremiumPlan.Chosen is not Plan.Chosen  # type: ignore[attr-defined]
     assert PremiumPlan.Chosen.__name__ == "PremiumPlan.Chosen"  # type: ignore[attr-defined]
+
+
+def test_a_cancelled_async_call_gives_its_connection_back(postgres_url: str) -> None:
+    events = EventSourcing("shop", f"{postgres_url}?schema=cancelled_{uuid.uuid4().hex[:8]}")
+
+    async def cancel_while_the_connection_goes_back() -> dict[str, int]:
+        store = await events.async_store()
+        pool = store._pool  # type: ignore[attr-defined]
+        putconn, returning = pool.putconn, asyncio.Event()
+
+        async def slow_putconn(conn: Any) -> None:
+            returning.set()
+            await asyncio.sleep(0.05)
+            await putconn(conn)
+
+        pool.putconn = slow_putconn
+        save = asyncio.create_task(events.save_async(place()))
+        await returning.wait()
+        save.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await save
+        await asyncio.sleep(0.2)
+        stats: dict[str, int] = pool.get_stats()
+        await events.close_async()
+        return stats
+
+    try:
+        stats = asyncio.run(cancel_while_the_connection_goes_back())
+    finally:
+        events.close()
+    assert stats["pool_available"] == stats["pool_size"]

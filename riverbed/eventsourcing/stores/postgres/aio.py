@@ -70,8 +70,14 @@ class AsyncPostgresEventStore:
         replaces the broken connection)."""
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            async with self._pool.connection() as conn:
-                yield conn
+            conn = await self._pool.getconn()
+            try:
+                async with conn:  # commits, or rolls back, as the pool's connection() does
+                    yield conn
+            finally:
+                # Shielded: a task cancelled while the pool took the connection back lost it
+                # to the pool for good, which kept counting it as lent.
+                await asyncio.shield(self._pool.putconn(conn))
         except psycopg_pool.PoolClosed:
             raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
