@@ -120,9 +120,10 @@ class Events:
         self.app_name = app_name
         self._url = url
         self._store: EventStore | None = None
-        # An async store's connections belong to the event loop that opened them.
+        # An async store's connections belong to the event loop that opened them; each is kept
+        # with the URL it was opened for (use_url changes it).
         self._async_stores: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, AsyncEventStore
+            asyncio.AbstractEventLoop, tuple[str | None, AsyncEventStore]
         ] = weakref.WeakKeyDictionary()
         self._threaded_store: ThreadedAsyncStore | None = None  # over self.store, any loop's
         self._connecting = threading.Lock()
@@ -405,12 +406,16 @@ class Events:
             self._threaded_store = ThreadedAsyncStore(self.store)
             return self._threaded_store
         loop = asyncio.get_running_loop()
-        store = self._async_stores.get(loop)
+        url, store = self._async_stores.get(loop, (None, None))
+        if store is not None and url != self._url:  # opened before use_url
+            del self._async_stores[loop]
+            await store.close()
+            store = None
         if store is None:
             self._forget_closed_loops()
             opened = await connect_async_store(self._url)
             # Calls that raced to open one keep the first; the others close theirs.
-            store = self._async_stores.setdefault(loop, opened)
+            _, store = self._async_stores.setdefault(loop, (self._url, opened))
             if store is not opened:
                 await opened.close()
         return store
@@ -426,7 +431,7 @@ class Events:
 
     async def close_async(self) -> None:
         """Close the running event loop's connections (``close`` closes SQLite's)."""
-        store = self._async_stores.pop(asyncio.get_running_loop(), None)
+        _, store = self._async_stores.pop(asyncio.get_running_loop(), (None, None))
         if store is not None:
             await store.close()
 

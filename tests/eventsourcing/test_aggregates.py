@@ -689,3 +689,22 @@ def test_a_cancelled_async_call_gives_its_connection_back(postgres_url: str) -> 
     finally:
         events.close()
     assert stats["pool_available"] == stats["pool_size"]
+
+
+def test_use_url_moves_async_calls_too(postgres_url: str) -> None:
+    first, second = (f"{postgres_url}?schema=moved_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    events = EventSourcing("shop", first)
+
+    async def save_before_and_after_the_move() -> None:
+        await events.save_async(place())
+        events.use_url(second)
+        order = place()
+        await events.save_async(order)
+        assert (await events.get_async(Order, order.id)).id == order.id
+        await events.close_async()
+
+    try:
+        asyncio.run(save_before_and_after_the_move())
+        assert len(events.store.read_all()) == 1  # the second store's
+    finally:
+        events.close()
