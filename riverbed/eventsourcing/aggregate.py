@@ -185,6 +185,7 @@ class EventMethod(Generic[P, R]):
         self.aliases = aliases
         self.signature = inspect.signature(method)
         self.entry: EventType | None = None
+        self.binds = False  # whether a call is bound to the signature (keyword-only parameters)
         self.__doc__ = method.__doc__
 
     def __set_name__(self, owner: type[Aggregate], attribute: str) -> None:
@@ -192,7 +193,13 @@ class EventMethod(Generic[P, R]):
             raise EventSourcingError(
                 f"@riverbed.event on {attribute}: the class must subclass riverbed.Aggregate"
             )
-        hints = typing.get_type_hints(self.method, include_extras=True)
+        try:
+            hints = typing.get_type_hints(self.method, include_extras=True)
+        except NameError:
+            # A class the module defines further down (postponed annotations): the payload
+            # class takes the names as written, and msgspec resolves them in the module on
+            # first use, as for any Struct.
+            hints = dict(self.method.__annotations__)
         fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
         for parameter in list(self.signature.parameters.values())[1:]:
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -206,26 +213,31 @@ class EventMethod(Generic[P, R]):
             else:
                 fields.append((parameter.name, hint, parameter.default))
         type_name = f"{stored_name(owner)}.{self.name}"
+        parameters = list(self.signature.parameters.values())[1:]
+        by_keyword = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        by_position = [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
         # Fields in the method's parameter order, so the payload class takes a call's arguments
-        # as they are: recording an event is one constructor call.
-        payload = msgspec.defstruct(type_name, fields, module=owner.__module__)
-        method: Callable[..., Any] = self.method
-        keyword_only = any(
-            p.kind is inspect.Parameter.KEYWORD_ONLY for p in self.signature.parameters.values()
+        # as they are: recording an event is one constructor call. With keyword-only parameters
+        # (which may follow defaults) the call is bound to the signature first (``__get__``).
+        payload = msgspec.defstruct(
+            type_name, fields, module=owner.__module__, kw_only=bool(by_keyword)
         )
+        method: Callable[..., Any] = self.method
+        self.binds = bool(by_keyword)
 
         def apply(aggregate: Any, event: Any) -> None:
             method(aggregate, *msgspec.structs.astuple(event))
 
-        def apply_by_keyword(aggregate: Any, event: Any) -> None:
-            method(aggregate, **msgspec.structs.asdict(event))
+        def apply_by_kind(aggregate: Any, event: Any) -> None:
+            method(aggregate, *[getattr(event, name) for name in by_position],
+                   **{name: getattr(event, name) for name in by_keyword})  # fmt: skip
 
         self.entry = registry.register(
             type_name,
             payload,
             version=self.version,
             upcasters=self.upcasters,
-            apply=apply_by_keyword if keyword_only else apply,
+            apply=apply_by_kind if by_keyword else apply,
             aggregate=owner,
             aliases=self.aliases,
         )
@@ -237,6 +249,8 @@ class EventMethod(Generic[P, R]):
         if instance is None:
             return self
         assert self.entry is not None, "the event method was not set on an Aggregate class"
+        if self.binds:
+            return functools.partial(_record_bound, instance, self.entry, self.signature)
         return functools.partial(_record_call, instance, self.entry)
 
 
@@ -291,6 +305,18 @@ def _record_call(instance: Aggregate, entry: EventType, *args: Any, **kwargs: An
     instance._record(payload, entry)
 
 
+def _record_bound(
+    instance: Aggregate, entry: EventType, signature: inspect.Signature, *args: Any, **kwargs: Any
+) -> None:
+    try:
+        bound = signature.bind(instance, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{entry.name}: {error}") from None
+    fields = dict(bound.arguments)
+    del fields[next(iter(signature.parameters))]  # self
+    instance._record(entry.cls(**fields), entry)
+
+
 def event(
     name: str,
     *,
@@ -304,6 +330,16 @@ def event(
     the body must not record events (it runs again on every load). ``version``/``upcasters``
     evolve the payload's shape; ``aliases`` are the full names it was stored under before a
     rename (``("Order.Settled",)``), which still load as it."""
+
+    # Checked here: raised from __set_name__, the error would reach the user wrapped.
+    if type(version) is not int or version < 1:
+        raise EventSourcingError(f"event {name!r}: version={version!r}, give an int >= 1")
+    missing = [v for v in range(1, version) if v not in (upcasters or {})]
+    if missing:
+        raise EventSourcingError(
+            f"event {name!r} is at version {version} but has no upcaster from version "
+            f"{missing[0]}; pass upcasters={{{missing[0]}: fn}}"
+        )
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
         return EventMethod(method, name, version, upcasters, aliases)  # type: ignore[return-value]

@@ -153,6 +153,7 @@ class Events:
         last one (for read-your-writes: ``projection.wait_for(position)``). Raises
         ``ConcurrencyError`` if another writer saved one of them first."""
         store = self.store
+        _check_aggregates(aggregates)
         recorded = [len(aggregate.pending) for aggregate in aggregates]
         appends = self.appends(aggregates, metadata, store.stream_key)
         position = store.append(appends) if appends else store.last_position()
@@ -166,6 +167,7 @@ class Events:
     async def save_async(
         self, *aggregates: Aggregate, metadata: dict[str, Any] | None = None
     ) -> int:
+        _check_aggregates(aggregates)
         store = await self.async_store()
         # What is saved: events recorded meanwhile (by another task) wait for the next save.
         saving = [list(aggregate.pending) for aggregate in aggregates]
@@ -196,6 +198,7 @@ class Events:
         """The appends that save the aggregates' pending events (or ``saving``, each one's
         events to save), with their metadata."""
         stream_key = stream_key or self.store.stream_key
+        _check_aggregates(aggregates)
         if saving is None:
             saving = [aggregate.pending for aggregate in aggregates]
         now = time.time_ns() // 1_000_000
@@ -213,9 +216,15 @@ class Events:
         except (NotImplementedError, TypeError, ValueError) as error:
             raise EventSourcingError(f"the save's metadata does not encode: {error}") from None
         appends = []
+        saved: set[str] = set()
         for aggregate, pending in zip(aggregates, saving, strict=True):
             if not pending:
                 continue
+            if aggregate.id in saved:
+                raise EventSourcingError(
+                    f"save() was given aggregate {aggregate.id!r} twice: give each one once"
+                )
+            saved.add(aggregate.id)
             stream = aggregate.id
             check_id(stream, "save")
             key = _key_of(stream, stream_key)
@@ -320,7 +329,14 @@ class Events:
                 )
             event = decode(stored.data, stored.schema, entry, _key_of(stored.stream, stream_key),
                            f"at position {stored.position}")  # fmt: skip
-            aggregate._replay(event, entry, stored.version)
+            try:
+                aggregate._replay(event, entry, stored.version)
+            except Exception as error:
+                error.add_note(
+                    f"while loading {cls.__name__} {aggregate_id!r}: applying {stored.type} "
+                    f"(version {stored.version}, at position {stored.position})"
+                )
+                raise
         return aggregate
 
     # Commands
@@ -460,9 +476,15 @@ def _retry_pause(attempt: int) -> float:
     return random.uniform(0, min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2**attempt))
 
 
-def _check_version(version: int | None) -> None:
-    if version is not None and version < 1:
-        raise ValueError(f"version={version}: an aggregate's first version is 1")
+def _check_version(version: object) -> None:
+    if version is not None and (type(version) is not int or version < 1):
+        raise ValueError(f"version={version!r}: give a version >= 1 (an aggregate's first is 1)")
+
+
+def _check_aggregates(aggregates: Sequence[object]) -> None:
+    for aggregate in aggregates:
+        if not isinstance(aggregate, Aggregate):
+            raise TypeError(f"save() takes aggregates, not {aggregate!r}")
 
 
 def _check_retries(retries: object) -> None:

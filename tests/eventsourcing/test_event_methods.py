@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -18,6 +20,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, scenario
 from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.records import NewEvent, StreamAppend
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -253,3 +256,93 @@ def test_the_body_applies_the_event_as_stored_and_a_later_one_changes_neither(
     loaded = events.get(Basket, basket.id)
     state = {k: v for k, v in vars(basket).items() if not k.startswith("_")}
     assert {k: v for k, v in vars(loaded).items() if not k.startswith("_")} == state
+
+
+FORWARD_MODULE = """
+from __future__ import annotations
+
+import msgspec
+import riverbed
+
+
+class Shipment(riverbed.Aggregate):
+    @riverbed.event("Packed")
+    def __init__(self, line: Line, extra: list[Line] | None = None) -> None:
+        self.line = line
+        self.extra = extra or []
+
+
+class Line(msgspec.Struct):  # defined below the aggregate that records it
+    sku: str
+"""
+
+
+def test_an_event_method_may_name_a_class_defined_further_down(
+    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "forward_shipments.py").write_text(FORWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("forward_shipments")
+    shipment = module.Shipment(module.Line("a"), [{"sku": "b"}])
+    assert shipment.extra == [module.Line("b")]
+    events.save(shipment)
+    assert events.get(module.Shipment, shipment.id).line == module.Line("a")
+
+
+class Parcel(riverbed.Aggregate):
+    @riverbed.event("Sent")
+    def __init__(self, carrier: str = "ups", *, tracking: str) -> None:
+        self.carrier, self.tracking = carrier, tracking
+
+    @riverbed.event("Moved")
+    def move(self, to: str, /, *, by: str = "road") -> None:
+        self.at, self.by = to, by
+
+
+def test_keyword_only_and_positional_only_parameters_record_and_load(
+    events: EventSourcing,
+) -> None:
+    parcel = Parcel(tracking="t1")
+    parcel.move("paris")
+    parcel.move("rome", by="air")
+    events.save(parcel)
+    loaded = events.get(Parcel, parcel.id)
+    assert (loaded.carrier, loaded.tracking, loaded.at, loaded.by) == ("ups", "t1", "rome", "air")
+    with pytest.raises(TypeError, match=r"Parcel\.Sent: missing a required argument: 'tracking'"):
+        Parcel("dhl")
+
+
+class Fussy(riverbed.Aggregate):
+    @riverbed.event("Made")
+    def __init__(self, sku: str) -> None:
+        if sku.startswith("legacy"):
+            raise ValueError(f"bad sku {sku!r}")
+        self.sku = sku
+
+
+def test_a_body_that_fails_on_load_says_which_event(events: EventSourcing) -> None:
+    append = StreamAppend("legacy", 0, [NewEvent(
+        "e1", "legacy", 1, "Fussy.Made", 1, msgspec.msgpack.encode({"sku": "legacy-1"}),
+        msgspec.msgpack.encode({}), 1,
+    )])  # fmt: skip
+    events.store.append([append])  # stored by an earlier release that allowed it
+    with pytest.raises(ValueError, match="bad sku 'legacy-1'") as raised:
+        events.get(Fussy, "legacy")
+    assert raised.value.__notes__ == [
+        "while loading Fussy 'legacy': applying Fussy.Made (version 1, at position 1)"
+    ]
+
+
+def test_bad_arguments_to_save_get_and_event_are_named(events: EventSourcing) -> None:
+    nest = Nest()
+    with pytest.raises(TypeError, match="save\\(\\) takes aggregates, not <class"):
+        events.save(Nest)  # type: ignore[arg-type]
+    with pytest.raises(EventSourcingError, match=f"given aggregate '{nest.id}' twice"):
+        events.save(nest, nest)
+    events.save(nest)
+    with pytest.raises(ValueError, match="version='2': give a version >= 1"):
+        events.get(Nest, nest.id, version="2")  # type: ignore[arg-type]
+    with pytest.raises(EventSourcingError, match="'Counted': version=0, give an int >= 1"):
+        riverbed.event("Counted", version=0)
+    with pytest.raises(EventSourcingError, match="at version 3 but has no upcaster from version 2"):
+        riverbed.event("Counted", version=3, upcasters={1: dict})
