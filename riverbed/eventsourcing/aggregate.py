@@ -89,6 +89,9 @@ class Aggregate:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for attribute, value in list(cls.__dict__.items()):
+            if isinstance(value, EventMethod):
+                value.register(cls, attribute)
         every = cls.__dict__.get("snapshot_every")
         if every is not None and (type(every) is not int or every < 1):
             raise EventSourcingError(
@@ -189,10 +192,15 @@ class EventMethod(Generic[P, R]):
         self.__doc__ = method.__doc__
 
     def __set_name__(self, owner: type[Aggregate], attribute: str) -> None:
+        # Registered by Aggregate.__init_subclass__: an error raised here would reach the user
+        # wrapped in a RuntimeError (Python < 3.12).
         if not (isinstance(owner, type) and issubclass(owner, Aggregate)):
             raise EventSourcingError(
                 f"@riverbed.event on {attribute}: the class must subclass riverbed.Aggregate"
             )
+
+    def register(self, owner: type[Aggregate], attribute: str) -> None:
+        """Make the payload class and register the event, for the class ``owner``."""
         try:
             hints = typing.get_type_hints(self.method, include_extras=True)
         except NameError:

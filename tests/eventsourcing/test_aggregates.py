@@ -198,7 +198,7 @@ def test_a_version_below_1_and_reserved_or_unencodable_metadata_are_refused(
 ) -> None:
     order = place()
     for version in (0, -1):
-        with pytest.raises(ValueError, match=f"version={version}: an aggregate's first version"):
+        with pytest.raises(ValueError, match=f"version={version}: give a version >= 1"):
             events.get(Order, order.id, version=version)
     with pytest.raises(ValueError, match="version=0"):
         asyncio.run(events.get_async(Order, order.id, version=0))

@@ -289,7 +289,7 @@ def test_an_event_method_may_name_a_class_defined_further_down(
     assert events.get(module.Shipment, shipment.id).line == module.Line("a")
 
 
-class Parcel(riverbed.Aggregate):
+class Courier(riverbed.Aggregate):
     @riverbed.event("Sent")
     def __init__(self, carrier: str = "ups", *, tracking: str) -> None:
         self.carrier, self.tracking = carrier, tracking
@@ -302,14 +302,14 @@ class Parcel(riverbed.Aggregate):
 def test_keyword_only_and_positional_only_parameters_record_and_load(
     events: EventSourcing,
 ) -> None:
-    parcel = Parcel(tracking="t1")
-    parcel.move("paris")
-    parcel.move("rome", by="air")
-    events.save(parcel)
-    loaded = events.get(Parcel, parcel.id)
+    courier = Courier(tracking="t1")
+    courier.move("paris")
+    courier.move("rome", by="air")
+    events.save(courier)
+    loaded = events.get(Courier, courier.id)
     assert (loaded.carrier, loaded.tracking, loaded.at, loaded.by) == ("ups", "t1", "rome", "air")
-    with pytest.raises(TypeError, match=r"Parcel\.Sent: missing a required argument: 'tracking'"):
-        Parcel("dhl")
+    with pytest.raises(TypeError, match=r"Courier\.Sent: missing a required argument: 'tracking'"):
+        Courier("dhl")
 
 
 class Fussy(riverbed.Aggregate):
