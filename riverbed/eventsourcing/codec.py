@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -453,6 +454,16 @@ def _same_class(first: type[Any], second: type[Any]) -> bool:
     if first.__qualname__ != second.__qualname__:
         return False
     modules = {first.__module__, second.__module__}
+    if len(modules) == 1:
+        return True
     # A script's classes, imported again by its module name (or by a multiprocessing child as
-    # __mp_main__), are the same code.
-    return len(modules) == 1 or bool(modules & {"__main__", "__mp_main__"})
+    # __mp_main__), are the same code: unless both modules come from files, and other ones.
+    if not modules & {"__main__", "__mp_main__"}:
+        return False
+    files = {_module_file(name) for name in modules}
+    return None in files or len(files) == 1
+
+
+def _module_file(name: str) -> str | None:
+    path = getattr(sys.modules.get(name), "__file__", None)
+    return os.path.realpath(path) if isinstance(path, str) else None
