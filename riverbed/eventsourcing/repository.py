@@ -64,6 +64,7 @@ log = logging.getLogger("riverbed.events")
 
 _metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+MAX_VERSION = 2**62  # above any stream's version; both stores take it
 RETRY_PAUSE_S = 0.002  # the bound of the first pause before a command's retry
 RETRY_PAUSE_MAX_S = 0.1
 # Metadata keys a save sets from the cause in force (``causing``).
@@ -261,7 +262,7 @@ class Events:
         """``get``, reading the stream with ``read_stream`` (a transaction's, to see its own
         appends)."""
         check_id(aggregate_id, f"get({cls.__name__}, id)")
-        _check_version(version)
+        version = _checked_version(version)
         store = self.store
         used: list[bytes] = []  # the stream's key, once the state needed it
 
@@ -284,7 +285,7 @@ class Events:
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
         check_id(aggregate_id, f"get_async({cls.__name__}, id)")
-        _check_version(version)
+        version = _checked_version(version)
         store = await self.async_store()
         snapshot = await store.load_snapshot(aggregate_id, version) if cls.snapshot_every else None
         start = snapshot.version + 1 if snapshot is not None else 1
@@ -476,9 +477,13 @@ def _retry_pause(attempt: int) -> float:
     return random.uniform(0, min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2**attempt))
 
 
-def _check_version(version: object) -> None:
-    if version is not None and (type(version) is not int or version < 1):
+def _checked_version(version: int | None) -> int | None:
+    """``version``, checked; one past any stream's end is the end (what a store can hold)."""
+    if version is None:
+        return None
+    if type(version) is not int or version < 1:
         raise ValueError(f"version={version!r}: give a version >= 1 (an aggregate's first is 1)")
+    return min(version, MAX_VERSION)
 
 
 def _check_aggregates(aggregates: Sequence[object]) -> None:

@@ -342,6 +342,7 @@ def test_bad_arguments_to_save_get_and_event_are_named(events: EventSourcing) ->
     events.save(nest)
     with pytest.raises(ValueError, match="version='2': give a version >= 1"):
         events.get(Nest, nest.id, version="2")  # type: ignore[arg-type]
+    assert events.get(Nest, nest.id, version=2**70).version == 1  # past the end: the end
     with pytest.raises(EventSourcingError, match="'Counted': version=0, give an int >= 1"):
         riverbed.event("Counted", version=0)
     with pytest.raises(EventSourcingError, match="at version 3 but has no upcaster from version 2"):
