@@ -24,6 +24,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
     closed,
     connection_options,
+    no_connection,
     parse_settings,
     unavailable,
 )
@@ -81,7 +82,7 @@ class AsyncPostgresEventStore:
         except psycopg_pool.PoolClosed:
             raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
-            raise unavailable(self._settings, error) from None
+            raise no_connection(self._settings, error, self._pool.get_stats()) from None
         except psycopg.OperationalError as error:
             if conn is None or not conn.broken:
                 raise

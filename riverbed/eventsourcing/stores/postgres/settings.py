@@ -93,3 +93,17 @@ def unavailable(settings: Settings, error: Exception) -> StoreUnavailableError:
         f"cannot reach the event store at {settings.where}: {str(error).strip()}; check that "
         "PostgreSQL runs there and that the URL's user, database and password are right"
     )
+
+
+def no_connection(
+    settings: Settings, error: Exception, stats: dict[str, int]
+) -> StoreUnavailableError:
+    """The error for a pool that gave no connection in time (``stats``: the pool's): all of
+    them in use, or the server unreachable."""
+    if stats.get("pool_size", 0) >= settings.pool_size and not stats.get("pool_available", 0):
+        return StoreUnavailableError(
+            f"no connection to the event store at {settings.where} came free within "
+            f"{settings.pool_timeout:g} s: all {settings.pool_size} of the pool's were in use; "
+            "raise pool_size= (or pool_timeout=) in the URL, or have fewer calls at once"
+        )
+    return unavailable(settings, error)

@@ -36,6 +36,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
     closed,
     connection_options,
+    no_connection,
     parse_settings,
     unavailable,
 )
@@ -99,7 +100,7 @@ class PostgresEventStore:
         if isinstance(error, psycopg_pool.PoolClosed):
             return closed(self._settings)
         if isinstance(error, psycopg_pool.PoolTimeout):
-            return unavailable(self._settings, error)
+            return no_connection(self._settings, error, self._pool.get_stats())
         if conn is None or not conn.broken:
             return error
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use
