@@ -120,8 +120,10 @@ def retry(
     events that followed it, and unparked once applied; one that fails again stays parked with
     the new error. For handlers that do not depend on the order of events; else ``rebuild``."""
     with open_projections(target) as projections:
-        failed = []
-        for position in positions:
+        projections.named(name)  # an unknown name fails once, not once per position
+        parked = {p.position for p in projections.parked(name)}
+        failed, missing = [], [p for p in positions if p not in parked]
+        for position in (p for p in positions if p in parked):
             again = projections.retry(name, position)
             if again is None:
                 out.print(f"{position}  applied")
@@ -129,8 +131,11 @@ def retry(
                 out.print(f"{position}  failed again: {again.error.partition(chr(10))[0]}",
                           markup=False)  # fmt: skip
                 failed.append(position)
-    if failed:
-        raise RiverbedError(f"still parked by {name}: {', '.join(map(str, failed))}")
+    problems = [f"still parked by {name}: {', '.join(map(str, failed))}"] if failed else []
+    if missing:
+        problems.append(f"not parked by {name}: {', '.join(map(str, missing))}")
+    if problems:
+        raise RiverbedError("; ".join(problems))
 
 
 @app.command("rebuild")

@@ -124,7 +124,8 @@ class Relay:
         ttl_ms = int(self.lease_ttl * 1000)
         self.leading = store.acquire_lease(self.name, self.owner, ttl_ms)
         if not self.leading:
-            self._unacknowledged = None  # the leader publishes that page
+            # An unacknowledged page stays: its records are still queued, and if the lease
+            # comes back at the same checkpoint, they are waited for, not queued again.
             return 0
         after = store.checkpoint(self.name)
         sent = self._unacknowledged

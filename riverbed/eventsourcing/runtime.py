@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
@@ -41,16 +41,28 @@ class EventSourcing(Events):
 
     def projection(self, projection: P) -> P:
         """Register a projection (``app.events.projection(OrderTotals())``)."""
+        self._name_free(getattr(projection, "name", ""), self.process_managers, "process manager")
         self.projections.add(projection)
         return projection
 
     def process_manager(self, manager: M) -> M:
         """Register a process manager (``app.events.process_manager(Fulfilment())``)."""
         name = manager_name(manager)
+        self._name_free(name, self.projections.registered, "projection")
         if name in self.process_managers:
             raise EventSourcingError(f"a process manager named {name!r} is already registered")
         self.process_managers[name] = manager
         return manager
+
+    @staticmethod
+    def _name_free(name: str, others: Mapping[str, object], what: str) -> None:
+        # Their parked events would mix: a projection also reads those filed under its bare
+        # name (as they were before per-version filing), which is how a manager files them.
+        if name in others:
+            raise EventSourcingError(
+                f"a {what} named {name!r} is already registered: give projections and process "
+                "managers different names"
+            )
 
     def relay(self, topic: str, partitions: int = 4, *, lease_ttl: float = LEASE_TTL_S) -> None:
         """Publish every stored event to log topic ``topic`` (keyed by stream id): every process
@@ -65,11 +77,6 @@ class EventSourcing(Events):
         again it stays parked with the new error, which is returned."""
         manager = self.process_managers.get(name)
         if name in self.projections.registered:
-            if manager is not None:
-                raise EventSourcingError(
-                    f"both a projection and a process manager are named {name!r}: call "
-                    "app.events.projections.retry for the projection"
-                )
             return self.projections.retry(name, position)
         if manager is None:
             known = sorted([*self.projections.registered, *self.process_managers]) or ["none"]

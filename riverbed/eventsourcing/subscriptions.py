@@ -177,7 +177,8 @@ class Subscription:
     ) -> ParkedEvent | None:
         """``handle`` the parked entry again in a transaction that unparks it; park it again
         with the new error if it fails. A race with another writer is tried again; the same
-        conflict every time is a failure."""
+        conflict every time is a failure. Retries of one entry take turns on the subscriber's
+        lock: the one that finds it no longer parked (handled by another) does nothing."""
         conflicts = 0
         while True:
             try:
@@ -188,8 +189,11 @@ class Subscription:
                             f"{parked.position}: the switch forgot the old version's parked "
                             "events"
                         )
+                    # First, so that of two retries only one handles it; a failure below
+                    # rolls the unparking back.
+                    if not tx.unpark(parked.projection, parked.position):
+                        return None
                     handle(tx)
-                    tx.unpark(parked.projection, parked.position)
                 log.info("%s handled parked %s", self.name, parked.event_id)
                 return None
             except ConcurrencyError as error:
@@ -205,10 +209,14 @@ class Subscription:
                 parked, error=reason, parked_ms=time.time_ns() // 1_000_000
             )
             with self.store.transaction(self.name) as tx:
+                if not tx.unpark(parked.projection, parked.position):
+                    return None  # another retry handled it meanwhile
                 tx.park(again)
             return again
 
     def _parked_at(self, position: int) -> ParkedEvent:
+        if type(position) is not int:
+            raise TypeError(f"position={position!r}: a parked event's position is an int")
         for label in self.parked_labels():
             for parked in self.store.parked(label):
                 if parked.position == position:

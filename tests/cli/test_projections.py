@@ -129,9 +129,13 @@ def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType
         "ada": {"bookings": 1}, "bob": {"bookings": 1}, "mallory": {"bookings": 1}
     }  # fmt: skip
     assert status_row(run("list", "rooms:app")) == [NAME, "1", "3", "3", "0", "0"]
-    gone = run("retry", "rooms:app", NAME, "2")
-    assert gone.exit_code == 1
-    assert gone.stderr == f"error: projection '{NAME}' has no event parked at position 2\n"
+    book(rooms, "eve")
+    rooms.BookingsPerGuest.refused = frozenset({"eve"})
+    projections.runner(NAME).catch_up()  # parks position 4
+    several = run("retry", "rooms:app", NAME, "2", "4")
+    assert several.exit_code == 1
+    assert several.stdout.strip() == "4  failed again: ValueError: eve cannot book"
+    assert several.stderr == f"error: still parked by {NAME}: 4; not parked by {NAME}: 2\n"
 
 
 def test_list_says_where_a_projection_that_stops_on_errors_stopped(rooms: ModuleType) -> None:

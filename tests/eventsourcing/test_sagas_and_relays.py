@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -235,6 +236,61 @@ def test_a_process_managers_parked_event_is_handled_again_once_fixed(
         events.retry_parked("n", 1)
 
 
+def test_two_retries_of_one_parked_event_handle_it_once(events: EventSourcing) -> None:
+    class Slow(Picky):
+        """Handles mallory's order slowly, once fixed: the second retry queues behind."""
+
+        name = "slow"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.handling, self.finish = threading.Event(), threading.Event()
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            if not self.refused and event.event.customer == "mallory":
+                self.handling.set()
+                assert self.finish.wait(10)
+            super().handle(event, saga)
+
+    manager = events.process_manager(Slow())
+    mallory = place(events, "mallory")
+    SagaRunner(events, manager).catch_up()
+    (parked,) = events.store.parked("slow")
+    manager.refused.clear()
+    results: list[object] = []
+
+    def retry() -> None:
+        results.append(events.retry_parked("slow", parked.position))
+
+    first = threading.Thread(target=retry)
+    first.start()
+    assert manager.handling.wait(10)
+    second = threading.Thread(target=retry)  # finds it parked, then waits for the first
+    second.start()
+    time.sleep(0.3)
+    manager.finish.set()
+    first.join(10)
+    second.join(10)
+    assert results == [None, None]
+    assert [e.type for e in events.read()].count("Order.Cancelled") == 1
+    assert events.get(Order, mallory.id).version == 2
+    assert events.store.parked("slow") == []
+
+
+def test_a_projection_and_a_process_manager_may_not_share_a_name(events: EventSourcing) -> None:
+    class Named(riverbed.Projection):
+        name = "picky"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            pass
+
+    events.process_manager(Picky())
+    with pytest.raises(EventSourcingError, match="a process manager named 'picky' is already"):
+        events.projection(Named())
+    with pytest.raises(TypeError, match="position='2': a parked event's position is an int"):
+        events.retry_parked("picky", "2")  # type: ignore[arg-type]
+
+
 def test_a_parked_timer_fires_again_with_its_data_once_fixed(events: EventSourcing) -> None:
     manager = events.process_manager(Reminders())
     bad = place(events, "bad")
@@ -358,6 +414,42 @@ def test_a_relay_waits_out_a_log_that_does_not_acknowledge_and_still_stops(
     copies = Counter(record.headers[EVENT_ID] for record in read_topic(log, TOPIC))
     (ann,) = events.store.read_all(0, 1)
     assert copies[ann.id.encode()] == 1
+
+
+def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("riverbed.eventsourcing.outbox.FLUSH_TIMEOUT_S", 0.01)
+    relay = Relay(events, log, TOPIC, lease_ttl=0.2)
+    sent: list[bytes | None] = []
+    send = relay._producer.send
+
+    def counted(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
+        sent.append(kwargs["key"])
+        return send(topic, value, **kwargs)
+
+    def unacknowledged(timeout: float | None = None) -> None:
+        raise TimeoutError("records not acknowledged (test)")
+
+    monkeypatch.setattr(relay._producer, "send", counted)
+    flush = relay._producer.flush
+    monkeypatch.setattr(relay._producer, "flush", unacknowledged)
+    place(events, "ann")
+    try:
+        with pytest.raises(TimeoutError):
+            relay.run_once()
+        time.sleep(0.3)  # its lease runs out; another relay takes it, then gives it up
+        assert events.store.acquire_lease(relay.name, "another", 200)
+        assert relay.run_once() == 0 and not relay.leading
+        events.store.release_lease(relay.name, "another")
+        with pytest.raises(TimeoutError):
+            relay.run_once()
+        assert len(sent) == 1  # the page went once, and is still queued
+        monkeypatch.setattr(relay._producer, "flush", flush)
+        assert relay.run_once() == 1
+    finally:
+        relay.close()
+    assert len(read_topic(log, TOPIC)) == 1
 
 
 class Refused(SendFuture):
