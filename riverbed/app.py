@@ -52,16 +52,18 @@ class App(StreamApp):
             super().run(stop, report, metrics_port)
             return
         stop = stop or threading.Event()
-        threads = self.events.run(stop, self.log if self.events.relays else None)
-        try:
-            if self.has_streams():
-                super().run(stop, report, metrics_port)
-            else:
-                with stopping_on_signals(stop):
+        # Until the runners have ended: a second signal (a terminal's Ctrl-C and the parent
+        # worker's, say) would otherwise interrupt the join and close the store under them.
+        with stopping_on_signals(stop):
+            threads = self.events.run(stop, self.log if self.events.relays else None)
+            try:
+                if self.has_streams():
+                    super().run(stop, report, metrics_port)
+                else:
                     stop.wait()
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(30)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(30)
         if self.events.failures:
             raise self.events.failures[0]

@@ -357,8 +357,15 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def set_stop(*_: object) -> None:
+        # From a thread of its own: the handler runs between two bytecodes of the main thread,
+        # which may hold the lock of stop's condition (inside stop.wait or, after a first
+        # signal, stop.set), and Event.set here would wait on it for ever.
+        threading.Thread(target=stop.set, name="riverbed-stopping", daemon=True).start()
+
     for signum in previous:
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, set_stop)
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ import riverbed
 from riverbed.log.errors import CommitFailedError
 from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.producer import CHECKPOINT_BYTES
+from riverbed.streams.app import stopping_on_signals
 from riverbed.testing import run_app
 from tests.support import consume, running, wait_until
 
@@ -138,3 +139,17 @@ def test_at_least_once_state_commits_with_the_offsets_on_the_embedded_log(
     result = run_app(app, {words: [("a", "x"), ("a", "y"), ("b", "z")]})
     assert not failures
     assert result.state["counts"] == {"a": (2,), "b": (1,)}
+
+
+def test_a_signal_that_comes_while_the_main_thread_holds_stops_lock_still_stops() -> None:
+    """A second Ctrl-C (a terminal's and a parent worker's) lands inside the first one's
+    Event.set, or any signal inside Event.wait: the handler must not wait on stop's lock."""
+    stop = threading.Event()
+    with stopping_on_signals(stop):
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler)
+        with stop._cond:  # type: ignore[attr-defined]  # as the interrupted Event.set holds it
+            handler(signal.SIGINT, None)
+            handler(signal.SIGTERM, None)
+        assert stop.wait(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
