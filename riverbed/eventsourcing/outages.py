@@ -23,14 +23,18 @@ OUTAGE_BACKOFF = Backoff(base=0.1, max=5.0)
 class Outage:
     """A runner's pauses between its attempts while its store or log is unreachable."""
 
-    def __init__(self, runner: str) -> None:
+    def __init__(self, runner: str, max_pause: float | None = None) -> None:
+        """``max_pause``: a bound below the backoff's own, in seconds."""
         self.runner = runner
         self.attempts = 0
+        self.max_pause = max_pause
 
     def wait(self, error: Exception, stop: threading.Event) -> None:
         """Pause after a failed attempt, until the next one or ``stop``."""
         self.attempts += 1
         pause = OUTAGE_BACKOFF.delay(self.attempts)
+        if self.max_pause is not None:
+            pause = min(pause, self.max_pause)
         log.warning("%s: %s; trying again in %.1f s", self.runner, error, pause)
         stop.wait(pause)
 

@@ -27,6 +27,7 @@ when they stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import Log, Producer, Record, SendFuture
-from riverbed.log.errors import BrokerUnavailableError
+from riverbed.log.errors import BrokerUnavailableError, TopicExistsError
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -110,7 +111,9 @@ class Relay:
         self.lease_ttl = lease_ttl
         self.leading = False  # whether it held the lease when it last tried
         if topic not in {t.name for t in log.list_topics()}:
-            log.create_topic(topic, partitions=partitions)
+            # Every worker process starts the relay: another may create the topic first.
+            with contextlib.suppress(TopicExistsError):
+                log.create_topic(topic, partitions=partitions)
         self._producer: Producer = log.producer()
         # The page whose flush timed out: its records are still queued in the producer.
         self._unacknowledged: _Sent | None = None
@@ -167,17 +170,31 @@ class Relay:
         again every ``idle_wait`` seconds, and at least every third of ``lease_ttl``, which keeps
         an idle leader's lease alive."""
         wait = min(idle_wait, self.lease_ttl / 3)
-        outage = Outage(self.name)
+        # Pauses short enough for the lease, which the relay renews between them.
+        outage = Outage(self.name, max_pause=self.lease_ttl / 3)
         try:
             while not stop.is_set():
                 try:
                     self._run_or_wait(stop, wait)
                 except UNREACHABLE as error:
+                    self._keep_lease()
                     outage.wait(error, stop)
                 else:
-                    outage.over()
+                    if self.leading:  # a relay standing by did not reach the log
+                        outage.over()
         finally:
             self._release()
+
+    def _keep_lease(self) -> None:
+        """Renew the lease while the log is unreachable, so that a leader waiting out the outage
+        stays the leader (its page is still queued) instead of handing over every few pauses."""
+        if not self.leading:
+            return
+        try:
+            ttl_ms = int(self.lease_ttl * 1000)
+            self.leading = self.events.store.acquire_lease(self.name, self.owner, ttl_ms)
+        except BrokerUnavailableError:  # the store is out too: the next attempt tries again
+            pass
 
     def _run_or_wait(self, stop: threading.Event, wait: float) -> None:
         if self.run_once() > 0:

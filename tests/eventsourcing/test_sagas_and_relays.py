@@ -452,6 +452,38 @@ def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
     assert len(read_topic(log, TOPIC)) == 1
 
 
+def test_a_relay_waiting_out_a_log_outage_keeps_its_lease(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("riverbed.eventsourcing.outbox.FLUSH_TIMEOUT_S", 0.01)
+    relay = Relay(events, log, TOPIC, lease_ttl=0.3)
+
+    def unacknowledged(timeout: float | None = None) -> None:
+        raise TimeoutError("records not acknowledged (test)")
+
+    monkeypatch.setattr(relay._producer, "flush", unacknowledged)
+    place(events, "ann")
+    stop = threading.Event()
+    running = threading.Thread(target=relay.run, args=(stop,))
+    running.start()
+    try:
+        time.sleep(2)  # several lease lengths of outage; the backoff alone would reach 5 s
+        assert not events.store.acquire_lease(relay.name, "another", 300)
+    finally:
+        stop.set()
+        running.join(10)
+        monkeypatch.undo()
+        relay.close()
+
+
+def test_relays_starting_together_may_both_create_their_topic(
+    events: EventSourcing, log: riverbed.Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Relay(events, log, TOPIC).close()
+    monkeypatch.setattr(log, "list_topics", list)  # as if the other created it meanwhile
+    Relay(events, log, TOPIC).close()
+
+
 class Refused(SendFuture):
     """The future of a record the log reports it failed to write."""
 
