@@ -34,6 +34,13 @@ def open_projections(target: str) -> Iterator[Projections]:
     events = getattr(load_app(target), "events", None)
     if not isinstance(events, EventSourcing):
         raise RiverbedError(f"{target} has no event store: create it with riverbed.App(...)")
+    # Looking creates nothing: a mistyped URL is an error, not an empty store made there.
+    missing = events.missing()
+    if missing is not None:
+        raise RiverbedError(
+            f"{missing}: check {target}'s events_url (or $RIVERBED_EVENTS_URL); a worker "
+            "running the app, or its first save, creates the store"
+        )
     try:
         yield events.projections
     finally:

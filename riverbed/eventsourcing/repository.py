@@ -54,6 +54,7 @@ from riverbed.eventsourcing.stores import (
     EventStore,
     connect_async_store,
     connect_store,
+    missing_store,
     runs_in_threads,
 )
 from riverbed.eventsourcing.stores.threaded import ThreadedAsyncStore
@@ -136,6 +137,11 @@ class Events:
                 if self._store is None:
                     self._store = connect_store(self._url)
         return self._store
+
+    def missing(self) -> str | None:
+        """Why there is no event store at the URL yet (a save or a worker creates it), or None
+        if there is one; creates nothing."""
+        return missing_store(self._url) if self._store is None else None
 
     def use_url(self, url: str | None) -> None:
         self.close()

@@ -164,8 +164,19 @@ def test_rebuild_switches_to_a_new_version(rooms: ModuleType) -> None:
     assert status_row(run("list", "rooms:app")) == [NAME, "2", "2", "2", "0", "0"]
 
 
-@pytest.mark.usefixtures("rooms")
-def test_unknown_projections_and_apps_are_one_line_errors() -> None:
+def test_a_store_that_does_not_exist_is_an_error_and_is_not_created(
+    rooms: ModuleType, tmp_path: Path
+) -> None:
+    for args in (("list", "rooms:app"), ("parked", "rooms:app", NAME)):
+        result = run(*args)
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"error: no event store at '{tmp_path}/events.db' (no")
+        assert "a worker running the app, or its first save, creates the store" in result.stderr
+    assert not (tmp_path / "events.db").exists()
+
+
+def test_unknown_projections_and_apps_are_one_line_errors(rooms: ModuleType) -> None:
+    book(rooms, "ada")
     for args in (
         ("parked", "rooms:app", "nope"),
         ("unpark", "rooms:app", "nope", "1"),

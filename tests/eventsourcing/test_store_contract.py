@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from contextlib import closing
 from multiprocessing.synchronize import Event as EventFlag
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -35,7 +36,12 @@ from riverbed.eventsourcing.records import (
     StreamAppend,
     Timer,
 )
-from riverbed.eventsourcing.stores import EventStore, connect_async_store, connect_store
+from riverbed.eventsourcing.stores import (
+    EventStore,
+    connect_async_store,
+    connect_store,
+    missing_store,
+)
 from riverbed.eventsourcing.stores import sqlite as sqlite_store
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from tests.eventsourcing.conftest import OpenStore
@@ -1164,3 +1170,16 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_ur
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         head = admin.execute(f"SELECT * FROM {schema}.riverbed_head").fetchall()
     assert head == [(1, postgres_schema.SCHEMA_VERSION)]  # no position column
+
+
+def test_a_missing_store_is_told_without_creating_it(postgres_url: str, tmp_path: Path) -> None:
+    schema = f"absent_{uuid.uuid4().hex[:8]}"
+    assert missing_store(f"{postgres_url}?schema={schema}") == (
+        f"no event store at {postgres_url} (schema {schema!r} has no riverbed tables)"
+    )
+    with psycopg.connect(postgres_url) as admin:
+        assert admin.execute("SELECT to_regnamespace(%s)", (schema,)).fetchone() == (None,)
+    connect_store(f"{postgres_url}?schema={schema}").close()
+    assert missing_store(f"{postgres_url}?schema={schema}") is None
+    assert "no such file" in (missing_store(f"sqlite:///{tmp_path}/none.db") or "")
+    assert not (tmp_path / "none.db").exists()

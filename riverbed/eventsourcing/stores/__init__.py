@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from riverbed.errors import MissingExtraError
 from riverbed.eventsourcing.stores.api import AsyncEventStore, EventStore, Transaction
 from riverbed.urls import parse_url, resolve_url
@@ -41,6 +43,22 @@ async def connect_async_store(url: str | None = None) -> AsyncEventStore:
     return await AsyncPostgresEventStore.connect(parsed)
 
 
+def missing_store(url: str | None = None) -> str | None:
+    """Why there is no event store at ``url`` yet (nothing is created to find out), or None
+    if there is one. An unreachable server raises ``StoreUnavailableError``."""
+    resolved = resolve_url(url, EVENTS_URL_ENV, DEFAULT_EVENTS_URL)
+    parsed = parse_url(resolved, SCHEMES)
+    if parsed.scheme == "sqlite":
+        if Path(parsed.location).exists():
+            return None
+        return f"no event store at {parsed.location!r} (no such file)"
+    _require_psycopg()
+    from riverbed.eventsourcing.stores.postgres.schema import schema_missing
+    from riverbed.eventsourcing.stores.postgres.settings import parse_settings
+
+    return schema_missing(parse_settings(parsed))
+
+
 def runs_in_threads(url: str | None = None) -> bool:
     """Whether the async face of the store at ``url`` is its sync store's calls run in worker
     threads (SQLite's), which any event loop can share."""
@@ -63,5 +81,6 @@ __all__ = [
     "Transaction",
     "connect_async_store",
     "connect_store",
+    "missing_store",
     "runs_in_threads",
 ]

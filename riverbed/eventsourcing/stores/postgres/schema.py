@@ -181,3 +181,18 @@ def prepare_schema(settings: Settings) -> None:
         ) from None
     finally:
         conn.close()
+
+
+def schema_missing(settings: Settings) -> str | None:
+    """Why the store's tables are not there (its schema or riverbed's tables missing), or None
+    if they are; nothing is created."""
+    try:
+        with psycopg.connect(settings.conninfo, options=connection_options(settings)) as conn:
+            row = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", (f"{settings.schema}.riverbed_head",)
+            ).fetchone()
+    except psycopg.OperationalError as error:
+        raise unavailable(settings, error) from None
+    if row is not None and row[0]:
+        return None
+    return f"no event store at {settings.where} (schema {settings.schema!r} has no riverbed tables)"
