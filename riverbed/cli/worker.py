@@ -80,8 +80,9 @@ def worker(
 
 
 def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:
-    """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them; the exit
-    status is the first non-zero one of theirs."""
+    """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them. One
+    that ends on its own (crashed, killed) stops the others, as a supervisor would restart them
+    all; the exit status is the first non-zero one of theirs (128 + N for a signal N)."""
     load_app(target)  # fail here, once, if the target is wrong
     command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
     children = [
@@ -90,16 +91,42 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
         )
         for i in range(processes)
     ]
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [child.wait() for child in children]
+        while any(child.poll() is None for child in children):
+            ended = next((c for c in children if c.returncode not in (None, 0)), None)
+            if ended is not None and not stopping:
+                err.print(
+                    f"worker process {ended.pid} ended with {_status(ended.returncode)}; "
+                    "stopping the others"
+                )
+                forward(signal.SIGTERM, None)
+            time.sleep(CHILD_POLL_S)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    codes = [_exit_status(child.returncode) for child in children]
     return next((code for code in codes if code), 0)
+
+
+CHILD_POLL_S = 0.1
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"

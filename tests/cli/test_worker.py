@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -144,3 +145,20 @@ def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
     assert worker.returncode == 0, stderr
+
+
+def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(
+    tmp_path: Path,
+) -> None:
+    parent = start_worker(tmp_path, "wordapp:app", "--processes", "2")
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    try:
+        wait_until(lambda: len(children_file.read_text().split()) == 2, 60, "two workers")
+        victim = int(children_file.read_text().split()[0])
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 128 + signal.SIGKILL
+    assert f"worker process {victim} ended with signal SIGKILL; stopping the others" in stderr
