@@ -592,7 +592,7 @@ def _behaviour(value: object) -> str:
     code = getattr(function, "__code__", None)
     if isinstance(code, types.CodeType):
         return _code_text(code)
-    return str(_ADDRESS.sub("", repr(value)))
+    return _constant(value)
 
 
 def _code_text(code: types.CodeType) -> str:
@@ -600,13 +600,16 @@ def _code_text(code: types.CodeType) -> str:
 
 
 def _constant(value: object) -> str:
+    """``value``'s repr as every process gives it."""
     if isinstance(value, types.CodeType):
         return _code_text(value)
-    if isinstance(value, frozenset):  # its order follows string hashes, which vary by process
-        return f"frozenset({sorted(map(_constant, value))})"
-    if isinstance(value, tuple):
-        return f"({', '.join(map(_constant, value))})"
-    return repr(value)
+    if isinstance(value, set | frozenset):  # in the order of string hashes, which vary
+        return f"{type(value).__name__}({sorted(map(_constant, value))})"
+    if isinstance(value, tuple | list):
+        return f"{type(value).__name__}({', '.join(map(_constant, value))})"
+    if isinstance(value, dict):
+        return f"dict({', '.join(f'{_constant(k)}: {_constant(v)}' for k, v in value.items())})"
+    return _ADDRESS.sub("", repr(value))
 
 
 @contextmanager

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -205,3 +209,43 @@ def test_get_async_reads_the_key_after_the_events_it_decrypts(events: EventSourc
         await events.close_async()
 
     asyncio.run(run())
+
+
+STABLE_MODULE = """
+import dataclasses
+import riverbed
+
+
+@dataclasses.dataclass
+class Tag:
+    names: set[str] = dataclasses.field(default_factory=lambda: {"x", "y"})
+
+
+class Basket(riverbed.Aggregate):
+    snapshot_every = 10
+    ALLOWED = {"apple", "pear", "plum", "fig"}
+    RULES = {"max": frozenset({"a", "b", "c"})}
+    tag: Tag
+
+    @riverbed.event("Filled")
+    def __init__(self, fruit: str) -> None:
+        self.fruit = fruit if fruit in {"apple", "pear", "plum"} else "fig"
+        self.tag = Tag()
+"""
+
+
+def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -> None:
+    (tmp_path / "stable_basket.py").write_text(STABLE_MODULE)
+    script = (
+        "import stable_basket\n"
+        "from riverbed.eventsourcing.repository import _state_hints\n"
+        "print(_state_hints(stable_basket.Basket)[1])\n"
+    )
+    schemas = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": f"{tmp_path}:{os.getcwd()}"}
+        ran = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        schemas.add(ran.stdout)
+    assert len(schemas) == 1
