@@ -54,7 +54,8 @@ def worker(
         ),
     ] = None,
 ) -> None:
-    """Run the app's pipelines until SIGTERM or Ctrl-C, printing a status line every second.
+    """Run the app's pipelines, projections, process managers and relays until SIGTERM or
+    Ctrl-C, printing a status line of its pipelines every second.
 
     The workers of an app form one consumer group, so the partitions are shared among the
     processes of this command and of any other machine running it. An app created without a URL
