@@ -247,6 +247,7 @@ def _has_fields(cls: type[Any]) -> bool:
         or hasattr(cls, "__attrs_attrs__")
         or typing.is_typeddict(cls)
         or (issubclass(cls, tuple) and hasattr(cls, "_fields"))  # NamedTuple
+        or isinstance(getattr(cls, "model_fields", None), dict)  # pydantic models (dumped)
     )
 
 

@@ -11,6 +11,7 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 import msgspec
+import pydantic
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -258,10 +259,15 @@ def test_optional_personal_fields_of_any_type_erase_to_none(events: EventSourcin
     assert erased == (riverbed.ERASED, None, None, None, "east")
 
 
+class Mailbox(pydantic.BaseModel):
+    street: Annotated[str, riverbed.Personal]
+
+
 @pytest.mark.parametrize(
     ("hint", "where", "whole"),
     [
         (Address, "address.street", "Address | None"),
+        (Mailbox, "address.street", "Mailbox | None"),
         (Address | None, "address.street", "Address | None"),
         (Contact, "address.phone", "Contact | None"),
         (Route, "address.stops.street", "Route | None"),
