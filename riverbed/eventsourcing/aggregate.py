@@ -89,8 +89,11 @@ class Aggregate:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        registered: set[int] = set()
         for attribute, value in list(cls.__dict__.items()):
-            if isinstance(value, EventMethod):
+            # Once each: `add = add_line` names the same event method twice.
+            if isinstance(value, EventMethod) and id(value) not in registered:
+                registered.add(id(value))
                 value.register(cls, attribute)
         every = cls.__dict__.get("snapshot_every")
         if every is not None and (type(every) is not int or every < 1):
@@ -231,7 +234,9 @@ class EventMethod(Generic[P, R]):
             type_name, fields, module=owner.__module__, kw_only=bool(by_keyword)
         )
         method: Callable[..., Any] = self.method
-        self.binds = bool(by_keyword)
+        # The payload class takes any field by keyword: positional-only ones need the binding.
+        positional_only = any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in parameters)
+        self.binds = bool(by_keyword) or positional_only
 
         def apply(aggregate: Any, event: Any) -> None:
             method(aggregate, *msgspec.structs.astuple(event))

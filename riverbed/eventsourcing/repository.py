@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import re
+import sys
 import threading
 import time
 import types
@@ -162,11 +163,21 @@ class Events:
         store = self.store
         _check_aggregates(aggregates)
         recorded = [len(aggregate.pending) for aggregate in aggregates]
-        appends = self.appends(aggregates, metadata, store.stream_key)
+        sealing: dict[str, bytes | None] = {}  # the key each stream's personal fields took
+
+        def stream_key(stream: str, create: bool) -> bytes | None:
+            sealing[stream] = key = store.stream_key(stream, create)
+            return key
+
+        appends = self.appends(aggregates, metadata, stream_key)
         position = store.append(appends) if appends else store.last_position()
+        _sealed_with(aggregates, sealing)
         for aggregate in _saved(aggregates, recorded):
             with _never_failing(aggregate):
-                snapshot = _snapshot(aggregate, store.stream_key(aggregate.id, False))
+                snapshot = _snapshot(aggregate)
+                if snapshot is not None:
+                    key = store.stream_key(aggregate.id, False)
+                    snapshot = _seal(snapshot, aggregate, key, aggregate._decrypted_with)
                 if snapshot is not None:
                     store.save_snapshot(snapshot)
         return position
@@ -185,14 +196,22 @@ class Events:
                 keys[aggregate.id] = await store.stream_key(aggregate.id, True)
         appends = self.appends(aggregates, metadata, lambda stream, create: keys[stream], saving)
         position = await store.append(appends) if appends else await store.last_position()
+        _sealed_with(aggregates, keys)
+        # Taken before the next await: another task may record on an aggregate meanwhile.
+        snapshots = []
         for aggregate in _saved(aggregates, [len(events) for events in saving]):
+            with _never_failing(aggregate):
+                snapshot = _snapshot(aggregate)
+                if snapshot is not None:
+                    snapshots.append((aggregate, aggregate._decrypted_with, snapshot))
+        for aggregate, decrypted_with, snapshot in snapshots:
             with _never_failing(aggregate):
                 # Sealed with the stream's key, which events saved earlier may have made.
                 if aggregate.id not in keys:
                     keys[aggregate.id] = await store.stream_key(aggregate.id, False)
-                snapshot = _snapshot(aggregate, keys[aggregate.id])
-                if snapshot is not None:
-                    await store.save_snapshot(snapshot)
+                sealed = _seal(snapshot, aggregate, keys[aggregate.id], decrypted_with)
+                if sealed is not None:
+                    await store.save_snapshot(sealed)
         return position
 
     def appends(
@@ -558,25 +577,52 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
 
 
 def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
-    """What a snapshot of ``cls`` depends on: the code of the class and its aggregate bases (the
-    bytecode, not the source, which a class made by exec lacks and which a line moved would
-    change), the shape of each annotation's type (a Struct's fields too) and the events'
-    versions. An explicit event class's ``apply`` is its own: bump the event's version when it
-    changes."""
+    """What a snapshot of ``cls`` depends on: the source files of the modules that define the
+    class, its bases and mixins, and its annotated attributes' types (any change there, in its
+    methods, their defaults and decorators, the events' versions and annotations, replays
+    instead of loading a state the new code would not build), and the events' versions. A class
+    without a source file (made by exec) is described by its bytecode and values instead. Code
+    the methods call in other modules is not covered: bump an event's version when such a change
+    alters the state."""
     parts: list[str] = []
-    for base in cls.__mro__:
-        if issubclass(base, Aggregate) and base is not Aggregate:
-            attributes = sorted(vars(base).items())
-            parts += (f"{base.__qualname__}.{name} = {_behaviour(value)}"
+    classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
+    classes += _classes_in(list(hints.values()))
+    for module in sorted({c.__module__ for c in classes}):
+        digest = _source_digest(module)
+        if digest is not None:
+            parts.append(f"{module}: {digest}")
+            continue
+        for c in (c for c in classes if c.__module__ == module):
+            attributes = sorted(vars(c).items())
+            parts += (f"{c.__qualname__}.{name} = {_behaviour(value)}"
                       for name, value in attributes if name != "_riverbed_state")  # fmt: skip
-    for name, hint in sorted(hints.items(), key=lambda item: item[0]):
-        try:
-            shape = repr(msgspec.inspect.type_info(hint))
-        except Exception:  # a type msgspec cannot describe
-            shape = repr(hint)
-        parts.append(f"{name}: {_ADDRESS.sub('', shape)}")
     parts += sorted(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
     return parts
+
+
+def _classes_in(hints: list[Any]) -> list[type[Any]]:
+    """The classes that annotations name, their arguments' too (``list[Line]``: Line)."""
+    found: list[type[Any]] = []
+    while hints:
+        hint = hints.pop()
+        hints += typing.get_args(hint)
+        origin = typing.get_origin(hint) or hint
+        if isinstance(origin, type) and origin.__module__ != "builtins":
+            found.append(origin)
+    return found
+
+
+def _source_digest(module: str) -> str | None:
+    """A digest of ``module``'s source file, if it has one (read once per class: the class
+    caches its fingerprint)."""
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not isinstance(path, str):
+        return None
+    try:
+        with open(path, "rb") as source:
+            return hashlib.sha256(source.read()).hexdigest()
+    except OSError:  # in a zip, say
+        return None
 
 
 # An object's address in a repr (a default factory's), which differs from process to process.
@@ -643,16 +689,43 @@ def _saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Aggreg
     return due
 
 
-def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
-    """``key``: the stream's data key, if it has one; the snapshot is then sealed with it, since
-    the state may hold personal fields, and a deleted key must erase them here too. None when
-    the state would not load back as it is."""
-    cls = type(aggregate)
-    if aggregate._decrypted_with is not None and aggregate._decrypted_with != key:
-        # Its state holds personal data decrypted with a key deleted since: erased.
-        log.info("no snapshot of %s %s: its stream's key was deleted since it was loaded",
-                 cls.__qualname__, aggregate.id)  # fmt: skip
+# What _decrypted_with holds once a stream's key changed under a live aggregate: its state may
+# hold personal data of the old key, which no key may seal again.
+_NO_KEY_FITS = b""
+
+
+def _sealed_with(aggregates: Sequence[Aggregate], keys: dict[str, bytes | None]) -> None:
+    """After a save: the key each aggregate's personal data is now protected by (``keys``: the
+    one its personal events were just sealed with, by stream)."""
+    for aggregate in aggregates:
+        key = keys.get(aggregate.id)
+        if key is None:
+            continue
+        if aggregate._decrypted_with is None:
+            aggregate._decrypted_with = key
+        elif aggregate._decrypted_with != key:
+            aggregate._decrypted_with = _NO_KEY_FITS
+
+
+def _seal(
+    snapshot: Snapshot, aggregate: Aggregate, key: bytes | None, decrypted_with: bytes | None
+) -> Snapshot | None:
+    """``snapshot`` sealed with the stream's ``key`` if it has one, since the state may hold
+    personal fields, and a deleted key must erase them here too; None when the state holds
+    personal data of another key (``decrypted_with``: the aggregate's when it was taken)."""
+    if decrypted_with is not None and decrypted_with != key:
+        log.info("no snapshot of %s %s: its stream's key was deleted since its personal data "
+                 "was read or saved", type(aggregate).__qualname__, aggregate.id)  # fmt: skip
         return None
+    if key is None:
+        return snapshot
+    return msgspec.structs.replace(snapshot, data=seal(key, snapshot.data))
+
+
+def _snapshot(aggregate: Aggregate) -> Snapshot | None:
+    """The aggregate's state as a snapshot, not sealed yet (``_seal``); None when the state
+    would not load back as it is."""
+    cls = type(aggregate)
     try:
         hints, schema = _state_hints(cls)
     except NameError as error:  # an annotation of a name only imported for type checkers
@@ -682,7 +755,7 @@ def _snapshot(aggregate: Aggregate, key: bytes | None) -> Snapshot | None:
         version=aggregate.version,
         type=stored_name(cls),
         schema=schema,
-        data=seal(key, data) if key is not None else data,
+        data=data,
         timestamp_ms=time.time_ns() // 1_000_000,
     )
 

@@ -347,3 +347,28 @@ def test_bad_arguments_to_save_get_and_event_are_named(events: EventSourcing) ->
         riverbed.event("Counted", version=0)
     with pytest.raises(EventSourcingError, match="at version 3 but has no upcaster from version 2"):
         riverbed.event("Counted", version=3, upcasters={1: dict})
+
+
+class Till(riverbed.Aggregate):
+    @riverbed.event("Opened")
+    def __init__(self) -> None:
+        self.total = 0
+
+    @riverbed.event("Rung")
+    def ring(self, amount: int, /) -> None:
+        self.total += amount
+
+    add = ring  # a second name for the same event method
+
+
+def test_an_event_method_under_two_names_records_one_event_class(events: EventSourcing) -> None:
+    till = Till()
+    till.add(5)
+    assert isinstance(till.pending[1].event, Till.Rung)  # type: ignore[attr-defined]
+    events.save(till)
+    assert isinstance(events.read()[1].event, Till.Rung)  # type: ignore[attr-defined]
+
+
+def test_a_positional_only_parameter_is_refused_by_keyword() -> None:
+    with pytest.raises(TypeError, match=r"Till\.Rung: 'amount' parameter is positional only"):
+        Till().ring(amount=5)  # type: ignore[call-arg]

@@ -5,11 +5,13 @@ stream key was deleted since it loaded is not snapshotted, and a snapshot never 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -249,3 +251,90 @@ def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -
         )
         schemas.add(ran.stdout)
     assert len(schemas) == 1
+
+
+def test_a_snapshot_taken_by_an_async_save_is_of_what_it_saved(events: EventSourcing) -> None:
+    async def run() -> None:
+        tally = Tally()
+        await events.save_async(tally)
+        tally.count_one()  # version 2: a snapshot is due
+        store = await events.async_store()
+        stream_key = store.stream_key
+
+        async def recorded_meanwhile(*args: Any) -> Any:
+            if tally.version == 2:
+                tally.count_one()  # another task, while the save awaits the key
+            return await stream_key(*args)
+
+        store.stream_key = recorded_meanwhile  # type: ignore[method-assign]
+        await events.save_async(tally)
+        store.stream_key = stream_key  # type: ignore[method-assign]
+        snapshot = events.store.load_snapshot(tally.id)
+        assert snapshot is None or snapshot.version == 2
+        loaded = events.get(Tally, tally.id)
+        assert (loaded.version, loaded.count) == (2, 1)
+        await events.close_async()
+
+    asyncio.run(run())
+
+
+def test_a_live_aggregate_whose_key_was_deleted_is_not_snapshotted(
+    events: EventSourcing,
+) -> None:
+    member = Member("ada@example.com")
+    events.save(member)
+    events.store.delete_stream_key(member.id)  # the member is forgotten while still in memory
+    member.visit()
+    events.save(member)  # version 2: a snapshot is due
+    snapshot = events.store.load_snapshot(member.id)
+    assert snapshot is None or b"ada@example.com" not in snapshot.data
+    assert events.get(Member, member.id).email == riverbed.ERASED
+
+
+MIXIN_MODULE = """
+import functools
+import riverbed
+
+
+class Scoring:
+    def points(self, amount: int) -> int:
+        return amount
+
+
+def doubled(method):
+    @functools.wraps(method)
+    def wrapper(self, amount):
+        return method(self, amount)
+    return wrapper
+
+
+class Score(Scoring, riverbed.Aggregate):
+    snapshot_every = 2
+
+    @riverbed.event("Started")
+    def __init__(self) -> None:
+        self.total = 0
+
+    @riverbed.event("Scored")
+    def score(self, amount: int) -> None:
+        self.total += self.points(amount)
+"""
+
+
+def test_a_snapshot_is_ignored_after_a_mixins_code_changed(
+    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"mixin_score_{uuid.uuid4().hex[:8]}"  # a module of its own for each store
+    module_file = tmp_path / f"{name}.py"
+    module_file.write_text(MIXIN_MODULE.replace("Score", f"Score{name[-8:]}"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    release_1 = importlib.import_module(name)
+    score = getattr(release_1, f"Score{name[-8:]}")()
+    score.score(3)
+    events.save(score)
+    assert events.store.load_snapshot(score.id) is not None
+    release_2 = MIXIN_MODULE.replace("Score", f"Score{name[-8:]}")
+    module_file.write_text(release_2.replace("return amount\n", "return amount * 10\n"))
+    score_2 = getattr(importlib.reload(release_1), f"Score{name[-8:]}")
+    assert events.get(score_2, score.id).total == 30  # replayed by the new mixin
+    sys.modules.pop(name)
