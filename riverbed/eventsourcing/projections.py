@@ -43,13 +43,12 @@ class Projection:
     ``app.events.projection(MyProjection())``.
 
     ``tx.put(collection, key, document)``, ``tx.get``, ``tx.delete`` write the read model in the
-    same transaction as the checkpoint; ``tx.execute(sql)`` reaches tables of your own.
-    ``collections`` names the document collections it writes, which a rebuild drops from the
-    old version once it has switched."""
+    same transaction as the checkpoint, in collections of the projection version; a rebuild
+    drops the old version's once it has switched. ``tx.execute(sql)`` reaches tables of your
+    own, which a rebuild does not know: name them after ``tx.version``."""
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
-    collections: ClassVar[tuple[str, ...]] = ()
     on_error: ClassVar[Literal["park", "stop"]] = "park"
 
     def handle(self, event: Envelope, tx: ReadModel) -> None:
@@ -59,9 +58,12 @@ class Projection:
 class ReadModel:
     """A projection version's view of a subscriber transaction: collections are scoped to it."""
 
-    def __init__(self, tx: Transaction, prefix: str) -> None:
+    def __init__(self, tx: Transaction, prefix: str, version: int) -> None:
         self.tx = tx
         self._prefix = prefix
+        # The projection version being filled: a rebuild fills the next one beside the live one,
+        # so tables of your own named after it (``levels_v{tx.version}``) start empty too.
+        self.version = version
 
     def get(self, collection: str, key: str) -> Document | None:
         return self.tx.get(self._prefix + collection, key)
@@ -141,7 +143,7 @@ class ProjectionRunner(Subscription):
         self._prefix = prefix(self.projection.name, version)
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
-        self.projection.handle(event, ReadModel(tx, self._prefix))
+        self.projection.handle(event, ReadModel(tx, self._prefix, self.version))
 
     def parked_labels(self) -> list[str]:
         # Before parked events were filed per version, they were filed under the bare name.
@@ -308,7 +310,7 @@ class Projections:
     def rebuild(self, name: str, stop: threading.Event | None = None) -> int:
         """Fill the projection's next version from position 0 beside the live one; once it has
         caught up with the store, switch queries (and running workers) to it and drop the old
-        version's ``collections``. Returns the new version."""
+        version's collections. Returns the new version."""
         projection = self.named(name)
         old = self.active_version(name)
         self._start_afresh(projection, old + 1)
@@ -332,8 +334,7 @@ class Projections:
                 if self.events.store.read_all(runner.checkpoint, 1):
                     continue
                 tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
-                for collection in projection.collections:
-                    tx.drop(prefix(name, old) + collection)
+                tx.drop_prefixed(prefix(name, old))  # declared in collections or not
             # The old version's parked events are out of sight now; they go too.
             for parked in self._parked(name, old):
                 self.events.store.unpark(parked.projection, parked.position)
@@ -342,13 +343,12 @@ class Projections:
 
     def _start_afresh(self, projection: Projection, version: int) -> None:
         """Forget what a rebuild stopped before its switch left of ``version``, which the code
-        that ran it may have got wrong: its checkpoint, ``collections`` and parked events."""
+        that ran it may have got wrong: its checkpoint, collections and parked events."""
         name = projection.name
         store = self.events.store
         with store.transaction(subscriber(name, version)) as tx:
             tx.set_checkpoint(0)
-            for collection in projection.collections:
-                tx.drop(prefix(name, version) + collection)
+            tx.drop_prefixed(prefix(name, version))
         for parked in store.parked(parked_label(name, version)):
             store.unpark(parked.projection, parked.position)
 

@@ -127,13 +127,29 @@ class Subscription:
         with self.store.transaction(self.name) as tx:
             if self.replaced(tx):
                 return  # the successor applies the event itself, and parks it if it fails
+            if tx.checkpoint >= stored.position:
+                # Another runner of this subscriber parked it (or applied it) meanwhile, and
+                # maybe more after it: setting the checkpoint back would apply those again.
+                return
             tx.park(parked)
             tx.set_checkpoint(stored.position)
         log.warning("%s parked position %d: %s", self.name, stored.position, reason)
 
     def _apply(self, stored: StoredEvent, tx: Transaction) -> None:
         self._handle(stored, tx)
-        tx.set_checkpoint(stored.position)
+        try:
+            tx.set_checkpoint(stored.position)
+        except BrokerUnavailableError:
+            raise
+        except Exception as error:
+            # A handler that caught a failed statement of its own leaves a PostgreSQL
+            # transaction aborted: the event failed all the same.
+            reason = (
+                f"{type(error).__qualname__}: {error} (the handler left its transaction "
+                "unusable: on PostgreSQL a failed statement aborts the transaction even when "
+                "the handler catches its error)"
+            )
+            raise HandlerError(reason) from error
 
     def _handle(self, stored: StoredEvent, tx: Transaction) -> None:
         try:

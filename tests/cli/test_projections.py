@@ -30,7 +30,6 @@ APP_MODULE = textwrap.dedent(
 
     class BookingsPerGuest(riverbed.Projection):
         name = "bookings-per-guest"
-        collections = ("guests",)
         refused = frozenset({"mallory"})
 
         def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:

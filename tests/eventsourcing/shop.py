@@ -127,7 +127,6 @@ class OrderTotals(riverbed.Projection):
     """Per customer: orders placed and their total."""
 
     name = "order-totals"
-    collections = ("customers",)
 
     def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
         if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ writes, parked events, rebuilds, and the order-payment-shipping saga with its co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
+from riverbed.eventsourcing.stores import sqlite as sqlite_store
 from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals, Payment
 from tests.support import wait_until
 
@@ -218,10 +220,7 @@ def test_a_rebuild_stopped_before_its_switch_starts_afresh_the_next_time(
 ) -> None:
     orders = [place(events, name) for name in ("ada", "bob", "cy")]
 
-    class Declared(Counting):
-        collections = ("types",)
-
-    projection = events.projection(Declared())
+    projection = events.projection(Counting())
     projection.fail_on = {orders[1].id}  # the code of the first rebuild has a bug
     runner = ProjectionRunner(events, projection, 2, rebuilding=True)
     runner.run_once(limit=2)  # the first rebuild got this far, then was interrupted
@@ -409,3 +408,86 @@ def test_app_run_runs_the_projections_of_an_app_without_pipelines(
         thread.join(30)
         app.close()
     assert not thread.is_alive()
+
+
+def test_a_runner_late_to_park_an_event_does_not_set_the_checkpoint_back(
+    events: EventSourcing,
+) -> None:
+    orders = [place(events, name) for name in ("ada", "bob", "cy")]
+    projection = Counting()
+    projection.fail_on = {orders[0].id}
+    ahead, late = ProjectionRunner(events, projection), ProjectionRunner(events, projection)
+    assert ahead.catch_up() == 3  # parked ada's event, applied the other two
+    first = events.store.read_all(0, 1)[0]
+    late._failed(first, "RuntimeError: cannot project (a runner that failed on it too)")
+    assert late.checkpoint == 3
+    assert late.catch_up() == 0  # nothing applied twice
+    assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
+    assert len(events.store.parked("counting@v1")) == 1
+
+
+class SkuIndex(riverbed.Projection):
+    """Inserts into a table of its own, ignoring a duplicate by catching its error."""
+
+    name = "sku-index"
+
+    def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+        mark = "?" if isinstance(tx.tx, sqlite_store.SqliteTransaction) else "%s"
+        tx.execute(f"CREATE TABLE IF NOT EXISTS skus_v{tx.version} (sku TEXT PRIMARY KEY)")
+        tx.execute(f"SELECT count(*) FROM skus_v{tx.version} WHERE sku LIKE 's%'")  # no params
+        with contextlib.suppress(Exception):  # the duplicate, as the user meant to ignore it
+            tx.execute(f"INSERT INTO skus_v{tx.version} VALUES ({mark})", ("same",))
+
+
+def test_a_handler_that_swallows_a_failed_statement_is_parked_not_fatal(
+    events: EventSourcing,
+) -> None:
+    for name in ("ada", "bob"):
+        place(events, name)
+    runner = ProjectionRunner(events, SkuIndex())
+    assert runner.catch_up() == 2  # no exception: the runner goes on
+    parked = events.store.parked("sku-index@v1")
+    if isinstance(events.store, sqlite_store.SqliteEventStore):
+        assert parked == []  # SQLite's transaction survives a failed statement
+    else:  # PostgreSQL's is aborted: the second event's insert failed
+        (second,) = parked
+        assert second.position == 2
+        assert "the handler left its transaction unusable" in second.error
+    assert runner.checkpoint == 2
+
+
+def test_a_rebuild_drops_every_collection_of_the_old_version(events: EventSourcing) -> None:
+    for name in ("ada", "bob"):
+        place(events, name)
+    seen: list[int] = []
+
+    class Tagged(Counting):
+        def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+            seen.append(tx.version)
+            super().handle(event, tx)
+            tx.put("undeclared", event.stream, {"seen": True})
+
+    events.projection(Tagged())
+    events.projections.runner("counting").catch_up()
+    assert events.projections.rebuild("counting") == 2
+    assert seen == [1, 1, 2, 2]
+    assert events.store.documents("counting@v1/types") == {}
+    assert events.store.documents("counting@v1/undeclared") == {}
+    assert len(events.projections.all("counting", "undeclared")) == 2
+
+
+def test_a_handler_may_forget_a_stream_and_its_writes_join_its_transaction(
+    events: EventSourcing,
+) -> None:
+    order = place(events, "ada")
+
+    class Forgetting(riverbed.Projection):
+        name = "forgetting"
+
+        def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+            assert events.store.delete_stream_key(event.stream)
+
+    runner = ProjectionRunner(events, Forgetting())
+    assert runner.catch_up() == 1
+    assert events.store.parked("forgetting@v1") == []
+    assert events.store.stream_key(order.id, False) is None

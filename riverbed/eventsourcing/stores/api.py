@@ -49,7 +49,12 @@ class Transaction(Protocol):
     def delete(self, collection: str, key: str) -> None: ...
 
     def drop(self, collection: str) -> None:
-        """Delete every document of ``collection`` (a rebuilt projection's old version)."""
+        """Delete every document of ``collection``."""
+        ...
+
+    def drop_prefixed(self, prefix: str) -> None:
+        """Delete every document of the collections whose names start with ``prefix`` (a
+        projection version's, declared or not)."""
         ...
 
     def park(self, parked: ParkedEvent) -> None: ...

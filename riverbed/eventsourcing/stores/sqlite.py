@@ -251,7 +251,7 @@ class SqliteEventStore:
         return key
 
     def delete_stream_key(self, stream: str) -> bool:
-        with write_transaction(self._conn) as conn:
+        with self._writing() as conn:  # in a handler's transaction, it joins it
             return conn.execute("DELETE FROM stream_keys WHERE stream = ?", (stream,)).rowcount > 0
 
     # The read side
@@ -284,7 +284,7 @@ class SqliteEventStore:
         return [ParkedEvent(*row) for row in rows]
 
     def unpark(self, projection: str, position: int) -> bool:
-        with write_transaction(self._conn) as conn:
+        with self._writing() as conn:
             return _unpark(conn, projection, position)
 
     def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
@@ -342,6 +342,11 @@ class SqliteTransaction:
 
     def drop(self, collection: str) -> None:
         self._conn.execute("DELETE FROM documents WHERE collection = ?", (collection,))
+
+    def drop_prefixed(self, prefix: str) -> None:
+        self._conn.execute(
+            "DELETE FROM documents WHERE substr(collection, 1, ?) = ?", (len(prefix), prefix)
+        )
 
     def park(self, parked: ParkedEvent) -> None:
         self._conn.execute(

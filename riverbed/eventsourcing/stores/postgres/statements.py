@@ -162,6 +162,7 @@ PUT_DOCUMENT = (
 )
 DELETE_DOCUMENT = "DELETE FROM riverbed_documents WHERE collection = %s AND key = %s"
 DROP_COLLECTION = "DELETE FROM riverbed_documents WHERE collection = %s"
+DROP_PREFIXED = "DELETE FROM riverbed_documents WHERE left(collection, %s) = %s"
 DOCUMENTS = (
     "SELECT key, document FROM riverbed_documents WHERE collection = %s ORDER BY key LIMIT %s"
 )

@@ -306,6 +306,9 @@ class PostgresTransaction:
     def drop(self, collection: str) -> None:
         self._conn.execute(q.DROP_COLLECTION, (collection,))
 
+    def drop_prefixed(self, prefix: str) -> None:
+        self._conn.execute(q.DROP_PREFIXED, (len(prefix), prefix))
+
     def park(self, parked: ParkedEvent) -> None:
         p = parked
         self._conn.execute(
@@ -337,7 +340,8 @@ class PostgresTransaction:
         return cur.execute(q.DUE_TIMERS, (self.name, now_ms, limit)).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cur = self._conn.execute(sql.encode(), params)
+        # Without parameters, psycopg reads no placeholders: `LIKE 'a%'` stays as it is.
+        cur = self._conn.execute(sql.encode(), params or None)
         return cur.fetchall() if cur.description is not None else []
 
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
