@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import closing
+from datetime import datetime
 from multiprocessing.synchronize import Event as EventFlag
 from pathlib import Path
 from typing import Any
@@ -1183,3 +1184,27 @@ def test_a_missing_store_is_told_without_creating_it(postgres_url: str, tmp_path
     assert missing_store(f"{postgres_url}?schema={schema}") is None
     assert "no such file" in (missing_store(f"sqlite:///{tmp_path}/none.db") or "")
     assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("document", "error", "message"),
+    [
+        ({"n": float("nan")}, ValueError, "is not JSON both stores keep: Out of range float"),
+        ({"n": float("inf")}, ValueError, "is not JSON both stores keep: Out of range float"),
+        ({"s": "\ud800"}, ValueError, "is not JSON both stores keep: .*surrogates not allowed"),
+        ({"s": "a\x00b"}, ValueError, "holds a NUL character, which PostgreSQL's jsonb refuses"),
+        ({"k\x00": 1}, ValueError, "holds a NUL character"),
+        ({"d": datetime(2026, 1, 1)}, TypeError, "Object of type datetime is not JSON"),
+    ],
+)
+def test_documents_either_store_refuses_are_refused_by_both_naming_them(
+    store: EventStore, document: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with (
+        pytest.raises(error, match=f"document 'k' of collection 'c'.*{message}"),
+        store.transaction("sub") as tx,
+    ):
+        tx.put("c", "k", document)
+    with store.transaction("sub") as tx:
+        tx.put("c", "k", {"literal": "a\\u0000b", "é": "ü"})  # a backslash, not a NUL
+    assert store.get_document("c", "k") == {"literal": "a\\u0000b", "é": "ü"}

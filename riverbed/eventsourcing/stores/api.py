@@ -9,6 +9,8 @@ ids, and leases that let one of several processes act for a name (the outbox rel
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -23,6 +25,28 @@ from riverbed.eventsourcing.records import (
 )
 
 Document = dict[str, Any]
+
+
+# JSON's escape of a NUL character: \u0000 after an even number of backslashes (a literal
+# backslash is \\ in JSON).
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def document_text(collection: str, key: str, document: Document) -> str:
+    """``document`` as the JSON text both stores keep; ``ValueError`` (or ``TypeError`` for a
+    value JSON has no type for) naming the document for what PostgreSQL's jsonb refuses: NaN
+    and infinities, NUL characters and lone surrogates."""
+    where = f"document {key!r} of collection {collection!r}"
+    try:
+        text = json.dumps(document, ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except ValueError as error:  # NaN, a lone surrogate (UnicodeEncodeError)
+        raise ValueError(f"{where} is not JSON both stores keep: {error}") from None
+    except TypeError as error:
+        raise TypeError(f"{where}: {error}") from None
+    if _NUL.search(text):
+        raise ValueError(f"{where} holds a NUL character, which PostgreSQL's jsonb refuses")
+    return text
 
 
 class Transaction(Protocol):

@@ -42,7 +42,7 @@ from riverbed.eventsourcing.records import (
     Timer,
     distinct_streams,
 )
-from riverbed.eventsourcing.stores.api import Document
+from riverbed.eventsourcing.stores.api import Document, document_text
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
@@ -332,7 +332,7 @@ class SqliteTransaction:
     def put(self, collection: str, key: str, document: Document) -> None:
         self._conn.execute(
             "INSERT OR REPLACE INTO documents (collection, key, document) VALUES (?, ?, ?)",
-            (collection, key, json.dumps(document)),
+            (collection, key, document_text(collection, key, document)),
         )
 
     def delete(self, collection: str, key: str) -> None:

@@ -28,7 +28,7 @@ from riverbed.eventsourcing.records import (
     StreamAppend,
     Timer,
 )
-from riverbed.eventsourcing.stores.api import Document
+from riverbed.eventsourcing.stores.api import Document, document_text
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
@@ -298,6 +298,7 @@ class PostgresTransaction:
         return document
 
     def put(self, collection: str, key: str, document: Document) -> None:
+        document_text(collection, key, document)  # refused as on SQLite, the document named
         self._conn.execute(q.PUT_DOCUMENT, (collection, key, Jsonb(document)))
 
     def delete(self, collection: str, key: str) -> None:
