@@ -260,8 +260,13 @@ class Projections:
         store = self.events.store
         deadline = time.monotonic() + timeout
         pauses = _pauses()
-        # The active version is read again each time: a rebuild may switch to another.
-        while store.checkpoint(subscriber(name, self.active_version(name))) < position:
+        while True:
+            # The active version is read again each time: a rebuild may switch to another.
+            sub = subscriber(name, self.active_version(name))
+            checkpoint = store.checkpoint(sub)
+            if checkpoint >= position:
+                return
+            _check_not_stopped(name, position, checkpoint, store.get_document(STOPPED, sub))
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
             time.sleep(next(pauses))
@@ -288,10 +293,12 @@ class Projections:
         store = await self.events.async_store()
         deadline = time.monotonic() + timeout
         pauses = _pauses()
-        while (
-            await store.checkpoint(subscriber(name, await self._active_version_async(store, name)))
-            < position
-        ):
+        while True:
+            sub = subscriber(name, await self._active_version_async(store, name))
+            checkpoint = await store.checkpoint(sub)
+            if checkpoint >= position:
+                return
+            _check_not_stopped(name, position, checkpoint, await store.get_document(STOPPED, sub))
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout)
             await asyncio.sleep(next(pauses))
@@ -358,6 +365,17 @@ def _pauses() -> Iterator[float]:
     while True:
         yield pause
         pause = min(pause * 1.5, POLL_S)
+
+
+def _check_not_stopped(name: str, position: int, checkpoint: int, stopped: Document | None) -> None:
+    """Raise if the projection stopped (``on_error = "stop"``) before ``position``: waiting
+    would only run out its timeout."""
+    if stopped is not None and checkpoint < stopped["position"] <= position:
+        error = str(stopped["error"]).partition("\n")[0]
+        raise EventSourcingError(
+            f"projection {name!r} stopped at position {stopped['position']} (on_error = "
+            f"'stop') and will not reach {position}: {error}; fix it and restart the worker"
+        )
 
 
 def _not_reached(name: str, position: int, timeout: float) -> TimeoutError:

@@ -491,3 +491,22 @@ def test_a_handler_may_forget_a_stream_and_its_writes_join_its_transaction(
     assert runner.catch_up() == 1
     assert events.store.parked("forgetting@v1") == []
     assert events.store.stream_key(order.id, False) is None
+
+
+def test_waiting_for_a_projection_stopped_before_the_position_fails_at_once(
+    events: EventSourcing,
+) -> None:
+    class Strict(Counting):
+        on_error = "stop"
+
+    orders = [place(events, name) for name in ("ada", "bob")]
+    projection = events.projection(Strict())
+    projection.fail_on = {orders[0].id}
+    runner = events.projections.runner("counting")
+    runner.catch_up()
+    started = time.monotonic()
+    with pytest.raises(EventSourcingError, match=r"'counting' stopped at position 1 .*will not"):
+        events.projections.wait_for("counting", 2, timeout=30)
+    with pytest.raises(EventSourcingError, match="stopped at position 1"):
+        asyncio.run(events.projections.wait_for_async("counting", 2, timeout=30))
+    assert time.monotonic() - started < 10
