@@ -128,6 +128,9 @@ def _exit_status(returncode: int) -> int:
 
 
 def _status(returncode: int) -> str:
-    if returncode < 0:
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
         return f"signal {signal.Signals(-returncode).name}"
-    return f"exit status {returncode}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-returncode}"

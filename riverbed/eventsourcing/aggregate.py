@@ -19,6 +19,7 @@ import msgspec
 
 from riverbed.eventsourcing.codec import ENCODER, EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.sources import source_digest
 from riverbed.ids import time_ordered_id
 
 P = ParamSpec("P")
@@ -95,6 +96,10 @@ class Aggregate:
             if isinstance(value, EventMethod) and id(value) not in registered:
                 registered.add(id(value))
                 value.register(cls, attribute)
+        # Its code's source files as the process imported them (sources.py says why).
+        source_digest(cls.__module__, executing=True)
+        for base in cls.__mro__[1:]:
+            source_digest(base.__module__)
         every = cls.__dict__.get("snapshot_every")
         if every is not None and (type(every) is not int or every < 1):
             raise EventSourcingError(

@@ -17,7 +17,6 @@ import logging
 import math
 import random
 import re
-import sys
 import threading
 import time
 import types
@@ -50,6 +49,7 @@ from riverbed.eventsourcing.records import (
     StoredEvent,
     StreamAppend,
 )
+from riverbed.eventsourcing.sources import source_digest
 from riverbed.eventsourcing.stores import (
     AsyncEventStore,
     EventStore,
@@ -588,7 +588,7 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
     classes += _classes_in(list(hints.values()))
     for module in sorted({c.__module__ for c in classes}):
-        digest = _source_digest(module)
+        digest = source_digest(module)
         if digest is not None:
             parts.append(f"{module}: {digest}")
             continue
@@ -610,19 +610,6 @@ def _classes_in(hints: list[Any]) -> list[type[Any]]:
         if isinstance(origin, type) and origin.__module__ != "builtins":
             found.append(origin)
     return found
-
-
-def _source_digest(module: str) -> str | None:
-    """A digest of ``module``'s source file, if it has one (read once per class: the class
-    caches its fingerprint)."""
-    path = getattr(sys.modules.get(module), "__file__", None)
-    if not isinstance(path, str):
-        return None
-    try:
-        with open(path, "rb") as source:
-            return hashlib.sha256(source.read()).hexdigest()
-    except OSError:  # in a zip, say
-        return None
 
 
 # An object's address in a repr (a default factory's), which differs from process to process.

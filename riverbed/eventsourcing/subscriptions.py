@@ -264,6 +264,7 @@ class Subscription:
         """Handle events until ``stop``, waiting out the store's outages, or until an event
         fails with ``on_error = "stop"``."""
         outage = Outage(self.name)
+        self._restarted()
         while not stop.is_set() and self.stopped_on is None:
             try:
                 if self._retrying_once() == 0:
@@ -275,6 +276,16 @@ class Subscription:
 
     def idle_wait(self, default: float) -> float:
         return default
+
+    def _restarted(self) -> None:
+        """Forget where an earlier run stopped (``on_error = "stop"``): this one tries that event
+        again, and read-your-writes waits for it meanwhile; it says so again if it stops there."""
+        try:
+            with self.store.transaction(self.name) as tx:
+                if tx.get(STOPPED, self.name) is not None:
+                    tx.delete(STOPPED, self.name)
+        except BrokerUnavailableError:  # the store is out: the loop waits it out
+            pass
 
 
 class HandlerError(Exception):

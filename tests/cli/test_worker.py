@@ -162,3 +162,10 @@ def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(
             parent.kill()
     assert parent.returncode == 128 + signal.SIGKILL
     assert f"worker process {victim} ended with signal SIGKILL; stopping the others" in stderr
+
+
+def test_a_worker_process_ended_by_a_signal_without_a_name_is_described() -> None:
+    from riverbed.cli.worker import _exit_status, _status
+
+    assert (_status(-35), _exit_status(-35)) == ("signal 35", 163)
+    assert (_status(-9), _exit_status(-9)) == ("signal SIGKILL", 137)

@@ -510,3 +510,24 @@ def test_waiting_for_a_projection_stopped_before_the_position_fails_at_once(
     with pytest.raises(EventSourcingError, match="stopped at position 1"):
         asyncio.run(events.projections.wait_for_async("counting", 2, timeout=30))
     assert time.monotonic() - started < 10
+
+
+def test_a_restarted_runner_lets_read_your_writes_wait_for_the_event_it_stopped_at(
+    events: EventSourcing,
+) -> None:
+    class Strict(Counting):
+        on_error = "stop"
+
+    orders = [place(events, name) for name in ("ada", "bob")]
+    projection = events.projection(Strict())
+    projection.fail_on = {orders[0].id}
+    events.projections.runner("counting").catch_up()
+    assert events.projections.status("counting").stopped_at == 1
+    projection.fail_on = set()  # fixed, and the worker restarted:
+    restarted = events.projections.runner("counting")
+    restarted._restarted()  # what its run does first
+    assert events.projections.status("counting").stopped_at is None
+    with pytest.raises(TimeoutError):  # waits, rather than failing at once
+        events.projections.wait_for("counting", 2, timeout=0.3)
+    restarted.catch_up()
+    events.projections.wait_for("counting", 2, timeout=5)

@@ -338,3 +338,22 @@ def test_a_snapshot_is_ignored_after_a_mixins_code_changed(
     score_2 = getattr(importlib.reload(release_1), f"Score{name[-8:]}")
     assert events.get(score_2, score.id).total == 30  # replayed by the new mixin
     sys.modules.pop(name)
+
+
+def test_a_snapshot_is_keyed_by_the_code_running_not_the_file_on_disk_since(
+    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"deployed_{uuid.uuid4().hex[:8]}"
+    source = MIXIN_MODULE.replace("Score", f"Score{name[-8:]}")
+    module_file = tmp_path / f"{name}.py"
+    module_file.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    running = importlib.import_module(name)  # release 1, imported by a process still running
+    module_file.write_text(source.replace("return amount\n", "return amount * 10\n"))  # deploy
+    score = getattr(running, f"Score{name[-8:]}")()
+    score.score(3)
+    events.save(score)  # release 1's first snapshot of the class, after the file changed
+    assert events.store.load_snapshot(score.id) is not None
+    release_2 = getattr(importlib.reload(running), f"Score{name[-8:]}")  # a new process
+    assert events.get(release_2, score.id).total == 30  # replayed by release 2's code
+    sys.modules.pop(name)
