@@ -493,17 +493,23 @@ def test_a_handler_may_forget_a_stream_and_its_writes_join_its_transaction(
     assert events.store.stream_key(order.id, False) is None
 
 
-def test_waiting_for_a_projection_stopped_before_the_position_fails_at_once(
-    events: EventSourcing,
-) -> None:
-    class Strict(Counting):
-        on_error = "stop"
+class Strict(Counting):
+    on_error = "stop"
 
+
+def stopped_at_the_first_of_two(events: EventSourcing) -> Strict:
+    """A projection that stops on errors, stopped at position 1 of 2."""
     orders = [place(events, name) for name in ("ada", "bob")]
     projection = events.projection(Strict())
     projection.fail_on = {orders[0].id}
-    runner = events.projections.runner("counting")
-    runner.catch_up()
+    events.projections.runner("counting").catch_up()
+    return projection
+
+
+def test_waiting_for_a_projection_stopped_before_the_position_fails_at_once(
+    events: EventSourcing,
+) -> None:
+    stopped_at_the_first_of_two(events)
     started = time.monotonic()
     with pytest.raises(EventSourcingError, match=r"'counting' stopped at position 1 .*will not"):
         events.projections.wait_for("counting", 2, timeout=30)
@@ -515,13 +521,7 @@ def test_waiting_for_a_projection_stopped_before_the_position_fails_at_once(
 def test_a_restarted_runner_lets_read_your_writes_wait_for_the_event_it_stopped_at(
     events: EventSourcing,
 ) -> None:
-    class Strict(Counting):
-        on_error = "stop"
-
-    orders = [place(events, name) for name in ("ada", "bob")]
-    projection = events.projection(Strict())
-    projection.fail_on = {orders[0].id}
-    events.projections.runner("counting").catch_up()
+    projection = stopped_at_the_first_of_two(events)
     assert events.projections.status("counting").stopped_at == 1
     projection.fail_on = set()  # fixed, and the worker restarted:
     restarted = events.projections.runner("counting")
