@@ -161,15 +161,14 @@ class Events:
         last one (for read-your-writes: ``projection.wait_for(position)``). Raises
         ``ConcurrencyError`` if another writer saved one of them first."""
         store = self.store
-        _check_aggregates(aggregates)
-        recorded = [len(aggregate.pending) for aggregate in aggregates]
         sealing: dict[str, bytes | None] = {}  # the key each stream's personal fields took
 
         def stream_key(stream: str, create: bool) -> bytes | None:
             sealing[stream] = key = store.stream_key(stream, create)
             return key
 
-        appends = self.appends(aggregates, metadata, stream_key)
+        appends = self.appends(aggregates, metadata, stream_key)  # checks the aggregates
+        recorded = [len(aggregate.pending) for aggregate in aggregates]
         position = store.append(appends) if appends else store.last_position()
         _sealed_with(aggregates, sealing)
         for aggregate in _saved(aggregates, recorded):
@@ -224,8 +223,8 @@ class Events:
         """The appends that save the aggregates' pending events (or ``saving``, each one's
         events to save), with their metadata."""
         stream_key = stream_key or self.store.stream_key
-        _check_aggregates(aggregates)
-        if saving is None:
+        if saving is None:  # else the caller took (and checked) them
+            _check_aggregates(aggregates)
             saving = [aggregate.pending for aggregate in aggregates]
         now = time.time_ns() // 1_000_000
         # Without a command or event in force, the events of one save correlate with its first.
@@ -555,8 +554,7 @@ def _key_of(
 # replays the events, and a warning names the attributes.
 
 # What every aggregate has besides its state.
-_NOT_STATE = frozenset({"id", "version", "snapshot_every", "stored_name", "_pending", "_applying",
-                        "_decrypted_with"})  # fmt: skip
+_NOT_STATE = frozenset({"id", "version", "_pending", "_applying", "_decrypted_with"})
 
 
 def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:

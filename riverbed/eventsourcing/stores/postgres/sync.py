@@ -19,7 +19,6 @@ import psycopg
 import psycopg_pool
 from psycopg import pq, sql
 from psycopg.rows import args_row
-from psycopg.types.json import Jsonb
 
 from riverbed.eventsourcing.records import (
     ParkedEvent,
@@ -298,8 +297,8 @@ class PostgresTransaction:
         return document
 
     def put(self, collection: str, key: str, document: Document) -> None:
-        document_text(collection, key, document)  # refused as on SQLite, the document named
-        self._conn.execute(q.PUT_DOCUMENT, (collection, key, Jsonb(document)))
+        text = document_text(collection, key, document)  # refused as on SQLite, named
+        self._conn.execute(q.PUT_DOCUMENT, (collection, key, text))
 
     def delete(self, collection: str, key: str) -> None:
         self._conn.execute(q.DELETE_DOCUMENT, (collection, key))
