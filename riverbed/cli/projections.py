@@ -1,4 +1,5 @@
-"""``riverbed projections``: where an app's projections stand, their parked events, rebuilds.
+"""``riverbed projections``: where an app's projections and process managers stand, their parked
+events, rebuilds.
 
 Each command loads the app (``module:attribute``) and works on the event store it uses: its
 ``events_url``, else ``$RIVERBED_EVENTS_URL``, else the SQLite default."""
@@ -16,21 +17,24 @@ from rich.table import Table
 from riverbed.cli.common import out
 from riverbed.cli.worker import load_app
 from riverbed.errors import RiverbedError
-from riverbed.eventsourcing.projections import Projections
 from riverbed.eventsourcing.runtime import EventSourcing
+from riverbed.eventsourcing.subscriptions import SubscriberStatus
 
 app = typer.Typer(
-    help="Look after an app's projections: status and lag, parked events, rebuilds.",
+    help=(
+        "Look after an app's projections and process managers: status and lag, parked events, "
+        "rebuilds."
+    ),
     no_args_is_help=True,
 )
 
 Target = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
-Name = Annotated[str, typer.Argument(help="The projection's name.")]
+Name = Annotated[str, typer.Argument(help="The projection's or process manager's name.")]
 
 
 @contextmanager
-def open_projections(target: str) -> Iterator[Projections]:
-    """The projections the app registers, on its event store (closed afterwards)."""
+def open_events(target: str) -> Iterator[EventSourcing]:
+    """The app's event sourcing, on its event store (closed afterwards)."""
     events = getattr(load_app(target), "events", None)
     if not isinstance(events, EventSourcing):
         raise RiverbedError(f"{target} has no event store: create it with riverbed.App(...)")
@@ -42,31 +46,34 @@ def open_projections(target: str) -> Iterator[Projections]:
             "running the app, or its first save, creates the store"
         )
     try:
-        yield events.projections
+        yield events
     finally:
         events.close()
 
 
 @app.command("list")
-def list_projections(target: Target) -> None:
-    """Each projection's active version, the position it applied last, the store's last position,
-    the lag between them and how many events it parked."""
-    with open_projections(target) as projections:
-        statuses = [projections.status(name) for name in projections.registered]
+def list_subscribers(target: Target) -> None:
+    """Each projection (at its active version), then each process manager: the position it
+    handled last, the store's last position, the lag between them and how many events it
+    parked."""
+    with open_events(target) as events:
+        names = [*events.projections.registered, *events.process_managers]
+        statuses = [events.status(name) for name in names]
     if not statuses:
-        out.print(f"{target} registers no projections")
+        out.print(f"{target} registers no projections or process managers")
         return
-    table = Table("projection", "version", "checkpoint", "head", "lag", "parked")
-    for status in statuses:
-        table.add_row(
-            status.name,
-            str(status.version),
-            f"{status.checkpoint:,}",
-            f"{status.head:,}",
-            f"{status.lag:,}",
-            f"{status.parked:,}",
-        )
-    out.print(table)
+    projections = [s for s in statuses if s.version is not None]
+    if projections:
+        table = Table("projection", "version", "checkpoint", "head", "lag", "parked")
+        for status in projections:
+            table.add_row(status.name, str(status.version), *_progress(status))
+        out.print(table)
+    managers = [s for s in statuses if s.version is None]
+    if managers:
+        table = Table("process manager", "checkpoint", "head", "lag", "parked")
+        for status in managers:
+            table.add_row(status.name, *_progress(status))
+        out.print(table)
     for status in statuses:
         if status.stopped_at is not None:
             error = (status.stopped_error or "").partition("\n")[0]
@@ -77,6 +84,11 @@ def list_projections(target: Target) -> None:
             )
 
 
+def _progress(status: SubscriberStatus) -> list[str]:
+    counts = (status.checkpoint, status.head, status.lag, status.parked)
+    return [f"{count:,}" for count in counts]
+
+
 @app.command("parked")
 def parked(
     target: Target,
@@ -85,20 +97,21 @@ def parked(
         bool, typer.Option("--traceback", help="Print each error's whole traceback.")
     ] = False,
 ) -> None:
-    """The events a projection could not apply, one per line: position, event id, type, when,
-    and the error's first line."""
-    with open_projections(target) as projections:
-        events = projections.parked(name)
-    for event in events:
-        first_line, _, rest = event.error.partition("\n")
-        parked_at = datetime.fromtimestamp(event.parked_ms / 1000, UTC)
+    """The events a projection or process manager could not handle (and a manager's timers that
+    failed, at negative positions), one per line: position, event id, type, when, and the
+    error's first line."""
+    with open_events(target) as events:
+        entries = events.parked(name)
+    for entry in entries:
+        first_line, _, rest = entry.error.partition("\n")
+        parked_at = datetime.fromtimestamp(entry.parked_ms / 1000, UTC)
         out.print(
-            f"{event.position}  {event.event_id}  {event.type}  "
+            f"{entry.position}  {entry.event_id}  {entry.type}  "
             f"parked={parked_at:%Y-%m-%d %H:%M:%S}  {first_line}"
         )
         if show_traceback and rest.strip():
             out.print(rest.rstrip())
-    if not events:
+    if not entries:
         out.print(f"{name} has no parked events")
 
 
@@ -108,10 +121,11 @@ def unpark(
     name: Name,
     positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
 ) -> None:
-    """Forget parked events once dealt with: the projection goes on without them. The events
-    stay in the store; ``rebuild`` applies every event again, parked ones included."""
-    with open_projections(target) as projections:
-        missing = [p for p in positions if not projections.unpark(name, p)]
+    """Forget parked events once dealt with: the projection or process manager goes on without
+    them (a parked timer never fires). The events stay in the store; ``rebuild`` applies every
+    event again, parked ones included."""
+    with open_events(target) as events:
+        missing = [p for p in positions if not events.unpark(name, p)]
     out.print(f"unparked {len(positions) - len(missing)} events of {name}")
     if missing:
         raise RiverbedError(f"not parked by {name}: {', '.join(map(str, missing))}")
@@ -123,15 +137,15 @@ def retry(
     name: Name,
     positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
 ) -> None:
-    """Apply parked events again, once the projection's handler is fixed: each now, after the
-    events that followed it, and unparked once applied; one that fails again stays parked with
-    the new error. For handlers that do not depend on the order of events; else ``rebuild``."""
-    with open_projections(target) as projections:
-        projections.named(name)  # an unknown name fails once, not once per position
-        parked = {p.position for p in projections.parked(name)}
+    """Handle parked events again, once the handler is fixed: each now, after the events that
+    followed it, and unparked once handled (a parked timer fires with its data); one that fails
+    again stays parked with the new error. For handlers that do not depend on the order of
+    events; else ``rebuild``."""
+    with open_events(target) as events:
+        parked = {p.position for p in events.parked(name)}  # an unknown name fails here, once
         failed, missing = [], [p for p in positions if p not in parked]
         for position in (p for p in positions if p in parked):
-            again = projections.retry(name, position)
+            again = events.retry_parked(name, position)
             if again is None:
                 out.print(f"{position}  applied")
             else:
@@ -150,7 +164,8 @@ def rebuild(target: Target, name: Name) -> None:
     """Fill the projection's next version from the first event, beside the live one; switch
     queries and running workers to it once it has caught up, and drop the old version's
     collections."""
-    with open_projections(target) as projections:
+    with open_events(target) as events:
+        projections = events.projections
         old = projections.active_version(name)
         new = projections.rebuild(name)
         applied = projections.status(name).checkpoint

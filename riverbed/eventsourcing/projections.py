@@ -20,13 +20,11 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import msgspec
-
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
-from riverbed.eventsourcing.subscriptions import STOPPED, Subscription
+from riverbed.eventsourcing.subscriptions import STOPPED, SubscriberStatus, Subscription
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -100,22 +98,10 @@ def recorded_version(document: Document | None, projection: Projection) -> int:
     return projection.version if document is None else int(document["version"])
 
 
-class ProjectionStatus(msgspec.Struct, frozen=True):
-    """Where a projection stands (``Projections.status``)."""
-
-    name: str
-    version: int  # the active one
-    checkpoint: int  # the position the active version applied last
-    head: int  # the store's last position
-    lag: int  # events stored that the active version has not applied yet
-    parked: int
-    # With on_error = "stop": the event it stopped at, until a restarted runner applies it.
-    stopped_at: int | None = None
-    stopped_error: str | None = None
-
-
 class ProjectionRunner(Subscription):
     """Runs one version of a projection."""
+
+    version: int
 
     def __init__(
         self,
@@ -151,6 +137,10 @@ class ProjectionRunner(Subscription):
 
     def described(self) -> str:
         return f"projection {self.projection.name!r}"
+
+    @property
+    def registered_name(self) -> str:
+        return self.projection.name
 
     def replaced(self, tx: Transaction) -> bool:
         if self._rebuilding:
@@ -195,31 +185,14 @@ class Projections:
     def runner(self, name: str) -> ProjectionRunner:
         return ProjectionRunner(self.events, self.named(name), self.active_version(name))
 
-    def status(self, name: str) -> ProjectionStatus:
+    def status(self, name: str) -> SubscriberStatus:
         """The active version, how far it got, how far behind the store it is, what it parked."""
-        store = self.events.store
-        version = self.active_version(name)
-        checkpoint = store.checkpoint(subscriber(name, version))
-        head = store.last_position()  # read after the checkpoint: the lag is never negative
-        status = ProjectionStatus(name, version, checkpoint, head, head - checkpoint,
-                                  len(self.parked(name)))  # fmt: skip
-        stopped = store.get_document(STOPPED, subscriber(name, version))
-        if stopped is None or stopped["position"] <= checkpoint:
-            return status
-        return msgspec.structs.replace(
-            status, stopped_at=stopped["position"], stopped_error=stopped["error"]
-        )
+        return self.runner(name).status()
 
     def parked(self, name: str) -> list[ParkedEvent]:
         """The events the active version of projection ``name`` could not apply, in position
         order, with the errors."""
-        parked = self._parked(name, self.active_version(name))  # fails for an unknown name
-        return sorted(parked, key=lambda p: p.position)
-
-    def _parked(self, name: str, version: int) -> list[ParkedEvent]:
-        store = self.events.store
-        # Before parked events were filed per version, they were filed under the bare name.
-        return store.parked(parked_label(name, version)) + store.parked(name)
+        return self.runner(name).parked()
 
     def retry(self, name: str, position: int) -> ParkedEvent | None:
         """Apply the event parked at ``position`` again, now (after the events that followed
@@ -231,9 +204,7 @@ class Projections:
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every
         event again, parked ones included). False if ``position`` was not parked."""
-        store = self.events.store
-        label = parked_label(name, self.active_version(name))  # fails for an unknown name
-        return store.unpark(label, position) or store.unpark(name, position)
+        return self.runner(name).unpark(position)
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -343,7 +314,7 @@ class Projections:
                 tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
                 tx.drop_prefixed(prefix(name, old))  # declared in collections or not
             # The old version's parked events are out of sight now; they go too.
-            for parked in self._parked(name, old):
+            for parked in ProjectionRunner(self.events, projection, old).parked():
                 self.events.store.unpark(parked.projection, parked.position)
             return old + 1
         raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")

@@ -14,6 +14,7 @@ from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner, manager_name
+from riverbed.eventsourcing.subscriptions import SubscriberStatus, Subscription
 from riverbed.log.api import Log
 
 log = logging.getLogger("riverbed.eventsourcing")
@@ -71,19 +72,39 @@ class EventSourcing(Events):
         check_lease_ttl(lease_ttl)  # here, not when the workers start
         self.relays[topic] = RelaySettings(partitions, lease_ttl)
 
-    def retry_parked(self, name: str, position: int) -> ParkedEvent | None:
-        """Handle the event that projection or process manager ``name`` parked at ``position``
-        again, now (after the events that followed it), and forget it once handled; if it fails
-        again it stays parked with the new error, which is returned."""
-        manager = self.process_managers.get(name)
+    def subscriber(self, name: str) -> Subscription:
+        """The runner of projection or process manager ``name`` (its active version, for a
+        projection); an error naming the registered ones if there is neither."""
         if name in self.projections.registered:
-            return self.projections.retry(name, position)
+            return self.projections.runner(name)
+        manager = self.process_managers.get(name)
         if manager is None:
             known = sorted([*self.projections.registered, *self.process_managers]) or ["none"]
             raise EventSourcingError(
                 f"no projection or process manager named {name!r}; registered: {', '.join(known)}"
             )
-        return SagaRunner(self, manager).retry(position)
+        return SagaRunner(self, manager)
+
+    def status(self, name: str) -> SubscriberStatus:
+        """Where projection or process manager ``name`` stands: its checkpoint, the store's
+        head, the lag between them, how many events it parked, where it stopped."""
+        return self.subscriber(name).status()
+
+    def parked(self, name: str) -> list[ParkedEvent]:
+        """What projection or process manager ``name`` parked (a manager's timers too, at
+        negative positions), with the errors, in position order."""
+        return self.subscriber(name).parked()
+
+    def retry_parked(self, name: str, position: int) -> ParkedEvent | None:
+        """Handle the event that projection or process manager ``name`` parked at ``position``
+        again, now (after the events that followed it), and forget it once handled; if it fails
+        again it stays parked with the new error, which is returned."""
+        return self.subscriber(name).retry(position)
+
+    def unpark(self, name: str, position: int) -> bool:
+        """Forget what projection or process manager ``name`` parked at ``position``: it goes
+        on without it (a parked timer never fires). False if nothing is parked there."""
+        return self.subscriber(name).unpark(position)
 
     def has_work(self) -> bool:
         """Whether projections, process managers or relays are registered."""

@@ -8,15 +8,15 @@ in a transaction of its own, which deletes the timer. ``on_timeout`` runs in the
 correlation: that of the event being handled when the timer was set, caused by the timer.
 
 A failing event is parked like a projection's (``on_error``). A failing ``on_timeout`` rolls back
-and its timer is parked too, not tried again: ``store.parked(name)`` lists it beside the events,
-with ``type`` "timer", ``event_id`` "timer:<key>", the error with its traceback, and a negative
-``position`` derived from the key (a key parked again replaces its entry; ``store.unpark(name,
-position)`` forgets it). The timer itself is kept with its data, never due, until
-``app.events.retry_parked(name, position)`` fires it again (or the manager sets or cancels that
-key). The manager goes on with its other events and timers; with
-``on_error = "stop"`` it stops there instead, and the timer fires again when it restarts. An
-``on_timeout`` whose command raced another writer (``ConcurrencyError``) fires again at once;
-the same conflict ten times in a row is on_timeout's doing, and fails like an error.
+and its timer is parked too, not tried again: ``app.events.parked(name)`` lists it beside the
+events, with ``type`` "timer", ``event_id`` "timer:<key>", the error with its traceback, and a
+negative ``position`` derived from the key (a key parked again replaces its entry). The timer
+itself is kept with its data, never due, until ``app.events.retry_parked(name, position)`` fires
+it again, ``app.events.unpark(name, position)`` forgets it with its entry, or the manager sets or
+cancels that key. The manager goes on with its other events and timers; with ``on_error =
+"stop"`` it stops there instead, and the timer fires again when it restarts. An ``on_timeout``
+whose command raced another writer (``ConcurrencyError``) fires again at once; the same conflict
+ten times in a row is on_timeout's doing, and fails like an error.
 """
 
 from __future__ import annotations
@@ -248,8 +248,7 @@ class SagaRunner(Subscription):
         key = parked.event_id.removeprefix("timer:")
 
         def fire(tx: Transaction) -> None:
-            timer = next((t for t in tx.due_timers(PARKED_DUE_MS, limit=MAX_TIMERS)
-                          if t.key == key and t.due_ms == PARKED_DUE_MS), None)  # fmt: skip
+            timer = _kept_timer(tx, key)
             if timer is None:
                 raise EventSourcingError(
                     f"timer {key!r} of {self.described()} was set again or cancelled since it "
@@ -261,9 +260,30 @@ class SagaRunner(Subscription):
 
         return self._retry_parked(parked, fire)
 
+    def unpark(self, position: int) -> bool:
+        """Forget a parked event, or a parked timer (which then never fires: its data goes
+        too, unless the manager set that key again since)."""
+        parked = next((p for p in self.parked() if p.position == position), None)
+        if parked is None or parked.type != "timer":
+            return super().unpark(position)
+        with self.store.transaction(self.name) as tx:
+            if not tx.unpark(parked.projection, position):
+                return False  # retried or unparked meanwhile
+            key = parked.event_id.removeprefix("timer:")
+            if _kept_timer(tx, key) is not None:
+                tx.cancel_timer(key)
+        return True
+
     def idle_wait(self, default: float) -> float:
         # Timers fall due without an append to wake the runner.
         return min(default, TIMER_WAIT_S)
+
+
+def _kept_timer(tx: Transaction, key: str) -> Timer | None:
+    """The timer parked under ``key``, kept never due, if the manager has not set or cancelled
+    that key since."""
+    kept = tx.due_timers(PARKED_DUE_MS, limit=MAX_TIMERS)
+    return next((t for t in kept if t.key == key and t.due_ms == PARKED_DUE_MS), None)
 
 
 class _TimerError(HandlerError):

@@ -45,10 +45,25 @@ RETRY_S = 0.05
 CONFLICT_RETRIES = 10
 
 
+class SubscriberStatus(msgspec.Struct, frozen=True):
+    """Where a projection or process manager stands (``status``)."""
+
+    name: str
+    version: int | None  # a projection's active one; None for a process manager
+    checkpoint: int  # the position it handled last
+    head: int  # the store's last position
+    lag: int  # events stored that it has not handled yet
+    parked: int
+    # With on_error = "stop": the event it stopped at, until a restarted runner handles it.
+    stopped_at: int | None = None
+    stopped_error: str | None = None
+
+
 class Subscription:
     """The loop; subclasses say what handling an event means (``handle``)."""
 
     on_error: Literal["park", "stop"] = "park"
+    version: int | None = None
 
     def __init__(self, events: Events, name: str, label: str) -> None:
         """``name``: the checkpoint's; ``label``: what parked events are filed under."""
@@ -171,8 +186,42 @@ class Subscription:
         """What this subscriber's parked events are filed under."""
         return [self.label]
 
+    def parked(self) -> list[ParkedEvent]:
+        """What this subscriber parked, with the errors, in position order."""
+        found = [p for label in self.parked_labels() for p in self.store.parked(label)]
+        return sorted(found, key=lambda p: p.position)
+
+    def unpark(self, position: int) -> bool:
+        """Forget the entry parked at ``position``: the subscriber goes on without it. False if
+        nothing is parked there."""
+        with self.store.transaction(self.name) as tx:
+            return any(tx.unpark(label, position) for label in self.parked_labels())
+
+    def status(self) -> SubscriberStatus:
+        """How far it got, how far behind the store it is, what it parked, where it stopped."""
+        checkpoint = self.checkpoint
+        head = self.store.last_position()  # read after the checkpoint: the lag is never negative
+        stopped = self.store.get_document(STOPPED, self.name)
+        if stopped is not None and stopped["position"] <= checkpoint:
+            stopped = None  # a restarted runner applied the event it stopped at
+        return SubscriberStatus(
+            self.registered_name,
+            self.version,
+            checkpoint,
+            head,
+            head - checkpoint,
+            len(self.parked()),
+            None if stopped is None else stopped["position"],
+            None if stopped is None else stopped["error"],
+        )
+
     def described(self) -> str:
         """The subscriber, for error messages."""
+        return self.label
+
+    @property
+    def registered_name(self) -> str:
+        """The name it was registered under."""
         return self.label
 
     def retry(self, position: int) -> ParkedEvent | None:

@@ -1,5 +1,5 @@
 """``riverbed projections``: status and lag, parked events, unparking and rebuilds of an app's
-projections, on a SQLite event store."""
+projections and process managers, on a SQLite event store."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from riverbed.cli.main import app as cli
+from riverbed.eventsourcing.sagas import SagaRunner
 
 APP_MODULE = textwrap.dedent(
     """
@@ -40,7 +41,18 @@ APP_MODULE = textwrap.dedent(
             tx.put("guests", guest, {"bookings": count + 1})
 
 
+    class Welcome(riverbed.ProcessManager):
+        name = "welcome"
+        refused = frozenset({"eve"})
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            if event.event.guest in self.refused:
+                raise ValueError(f"cannot welcome {event.event.guest}")
+            saga.save_state(event.event.guest, {"welcomed": True})
+
+
     app.events.projection(BookingsPerGuest())
+    app.events.process_manager(Welcome())
     """
 )
 NAME = "bookings-per-guest"
@@ -69,9 +81,9 @@ def book(rooms: ModuleType, *guests: str) -> None:
         rooms.app.events.save(rooms.Booking(guest))
 
 
-def status_row(listed: Result) -> list[str]:
-    """The cells of the projection's row in ``list``'s table."""
-    row = next(line for line in listed.stdout.splitlines() if NAME in line)
+def status_row(listed: Result, name: str = NAME) -> list[str]:
+    """The cells of a projection's or process manager's row in ``list``'s table."""
+    row = next(line for line in listed.stdout.splitlines() if f" {name} " in line)
     return [cell for cell in re.split(r"[\s│|]+", row) if cell]
 
 
@@ -83,6 +95,7 @@ def test_list_shows_each_projection_with_its_version_checkpoint_and_lag(
     listed = run("list", "rooms:app")
     assert listed.exit_code == 0, listed.output
     assert status_row(listed) == [NAME, "1", "2", "3", "1", "0"]
+    assert status_row(listed, "welcome") == ["welcome", "0", "3", "3", "0"]
 
 
 def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:
@@ -137,6 +150,26 @@ def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType
     assert several.stderr == f"error: still parked by {NAME}: 4; not parked by {NAME}: 2\n"
 
 
+def test_a_process_managers_parked_events_are_listed_retried_and_unparked(
+    rooms: ModuleType,
+) -> None:
+    book(rooms, "eve", "ada", "eve")
+    manager = rooms.app.events.process_managers["welcome"]
+    SagaRunner(rooms.app.events, manager).catch_up()
+    parked = run("parked", "rooms:app", "welcome")
+    assert [line.split("  ")[0] for line in parked.stdout.splitlines()] == ["1", "3"]
+    assert parked.stdout.splitlines()[0].endswith("ValueError: cannot welcome eve")
+    assert status_row(run("list", "rooms:app"), "welcome")[-1] == "2"
+
+    manager.refused = frozenset()
+    retried = run("retry", "rooms:app", "welcome", "1")
+    assert retried.exit_code == 0, retried.output
+    assert retried.stdout.strip() == "1  applied"
+    assert rooms.app.events.store.get_document("saga:welcome", "eve") == {"welcomed": True}
+    assert run("unpark", "rooms:app", "welcome", "3").exit_code == 0
+    assert run("parked", "rooms:app", "welcome").stdout.strip() == "welcome has no parked events"
+
+
 def test_list_says_where_a_projection_that_stops_on_errors_stopped(rooms: ModuleType) -> None:
     book(rooms, "ada", "mallory", "bob")
     rooms.BookingsPerGuest.on_error = "stop"
@@ -184,7 +217,13 @@ def test_unknown_projections_and_apps_are_one_line_errors(rooms: ModuleType) -> 
     ):
         result = run(*args)
         assert result.exit_code == 1, (args, result.output)
-        assert result.stderr == f"error: no projection named 'nope'; registered: {NAME}\n"
+        known = (
+            "no projection named 'nope'"
+            if args[0] == "rebuild"
+            else ("no projection or process manager named 'nope'")
+        )
+        registered = NAME if args[0] == "rebuild" else f"{NAME}, welcome"
+        assert result.stderr == f"error: {known}; registered: {registered}\n"
     for target, message in (
         ("nosuchmodule:app", "cannot import module 'nosuchmodule'"),
         ("rooms:nothing", "rooms:nothing is missing, not a riverbed.App"),

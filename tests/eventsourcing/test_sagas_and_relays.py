@@ -291,12 +291,18 @@ def test_a_projection_and_a_process_manager_may_not_share_a_name(events: EventSo
         events.retry_parked("picky", "2")  # type: ignore[arg-type]
 
 
-def test_a_parked_timer_fires_again_with_its_data_once_fixed(events: EventSourcing) -> None:
+def parked_reminder(events: EventSourcing) -> tuple[Reminders, SagaRunner, Order]:
+    """The reminders manager, its runner, and customer "bad"'s order, whose timer is parked."""
     manager = events.process_manager(Reminders())
-    bad = place(events, "bad")
+    order = place(events, "bad")
     runner = SagaRunner(events, manager)
     runner.catch_up()  # sets the timer
     runner.catch_up()  # fires it: parked
+    return manager, runner, order
+
+
+def test_a_parked_timer_fires_again_with_its_data_once_fixed(events: EventSourcing) -> None:
+    manager, _, bad = parked_reminder(events)
     position = timer_position("bad")
 
     again = events.retry_parked("reminders", position)
@@ -315,12 +321,39 @@ def test_a_parked_timer_fires_again_with_its_data_once_fixed(events: EventSourci
         events.retry_parked("reminders", position)
 
 
+def test_an_unparked_timer_is_forgotten_with_its_data(events: EventSourcing) -> None:
+    manager, runner, _ = parked_reminder(events)
+    position = timer_position("bad")
+    assert [(p.position, p.type) for p in events.parked("reminders")] == [(position, "timer")]
+    assert events.status("reminders").parked == 1
+
+    assert events.unpark("reminders", position)
+    assert events.parked("reminders") == []
+    with events.store.transaction("saga:reminders") as tx:
+        assert tx.due_timers(PARKED_DUE_MS) == []  # not kept for a retry that cannot come
+    assert not events.unpark("reminders", position)
+    manager.failing.clear()
+    runner.catch_up()
+    assert manager.fired == ["bad"]
+
+
+def test_a_process_managers_status_and_unparked_event(events: EventSourcing) -> None:
+    manager = events.process_manager(Picky())
+    place(events, "ann")
+    place(events, "mallory")
+    SagaRunner(events, manager).run_once(limit=2)
+    status = events.status("picky")
+    assert (status.name, status.version, status.parked) == ("picky", None, 1)
+    # ann's cancellation, appended by the manager, is stored but not handled yet.
+    assert (status.checkpoint, status.head, status.lag) == (2, 3, 1)
+    assert events.unpark("picky", 2)
+    assert events.parked("picky") == [] and events.status("picky").parked == 0
+    with pytest.raises(EventSourcingError, match="no projection or process manager named 'n'"):
+        events.unpark("n", 2)
+
+
 def test_a_parked_timer_set_again_is_not_fired_by_a_retry(events: EventSourcing) -> None:
-    manager = events.process_manager(Reminders())
-    place(events, "bad")
-    runner = SagaRunner(events, manager)
-    runner.catch_up()
-    runner.catch_up()
+    manager, _, _ = parked_reminder(events)
     with events.store.transaction("saga:reminders") as tx:
         tx.set_timer("bad", 2**40, b"\x80")  # as set_timer("bad", ...) in a later handler
     with pytest.raises(EventSourcingError, match="timer 'bad' of process manager 'reminders' was"):
