@@ -1,4 +1,5 @@
-"""``riverbed worker module:app``: run an app's pipelines in this process, with a status line."""
+"""``riverbed worker module:app``: run an app's pipelines, projections, process managers and
+relays in this process, with status lines."""
 
 from __future__ import annotations
 
@@ -7,15 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
 from riverbed.cli.common import err
 from riverbed.errors import RiverbedError
+from riverbed.eventsourcing.runtime import EventSourcing
+from riverbed.eventsourcing.subscriptions import SubscriberStatus
+from riverbed.log.errors import BrokerUnavailableError
 from riverbed.streams import App
-from riverbed.streams.runner import Runner
+from riverbed.streams.runner import REPORT_INTERVAL_S, Runner
 from riverbed.urls import LOG_URL_ENV
 
 
@@ -55,7 +62,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run the app's pipelines, projections, process managers and relays until SIGTERM or
-    Ctrl-C, printing a status line of its pipelines every second.
+    Ctrl-C, printing a status line of its pipelines, and one of the others, every second.
 
     The workers of an app form one consumer group, so the partitions are shared among the
     processes of this command and of any other machine running it. An app created without a URL
@@ -76,8 +83,44 @@ def worker(
             f"{runner.late:,} late",
         )
 
-    with app:
+    with app, _reporting_events(app):
         app.run(report=report, metrics_port=metrics_port)
+
+
+@contextmanager
+def _reporting_events(app: App) -> Iterator[None]:
+    """While the app runs, a status line of its projections, process managers and relays
+    every second, beside the pipelines' own."""
+    events = getattr(app, "events", None)
+    if not isinstance(events, EventSourcing) or not events.has_work():
+        yield
+        return
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(REPORT_INTERVAL_S):
+            try:
+                statuses = events.statuses()
+            except BrokerUnavailableError:
+                continue  # the runners say so, and wait it out
+            err.print(f"riverbed worker {app.name}: {_progress(statuses)}", markup=False)
+
+    reporter = threading.Thread(target=report, name="riverbed-events-status", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join()
+
+
+def _progress(statuses: list[SubscriberStatus]) -> str:
+    """Each one's checkpoint, lag, and parked events if any."""
+    parts = []
+    for status in statuses:
+        parked = f", {status.parked:,} parked" if status.parked else ""
+        parts.append(f"{status.name} at {status.checkpoint:,} (lag {status.lag:,}{parked})")
+    return ", ".join(parts)
 
 
 def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:

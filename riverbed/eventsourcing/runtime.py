@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
-from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl
+from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl, relay_name
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Events
@@ -89,6 +89,18 @@ class EventSourcing(Events):
         """Where projection or process manager ``name`` stands: its checkpoint, the store's
         head, the lag between them, how many events it parked, where it stopped."""
         return self.subscriber(name).status()
+
+    def statuses(self) -> list[SubscriberStatus]:
+        """Where each projection, process manager and relay stands (a relay, named
+        ``relay:<topic>``, parks nothing)."""
+        statuses = [self.status(name) for name in [*self.projections.registered,
+                                                    *self.process_managers]]  # fmt: skip
+        for topic in self.relays:
+            name = relay_name(topic)
+            checkpoint = self.store.checkpoint(name)
+            head = self.store.last_position()
+            statuses.append(SubscriberStatus(name, None, checkpoint, head, head - checkpoint, 0))
+        return statuses
 
     def parked(self, name: str) -> list[ParkedEvent]:
         """What projection or process manager ``name`` parked (a manager's timers too, at

@@ -63,6 +63,63 @@ def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
     assert "riverbed worker words: 50 records processed" in stderr
 
 
+EVENTS_MODULE = textwrap.dedent(
+    """
+    import riverbed
+
+    app = riverbed.App("stock", events_url=EVENTS_URL)
+
+
+    class Item(riverbed.Aggregate):
+        @riverbed.event("Received")
+        def __init__(self, sku: str, count: int) -> None:
+            self.sku = sku
+            self.count = count
+
+
+    class StockLevels(riverbed.Projection):
+        name = "stock-levels"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            if event.event.count <= 0:
+                raise ValueError("a count > 0, please")
+            tx.put("skus", event.event.sku, {"count": event.event.count})
+
+
+    app.events.projection(StockLevels())
+    app.events.relay("items")
+    """
+)
+
+
+def test_an_event_sourcing_worker_prints_where_its_runners_stand(tmp_path: Path) -> None:
+    module = EVENTS_MODULE.replace("EVENTS_URL", repr(f"sqlite:///{tmp_path}/events.db"))
+    worker = start_worker(tmp_path, "wordapp:app", module=module)
+    try:
+        wait_until((tmp_path / "events.db").exists, 30, "the worker to start")
+        sys.path.insert(0, str(tmp_path))
+        try:
+            import wordapp  # type: ignore[import-not-found]
+        finally:
+            sys.path.remove(str(tmp_path))
+            sys.modules.pop("wordapp", None)
+        with wordapp.app:
+            wordapp.app.events.save(wordapp.Item("sku-1", 5), wordapp.Item("sku-2", 0))
+            status = wordapp.app.events.projections.status
+            wait_until(lambda: status("stock-levels").checkpoint == 2, 30, "the projection")
+        time.sleep(1.2)  # one status line after it
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, stderr
+    expected = (
+        "riverbed worker stock: stock-levels at 2 (lag 0, 1 parked), relay:items at 2 (lag 0)"
+    )
+    assert expected in stderr.splitlines()
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
