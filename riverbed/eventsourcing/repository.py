@@ -582,20 +582,22 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     without a source file (made by exec) is described by its bytecode and values instead. Code
     the methods call in other modules is not covered: bump an event's version when such a change
     alters the state."""
-    parts: list[str] = []
+    parts: set[str] = set()
     classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
     classes += _classes_in(list(hints.values()))
-    for module in sorted({c.__module__ for c in classes}):
+    for module in {c.__module__ for c in classes}:
+        # The file's digest, not the module's name: a script's classes (in __main__) take and
+        # use the same snapshots as when a worker imports the script as a module.
         digest = source_digest(module)
         if digest is not None:
-            parts.append(f"{module}: {digest}")
+            parts.add(f"source {digest}")
             continue
         for c in (c for c in classes if c.__module__ == module):
             attributes = sorted(vars(c).items())
-            parts += (f"{c.__qualname__}.{name} = {_behaviour(value)}"
-                      for name, value in attributes if name != "_riverbed_state")  # fmt: skip
-    parts += sorted(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
-    return parts
+            parts.update(f"{c.__qualname__}.{name} = {_behaviour(value)}"
+                         for name, value in attributes if name != "_riverbed_state")  # fmt: skip
+    parts.update(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
+    return sorted(parts)
 
 
 def _classes_in(hints: list[Any]) -> list[type[Any]]:

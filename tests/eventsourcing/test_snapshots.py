@@ -253,6 +253,20 @@ def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -
     assert len(schemas) == 1
 
 
+def test_a_scripts_snapshots_serve_it_imported_as_a_module_too(tmp_path: Path) -> None:
+    printing = "from riverbed.eventsourcing.repository import _state_hints\n"
+    printing += "print(_state_hints(Basket)[1])\n"
+    (tmp_path / "stable_basket.py").write_text(f"{STABLE_MODULE}\n{printing}")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.getcwd()}"}
+    schemas = {
+        subprocess.run(
+            [sys.executable, *how], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        for how in ([str(tmp_path / "stable_basket.py")], ["-c", "import stable_basket"])
+    }
+    assert len(schemas) == 1
+
+
 def test_a_snapshot_taken_by_an_async_save_is_of_what_it_saved(events: EventSourcing) -> None:
     async def run() -> None:
         tally = Tally()
