@@ -94,8 +94,16 @@ class EventType:
 
     @functools.cached_property
     def personal(self) -> dict[str, object]:
-        """Its personal fields, each with the value it decodes as once erased."""
-        return _personal_fields(self.cls)
+        """Its personal fields by stored name, each with the value it decodes as once erased
+        (asked before every save and load of the event)."""
+        cls = self.cls
+        # Known only once the class is complete, so not when it registers itself.
+        if issubclass(cls, msgspec.Struct) and cls.__struct_config__.array_like:
+            raise EventSourcingError(
+                f"{_where(cls)} cannot be array_like=True: events are stored with their "
+                "fields' names, which upcasters and personal fields go by"
+            )
+        return _stored_personal_fields(cls)
 
     @functools.cached_property
     def decoder(self) -> msgspec.msgpack.Decoder[Any]:
@@ -148,7 +156,7 @@ class EventRegistry:
         # Personal fields that could not be erased are refused with the class; while it refers
         # to a class defined later, on first use.
         with contextlib.suppress(NameError):
-            entry.personal = _personal_fields(cls)
+            _personal_fields(cls)
         for taken in names:
             self._by_name[taken] = entry
         self._by_class[cls] = entry
@@ -182,6 +190,17 @@ class EventRegistry:
 
 
 registry = EventRegistry()
+
+
+def _stored_personal_fields(cls: type[Any]) -> dict[str, object]:
+    """The personal fields of ``cls`` with their erased values, by the names they are stored
+    under: a Struct's field renamed (``msgspec.field(name=...)``, ``rename=``) is stored under
+    its new name, which is only known once the class is complete."""
+    erased = _personal_fields(cls)
+    if not issubclass(cls, msgspec.Struct):
+        return erased
+    stored_as = {f.name: f.encode_name for f in msgspec.structs.fields(cls)}
+    return {stored_as[name]: value for name, value in erased.items()}
 
 
 def _personal_fields(cls: type[Any]) -> dict[str, object]:
@@ -304,10 +323,16 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
             f"event {entry.name} {where} was stored at version {schema}, newer than this "
             f"program's {entry.version}: a newer release of it wrote the event; run that release"
         )
+    personal = entry.personal  # first: it refuses an event class that cannot be stored
     try:
-        if schema == entry.version and not entry.personal:
+        if schema == entry.version and not personal:
             return entry.decoder.decode(data)
-        fields: dict[str, Any] = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
+        fields = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
+        if not isinstance(fields, dict):
+            raise EventDecodeError(
+                f"event {entry.name} {where} is stored as {type(fields).__name__}, not as a "
+                "map of its fields"
+            )
         # Upcasters see an erased field as the class reads it (ERASED, None); one the class no
         # longer has by that name stays a marker until they have moved it.
         if schema < entry.version:

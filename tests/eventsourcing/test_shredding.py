@@ -316,3 +316,45 @@ def test_personal_fields_of_an_event_defined_before_its_field_types_are_encrypte
     assert b"ada@example.com" not in events.store.read_stream(member.id)[0].data
     assert events.store.delete_stream_key(member.id)
     assert events.get(Member, member.id).email == riverbed.ERASED
+
+
+class Moved(riverbed.DomainEvent, rename="camel"):
+    event_type = "Member.Moved"
+    street_address: Annotated[str, riverbed.Personal]
+    city: Annotated[str, riverbed.Personal] = msgspec.field(name="town")
+
+    def apply(self, member: Any) -> None:
+        member.street_address, member.city = self.street_address, self.city
+
+
+def test_personal_fields_stored_under_other_names_are_encrypted(events: EventSourcing) -> None:
+    member = Member()
+    member.trigger(Moved(street_address="1 Main St", city="Springfield"))
+    events.save(member)
+    (stored,) = events.store.read_stream(member.id)
+    assert b"1 Main St" not in stored.data and b"Springfield" not in stored.data
+    assert set(msgspec.msgpack.decode(stored.data)) == {"streetAddress", "town"}
+    assert events.get(Member, member.id).city == "Springfield"
+    assert events.store.delete_stream_key(member.id)
+    loaded = events.get(Member, member.id)
+    assert (loaded.street_address, loaded.city) == (riverbed.ERASED, riverbed.ERASED)
+
+
+class Packed(riverbed.DomainEvent, array_like=True):
+    event_type = "Member.Packed"
+    email: Annotated[str, riverbed.Personal]
+
+    def apply(self, member: Any) -> None:
+        member.email = self.email
+
+
+def test_an_array_like_event_class_is_refused_with_nothing_saved(events: EventSourcing) -> None:
+    member = Member()
+    member.trigger(Packed(email="ada@example.com"))
+    with pytest.raises(EventSourcingError, match="Packed cannot be array_like=True: events are"):
+        events.save(member)
+    assert events.store.read_stream(member.id) == []
+    packed = NewEvent(str(uuid.uuid4()), "m-1", 1, "Member.Packed", 1, b"\x91\xa3ada", b"\x80", 0)
+    events.store.append([StreamAppend("m-1", 0, [packed])])  # as an older riverbed stored it
+    with pytest.raises(EventSourcingError, match="Packed cannot be array_like=True"):
+        events.get(Member, "m-1")
