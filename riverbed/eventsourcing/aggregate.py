@@ -54,6 +54,18 @@ class DomainEvent(msgspec.Struct, kw_only=True):
         raise NotImplementedError(f"{type(self).__qualname__} has no apply(aggregate) method")
 
 
+def snapshot_every(cls: type[Aggregate]) -> int | None:
+    """``cls.snapshot_every``; ``EventSourcingError`` unless it is a count of events or None
+    (checked when the class is defined, and again when it is used: it may be set later)."""
+    every = cls.snapshot_every
+    if every is not None and (type(every) is not int or every < 1):
+        raise EventSourcingError(
+            f"{cls.__name__}.snapshot_every = {every!r}: give a number of events >= 1, or None "
+            "for no snapshots"
+        )
+    return every
+
+
 class Recorded(msgspec.Struct, frozen=True):
     """An event recorded by an aggregate and not yet saved (a Struct: a frozen dataclass took a
     tenth of a command's time to build)."""
@@ -100,12 +112,8 @@ class Aggregate:
         source_digest(cls.__module__, executing=True)
         for base in cls.__mro__[1:]:
             source_digest(base.__module__)
-        every = cls.__dict__.get("snapshot_every")
-        if every is not None and (type(every) is not int or every < 1):
-            raise EventSourcingError(
-                f"{cls.__name__}.snapshot_every = {every!r}: give a number of events >= 1, or "
-                "None for no snapshots"
-            )
+        if "snapshot_every" in cls.__dict__:
+            snapshot_every(cls)
 
     @classmethod
     def create(cls, *args: Any, id: str | None = None, **kwargs: Any) -> Self:

@@ -28,7 +28,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate, Recorded, check_id, stored_name
+from riverbed.eventsourcing.aggregate import (
+    Aggregate,
+    Recorded,
+    check_id,
+    snapshot_every,
+    stored_name,
+)
 from riverbed.eventsourcing.codec import (
     ENCODER,
     dec_hook,
@@ -664,7 +670,9 @@ def _saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Aggreg
     due = []
     for aggregate, count in zip(aggregates, saved, strict=True):
         pending = aggregate.pending
-        every = type(aggregate).snapshot_every
+        every = None
+        with _never_failing(aggregate):
+            every = snapshot_every(type(aggregate))
         if (
             every
             and count

@@ -133,6 +133,26 @@ def test_a_snapshot_every_that_is_not_a_count_is_refused_at_definition() -> None
                 snapshot_every = every  # type: ignore[assignment]
 
 
+def test_a_snapshot_every_set_wrong_later_fails_no_save(
+    events: EventSourcing, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Counted(riverbed.Aggregate):
+        @riverbed.event("Counted")
+        def count(self) -> None:
+            pass
+
+    Counted.snapshot_every = "2"  # type: ignore[assignment]
+    counted = Counted()
+    counted.count()
+    with caplog.at_level(logging.WARNING):
+        events.save(counted)
+    assert counted.pending == []  # saved: the next save does not conflict
+    counted.count()
+    events.save(counted)
+    assert events.get(Counted, counted.id).version == 2
+    assert "Counted.snapshot_every = '2': give a number of events >= 1" in caplog.text
+
+
 class Member(riverbed.Aggregate):
     snapshot_every = 2
 
