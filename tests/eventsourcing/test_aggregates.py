@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, repository, scenario
+from riverbed.eventsourcing import EventSourcing, scenario, snapshots
 from riverbed.eventsourcing.codec import registry
 from riverbed.eventsourcing.errors import EventDecodeError, EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
@@ -250,7 +250,7 @@ class Cart(riverbed.Aggregate):
 @pytest.fixture
 def warnings_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The unsnapshotted classes warned about: none yet (it warns once per class and process)."""
-    monkeypatch.setattr(repository, "_warned_unsnapshotted", set())
+    monkeypatch.setattr(snapshots, "_warned_unsnapshotted", set())
 
 
 @pytest.mark.usefixtures("warnings_again")

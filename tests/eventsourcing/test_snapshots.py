@@ -260,7 +260,7 @@ def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -
     (tmp_path / "stable_basket.py").write_text(STABLE_MODULE)
     script = (
         "import stable_basket\n"
-        "from riverbed.eventsourcing.repository import _state_hints\n"
+        "from riverbed.eventsourcing.snapshots import _state_hints\n"
         "print(_state_hints(stable_basket.Basket)[1])\n"
     )
     schemas = set()
@@ -274,7 +274,7 @@ def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -
 
 
 def test_a_scripts_snapshots_serve_it_imported_as_a_module_too(tmp_path: Path) -> None:
-    printing = "from riverbed.eventsourcing.repository import _state_hints\n"
+    printing = "from riverbed.eventsourcing.snapshots import _state_hints\n"
     printing += "print(_state_hints(Basket)[1])\n"
     (tmp_path / "stable_basket.py").write_text(f"{STABLE_MODULE}\n{printing}")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.getcwd()}"}

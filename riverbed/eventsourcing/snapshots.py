@@ -1,0 +1,284 @@
+"""Snapshots: an aggregate's attributes, typed by its class annotations, so custom types
+(Structs, dataclasses, datetimes, Decimals) come back as themselves; taken after a save, sealed
+with the stream's key, used on load.
+
+The snapshot's schema is a fingerprint of the class's code (the bodies that build the state from
+events), of its annotations and the shape of their types, and of its events' versions: after any
+of them changes, old snapshots are ignored and the aggregate is replayed from its events instead
+of loading wrong. A state that would not load back equal (an attribute of a custom type with no
+annotation comes back as a dict) or does not encode at all gets no snapshot: loading then replays
+the events, and a warning names the attributes. A snapshot never fails a save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import msgspec
+
+from riverbed.eventsourcing.aggregate import Aggregate, snapshot_every, stored_name
+from riverbed.eventsourcing.codec import ENCODER, dec_hook, registry, seal, unseal
+from riverbed.eventsourcing.records import Snapshot
+from riverbed.eventsourcing.sources import source_digest
+
+A = TypeVar("A", bound=Aggregate)
+log = logging.getLogger("riverbed.events")
+_snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+# What every aggregate has besides its state.
+_NOT_STATE = frozenset({"id", "version", "_pending", "_applying", "_decrypted_with"})
+
+
+def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
+    """The annotated attributes of ``cls`` and the fingerprint of its snapshots' schema."""
+    cached = cls.__dict__.get("_riverbed_state")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    hints = {
+        name: hint
+        for name, hint in typing.get_type_hints(cls).items()
+        if name not in _NOT_STATE and typing.get_origin(hint) is not typing.ClassVar
+    }
+    described = json.dumps(_fingerprinted(cls, hints))
+    # 31 bits: the snapshot schema column is a 32-bit integer on PostgreSQL.
+    schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
+    return hints, schema
+
+
+def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
+    """What a snapshot of ``cls`` depends on: the source files of the modules that define the
+    class, its bases and mixins, and its annotated attributes' types (any change there, in its
+    methods, their defaults and decorators, the events' versions and annotations, replays
+    instead of loading a state the new code would not build), and the events' versions. A class
+    without a source file (made by exec) is described by its bytecode and values instead. Code
+    the methods call in other modules is not covered: bump an event's version when such a change
+    alters the state."""
+    parts: set[str] = set()
+    classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
+    classes += _classes_in(list(hints.values()))
+    for module in {c.__module__ for c in classes}:
+        # The file's digest, not the module's name: a script's classes (in __main__) take and
+        # use the same snapshots as when a worker imports the script as a module.
+        digest = source_digest(module)
+        if digest is not None:
+            parts.add(f"source {digest}")
+            continue
+        for c in (c for c in classes if c.__module__ == module):
+            attributes = sorted(vars(c).items())
+            parts.update(f"{c.__qualname__}.{name} = {_behaviour(value)}"
+                         for name, value in attributes if name != "_riverbed_state")  # fmt: skip
+    parts.update(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
+    return sorted(parts)
+
+
+def _classes_in(hints: list[Any]) -> list[type[Any]]:
+    """The classes that annotations name, their arguments' too (``list[Line]``: Line)."""
+    found: list[type[Any]] = []
+    while hints:
+        hint = hints.pop()
+        hints += typing.get_args(hint)
+        origin = typing.get_origin(hint) or hint
+        if isinstance(origin, type) and origin.__module__ != "builtins":
+            found.append(origin)
+    return found
+
+
+# An object's address in a repr (a default factory's), which differs from process to process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _behaviour(value: object) -> str:
+    """A class attribute as a snapshot depends on it: a method's code, or the value."""
+    if isinstance(value, property):
+        return " ".join(_behaviour(f) for f in (value.fget, value.fset, value.fdel))
+    function = getattr(value, "method", value)  # an event method's
+    function = getattr(function, "__func__", function)  # a static or class method's
+    code = getattr(function, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return _code_text(code)
+    return _constant(value)
+
+
+def _code_text(code: types.CodeType) -> str:
+    return f"{code.co_code.hex()} {code.co_names} {[_constant(c) for c in code.co_consts]}"
+
+
+def _constant(value: object) -> str:
+    """``value``'s repr as every process gives it."""
+    if isinstance(value, types.CodeType):
+        return _code_text(value)
+    if isinstance(value, set | frozenset):  # in the order of string hashes, which vary
+        return f"{type(value).__name__}({sorted(map(_constant, value))})"
+    if isinstance(value, tuple | list):
+        return f"{type(value).__name__}({', '.join(map(_constant, value))})"
+    if isinstance(value, dict):
+        return f"dict({', '.join(f'{_constant(k)}: {_constant(v)}' for k, v in value.items())})"
+    return _ADDRESS.sub("", repr(value))
+
+
+@contextmanager
+def never_failing(aggregate: Aggregate) -> Iterator[None]:
+    """A snapshot never fails a save, whose events are committed: its error is logged, and
+    loading replays the events instead."""
+    try:
+        yield
+    except Exception as error:
+        log.warning("no snapshot of %s %s: %s: %s", type(aggregate).__qualname__, aggregate.id,
+                    type(error).__name__, error)  # fmt: skip
+
+
+def mark_saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Aggregate]:
+    """Mark the first ``saved`` pending events of each aggregate saved (they are committed,
+    whatever becomes of the snapshots); the aggregates due for a snapshot. One that recorded
+    more meanwhile (another task, while the save awaited the store) keeps those pending, and
+    its state, ahead of the store, is not snapshotted."""
+    due = []
+    for aggregate, count in zip(aggregates, saved, strict=True):
+        pending = aggregate.pending
+        every = None
+        with never_failing(aggregate):
+            every = snapshot_every(type(aggregate))
+        if (
+            every
+            and count
+            and count == len(pending)
+            and aggregate.version // every > (pending[0].version - 1) // every
+        ):
+            due.append(aggregate)
+        del pending[:count]
+    return due
+
+
+# What _decrypted_with holds once a stream's key changed under a live aggregate: its state may
+# hold personal data of the old key, which no key may seal again.
+_NO_KEY_FITS = b""
+
+
+def sealed_with(aggregates: Sequence[Aggregate], keys: dict[str, bytes | None]) -> None:
+    """After a save: the key each aggregate's personal data is now protected by (``keys``: the
+    one its personal events were just sealed with, by stream)."""
+    for aggregate in aggregates:
+        key = keys.get(aggregate.id)
+        if key is None:
+            continue
+        if aggregate._decrypted_with is None:
+            aggregate._decrypted_with = key
+        elif aggregate._decrypted_with != key:
+            aggregate._decrypted_with = _NO_KEY_FITS
+
+
+def seal_snapshot(
+    snapshot: Snapshot, aggregate: Aggregate, key: bytes | None, decrypted_with: bytes | None
+) -> Snapshot | None:
+    """``snapshot`` sealed with the stream's ``key`` if it has one, since the state may hold
+    personal fields, and a deleted key must erase them here too; None when the state holds
+    personal data of another key (``decrypted_with``: the aggregate's when it was taken)."""
+    if decrypted_with is not None and decrypted_with != key:
+        log.info("no snapshot of %s %s: its stream's key was deleted since its personal data "
+                 "was read or saved", type(aggregate).__qualname__, aggregate.id)  # fmt: skip
+        return None
+    if key is None:
+        return snapshot
+    return msgspec.structs.replace(snapshot, data=seal(key, snapshot.data))
+
+
+def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
+    """The aggregate's state as a snapshot, not sealed yet (``_seal``); None when the state
+    would not load back as it is."""
+    cls = type(aggregate)
+    try:
+        hints, schema = _state_hints(cls)
+    except NameError as error:  # an annotation of a name only imported for type checkers
+        _no_snapshots(cls, f"its annotations do not resolve ({error})")
+        return None
+    state = {k: v for k, v in vars(aggregate).items() if k not in _NOT_STATE}
+    try:
+        data = ENCODER.encode(state)
+        restored = _typed(_snapshot_decoder.decode(data), hints)
+        differing = [name for name, value in state.items() if not _same(restored.get(name), value)]
+    except (NotImplementedError, OverflowError, TypeError, ValueError, msgspec.MsgspecError
+            ) as error:  # fmt: skip
+        _no_snapshots(cls, f"its state does not encode and decode ({error})")
+        return None
+    if differing:
+        changes = ", ".join(_change(name, state[name], restored.get(name)) for name in differing)
+        name = differing[0]
+        advice = (
+            f"annotate them on the class (`{name}: {type(state[name]).__name__}`)"
+            if name not in hints
+            else "their annotations do not say what they hold"
+        )
+        _no_snapshots(cls, f"{changes}; {advice}")
+        return None
+    return Snapshot(
+        stream=aggregate.id,
+        version=aggregate.version,
+        type=stored_name(cls),
+        schema=schema,
+        data=data,
+        timestamp_ms=time.time_ns() // 1_000_000,
+    )
+
+
+def from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | None:
+    """The aggregate restored from ``snapshot``; None (replay from the events) when the class
+    changed shape since, the snapshot does not convert to its annotations, or it is sealed with
+    a key that was deleted."""
+    try:
+        hints, schema = _state_hints(cls)
+        data = unseal(key, snapshot.data)
+        if snapshot.schema != schema or snapshot.type != stored_name(cls) or data is None:
+            return None
+        values = _typed(_snapshot_decoder.decode(data), hints)
+        aggregate = cls.__new__(cls)
+        aggregate._begin(snapshot.stream)
+        for name, value in values.items():
+            setattr(aggregate, name, value)
+    except Exception as error:  # whatever fails, the events are there to replay
+        log.warning("ignoring the snapshot of %s %s: %s: %s", cls.__name__, snapshot.stream,
+                    type(error).__name__, error)  # fmt: skip
+        return None
+    aggregate.version = snapshot.version
+    return aggregate
+
+
+def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
+    """A decoded state's annotated attributes converted to their types."""
+    for name, hint in hints.items():
+        if name in values:
+            values[name] = msgspec.convert(values[name], hint, dec_hook=dec_hook)
+    return values
+
+
+def _same(restored: object, value: object) -> bool:
+    """Whether a state's value loads back as it is (a NaN is itself, though not equal)."""
+    if isinstance(restored, float) and isinstance(value, float):
+        return restored == value or (math.isnan(restored) and math.isnan(value))
+    return restored == value
+
+
+def _change(name: str, value: object, restored: object) -> str:
+    if type(restored) is not type(value):
+        return f"{name} ({type(value).__name__} loads back as {type(restored).__name__})"
+    return f"{name} ({type(value).__name__} whose items load back changed)"
+
+
+_warned_unsnapshotted: set[type[Aggregate]] = set()
+
+
+def _no_snapshots(cls: type[Aggregate], reason: str) -> None:
+    """Warn, once per class, that its aggregates are saved without snapshots."""
+    if cls not in _warned_unsnapshotted:
+        _warned_unsnapshotted.add(cls)
+        log.warning("no snapshots of %s, loads replay its events: %s", cls.__qualname__, reason)
