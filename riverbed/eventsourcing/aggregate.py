@@ -19,7 +19,7 @@ import msgspec
 
 from riverbed.eventsourcing.codec import ENCODER, EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.eventsourcing.sources import source_digest
+from riverbed.eventsourcing.sources import read_imports, source_digest
 from riverbed.ids import time_ordered_id
 
 P = ParamSpec("P")
@@ -112,6 +112,7 @@ class Aggregate:
         source_digest(cls.__module__, executing=True)
         for base in cls.__mro__[1:]:
             source_digest(base.__module__)
+        read_imports(cls.__module__)
         if "snapshot_every" in cls.__dict__:
             snapshot_every(cls)
 

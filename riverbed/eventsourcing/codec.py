@@ -167,6 +167,12 @@ class EventRegistry:
         entries = {id(entry): entry for entry in self._by_class.values()}.values()
         return [e for e in entries if e.aggregate is not None and issubclass(cls, e.aggregate)]
 
+    def of_class(self, cls: type[Any]) -> EventType:
+        return self._by_class[cls]
+
+    def is_event_class(self, value: object) -> bool:
+        return isinstance(value, type) and value in self._by_class
+
     def of(self, event: object) -> EventType:
         entry = self._by_class.get(type(event))
         if entry is None:
@@ -249,7 +255,7 @@ def _nested_personal(hint: Any, seen: set[type[Any]]) -> str | None:
         if path is not None:
             return path
     cls = typing.get_origin(hint) or hint
-    if not isinstance(cls, type) or cls in seen or not _has_fields(cls):
+    if not isinstance(cls, type) or cls in seen or not has_fields(cls):
         return None
     seen.add(cls)  # a recursive type is looked into once
     for name, field_hint in typing.get_type_hints(cls, include_extras=True).items():
@@ -259,7 +265,7 @@ def _nested_personal(hint: Any, seen: set[type[Any]]) -> str | None:
     return None
 
 
-def _has_fields(cls: type[Any]) -> bool:
+def has_fields(cls: type[Any]) -> bool:
     return (
         issubclass(cls, msgspec.Struct)
         or dataclasses.is_dataclass(cls)

@@ -12,11 +12,14 @@ the events, and a warning names the attributes. A snapshot never fails a save.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
 import json
 import logging
 import math
 import re
+import sys
 import time
 import types
 import typing
@@ -27,7 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from riverbed.eventsourcing.aggregate import Aggregate, snapshot_every, stored_name
-from riverbed.eventsourcing.codec import ENCODER, dec_hook, registry, seal, unseal
+from riverbed.eventsourcing.codec import ENCODER, dec_hook, has_fields, registry, seal, unseal
 from riverbed.eventsourcing.records import Snapshot
 from riverbed.eventsourcing.sources import source_digest
 
@@ -58,15 +61,17 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
 
 def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     """What a snapshot of ``cls`` depends on: the source files of the modules that define the
-    class, its bases and mixins, and its annotated attributes' types (any change there, in its
-    methods, their defaults and decorators, the events' versions and annotations, replays
-    instead of loading a state the new code would not build), and the events' versions. A class
-    without a source file (made by exec) is described by its bytecode and values instead. Code
-    the methods call in other modules is not covered: bump an event's version when such a change
+    class, its bases and mixins, its annotated attributes' types and the types of their fields,
+    and the explicit event classes its methods name (any change there, in its methods, their
+    defaults and decorators, the events' versions, annotations and ``apply``, replays instead of
+    loading a state the new code would not build), and its events' versions. A class without a
+    source file (made by exec) is described by its bytecode and values instead. Other code the
+    methods call in other modules is not covered: bump an event's version when such a change
     alters the state."""
     parts: set[str] = set()
     classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
-    classes += _classes_in(list(hints.values()))
+    triggered = _event_classes_named(classes)
+    classes += _classes_in(list(hints.values())) + triggered
     for module in {c.__module__ for c in classes}:
         # The file's digest, not the module's name: a script's classes (in __main__) take and
         # use the same snapshots as when a worker imports the script as a module.
@@ -75,23 +80,80 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
             parts.add(f"source {digest}")
             continue
         for c in (c for c in classes if c.__module__ == module):
-            attributes = sorted(vars(c).items())
             parts.update(f"{c.__qualname__}.{name} = {_behaviour(value)}"
-                         for name, value in attributes if name != "_riverbed_state")  # fmt: skip
-    parts.update(f"{entry.name} v{entry.version}" for entry in registry.recorded_by(cls))
+                         for name, value in _attributes(c))  # fmt: skip
+    entries = [*registry.recorded_by(cls), *map(registry.of_class, triggered)]
+    parts.update(f"{entry.name} v{entry.version}" for entry in entries)
     return sorted(parts)
 
 
+def _attributes(cls: type[Any]) -> list[tuple[str, object]]:
+    """What describes a class without a source file: its attributes, and a Struct's fields'
+    defaults and stored names, which it keeps out of its ``__dict__``."""
+    attributes = [(name, value) for name, value in vars(cls).items() if name != "_riverbed_state"]
+    if issubclass(cls, msgspec.Struct):
+        attributes += [
+            ("__struct_defaults__", cls.__struct_defaults__),
+            ("__struct_encode_fields__", cls.__struct_encode_fields__),
+        ]
+    return sorted(attributes)
+
+
 def _classes_in(hints: list[Any]) -> list[type[Any]]:
-    """The classes that annotations name, their arguments' too (``list[Line]``: Line)."""
+    """The classes that annotations name, their arguments' too (``list[Line]``: Line), and
+    those of the fields of the classes msgspec encodes field by field (``Money.rate: Rate``)."""
     found: list[type[Any]] = []
     while hints:
         hint = hints.pop()
         hints += typing.get_args(hint)
         origin = typing.get_origin(hint) or hint
-        if isinstance(origin, type) and origin.__module__ != "builtins":
-            found.append(origin)
+        if not isinstance(origin, type) or origin.__module__ == "builtins" or origin in found:
+            continue
+        found.append(origin)
+        if has_fields(origin):
+            hints += typing.get_type_hints(origin).values()
     return found
+
+
+def _event_classes_named(classes: list[type[Any]]) -> list[type[Any]]:
+    """The explicit event classes (``DomainEvent``) that the methods of ``classes`` name, as
+    globals of their modules (``Credited(...)``) or attributes of a module imported there
+    (``events.Credited(...)``)."""
+    found: list[type[Any]] = []
+    for cls in classes:
+        module = sys.modules.get(cls.__module__)
+        namespace = vars(module) if module is not None else {}
+        for value in vars(cls).values():
+            for code in _codes_of(value):
+                for names in _names_in(code):
+                    for name in names:
+                        target = namespace.get(name)
+                        if isinstance(target, types.ModuleType):
+                            candidates = [getattr(target, n, None) for n in names]
+                        else:
+                            candidates = [target]
+                        for candidate in candidates:
+                            if isinstance(candidate, type) and registry.is_event_class(candidate):
+                                found.append(candidate)
+    return list(dict.fromkeys(found))
+
+
+def _codes_of(value: object) -> list[types.CodeType]:
+    """The code of a method (an event method's, a static or class method's, a property's)."""
+    if isinstance(value, property):
+        return [code for f in (value.fget, value.fset, value.fdel) for code in _codes_of(f)]
+    function = getattr(value, "method", value)  # an event method's
+    function = getattr(function, "__func__", function)  # a static or class method's
+    code = getattr(function, "__code__", None)
+    return [code] if isinstance(code, types.CodeType) else []
+
+
+def _names_in(code: types.CodeType) -> Iterator[tuple[str, ...]]:
+    """The names each code object of ``code`` (its nested functions' too) uses."""
+    yield code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _names_in(constant)
 
 
 # An object's address in a repr (a default factory's), which differs from process to process.
@@ -102,12 +164,8 @@ def _behaviour(value: object) -> str:
     """A class attribute as a snapshot depends on it: a method's code, or the value."""
     if isinstance(value, property):
         return " ".join(_behaviour(f) for f in (value.fget, value.fset, value.fdel))
-    function = getattr(value, "method", value)  # an event method's
-    function = getattr(function, "__func__", function)  # a static or class method's
-    code = getattr(function, "__code__", None)
-    if isinstance(code, types.CodeType):
-        return _code_text(code)
-    return _constant(value)
+    codes = _codes_of(value)
+    return _code_text(codes[0]) if codes else _constant(value)
 
 
 def _code_text(code: types.CodeType) -> str:
@@ -262,16 +320,55 @@ def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same(restored: object, value: object) -> bool:
-    """Whether a state's value loads back as it is (a NaN is itself, though not equal)."""
-    if isinstance(restored, float) and isinstance(value, float):
+    """Whether a state's value loads back as it is: equal, of the same type (an IntEnum is equal
+    to the int it loads back as; an int may load back as the float its annotation says), down to
+    the items of containers and the fields of objects; a datetime in the same time zone (msgpack
+    keeps the instant, in UTC); a NaN is itself, though not equal."""
+    if type(restored) is not type(value):
+        return type(value) is int and type(restored) is float and restored == value
+    if isinstance(value, float):
+        assert isinstance(restored, float)
         return restored == value or (math.isnan(restored) and math.isnan(value))
+    if isinstance(value, list | tuple):
+        assert isinstance(restored, list | tuple)
+        return len(restored) == len(value) and all(map(_same, restored, value))
+    if isinstance(value, dict):
+        assert isinstance(restored, dict)
+        return _same(list(restored), list(value)) and _same(
+            list(restored.values()), list(value.values())
+        )
+    if isinstance(value, set | frozenset):
+        assert isinstance(restored, set | frozenset)
+        return restored == value and {type(i) for i in restored} == {type(i) for i in value}
+    if isinstance(value, datetime.datetime | datetime.time):
+        assert isinstance(restored, datetime.datetime | datetime.time)
+        return restored == value and restored.tzinfo == value.tzinfo
+    fields = _fields(value)
+    if fields is not None:
+        return restored == value and all(
+            _same(getattr(restored, name), getattr(value, name)) for name in fields
+        )
     return restored == value
 
 
+def _fields(value: object) -> tuple[str, ...] | None:
+    """The fields of a Struct or dataclass instance, None for another value."""
+    if isinstance(value, msgspec.Struct):
+        return value.__struct_fields__
+    if dataclasses.is_dataclass(value):
+        return tuple(f.name for f in dataclasses.fields(value))
+    return None
+
+
 def _change(name: str, value: object, restored: object) -> str:
+    kind = type(value).__name__
     if type(restored) is not type(value):
-        return f"{name} ({type(value).__name__} loads back as {type(restored).__name__})"
-    return f"{name} ({type(value).__name__} whose items load back changed)"
+        return f"{name} ({kind} loads back as {type(restored).__name__})"
+    if isinstance(value, datetime.datetime | datetime.time):
+        assert isinstance(restored, datetime.datetime | datetime.time)
+        return f"{name} ({kind} in time zone {value.tzinfo} loads back in {restored.tzinfo})"
+    parts = "fields" if _fields(value) is not None else "items"
+    return f"{name} ({kind} whose {parts} load back changed)"
 
 
 _warned_unsnapshotted: set[type[Aggregate]] = set()

@@ -1,29 +1,50 @@
-"""Digests of modules' source files, for the snapshots' schemas (repository.py): each module's
-is read once, the first time riverbed meets the module, which an aggregate class defined in it
-or deriving from its classes does while the module is imported. A file replaced on disk later
-(a deploy while the process still runs) must not pass for the code the process runs."""
+"""Digests of modules' source files, for the snapshots' schemas (snapshots.py): each module's
+is read once, the first time riverbed meets the module. An aggregate class reads its own
+module's, its bases' and those of the modules and classes its module imported while the module
+is imported; a module first met later (say, a field type's) is read only if its file is older than
+this process's use of riverbed. A file replaced on disk later (a deploy while the process still
+runs) must not pass for the code the process runs."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import time
+import types
 
 _digests: dict[str, str | None] = {}
+# Files changed after this are not taken for the code this process imported.
+_STARTED = time.time()
 
 
 def source_digest(module: str, *, executing: bool = False) -> str | None:
     """The digest of ``module``'s source file as first read, if it has one; ``executing``: the
     module is being imported (or reloaded) now, so its file is read again."""
     if executing or module not in _digests:
-        _digests[module] = _read(module)
+        _digests[module] = _read(module, trusted=executing)
     return _digests[module]
 
 
-def _read(module: str) -> str | None:
+def read_imports(module: str) -> None:
+    """Read the source files of the modules ``module`` has imported so far, and of those its
+    imported classes come from, if riverbed has not met them yet."""
+    found = sys.modules.get(module)
+    for value in list(vars(found).values()) if found is not None else []:
+        if isinstance(value, types.ModuleType):
+            source_digest(value.__name__)
+        elif isinstance(value, type):
+            source_digest(value.__module__)
+
+
+def _read(module: str, trusted: bool) -> str | None:
+    """``trusted``: the module is being imported, so its file is the code it runs."""
     path = getattr(sys.modules.get(module), "__file__", None)
     if not isinstance(path, str):
         return None
     try:
+        if not trusted and os.stat(path).st_mtime > _STARTED:
+            return None  # maybe not what the process imported: its classes' code instead
         with open(path, "rb") as source:
             return hashlib.sha256(source.read()).hexdigest()
     except OSError:  # in a zip, say

@@ -5,6 +5,8 @@ stream key was deleted since it loaded is not snapshotted, and a snapshot never 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import enum
 import importlib
 import logging
 import os
@@ -12,13 +14,15 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing
+from riverbed.eventsourcing import EventSourcing, snapshots
 from riverbed.eventsourcing.errors import EventSourcingError
 
 
@@ -391,3 +395,177 @@ def test_a_snapshot_is_keyed_by_the_code_running_not_the_file_on_disk_since(
     release_2 = getattr(importlib.reload(running), f"Score{name[-8:]}")  # a new process
     assert events.get(release_2, score.id).total == 30  # replayed by release 2's code
     sys.modules.pop(name)
+
+
+class Releases:
+    """Modules written to files and imported in order, then rewritten and reloaded, as releases
+    of an app's code; ``ID`` in their sources is a suffix of their own (each store's test run
+    has its module and class names)."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.dir = tmp_path
+        self.suffix = uuid.uuid4().hex[:8]
+        self.modules: dict[str, ModuleType] = {}
+        monkeypatch.syspath_prepend(str(tmp_path))
+
+    def deploy(self, **sources: str) -> dict[str, ModuleType]:
+        """Write each module, then import it, or reload it if an earlier release did."""
+        for name, source in sources.items():
+            text = textwrap.dedent(source).replace("ID", self.suffix)
+            (self.dir / f"{name}_{self.suffix}.py").write_text(text)
+        for name in sources:
+            module = self.modules.get(name)
+            if module is None:
+                self.modules[name] = importlib.import_module(f"{name}_{self.suffix}")
+            else:
+                importlib.reload(module)
+        return self.modules
+
+    def close(self) -> None:
+        for module in self.modules.values():
+            sys.modules.pop(module.__name__, None)
+
+
+@pytest.fixture
+def releases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Releases]:
+    made = Releases(tmp_path, monkeypatch)
+    yield made
+    made.close()
+
+
+CREDITED_V1 = """
+    import riverbed
+
+    class Credited(riverbed.DomainEvent):
+        event_type = "WalletID.Credited"
+        amount: int
+
+        def apply(self, wallet):
+            wallet.total += self.amount
+"""
+WALLET = """
+    import riverbed
+    import credits_ID
+
+    class WalletID(riverbed.Aggregate):
+        snapshot_every = 2
+        total: int
+
+        @riverbed.event("Opened")
+        def __init__(self) -> None:
+            self.total = 0
+
+        def credit(self, amount: int) -> None:
+            self.trigger(credits_ID.Credited(amount=amount))
+"""
+
+
+def test_a_snapshot_is_ignored_once_an_event_class_it_triggers_changed_version(
+    events: EventSourcing, releases: Releases
+) -> None:
+    release_1 = releases.deploy(credits=CREDITED_V1, wallet=WALLET)
+    wallet = getattr(release_1["wallet"], f"Wallet{releases.suffix}")()
+    wallet.credit(5)
+    events.save(wallet)
+    assert events.store.load_snapshot(wallet.id) is not None
+    upcaster = "upcasters = {1: lambda d: {'amount': 100 * d['amount']}}"
+    in_cents = CREDITED_V1.replace(
+        "        amount: int\n",
+        f"        event_version = 2\n        {upcaster}\n        amount: int\n",
+    )
+    release_2 = releases.deploy(credits=in_cents, wallet=WALLET)
+    assert (
+        events.get(getattr(release_2["wallet"], f"Wallet{releases.suffix}"), wallet.id).total == 500
+    )
+
+
+RATE = """
+    import msgspec
+
+    class Rate(msgspec.Struct):
+        percent: int
+        basis: int = 100
+"""
+PER_MILLE = RATE.replace("basis: int = 100", "basis: int = 1000")
+MONEY = """
+    import msgspec
+    import rate_ID
+
+    class Money(msgspec.Struct):
+        cents: int
+        rate: rate_ID.Rate
+"""
+ACCOUNT = """
+    import riverbed
+    from money_ID import Money
+    from rate_ID import Rate
+
+    class AccountID(riverbed.Aggregate):
+        snapshot_every = 2
+        balance: Money
+
+        @riverbed.event("Opened")
+        def __init__(self) -> None:
+            self.balance = Money(0, Rate(5))
+
+        @riverbed.event("Rated")
+        def rate(self, percent: int) -> None:
+            self.balance = Money(self.balance.cents, Rate(percent))
+"""
+
+
+def test_a_snapshot_is_ignored_once_a_type_inside_an_attributes_type_changed(
+    events: EventSourcing, releases: Releases
+) -> None:
+    release_1 = releases.deploy(rate=RATE, money=MONEY, account=ACCOUNT)
+    account = getattr(release_1["account"], f"Account{releases.suffix}")()
+    account.rate(7)
+    events.save(account)
+    assert events.store.load_snapshot(account.id) is not None
+    release_2 = releases.deploy(rate=PER_MILLE, money=MONEY, account=ACCOUNT)
+    loaded = events.get(getattr(release_2["account"], f"Account{releases.suffix}"), account.id)
+    assert loaded.balance.rate.basis == 1000  # replayed, not the snapshot's 100
+
+
+def test_a_snapshot_taken_after_a_deploy_changed_a_types_file_is_of_the_running_code(
+    events: EventSourcing, releases: Releases
+) -> None:
+    release_1 = releases.deploy(rate=RATE, money=MONEY, account=ACCOUNT)
+    rate_file = releases.dir / f"rate_{releases.suffix}.py"
+    rate_file.write_text(textwrap.dedent(PER_MILLE))  # the deploy, under the running release 1
+    account = getattr(release_1["account"], f"Account{releases.suffix}")()
+    account.rate(7)
+    events.save(account)  # release 1's first snapshot of the class
+    release_2 = releases.deploy(rate=PER_MILLE, money=MONEY, account=ACCOUNT)
+    loaded = events.get(getattr(release_2["account"], f"Account{releases.suffix}"), account.id)
+    assert loaded.balance.rate.basis == 1000
+
+
+class Status(enum.IntEnum):
+    OPEN = 1
+
+
+TOKYO = datetime.timezone(datetime.timedelta(hours=9))
+
+
+class Booked(riverbed.Aggregate):
+    snapshot_every = 1
+
+    @riverbed.event("Made")
+    def __init__(self, start: datetime.datetime) -> None:
+        self.status = Status.OPEN  # not annotated: it would load back as an int
+        self.start = start.astimezone(TOKYO)  # loads back in UTC
+
+
+def test_a_state_that_loads_back_as_another_type_or_time_zone_gets_no_snapshot(
+    events: EventSourcing, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshots, "_warned_unsnapshotted", set())
+    with caplog.at_level(logging.WARNING):
+        events.save(Booked(datetime.datetime(2026, 5, 1, 20, 0, tzinfo=datetime.UTC)))
+    assert "status (Status loads back as int)" in caplog.text
+    assert "start (datetime in time zone UTC+09:00 loads back in UTC)" in caplog.text
+    booked = events.read()[-1].stream
+    assert events.store.load_snapshot(booked) is None
+    loaded = events.get(Booked, booked)
+    assert loaded.status is Status.OPEN and loaded.start.tzinfo == TOKYO
