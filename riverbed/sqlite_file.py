@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from riverbed.errors import InvalidUrlError, RiverbedError
+from riverbed.log.sqlite.kinds import claim
 from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
 from riverbed.urls import BackendUrl
 
@@ -100,18 +101,13 @@ class SqliteFile:
         return conn
 
     def create_schema(self, statements: Sequence[str], version: int) -> None:
-        """Create the tables (idempotent); an error if the file is of a newer riverbed, or
-        another program's.
+        """Create the tables (idempotent); an error if the file is of a newer riverbed, of
+        another kind (``what``: one of ``kinds.KINDS``), or another program's.
         Raises ``sqlite3.DatabaseError`` or ``OSError`` when the file cannot be opened."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with write_transaction(self.conn) as conn:
+            claim(conn, self.what, self.path)  # left as it is if another kind's or program's
             found = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master LIMIT 3")]
-            if found == 0 and tables:  # another program's database: leave it as it is
-                raise RiverbedError(
-                    f"{self.what} {str(self.path)!r} is a database riverbed did not create (it "
-                    f"holds {', '.join(tables)}); give riverbed a file of its own"
-                )
             if found > version:
                 raise RiverbedError(
                     f"{self.what} {str(self.path)!r} has schema version {found}, newer than "

@@ -1,5 +1,6 @@
 """``SqliteFile`` with background checkpoints: writers never checkpoint inside a commit, and the
-write-ahead log still stays bounded under a writer that never pauses."""
+write-ahead log still stays bounded under a writer that never pauses. Each kind of riverbed file
+refuses another kind's file, and another program's."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import riverbed
 from riverbed import sqlite_file
 from riverbed.errors import RiverbedError
-from riverbed.eventsourcing.stores import connect_store
+from riverbed.eventsourcing.stores import connect_store, missing_store
+from riverbed.log.sqlite.kinds import KINDS
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile
+from riverbed.tasks.brokers import connect_broker
 
 
 def test_background_checkpoints_keep_the_log_bounded(
@@ -25,7 +29,7 @@ def test_background_checkpoints_keep_the_log_bounded(
 ) -> None:
     monkeypatch.setattr(sqlite_file, "WRITER_CHECKPOINT_PAGES", 1024)
     monkeypatch.setattr(sqlite_file, "JOURNAL_LIMIT_BYTES", 4 * 1024 * 1024)
-    database = SqliteFile(tmp_path / "x.db", "NORMAL", "test file", background_checkpoints=True)
+    database = SqliteFile(tmp_path / "x.db", "NORMAL", "event store", background_checkpoints=True)
     database.create_schema(["CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB)"], 1)
     conn = database.conn
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1024
@@ -44,7 +48,8 @@ def test_background_checkpoints_keep_the_log_bounded(
 
 CLOSED_UNDER_A_READER = """
 import sys, threading, time
-from riverbed.eventsourcing.stores import connect_store
+from riverbed.eventsourcing.stores import connect_store, missing_store
+from riverbed.log.sqlite.kinds import KINDS
 
 store = connect_store(f"sqlite:///{sys.argv[1]}/events.db")
 errors = []
@@ -103,3 +108,47 @@ def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:
         assert len(os.listdir("/proc/self/fd")) < opened + 10
     finally:
         store.close()
+
+
+OPENERS = {
+    "log": riverbed.connect,
+    "task database": connect_broker,
+    "event store": connect_store,
+}
+
+
+@pytest.mark.parametrize("kind", list(OPENERS))
+def test_a_file_of_another_riverbed_kind_is_refused_and_left_as_it_was(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / f"{kind}.db"
+    OPENERS[kind](f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        header = (
+            conn.execute("PRAGMA user_version").fetchone(),
+            conn.execute("PRAGMA application_id").fetchone(),
+        )
+    for other, opener in OPENERS.items():
+        if other == kind:
+            continue
+        with pytest.raises(RiverbedError, match=f"is a riverbed {kind}, not an? {other}; give"):
+            opener(f"sqlite:///{path}")
+        with sqlite3.connect(path) as conn:
+            assert (
+                conn.execute("PRAGMA user_version").fetchone(),
+                conn.execute("PRAGMA application_id").fetchone(),
+            ) == header
+    OPENERS[kind](f"sqlite:///{path}").close()  # still its own kind's
+
+
+def test_a_file_of_an_earlier_riverbed_is_told_by_its_tables(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    riverbed.connect(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA application_id=0")  # as releases before the header wrote it
+    with pytest.raises(RiverbedError, match="is a riverbed log, not an event store"):
+        connect_store(f"sqlite:///{path}")
+    assert "is a riverbed log, not an event store" in str(missing_store(f"sqlite:///{path}"))
+    riverbed.connect(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone() == (KINDS["log"][0],)

@@ -4,6 +4,7 @@ projections and process managers, on a SQLite event store."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from types import ModuleType
 import pytest
 from typer.testing import CliRunner, Result
 
+import riverbed
 from riverbed.cli.main import app as cli
 from riverbed.eventsourcing.sagas import SagaRunner
 
@@ -205,6 +207,32 @@ def test_a_store_that_does_not_exist_is_an_error_and_is_not_created(
         assert result.stderr.startswith(f"error: no event store at '{tmp_path}/events.db' (no")
         assert "a worker running the app, or its first save, creates the store" in result.stderr
     assert not (tmp_path / "events.db").exists()
+
+
+def test_a_store_url_at_another_file_is_an_error_and_changes_nothing(
+    rooms: ModuleType, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.db"
+    path.touch()  # an empty file: looking does not make it a store
+    empty = run("list", "rooms:app")
+    assert empty.stderr.startswith(f"error: no event store at '{path}' (the file is an empty")
+    assert path.stat().st_size == 0
+    path.unlink()
+    riverbed.connect(f"sqlite:///{path}").close()  # the log's file, say
+    before = schema(path)
+    wrong = run("list", "rooms:app")
+    assert wrong.exit_code == 1
+    assert wrong.stderr.startswith(f"error: '{path}' is a riverbed log, not an event store")
+    assert schema(path) == before
+
+
+def schema(path: Path) -> tuple[object, ...]:
+    with sqlite3.connect(path) as conn:
+        return (
+            conn.execute("PRAGMA user_version").fetchone(),
+            conn.execute("PRAGMA application_id").fetchone(),
+            conn.execute("SELECT name FROM sqlite_master ORDER BY name").fetchall(),
+        )
 
 
 def test_unknown_projections_and_apps_are_one_line_errors(rooms: ModuleType) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from riverbed.errors import MissingExtraError
 from riverbed.eventsourcing.stores.api import AsyncEventStore, EventStore, Transaction
+from riverbed.log.sqlite.kinds import file_kind
 from riverbed.urls import parse_url, resolve_url
 
 EVENTS_URL_ENV = "RIVERBED_EVENTS_URL"
@@ -49,14 +51,27 @@ def missing_store(url: str | None = None) -> str | None:
     resolved = resolve_url(url, EVENTS_URL_ENV, DEFAULT_EVENTS_URL)
     parsed = parse_url(resolved, SCHEMES)
     if parsed.scheme == "sqlite":
-        if Path(parsed.location).exists():
-            return None
-        return f"no event store at {parsed.location!r} (no such file)"
+        return _missing_sqlite_store(Path(parsed.location))
     _require_psycopg()
     from riverbed.eventsourcing.stores.postgres.schema import schema_missing
     from riverbed.eventsourcing.stores.postgres.settings import parse_settings
 
     return schema_missing(parse_settings(parsed))
+
+
+def _missing_sqlite_store(path: Path) -> str | None:
+    if not path.exists():
+        return f"no event store at {str(path)!r} (no such file)"
+    try:
+        kind = file_kind(path)
+    except sqlite3.DatabaseError as error:
+        return f"{str(path)!r} is not an event store ({error})"
+    if kind == "event store":
+        return None
+    if kind == "":
+        return f"no event store at {str(path)!r} (the file is an empty database)"
+    what = f"a riverbed {kind}" if kind is not None else "a database riverbed did not create"
+    return f"{str(path)!r} is {what}, not an event store"
 
 
 def runs_in_threads(url: str | None = None) -> bool:

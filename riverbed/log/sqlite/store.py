@@ -20,6 +20,7 @@ import msgspec
 
 from riverbed.log.api import Record
 from riverbed.log.errors import CorruptLogError
+from riverbed.log.sqlite import kinds
 
 SCHEMA_VERSION = 1
 
@@ -159,6 +160,7 @@ class Database:
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         try:
             with write_transaction(conn):
+                kinds.claim(conn, "log", self.path)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise CorruptLogError(
