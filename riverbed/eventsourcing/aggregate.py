@@ -288,18 +288,27 @@ def stored_name(cls: type[Aggregate]) -> str:
 
 
 def check_id(aggregate_id: object, where: str) -> None:
-    """Raise ``ValueError`` unless ``aggregate_id`` is a non-empty str without NUL characters,
-    of at most ``MAX_ID_BYTES`` in UTF-8."""
-    if not isinstance(aggregate_id, str) or not aggregate_id or "\x00" in aggregate_id:
+    """Raise ``ValueError`` unless ``aggregate_id`` is a valid key (``check_key``)."""
+    check_key(aggregate_id, "an aggregate id", where)
+
+
+def check_key(key: object, what: str, where: str) -> None:
+    """Raise ``ValueError`` unless ``key`` is a non-empty str without NUL characters, which
+    UTF-8 encodes (no lone surrogates) in at most ``MAX_ID_BYTES``: the keys both stores take
+    (``what``: "an aggregate id", "a timer key")."""
+    if not isinstance(key, str) or not key or "\x00" in key:
         # PostgreSQL cuts a text at a NUL: "a\x00b" would land in the stream "a".
+        raise ValueError(f"{where}: {what} is a non-empty str without NUL characters, got {key!r}")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
         raise ValueError(
-            f"{where}: an aggregate id is a non-empty str without NUL characters, "
-            f"got {aggregate_id!r}"
-        )
-    if len(aggregate_id) > MAX_ID_BYTES // 4 and len(aggregate_id.encode()) > MAX_ID_BYTES:
+            f"{where}: {what} is text UTF-8 can encode, got {key!r} (a lone surrogate)"
+        ) from None
+    if size > MAX_ID_BYTES:
         raise ValueError(
-            f"{where}: an aggregate id is at most {MAX_ID_BYTES:,} bytes in UTF-8, got "
-            f"{len(aggregate_id.encode()):,} ({aggregate_id[:40]!r}...)"
+            f"{where}: {what} is at most {MAX_ID_BYTES:,} bytes in UTF-8, got {size:,} "
+            f"({key[:40]!r}...)"
         )
 
 

@@ -22,6 +22,7 @@ ten times in a row is on_timeout's doing, and fails like an error.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import time
 import traceback
@@ -31,15 +32,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate
-from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
-from riverbed.eventsourcing.records import ParkedEvent, Timer
+from riverbed.eventsourcing.aggregate import Aggregate, check_key
+from riverbed.eventsourcing.errors import (
+    ConcurrencyError,
+    EventSourcingError,
+    HandlerAbortedTransactionError,
+)
+from riverbed.eventsourcing.records import ParkedEvent, StoredEvent, Timer
 from riverbed.eventsourcing.repository import Envelope, causing
 from riverbed.eventsourcing.stores.api import Document, Transaction
 from riverbed.eventsourcing.subscriptions import (
-    CONFLICT_RETRIES,
     PAGE,
-    RETRY_S,
     HandlerError,
     Subscription,
 )
@@ -105,13 +108,16 @@ class Saga:
         self._collection = f"saga:{manager.name}"
 
     def state(self, key: str) -> Document | None:
+        check_key(key, "a state key", "Saga.state")
         return self.tx.get(self._collection, key)
 
     def save_state(self, key: str, state: Document) -> None:
+        check_key(key, "a state key", "Saga.save_state")
         self.tx.put(self._collection, key, state)
 
     def end(self, key: str) -> None:
         """Forget the state of a finished process."""
+        check_key(key, "a state key", "Saga.end")
         self.tx.delete(self._collection, key)
 
     def command(self, cls: type[A], aggregate_id: str, decide: Callable[[A], None]) -> A:
@@ -139,11 +145,18 @@ class Saga:
                 f"{manager.__name__} sets timer {key!r} but has no on_timeout: define "
                 "on_timeout(self, key, data, saga) to handle it"
             )
+        check_key(key, "a timer key", "Saga.set_timer")
+        if data is not None and (
+            not isinstance(data, dict) or not all(isinstance(k, str) for k in data)
+        ):
+            raise TypeError(f"timer {key!r}: its data is a dict with str keys, got {data!r}")
         due = time.time_ns() // 1_000_000 + int(seconds * 1000)
-        stored = _StoredTimer(data or {}, self.correlation_id)
-        self.tx.set_timer(key, due, msgspec.msgpack.encode(stored))
+        encoded = msgspec.msgpack.encode(_StoredTimer(data or {}, self.correlation_id))
+        _timer_decoder.decode(encoded)  # what on_timeout will get: refused now if it would not
+        self.tx.set_timer(key, due, encoded)
 
     def cancel_timer(self, key: str) -> None:
+        check_key(key, "a timer key", "Saga.cancel_timer")
         self.tx.cancel_timer(key)
 
 
@@ -167,47 +180,67 @@ class SagaRunner(Subscription):
         return f"process manager {self.manager.name!r}"
 
     def run_once(self, limit: int = PAGE) -> int:
-        """Fire the due timers, then handle the next page of events; how many events."""
-        self._fire_due_timers()
-        return super().run_once(limit)
+        """Fire the due timers, then handle the next page of events; how many of both."""
+        fired = self._fire_due_timers()
+        return fired + super().run_once(limit)
 
-    def _fire_due_timers(self) -> None:
-        # One transaction per timer: a failing one rolls back alone, then is parked.
-        now_ms = time.time_ns() // 1_000_000
-        conflicts = 0
-        for _ in range(TIMERS_PER_ROUND):
-            if self.stopped_on is not None:
-                return
-            timer: Timer | None = None
+    def page(self, tx: Transaction, limit: int) -> list[StoredEvent]:
+        """The next events, up to the first one stored once a timer had fallen due: the
+        timer fires first."""
+        page = super().page(tx, limit)
+        due = tx.due_timers(time.time_ns() // 1_000_000, limit=1)
+        if not due or not page:
+            return page
+        return list(itertools.takewhile(lambda e: e.timestamp_ms < due[0].due_ms, page))
+
+    def _fire_due_timers(self) -> int:
+        """Fire up to TIMERS_PER_ROUND due timers, each in a transaction of its own; how
+        many."""
+        fired = 0
+        while fired < TIMERS_PER_ROUND and self.stopped_on is None:
+            if not self._retrying(self._fire_next):
+                break
+            fired += 1
+        return fired
+
+    def _fire_next(self) -> bool:
+        """Fire the next due timer; False if none is due. A failing one is parked in the same
+        transaction (kept, never due, with its data, for a retry), which holds the manager's
+        lock: no other runner of it fires the timer meanwhile."""
+        stopping = None
+        with self.store.transaction(self.name) as tx:
+            due = tx.due_timers(self._due_by(tx), limit=1)
+            if not due:
+                return False
+            timer = due[0]
+            tx.cancel_timer(timer.key)  # firing a timer is deleting it
             try:
-                with self.store.transaction(self.name) as tx:
-                    due = tx.due_timers(now_ms, limit=1)
-                    if not due:
-                        return
-                    timer = due[0]
-                    tx.cancel_timer(timer.key)  # firing a timer is deleting it
+                with tx.savepoint():
                     self._fire(timer, tx)
-                conflicts = 0
-            except ConcurrencyError as error:
-                assert timer is not None  # raised by on_timeout's commands
-                # A race: the timer, still due, fires again. The same conflict every time is
-                # on_timeout's doing, and would hold up the manager's events for ever.
-                conflicts += 1
-                if conflicts < CONFLICT_RETRIES:
-                    log.info("%s: timer %r raced another writer, trying again: %s",
-                             self.name, timer.key, error)  # fmt: skip
-                    time.sleep(RETRY_S)
-                    continue
-                conflicts = 0
-                reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
-                self._failed_timer(timer, reason)
-            except _TimerError as failed:
-                conflicts = 0
-                self._failed_timer(failed.timer, failed.reason)
+            except (_TimerError, HandlerAbortedTransactionError) as failed:
+                reason = failed.reason if isinstance(failed, _TimerError) else str(failed)
+                parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}",
+                                     "timer", reason, time.time_ns() // 1_000_000)  # fmt: skip
+                stopping = self.settle(parked, tx)
+                # Stopped, it is due again when the manager restarts; parked, it is kept
+                # never due, for a retry.
+                tx.set_timer(timer.key, PARKED_DUE_MS if stopping is None else timer.due_ms,
+                             timer.data)  # fmt: skip
+        if stopping is not None:
+            self.stopped_on = stopping
+        return True
+
+    def _due_by(self, tx: Transaction) -> int:
+        """Timers fall due by now, but fire after the events stored before they fell due: a
+        payment that succeeded in time beats its timeout, however late the manager is."""
+        now_ms = time.time_ns() // 1_000_000
+        following = self.store.read_all(tx.checkpoint, 1)
+        return min(now_ms, following[0].timestamp_ms) if following else now_ms
 
     def _fire(self, timer: Timer, tx: Transaction) -> None:
         """Run ``on_timeout``; ``_TimerError`` if it fails, except on a race
-        (``ConcurrencyError``) or an outage, after which the timer fires again."""
+        (``ConcurrencyError``, unless ``conflicts_fail``) or an outage, after which the timer
+        fires again."""
         cause = f"timer:{self.manager.name}:{timer.key}:{uuid.uuid4()}"
         try:
             stored = _timer_decoder.decode(timer.data)
@@ -216,28 +249,16 @@ class SagaRunner(Subscription):
             with causing(cause, stored.correlation_id):
                 saga = Saga(self.events, tx, self.manager, stored.correlation_id)
                 self.manager.on_timeout(timer.key, stored.data, saga)
-        except (ConcurrencyError, BrokerUnavailableError):
+        except ConcurrencyError:
+            if not self.conflicts_fail:
+                raise
+            reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
+            raise _TimerError(timer, reason) from None
+        except BrokerUnavailableError:
             raise
         except Exception as error:
             reason = f"on_timeout({timer.key!r}) raised {type(error).__qualname__}: {error}"
             raise _TimerError(timer, f"{reason}\n{traceback.format_exc()}") from error
-
-    def _failed_timer(self, timer: Timer, reason: str) -> None:
-        """Park the timer, or stop here."""
-        parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}", "timer",
-                             reason, time.time_ns() // 1_000_000)  # fmt: skip
-        if self.on_error == "stop":
-            self.stopped_on = parked
-            log.error("%s stopped at timer %r: %s", self.name, timer.key, reason)
-            return
-        with self.store.transaction(self.name) as tx:
-            # Unless another runner of this manager fired or moved it meanwhile.
-            if timer not in tx.due_timers(timer.due_ms, limit=MAX_TIMERS):
-                return
-            # Kept, never due, with its data, for retry.
-            tx.set_timer(timer.key, PARKED_DUE_MS, timer.data)
-            tx.park(parked)
-        log.warning("%s parked timer %r: %s", self.name, timer.key, reason)
 
     def retry(self, position: int) -> ParkedEvent | None:
         """Handle a parked event again (``Subscription.retry``), or fire a parked timer (at a

@@ -22,11 +22,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
+from riverbed.eventsourcing.errors import (
+    ConcurrencyError,
+    EventSourcingError,
+    HandlerAbortedTransactionError,
+)
 from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
 from riverbed.eventsourcing.repository import Envelope, causing, envelope
@@ -37,12 +41,14 @@ if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
 
 log = logging.getLogger("riverbed.subscriptions")
+T = TypeVar("T")
 
 PAGE = 1000
 # The documents saying where subscribers with on_error = "stop" stopped, by subscriber name.
 STOPPED = "riverbed.stopped"
 RETRY_S = 0.05
 CONFLICT_RETRIES = 10
+PAGE_ATTEMPTS = 3  # then one event at a time
 
 
 class SubscriberStatus(msgspec.Struct, frozen=True):
@@ -71,7 +77,8 @@ class Subscription:
         self.name = name
         self.label = label
         self.stopped_on: ParkedEvent | None = None
-        self._conflicts_fail = False
+        # Set for the last attempt after races: a conflict then fails like an error.
+        self.conflicts_fail = False
 
     @property
     def store(self) -> EventStore:
@@ -97,7 +104,7 @@ class Subscription:
                 with self.store.transaction(self.name) as tx:
                     if self.replaced(tx):
                         continue  # nothing written: read the page again as the successor
-                    page = self.store.read_all(tx.checkpoint, limit)
+                    page = self.page(tx, limit)
                     for stored in page:
                         self._apply(stored, tx)
                     return len(page)
@@ -107,48 +114,57 @@ class Subscription:
         # Outside the except block, so that a parked event's traceback does not carry the page's.
         return self._one_by_one(limit)
 
+    def page(self, tx: Transaction, limit: int) -> list[StoredEvent]:
+        """The next events to handle, after the checkpoint."""
+        return self.store.read_all(tx.checkpoint, limit)
+
     def _one_by_one(self, limit: int) -> int:
+        """Handle up to ``limit`` events, each in a transaction of its own and tried again
+        after a race: a failing event alone is parked, or the subscriber stops there."""
         handled = 0
         while handled < limit and self.stopped_on is None:
-            try:
-                # The failing event's writes roll back with its transaction.
-                with self.store.transaction(self.name) as tx:
-                    if self.replaced(tx):
-                        continue
-                    page = self.store.read_all(tx.checkpoint, 1)
-                    if not page:
-                        break
-                    (stored,) = page
-                    self._apply(stored, tx)
-            except HandlerError as failed:
-                self._failed(stored, failed.reason)
+            if not self._retrying(self._handle_one):
+                break
             handled += 1
         return handled
 
-    def _failed(self, stored: StoredEvent, reason: str) -> None:
-        """Park the event and move past it, or stop here."""
-        parked = ParkedEvent(self.label, stored.position, stored.id, stored.type, reason,
-                             time.time_ns() // 1_000_000)  # fmt: skip
-        if self.on_error == "stop":
-            with self.store.transaction(self.name) as tx:
-                # For status(): it holds until the checkpoint passes the position, when a
-                # restarted runner applied the event. Written first: if the store is down, the
-                # runner waits it out and fails on the event again.
-                if not self.replaced(tx):
-                    tx.put(STOPPED, self.name, msgspec.structs.asdict(parked))
-            self.stopped_on = parked
-            log.error("%s stopped at position %d: %s", self.name, stored.position, reason)
-            return
+    def _handle_one(self) -> bool:
+        """Handle the next event; False if there is none. A failing one is parked in the same
+        transaction, which holds the subscriber's lock: no other runner of it handles the
+        event meanwhile."""
+        stopping = None
         with self.store.transaction(self.name) as tx:
             if self.replaced(tx):
-                return  # the successor applies the event itself, and parks it if it fails
-            if tx.checkpoint >= stored.position:
-                # Another runner of this subscriber parked it (or applied it) meanwhile, and
-                # maybe more after it: setting the checkpoint back would apply those again.
-                return
-            tx.park(parked)
-            tx.set_checkpoint(stored.position)
-        log.warning("%s parked position %d: %s", self.name, stored.position, reason)
+                return True  # nothing written: the successor's turn
+            page = self.page(tx, 1)
+            if not page:
+                return False
+            (stored,) = page
+            try:
+                with tx.savepoint():
+                    self._apply(stored, tx)
+            except (HandlerError, HandlerAbortedTransactionError) as failed:
+                parked = ParkedEvent(self.label, stored.position, stored.id, stored.type,
+                                     _reason(failed), time.time_ns() // 1_000_000)  # fmt: skip
+                stopping = self.settle(parked, tx)
+                if stopping is None:
+                    tx.set_checkpoint(stored.position)
+        if stopping is not None:
+            self.stopped_on = stopping
+        return True
+
+    def settle(self, parked: ParkedEvent, tx: Transaction) -> ParkedEvent | None:
+        """After an entry failed, in the transaction its work rolled back in: park it, or, with
+        ``on_error = "stop"``, say where the subscriber stops (for ``status``, until a restarted
+        runner gets past it) and return that, to stop once committed."""
+        error = parked.error.partition("\n")[0]
+        if self.on_error == "stop":
+            tx.put(STOPPED, self.name, msgspec.structs.asdict(parked))
+            log.error("%s stopped at %s: %s", self.name, _where(parked), error)
+            return parked
+        tx.park(parked)
+        log.warning("%s parked %s: %s", self.name, _where(parked), error)
+        return None
 
     def _apply(self, stored: StoredEvent, tx: Transaction) -> None:
         self._handle(stored, tx)
@@ -172,7 +188,7 @@ class Subscription:
             with causing(decoded.id, decoded.correlation_id):
                 self.handle(decoded, tx)
         except ConcurrencyError:
-            if not self._conflicts_fail:
+            if not self.conflicts_fail:
                 raise
             reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
             raise HandlerError(reason) from None
@@ -202,7 +218,7 @@ class Subscription:
         checkpoint = self.checkpoint
         head = self.store.last_position()  # read after the checkpoint: the lag is never negative
         stopped = self.store.get_document(STOPPED, self.name)
-        if stopped is not None and stopped["position"] <= checkpoint:
+        if stopped is not None and 0 < stopped["position"] <= checkpoint:
             stopped = None  # a restarted runner applied the event it stopped at
         return SubscriberStatus(
             self.registered_name,
@@ -240,44 +256,49 @@ class Subscription:
     def _retry_parked(
         self, parked: ParkedEvent, handle: Callable[[Transaction], None]
     ) -> ParkedEvent | None:
-        """``handle`` the parked entry again in a transaction that unparks it; park it again
-        with the new error if it fails. A race with another writer is tried again; the same
-        conflict every time is a failure. Retries of one entry take turns on the subscriber's
-        lock: the one that finds it no longer parked (handled by another) does nothing."""
-        conflicts = 0
-        while True:
-            try:
-                with self.store.transaction(self.name) as tx:
-                    if self.replaced(tx):
-                        raise EventSourcingError(
-                            f"{self.described()} was rebuilt while retrying position "
-                            f"{parked.position}: the switch forgot the old version's parked "
-                            "events"
-                        )
-                    # First, so that of two retries only one handles it; a failure below
-                    # rolls the unparking back.
-                    if not tx.unpark(parked.projection, parked.position):
-                        return None
-                    handle(tx)
-                log.info("%s handled parked %s", self.name, parked.event_id)
-                return None
-            except ConcurrencyError as error:
-                conflicts += 1
-                if conflicts <= CONFLICT_RETRIES:
-                    log.info("%s raced another writer, trying again: %s", self.name, error)
-                    time.sleep(RETRY_S)
-                    continue
-                reason = f"ConcurrencyError on every retry: {traceback.format_exc()}"
-            except HandlerError as failed:
-                reason = failed.reason
-            again = msgspec.structs.replace(
-                parked, error=reason, parked_ms=time.time_ns() // 1_000_000
-            )
+        """``handle`` the parked entry again in a transaction that unparks it, or parks it
+        again with the new error if it fails. Retries of one entry take turns on the
+        subscriber's lock: the one that finds it no longer parked (handled by another) does
+        nothing."""
+
+        def attempt() -> ParkedEvent | None:
             with self.store.transaction(self.name) as tx:
+                if self.replaced(tx):
+                    raise EventSourcingError(
+                        f"{self.described()} was rebuilt while retrying position "
+                        f"{parked.position}: the switch forgot the old version's parked events"
+                    )
                 if not tx.unpark(parked.projection, parked.position):
-                    return None  # another retry handled it meanwhile
-                tx.park(again)
-            return again
+                    return None
+                try:
+                    with tx.savepoint():
+                        handle(tx)
+                except (HandlerError, HandlerAbortedTransactionError) as failed:
+                    again = msgspec.structs.replace(
+                        parked, error=_reason(failed), parked_ms=time.time_ns() // 1_000_000
+                    )
+                    tx.park(again)
+                    return again
+            log.info("%s handled parked %s", self.name, parked.event_id)
+            return None
+
+        return self._retrying(attempt)
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, again after each race with another writer (``ConcurrencyError``).
+        The same conflict every time is the handler's doing, not a race: on the last attempt it
+        fails like any error."""
+        for _ in range(CONFLICT_RETRIES - 1):
+            try:
+                return attempt()
+            except ConcurrencyError as error:
+                log.info("%s raced another writer, trying again: %s", self.name, error)
+                time.sleep(RETRY_S)
+        self.conflicts_fail = True
+        try:
+            return attempt()
+        finally:
+            self.conflicts_fail = False
 
     def _parked_at(self, position: int) -> ParkedEvent:
         if type(position) is not int:
@@ -296,18 +317,16 @@ class Subscription:
         return total
 
     def _retrying_once(self) -> int:
-        for _ in range(CONFLICT_RETRIES):
+        """A page; after races with other writers, one event at a time, each tried again on
+        its own: a conflict every time is then one event's, which is parked, instead of the
+        page behind it handled again and again."""
+        for _ in range(PAGE_ATTEMPTS):
             try:
                 return self.run_once()
             except ConcurrencyError as error:
                 log.info("%s raced another writer, trying again: %s", self.name, error)
                 time.sleep(RETRY_S)
-        # The same conflict every time is the handler's doing, not a race: a failure.
-        self._conflicts_fail = True
-        try:
-            return self._one_by_one(1)
-        finally:
-            self._conflicts_fail = False
+        return self._one_by_one(PAGE)
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
         """Handle events until ``stop``, waiting out the store's outages, or until an event
@@ -335,6 +354,16 @@ class Subscription:
                     tx.delete(STOPPED, self.name)
         except BrokerUnavailableError:  # the store is out: the loop waits it out
             pass
+
+
+def _reason(failed: Exception) -> str:
+    return failed.reason if isinstance(failed, HandlerError) else str(failed)
+
+
+def _where(parked: ParkedEvent) -> str:
+    if parked.position < 0:
+        return f"timer {parked.event_id.removeprefix('timer:')!r}"
+    return f"position {parked.position}"
 
 
 class HandlerError(Exception):

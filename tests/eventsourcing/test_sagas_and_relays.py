@@ -5,6 +5,7 @@ at once), and the inbox refuses records the relay did not publish."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -24,7 +25,7 @@ from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import PARKED_DUE_MS, SagaRunner, timer_position
 from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
 from riverbed.log.api import SendFuture
-from tests.eventsourcing.shop import Fulfilment, Money, Order
+from tests.eventsourcing.shop import Fulfilment, Money, Order, Payment
 from tests.support import read_topic, stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -145,7 +146,7 @@ def test_a_timer_that_conflicts_every_time_is_parked_and_the_saga_goes_on(
             order.cancel("reminded")
             saga.save(order)  # at version 1, the order at 2: a conflict every time
 
-    monkeypatch.setattr("riverbed.eventsourcing.sagas.RETRY_S", 0)
+    monkeypatch.setattr("riverbed.eventsourcing.subscriptions.RETRY_S", 0)
     manager = Stale()
     ann = place(events, "ann")
     manager.copies[ann.id] = events.get(Order, ann.id)
@@ -577,3 +578,176 @@ def test_the_inbox_refuses_a_record_the_relay_did_not_publish(
     ):
         Inbox(events, "billing").handle(record, lambda event, tx: handled.append(event))
     assert handled == []
+
+
+# Timers and failures in the manager's own transaction
+
+
+class Expiring(riverbed.ProcessManager):
+    """An order placed expires ``timeout`` seconds later, unless a line is added first."""
+
+    name = "expiring"
+    timeout = 0.0
+
+    def __init__(self) -> None:
+        self.expired: list[str] = []
+
+    def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+        if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+            saga.set_timer(event.stream, self.timeout, {"order": event.stream})
+        elif isinstance(event.event, Order.LineAdded):  # type: ignore[attr-defined]
+            saga.cancel_timer(event.stream)
+
+    def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+        self.expired.append(key)
+
+
+def test_a_timer_fires_after_the_events_stored_before_it_fell_due(events: EventSourcing) -> None:
+    manager = Expiring()
+    manager.timeout = 0.3
+    order = place(events, "ann")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()  # sets the timer
+    order.add_line("socks")  # in time
+    events.save(order)
+    time.sleep(0.4)  # the manager is late: the timer is due by the time it looks
+    runner.catch_up()
+    assert manager.expired == []  # the line came first, and cancelled it
+    with events.store.transaction("saga:expiring") as tx:
+        assert tx.due_timers(PARKED_DUE_MS) == []
+
+
+def test_a_failing_timer_is_fired_once_by_two_runners(events: EventSourcing) -> None:
+    class Slow(Reminders):
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            saga.set_timer(event.event.customer, 0.3, {"order": event.stream})
+
+        def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+            time.sleep(0.2)  # the other runner tries meanwhile
+            super().on_timeout(key, data, saga)
+
+    manager = Slow()
+    place(events, "bad")
+    SagaRunner(events, manager).catch_up()  # sets the timer
+    time.sleep(0.3)
+    runners = [SagaRunner(events, manager) for _ in range(2)]
+    threads = [threading.Thread(target=runner.catch_up) for runner in runners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert manager.fired == ["bad"]  # parked by the runner that fired it, in its transaction
+    assert [p.event_id for p in events.store.parked("reminders")] == ["timer:bad"]
+
+
+def test_an_on_timeout_that_swallows_a_failed_statement_is_parked(events: EventSourcing) -> None:
+    class Swallowing(Reminders):
+        def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+            self.fired.append(key)
+            saga.command(Order, data["order"], lambda order: order.cancel("reminded"))
+            with contextlib.suppress(Exception):  # as a careless handler would
+                saga.tx.execute("SELECT 1/0")
+
+    manager = events.process_manager(Swallowing())
+    ann = place(events, "ann")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    runner.catch_up()
+    runner.catch_up()
+    assert manager.fired == ["ann"]  # not fired again and again
+    if "sqlite" in events.store.url:  # SQLite's transaction survives a failed statement
+        assert events.get(Order, ann.id).status == "cancelled"
+        assert events.parked("reminders") == []
+    else:
+        assert events.get(Order, ann.id).status == "placed"
+        (parked,) = events.parked("reminders")
+        assert "aborts the transaction on PostgreSQL all the same" in parked.error
+
+
+def test_a_manager_stopped_at_a_timer_says_so_until_it_restarts(events: EventSourcing) -> None:
+    class Strict(Reminders):
+        name = "strict"
+        on_error = "stop"
+
+    manager = events.process_manager(Strict())
+    place(events, "bad")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    status = events.status("strict")
+    assert status.stopped_at == timer_position("bad")
+    assert status.stopped_error is not None
+    assert "RuntimeError: the reminder service is down" in status.stopped_error
+    manager.failing.clear()
+    restarted = SagaRunner(events, manager)
+    stop = threading.Event()
+    thread = threading.Thread(target=restarted.run, args=(stop,))
+    thread.start()
+    try:
+        wait_until(lambda: manager.fired == ["bad", "bad"], 30, "the timer to fire again")
+        wait_until(lambda: events.status("strict").stopped_at is None, 30, "the status")
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_a_command_that_conflicts_every_time_in_a_backlog_is_parked_without_replaying_it(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Duplicating(riverbed.ProcessManager):
+        """Creates a payment per order, of an id taken for customer "dup"."""
+
+        name = "duplicating"
+        handled = 0
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            type(self).handled += 1
+            if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+                customer = event.event.customer
+                payment_id = "taken" if customer == "dup" else f"payment-{event.stream}"
+                saga.save(Payment.create(event.stream, Decimal(1), id=payment_id))
+
+    monkeypatch.setattr("riverbed.eventsourcing.subscriptions.RETRY_S", 0)
+    events.save(Payment.create("o", Decimal(1), id="taken"))
+    for customer in [f"c{i}" for i in range(30)] + ["dup"] + [f"d{i}" for i in range(5)]:
+        place(events, customer)
+    SagaRunner(events, events.process_manager(Duplicating())).catch_up()
+    assert [p.type for p in events.parked("duplicating")] == ["Order.Placed"]
+    # Three tries of the page, then each event once, and the conflicting one ten times: not
+    # ten tries of the page for each event before it.
+    assert Duplicating.handled < 3 * 37 + 37 + CONFLICT_RETRIES + 37
+
+
+def test_timer_data_and_keys_that_would_not_read_back_are_refused_when_set(
+    events: EventSourcing,
+) -> None:
+    attempts: list[tuple[str, Any]] = [
+        ("k", {42: "x"}),
+        ("k", [1, 2]),
+        ("k\x00", {}),
+        ("k\ud800", {}),
+        ("k" * 1001, {}),
+    ]
+
+    class Setting(Reminders):
+        name = "setting"
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            key, data = attempts[event.version - 1]
+            saga.set_timer(key, 60, data)
+
+    order = place(events, "ann")
+    for _ in attempts[1:]:
+        order.add_line("socks")
+    events.save(order)
+    SagaRunner(events, events.process_manager(Setting())).catch_up()
+    errors = [p.error.partition("\n")[0] for p in events.parked("setting")]
+    assert errors == [
+        "TypeError: timer 'k': its data is a dict with str keys, got {42: 'x'}",
+        "TypeError: timer 'k': its data is a dict with str keys, got [1, 2]",
+        "ValueError: Saga.set_timer: a timer key is a non-empty str without NUL characters, "
+        "got 'k\\x00'",
+        "ValueError: Saga.set_timer: a timer key is text UTF-8 can encode, got 'k\\ud800' (a "
+        "lone surrogate)",
+        "ValueError: Saga.set_timer: a timer key is at most 1,000 bytes in UTF-8, got 1,001 "
+        "('kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk'...)",
+    ]

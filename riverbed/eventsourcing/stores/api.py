@@ -81,6 +81,13 @@ class Transaction(Protocol):
         projection version's, declared or not)."""
         ...
 
+    def savepoint(self) -> AbstractContextManager[None]:
+        """A block whose writes roll back alone if it raises, the transaction going on (a
+        failed handler's, before its event is parked in the same transaction).
+        ``HandlerAbortedTransactionError`` (rolled back too) if the block caught the error of a
+        failed statement, which leaves a PostgreSQL transaction unusable."""
+        ...
+
     def park(self, parked: ParkedEvent) -> None: ...
 
     def unpark(self, projection: str, position: int) -> bool:

@@ -348,6 +348,18 @@ class SqliteTransaction:
             "DELETE FROM documents WHERE substr(collection, 1, ?) = ?", (len(prefix), prefix)
         )
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self._conn.execute("SAVEPOINT riverbed_handler")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO riverbed_handler")
+            self._checkpoint = None  # the block may have moved it
+            raise
+        finally:
+            self._conn.execute("RELEASE riverbed_handler")
+
     def park(self, parked: ParkedEvent) -> None:
         self._conn.execute(
             "INSERT OR REPLACE INTO parked (projection, position, event_id, type, error, "

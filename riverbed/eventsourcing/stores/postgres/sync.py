@@ -8,6 +8,7 @@ joins the transaction instead of waiting forever for the append lock that transa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ import psycopg_pool
 from psycopg import pq, sql
 from psycopg.rows import args_row
 
+from riverbed.eventsourcing.errors import HandlerAbortedTransactionError
 from riverbed.eventsourcing.records import (
     ParkedEvent,
     Snapshot,
@@ -308,6 +310,30 @@ class PostgresTransaction:
 
     def drop_prefixed(self, prefix: str) -> None:
         self._conn.execute(q.DROP_PREFIXED, (len(prefix), prefix))
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self._conn.execute("SAVEPOINT riverbed_handler")
+        try:
+            yield
+        except BaseException:
+            self._roll_back_to_savepoint()
+            raise
+        try:
+            self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
+        except psycopg.errors.InFailedSqlTransaction:
+            self._roll_back_to_savepoint()
+            raise HandlerAbortedTransactionError(
+                "the handler caught the error of a failed statement, which aborts the "
+                "transaction on PostgreSQL all the same: what it did is rolled back"
+            ) from None
+
+    def _roll_back_to_savepoint(self) -> None:
+        # Unless the connection broke: then the whole transaction fails, as it should.
+        with contextlib.suppress(psycopg.OperationalError):
+            self._conn.execute("ROLLBACK TO SAVEPOINT riverbed_handler")
+            self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
+        self._checkpoint = None  # the block may have moved it
 
     def park(self, parked: ParkedEvent) -> None:
         p = parked
