@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
+from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent
@@ -290,8 +291,11 @@ class Inbox:
     seen (the relay repeats at most its last unacknowledged batch)."""
 
     def __init__(self, events: Events, name: str) -> None:
+        """``name``: the inbox's in the store; another app's inbox of that name there is
+        refused (they would drop each other's events as seen)."""
         self.events = events
         self.name = f"inbox:{name}"
+        claim(events.store, events.app_name, [f"inbox {name}"])
 
     def handle(self, record: Record, fn: Callable[[StoredEvent, Transaction], None]) -> bool:
         """True if handled now; False if the event was handled before."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
@@ -199,12 +200,19 @@ class Projections:
         it), and forget it once applied; if it fails again it stays parked with the new error,
         which is returned. For a fixed handler whose events do not depend on their order;
         otherwise ``rebuild``."""
-        return self.runner(name).retry(position)
+        return self._claimed(name).retry(position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every
         event again, parked ones included). False if ``position`` was not parked."""
-        return self.runner(name).unpark(position)
+        return self._claimed(name).unpark(position)
+
+    def _claimed(self, name: str) -> ProjectionRunner:
+        """The runner of projection ``name``, which this app claims: another app's is
+        refused before its state is touched."""
+        runner = self.runner(name)
+        claim(self.events.store, self.events.app_name, [f"projection {name}"])
+        return runner
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -290,7 +298,7 @@ class Projections:
         caught up with the store, switch queries (and running workers) to it and drop the old
         version's collections. Returns the new version."""
         projection = self.named(name)
-        old = self.active_version(name)
+        old = self._claimed(name).version
         self._start_afresh(projection, old + 1)
         runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
         while stop is None or not stop.is_set():

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
+from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl, relay_name
 from riverbed.eventsourcing.projections import Projection, Projections
@@ -18,8 +19,6 @@ from riverbed.eventsourcing.subscriptions import SubscriberStatus, Subscription
 from riverbed.log.api import Log
 
 log = logging.getLogger("riverbed.eventsourcing")
-# Which app runs each projection, process manager and relay of a store (EventSourcing._claim).
-RUNNERS = "riverbed.runners"
 
 P = TypeVar("P", bound=Projection)
 
@@ -111,12 +110,19 @@ class EventSourcing(Events):
         """Handle the event that projection or process manager ``name`` parked at ``position``
         again, now (after the events that followed it), and forget it once handled; if it fails
         again it stays parked with the new error, which is returned."""
-        return self.subscriber(name).retry(position)
+        return self._claimed(name).retry(position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget what projection or process manager ``name`` parked at ``position``: it goes
         on without it (a parked timer never fires). False if nothing is parked there."""
-        return self.subscriber(name).unpark(position)
+        return self._claimed(name).unpark(position)
+
+    def _claimed(self, name: str) -> Subscription:
+        """The runner of ``name``, which this app claims: another app's is refused."""
+        runner = self.subscriber(name)
+        what = "projection" if name in self.projections.registered else "process manager"
+        claim(self.store, self.app_name, [f"{what} {name}"])
+        return runner
 
     def has_work(self) -> bool:
         """Whether projections, process managers or relays are registered."""
@@ -132,7 +138,7 @@ class EventSourcing(Events):
         whats = [f"projection {name}" for name in self.projections.registered]
         whats += [f"process manager {name}" for name in self.process_managers]
         whats += [f"relay to {topic}" for topic in self.relays]
-        self._claim(whats)
+        claim(self.store, self.app_name, whats)
         self.failures.clear()
         runs: list[Callable[[threading.Event], None]] = [
             self.projections.runner(name).run for name in self.projections.registered
@@ -144,36 +150,10 @@ class EventSourcing(Events):
             runs.append(_closing(relay))
         return [self._start(what, run, stop) for what, run in zip(whats, runs, strict=True)]
 
-    def _claim(self, names: list[str]) -> None:
-        """Record in the store that this app runs these projections, process managers and
-        relays, refusing a name another app runs there: their checkpoints, leases and read models
-        are named without the app's, so two apps sharing a store (the default one, in one
-        directory) would split a projection's events between them, or one's relay would stand
-        by for ever."""
-        with self.store.transaction(RUNNERS) as tx:
-            for name in names:
-                claimed = tx.get(RUNNERS, name)
-                if claimed is None:
-                    tx.put(RUNNERS, name, {"app": self.app_name})
-                elif claimed["app"] != self.app_name:
-                    raise EventSourcingError(
-                        f"app {claimed['app']!r} runs the {name} in this event store, so app "
-                        f"{self.app_name!r} cannot run one of that name too (they would share "
-                        "its checkpoint): rename one, or give this app a store of its own "
-                        f"(events_url=...); if app {claimed['app']!r} was renamed to "
-                        f"{self.app_name!r}, call app.events.take_over_names"
-                        f"({claimed['app']!r}) once"
-                    )
-
     def take_over_names(self, renamed_from: str) -> int:
-        """After the app was renamed from ``renamed_from``: the projections, process managers
-        and relays that app ran in the store are this one's; how many."""
-        with self.store.transaction(RUNNERS) as tx:
-            names = [key for key, claimed in self.store.documents(RUNNERS).items()
-                     if claimed["app"] == renamed_from]  # fmt: skip
-            for name in names:
-                tx.put(RUNNERS, name, {"app": self.app_name})
-        return len(names)
+        """After the app was renamed from ``renamed_from``: the projections, process managers,
+        relays and inboxes that app ran in the store are this one's; how many."""
+        return take_over(self.store, self.app_name, renamed_from)
 
     def _start(
         self, what: str, run: Callable[[threading.Event], None], stop: threading.Event

@@ -21,7 +21,8 @@ from riverbed.eventsourcing import (
     RunnerFailedError,
     StoreUnavailableError,
 )
-from tests.eventsourcing.shop import Money, Order, OrderTotals
+from riverbed.eventsourcing.claims import claim
+from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals
 from tests.services.postgres import terminate_connections
 from tests.support import stopped, wait_until
 
@@ -138,7 +139,7 @@ def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
     try:
         with pytest.raises(EventSourcingError, match=(
             r"app 'shop' runs the projection order-totals in this event store, so app 'billing' "
-            r"cannot run one of that name too"
+            r"cannot have a projection order-totals too"
         )):  # fmt: skip
             billing.run(stop, log=log)
         billing.projections.registered.clear()
@@ -158,6 +159,39 @@ def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
         for events in (shop, billing, shop_again):
             events.close()
         log.close()
+
+
+def test_another_apps_names_are_refused_before_their_state_is_touched(store_url: str) -> None:
+    shop, billing = (EventSourcing(app, store_url) for app in ("shop", "billing"))
+    try:
+        shop.process_manager(Fulfilment())
+        shop.projection(OrderTotals())
+        riverbed.Inbox(shop, "mailer")
+        place(shop, "ada")
+        shop.projections.runner("order-totals").catch_up()
+        claim(shop.store, "shop", ["process manager fulfilment", "projection order-totals"])
+
+        class Named(OrderTotals):
+            name = "fulfilment"
+
+        billing.projection(Named())  # a projection of the manager's name, in another app
+        billing.projection(OrderTotals())
+        refused = "app 'shop' runs the {} in this event store, so app 'billing' cannot have"
+        with pytest.raises(EventSourcingError, match=refused.format("inbox mailer")):
+            riverbed.Inbox(billing, "mailer")  # it would drop shop's events as seen
+        for call, what in (
+            (lambda: billing.projections.rebuild("order-totals"), "projection order-totals"),
+            (lambda: billing.retry_parked("order-totals", 1), "projection order-totals"),
+            (lambda: billing.unpark("fulfilment", 1), "process manager fulfilment"),
+            (lambda: billing.projections.unpark("order-totals", 1), "projection order-totals"),
+        ):
+            with pytest.raises(EventSourcingError, match=refused.format(what)):
+                call()
+        assert shop.projections.active_version("order-totals") == 1
+        assert shop.projections.get("order-totals", "customers", "ada") is not None
+    finally:
+        shop.close()
+        billing.close()
 
 
 def test_an_outage_inside_a_handler_is_waited_out_not_parked(events: EventSourcing) -> None:

@@ -1,0 +1,53 @@
+"""Which app runs each projection, process manager, relay and inbox of a store. Their
+checkpoints, leases, parked events and inbox entries are named without the app's name, so two
+apps sharing a store (the default one, run from one directory) must give theirs different names:
+a name another app claimed there is refused, before any of its state is touched."""
+
+from __future__ import annotations
+
+from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.stores.api import EventStore
+
+RUNNERS = "riverbed.runners"  # the claims: what -> {"app": name}
+# Kinds that file their parked events under the same names (a projection also reads those filed
+# under its bare name, as they were before per-version filing; a process manager files there).
+_SHARING = ("projection", "process manager")
+
+
+def claim(store: EventStore, app_name: str, whats: list[str]) -> None:
+    """Record that app ``app_name`` runs ``whats`` ("projection totals", "relay to orders",
+    "inbox mailer"), refusing one another app claimed."""
+    with store.transaction(RUNNERS) as tx:
+        for what in whats:
+            for rival in _rivals(what):
+                claimed = tx.get(RUNNERS, rival)
+                if claimed is not None and claimed["app"] != app_name:
+                    raise EventSourcingError(
+                        f"app {claimed['app']!r} runs the {rival} in this event store, so app "
+                        f"{app_name!r} cannot have a {what} too (they would share its state): "
+                        "rename one, or give this app a store of its own (events_url=...); if "
+                        f"app {claimed['app']!r} was renamed to {app_name!r}, call "
+                        f"app.events.take_over_names({claimed['app']!r}) once"
+                    )
+            if tx.get(RUNNERS, what) is None:
+                tx.put(RUNNERS, what, {"app": app_name})
+
+
+def take_over(store: EventStore, app_name: str, renamed_from: str) -> int:
+    """Hand what app ``renamed_from`` claimed over to ``app_name``; how many."""
+    with store.transaction(RUNNERS) as tx:
+        whats = [what for what, claimed in store.documents(RUNNERS).items()
+                 if claimed["app"] == renamed_from]  # fmt: skip
+        for what in whats:
+            tx.put(RUNNERS, what, {"app": app_name})
+    return len(whats)
+
+
+def _rivals(what: str) -> list[str]:
+    """The claims that would clash with ``what``: its own, and a projection's and a process
+    manager's of one name clash."""
+    kind, name = next(((k, what.removeprefix(k + " ")) for k in _SHARING
+                       if what.startswith(k + " ")), (None, ""))  # fmt: skip
+    if kind is None:
+        return [what]
+    return [what] + [f"{other} {name}" for other in _SHARING if other != kind]
