@@ -26,11 +26,15 @@ from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
 from riverbed.eventsourcing.subscriptions import STOPPED, SubscriberStatus, Subscription
+from riverbed.ids import random_id
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
 
 ACTIVE_VERSIONS = "riverbed.projection-versions"
+# The last version a rebuild of each projection started.
+REBUILT_VERSIONS = "riverbed.rebuilt-versions"
+REBUILD_LEASE_MS = 30_000  # renewed after each page
 # A query waiting for a projection reads its checkpoint again after a pause that starts short (a
 # running projection applies a save within a few milliseconds) and grows to POLL_S.
 FIRST_POLL_S = 0.00025
@@ -294,42 +298,79 @@ class Projections:
         return recorded_version(document, self.named(name))
 
     def rebuild(self, name: str, stop: threading.Event | None = None) -> int:
-        """Fill the projection's next version from position 0 beside the live one; once it has
-        caught up with the store, switch queries (and running workers) to it and drop the old
-        version's collections. Returns the new version."""
+        """Fill a new version of the projection from position 0 beside the live one; once it
+        has caught up with the store, switch queries (and running workers) to it and drop the
+        old version's collections. Returns the new version. One rebuild of a projection runs at
+        a time (a lease in the store); each takes a version number never used before, so the
+        tables a handler makes for ``tx.version`` start empty even after an interrupted one."""
         projection = self.named(name)
         old = self._claimed(name).version
-        self._start_afresh(projection, old + 1)
-        runner = ProjectionRunner(self.events, projection, old + 1, rebuilding=True)
-        while stop is None or not stop.is_set():
-            runner.catch_up()
-            if runner.stopped_on is not None:  # on_error = "stop": it will not catch up
-                failed = runner.stopped_on
-                raise EventSourcingError(
-                    f"the rebuild of projection {name!r} stopped at position {failed.position} "
-                    f"({failed.type}), and version {old} stays active: "
-                    f"{failed.error.splitlines()[0]}"
-                )
-            # The switch takes turns with the old version's pages: it commits in a transaction of
-            # that version's subscriber (its advisory lock on PostgreSQL, the write lock on
-            # SQLite). A page in flight commits first and the drop below deletes its writes too
-            # (under READ COMMITTED each statement sees what committed before it started); a
-            # later page reads the new version once the switch commits and writes nothing.
-            with self.events.store.transaction(subscriber(name, old)) as tx:
-                # Caught up when nothing is left to read inside the switching transaction.
-                if self.events.store.read_all(runner.checkpoint, 1):
-                    continue
-                tx.put(ACTIVE_VERSIONS, name, {"version": old + 1})
-                tx.drop_prefixed(prefix(name, old))  # declared in collections or not
-            # The old version's parked events are out of sight now; they go too.
-            for parked in ProjectionRunner(self.events, projection, old).parked():
-                self.events.store.unpark(parked.projection, parked.position)
-            return old + 1
-        raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
+        store = self.events.store
+        lease, owner = f"rebuild:{name}", random_id()
+        if not store.acquire_lease(lease, owner, REBUILD_LEASE_MS):
+            raise EventSourcingError(
+                f"projection {name!r} is being rebuilt elsewhere; wait for that rebuild to end "
+                f"(or, if its process died, {REBUILD_LEASE_MS // 1000} s for its lease to run out)"
+            )
 
-    def _start_afresh(self, projection: Projection, version: int) -> None:
-        """Forget what a rebuild stopped before its switch left of ``version``, which the code
-        that ran it may have got wrong: its checkpoint, collections and parked events."""
+        def renew() -> None:
+            if not store.acquire_lease(lease, owner, REBUILD_LEASE_MS):
+                raise EventSourcingError(f"the rebuild of projection {name!r} lost its lease")
+
+        try:
+            new = self._new_version(projection, old)
+            runner = ProjectionRunner(self.events, projection, new, rebuilding=True)
+            while stop is None or not stop.is_set():
+                runner.catch_up(renew)
+                if runner.stopped_on is not None:  # on_error = "stop": it will not catch up
+                    failed = runner.stopped_on
+                    raise EventSourcingError(
+                        f"the rebuild of projection {name!r} stopped at position "
+                        f"{failed.position} ({failed.type}), and version {old} stays active: "
+                        f"{failed.error.splitlines()[0]}"
+                    )
+                if self._switched(projection, old, runner):
+                    return new
+                renew()
+            raise EventSourcingError(f"the rebuild of projection {name!r} was stopped")
+        finally:
+            store.release_lease(lease, owner)
+
+    def _new_version(self, projection: Projection, old: int) -> int:
+        """A version number no rebuild used before; what interrupted rebuilds left of theirs
+        (checkpoints, collections, parked events) is forgotten: the lease says none runs."""
+        store = self.events.store
+        started = store.get_document(REBUILT_VERSIONS, projection.name)
+        last = max(old, 0 if started is None else int(started["version"]))
+        for interrupted in range(old + 1, last + 1):
+            self._forget(projection, interrupted)
+        with store.transaction(REBUILT_VERSIONS) as tx:
+            tx.put(REBUILT_VERSIONS, projection.name, {"version": last + 1})
+        self._forget(projection, last + 1)  # left by a release that used numbers again
+        return last + 1
+
+    def _switched(self, projection: Projection, old: int, runner: ProjectionRunner) -> bool:
+        """Switch to the runner's version if it has caught up with the store; whether it did.
+        The switch takes turns with the old version's pages: it commits in a transaction of
+        that version's subscriber (its advisory lock on PostgreSQL, the write lock on SQLite).
+        A page in flight commits first and the drop below deletes its writes too (under READ
+        COMMITTED each statement sees what committed before it started); a later page reads the
+        new version once the switch commits and writes nothing."""
+        name = projection.name
+        with self.events.store.transaction(subscriber(name, old)) as tx:
+            # Caught up when nothing is left to read inside the switching transaction.
+            if self.events.store.read_all(runner.checkpoint, 1):
+                return False
+            tx.put(ACTIVE_VERSIONS, name, {"version": runner.version})
+            tx.drop_prefixed(prefix(name, old))  # declared in collections or not
+        # The old version's parked events are out of sight now; they go too.
+        for parked in ProjectionRunner(self.events, projection, old).parked():
+            self.events.store.unpark(parked.projection, parked.position)
+        return True
+
+    def _forget(self, projection: Projection, version: int) -> None:
+        """Forget what a rebuild stopped before its switch left of ``version``: its checkpoint,
+        collections and parked events."""
         name = projection.name
         store = self.events.store
         with store.transaction(subscriber(name, version)) as tx:

@@ -309,11 +309,14 @@ class Subscription:
                     return parked
         raise EventSourcingError(f"{self.described()} has no event parked at position {position}")
 
-    def catch_up(self) -> int:
-        """Handle every event stored so far; how many."""
+    def catch_up(self, after_each: Callable[[], None] | None = None) -> int:
+        """Handle every event stored so far; how many. ``after_each``: called after each page
+        (a rebuild renews its lease there)."""
         total = 0
         while (handled := self._retrying_once()) > 0:
             total += handled
+            if after_each is not None:
+                after_each()
         return total
 
     def _retrying_once(self) -> int:

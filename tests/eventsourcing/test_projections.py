@@ -231,6 +231,45 @@ def test_a_rebuild_stopped_before_its_switch_starts_afresh_the_next_time(
     assert events.projections.parked("counting") == []
 
 
+class SeenTable(riverbed.Projection):
+    """Rows in a table of its own per version; ``interrupt_at``: a stream whose event stops
+    the process (Ctrl-C) while a rebuild runs."""
+
+    name = "seen"
+    interrupt_at = ""
+
+    def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+        if event.stream == self.interrupt_at and tx.version > 1:
+            raise KeyboardInterrupt
+        mark = "?" if isinstance(tx.tx, sqlite_store.SqliteTransaction) else "%s"
+        tx.execute(f"CREATE TABLE IF NOT EXISTS seen_v{tx.version} (stream TEXT)")
+        tx.execute(f"INSERT INTO seen_v{tx.version} VALUES ({mark})", (event.stream,))
+
+
+def test_a_rebuild_after_an_interrupted_one_fills_tables_of_a_new_version(
+    events: EventSourcing,
+) -> None:
+    orders = [place(events, name) for name in ("ada", "bob", "cy")]
+    projection = events.projection(SeenTable())
+    events.projections.runner("seen").catch_up()
+    projection.interrupt_at = orders[1].id
+    with pytest.raises(KeyboardInterrupt):
+        events.projections.rebuild("seen")  # version 2 got one row, then the process stopped
+    projection.interrupt_at = ""
+    assert events.projections.rebuild("seen") == 3
+    with events.store.transaction("test") as tx:
+        assert tx.execute("SELECT count(*) FROM seen_v3") == [(3,)]
+
+
+def test_one_rebuild_of_a_projection_runs_at_a_time(events: EventSourcing) -> None:
+    events.projection(Counting())
+    assert events.store.acquire_lease("rebuild:counting", "another process", 10_000)
+    with pytest.raises(EventSourcingError, match="projection 'counting' is being rebuilt else"):
+        events.projections.rebuild("counting")
+    events.store.release_lease("rebuild:counting", "another process")
+    assert events.projections.rebuild("counting") == 2
+
+
 def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
     events: EventSourcing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
