@@ -17,6 +17,10 @@ _SHARING = ("projection", "process manager")
 def claim(store: EventStore, app_name: str, whats: list[str]) -> None:
     """Record that app ``app_name`` runs ``whats`` ("projection totals", "relay to orders",
     "inbox mailer"), refusing one another app claimed."""
+    if all(_owner(store, what) == app_name and all(_owner(store, rival) in (None, app_name)
+                                                   for rival in _rivals(what))
+           for what in whats):  # fmt: skip
+        return  # claimed already: no write (a transaction would wait for the store's writers)
     with store.transaction(RUNNERS) as tx:
         for what in whats:
             for rival in _rivals(what):
@@ -41,6 +45,11 @@ def take_over(store: EventStore, app_name: str, renamed_from: str) -> int:
         for what in whats:
             tx.put(RUNNERS, what, {"app": app_name})
     return len(whats)
+
+
+def _owner(store: EventStore, what: str) -> str | None:
+    claimed = store.get_document(RUNNERS, what)
+    return None if claimed is None else str(claimed["app"])
 
 
 def _rivals(what: str) -> list[str]:

@@ -150,6 +150,15 @@ class EventRegistry:
                     f"{_where(cls)} cannot have it too: stored events name their type only; give "
                     "one of them another name (the aggregate class's, or the event's)"
                 )
+            owner = None if existing is None else existing.aggregate
+            if owner is not None and aggregate is not None and not _same_class(owner, aggregate):
+                # An event method's class is named after stored_name: another aggregate class
+                # of the module with that stored_name makes one of the same name.
+                raise EventSourcingError(
+                    f"event type {taken!r} is already recorded by {_where(owner)}, so "
+                    f"{_where(aggregate)} cannot record it too: stored events name their type "
+                    "only; give one of them another stored_name (or event name)"
+                )
         if version < 1:
             raise EventSourcingError(f"event {name}: version must be >= 1, got {version}")
         entry = EventType(name, cls, version, dict(upcasters or {}), apply, aggregate)

@@ -603,6 +603,29 @@ def test_an_event_type_of_another_module_is_refused() -> None:
     assert registry.of(placed).cls.__module__ == "tests.eventsourcing.shop"  # untouched
 
 
+def test_an_event_type_of_another_class_of_the_module_is_refused() -> None:
+    class Bill(riverbed.Aggregate):
+        @riverbed.event("Issued")
+        def __init__(self, amount: int) -> None:
+            self.amount = amount
+
+    # Invoice's events would be stored as Bill's, which could then not load.
+    with pytest.raises((EventSourcingError, RuntimeError)) as raised:
+
+        class Invoice(riverbed.Aggregate):
+            stored_name = "Bill"
+
+            @riverbed.event("Issued")
+            def __init__(self, customer: str) -> None:
+                self.customer = customer
+
+    message = str(raised.value.__cause__ or raised.value)
+    assert "event type 'Bill.Issued' is already recorded by tests.eventsourcing.test_aggregat" in (
+        message
+    )
+    assert registry.of(Bill.Issued(amount=1)).aggregate is Bill  # type: ignore[attr-defined]
+
+
 def test_a_scripts_event_types_may_be_registered_again_under_its_module_name() -> None:
     # `python billing.py` defines them in __main__; `import billing` somewhere defines them again.
     for module in ("__main__", "billing_script"):
