@@ -5,6 +5,7 @@ with its error instead of ending its thread unseen."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,7 +24,8 @@ from riverbed.eventsourcing import (
 )
 from riverbed.eventsourcing.claims import claim
 from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals
-from tests.services.postgres import terminate_connections
+from tests.services import unavailable
+from tests.services.postgres import postgres_missing, start_postgres, terminate_connections
 from tests.support import stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -216,3 +218,33 @@ def test_an_outage_inside_a_handler_is_waited_out_not_parked(events: EventSourci
         assert events.projections.parked("reading") == [] and events.failures == []
     finally:
         stopped(stop, threads)
+
+
+def test_the_postgresql_store_works_again_soon_after_a_long_outage(tmp_path: Path) -> None:
+    reason = postgres_missing()
+    if reason is not None:
+        unavailable("PostgreSQL", reason)
+    server = start_postgres(tmp_path)
+    events = EventSourcing("shop", f"{server.url}?pool_timeout=1")
+    try:
+        place(events, "ada")
+        server.halt()
+        outage_ends = time.monotonic() + 8  # the pool's pauses between tries would reach 8 s
+        while time.monotonic() < outage_ends:
+            with pytest.raises(StoreUnavailableError):
+                place(events, "bob")
+            time.sleep(0.2)
+        server.resume()
+        back = time.monotonic()
+        while True:
+            try:
+                place(events, "cy")
+                break
+            except StoreUnavailableError:
+                time.sleep(0.1)
+        assert time.monotonic() - back < 4
+        place(events, "dan")  # and on
+        assert [e.type for e in events.read()] == ["Order.Placed"] * 3
+    finally:
+        events.close()
+        server.stop()

@@ -147,6 +147,16 @@ class PostgresServer:
         except FileNotFoundError:
             return "(no log)"
 
+    def halt(self) -> None:
+        """Stop the server, keeping its cluster for ``resume`` (an outage)."""
+        self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data))
+
+    def resume(self) -> None:
+        """Start the server ``halt`` stopped, on its port."""
+        with self.log_path.open("ab") as log:
+            self._run("pg_ctl", "start", "-w", "-t", str(START_TIMEOUT), "-D", str(self.data),
+                      stdout=log)  # fmt: skip
+
     def stop(self) -> None:
         """Stop the server (``pg_ctl stop -m fast``: open sessions are ended) and delete its
         cluster."""

@@ -21,6 +21,7 @@ from riverbed.eventsourcing.stores.api import Document
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
+    RECONNECT_S,
     Settings,
     closed,
     connection_options,
@@ -56,6 +57,7 @@ class AsyncPostgresEventStore:
             max_size=settings.pool_size,
             timeout=settings.pool_timeout,
             num_workers=1,
+            reconnect_timeout=RECONNECT_S,
             open=False,
         )
         try:

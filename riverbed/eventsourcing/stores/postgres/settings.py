@@ -12,6 +12,10 @@ from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableEr
 from riverbed.urls import BackendUrl
 
 # riverbed's options and their defaults.
+# How long the pool tries to replace a lost connection before it gives up, to try again at the
+# next call: its pauses between tries double from a second, so after a long outage it would find
+# the server back only a long while after it returned.
+RECONNECT_S = 2.0
 RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10", "pool_timeout": "30"}
 # libpq's parameters a URL may carry on to the server connection ("" = libpq's default). An
 # unreachable server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
+    RECONNECT_S,
     Settings,
     closed,
     connection_options,
@@ -59,6 +61,7 @@ class PostgresEventStore:
             max_size=self._settings.pool_size,
             timeout=self._settings.pool_timeout,
             num_workers=1,
+            reconnect_timeout=RECONNECT_S,
             open=False,
         )
         try:
@@ -132,6 +135,11 @@ class PostgresEventStore:
 
     def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
         conn = self._appender
+        if conn is not None and _closed_by_server(conn):
+            # The server restarted since: the pool replaces it, and the append goes on another.
+            self._appender = None
+            self._pool.putconn(conn)
+            conn = None
         try:
             if conn is None:
                 conn = self._appender = self._pool.getconn()
@@ -270,6 +278,19 @@ class PostgresEventStore:
         with self._connection() as conn:
             row = conn.execute(query, params).fetchone()
         return default if row is None else row[0]
+
+
+def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server closed this idle connection (it stopped or restarted): only then
+    has its socket something to read, its last message and the end."""
+    pgconn = conn.pgconn
+    try:
+        if not select.select([pgconn.socket], [], [], 0)[0]:
+            return False
+        pgconn.consume_input()
+    except psycopg.OperationalError:
+        return True
+    return pgconn.status != pq.ConnStatus.OK
 
 
 class PostgresTransaction:
