@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import os
 import random
 import threading
 import time
@@ -129,6 +130,16 @@ class Events:
             asyncio.AbstractEventLoop, tuple[str | None, AsyncEventStore]
         ] = weakref.WeakKeyDictionary()
         self._threaded_store: ThreadedAsyncStore | None = None  # over self.store, any loop's
+        self._connecting = threading.Lock()
+        _all_events.add(self)
+
+    def _forget_inherited_stores(self) -> None:
+        """In a forked child: the stores' connections are the parent's (closing them would end
+        its sessions too, and a pool's threads did not come along), so they are kept unused,
+        and the child connects anew."""
+        _inherited.append((self._store, self._threaded_store, dict(self._async_stores)))
+        self._store = self._threaded_store = None
+        self._async_stores = weakref.WeakKeyDictionary()
         self._connecting = threading.Lock()
 
     @property
@@ -475,6 +486,18 @@ class Events:
         _, store = self._async_stores.pop(asyncio.get_running_loop(), (None, None))
         if store is not None:
             await store.close()
+
+
+_all_events: weakref.WeakSet[Events] = weakref.WeakSet()
+_inherited: list[object] = []  # a forked child's stores of its parent's, never closed
+
+
+def _after_fork_in_child() -> None:
+    for events in list(_all_events):
+        events._forget_inherited_stores()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None]) -> Envelope:

@@ -4,6 +4,7 @@ with its error instead of ending its thread unseen."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 import uuid
@@ -248,3 +249,23 @@ def test_the_postgresql_store_works_again_soon_after_a_long_outage(tmp_path: Pat
     finally:
         events.close()
         server.stop()
+
+
+def test_a_forked_child_connects_anew(events: EventSourcing) -> None:
+    ada = Order.create("ada", "ada@x", Money(Decimal("2"), "EUR"), NOW)
+    events.save(ada)  # the parent's connections are open
+
+    def add_lines() -> None:
+        for _ in range(20):
+            events.handle(Order, ada.id, lambda order: order.add_line("socks"))
+        events.close()
+
+    children = [multiprocessing.get_context("fork").Process(target=add_lines) for _ in range(2)]
+    for child in children:
+        child.start()
+    add_lines_here = [events.handle(Order, ada.id, lambda o: o.add_line("hats")) for _ in range(20)]
+    for child in children:
+        child.join(60)
+    assert [child.exitcode for child in children] == [0, 0]
+    assert len(add_lines_here) == 20
+    assert len(events.get(Order, ada.id).lines) == 60
