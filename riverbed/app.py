@@ -55,7 +55,8 @@ class App(StreamApp):
         # Until the runners have ended: a second signal (a terminal's Ctrl-C and the parent
         # worker's, say) would otherwise interrupt the join and close the store under them.
         with stopping_on_signals(stop):
-            threads = self.events.run(stop, self.log if self.events.relays else None)
+            # The log connected by the relays, which wait it out if it is unreachable.
+            threads = self.events.run(stop, (lambda: self.log) if self.events.relays else None)
             try:
                 if self.has_streams():
                     super().run(stop, report, metrics_port)

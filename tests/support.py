@@ -129,3 +129,10 @@ def stopped(stop: threading.Event, threads: list[threading.Thread]) -> None:
     for thread in threads:
         thread.join(30)
     assert not any(thread.is_alive() for thread in threads)
+
+
+def published(log: riverbed.Log, topic: str) -> int:
+    """How many records ``topic`` holds; 0 until a relay made it."""
+    if topic not in {t.name for t in log.list_topics()}:
+        return 0
+    return sum(log.end_offsets(topic).values())

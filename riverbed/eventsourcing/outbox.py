@@ -42,8 +42,15 @@ from riverbed.eventsourcing.records import StoredEvent
 from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
-from riverbed.log.api import Log, Producer, Record, SendFuture
-from riverbed.log.errors import BrokerUnavailableError, TopicExistsError
+from riverbed.log.api import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Log,
+    Producer,
+    Record,
+    SendFuture,
+    TopicInfo,
+)
+from riverbed.log.errors import BrokerUnavailableError, RecordTooLargeError, TopicExistsError
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -70,11 +77,13 @@ logger = logging.getLogger("riverbed.outbox")
 
 
 class _Sent(NamedTuple):
-    """A page sent to the log: the checkpoint it was read after, its events, their futures."""
+    """A page sent to the log: the checkpoint it was read after, its events, their futures
+    (up to the record the log refused at once, if it did)."""
 
     after: int
     page: list[StoredEvent]
     futures: list[SendFuture]
+    refused: RecordTooLargeError | None = None
 
 
 def check_lease_ttl(lease_ttl: float) -> None:
@@ -97,33 +106,46 @@ class Relay:
     def __init__(
         self,
         events: Events,
-        log: Log,
+        log: Log | Callable[[], Log],
         topic: str,
         partitions: int = 4,
         *,
         lease_ttl: float = LEASE_TTL_S,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
         check_lease_ttl(lease_ttl)
         self.events = events
-        self.log = log
         self.topic = topic
         self.name = relay_name(topic)
         self.owner = random_id()
         self.lease_ttl = lease_ttl
         self.leading = False  # whether it held the lease when it last tried
-        if topic not in {t.name for t in log.list_topics()}:
-            # Every worker process starts the relay: another may create the topic first.
-            with contextlib.suppress(TopicExistsError):
-                log.create_topic(topic, partitions=partitions)
-        self._producer: Producer = log.producer()
+        self._log = log
+        self._topic_settings = TopicInfo(topic, partitions, max_record_bytes=max_record_bytes)
+        self._producer: Producer | None = None  # once the log is reached
         # The page whose flush timed out: its records are still queued in the producer.
         self._unacknowledged: _Sent | None = None
+
+    def _ready(self) -> Producer:
+        """The producer, once the log was reached and the topic exists (created if missing):
+        a log out when the relay starts is waited out like one out later."""
+        if self._producer is None:
+            log = self._log() if callable(self._log) else self._log
+            settings = self._topic_settings
+            if settings.name not in {t.name for t in log.list_topics()}:
+                # Every worker process starts the relay: another may create the topic first.
+                with contextlib.suppress(TopicExistsError):
+                    log.create_topic(settings.name, partitions=settings.partitions,
+                                     max_record_bytes=settings.max_record_bytes)  # fmt: skip
+            self._producer = log.producer()
+        return self._producer
 
     def run_once(self, limit: int = PAGE) -> int:
         """Take or renew the lease, then publish the next page of events and checkpoint it; how
         many were published and checkpointed: 0 with nothing new, when another relay holds the
         lease, or when this one lost it while publishing (its successor may publish the page
         again)."""
+        producer = self._ready()
         store = self.events.store
         ttl_ms = int(self.lease_ttl * 1000)
         self.leading = store.acquire_lease(self.name, self.owner, ttl_ms)
@@ -137,27 +159,26 @@ class Relay:
             page = store.read_all(after, limit)
             if not page:
                 return 0
-            send = self._producer.send
-            futures = [
-                send(self.topic, stored.data, key=stored.stream.encode(),
-                     headers=_headers(stored), timestamp_ms=stored.timestamp_ms)
-                for stored in page
-            ]  # fmt: skip
-            sent = _Sent(after, page, futures)
+            sent = self._send(producer, after, page)
         # Raises if the log did not take the page in time: nothing is checkpointed, and the next
         # call waits for these records instead of queueing the page again behind them.
         self._unacknowledged = sent
-        self._producer.flush(FLUSH_TIMEOUT_S)
+        producer.flush(FLUSH_TIMEOUT_S)
         self._unacknowledged = None
-        # Kafka reports a record it failed to write only to its future; the page goes again.
-        for future in sent.futures:
-            future.result(0)
-        page = sent.page
+        # Kafka reports a record it failed to write only to its future: what the log took before
+        # it is checkpointed, and the rest goes again (or the error says why it cannot).
+        written, failure = _written(sent, self.topic)
+        page = sent.page[:written]
+        if not page:
+            assert failure is not None
+            raise failure
         with store.transaction(self.name) as tx:
             # The fence: once another relay has taken the lease over, the checkpoint is its own.
             self.leading = tx.renew_lease(self.name, self.owner, ttl_ms)
             if self.leading:
                 tx.set_checkpoint(page[-1].position)
+        if failure is not None:
+            raise failure
         if self.leading:
             return len(page)
         logger.warning(
@@ -165,6 +186,25 @@ class Relay:
             "and may publish them again", self.name, page[0].position, page[-1].position,
         )  # fmt: skip
         return 0
+
+    def _send(self, producer: Producer, after: int, page: list[StoredEvent]) -> _Sent:
+        """Queue the page's records, up to one the log refuses at once (too large)."""
+        send = producer.send
+        futures: list[SendFuture] = []
+        for stored in page:
+            try:
+                futures.append(
+                    send(
+                        self.topic,
+                        stored.data,
+                        key=stored.stream.encode(),
+                        headers=_headers(stored),
+                        timestamp_ms=stored.timestamp_ms,
+                    )
+                )
+            except RecordTooLargeError as error:
+                return _Sent(after, page, futures, error)
+        return _Sent(after, page, futures)
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
         """Publish until ``stop`` is set, then give the lease up. Idle or standing by, it tries
@@ -210,21 +250,24 @@ class Relay:
         """Give the lease up, so a relay standing by takes over at once, and close the
         producer."""
         self._release()
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return  # it never reached the log
         try:
-            self._producer.flush(FLUSH_TIMEOUT_S)
+            producer.flush(FLUSH_TIMEOUT_S)
         except UNREACHABLE as error:
             # Not checkpointed, so published again by the next leader. Closing would wait for
             # the log (a minute on Kafka): it does so beside the caller.
             logger.warning("relay %s: closing before the log took its last page: %s",
                            self.name, error)  # fmt: skip
-            threading.Thread(target=self._close_producer, name="riverbed-relay-closing",
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(target=self._close_producer, args=(producer,),
+                             name="riverbed-relay-closing", daemon=True).start()  # fmt: skip
         else:
-            self._close_producer()
+            self._close_producer(producer)
 
-    def _close_producer(self) -> None:
+    def _close_producer(self, producer: Producer) -> None:
         try:
-            self._producer.close()
+            producer.close()
         except UNREACHABLE as error:
             logger.warning("relay %s: the log did not take its last page: %s", self.name, error)
 
@@ -236,6 +279,25 @@ class Relay:
         except BrokerUnavailableError as error:  # the lease expires on its own
             logger.warning("relay %s could not give its lease up: %s", self.name, error)
         self.leading = False
+
+
+def _written(sent: _Sent, topic: str) -> tuple[int, Exception | None]:
+    """How many of a page's records, from its start, the log wrote; the error of the first one
+    it did not."""
+    for index, future in enumerate(sent.futures):
+        try:
+            future.result(0)
+        except Exception as error:
+            return index, error
+    if sent.refused is None:
+        return len(sent.futures), None
+    stored = sent.page[len(sent.futures)]
+    return len(sent.futures), EventSourcingError(
+        f"the event at position {stored.position} is a record of {sent.refused.size:,} bytes, "
+        f"larger than the {sent.refused.limit:,}-byte limit of topic {topic!r}: "
+        "app.events.relay(topic, max_record_bytes=N) creates the relay's topic with a higher "
+        "limit (a topic that exists keeps its own: raise it there)"
+    )
 
 
 def _headers(stored: StoredEvent) -> dict[str, bytes]:

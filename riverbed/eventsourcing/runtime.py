@@ -10,13 +10,15 @@ from typing import NamedTuple, TypeVar
 
 from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
+from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl, relay_name
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Events
 from riverbed.eventsourcing.sagas import ProcessManager, SagaRunner, manager_name
 from riverbed.eventsourcing.subscriptions import SubscriberStatus, Subscription
-from riverbed.log.api import Log
+from riverbed.log.api import DEFAULT_MAX_RECORD_BYTES, Log, TopicInfo, validate_topic
+from riverbed.log.errors import BrokerUnavailableError
 
 log = logging.getLogger("riverbed.eventsourcing")
 
@@ -26,6 +28,7 @@ P = TypeVar("P", bound=Projection)
 class RelaySettings(NamedTuple):
     partitions: int
     lease_ttl: float
+    max_record_bytes: int
 
 
 M = TypeVar("M", bound=ProcessManager)
@@ -64,12 +67,22 @@ class EventSourcing(Events):
                 "managers different names"
             )
 
-    def relay(self, topic: str, partitions: int = 4, *, lease_ttl: float = LEASE_TTL_S) -> None:
-        """Publish every stored event to log topic ``topic`` (keyed by stream id): every process
-        running the app runs the relay, and one of them at a time publishes (see ``Relay``; a
-        standby takes over ``lease_ttl`` seconds after the leader dies)."""
-        check_lease_ttl(lease_ttl)  # here, not when the workers start
-        self.relays[topic] = RelaySettings(partitions, lease_ttl)
+    def relay(
+        self,
+        topic: str,
+        partitions: int = 4,
+        *,
+        lease_ttl: float = LEASE_TTL_S,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    ) -> None:
+        """Publish every stored event to log topic ``topic`` (keyed by stream id; created with
+        ``partitions`` and ``max_record_bytes`` if missing): every process running the app runs
+        the relay, and one of them at a time publishes (see ``Relay``; a standby takes over
+        ``lease_ttl`` seconds after the leader dies)."""
+        # Here, not when the workers start.
+        check_lease_ttl(lease_ttl)
+        validate_topic(TopicInfo(topic, partitions, max_record_bytes=max_record_bytes))
+        self.relays[topic] = RelaySettings(partitions, lease_ttl, max_record_bytes)
 
     def subscriber(self, name: str) -> Subscription:
         """The runner of projection or process manager ``name`` (its active version, for a
@@ -128,25 +141,37 @@ class EventSourcing(Events):
         """Whether projections, process managers or relays are registered."""
         return bool(self.projections.registered or self.process_managers or self.relays)
 
-    def run(self, stop: threading.Event, log: Log | None = None) -> list[threading.Thread]:
-        """Run the projections, process managers and (given the ``log``) relays, each in a thread
-        of its own, until ``stop`` is set; returns the threads. They wait out outages of the
-        store and the log; one that fails otherwise sets ``stop``, so the others end too, and
-        its error is in ``failures`` (``App.run`` raises it)."""
+    def run(
+        self, stop: threading.Event, log: Log | Callable[[], Log] | None = None
+    ) -> list[threading.Thread]:
+        """Run the projections, process managers and (given the ``log``, or a function that
+        connects to it) relays, each in a thread of its own, until ``stop`` is set; returns the
+        threads. They wait out outages of the store and the log, at the start too; one that
+        fails otherwise sets ``stop``, so the others end too, and its error is in ``failures``
+        (``App.run`` raises it)."""
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
         whats = [f"projection {name}" for name in self.projections.registered]
         whats += [f"process manager {name}" for name in self.process_managers]
         whats += [f"relay to {topic}" for topic in self.relays]
-        claim(self.store, self.app_name, whats)
         self.failures.clear()
-        runs: list[Callable[[threading.Event], None]] = [
-            self.projections.runner(name).run for name in self.projections.registered
-        ]
+        outage = Outage(f"app {self.app_name!r}")
+        while not stop.is_set():
+            try:
+                claim(self.store, self.app_name, whats)
+                runs: list[Callable[[threading.Event], None]] = [
+                    self.projections.runner(name).run for name in self.projections.registered
+                ]
+                break
+            except BrokerUnavailableError as error:  # the store, out as the workers start
+                outage.wait(error, stop)
+        else:
+            return []
         runs += [SagaRunner(self, manager).run for manager in self.process_managers.values()]
         for topic, settings in self.relays.items():
             assert log is not None
-            relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl)
+            relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl,
+                          max_record_bytes=settings.max_record_bytes)  # fmt: skip
             runs.append(_closing(relay))
         return [self._start(what, run, stop) for what, run in zip(whats, runs, strict=True)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, Inbox, Relay, stored_event
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay, stored_event
 from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, METADATA, relay_name
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, read_topic, wait_until
@@ -222,14 +222,14 @@ def test_a_leader_that_stalled_past_its_lease_cannot_move_the_checkpoint(
     stalled = Relay(events, log, TOPIC, lease_ttl=0.1)
     successor = Relay(events, log, TOPIC)
     relays += [stalled, successor]
-    flush = stalled._producer.flush
+    flush = stalled._ready().flush
 
     def stall_then_flush(timeout: float | None = None) -> None:
         time.sleep(0.2)  # the log is slow to acknowledge; the lease expires meanwhile
         assert successor.run_once(limit=100) == 20
         flush(timeout)
 
-    monkeypatch.setattr(stalled._producer, "flush", stall_then_flush)
+    monkeypatch.setattr(stalled._ready(), "flush", stall_then_flush)
     assert stalled.run_once(limit=8) == 0
     assert not stalled.leading
     assert events.store.checkpoint(relay_name(TOPIC)) == 20  # not moved back to 8
@@ -278,7 +278,10 @@ def test_an_apps_relay_runs_with_its_lease_ttl_and_refuses_a_bad_one(
         events.relay(TOPIC, lease_ttl=0)
     with pytest.raises(ValueError, match="lease_ttl=-1"):
         Relay(events, log, TOPIC, lease_ttl=-1)
-    assert not events.relays  # nothing registered by the refused call
+    for topic, partitions in (("bad topic!", 4), ("", 4), ("t" * 250, 4), (TOPIC, 0)):
+        with pytest.raises(ValueError, match=r"invalid topic name|needs at least 1 partition"):
+            events.relay(topic, partitions)
+    assert not events.relays  # nothing registered by the refused calls
     started: list[Relay] = []
 
     class RecordedRelay(Relay):
@@ -290,5 +293,27 @@ def test_an_apps_relay_runs_with_its_lease_ttl_and_refuses_a_bad_one(
     for thread in events.run(threading.Event(), log):
         thread.join(10)
     assert [(r.topic, r.lease_ttl) for r in started] == [(TOPIC, 2.5)]
+    started[0].run_once()  # the topic is made when the relay first reaches the log
     assert len(log.end_offsets(TOPIC)) == 2
     started[0].close()
+
+
+def test_an_event_too_large_for_the_topic_stops_the_relay_after_what_came_before(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    order = Order.create("ada", "a@x", Money(Decimal("1"), "EUR"), NOW)
+    order.add_line("x" * 2_000_000)  # 2 MB, over the topic's default 1 MiB
+    order.add_line("socks")
+    events.save(order)
+    relay = Relay(events, log, TOPIC)
+    with pytest.raises(EventSourcingError, match=(
+        r"the event at position 2 is a record of 2,00\d,\d+ bytes, larger than the 1,048,576-byte "
+        r"limit of topic 'shop-events': app.events.relay\(topic, max_record_bytes=N\)"
+    )):  # fmt: skip
+        relay.run_once()
+    assert events.store.checkpoint(relay_name(TOPIC)) == 1  # what the log took is not sent again
+    assert len(published_ids(log)) == 1
+    relay.close()
+    roomy = Relay(events, log, "roomy", max_record_bytes=4 * 2**20)
+    assert roomy.run_once() == 3
+    roomy.close()

@@ -27,7 +27,7 @@ from riverbed.eventsourcing.claims import claim
 from tests.eventsourcing.shop import Fulfilment, Money, Order, OrderTotals
 from tests.services import unavailable
 from tests.services.postgres import postgres_missing, start_postgres, terminate_connections
-from tests.support import stopped, wait_until
+from tests.support import published, stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 TOPIC = "shop-events"
@@ -52,24 +52,31 @@ def failing_first(calls: int, method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def test_runners_wait_out_a_store_they_cannot_reach(
-    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_runners_wait_out_a_store_and_a_log_they_cannot_reach(
+    events: EventSourcing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
     events.projection(OrderTotals())
     events.relay(TOPIC)
     place(events, "ada")
     store = events.store
-    # The projection's and the relay's reads fail 6 times between them before the store returns.
-    monkeypatch.setattr(store, "read_all", failing_first(6, store.read_all))
+    connect: Callable[[], riverbed.Log] = lambda: log  # noqa: E731
+    if when == "running":
+        # The projection's and the relay's reads fail 6 times between them.
+        monkeypatch.setattr(store, "read_all", failing_first(6, store.read_all))
+    else:
+        # The store is out as the workers claim their names, the log a while longer.
+        monkeypatch.setattr(store, "get_document", failing_first(2, store.get_document))
+        connect = failing_first(3, connect)
     stop = threading.Event()
-    threads = events.run(stop, log=log)
+    threads = events.run(stop, log=connect)
     try:
         position = place(events, "bob")
         assert events.projections.get("order-totals", "customers", "bob", wait_for=position) == {
             "orders": 1, "total": "2",
         }  # fmt: skip
-        wait_until(lambda: sum(log.end_offsets(TOPIC).values()) == 2, 30, "the relay")
+        wait_until(lambda: published(log, TOPIC) == 2, 30, "the relay")
         assert all(thread.is_alive() for thread in threads) and events.failures == []
     finally:
         stopped(stop, threads)

@@ -26,7 +26,7 @@ from riverbed.eventsourcing.sagas import PARKED_DUE_MS, SagaRunner, timer_positi
 from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
 from riverbed.log.api import SendFuture
 from tests.eventsourcing.shop import Fulfilment, Money, Order, Payment
-from tests.support import read_topic, stopped, wait_until
+from tests.support import published, read_topic, stopped, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 TOPIC = "shop-events"
@@ -389,7 +389,7 @@ def test_a_run_closes_its_relays(events: EventSourcing, log: riverbed.Log) -> No
     threads = events.run(stop, log)
     try:
         place(events, "ann")
-        wait_until(lambda: sum(log.end_offsets(TOPIC).values()) == 1, 30, "the relay")
+        wait_until(lambda: published(log, TOPIC) == 1, 30, "the relay")
     finally:
         stopped(stop, threads)
     assert producer_threads() == before
@@ -456,7 +456,7 @@ def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
     monkeypatch.setattr("riverbed.eventsourcing.outbox.FLUSH_TIMEOUT_S", 0.01)
     relay = Relay(events, log, TOPIC, lease_ttl=0.2)
     sent: list[bytes | None] = []
-    send = relay._producer.send
+    send = relay._ready().send
 
     def counted(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
         sent.append(kwargs["key"])
@@ -465,9 +465,9 @@ def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
     def unacknowledged(timeout: float | None = None) -> None:
         raise TimeoutError("records not acknowledged (test)")
 
-    monkeypatch.setattr(relay._producer, "send", counted)
-    flush = relay._producer.flush
-    monkeypatch.setattr(relay._producer, "flush", unacknowledged)
+    monkeypatch.setattr(relay._ready(), "send", counted)
+    flush = relay._ready().flush
+    monkeypatch.setattr(relay._ready(), "flush", unacknowledged)
     place(events, "ann")
     try:
         with pytest.raises(TimeoutError):
@@ -479,7 +479,7 @@ def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
         with pytest.raises(TimeoutError):
             relay.run_once()
         assert len(sent) == 1  # the page went once, and is still queued
-        monkeypatch.setattr(relay._producer, "flush", flush)
+        monkeypatch.setattr(relay._ready(), "flush", flush)
         assert relay.run_once() == 1
     finally:
         relay.close()
@@ -495,7 +495,7 @@ def test_a_relay_waiting_out_a_log_outage_keeps_its_lease(
     def unacknowledged(timeout: float | None = None) -> None:
         raise TimeoutError("records not acknowledged (test)")
 
-    monkeypatch.setattr(relay._producer, "flush", unacknowledged)
+    monkeypatch.setattr(relay._ready(), "flush", unacknowledged)
     place(events, "ann")
     stop = threading.Event()
     running = threading.Thread(target=relay.run, args=(stop,))
@@ -542,7 +542,7 @@ def test_a_page_with_a_record_the_log_failed_is_sent_again_before_it_is_checkpoi
 ) -> None:
     relay = Relay(events, log, TOPIC)
     ann, bob = place(events, "ann"), place(events, "bob")
-    send = relay._producer.send
+    send = relay._ready().send
     refused: list[bytes | None] = []
 
     def refuse_first(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
@@ -551,7 +551,7 @@ def test_a_page_with_a_record_the_log_failed_is_sent_again_before_it_is_checkpoi
             return Refused(RuntimeError("the broker refused the record (test)"))
         return send(topic, value, **kwargs)
 
-    monkeypatch.setattr(relay._producer, "send", refuse_first)
+    monkeypatch.setattr(relay._ready(), "send", refuse_first)
     try:
         with pytest.raises(RuntimeError, match="refused the record"):
             relay.run_once()
