@@ -116,7 +116,11 @@ def parked(
         out.print(f"{name} has no parked events")
 
 
-@app.command("unpark")
+# A parked timer's position is negative: an argument, not an option.
+POSITIONAL_NEGATIVES = {"ignore_unknown_options": True}
+
+
+@app.command("unpark", context_settings=POSITIONAL_NEGATIVES)
 def unpark(
     target: Target,
     name: Name,
@@ -125,6 +129,7 @@ def unpark(
     """Forget parked events once dealt with: the projection or process manager goes on without
     them (a parked timer never fires). The events stay in the store; ``rebuild`` applies every
     event again, parked ones included."""
+    positions = list(dict.fromkeys(positions))  # each once
     with open_events(target) as events:
         missing = [p for p in positions if not events.unpark(name, p)]
     out.print(f"unparked {len(positions) - len(missing)} events of {name}")
@@ -132,7 +137,7 @@ def unpark(
         raise RiverbedError(f"not parked by {name}: {', '.join(map(str, missing))}")
 
 
-@app.command("retry")
+@app.command("retry", context_settings=POSITIONAL_NEGATIVES)
 def retry(
     target: Target,
     name: Name,
@@ -142,6 +147,7 @@ def retry(
     followed it, and unparked once handled (a parked timer fires with its data); one that fails
     again stays parked with the new error. For handlers that do not depend on the order of
     events; else ``rebuild``."""
+    positions = list(dict.fromkeys(positions))  # each once
     with open_events(target) as events:
         parked = {p.position for p in events.parked(name)}  # an unknown name fails here, once
         failed, missing = [], [p for p in positions if p not in parked]

@@ -27,6 +27,7 @@ from riverbed.eventsourcing.aggregate import (
     Aggregate,
     Recorded,
     check_id,
+    check_key,
 )
 from riverbed.eventsourcing.codec import (
     ENCODER,
@@ -90,6 +91,9 @@ _cause: contextvars.ContextVar[Cause | None] = contextvars.ContextVar(
 def causing(cause_id: str, correlation_id: str | None = None) -> Iterator[None]:
     """Events saved in this block are caused by ``cause_id`` (a command's or an event's id)
     and belong to ``correlation_id`` (default: the one already in force, else ``cause_id``)."""
+    check_key(cause_id, "a cause id", "causing")
+    if correlation_id is not None:
+        check_key(correlation_id, "a correlation id", "causing")
     current = _cause.get()
     correlation = correlation_id or (current.correlation_id if current else cause_id)
     token = _cause.set(Cause(correlation, cause_id))
@@ -296,6 +300,7 @@ class Events:
     ) -> A:
         """``get``, reading the stream with ``read_stream`` (a transaction's, to see its own
         appends)."""
+        _check_class(cls)
         check_id(aggregate_id, f"get({cls.__name__}, id)")
         version = _checked_version(version)
         store = self.store
@@ -319,6 +324,7 @@ class Events:
         return loaded
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
+        _check_class(cls)
         check_id(aggregate_id, f"get_async({cls.__name__}, id)")
         version = _checked_version(version)
         store = await self.async_store()
@@ -392,7 +398,7 @@ class Events:
         aggregate's command methods (or raises to refuse). Returns the aggregate and the saved
         position."""
         _check_retries(retries)
-        with causing(command_id or random_ids(1)[0]):
+        with causing(random_ids(1)[0] if command_id is None else command_id):
             for attempt in range(retries + 1):
                 aggregate = self.get(cls, aggregate_id)
                 decided = decide(aggregate)
@@ -422,7 +428,7 @@ class Events:
     ) -> tuple[A, int]:
         """``handle`` for async code; ``decide`` may be a coroutine function."""
         _check_retries(retries)
-        with causing(command_id or random_ids(1)[0]):
+        with causing(random_ids(1)[0] if command_id is None else command_id):
             for attempt in range(retries + 1):
                 aggregate = await self.get_async(cls, aggregate_id)
                 decided = decide(aggregate)
@@ -522,6 +528,11 @@ def _retry_pause(attempt: int) -> float:
     bound doubles with each attempt ("full jitter"), so that writers racing for one aggregate
     spread out instead of colliding again at once."""
     return random.uniform(0, min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2**attempt))
+
+
+def _check_class(cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Aggregate)):
+        raise TypeError(f"{cls!r} is not an aggregate class (a riverbed.Aggregate subclass)")
 
 
 def _checked_version(version: int | None) -> int | None:

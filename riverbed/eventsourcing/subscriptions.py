@@ -210,6 +210,9 @@ class Subscription:
     def unpark(self, position: int) -> bool:
         """Forget the entry parked at ``position``: the subscriber goes on without it. False if
         nothing is parked there."""
+        _check_position(position)
+        if not -(2**63) <= position < 2**63:
+            return False  # no store holds such a position
         with self.store.transaction(self.name) as tx:
             return any(tx.unpark(label, position) for label in self.parked_labels())
 
@@ -301,8 +304,7 @@ class Subscription:
             self.conflicts_fail = False
 
     def _parked_at(self, position: int) -> ParkedEvent:
-        if type(position) is not int:
-            raise TypeError(f"position={position!r}: a parked event's position is an int")
+        _check_position(position)
         for label in self.parked_labels():
             for parked in self.store.parked(label):
                 if parked.position == position:
@@ -357,6 +359,11 @@ class Subscription:
                     tx.delete(STOPPED, self.name)
         except BrokerUnavailableError:  # the store is out: the loop waits it out
             pass
+
+
+def _check_position(position: object) -> None:
+    if type(position) is not int:
+        raise TypeError(f"position={position!r}: a parked event's position is an int")
 
 
 def _reason(failed: Exception) -> str:

@@ -122,6 +122,13 @@ def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:
     assert again.stderr == f"error: not parked by {NAME}: 2\n"
 
 
+def test_positions_may_be_negative_huge_or_repeated(rooms: ModuleType) -> None:
+    book(rooms, "ada")
+    result = run("unpark", "rooms:app", NAME, "-5", "99999999999999999999", "-5")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: not parked by {NAME}: -5, 99999999999999999999\n"
+
+
 def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType) -> None:
     book(rooms, "ada", "mallory", "bob")
     projections = rooms.app.events.projections

@@ -213,6 +213,14 @@ def test_a_version_below_1_and_reserved_or_unencodable_metadata_are_refused(
         events.save(order, metadata={"user": object()})
     with pytest.raises(EventSourcingError, match=r"metadata keys are strings, not int \(1\)"):
         events.save(order, metadata={1: "one"})
+    for bad_id in ("", 5, ["a"]):
+        with pytest.raises(ValueError, match="causing: a cause id is a non-empty str"):
+            events.handle(Order, order.id, lambda o: None, command_id=bad_id)  # type: ignore[arg-type]
+        bad_correlation = riverbed.eventsourcing.causing("cause", correlation_id=bad_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="causing: a correlation id is a non-empty str"):
+            bad_correlation.__enter__()
+    with pytest.raises(TypeError, match="<class 'dict'> is not an aggregate class"):
+        events.get(dict, order.id)  # type: ignore[type-var]
     assert events.read() == [] and len(order.pending) == 1  # nothing saved, nothing lost
     events.save(order, metadata={"user": "ada"})
     assert events.read()[0].metadata["user"] == "ada"

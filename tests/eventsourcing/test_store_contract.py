@@ -320,6 +320,9 @@ def test_read_all_pages_by_position(store: EventStore) -> None:
     assert positions(store.read_all(after=23)) == [24, 25]
     assert store.read_all(after=25) == []
     assert len(store.read_all()) == 25
+    for after, limit in ((-1, 10), (0, -1), (0, 1.5), ("0", 10)):
+        with pytest.raises(ValueError, match=r"read_all: (after|limit) is an int >= 0, got"):
+            store.read_all(after, limit)  # type: ignore[arg-type]
 
 
 # The gap-free global order, with writer processes

@@ -49,6 +49,14 @@ def document_text(collection: str, key: str, document: Document) -> str:
     return text
 
 
+def check_page(after: object, limit: object) -> None:
+    """A read-all page's bounds: positions after ``after`` (>= 0), at most ``limit`` (>= 0)
+    events; ``ValueError`` otherwise, the same on every store."""
+    for name, value in (("after", after), ("limit", limit)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"read_all: {name} is an int >= 0, got {value!r}")
+
+
 class Transaction(Protocol):
     """One database transaction of a subscriber (projection, process manager, inbox consumer):
     its reads and writes, its checkpoint and any events it appends commit together or not at all.

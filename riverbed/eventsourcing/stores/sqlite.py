@@ -42,7 +42,7 @@ from riverbed.eventsourcing.records import (
     Timer,
     distinct_streams,
 )
-from riverbed.eventsourcing.stores.api import Document, document_text
+from riverbed.eventsourcing.stores.api import Document, check_page, document_text
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
@@ -188,6 +188,7 @@ class SqliteEventStore:
         return _stream_version(self._conn, stream)
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        check_page(after, limit)
         return _page(
             self._conn.execute(
                 "SELECT record FROM events WHERE position > ? ORDER BY position LIMIT ?",
@@ -258,6 +259,13 @@ class SqliteEventStore:
 
     @contextmanager
     def transaction(self, name: str) -> Iterator[SqliteTransaction]:
+        if self._conn.in_transaction:
+            # SQLite has one writer: a subscriber's transaction cannot wait for another one
+            # this thread holds open.
+            raise EventSourcingError(
+                f"cannot open transaction {name!r} of the SQLite event store inside another of "
+                "this thread (an Inbox.handle inside a handler, say): handle it after that one"
+            )
         # BEGIN IMMEDIATE takes the file's write lock: subscriber transactions never interleave.
         with write_transaction(self._conn) as conn:
             yield SqliteTransaction(conn, name)

@@ -17,7 +17,7 @@ from psycopg.rows import args_row
 
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
-from riverbed.eventsourcing.stores.api import Document
+from riverbed.eventsourcing.stores.api import Document, check_page
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
@@ -127,6 +127,7 @@ class AsyncPostgresEventStore:
             return await cur.fetchall()
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        check_page(after, limit)
         async with self._connection() as conn:
             cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
             await cur.execute(q.READ_ALL, (after, limit))

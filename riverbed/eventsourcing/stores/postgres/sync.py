@@ -30,7 +30,7 @@ from riverbed.eventsourcing.records import (
     StreamAppend,
     Timer,
 )
-from riverbed.eventsourcing.stores.api import Document, document_text
+from riverbed.eventsourcing.stores.api import Document, check_page, document_text
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
@@ -164,6 +164,7 @@ class PostgresEventStore:
         return int(self._value(q.STREAM_VERSION_OF, (stream,)))
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        check_page(after, limit)
         with self._connection() as conn, _events_cursor(conn) as cur:
             return cur.execute(q.READ_ALL, (after, limit)).fetchall()
 
