@@ -130,7 +130,10 @@ _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 TRANSACTION_TIMEOUT_MS = 10_000
 # The retry delay after CONCURRENT_TRANSACTIONS (see KafkaTransactionalProducer).
 TRANSACTION_RETRY_BACKOFF_MS = 10
-_MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+_MISSING_TOPIC = frozenset(
+    {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION}
+)
+LEADER_WAIT_S = 0.05
 _LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
 # A group coordinator that is still loading (a fresh broker) or moving: ask again.
 _COORDINATOR_MOVING = frozenset(
@@ -804,15 +807,23 @@ class KafkaProducer(Closing):
         if timestamp_ms is not None or headers:
             extra = {"timestamp": timestamp_ms or 0, "headers": dict(headers) if headers else None}
         try:
-            self._producer.produce(topic, value, key, partition, on_delivery=future, **extra)
+            self._produce(topic, value, key, partition, on_delivery=future, **extra)
         except BufferError:
             self._wait_for_room()
-            self._producer.produce(topic, value, key, partition, on_delivery=future, **extra)
+            self._produce(topic, value, key, partition, on_delivery=future, **extra)
         if topic in self._unbatched_topics:
             self._producer.flush()
         self._sent += 1
         self._producer.poll(0)
         return future
+
+    def _produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+        """librdkafka's produce, its refusals as riverbed's errors: a topic deleted since it was
+        looked up is unknown."""
+        try:
+            self._producer.produce(topic, *args, **kwargs)
+        except KafkaException as error:
+            raise self.delivery_error(topic, _kafka_error(error)) from None
 
     def _future(self) -> _DeliveryFuture:
         return _DeliveryFuture(self)
@@ -858,6 +869,8 @@ class KafkaProducer(Closing):
             except BufferError:
                 self._wait_for_room()
                 produce(topic, value, key, target, **extra)
+            except KafkaException as error:
+                raise self.delivery_error(topic, _kafka_error(error)) from None
             if unbatched:
                 self._producer.flush()
             count += 1
@@ -1317,9 +1330,7 @@ class KafkaConsumer(Closing):
                 tp.offset = done.offset
         for tp in partitions:
             if tp.offset < 0:
-                low, high = self._consumer.get_watermark_offsets(
-                    tp, timeout=REQUEST_TIMEOUT_S, cached=False
-                )
+                low, high = self._offsets_of(tp)
                 tp.offset = low if self._from_beginning else high
             self._positions[tp.topic, tp.partition] = tp.offset
 
@@ -1520,11 +1531,31 @@ class KafkaConsumer(Closing):
         chosen = sorted(self._assignment if partitions is None else set(partitions))
         marks = []
         for topic, partition in chosen:
-            low, high = self._consumer.get_watermark_offsets(
-                KafkaTopicPartition(topic, partition), timeout=REQUEST_TIMEOUT_S, cached=False
-            )
+            low, high = self._offsets_of(KafkaTopicPartition(topic, partition))
             marks.append((topic, partition, low, high))
         return marks
+
+    def _offsets_of(self, tp: Any) -> tuple[int, int]:
+        """A partition's first and next offsets. A partition whose leader is still being
+        elected (of a topic made a moment ago) is waited for, up to the request timeout."""
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S
+        while True:
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    tp, timeout=REQUEST_TIMEOUT_S, cached=False
+                )
+                return int(low), int(high)
+            except KafkaException as error:
+                code = _code(error)
+                if code in _LEADER_MOVING and time.monotonic() < deadline:
+                    time.sleep(LEADER_WAIT_S)
+                    continue
+                if code in _MISSING_TOPIC:
+                    raise UnknownTopicError(tp.topic) from None
+                raise BrokerUnavailableError(
+                    f"Kafka did not tell the offsets of {tp.topic}[{tp.partition}]: "
+                    f"{_kafka_error(error)}"
+                ) from None
 
     def seek_to_beginning(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         for topic, partition, low, _ in self._watermarks(partitions):

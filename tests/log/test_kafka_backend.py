@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -130,3 +131,15 @@ def test_group_members_show_their_assignment(kafka_log: KafkaLog) -> None:
         (member,) = described.members
         assert member.assignment == [(name, 0), (name, 1)]
     assert kafka_log.group_lag(name) == {(name, 0): 0, (name, 1): 0}
+
+
+def test_a_consumer_of_a_topic_made_a_moment_ago_waits_for_its_leaders(
+    kafka_log: KafkaLog,
+) -> None:
+    # Each partition's leader is elected after create_topic returns: the offsets wait for it.
+    for attempt in range(5):
+        topic = f"fresh-{uuid.uuid4().hex[:8]}-{attempt}"
+        kafka_log.create_topic(topic, partitions=5)
+        with kafka_log.consumer(topics=[topic]) as consumer:
+            assert consumer.poll(timeout=0.1) == []
+            assert len(consumer.assignment()) == 5
