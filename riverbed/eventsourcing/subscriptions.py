@@ -229,7 +229,7 @@ class Subscription:
             checkpoint,
             head,
             head - checkpoint,
-            len(self.parked()),
+            sum(self.store.parked_count(label) for label in self.parked_labels()),
             None if stopped is None else stopped["position"],
             None if stopped is None else stopped["error"],
         )

@@ -635,9 +635,11 @@ def test_parked_events_are_listed_by_position_and_unparked(store: EventStore) ->
         ParkedEvent("view", 4, "e4", "Order.Paid", "ValueError: bad", 101),
         ParkedEvent("view", 9, "e9", "Order.Placed", "KeyError: 'total'", 100),
     ]
+    assert (store.parked_count("view"), store.parked_count("nobody")) == (2, 0)
     assert store.unpark("view", 4)
     assert not store.unpark("view", 4)
     assert [p.position for p in store.parked("view")] == [9]
+    assert store.parked_count("view") == 1
     assert [p.projection for p in store.parked("other")] == ["other"]
     assert store.parked("nobody") == []
 

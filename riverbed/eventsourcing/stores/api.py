@@ -205,6 +205,10 @@ class EventStore(Protocol):
 
     def parked(self, projection: str) -> list[ParkedEvent]: ...
 
+    def parked_count(self, projection: str) -> int:
+        """How many events ``projection`` parked (without reading their errors)."""
+        ...
+
     def unpark(self, projection: str, position: int) -> bool: ...
 
     def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:

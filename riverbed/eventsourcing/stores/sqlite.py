@@ -291,6 +291,10 @@ class SqliteEventStore:
         ).fetchall()
         return [ParkedEvent(*row) for row in rows]
 
+    def parked_count(self, projection: str) -> int:
+        query = "SELECT count(*) FROM parked WHERE projection = ?"
+        return int(self._conn.execute(query, (projection,)).fetchone()[0])
+
     def unpark(self, projection: str, position: int) -> bool:
         with self._writing() as conn:
             return _unpark(conn, projection, position)

@@ -176,6 +176,7 @@ PARKED = (
     "SELECT projection, position, event_id, type, error, parked_ms FROM riverbed_parked "
     "WHERE projection = %s ORDER BY position"
 )
+PARKED_COUNT = "SELECT count(*) FROM riverbed_parked WHERE projection = %s"
 UNPARK = "DELETE FROM riverbed_parked WHERE projection = %s AND position = %s"
 SEEN = (
     "INSERT INTO riverbed_inbox (name, event_id) VALUES (%s, %s) "

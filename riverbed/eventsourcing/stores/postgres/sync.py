@@ -249,6 +249,9 @@ class PostgresEventStore:
             cur = conn.cursor(row_factory=args_row(ParkedEvent))
             return cur.execute(q.PARKED, (projection,)).fetchall()
 
+    def parked_count(self, projection: str) -> int:
+        return int(self._value(q.PARKED_COUNT, (projection,)))
+
     def unpark(self, projection: str, position: int) -> bool:
         with self._connection() as conn:
             return conn.execute(q.UNPARK, (projection, position)).rowcount > 0
