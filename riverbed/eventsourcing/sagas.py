@@ -40,6 +40,7 @@ from riverbed.eventsourcing.errors import (
 )
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent, Timer
 from riverbed.eventsourcing.repository import Envelope, causing
+from riverbed.eventsourcing.snapshots import same_when_loaded
 from riverbed.eventsourcing.stores.api import Document, Transaction
 from riverbed.eventsourcing.subscriptions import (
     PAGE,
@@ -58,6 +59,7 @@ TIMER_WAIT_S = 0.2
 MAX_TIMERS = 2**31 - 1
 # A parked timer's due time: never, until retried.
 PARKED_DUE_MS = 2**62
+MAX_TIMER_S = 100 * 365 * 24 * 3600
 TIMERS_PER_ROUND = 100  # then a page of events, so timers set due at once cannot starve them
 
 
@@ -150,9 +152,22 @@ class Saga:
             not isinstance(data, dict) or not all(isinstance(k, str) for k in data)
         ):
             raise TypeError(f"timer {key!r}: its data is a dict with str keys, got {data!r}")
+        if not isinstance(seconds, int | float) or not abs(seconds) <= MAX_TIMER_S:
+            raise ValueError(
+                f"timer {key!r}: seconds is a number of at most {MAX_TIMER_S:,} (a century), "
+                f"got {seconds!r}"
+            )
         due = time.time_ns() // 1_000_000 + int(seconds * 1000)
         encoded = msgspec.msgpack.encode(_StoredTimer(data or {}, self.correlation_id))
-        _timer_decoder.decode(encoded)  # what on_timeout will get: refused now if it would not
+        # What on_timeout will get: refused now unless it is the data as set.
+        stored = _timer_decoder.decode(encoded)
+        if data and not same_when_loaded(stored.data if isinstance(stored, _StoredTimer) else {},
+                                         data):  # fmt: skip
+            raise TypeError(
+                f"timer {key!r}: its data would come back changed ({stored.data!r}, not "
+                f"{data!r}): give it values msgpack keeps as they are (str, int, float, bool, "
+                "None, lists and dicts of them)"
+            )
         self.tx.set_timer(key, due, encoded)
 
     def cancel_timer(self, key: str) -> None:

@@ -264,7 +264,9 @@ def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
     try:
         data = ENCODER.encode(state)
         restored = _typed(_snapshot_decoder.decode(data), hints)
-        differing = [name for name, value in state.items() if not _same(restored.get(name), value)]
+        differing = [
+            name for name, value in state.items() if not same_when_loaded(restored.get(name), value)
+        ]
     except (NotImplementedError, OverflowError, TypeError, ValueError, msgspec.MsgspecError
             ) as error:  # fmt: skip
         _no_snapshots(cls, f"its state does not encode and decode ({error})")
@@ -319,7 +321,7 @@ def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _same(restored: object, value: object) -> bool:
+def same_when_loaded(restored: object, value: object) -> bool:
     """Whether a state's value loads back as it is: equal, of the same type (an IntEnum is equal
     to the int it loads back as; an int may load back as the float its annotation says), down to
     the items of containers and the fields of objects; a datetime in the same time zone (msgpack
@@ -331,10 +333,10 @@ def _same(restored: object, value: object) -> bool:
         return restored == value or (math.isnan(restored) and math.isnan(value))
     if isinstance(value, list | tuple):
         assert isinstance(restored, list | tuple)
-        return len(restored) == len(value) and all(map(_same, restored, value))
+        return len(restored) == len(value) and all(map(same_when_loaded, restored, value))
     if isinstance(value, dict):
         assert isinstance(restored, dict)
-        return _same(list(restored), list(value)) and _same(
+        return same_when_loaded(list(restored), list(value)) and same_when_loaded(
             list(restored.values()), list(value.values())
         )
     if isinstance(value, set | frozenset):
@@ -346,7 +348,7 @@ def _same(restored: object, value: object) -> bool:
     fields = _fields(value)
     if fields is not None:
         return restored == value and all(
-            _same(getattr(restored, name), getattr(value, name)) for name in fields
+            same_when_loaded(getattr(restored, name), getattr(value, name)) for name in fields
         )
     return restored == value
 

@@ -480,12 +480,14 @@ def test_a_handler_that_swallows_a_failed_statement_is_parked_not_fatal(
 
 
 def test_a_retry_that_swallows_a_failed_statement_stays_parked(events: EventSourcing) -> None:
-    if isinstance(events.store, sqlite_store.SqliteEventStore):
-        pytest.skip("SQLite's transaction survives a failed statement")
     for name in ("ada", "bob"):
         place(events, name)
     events.projection(SkuIndex())
     events.projections.runner("sku-index").catch_up()
+    if isinstance(events.store, sqlite_store.SqliteEventStore):
+        # SQLite's transaction survives a failed statement: there is nothing to retry.
+        assert events.projections.parked("sku-index") == []
+        return
     (parked,) = events.projections.parked("sku-index")
     again = events.projections.retry("sku-index", parked.position)
     assert again is not None  # not "handled": what the handler did was rolled back

@@ -723,6 +723,7 @@ def test_timer_data_and_keys_that_would_not_read_back_are_refused_when_set(
     attempts: list[tuple[str, Any]] = [
         ("k", {42: "x"}),
         ("k", [1, 2]),
+        ("k", {"pair": (1, 2)}),
         ("k\x00", {}),
         ("k\ud800", {}),
         ("k" * 1001, {}),
@@ -744,6 +745,9 @@ def test_timer_data_and_keys_that_would_not_read_back_are_refused_when_set(
     assert errors == [
         "TypeError: timer 'k': its data is a dict with str keys, got {42: 'x'}",
         "TypeError: timer 'k': its data is a dict with str keys, got [1, 2]",
+        "TypeError: timer 'k': its data would come back changed ({'pair': [1, 2]}, not "
+        "{'pair': (1, 2)}): give it values msgpack keeps as they are (str, int, float, bool, "
+        "None, lists and dicts of them)",
         "ValueError: Saga.set_timer: a timer key is a non-empty str without NUL characters, "
         "got 'k\\x00'",
         "ValueError: Saga.set_timer: a timer key is text UTF-8 can encode, got 'k\\ud800' (a "

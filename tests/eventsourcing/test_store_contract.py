@@ -320,9 +320,18 @@ def test_read_all_pages_by_position(store: EventStore) -> None:
     assert positions(store.read_all(after=23)) == [24, 25]
     assert store.read_all(after=25) == []
     assert len(store.read_all()) == 25
-    for after, limit in ((-1, 10), (0, -1), (0, 1.5), ("0", 10)):
-        with pytest.raises(ValueError, match=r"read_all: (after|limit) is an int >= 0, got"):
+    for after, limit in ((-1, 10), (0, -1), (0, 1.5), ("0", 10), (2**63, 1), (0, 2**63)):
+        with pytest.raises(ValueError, match=r"read_all: (after|limit) is an int of 0 to 2\*\*62"):
             store.read_all(after, limit)  # type: ignore[arg-type]
+    for low, high in ((0, None), ("1", None), (1, -1), (1, 2**63)):
+        with pytest.raises(ValueError, match=r"read_stream: (from|to)_version is an int of"):
+            store.read_stream("s0", low, high)  # type: ignore[arg-type]
+    with store.transaction("view") as tx:
+        for collection, key in (("c", "a\x00b"), ("c\x00d", "k"), ("c", "\ud800")):
+            with pytest.raises(ValueError, match=r"a document's (key|collection) is a str without"):
+                tx.put(collection, key, {"n": 1})
+            with pytest.raises(ValueError, match=r"a document's (key|collection) is a str without"):
+                store.get_document(collection, key)
 
 
 # The gap-free global order, with writer processes

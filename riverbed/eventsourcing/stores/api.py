@@ -32,10 +32,32 @@ Document = dict[str, Any]
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
+def check_document_key(collection: object, key: object) -> None:
+    """A read model's collection and key: strings both stores keep (PostgreSQL's text takes no
+    NUL characters, and UTF-8 no lone surrogates); ``ValueError`` otherwise."""
+    for what, name in (("collection", collection), ("key", key)):
+        if not isinstance(name, str):
+            raise TypeError(f"a document's {what} is a str, got {name!r}")
+        if "\x00" in name or (not name.isascii() and _unencodable(name)):
+            raise ValueError(
+                f"a document's {what} is a str without NUL characters or lone surrogates, got "
+                f"{name!r}"
+            )
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def document_text(collection: str, key: str, document: Document) -> str:
     """``document`` as the JSON text both stores keep; ``ValueError`` (or ``TypeError`` for a
     value JSON has no type for) naming the document for what PostgreSQL's jsonb refuses: NaN
     and infinities, NUL characters and lone surrogates."""
+    check_document_key(collection, key)
     where = f"document {key!r} of collection {collection!r}"
     try:
         text = json.dumps(document, ensure_ascii=False, allow_nan=False)
@@ -50,11 +72,26 @@ def document_text(collection: str, key: str, document: Document) -> str:
 
 
 def check_page(after: object, limit: object) -> None:
-    """A read-all page's bounds: positions after ``after`` (>= 0), at most ``limit`` (>= 0)
-    events; ``ValueError`` otherwise, the same on every store."""
-    for name, value in (("after", after), ("limit", limit)):
-        if type(value) is not int or value < 0:
-            raise ValueError(f"read_all: {name} is an int >= 0, got {value!r}")
+    """A read-all page's bounds: positions after ``after``, at most ``limit`` events; ints of
+    0 to 2**62 (what both stores take), else ``ValueError``."""
+    _check_bounds("read_all", (("after", after), ("limit", limit)))
+
+
+def check_versions(from_version: object, to_version: object) -> None:
+    """A stream read's versions: ``from_version`` of 1 to 2**62, ``to_version`` None or of 0
+    to 2**62 (0: none yet), else ``ValueError``."""
+    _check_bounds("read_stream", (("from_version", from_version),), low=1)
+    if to_version is not None:
+        _check_bounds("read_stream", (("to_version", to_version),))
+
+
+MAX_BOUND = 2**62  # above any position or version; both stores take it
+
+
+def _check_bounds(where: str, values: tuple[tuple[str, object], ...], low: int = 0) -> None:
+    for name, value in values:
+        if type(value) is not int or not low <= value <= MAX_BOUND:
+            raise ValueError(f"{where}: {name} is an int of {low} to 2**62, got {value!r}")
 
 
 class Transaction(Protocol):

@@ -42,7 +42,13 @@ from riverbed.eventsourcing.records import (
     Timer,
     distinct_streams,
 )
-from riverbed.eventsourcing.stores.api import Document, check_page, document_text
+from riverbed.eventsourcing.stores.api import (
+    Document,
+    check_document_key,
+    check_page,
+    check_versions,
+    document_text,
+)
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
@@ -274,9 +280,11 @@ class SqliteEventStore:
         return _checkpoint(self._conn, name)
 
     def get_document(self, collection: str, key: str) -> Document | None:
+        check_document_key(collection, key)
         return _get_document(self._conn, collection, key)
 
     def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        check_document_key(collection, "")
         rows = self._conn.execute(
             "SELECT key, document FROM documents WHERE collection = ? ORDER BY key LIMIT ?",
             (collection, -1 if limit is None else limit),
@@ -339,6 +347,7 @@ class SqliteTransaction:
         self._checkpoint = position
 
     def get(self, collection: str, key: str) -> Document | None:
+        check_document_key(collection, key)
         return _get_document(self._conn, collection, key)
 
     def put(self, collection: str, key: str, document: Document) -> None:
@@ -348,6 +357,7 @@ class SqliteTransaction:
         )
 
     def delete(self, collection: str, key: str) -> None:
+        check_document_key(collection, key)
         self._conn.execute(
             "DELETE FROM documents WHERE collection = ? AND key = ?", (collection, key)
         )
@@ -478,6 +488,7 @@ def _unpark(conn: sqlite3.Connection, projection: str, position: int) -> bool:
 def _read_stream(
     conn: sqlite3.Connection, stream: str, from_version: int, to_version: int | None
 ) -> list[StoredEvent]:
+    check_versions(from_version, to_version)
     return _page(
         conn.execute(
             "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "

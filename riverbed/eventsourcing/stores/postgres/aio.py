@@ -17,7 +17,12 @@ from psycopg.rows import args_row
 
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
-from riverbed.eventsourcing.stores.api import Document, check_page
+from riverbed.eventsourcing.stores.api import (
+    Document,
+    check_document_key,
+    check_page,
+    check_versions,
+)
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
@@ -120,6 +125,7 @@ class AsyncPostgresEventStore:
     async def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None
     ) -> list[StoredEvent]:
+        check_versions(from_version, to_version)
         upto = q.NO_LIMIT if to_version is None else to_version
         async with self._connection() as conn:
             cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
@@ -176,10 +182,12 @@ class AsyncPostgresEventStore:
             return self._listener
 
     async def get_document(self, collection: str, key: str) -> Document | None:
+        check_document_key(collection, key)
         document: Document | None = await self._value(q.GET_DOCUMENT, (collection, key))
         return document
 
     async def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        check_document_key(collection, "")
         async with self._connection() as conn:
             cur = await conn.execute(q.DOCUMENTS, (collection, limit))
             return dict(await cur.fetchall())

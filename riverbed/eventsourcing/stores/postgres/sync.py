@@ -30,7 +30,13 @@ from riverbed.eventsourcing.records import (
     StreamAppend,
     Timer,
 )
-from riverbed.eventsourcing.stores.api import Document, check_page, document_text
+from riverbed.eventsourcing.stores.api import (
+    Document,
+    check_document_key,
+    check_page,
+    check_versions,
+    document_text,
+)
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
@@ -236,10 +242,12 @@ class PostgresEventStore:
         return int(self._value(q.CHECKPOINT, (name,), 0))
 
     def get_document(self, collection: str, key: str) -> Document | None:
+        check_document_key(collection, key)
         document: Document | None = self._value(q.GET_DOCUMENT, (collection, key))
         return document
 
     def documents(self, collection: str, limit: int | None = None) -> dict[str, Document]:
+        check_document_key(collection, "")
         with self._connection() as conn:
             rows = conn.execute(q.DOCUMENTS, (collection, limit)).fetchall()
         return dict(rows)
@@ -319,6 +327,7 @@ class PostgresTransaction:
         self._checkpoint = position
 
     def get(self, collection: str, key: str) -> Document | None:
+        check_document_key(collection, key)
         row = self._conn.execute(q.GET_DOCUMENT, (collection, key)).fetchone()
         document: Document | None = None if row is None else row[0]
         return document
@@ -328,6 +337,7 @@ class PostgresTransaction:
         self._conn.execute(q.PUT_DOCUMENT, (collection, key, text))
 
     def delete(self, collection: str, key: str) -> None:
+        check_document_key(collection, key)
         self._conn.execute(q.DELETE_DOCUMENT, (collection, key))
 
     def drop(self, collection: str) -> None:
@@ -460,6 +470,7 @@ def _events_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[StoredEvent]
 def _read_stream(
     conn: psycopg.Connection[Any], stream: str, from_version: int, to_version: int | None
 ) -> list[StoredEvent]:
+    check_versions(from_version, to_version)
     upto = q.NO_LIMIT if to_version is None else to_version
     with _events_cursor(conn) as cur:
         return cur.execute(q.READ_STREAM, (stream, from_version, upto)).fetchall()
