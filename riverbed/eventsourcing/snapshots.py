@@ -32,7 +32,7 @@ import msgspec
 from riverbed.eventsourcing.aggregate import Aggregate, snapshot_every, stored_name
 from riverbed.eventsourcing.codec import ENCODER, dec_hook, has_fields, registry, seal, unseal
 from riverbed.eventsourcing.records import Snapshot
-from riverbed.eventsourcing.sources import source_digest
+from riverbed.eventsourcing.sources import digest_read_at_import
 
 A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("riverbed.events")
@@ -60,37 +60,57 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
 
 
 def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
-    """What a snapshot of ``cls`` depends on: the source files of the modules that define the
-    class, its bases and mixins, its annotated attributes' types and the types of their fields,
-    and the explicit event classes its methods name (any change there, in its methods, their
-    defaults and decorators, the events' versions, annotations and ``apply``, replays instead of
-    loading a state the new code would not build), and its events' versions. A class without a
-    source file (made by exec) is described by its bytecode and values instead. Other code the
-    methods call in other modules is not covered: bump an event's version when such a change
-    alters the state."""
+    """What a snapshot of ``cls`` depends on: the code of the class, its bases and mixins, its
+    annotated attributes' types (the types of their fields, their bases), and the explicit
+    event classes its methods name (any change there, in its methods, their defaults and
+    decorators, the events' versions, annotations and ``apply``, replays instead of loading a
+    state the new code would not build), and its events' versions. A module's code is its
+    source file's digest, read as the aggregate's module was imported; a module first met later
+    (its file may have been replaced since the process imported it), or one without a file,
+    is described by its classes' bytecode and values. Other code the methods call in other
+    modules is not covered: bump an event's version when such a change alters the state."""
     parts: set[str] = set()
     classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
     triggered = _event_classes_named(classes)
-    classes += _classes_in(list(hints.values())) + triggered
+    recorded = registry.recorded_by(cls)
+    # The types of the events' fields too: what the events carry is built by their code.
+    payloads = [t for e in recorded for t in typing.get_type_hints(e.cls).values()]
+    classes += _with_bases(_classes_in([*hints.values(), *payloads]) + triggered)
     for module in {c.__module__ for c in classes}:
         # The file's digest, not the module's name: a script's classes (in __main__) take and
         # use the same snapshots as when a worker imports the script as a module.
-        digest = source_digest(module)
+        digest = digest_read_at_import(module)
         if digest is not None:
             parts.add(f"source {digest}")
             continue
         for c in (c for c in classes if c.__module__ == module):
             parts.update(f"{c.__qualname__}.{name} = {_behaviour(value)}"
                          for name, value in _attributes(c))  # fmt: skip
-    entries = [*registry.recorded_by(cls), *map(registry.of_class, triggered)]
+    entries = [*recorded, *map(registry.of_class, triggered)]
     parts.update(f"{entry.name} v{entry.version}" for entry in entries)
     return sorted(parts)
 
 
+# Libraries' classes (a Struct's or an Enum's bases, a datetime) are not the app's code.
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {
+    "builtins", "msgspec", "riverbed", "pydantic", "pydantic_core", "attr", "attrs",
+}  # fmt: skip
+
+
+def _ours(cls: type[Any]) -> bool:
+    return cls.__module__.partition(".")[0] not in _LIBRARIES
+
+
+def _with_bases(classes: list[type[Any]]) -> list[type[Any]]:
+    """``classes`` and the app's classes they derive from."""
+    return list(dict.fromkeys(base for c in classes for base in c.__mro__ if _ours(base)))
+
+
 def _attributes(cls: type[Any]) -> list[tuple[str, object]]:
-    """What describes a class without a source file: its attributes, and a Struct's fields'
-    defaults and stored names, which it keeps out of its ``__dict__``."""
-    attributes = [(name, value) for name, value in vars(cls).items() if name != "_riverbed_state"]
+    """What describes a class from memory: its attributes but its docstring, and a Struct's
+    fields' defaults and stored names, which it keeps out of its ``__dict__``."""
+    skipped = ("_riverbed_state", "__doc__")
+    attributes = [(name, value) for name, value in vars(cls).items() if name not in skipped]
     if issubclass(cls, msgspec.Struct):
         attributes += [
             ("__struct_defaults__", cls.__struct_defaults__),
@@ -100,14 +120,15 @@ def _attributes(cls: type[Any]) -> list[tuple[str, object]]:
 
 
 def _classes_in(hints: list[Any]) -> list[type[Any]]:
-    """The classes that annotations name, their arguments' too (``list[Line]``: Line), and
-    those of the fields of the classes msgspec encodes field by field (``Money.rate: Rate``)."""
+    """The app's classes that annotations name, their arguments' too (``list[Line]``: Line),
+    and those of the fields of the classes msgspec encodes field by field
+    (``Money.rate: Rate``)."""
     found: list[type[Any]] = []
     while hints:
         hint = hints.pop()
         hints += typing.get_args(hint)
         origin = typing.get_origin(hint) or hint
-        if not isinstance(origin, type) or origin.__module__ == "builtins" or origin in found:
+        if not isinstance(origin, type) or not _ours(origin) or origin in found:
             continue
         found.append(origin)
         if has_fields(origin):
@@ -116,26 +137,52 @@ def _classes_in(hints: list[Any]) -> list[type[Any]]:
 
 
 def _event_classes_named(classes: list[type[Any]]) -> list[type[Any]]:
-    """The explicit event classes (``DomainEvent``) that the methods of ``classes`` name, as
-    globals of their modules (``Credited(...)``) or attributes of a module imported there
-    (``events.Credited(...)``)."""
+    """The explicit event classes (``DomainEvent``) that ``classes`` hold or their methods
+    name: as globals of their modules (``Credited(...)``), through modules imported there
+    (``shop.events.Credited(...)``), in functions of those modules they call, or in
+    containers (``EVENTS = {"credit": Credited}``)."""
     found: list[type[Any]] = []
+    seen: set[int] = set()
     for cls in classes:
         module = sys.modules.get(cls.__module__)
         namespace = vars(module) if module is not None else {}
         for value in vars(cls).values():
-            for code in _codes_of(value):
-                for names in _names_in(code):
-                    for name in names:
-                        target = namespace.get(name)
-                        if isinstance(target, types.ModuleType):
-                            candidates = [getattr(target, n, None) for n in names]
-                        else:
-                            candidates = [target]
-                        for candidate in candidates:
-                            if isinstance(candidate, type) and registry.is_event_class(candidate):
-                                found.append(candidate)
+            found += _event_classes_in(value, namespace, seen)
     return list(dict.fromkeys(found))
+
+
+def _event_classes_in(value: object, namespace: dict[str, Any], seen: set[int]) -> list[type]:
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, type):
+        return [value] if registry.is_event_class(value) else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return [c for item in value for c in _event_classes_in(item, namespace, seen)]
+    found: list[type] = []
+    for code in _codes_of(value):
+        for names in _names_in(code):
+            for name in names:
+                found += _named(namespace.get(name), names, namespace, seen)
+    return found
+
+
+def _named(target: object, names: tuple[str, ...], namespace: dict[str, Any],
+           seen: set[int]) -> list[type]:  # fmt: skip
+    """The event classes ``target``, a global that code names, is or leads to."""
+    if isinstance(target, types.ModuleType):
+        if id(target) in seen:
+            return []
+        seen.add(id(target))
+        return [c for name in names
+                for c in _named(getattr(target, name, None), names, namespace, seen)]  # fmt: skip
+    if isinstance(target, types.FunctionType) and target.__globals__ is namespace:
+        return _event_classes_in(target, namespace, seen)  # a helper of the same module
+    if isinstance(target, type | dict | list | tuple | set | frozenset):
+        return _event_classes_in(target, namespace, seen)
+    return []
 
 
 def _codes_of(value: object) -> list[types.CodeType]:
@@ -176,6 +223,12 @@ def _constant(value: object) -> str:
     """``value``'s repr as every process gives it."""
     if isinstance(value, types.CodeType):
         return _code_text(value)
+    if isinstance(value, dataclasses.Field):  # its default factory's code, not its name
+        parts = (value.name, value.default, value.default_factory, value.init, value.kw_only)
+        return f"field({', '.join(map(_behaviour, parts))})"
+    factory = getattr(value, "factory", None)
+    if type(value).__name__ == "Factory" and callable(factory):  # msgspec.field's
+        return f"Factory({_behaviour(factory)})"
     if isinstance(value, set | frozenset):  # in the order of string hashes, which vary
         return f"{type(value).__name__}({sorted(map(_constant, value))})"
     if isinstance(value, tuple | list):

@@ -1,9 +1,9 @@
-"""Digests of modules' source files, for the snapshots' schemas (snapshots.py): each module's
-is read once, the first time riverbed meets the module. An aggregate class reads its own
-module's, its bases' and those of the modules and classes its module imported while the module
-is imported; a module first met later (say, a field type's) is read only if its file is older than
-this process's use of riverbed. A file replaced on disk later (a deploy while the process still
-runs) must not pass for the code the process runs."""
+"""Digests of modules' source files, for the snapshots' schemas (snapshots.py): an aggregate
+class reads its own module's, its bases' and those of the modules and classes its module
+imported while the module is imported, each once (a file changed since this process started
+using riverbed is not read). A file replaced on disk later (a deploy while the process still
+runs) must not pass for the code the process runs: a module met later is described from
+memory instead."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def source_digest(module: str, *, executing: bool = False) -> str | None:
     if executing or module not in _digests:
         _digests[module] = _read(module, trusted=executing)
     return _digests[module]
+
+
+def digest_read_at_import(module: str) -> str | None:
+    """The digest of ``module``'s source file if it was read as an aggregate's module was
+    imported (``source_digest``, ``read_imports``); None otherwise: its file may have been
+    replaced since the process imported the module."""
+    return _digests.get(module)
 
 
 def read_imports(module: str) -> None:

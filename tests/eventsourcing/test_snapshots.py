@@ -569,3 +569,115 @@ def test_a_state_that_loads_back_as_another_type_or_time_zone_gets_no_snapshot(
     assert events.store.load_snapshot(booked) is None
     loaded = events.get(Booked, booked)
     assert loaded.status is Status.OPEN and loaded.start.tzinfo == TOKYO
+
+
+BASE = """
+    import msgspec
+
+    class BaseMoney(msgspec.Struct):
+        currency: str = "EUR"
+"""
+MONEY_ON_BASE = """
+    from base_ID import BaseMoney
+
+    class Money(BaseMoney):
+        amount: int = 0
+"""
+PURSE = """
+    import riverbed
+    from money_ID import Money
+
+    class PurseID(riverbed.Aggregate):
+        snapshot_every = 1
+        money: Money
+
+        @riverbed.event("Opened")
+        def __init__(self) -> None:
+            self.money = Money(amount=1)
+"""
+
+
+def test_a_snapshot_is_ignored_once_a_base_of_an_attributes_type_changed(
+    events: EventSourcing, releases: Releases
+) -> None:
+    release_1 = releases.deploy(base=BASE, money=MONEY_ON_BASE, purse=PURSE)
+    purse = getattr(release_1["purse"], f"Purse{releases.suffix}")()
+    events.save(purse)
+    assert events.store.load_snapshot(purse.id) is not None
+    in_dollars = BASE.replace('"EUR"', '"USD"')
+    release_2 = releases.deploy(base=in_dollars, money=MONEY_ON_BASE, purse=PURSE)
+    loaded = events.get(getattr(release_2["purse"], f"Purse{releases.suffix}"), purse.id)
+    assert loaded.money.currency == "USD"  # replayed, not the snapshot's EUR
+
+
+CREDITS_IN_PACKAGE = """
+    import riverbed
+
+    class Credited(riverbed.DomainEvent):
+        event_type = "TillID.Credited"
+        amount: int
+
+        def apply(self, till):
+            till.total += self.amount
+"""
+TILL = """
+    import riverbed
+    import pkg_ID.credits
+
+    class TillID(riverbed.Aggregate):
+        snapshot_every = 2
+        total: int
+
+        @riverbed.event("Opened")
+        def __init__(self) -> None:
+            self.total = 0
+
+        def credit(self, amount: int) -> None:
+            self.trigger(pkg_ID.credits.Credited(amount=amount))
+"""
+
+
+def test_a_snapshot_is_ignored_once_an_event_class_named_through_a_package_changed(
+    events: EventSourcing, releases: Releases
+) -> None:
+    package = releases.dir / f"pkg_{releases.suffix}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    credits_file = package / "credits.py"
+    credits_file.write_text(textwrap.dedent(CREDITS_IN_PACKAGE).replace("ID", releases.suffix))
+    credits = importlib.import_module(f"pkg_{releases.suffix}.credits")
+    release_1 = releases.deploy(till=TILL)
+    till = getattr(release_1["till"], f"Till{releases.suffix}")()
+    till.credit(3)
+    events.save(till)
+    assert events.store.load_snapshot(till.id) is not None
+    tenfold = CREDITS_IN_PACKAGE.replace("+= self.amount", "+= 10 * self.amount")
+    credits_file.write_text(textwrap.dedent(tenfold).replace("ID", releases.suffix))
+    importlib.reload(credits)
+    release_2 = releases.deploy(till=TILL)
+    assert events.get(getattr(release_2["till"], f"Till{releases.suffix}"), till.id).total == 30
+    sys.modules.pop(credits.__name__)
+
+
+def test_a_snapshot_is_ignored_once_a_default_factory_changed(events: EventSourcing) -> None:
+    release = """
+    import dataclasses
+    import riverbed
+
+    @dataclasses.dataclass
+    class Line:
+        qty: int = dataclasses.field(default_factory=lambda: 1)
+
+    class Crate(riverbed.Aggregate):
+        snapshot_every = 1
+        line: Line
+
+        @riverbed.event("Filled")
+        def __init__(self) -> None:
+            self.line = Line()
+    """
+    crate = deployed(release)["Crate"]()
+    events.save(crate)
+    assert events.store.load_snapshot(crate.id) is not None
+    release_2 = deployed(release.replace("lambda: 1", "lambda: 2"))
+    assert events.get(release_2["Crate"], crate.id).line.qty == 2
