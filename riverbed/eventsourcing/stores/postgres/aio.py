@@ -63,6 +63,8 @@ class AsyncPostgresEventStore:
             timeout=settings.pool_timeout,
             num_workers=1,
             reconnect_timeout=RECONNECT_S,
+            # Calls already waiting for a connection get a new try, not only the next call.
+            reconnect_failed=psycopg_pool.AsyncConnectionPool.check,
             open=False,
         )
         try:

@@ -68,6 +68,8 @@ class PostgresEventStore:
             timeout=self._settings.pool_timeout,
             num_workers=1,
             reconnect_timeout=RECONNECT_S,
+            # Calls already waiting for a connection get a new try, not only the next call.
+            reconnect_failed=psycopg_pool.ConnectionPool.check,
             open=False,
         )
         try:
