@@ -45,6 +45,7 @@ class EventSourcing(Events):
     def projection(self, projection: P) -> P:
         """Register a projection (``app.events.projection(OrderTotals())``)."""
         self._name_free(getattr(projection, "name", ""), self.process_managers, "process manager")
+        _check_on_error(projection)
         self.projections.add(projection)
         return projection
 
@@ -52,6 +53,7 @@ class EventSourcing(Events):
         """Register a process manager (``app.events.process_manager(Fulfilment())``)."""
         name = manager_name(manager)
         self._name_free(name, self.projections.registered, "projection")
+        _check_on_error(manager)
         if name in self.process_managers:
             raise EventSourcingError(f"a process manager named {name!r} is already registered")
         self.process_managers[name] = manager
@@ -186,7 +188,7 @@ class EventSourcing(Events):
         def guarded() -> None:
             try:
                 run(stop)
-            except Exception as error:
+            except BaseException as error:  # a handler's SystemExit too: never a silent stop
                 log.exception("the %s failed; stopping the others", what)
                 failure = RunnerFailedError(f"the {what} failed: {error!r}")
                 failure.__cause__ = error
@@ -209,3 +211,12 @@ def _closing(relay: Relay) -> Callable[[threading.Event], None]:
             relay.close()
 
     return run
+
+
+def _check_on_error(subscriber: object) -> None:
+    on_error = getattr(subscriber, "on_error", "park")
+    if on_error not in ("park", "stop"):
+        raise EventSourcingError(
+            f"{type(subscriber).__name__}.on_error = {on_error!r}: use 'park' (the default) or "
+            "'stop'"
+        )

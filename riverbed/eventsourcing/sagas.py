@@ -46,6 +46,7 @@ from riverbed.eventsourcing.subscriptions import (
     PAGE,
     HandlerError,
     Subscription,
+    described,
 )
 from riverbed.log.errors import BrokerUnavailableError
 
@@ -101,12 +102,23 @@ class Saga:
     ``correlation_id``: the process's (the event's, or the one the timer kept)."""
 
     def __init__(
-        self, events: Events, tx: Transaction, manager: ProcessManager, correlation_id: str
+        self,
+        events: Events,
+        tx: Transaction,
+        manager: ProcessManager,
+        correlation_id: str,
+        now_ms: int,
+        timer_set: Callable[[int], None] | None = None,
     ) -> None:
+        """``now_ms``: when what is handled happened (the event's time, the timer's due
+        time): timers are set from then, however late the manager runs. ``timer_set``: told
+        each timer's due time."""
         self.events = events
         self.tx = tx
         self.manager = manager
         self.correlation_id = correlation_id
+        self.now_ms = now_ms
+        self._timer_set = timer_set
         self._collection = f"saga:{manager.name}"
 
     def state(self, key: str) -> Document | None:
@@ -157,7 +169,7 @@ class Saga:
                 f"timer {key!r}: seconds is a number of at most {MAX_TIMER_S:,} (a century), "
                 f"got {seconds!r}"
             )
-        due = time.time_ns() // 1_000_000 + int(seconds * 1000)
+        due = self.now_ms + int(seconds * 1000)
         encoded = msgspec.msgpack.encode(_StoredTimer(data or {}, self.correlation_id))
         # What on_timeout will get: refused now unless it is the data as set.
         stored = _timer_decoder.decode(encoded)
@@ -169,6 +181,8 @@ class Saga:
                 "None, lists and dicts of them)"
             )
         self.tx.set_timer(key, due, encoded)
+        if self._timer_set is not None:
+            self._timer_set(due)
 
     def cancel_timer(self, key: str) -> None:
         check_key(key, "a timer key", "Saga.cancel_timer")
@@ -187,9 +201,20 @@ class SagaRunner(Subscription):
         super().__init__(events, f"saga:{name}", name)
         self.manager = manager
         self.on_error = manager.on_error
+        self._earliest_set: int | None = None
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
-        self.manager.handle(event, Saga(self.events, tx, self.manager, event.correlation_id))
+        saga = Saga(self.events, tx, self.manager, event.correlation_id, event.timestamp_ms,
+                    self._timer_set)  # fmt: skip
+        self.manager.handle(event, saga)
+
+    def _timer_set(self, due_ms: int) -> None:
+        if self._earliest_set is None or due_ms < self._earliest_set:
+            self._earliest_set = due_ms
+
+    def stops_before(self, stored: StoredEvent) -> bool:
+        # A timer an event of this page set, due before this one was stored, fires first.
+        return self._earliest_set is not None and stored.timestamp_ms >= self._earliest_set
 
     def described(self) -> str:
         return f"process manager {self.manager.name!r}"
@@ -202,6 +227,7 @@ class SagaRunner(Subscription):
     def page(self, tx: Transaction, limit: int) -> list[StoredEvent]:
         """The next events, up to the first one stored once a timer had fallen due: the
         timer fires first."""
+        self._earliest_set = None  # of the timers this page sets
         page = super().page(tx, limit)
         due = tx.due_timers(time.time_ns() // 1_000_000, limit=1)
         if not due or not page:
@@ -262,7 +288,8 @@ class SagaRunner(Subscription):
             if isinstance(stored, dict):
                 stored = _StoredTimer(stored, cause)  # kept no correlation: starts its own
             with causing(cause, stored.correlation_id):
-                saga = Saga(self.events, tx, self.manager, stored.correlation_id)
+                now_ms = min(timer.due_ms, time.time_ns() // 1_000_000)  # a retried one: now
+                saga = Saga(self.events, tx, self.manager, stored.correlation_id, now_ms)
                 self.manager.on_timeout(timer.key, stored.data, saga)
         except ConcurrencyError:
             if not self.conflicts_fail:
@@ -272,7 +299,7 @@ class SagaRunner(Subscription):
         except BrokerUnavailableError:
             raise
         except Exception as error:
-            reason = f"on_timeout({timer.key!r}) raised {type(error).__qualname__}: {error}"
+            reason = f"on_timeout({timer.key!r}) raised {described(error)}"
             raise _TimerError(timer, f"{reason}\n{traceback.format_exc()}") from error
 
     def retry(self, position: int) -> ParkedEvent | None:

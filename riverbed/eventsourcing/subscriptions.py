@@ -104,10 +104,13 @@ class Subscription:
                 with self.store.transaction(self.name) as tx:
                     if self.replaced(tx):
                         continue  # nothing written: read the page again as the successor
-                    page = self.page(tx, limit)
-                    for stored in page:
+                    handled = 0
+                    for stored in self.page(tx, limit):
+                        if self.stops_before(stored):
+                            break
                         self._apply(stored, tx)
-                    return len(page)
+                        handled += 1
+                    return handled
             return 0
         except HandlerError:
             pass
@@ -117,6 +120,11 @@ class Subscription:
     def page(self, tx: Transaction, limit: int) -> list[StoredEvent]:
         """The next events to handle, after the checkpoint."""
         return self.store.read_all(tx.checkpoint, limit)
+
+    def stops_before(self, stored: StoredEvent) -> bool:
+        """Whether the page ends before ``stored`` (what the events before it did comes
+        first: a timer they set that falls due before it)."""
+        return False
 
     def _one_by_one(self, limit: int) -> int:
         """Handle up to ``limit`` events, each in a transaction of its own and tried again
@@ -176,7 +184,7 @@ class Subscription:
             # A handler that caught a failed statement of its own leaves a PostgreSQL
             # transaction aborted: the event failed all the same.
             reason = (
-                f"{type(error).__qualname__}: {error} (the handler left its transaction "
+                f"{described(error)} (the handler left its transaction "
                 "unusable: on PostgreSQL a failed statement aborts the transaction even when "
                 "the handler catches its error)"
             )
@@ -195,7 +203,7 @@ class Subscription:
         except BrokerUnavailableError:  # the store (a handler's read) is down: waited out
             raise
         except Exception as error:
-            reason = f"{type(error).__qualname__}: {error}\n{traceback.format_exc()}"
+            reason = f"{described(error)}\n{traceback.format_exc()}"
             raise HandlerError(reason) from error
 
     def parked_labels(self) -> list[str]:
@@ -359,6 +367,15 @@ class Subscription:
                     tx.delete(STOPPED, self.name)
         except BrokerUnavailableError:  # the store is out: the loop waits it out
             pass
+
+
+def described(error: BaseException) -> str:
+    """``Type: message``, even for an error whose message cannot be made."""
+    try:
+        message = str(error)
+    except Exception:  # its __str__ is broken: the type still says something
+        message = f"(its message could not be made: {object.__repr__(error)})"
+    return f"{type(error).__qualname__}: {message}"
 
 
 def _check_position(position: object) -> None:

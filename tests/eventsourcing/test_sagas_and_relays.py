@@ -755,3 +755,96 @@ def test_timer_data_and_keys_that_would_not_read_back_are_refused_when_set(
         "ValueError: Saga.set_timer: a timer key is at most 1,000 bytes in UTF-8, got 1,001 "
         "('kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk'...)",
     ]
+
+
+def test_a_timer_counts_from_its_events_time_however_late_the_manager_runs(
+    events: EventSourcing,
+) -> None:
+    manager = Expiring()
+    manager.timeout = 0.2
+    order = place(events, "ann")
+    time.sleep(0.4)
+    order.add_line("socks")  # too late: the timeout fell due 0.2 s before
+    events.save(order)
+    SagaRunner(events, manager).catch_up()  # both events in one page, handled now
+    assert manager.expired == [order.id]  # as a manager running live would have seen it
+
+
+def test_a_handler_that_raises_system_exit_fails_its_runner_loudly(
+    events: EventSourcing,
+) -> None:
+    class Exiting(riverbed.Projection):
+        name = "exiting"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            raise SystemExit(3)
+
+    events.projection(Exiting())
+    place(events, "ann")
+    stop = threading.Event()
+    threads = events.run(stop)
+    for thread in threads:
+        thread.join(30)
+    assert stop.is_set()  # the others were stopped too
+    (failure,) = events.failures
+    assert "the projection exiting failed: SystemExit(3)" in str(failure)
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise TypeError("no words")
+
+
+def test_an_error_whose_message_cannot_be_made_is_parked(events: EventSourcing) -> None:
+    class Mute(riverbed.Projection):
+        name = "mute"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            raise UnprintableError
+
+    events.projection(Mute())
+    place(events, "ann")
+    events.projections.runner("mute").catch_up()
+    (parked,) = events.projections.parked("mute")
+    assert parked.error.startswith("UnprintableError: (its message could not be made: <")
+
+
+def test_on_error_is_park_or_stop(events: EventSourcing) -> None:
+    class Typo(riverbed.Projection):
+        name = "typo"
+        on_error = "Stop"  # type: ignore[assignment]
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            pass
+
+    with pytest.raises(EventSourcingError, match=r"Typo.on_error = 'Stop': use 'park'"):
+        events.projection(Typo())
+
+
+def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    # On SQLite only: a PostgreSQL handler's failed statement aborts the transaction instead.
+    events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
+
+    class Ending(riverbed.Projection):
+        name = "ending"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            tx.put("seen", event.stream, {"seen": True})
+            if event.event.customer == "bad":
+                tx.execute("CREATE TABLE IF NOT EXISTS once (k TEXT PRIMARY KEY)")
+                tx.execute("INSERT INTO once VALUES ('x')")
+                with contextlib.suppress(Exception):
+                    tx.execute("INSERT OR ROLLBACK INTO once VALUES ('x')")  # ends it
+
+    events.projection(Ending())
+    orders = [place(events, name) for name in ("ann", "bad", "cy")]
+    events.projections.runner("ending").catch_up()
+    (parked,) = events.projections.parked("ending")
+    assert parked.position == 2
+    assert "the handler ended the store's transaction" in parked.error
+    seen = events.projections.all("ending", "seen")
+    assert orders[0].id in seen and orders[2].id in seen  # applied, not lost with the page
+    assert events.projections.status("ending").checkpoint == 3
+    events.close()

@@ -32,6 +32,7 @@ from riverbed.errors import RiverbedError
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
+    HandlerAbortedTransactionError,
     StoreUnavailableError,
 )
 from riverbed.eventsourcing.records import (
@@ -340,6 +341,7 @@ class SqliteTransaction:
         return self._checkpoint
 
     def set_checkpoint(self, position: int) -> None:
+        self._check_open()  # else it would commit on its own, after what the handler left
         self._conn.execute(
             "INSERT OR REPLACE INTO checkpoints (name, position) VALUES (?, ?)",
             (self.name, position),
@@ -375,12 +377,23 @@ class SqliteTransaction:
         self._conn.execute("SAVEPOINT riverbed_handler")
         try:
             yield
+            self._check_open()
         except BaseException:
-            self._conn.execute("ROLLBACK TO riverbed_handler")
             self._checkpoint = None  # the block may have moved it
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK TO riverbed_handler")
+                self._conn.execute("RELEASE riverbed_handler")
+            else:  # the block ended it: the failure is settled in a new one
+                self._conn.execute("BEGIN IMMEDIATE")
             raise
-        finally:
-            self._conn.execute("RELEASE riverbed_handler")
+        self._conn.execute("RELEASE riverbed_handler")
+
+    def _check_open(self) -> None:
+        if not self._conn.in_transaction:
+            raise HandlerAbortedTransactionError(
+                "the handler ended the store's transaction (a COMMIT or ROLLBACK, or a statement "
+                "such as INSERT OR ROLLBACK): what it wrote before that is out of riverbed's hands"
+            )
 
     def park(self, parked: ParkedEvent) -> None:
         self._conn.execute(

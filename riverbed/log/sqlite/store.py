@@ -189,6 +189,8 @@ class write_transaction:  # noqa: N801 - used as a function: ``with write_transa
         return self._conn
 
     def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        if error_type is not None and not self._conn.in_transaction:
+            return  # a statement inside ended it (INSERT OR ROLLBACK): nothing to roll back
         self._conn.execute("COMMIT" if error_type is None else "ROLLBACK")
 
 
