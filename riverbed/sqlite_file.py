@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from riverbed.errors import InvalidUrlError, RiverbedError
-from riverbed.log.sqlite.kinds import claim
+from riverbed.log.sqlite.kinds import check_file, claim
 from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
 from riverbed.urls import BackendUrl
 
@@ -105,6 +105,7 @@ class SqliteFile:
         another kind (``what``: one of ``kinds.KINDS``), or another program's.
         Raises ``sqlite3.DatabaseError`` or ``OSError`` when the file cannot be opened."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_file(self.path, self.what)  # before the connection switches it to WAL
         with write_transaction(self.conn) as conn:
             claim(conn, self.what, self.path)  # left as it is if another kind's or program's
             found = conn.execute("PRAGMA user_version").fetchone()[0]

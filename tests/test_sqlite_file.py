@@ -83,17 +83,24 @@ def test_closing_while_another_thread_reads_ends_its_calls_not_the_process(
     assert f"event store '{tmp_path}/events.db' is closed" in done.stdout
 
 
-def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user_version", [0, 1])
+def test_another_programs_database_is_refused_and_left_as_it_was(
+    tmp_path: Path, user_version: int
+) -> None:
     path = tmp_path / "app.db"
-    with sqlite3.connect(path) as conn:
+    with sqlite3.connect(path) as conn:  # an events table of its own, not riverbed's
         conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, title TEXT)")
-    with pytest.raises(RiverbedError, match=(
-        r"is a database riverbed did not create \(it holds events\); give riverbed a file"
-    )):  # fmt: skip
-        connect_store(f"sqlite:///{path}")
+        conn.execute(f"PRAGMA user_version={user_version}")
+    for opener in OPENERS.values():
+        with pytest.raises(RiverbedError, match=(
+            r"is a database riverbed did not create \(it holds events\); give riverbed a file"
+        )):  # fmt: skip
+            opener(f"sqlite:///{path}")
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("events",)]
-        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (user_version,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not made WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
 
 
 def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:

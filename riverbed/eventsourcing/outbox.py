@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 PAGE = 5000
 LEASE_TTL_S = 10.0
+MAX_LEASE_TTL_S = 86_400
 # How long a page (or closing) waits for the log's acknowledgement: Kafka's own delivery timeout
 # is a minute, which would hold up stopping.
 FLUSH_TIMEOUT_S = 5.0
@@ -87,8 +88,11 @@ class _Sent(NamedTuple):
 
 
 def check_lease_ttl(lease_ttl: float) -> None:
-    if not lease_ttl > 0:
-        raise ValueError(f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, > 0")
+    if not isinstance(lease_ttl, int | float) or not 0.01 <= lease_ttl <= MAX_LEASE_TTL_S:
+        raise ValueError(
+            f"lease_ttl={lease_ttl!r}: give the lease's length in seconds, from 0.01 to "
+            f"{MAX_LEASE_TTL_S:,}"
+        )
 
 
 def relay_name(topic: str) -> str:
@@ -354,13 +358,18 @@ class Inbox:
 
     def __init__(self, events: Events, name: str) -> None:
         """``name``: the inbox's in the store; another app's inbox of that name there is
-        refused (they would drop each other's events as seen)."""
+        refused when this one first handles a record (they would drop each other's events as
+        seen)."""
         self.events = events
         self.name = f"inbox:{name}"
-        claim(events.store, events.app_name, [f"inbox {name}"])
+        self._inbox = name
+        self._claimed = False  # on first use: making an inbox needs no store
 
     def handle(self, record: Record, fn: Callable[[StoredEvent, Transaction], None]) -> bool:
         """True if handled now; False if the event was handled before."""
+        if not self._claimed:
+            claim(self.events.store, self.events.app_name, [f"inbox {self._inbox}"])
+            self._claimed = True
         event = stored_event(record)
         with self.events.store.transaction(self.name) as tx:
             if tx.seen(event.id):

@@ -83,6 +83,11 @@ class EventSourcing(Events):
         ``lease_ttl`` seconds after the leader dies)."""
         # Here, not when the workers start.
         check_lease_ttl(lease_ttl)
+        for setting, value in (("partitions", partitions), ("max_record_bytes", max_record_bytes)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f"relay {topic!r}: {setting} is an int >= 1, got {value!r}")
+        if isinstance(topic, str) and topic.startswith("__"):
+            raise ValueError(f"relay {topic!r}: topics named __... are Kafka's own")
         validate_topic(TopicInfo(topic, partitions, max_record_bytes=max_record_bytes))
         self.relays[topic] = RelaySettings(partitions, lease_ttl, max_record_bytes)
 

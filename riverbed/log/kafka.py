@@ -57,6 +57,7 @@ from riverbed.log.errors import (
     ClosedError,
     CommitFailedError,
     DeliveryError,
+    InvalidRecordError,
     InvalidTopicError,
     TopicExistsError,
     TransactionAbortedError,
@@ -134,6 +135,17 @@ _MISSING_TOPIC = frozenset(
     {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION}
 )
 LEADER_WAIT_S = 0.05
+# What the broker refuses for good: a record too large for the topic, a topic it may not have.
+_REFUSED = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    }
+)
 _LEADER_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
 # A group coordinator that is still loading (a fresh broker) or moving: ask again.
 _COORDINATOR_MOVING = frozenset(
@@ -901,6 +913,12 @@ class KafkaProducer(Closing):
         if error.code() in _MISSING_TOPIC:
             self._topics.pop(topic, None)  # deleted since we cached it: look it up again
             return UnknownTopicError(topic)
+        if error.code() in _REFUSED:
+            self._topics.pop(topic, None)  # its settings may have changed: look them up again
+            return InvalidRecordError(
+                f"Kafka refuses the record for '{topic}' ({error.str()}); sending it again "
+                "would not help"
+            )
         return DeliveryError(f"Kafka did not write a record to '{topic}': {error.str()}")
 
     def flush_for_future(self, timeout: float | None) -> None:

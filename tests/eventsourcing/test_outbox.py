@@ -278,9 +278,15 @@ def test_an_apps_relay_runs_with_its_lease_ttl_and_refuses_a_bad_one(
         events.relay(TOPIC, lease_ttl=0)
     with pytest.raises(ValueError, match="lease_ttl=-1"):
         Relay(events, log, TOPIC, lease_ttl=-1)
-    for topic, partitions in (("bad topic!", 4), ("", 4), ("t" * 250, 4), (TOPIC, 0)):
-        with pytest.raises(ValueError, match=r"invalid topic name|needs at least 1 partition"):
+    for topic, partitions in (("bad topic!", 4), ("", 4), ("t" * 250, 4), ("__offsets", 4)):
+        with pytest.raises(ValueError, match=r"invalid topic name|are Kafka's own"):
             events.relay(topic, partitions)
+    for settings in ({"partitions": 0}, {"partitions": 2.5}, {"max_record_bytes": None}):
+        with pytest.raises(ValueError, match=r"(partitions|max_record_bytes) is an int >= 1"):
+            events.relay(TOPIC, **settings)  # type: ignore[arg-type]
+    for ttl in (1e-6, float("inf"), 1e300):
+        with pytest.raises(ValueError, match=r"give the lease's length in seconds, from 0\.01"):
+            events.relay(TOPIC, lease_ttl=ttl)
     assert not events.relays  # nothing registered by the refused calls
     started: list[Relay] = []
 

@@ -33,7 +33,6 @@ from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
     HandlerAbortedTransactionError,
-    StoreUnavailableError,
 )
 from riverbed.eventsourcing.records import (
     ParkedEvent,
@@ -159,8 +158,9 @@ class SqliteEventStore:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except (sqlite3.DatabaseError, OSError) as error:
             self._file.close()
-            raise StoreUnavailableError(
-                f"cannot open the event store {str(self.path)!r}: {error}"
+            # Not an outage to wait out: a file that is no database, a directory, no access.
+            raise EventSourcingError(
+                f"cannot open the event store {str(self.path)!r}: {error}; check the events URL"
             ) from error
         except RiverbedError:  # a file of a newer riverbed
             self._file.close()  # its connection, and the checkpointing thread that started

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from riverbed.errors import RiverbedError
 
-# Each kind's application id ("RBLG", "RBTK", "RBES") and a table only its files have.
+# Each kind's application id ("RBLG", "RBTK", "RBES") and a table and column of its own.
 KINDS = {
-    "log": (0x52424C47, "batches"),
-    "task database": (0x5242544B, "tasks"),
-    "event store": (0x52424553, "events"),
+    "log": (0x52424C47, "topics", "max_record_bytes"),
+    "task database": (0x5242544B, "tasks", "message"),
+    "event store": (0x52424553, "events", "record"),
 }
 
 
@@ -23,7 +23,7 @@ def kind_of(conn: sqlite3.Connection) -> str | None:
     """The kind of riverbed file ``conn`` opened: "" for an empty database, None for one riverbed
     did not create."""
     application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    for kind, (kind_id, _) in KINDS.items():
+    for kind, (kind_id, _, _) in KINDS.items():
         if application_id == kind_id:
             return kind
     if application_id != 0:
@@ -33,12 +33,34 @@ def kind_of(conn: sqlite3.Connection) -> str | None:
         return ""
     if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
         return None
-    return next((kind for kind, (_, table) in KINDS.items() if table in tables), None)
+    for kind, (_, table, column) in KINDS.items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if table in tables and column in columns:
+            return kind
+    return None
+
+
+def check_file(path: Path, kind: str) -> None:
+    """Before a file is opened as one of ``kind`` (which switches it to WAL): an error if it
+    is another kind's, or another program's, leaving it as it is. ``sqlite3.DatabaseError`` if
+    it is not a database."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    conn = _read_only(path)
+    try:
+        _refuse_other(conn, kind, path)
+    finally:
+        conn.close()
 
 
 def claim(conn: sqlite3.Connection, kind: str, path: Path) -> None:
     """Mark the file as one of ``kind`` (in the transaction that creates its schema); an error if
     it is another kind's, or another program's."""
+    _refuse_other(conn, kind, path)
+    conn.execute(f"PRAGMA application_id={KINDS[kind][0]}")
+
+
+def _refuse_other(conn: sqlite3.Connection, kind: str, path: Path) -> None:
     found = kind_of(conn)
     if found is None:
         tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master LIMIT 3")]
@@ -51,7 +73,6 @@ def claim(conn: sqlite3.Connection, kind: str, path: Path) -> None:
             f"{kind} {str(path)!r} is a riverbed {found}, not {_article(kind)} {kind}; give the "
             f"{kind} a file of its own (check the URL)"
         )
-    conn.execute(f"PRAGMA application_id={KINDS[kind][0]}")
 
 
 def _article(noun: str) -> str:
@@ -61,8 +82,12 @@ def _article(noun: str) -> str:
 def file_kind(path: Path) -> str | None:
     """The kind of riverbed file at ``path`` (as ``kind_of``), opened read-only: looking changes
     nothing. ``sqlite3.DatabaseError`` if it is not a database."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    conn = _read_only(path)
     try:
         return kind_of(conn)
     finally:
         conn.close()
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

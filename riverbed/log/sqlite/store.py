@@ -132,6 +132,10 @@ class Database:
         self.path = path
         self._synchronous = FSYNC_MODES[fsync]
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            kinds.check_file(path, "log")  # before a connection switches it to WAL
+        except sqlite3.DatabaseError as error:
+            raise self.corrupt(error) from error
         with self.connect() as conn:
             self._create_schema(conn)
 
