@@ -257,9 +257,11 @@ def mark_saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Ag
     due = []
     for aggregate, count in zip(aggregates, saved, strict=True):
         pending = aggregate.pending
-        every = None
-        with never_failing(aggregate):
-            every = snapshot_every(type(aggregate))
+        every = type(aggregate).snapshot_every
+        if every is not None:  # checked again: it may have been set since the class was made
+            every = None
+            with never_failing(aggregate):
+                every = snapshot_every(type(aggregate))
         if (
             every
             and count
