@@ -127,7 +127,7 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
     """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them. One
     that ends on its own (crashed, killed) stops the others, as a supervisor would restart them
     all; the exit status is the first non-zero one of theirs (128 + N for a signal N)."""
-    load_app(target)  # fail here, once, if the target is wrong
+    _check_event_store(load_app(target))  # fail here, once, if the target is wrong
     command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
     children = [
         subprocess.Popen(
@@ -160,6 +160,20 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
             signal.signal(signum, handler)
     codes = [_exit_status(child.returncode) for child in children]
     return next((code for code in codes if code), 0)
+
+
+def _check_event_store(app: App) -> None:
+    """An event store that cannot work (a URL of no database) fails here, once, not in each
+    process; an outage is left to the processes, which wait it out."""
+    events = getattr(app, "events", None)
+    if not isinstance(events, EventSourcing) or not events.has_work():
+        return
+    try:
+        events.store  # noqa: B018 - connecting is the check
+    except BrokerUnavailableError:
+        pass
+    finally:
+        events.close()
 
 
 CHILD_POLL_S = 0.1

@@ -144,6 +144,20 @@ def test_worker_target_errors(tmp_path: Path, target: str, message: str) -> None
     assert line.startswith(f"error: {message}")
 
 
+def test_an_event_store_that_cannot_work_is_one_error_for_all_processes(tmp_path: Path) -> None:
+    (tmp_path / "events.db").write_text("not a database")
+    module = EVENTS_MODULE.replace("EVENTS_URL", repr(f"sqlite:///{tmp_path}/events.db"))
+    (tmp_path / "wordapp.py").write_text(module)
+    result = subprocess.run(
+        [RIVERBED, "--url", f"sqlite:///{tmp_path}/log.db", "worker", "wordapp:app",
+         "--processes", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()  # once, not once per process
+    assert line.startswith(f"error: cannot open the event store '{tmp_path}/events.db'")
+
+
 def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/log.db"
     two_partitions = APP_MODULE.replace("value=str)", "value=str, partitions=2)")
