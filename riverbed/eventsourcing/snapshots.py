@@ -378,11 +378,11 @@ def _typed(values: dict[str, Any], hints: dict[str, Any]) -> dict[str, Any]:
 
 def same_when_loaded(restored: object, value: object) -> bool:
     """Whether a state's value loads back as it is: equal, of the same type (an IntEnum is equal
-    to the int it loads back as; an int may load back as the float its annotation says), down to
-    the items of containers and the fields of objects; a datetime in the same time zone (msgpack
+    to the int it loads back as, an int to the float its annotation makes of it), down to the
+    items of containers and the fields of objects; a datetime in the same time zone (msgpack
     keeps the instant, in UTC); a NaN is itself, though not equal."""
     if type(restored) is not type(value):
-        return type(value) is int and type(restored) is float and restored == value
+        return False
     if isinstance(value, float):
         assert isinstance(restored, float)
         return restored == value or (math.isnan(restored) and math.isnan(value))

@@ -550,11 +550,13 @@ TOKYO = datetime.timezone(datetime.timedelta(hours=9))
 
 class Booked(riverbed.Aggregate):
     snapshot_every = 1
+    price: float
 
     @riverbed.event("Made")
     def __init__(self, start: datetime.datetime) -> None:
         self.status = Status.OPEN  # not annotated: it would load back as an int
         self.start = start.astimezone(TOKYO)  # loads back in UTC
+        self.price = 5  # loads back as the float its annotation says
 
 
 def test_a_state_that_loads_back_as_another_type_or_time_zone_gets_no_snapshot(
@@ -565,6 +567,7 @@ def test_a_state_that_loads_back_as_another_type_or_time_zone_gets_no_snapshot(
         events.save(Booked(datetime.datetime(2026, 5, 1, 20, 0, tzinfo=datetime.UTC)))
     assert "status (Status loads back as int)" in caplog.text
     assert "start (datetime in time zone UTC+09:00 loads back in UTC)" in caplog.text
+    assert "price (int loads back as float)" in caplog.text
     booked = events.read()[-1].stream
     assert events.store.load_snapshot(booked) is None
     loaded = events.get(Booked, booked)
