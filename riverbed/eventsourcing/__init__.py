@@ -9,6 +9,7 @@ from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventDecodeError,
     EventSourcingError,
+    HandlerAbortedTransactionError,
     RunnerFailedError,
     StoreUnavailableError,
     UnknownEventTypeError,
@@ -19,6 +20,7 @@ from riverbed.eventsourcing.repository import Envelope, Events, causing
 from riverbed.eventsourcing.runtime import EventSourcing
 from riverbed.eventsourcing.sagas import ProcessManager, Saga
 from riverbed.eventsourcing.stores import connect_async_store, connect_store
+from riverbed.eventsourcing.subscriptions import SubscriberStatus
 from riverbed.eventsourcing.testing import scenario
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "EventSourcing",
     "EventSourcingError",
     "Events",
+    "HandlerAbortedTransactionError",
     "Inbox",
     "Personal",
     "ProcessManager",
@@ -41,6 +44,7 @@ __all__ = [
     "RunnerFailedError",
     "Saga",
     "StoreUnavailableError",
+    "SubscriberStatus",
     "UnknownEventTypeError",
     "causing",
     "connect_async_store",
