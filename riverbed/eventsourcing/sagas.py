@@ -204,8 +204,9 @@ class SagaRunner(Subscription):
         self._earliest_set: int | None = None
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
-        saga = Saga(self.events, tx, self.manager, event.correlation_id, event.timestamp_ms,
-                    self._timer_set)  # fmt: skip
+        # Timers count from the event's time; a parked event handled again counts from now.
+        now_ms = time.time_ns() // 1_000_000 if self.retrying_parked else event.timestamp_ms
+        saga = Saga(self.events, tx, self.manager, event.correlation_id, now_ms, self._timer_set)
         self.manager.handle(event, saga)
 
     def _timer_set(self, due_ms: int) -> None:

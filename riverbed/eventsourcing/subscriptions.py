@@ -79,6 +79,7 @@ class Subscription:
         self.stopped_on: ParkedEvent | None = None
         # Set for the last attempt after races: a conflict then fails like an error.
         self.conflicts_fail = False
+        self.retrying_parked = False  # while a parked event is handled again
 
     @property
     def store(self) -> EventStore:
@@ -180,6 +181,8 @@ class Subscription:
             tx.set_checkpoint(stored.position)
         except BrokerUnavailableError:
             raise
+        except HandlerAbortedTransactionError as error:  # the handler ended it (SQLite)
+            raise HandlerError(described(error)) from error
         except Exception as error:
             # A handler that caught a failed statement of its own leaves a PostgreSQL
             # transaction aborted: the event failed all the same.
@@ -260,7 +263,11 @@ class Subscription:
 
         def handle(tx: Transaction) -> None:
             (stored,) = self.store.read_all(position - 1, 1)
-            self._handle(stored, tx)
+            self.retrying_parked = True  # handled now, not as of its time
+            try:
+                self._handle(stored, tx)
+            finally:
+                self.retrying_parked = False
 
         return self._retry_parked(parked, handle)
 

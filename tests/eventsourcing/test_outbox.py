@@ -6,6 +6,7 @@ lease cannot move the checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -323,3 +325,28 @@ def test_an_event_too_large_for_the_topic_stops_the_relay_after_what_came_before
     roomy = Relay(events, log, "roomy", max_record_bytes=4 * 2**20)
     assert roomy.run_once() == 3
     roomy.close()
+
+
+def test_an_inbox_handler_that_ends_the_sqlite_transaction_is_an_error(tmp_path: Path) -> None:
+    events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
+    log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
+    try:
+        events.save(Order.create("ada", "a@x", Money(Decimal("1"), "EUR"), NOW))
+        relay = Relay(events, log, TOPIC)
+        relay.run_once()
+        relay.close()
+        (record,) = read_topic(log, TOPIC)
+        inbox = Inbox(events, "ending")
+
+        def ending(event: Any, tx: Any) -> None:
+            tx.execute("CREATE TABLE IF NOT EXISTS once (k TEXT PRIMARY KEY)")
+            tx.execute("INSERT INTO once VALUES ('x')")
+            with contextlib.suppress(Exception):
+                tx.execute("INSERT OR ROLLBACK INTO once VALUES ('x')")
+
+        for _ in range(2):  # not seen: handled again, and refused again
+            with pytest.raises(EventSourcingError, match="the handler ended the store's"):
+                inbox.handle(record, ending)
+    finally:
+        events.close()
+        log.close()

@@ -837,6 +837,7 @@ def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_los
                 tx.execute("INSERT INTO once VALUES ('x')")
                 with contextlib.suppress(Exception):
                     tx.execute("INSERT OR ROLLBACK INTO once VALUES ('x')")  # ends it
+                tx.put("after", event.stream, {"written": True})  # would commit on its own
 
     events.projection(Ending())
     orders = [place(events, name) for name in ("ann", "bad", "cy")]
@@ -847,4 +848,47 @@ def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_los
     seen = events.projections.all("ending", "seen")
     assert orders[0].id in seen and orders[2].id in seen  # applied, not lost with the page
     assert events.projections.status("ending").checkpoint == 3
+    assert events.projections.all("ending", "after") == {}  # nothing after the end stands
     events.close()
+
+
+def test_statements_that_end_the_transaction_are_refused(events: EventSourcing) -> None:
+    class Committing(riverbed.Projection):
+        name = "committing"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            tx.put("seen", event.stream, {"seen": True})
+            if event.event.customer == "bad":
+                tx.execute("  rollback")
+
+    events.projection(Committing())
+    orders = [place(events, name) for name in ("ann", "bad", "cy")]
+    events.projections.runner("committing").catch_up()
+    (parked,) = events.projections.parked("committing")
+    assert "ValueError: tx.execute('rollback'): the statement would end" in parked.error
+    assert set(events.projections.all("committing", "seen")) == {orders[0].id, orders[2].id}
+
+
+def test_a_parked_event_handled_again_sets_its_timers_from_now(events: EventSourcing) -> None:
+    class Refusing(Expiring):
+        refused = True
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            if self.refused:
+                raise RuntimeError("not yet")
+            super().handle(event, saga)
+
+    manager = events.process_manager(Refusing())
+    manager.timeout = 0.3
+    order = place(events, "ann")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    (parked,) = events.parked("expiring")
+    time.sleep(0.4)  # the timeout would have fallen due, counted from the event's time
+    manager.refused = False
+    assert events.retry_parked("expiring", parked.position) is None
+    runner.catch_up()
+    assert manager.expired == []  # due 0.3 s after the retry, not at once
+    time.sleep(0.4)
+    runner.catch_up()
+    assert manager.expired == [order.id]

@@ -71,6 +71,24 @@ def document_text(collection: str, key: str, document: Document) -> str:
     return text
 
 
+# Transaction control is the store's: a handler's COMMIT or ROLLBACK would end its transaction
+# under it (its earlier writes lost or committed without the checkpoint).
+_TRANSACTION_CONTROL = re.compile(
+    r"^\s*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
+
+
+def check_statement(sql: str) -> None:
+    """``ValueError`` for a statement of transaction control, which is the store's."""
+    if _TRANSACTION_CONTROL.match(sql):
+        raise ValueError(
+            f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the store's "
+            "transaction, which commits your writes with the checkpoint; leave COMMIT, ROLLBACK "
+            "and savepoints to riverbed"
+        )
+
+
 def check_page(after: object, limit: object) -> None:
     """A read-all page's bounds: positions after ``after``, at most ``limit`` events; ints of
     0 to 2**62 (what both stores take), else ``ValueError``."""

@@ -46,6 +46,7 @@ from riverbed.eventsourcing.stores.api import (
     Document,
     check_document_key,
     check_page,
+    check_statement,
     check_versions,
     document_text,
 )
@@ -275,7 +276,9 @@ class SqliteEventStore:
             )
         # BEGIN IMMEDIATE takes the file's write lock: subscriber transactions never interleave.
         with write_transaction(self._conn) as conn:
-            yield SqliteTransaction(conn, name)
+            tx = SqliteTransaction(conn, name)
+            yield tx
+            tx.check_open()
 
     def checkpoint(self, name: str) -> int:
         return _checkpoint(self._conn, name)
@@ -330,7 +333,7 @@ class SqliteTransaction:
     """A subscriber's transaction on the store's file (``Transaction`` in the contract)."""
 
     def __init__(self, conn: sqlite3.Connection, name: str) -> None:
-        self._conn = conn
+        self._connection = conn
         self.name = name
         self._checkpoint: int | None = None
 
@@ -341,7 +344,6 @@ class SqliteTransaction:
         return self._checkpoint
 
     def set_checkpoint(self, position: int) -> None:
-        self._check_open()  # else it would commit on its own, after what the handler left
         self._conn.execute(
             "INSERT OR REPLACE INTO checkpoints (name, position) VALUES (?, ?)",
             (self.name, position),
@@ -372,24 +374,36 @@ class SqliteTransaction:
             "DELETE FROM documents WHERE substr(collection, 1, ?) = ?", (len(prefix), prefix)
         )
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The connection, while the transaction is open: after a handler ended it, each
+        statement would commit on its own."""
+        self._check_open()
+        return self._connection
+
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        self._conn.execute("SAVEPOINT riverbed_handler")
+        conn = self._connection
+        conn.execute("SAVEPOINT riverbed_handler")
         try:
             yield
             self._check_open()
         except BaseException:
             self._checkpoint = None  # the block may have moved it
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK TO riverbed_handler")
-                self._conn.execute("RELEASE riverbed_handler")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO riverbed_handler")
+                conn.execute("RELEASE riverbed_handler")
             else:  # the block ended it: the failure is settled in a new one
-                self._conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE")
             raise
-        self._conn.execute("RELEASE riverbed_handler")
+        conn.execute("RELEASE riverbed_handler")
+
+    def check_open(self) -> None:
+        """Raise if a handler ended the transaction (the store's last word on it)."""
+        self._check_open()
 
     def _check_open(self) -> None:
-        if not self._conn.in_transaction:
+        if not self._connection.in_transaction:
             raise HandlerAbortedTransactionError(
                 "the handler ended the store's transaction (a COMMIT or ROLLBACK, or a statement "
                 "such as INSERT OR ROLLBACK): what it wrote before that is out of riverbed's hands"
@@ -438,7 +452,10 @@ class SqliteTransaction:
         return [Timer(*row) for row in rows]
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._conn.execute(sql, params).fetchall()
+        check_statement(sql)
+        rows = self._conn.execute(sql, params).fetchall()
+        self._check_open()  # INSERT OR ROLLBACK, a trigger's RAISE(ROLLBACK): it ended here
+        return rows
 
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         # The transaction holds the file's write lock: nobody takes the lease before it ends.

@@ -34,6 +34,7 @@ from riverbed.eventsourcing.stores.api import (
     Document,
     check_document_key,
     check_page,
+    check_statement,
     check_versions,
     document_text,
 )
@@ -403,6 +404,7 @@ class PostgresTransaction:
         return cur.execute(q.DUE_TIMERS, (self.name, now_ms, limit)).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        check_statement(sql)
         # Without parameters, psycopg reads no placeholders: `LIKE 'a%'` stays as it is.
         cur = self._conn.execute(sql.encode(), params or None)
         return cur.fetchall() if cur.description is not None else []
