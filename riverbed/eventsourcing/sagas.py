@@ -36,7 +36,6 @@ from riverbed.eventsourcing.aggregate import Aggregate, check_key
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
-    HandlerAbortedTransactionError,
 )
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent, Timer
 from riverbed.eventsourcing.repository import Envelope, causing
@@ -238,12 +237,7 @@ class SagaRunner(Subscription):
     def _fire_due_timers(self) -> int:
         """Fire up to TIMERS_PER_ROUND due timers, each in a transaction of its own; how
         many."""
-        fired = 0
-        while fired < TIMERS_PER_ROUND and self.stopped_on is None:
-            if not self._retrying(self._fire_next):
-                break
-            fired += 1
-        return fired
+        return self.repeat(self._fire_next, TIMERS_PER_ROUND)
 
     def _fire_next(self) -> bool:
         """Fire the next due timer; False if none is due. A failing one is parked in the same
@@ -256,11 +250,8 @@ class SagaRunner(Subscription):
                 return False
             timer = due[0]
             tx.cancel_timer(timer.key)  # firing a timer is deleting it
-            try:
-                with tx.savepoint():
-                    self._fire(timer, tx)
-            except (_TimerError, HandlerAbortedTransactionError) as failed:
-                reason = failed.reason if isinstance(failed, _TimerError) else str(failed)
+            reason = self.failure_of(tx, lambda: self._fire(timer, tx))
+            if reason is not None:
                 parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}",
                                      "timer", reason, time.time_ns() // 1_000_000)  # fmt: skip
                 stopping = self.settle(parked, tx)

@@ -130,12 +130,26 @@ class Subscription:
     def _one_by_one(self, limit: int) -> int:
         """Handle up to ``limit`` events, each in a transaction of its own and tried again
         after a race: a failing event alone is parked, or the subscriber stops there."""
-        handled = 0
-        while handled < limit and self.stopped_on is None:
-            if not self._retrying(self._handle_one):
-                break
-            handled += 1
-        return handled
+        return self.repeat(self._handle_one, limit)
+
+    def repeat(self, step: Callable[[], bool], limit: int) -> int:
+        """``step`` (tried again after races) until it finds nothing to do, ``limit`` times,
+        or the subscriber stops; how many times it did something."""
+        done = 0
+        while done < limit and self.stopped_on is None and self._retrying(step):
+            done += 1
+        return done
+
+    @staticmethod
+    def failure_of(tx: Transaction, work: Callable[[], None]) -> str | None:
+        """Run ``work`` in a savepoint of ``tx``: the reason it failed (its writes rolled
+        back, the transaction still usable), or None."""
+        try:
+            with tx.savepoint():
+                work()
+        except (HandlerError, HandlerAbortedTransactionError) as failed:
+            return _reason(failed)
+        return None
 
     def _handle_one(self) -> bool:
         """Handle the next event; False if there is none. A failing one is parked in the same
@@ -149,12 +163,10 @@ class Subscription:
             if not page:
                 return False
             (stored,) = page
-            try:
-                with tx.savepoint():
-                    self._apply(stored, tx)
-            except (HandlerError, HandlerAbortedTransactionError) as failed:
+            reason = self.failure_of(tx, lambda: self._apply(stored, tx))
+            if reason is not None:
                 parked = ParkedEvent(self.label, stored.position, stored.id, stored.type,
-                                     _reason(failed), time.time_ns() // 1_000_000)  # fmt: skip
+                                     reason, time.time_ns() // 1_000_000)  # fmt: skip
                 stopping = self.settle(parked, tx)
                 if stopping is None:
                     tx.set_checkpoint(stored.position)
@@ -288,12 +300,10 @@ class Subscription:
                     )
                 if not tx.unpark(parked.projection, parked.position):
                     return None
-                try:
-                    with tx.savepoint():
-                        handle(tx)
-                except (HandlerError, HandlerAbortedTransactionError) as failed:
+                reason = self.failure_of(tx, lambda: handle(tx))
+                if reason is not None:
                     again = msgspec.structs.replace(
-                        parked, error=_reason(failed), parked_ms=time.time_ns() // 1_000_000
+                        parked, error=reason, parked_ms=time.time_ns() // 1_000_000
                     )
                     tx.park(again)
                     return again
