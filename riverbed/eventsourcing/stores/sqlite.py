@@ -378,7 +378,7 @@ class SqliteTransaction:
     def _conn(self) -> sqlite3.Connection:
         """The connection, while the transaction is open: after a handler ended it, each
         statement would commit on its own."""
-        self._check_open()
+        self.check_open()
         return self._connection
 
     @contextmanager
@@ -387,7 +387,7 @@ class SqliteTransaction:
         conn.execute("SAVEPOINT riverbed_handler")
         try:
             yield
-            self._check_open()
+            self.check_open()
         except BaseException:
             self._checkpoint = None  # the block may have moved it
             if conn.in_transaction:
@@ -399,10 +399,7 @@ class SqliteTransaction:
         conn.execute("RELEASE riverbed_handler")
 
     def check_open(self) -> None:
-        """Raise if a handler ended the transaction (the store's last word on it)."""
-        self._check_open()
-
-    def _check_open(self) -> None:
+        """Raise if a handler ended the transaction."""
         if not self._connection.in_transaction:
             raise HandlerAbortedTransactionError(
                 "the handler ended the store's transaction (a COMMIT or ROLLBACK, or a statement "
@@ -454,7 +451,7 @@ class SqliteTransaction:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         check_statement(sql)
         rows = self._conn.execute(sql, params).fetchall()
-        self._check_open()  # INSERT OR ROLLBACK, a trigger's RAISE(ROLLBACK): it ended here
+        self.check_open()  # INSERT OR ROLLBACK, a trigger's RAISE(ROLLBACK): it ended here
         return rows
 
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
