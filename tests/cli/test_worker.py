@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,24 +44,33 @@ def start_worker(tmp_path: Path, *args: str, module: str = APP_MODULE) -> subpro
     )
 
 
-def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/log.db"
-    worker = start_worker(tmp_path, "wordapp:app")
+@contextmanager
+def sigterm_after(worker: subprocess.Popen[str]) -> Iterator[list[str]]:
+    """Run the block, then SIGTERM the worker and wait for it to exit 0 (it is killed if the
+    block fails); the list holds its stderr afterwards."""
+    stderr: list[str] = []
     try:
-        with riverbed.connect(url) as log:
-            wait_until(
-                lambda: {"lines", "words"} <= {t.name for t in log.list_topics()}, 30, "app start"
-            )
-            with log.producer() as producer:
-                producer.send_many("lines", [(None, b"the quick brown fox")] * 50)
-            wait_until(lambda: log.end_offsets("words")[0] == 200, 30, "the words")
-            time.sleep(1.2)  # one status line
+        yield stderr
         worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=30)
+        stderr.append(worker.communicate(timeout=30)[1])
     finally:
         if worker.poll() is None:
             worker.kill()
     assert worker.returncode == 0, stderr
+
+
+def test_worker_runs_until_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    worker = start_worker(tmp_path, "wordapp:app")
+    with sigterm_after(worker) as output, riverbed.connect(url) as log:
+        wait_until(
+            lambda: {"lines", "words"} <= {t.name for t in log.list_topics()}, 30, "app start"
+        )
+        with log.producer() as producer:
+            producer.send_many("lines", [(None, b"the quick brown fox")] * 50)
+        wait_until(lambda: log.end_offsets("words")[0] == 200, 30, "the words")
+        time.sleep(1.2)  # one status line
+    (stderr,) = output
     assert "riverbed worker words: 50 records processed" in stderr
 
 
@@ -95,7 +106,7 @@ EVENTS_MODULE = textwrap.dedent(
 def test_an_event_sourcing_worker_prints_where_its_runners_stand(tmp_path: Path) -> None:
     module = EVENTS_MODULE.replace("EVENTS_URL", repr(f"sqlite:///{tmp_path}/events.db"))
     worker = start_worker(tmp_path, "wordapp:app", module=module)
-    try:
+    with sigterm_after(worker) as output:
         wait_until((tmp_path / "events.db").exists, 30, "the worker to start")
         sys.path.insert(0, str(tmp_path))
         try:
@@ -108,12 +119,7 @@ def test_an_event_sourcing_worker_prints_where_its_runners_stand(tmp_path: Path)
             status = wordapp.app.events.projections.status
             wait_until(lambda: status("stock-levels").checkpoint == 2, 30, "the projection")
         time.sleep(1.2)  # one status line after it
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert worker.returncode == 0, stderr
+    (stderr,) = output
     expected = (
         "riverbed worker stock: stock-levels at 2 (lag 0, 1 parked), relay:items at 2 (lag 0)"
     )
@@ -196,7 +202,7 @@ def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
         except OSError:
             return ""
 
-    try:
+    with sigterm_after(worker):
         with riverbed.connect(url) as log:
             wait_until(lambda: "riverbed_app" in scrape(), 30, "the metrics endpoint")
             with log.producer() as producer:
@@ -210,12 +216,6 @@ def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
         assert 'riverbed_dead_lettered_total{topic="lines"} 1.0' in metrics
         assert "riverbed_batch_seconds_count" in metrics
         wait_until(lambda: 'riverbed_lag{partition="0",topic="lines"} 0.0' in scrape(), 30, "lag")
-        worker.send_signal(signal.SIGTERM)
-        _, stderr = worker.communicate(timeout=30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert worker.returncode == 0, stderr
 
 
 def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(
