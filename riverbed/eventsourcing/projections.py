@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
@@ -106,6 +105,7 @@ def recorded_version(document: Document | None, projection: Projection) -> int:
 class ProjectionRunner(Subscription):
     """Runs one version of a projection."""
 
+    kind = "projection"
     version: int
 
     def __init__(
@@ -139,9 +139,6 @@ class ProjectionRunner(Subscription):
     def parked_labels(self) -> list[str]:
         # Before parked events were filed per version, they were filed under the bare name.
         return [self.label, self.projection.name]
-
-    def described(self) -> str:
-        return f"projection {self.projection.name!r}"
 
     @property
     def registered_name(self) -> str:
@@ -204,19 +201,12 @@ class Projections:
         it), and forget it once applied; if it fails again it stays parked with the new error,
         which is returned. For a fixed handler whose events do not depend on their order;
         otherwise ``rebuild``."""
-        return self._claimed(name).retry(position)
+        return self.runner(name).claimed().retry(position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget a parked event: the projection goes on without it (a rebuild applies every
         event again, parked ones included). False if ``position`` was not parked."""
-        return self._claimed(name).unpark(position)
-
-    def _claimed(self, name: str) -> ProjectionRunner:
-        """The runner of projection ``name``, which this app claims: another app's is
-        refused before its state is touched."""
-        runner = self.runner(name)
-        claim(self.events.store, self.events.app_name, [f"projection {name}"])
-        return runner
+        return self.runner(name).claimed().unpark(position)
 
     def get(
         self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
@@ -304,7 +294,7 @@ class Projections:
         a time (a lease in the store); each takes a version number never used before, so the
         tables a handler makes for ``tx.version`` start empty even after an interrupted one."""
         projection = self.named(name)
-        old = self._claimed(name).version
+        old = self.runner(name).claimed().version
         store = self.events.store
         lease, owner = f"rebuild:{name}", random_id()
         if not store.acquire_lease(lease, owner, REBUILD_LEASE_MS):

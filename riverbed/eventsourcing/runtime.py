@@ -130,19 +130,12 @@ class EventSourcing(Events):
         """Handle the event that projection or process manager ``name`` parked at ``position``
         again, now (after the events that followed it), and forget it once handled; if it fails
         again it stays parked with the new error, which is returned."""
-        return self._claimed(name).retry(position)
+        return self.subscriber(name).claimed().retry(position)
 
     def unpark(self, name: str, position: int) -> bool:
         """Forget what projection or process manager ``name`` parked at ``position``: it goes
         on without it (a parked timer never fires). False if nothing is parked there."""
-        return self._claimed(name).unpark(position)
-
-    def _claimed(self, name: str) -> Subscription:
-        """The runner of ``name``, which this app claims: another app's is refused."""
-        runner = self.subscriber(name)
-        what = "projection" if name in self.projections.registered else "process manager"
-        claim(self.store, self.app_name, [f"{what} {name}"])
-        return runner
+        return self.subscriber(name).claimed().unpark(position)
 
     def has_work(self) -> bool:
         """Whether projections, process managers or relays are registered."""
@@ -158,23 +151,23 @@ class EventSourcing(Events):
         (``App.run`` raises it)."""
         if self.relays and log is None:
             raise ValueError("relays publish to a log: pass log= (app.log)")
-        whats = [f"projection {name}" for name in self.projections.registered]
-        whats += [f"process manager {name}" for name in self.process_managers]
-        whats += [f"relay to {topic}" for topic in self.relays]
         self.failures.clear()
         outage = Outage(f"app {self.app_name!r}")
         while not stop.is_set():
             try:
-                claim(self.store, self.app_name, whats)
-                runs: list[Callable[[threading.Event], None]] = [
-                    self.projections.runner(name).run for name in self.projections.registered
+                subscribers: list[Subscription] = [
+                    *map(self.projections.runner, self.projections.registered),
+                    *(SagaRunner(self, manager) for manager in self.process_managers.values()),
                 ]
+                whats = [subscriber.claim_name for subscriber in subscribers]
+                whats += [f"relay to {topic}" for topic in self.relays]
+                claim(self.store, self.app_name, whats)
                 break
             except BrokerUnavailableError as error:  # the store, out as the workers start
                 outage.wait(error, stop)
         else:
             return []
-        runs += [SagaRunner(self, manager).run for manager in self.process_managers.values()]
+        runs: list[Callable[[threading.Event], None]] = [s.run for s in subscribers]
         for topic, settings in self.relays.items():
             assert log is not None
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl,

@@ -195,6 +195,8 @@ def timer_position(key: str) -> int:
 
 
 class SagaRunner(Subscription):
+    kind = "process manager"
+
     def __init__(self, events: Events, manager: ProcessManager) -> None:
         name = manager_name(manager)
         super().__init__(events, f"saga:{name}", name)
@@ -215,9 +217,6 @@ class SagaRunner(Subscription):
     def stops_before(self, stored: StoredEvent) -> bool:
         # A timer an event of this page set, due before this one was stored, fires first.
         return self._earliest_set is not None and stored.timestamp_ms >= self._earliest_set
-
-    def described(self) -> str:
-        return f"process manager {self.manager.name!r}"
 
     def run_once(self, limit: int = PAGE) -> int:
         """Fire the due timers, then handle the next page of events; how many of both."""

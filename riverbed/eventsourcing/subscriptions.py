@@ -22,10 +22,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
 import msgspec
 
+from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -68,6 +69,7 @@ class SubscriberStatus(msgspec.Struct, frozen=True):
 class Subscription:
     """The loop; subclasses say what handling an event means (``handle``)."""
 
+    kind: str  # "projection", "process manager": in messages and its claim
     on_error: Literal["park", "stop"] = "park"
     version: int | None = None
 
@@ -259,12 +261,23 @@ class Subscription:
 
     def described(self) -> str:
         """The subscriber, for error messages."""
-        return self.label
+        return f"{self.kind} {self.registered_name!r}"
 
     @property
     def registered_name(self) -> str:
         """The name it was registered under."""
         return self.label
+
+    @property
+    def claim_name(self) -> str:
+        """What its app claims to run it (``claims.py``): "projection totals"."""
+        return f"{self.kind} {self.registered_name}"
+
+    def claimed(self) -> Self:
+        """This subscriber, once its app claimed it: another app's is refused before its state
+        is touched."""
+        claim(self.store, self.events.app_name, [self.claim_name])
+        return self
 
     def retry(self, position: int) -> ParkedEvent | None:
         """Handle the event parked at ``position`` again, now, after the events that followed
