@@ -163,13 +163,14 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
 
 
 def _check_event_store(app: App) -> None:
-    """An event store that cannot work (a URL of no database) fails here, once, not in each
-    process; an outage is left to the processes, which wait it out."""
+    """An event store that cannot work (a URL of no database) or runs another app's
+    projections of the same names fails here, once, not in each process; an outage is left to
+    the processes, which wait it out."""
     events = getattr(app, "events", None)
     if not isinstance(events, EventSourcing) or not events.has_work():
         return
     try:
-        events.store  # noqa: B018 - connecting is the check
+        events.claim_runners()
     except BrokerUnavailableError:
         pass
     finally:

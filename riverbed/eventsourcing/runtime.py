@@ -155,25 +155,32 @@ class EventSourcing(Events):
         outage = Outage(f"app {self.app_name!r}")
         while not stop.is_set():
             try:
-                subscribers: list[Subscription] = [
-                    *map(self.projections.runner, self.projections.registered),
-                    *(SagaRunner(self, manager) for manager in self.process_managers.values()),
-                ]
-                whats = [subscriber.claim_name for subscriber in subscribers]
-                whats += [f"relay to {topic}" for topic in self.relays]
-                claim(self.store, self.app_name, whats)
+                subscribers = self.claim_runners()
                 break
             except BrokerUnavailableError as error:  # the store, out as the workers start
                 outage.wait(error, stop)
         else:
             return []
+        whats = [subscriber.claim_name for subscriber in subscribers]
         runs: list[Callable[[threading.Event], None]] = [s.run for s in subscribers]
         for topic, settings in self.relays.items():
             assert log is not None
             relay = Relay(self, log, topic, settings.partitions, lease_ttl=settings.lease_ttl,
                           max_record_bytes=settings.max_record_bytes)  # fmt: skip
+            whats.append(_relay_claim(topic))
             runs.append(_closing(relay))
         return [self._start(what, run, stop) for what, run in zip(whats, runs, strict=True)]
+
+    def claim_runners(self) -> list[Subscription]:
+        """Claim for this app what ``run`` runs (``claims.py``): a name another app runs in
+        the store is refused. The projections' and process managers' runners."""
+        subscribers: list[Subscription] = [
+            *map(self.projections.runner, self.projections.registered),
+            *(SagaRunner(self, manager) for manager in self.process_managers.values()),
+        ]
+        whats = [subscriber.claim_name for subscriber in subscribers]
+        claim(self.store, self.app_name, whats + [_relay_claim(topic) for topic in self.relays])
+        return subscribers
 
     def take_over_names(self, renamed_from: str) -> int:
         """After the app was renamed from ``renamed_from``: the projections, process managers,
@@ -218,3 +225,7 @@ def _check_on_error(subscriber: object) -> None:
             f"{type(subscriber).__name__}.on_error = {on_error!r}: use 'park' (the default) or "
             "'stop'"
         )
+
+
+def _relay_claim(topic: str) -> str:
+    return f"relay to {topic}"

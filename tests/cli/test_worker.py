@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import riverbed
+from riverbed.eventsourcing.claims import claim
 from tests.services import free_port
 from tests.support import wait_until
 
@@ -152,8 +153,25 @@ def test_worker_target_errors(tmp_path: Path, target: str, message: str) -> None
 
 def test_an_event_store_that_cannot_work_is_one_error_for_all_processes(tmp_path: Path) -> None:
     (tmp_path / "events.db").write_text("not a database")
-    module = EVENTS_MODULE.replace("EVENTS_URL", repr(f"sqlite:///{tmp_path}/events.db"))
-    (tmp_path / "wordapp.py").write_text(module)
+    line = _error_of_two_processes(tmp_path, f"sqlite:///{tmp_path}/events.db")
+    assert line.startswith(f"error: cannot open the event store '{tmp_path}/events.db'")
+
+
+@pytest.mark.parametrize("claimed", ["projection stock-levels", "relay to items"])
+def test_names_another_app_runs_are_one_error_for_all_processes(
+    tmp_path: Path, claimed: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/events.db"
+    other = riverbed.eventsourcing.EventSourcing("billing", url)
+    claim(other.store, "billing", [claimed])
+    other.close()
+    line = _error_of_two_processes(tmp_path, url)
+    assert line.startswith(f"error: app 'billing' runs the {claimed} in this event store")
+
+
+def _error_of_two_processes(tmp_path: Path, events_url: str) -> str:
+    """What ``worker --processes 2`` of EVENTS_MODULE on ``events_url`` printed: one line."""
+    (tmp_path / "wordapp.py").write_text(EVENTS_MODULE.replace("EVENTS_URL", repr(events_url)))
     result = subprocess.run(
         [RIVERBED, "--url", f"sqlite:///{tmp_path}/log.db", "worker", "wordapp:app",
          "--processes", "2"],
@@ -161,7 +179,7 @@ def test_an_event_store_that_cannot_work_is_one_error_for_all_processes(tmp_path
     )  # fmt: skip
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()  # once, not once per process
-    assert line.startswith(f"error: cannot open the event store '{tmp_path}/events.db'")
+    return line
 
 
 def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
