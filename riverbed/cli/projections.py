@@ -17,6 +17,7 @@ from rich.table import Table
 from riverbed.cli.common import out
 from riverbed.cli.worker import load_app
 from riverbed.errors import RiverbedError
+from riverbed.eventsourcing.errors import NotParkedError
 from riverbed.eventsourcing.runtime import EventSourcing
 from riverbed.eventsourcing.subscriptions import SubscriberStatus
 
@@ -152,7 +153,11 @@ def retry(
         parked = {p.position for p in events.parked(name)}  # an unknown name fails here, once
         failed, missing = [], [p for p in positions if p not in parked]
         for position in (p for p in positions if p in parked):
-            again = events.retry_parked(name, position)
+            try:
+                again = events.retry_parked(name, position)
+            except NotParkedError:  # another retry handled it, or it was unparked, meanwhile
+                missing.append(position)
+                continue
             if again is None:
                 out.print(f"{position}  applied")
             else:

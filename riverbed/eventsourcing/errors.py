@@ -35,6 +35,11 @@ class EventDecodeError(EventSourcingError, ValueError):
     """A stored event's payload no longer decodes into its class (even after upcasting)."""
 
 
+class NotParkedError(EventSourcingError, LookupError):
+    """Nothing is parked at the position a retry names: it never was, or another retry handled
+    it, or it was unparked."""
+
+
 class HandlerAbortedTransactionError(EventSourcingError):
     """A handler caught the error of a statement it ran, which on PostgreSQL aborts the
     transaction all the same: what it did is rolled back."""

@@ -199,8 +199,8 @@ class Projections:
     def retry(self, name: str, position: int) -> ParkedEvent | None:
         """Apply the event parked at ``position`` again, now (after the events that followed
         it), and forget it once applied; if it fails again it stays parked with the new error,
-        which is returned. For a fixed handler whose events do not depend on their order;
-        otherwise ``rebuild``."""
+        which is returned (``NotParkedError`` if nothing is parked there). For a fixed handler
+        whose events do not depend on their order; otherwise ``rebuild``."""
         return self.runner(name).claimed().retry(position)
 
     def unpark(self, name: str, position: int) -> bool:

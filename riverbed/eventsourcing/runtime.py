@@ -129,7 +129,8 @@ class EventSourcing(Events):
     def retry_parked(self, name: str, position: int) -> ParkedEvent | None:
         """Handle the event that projection or process manager ``name`` parked at ``position``
         again, now (after the events that followed it), and forget it once handled; if it fails
-        again it stays parked with the new error, which is returned."""
+        again it stays parked with the new error, which is returned. ``NotParkedError`` if
+        nothing is parked there (any more: another retry handled it, or it was unparked)."""
         return self.subscriber(name).claimed().retry(position)
 
     def unpark(self, name: str, position: int) -> bool:

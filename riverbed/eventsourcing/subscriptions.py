@@ -31,6 +31,7 @@ from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
     HandlerAbortedTransactionError,
+    NotParkedError,
 )
 from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent
@@ -283,7 +284,7 @@ class Subscription:
         """Handle the event parked at ``position`` again, now, after the events that followed
         it, in a transaction of its own that forgets it once handled (the checkpoint, already
         past it, stays). None once handled; if it fails again it stays parked, with the new
-        error, which is returned."""
+        error, which is returned. ``NotParkedError`` if nothing is parked there (any more)."""
         parked = self._parked_at(position)
 
         def handle(tx: Transaction) -> None:
@@ -301,8 +302,8 @@ class Subscription:
     ) -> ParkedEvent | None:
         """``handle`` the parked entry again in a transaction that unparks it, or parks it
         again with the new error if it fails. Retries of one entry take turns on the
-        subscriber's lock: the one that finds it no longer parked (handled by another) does
-        nothing."""
+        subscriber's lock: the one that finds it no longer parked (handled by another, or
+        unparked) raises ``NotParkedError``."""
 
         def attempt() -> ParkedEvent | None:
             with self.store.transaction(self.name) as tx:
@@ -312,7 +313,11 @@ class Subscription:
                         f"{parked.position}: the switch forgot the old version's parked events"
                     )
                 if not tx.unpark(parked.projection, parked.position):
-                    return None
+                    raise NotParkedError(
+                        f"{self.described()} has no event parked at position "
+                        f"{parked.position} any more: another retry handled it, or it was "
+                        "unparked, meanwhile"
+                    )
                 reason = self.failure_of(tx, lambda: handle(tx))
                 if reason is not None:
                     again = msgspec.structs.replace(
@@ -347,7 +352,7 @@ class Subscription:
             for parked in self.store.parked(label):
                 if parked.position == position:
                     return parked
-        raise EventSourcingError(f"{self.described()} has no event parked at position {position}")
+        raise NotParkedError(f"{self.described()} has no event parked at position {position}")
 
     def catch_up(self, after_each: Callable[[], None] | None = None) -> int:
         """Handle every event stored so far; how many. ``after_each``: called after each page

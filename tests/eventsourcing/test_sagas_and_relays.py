@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, NotParkedError, Relay
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import PARKED_DUE_MS, SagaRunner, timer_position
 from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
@@ -261,7 +261,10 @@ def test_two_retries_of_one_parked_event_handle_it_once(events: EventSourcing) -
     results: list[object] = []
 
     def retry() -> None:
-        results.append(events.retry_parked("slow", parked.position))
+        try:
+            results.append(events.retry_parked("slow", parked.position))
+        except NotParkedError as error:
+            results.append(error)
 
     first = threading.Thread(target=retry)
     first.start()
@@ -272,10 +275,38 @@ def test_two_retries_of_one_parked_event_handle_it_once(events: EventSourcing) -
     manager.finish.set()
     first.join(10)
     second.join(10)
-    assert results == [None, None]
+    assert results[0] is None
+    assert isinstance(results[1], NotParkedError)  # the first handled it
+    assert "another retry handled it, or it was unparked" in str(results[1])
     assert [e.type for e in events.read()].count("Order.Cancelled") == 1
     assert events.get(Order, mallory.id).version == 2
     assert events.store.parked("slow") == []
+
+
+def test_a_retry_that_an_unpark_overtook_is_not_reported_handled(events: EventSourcing) -> None:
+    manager = events.process_manager(Picky())
+    mallory = place(events, "mallory")
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    (parked,) = events.store.parked("picky")
+    manager.refused.clear()
+    results: list[object] = []
+
+    def retry() -> None:
+        try:
+            results.append(events.retry_parked("picky", parked.position))
+        except NotParkedError as error:
+            results.append(error)
+
+    with events.store.transaction(runner.name) as tx:  # the unpark, holding the manager's lock
+        assert tx.unpark("picky", parked.position)
+        retrying = threading.Thread(target=retry)  # finds it parked, then waits for the lock
+        retrying.start()
+        time.sleep(0.3)
+    retrying.join(10)
+    (error,) = results
+    assert isinstance(error, NotParkedError)
+    assert events.get(Order, mallory.id).version == 1  # not handled: the unpark forgot it
 
 
 def test_a_projection_and_a_process_manager_may_not_share_a_name(events: EventSourcing) -> None:
