@@ -97,17 +97,30 @@ class Aggregate:
     id: str
     version: int
     _applying: EventType | None = None  # the event whose body (or apply) runs, if any
+    # An event's body (or apply) raised on this instance: its state may hold a change no event
+    # records, which a snapshot must not keep.
+    _body_raised = False
     # The stream key a load decrypted its state with: a snapshot must not outlive its deletion.
     _decrypted_with: bytes | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        registered: set[int] = set()
-        for attribute, value in list(cls.__dict__.items()):
-            # Once each: `add = add_line` names the same event method twice.
-            if isinstance(value, EventMethod) and id(value) not in registered:
-                registered.add(id(value))
-                value.register(cls, attribute)
+        methods: dict[int, tuple[str, EventMethod[Any, Any]]] = {}
+        for attribute, value in cls.__dict__.items():
+            if isinstance(value, EventMethod):  # once each: `add = add_line` names one twice
+                methods.setdefault(id(value), (attribute, value))
+        recording: dict[str, str] = {}  # event name -> the attribute of its method
+        for attribute, method in methods.values():
+            first = recording.setdefault(method.name, attribute)
+            if first != attribute:  # refused before any is registered
+                raise EventSourcingError(
+                    f"{cls.__name__}.{first} and {cls.__name__}.{attribute} both record event "
+                    f"{method.name!r}: a load would run one's body for the other's events; "
+                    "give each method its own event name"
+                )
+        for attribute, method in methods.values():
+            method.register(cls, attribute)
+        _rename_nested_events(cls)
         # Its code's source files as the process imported them (sources.py says why).
         source_digest(cls.__module__, executing=True)
         for base in cls.__mro__[1:]:
@@ -143,6 +156,11 @@ class Aggregate:
     def trigger(self, event: DomainEvent) -> None:
         """Record and apply an explicit event."""
         entry = registry.of(event)
+        if not entry.recorded_by(type(self)):  # a load would refuse the stream
+            raise EventSourcingError(
+                f"{type(self).__name__} cannot record {entry.name}: it is an event of "
+                f"{entry.aggregate.__name__ if entry.aggregate else 'another class'}"
+            )
         self._record(event, entry)
 
     def _record(self, event: Any, entry: EventType) -> None:
@@ -169,6 +187,9 @@ class Aggregate:
         self._applying = entry
         try:
             entry.apply(self, loaded)
+        except BaseException:
+            self._body_raised = True
+            raise
         finally:
             self._applying = None
         self.version = version = self.version + 1
@@ -198,6 +219,17 @@ class EventMethod(Generic[P, R]):
         upcasters: dict[int, Upcaster] | None,
         aliases: Sequence[str],
     ) -> None:
+        if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+            raise EventSourcingError(
+                f"@riverbed.event({name!r}) on {method.__qualname__}: an event's body runs "
+                "when the event is recorded and on every load, so it cannot be async; await "
+                "in a plain method, then call the event method"
+            )
+        if inspect.isgeneratorfunction(method):
+            raise EventSourcingError(
+                f"@riverbed.event({name!r}) on {method.__qualname__}: an event's body cannot "
+                "be a generator (it would never run); remove its yield"
+            )
         self.method = method
         self.name = name
         self.version = version
@@ -207,6 +239,14 @@ class EventMethod(Generic[P, R]):
         self.entry: EventType | None = None
         self.binds = False  # whether a call is bound to the signature (keyword-only parameters)
         self.__doc__ = method.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Reached only through a decorator stacked above @riverbed.event, which wrapped this
+        # object instead of the method the class would see.
+        raise TypeError(
+            f"@riverbed.event({self.name!r}) on {self.method.__qualname__} must be the "
+            "outermost decorator: one above it hides the event method from its class"
+        )
 
     def __set_name__(self, owner: type[Aggregate], attribute: str) -> None:
         # Registered by Aggregate.__init_subclass__: an error raised here would reach the user
@@ -226,6 +266,12 @@ class EventMethod(Generic[P, R]):
             # first use, as for any Struct.
             hints = dict(self.method.__annotations__)
         fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        if attribute == "__init__" and "id" in self.signature.parameters:
+            raise EventSourcingError(
+                f"{owner.__name__}.__init__ takes `id`, the name of the aggregate's id: give "
+                f"the parameter another name, and an id of your own with "
+                f"{owner.__name__}.create(..., id=...)"
+            )
         for parameter in list(self.signature.parameters.values())[1:]:
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 raise EventSourcingError(
@@ -279,6 +325,23 @@ class EventMethod(Generic[P, R]):
         if self.binds:
             return functools.partial(_record_bound, instance, self.entry, self.signature)
         return functools.partial(_record_call, instance, self.entry)
+
+
+def _rename_nested_events(cls: type[Aggregate]) -> None:
+    """DomainEvent classes nested in a class that keeps its old ``stored_name`` keep their
+    old names too (``Order.Shipped`` in ``Purchase`` with ``stored_name = "Order"``), unless
+    they name themselves (``event_type``)."""
+    own = cls.__dict__.get("stored_name")
+    if not own or own == cls.__name__:
+        return
+    for value in list(cls.__dict__.values()):
+        if (
+            isinstance(value, type)
+            and issubclass(value, DomainEvent)
+            and not value.__dict__.get("event_type")
+            and value.__qualname__.startswith(f"{cls.__qualname__}.")
+        ):
+            registry.rename(value, own + value.__qualname__.removeprefix(cls.__qualname__))
 
 
 def stored_name(cls: type[Aggregate]) -> str:
@@ -378,6 +441,6 @@ def event(
         )
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
-        return EventMethod(method, name, version, upcasters, aliases)  # type: ignore[return-value]
+        return EventMethod(method, name, version, upcasters, aliases)
 
     return decorate

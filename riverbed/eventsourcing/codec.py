@@ -84,6 +84,11 @@ class EventType:
     # any aggregate may trigger.
     aggregate: type[Any] | None = None
 
+    def __reduce__(self) -> tuple[Callable[[str], EventType], tuple[str]]:
+        # A registry entry, not a value: a copy (of an aggregate with unsaved events, deep-copied
+        # or pickled) is the entry registered under its name.
+        return _registered, (self.name,)
+
     def recorded_by(self, cls: type[Any]) -> bool:
         """Whether aggregates of ``cls`` record this event (an aggregate of another class
         must not replay it)."""
@@ -139,6 +144,10 @@ class EventRegistry:
     ) -> EventType:
         """``aliases``: names the class's events were stored under before a rename; they decode
         as it, and new events are stored as ``name``."""
+        if isinstance(aliases, str):  # ("Order.Paid") for ("Order.Paid",): one per letter
+            raise EventSourcingError(
+                f"event {name}: aliases is a tuple of names, not one name; write ({aliases!r},)"
+            )
         names = [name, *aliases]
         for taken in names:
             existing = self._by_name.get(taken)
@@ -149,6 +158,13 @@ class EventRegistry:
                     f"event type {taken!r} is already registered for {_where(existing.cls)}, so "
                     f"{_where(cls)} cannot have it too: stored events name their type only; give "
                     "one of them another name (the aggregate class's, or the event's)"
+                )
+            if existing is not None and (existing.aggregate is None) != (aggregate is None):
+                # Not the same class, though of one qualified name: a DomainEvent class nested
+                # in an aggregate, and the payload class of an @event method of it.
+                raise EventSourcingError(
+                    f"event type {taken!r} is both a DomainEvent class and an @event method's "
+                    "event: stored events name their type only; give one of them another name"
                 )
             owner = None if existing is None else existing.aggregate
             if owner is not None and aggregate is not None and not _same_class(owner, aggregate):
@@ -170,6 +186,21 @@ class EventRegistry:
             self._by_name[taken] = entry
         self._by_class[cls] = entry
         return entry
+
+    def rename(self, cls: type[Any], name: str) -> None:
+        """Store ``cls``'s events as ``name`` from now on, instead of the name it registered
+        under (its aliases stay)."""
+        entry = self._by_class[cls]
+        aliases = [n for n, e in self._by_name.items() if e is entry and n != entry.name]
+        del self._by_name[entry.name]
+        try:
+            self.register(
+                name, cls, version=entry.version, upcasters=entry.upcasters, apply=entry.apply,
+                aggregate=entry.aggregate, aliases=aliases,
+            )  # fmt: skip
+        except EventSourcingError:
+            self._by_name[entry.name] = entry
+            raise
 
     def recorded_by(self, cls: type[Any]) -> list[EventType]:
         """The events that ``cls``'s event methods (its bases' too) record."""
@@ -485,6 +516,10 @@ def _open(key: bytes, sealed: bytes) -> bytes | None:
     except InvalidTag:
         return None
     return plaintext
+
+
+def _registered(name: str) -> EventType:
+    return registry.named(name)
 
 
 def _where(cls: type[Any]) -> str:

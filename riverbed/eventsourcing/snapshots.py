@@ -39,7 +39,9 @@ log = logging.getLogger("riverbed.events")
 _snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 # What every aggregate has besides its state.
-_NOT_STATE = frozenset({"id", "version", "_pending", "_applying", "_decrypted_with"})
+_NOT_STATE = frozenset(
+    {"id", "version", "_pending", "_applying", "_decrypted_with", "_body_raised"}
+)
 
 
 def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
@@ -310,6 +312,10 @@ def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
     """The aggregate's state as a snapshot, not sealed yet (``_seal``); None when the state
     would not load back as it is."""
     cls = type(aggregate)
+    if aggregate._body_raised:
+        log.info("no snapshot of %s %s: an event's body raised on it, maybe after changing its "
+                 "state", cls.__qualname__, aggregate.id)  # fmt: skip
+        return None
     try:
         hints, schema = _state_hints(cls)
     except NameError as error:  # an annotation of a name only imported for type checkers

@@ -5,11 +5,15 @@ scenario(Order).given(Order.Placed(...)).when(lambda o: o.pay("r1")).then(Order.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from riverbed.eventsourcing.aggregate import Aggregate
-from riverbed.eventsourcing.codec import registry
+from riverbed.eventsourcing.codec import ENCODER, registry
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -30,15 +34,28 @@ class Scenario(Generic[A]):
                     f"{entry.name} is an event of another aggregate class, not of "
                     f"{self.cls.__name__}"
                 )
-            self.aggregate._replay(event, entry, self.aggregate.version + 1)
+            # A copy, as a load would decode it: the test's own object stays as it was.
+            try:
+                loaded = entry.decoder.decode(ENCODER.encode(event))
+            except (msgspec.MsgspecError, NotImplementedError, TypeError, ValueError) as error:
+                raise AssertionError(f"{entry.name} would not load back: {error}") from None
+            self.aggregate._replay(loaded, entry, self.aggregate.version + 1)
         return self
 
     def when(self, command: Callable[[A], object]) -> Scenario[A]:
         """Run a command on the aggregate; an exception it raises is kept for ``then_raises``."""
         try:
-            command(self.aggregate)
+            result = command(self.aggregate)
         except Exception as error:
             self.error = error
+            return self
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no warning about it
+            raise TypeError(
+                "when() runs a plain command: this one is async, so nothing of it ran; run "
+                "its aggregate methods from a plain function"
+            )
         return self
 
     def then(self, *expected: Any) -> A:
@@ -51,10 +68,15 @@ class Scenario(Generic[A]):
         return self.aggregate
 
     def then_raises(self, error: type[BaseException], match: str = "") -> BaseException:
-        if not isinstance(self.error, error) or match not in str(self.error):
-            raise AssertionError(f"expected {error.__name__}({match!r}), got {self.error!r}")
+        """The command raised ``error``, whose message ``match`` (a regular expression, as
+        for ``pytest.raises``) is found in, and recorded nothing; returns the error."""
+        if not isinstance(self.error, error) or not re.search(match, str(self.error)):
+            raise AssertionError(
+                f"expected {error.__name__} matching {match!r}, got {self.error!r}"
+            ) from self.error
         if self.aggregate.pending:
-            raise AssertionError(f"a refused command recorded {self.aggregate.pending!r}")
+            recorded = [entry.event for entry in self.aggregate.pending]
+            raise AssertionError(f"a refused command recorded {recorded!r}")
         return self.error
 
 
