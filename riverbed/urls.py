@@ -11,6 +11,8 @@ from riverbed.errors import InvalidUrlError
 
 LOG_URL_ENV = "RIVERBED_URL"
 DEFAULT_LOG_URL = "sqlite:///.riverbed/log.db"
+# libpq connects a URL of no host to the local socket (or the one ``?host=`` names).
+HOSTLESS_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ class BackendUrl:
 
 
 def redacted(url: str) -> str:
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """``url`` with the password of ``user:password@`` and of ``?password=`` (libpq's,
+    ``sslpassword=`` too) replaced by ``***``."""
+    url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", url)
 
 
 def resolve_url(url: str | None, env: str = LOG_URL_ENV, default: str = DEFAULT_LOG_URL) -> str:
@@ -68,7 +73,7 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
             raise InvalidUrlError(f"invalid URL {url!r}: it names no database file")
     else:
         location = parts.netloc
-        if not location:
+        if not location and scheme not in HOSTLESS_SCHEMES:
             raise InvalidUrlError(
                 f"invalid URL {url!r}: it names no host, e.g. {scheme}://host:port"
             )

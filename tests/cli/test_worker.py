@@ -18,6 +18,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing.claims import claim
 from tests.services import free_port
+from tests.services.postgres import PostgresServer
 from tests.support import wait_until
 
 RIVERBED = str(Path(sys.executable).with_name("riverbed"))
@@ -167,6 +168,14 @@ def test_names_another_app_runs_are_one_error_for_all_processes(
     other.close()
     line = _error_of_two_processes(tmp_path, url)
     assert line.startswith(f"error: app 'billing' runs the {claimed} in this event store")
+
+
+def test_a_store_the_server_refuses_for_good_is_one_error_not_an_outage(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    url = f"postgresql://riverbed@127.0.0.1:{postgres_server.port}/no_such_db"
+    line = _error_of_two_processes(tmp_path, url)
+    assert line.startswith("error: the PostgreSQL server refused the event store's URL")
 
 
 def _error_of_two_processes(tmp_path: Path, events_url: str) -> str:

@@ -32,6 +32,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     connection_options,
     no_connection,
     parse_settings,
+    read_only,
     unavailable,
 )
 from riverbed.urls import BackendUrl
@@ -92,6 +93,8 @@ class AsyncPostgresEventStore:
             raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
             raise no_connection(self._settings, error, self._pool.get_stats()) from None
+        except psycopg.errors.ReadOnlySqlTransaction as error:
+            raise read_only(self._settings, error) from None
         except psycopg.OperationalError as error:
             if conn is None or not conn.broken:
                 raise

@@ -27,10 +27,11 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
+from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
     connection_options,
+    read_only,
     unavailable,
 )
 
@@ -173,8 +174,10 @@ def prepare_schema(settings: Settings) -> None:
             conn.execute(DDL.encode())
     except psycopg.OperationalError as error:
         raise unavailable(settings, error) from None
+    except psycopg.errors.ReadOnlySqlTransaction as error:
+        raise read_only(settings, error) from None
     except psycopg.Error as error:
-        raise StoreUnavailableError(
+        raise EventSourcingError(
             f"cannot create the event store's tables at {settings.where} (schema "
             f"{settings.schema!r}): {str(error).strip()}; the URL's user needs the CREATE "
             "privilege there"

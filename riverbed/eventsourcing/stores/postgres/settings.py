@@ -4,10 +4,14 @@ riverbed's own options), the schema the store's tables live in and the size of t
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
-from riverbed.errors import InvalidUrlError
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.urls import BackendUrl
 
@@ -17,17 +21,36 @@ from riverbed.urls import BackendUrl
 # the server back only a long while after it returned.
 RECONNECT_S = 2.0
 RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10", "pool_timeout": "30"}
-# libpq's parameters a URL may carry on to the server connection ("" = libpq's default). An
-# unreachable server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
+# libpq's parameters a URL may carry on to the server connection ("" = libpq's default): its
+# own URI query parameters, such as host=/run/postgresql for a unix socket. An unreachable
+# server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
 LIBPQ_OPTIONS = {
     "connect_timeout": "3",
-    "application_name": "",
-    "sslmode": "",
-    "sslrootcert": "",
-    "sslcert": "",
-    "sslkey": "",
-    "target_session_attrs": "",
-}
+    **dict.fromkeys(
+        (
+            "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "service",
+            "application_name", "target_session_attrs", "load_balance_hosts",
+            "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+            "tcp_user_timeout", "sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword",
+            "sslcrl", "gssencmode", "channel_binding", "require_auth",
+        ),
+        "",
+    ),
+}  # fmt: skip
+# What a server that answered says when it refuses the URL for good (its user, password or
+# database): a worker fails on these instead of waiting them out. Servers whose messages are not
+# in English are waited out, as if down.
+_REFUSED_FOR_GOOD = (
+    "does not exist",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "permission denied",
+    "not permitted to log in",
+    "no password supplied",
+    "does not support SSL",
+)
+# libpq's words for a parameter value it cannot take (a port, sslmode, keepalives...).
+_BAD_VALUE = re.compile(r"invalid (\w+ )?(value|port number)")
 # A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name
 # (riverbed_events_<schema>), which PostgreSQL refuses past 63 bytes.
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
@@ -45,6 +68,12 @@ class Settings:
 
 
 def parse_settings(parsed: BackendUrl) -> Settings:
+    if "options" in parsed.options:
+        raise InvalidUrlError(
+            f"options= in {parsed.shown!r}: riverbed sets the connections' options itself "
+            "(search_path from schema=); set other server settings on the database or role "
+            "(ALTER ROLE ... SET)"
+        )
     options = parsed.pop_options({**RIVERBED_OPTIONS, **LIBPQ_OPTIONS})
     schema = options["schema"]
     if not SCHEMA_NAME.fullmatch(schema):
@@ -70,15 +99,49 @@ def parse_settings(parsed: BackendUrl) -> Settings:
             f"pool_timeout={options['pool_timeout']!r} in the event store URL is not a positive "
             "number of seconds; use e.g. pool_timeout=5"
         )
+    if not re.fullmatch(r"\d{1,9}", options["connect_timeout"]):
+        raise InvalidUrlError(
+            f"connect_timeout={options['connect_timeout']!r} in the event store URL is not a "
+            "whole number of seconds; use e.g. connect_timeout=3"
+        )
     parts = urlsplit(parsed.raw)
     libpq = {key: options[key] for key in LIBPQ_OPTIONS if options[key]}
-    conninfo = parts._replace(scheme="postgresql", query=urlencode(libpq), fragment="").geturl()
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    user = f"{parts.username}@" if parts.username else ""
-    port = f":{parts.port}" if parts.port else ""
-    where = f"postgresql://{user}{host}{port}{parts.path}"
+    query = urlencode(libpq, quote_via=quote)  # a space as %20: libpq reads no "+"
+    conninfo = f"postgresql://{parts.netloc}{parts.path}?{query}"
+    try:
+        parsed_info = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as error:
+        raise InvalidUrlError(
+            f"invalid PostgreSQL URL {parsed.shown!r}: {_without_secrets(str(error), parts)}"
+        ) from None
+    where = _where(parsed_info)
     channel = f"riverbed_events_{schema}"
     return Settings(conninfo, where, schema, channel, pool_size, pool_timeout)
+
+
+def _where(info: Mapping[str, object]) -> str:
+    """The server, database and user for messages, never the password: what libpq connects to
+    (a socket directory as ``?host=``)."""
+    hosts = str(info.get("host") or "").split(",")
+    ports = str(info.get("port") or "").split(",")
+    shown, sockets = [], []
+    for i, host in enumerate(hosts):
+        port = ports[i] if i < len(ports) else ports[-1]
+        if host.startswith(("/", "@")):
+            sockets.append(host)
+            continue
+        named = f"[{host}]" if ":" in host else host
+        shown.append(f"{named}:{port}" if named and port else named)
+    user = f"{info['user']}@" if info.get("user") else ""
+    where = f"postgresql://{user}{','.join(shown)}/{info.get('dbname') or ''}"
+    return where + (f"?host={','.join(sockets)}" if sockets else "")
+
+
+def _without_secrets(message: str, parts: SplitResult) -> str:
+    for secret in (parts.password, *(v for k, v in parse_qsl(parts.query) if "password" in k)):
+        if secret:
+            message = message.replace(secret, "***").replace(unquote(secret), "***")
+    return message
 
 
 def connection_options(settings: Settings) -> str:
@@ -92,16 +155,34 @@ def closed(settings: Settings) -> EventSourcingError:
     return EventSourcingError(f"the event store at {settings.where} is closed")
 
 
-def unavailable(settings: Settings, error: Exception) -> StoreUnavailableError:
+def unavailable(settings: Settings, error: Exception) -> RiverbedError:
+    """``StoreUnavailableError`` (waited out as an outage), unless libpq refused a value of
+    the URL or the server refused it for good (no such user or database, a wrong password)."""
+    message = str(error).strip()
+    if bad := _BAD_VALUE.search(message):
+        return InvalidUrlError(
+            f"the event store's URL {settings.where} has an {message[bad.start() :].strip()}"
+        )
+    if any(reason in message for reason in _REFUSED_FOR_GOOD):
+        return EventSourcingError(
+            f"the PostgreSQL server refused the event store's URL {settings.where}: {message}; "
+            "check the URL's user, password and database"
+        )
     return StoreUnavailableError(
-        f"cannot reach the event store at {settings.where}: {str(error).strip()}; check that "
+        f"cannot reach the event store at {settings.where}: {message}; check that "
         "PostgreSQL runs there and that the URL's user, database and password are right"
     )
 
 
-def no_connection(
-    settings: Settings, error: Exception, stats: dict[str, int]
-) -> StoreUnavailableError:
+def read_only(settings: Settings, error: Exception) -> EventSourcingError:
+    return EventSourcingError(
+        f"the event store at {settings.where} is read-only for this connection "
+        f"({str(error).strip()}): riverbed writes its events, checkpoints and read models "
+        "there; connect to the primary server, as a user whose transactions may write"
+    )
+
+
+def no_connection(settings: Settings, error: Exception, stats: dict[str, int]) -> RiverbedError:
     """The error for a pool that gave no connection in time (``stats``: the pool's): all of
     them in use, or the server unreachable."""
     if stats.get("pool_size", 0) >= settings.pool_size and not stats.get("pool_available", 0):

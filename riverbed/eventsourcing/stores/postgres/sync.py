@@ -48,6 +48,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     connection_options,
     no_connection,
     parse_settings,
+    read_only,
     unavailable,
 )
 from riverbed.urls import BackendUrl
@@ -102,6 +103,8 @@ class PostgresEventStore:
                 yield conn
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
+        except psycopg.errors.ReadOnlySqlTransaction as error:
+            raise read_only(self._settings, error) from None
 
     def _failure(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
@@ -155,6 +158,8 @@ class PostgresEventStore:
             return libpq_append.append(conn, appends, channel)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
+        except psycopg.errors.ReadOnlySqlTransaction as error:
+            raise read_only(self._settings, error) from None
         finally:
             # Interrupted mid-call, or broken: the pool resets or replaces it.
             if conn is not None and conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:

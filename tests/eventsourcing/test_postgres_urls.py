@@ -1,0 +1,129 @@
+"""What a ``postgresql://`` URL may say, as libpq reads it: a unix socket, several hosts, libpq's
+parameters; values libpq or the server refuse for good are errors, not outages to wait out; no
+error shows a password."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from riverbed.errors import InvalidUrlError
+from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
+from riverbed.eventsourcing.stores import EventStore, connect_store
+from tests.eventsourcing.test_store_contract import append_to
+from tests.services.postgres import PostgresServer
+
+
+@pytest.fixture
+def opened() -> Iterator[list[EventStore]]:
+    """Stores the test opened, closed after it."""
+    stores: list[EventStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def test_a_unix_socket_several_hosts_and_libpq_parameters_reach_the_server(
+    postgres_server: PostgresServer, opened: list[EventStore]
+) -> None:
+    socket_dir, port = str(postgres_server.home), postgres_server.port
+    name = f"order service {uuid.uuid4().hex[:6]}"  # a space: %20, which libpq reads
+    urls = [
+        f"postgresql:///riverbed?host={socket_dir}&port={port}&user=riverbed"
+        f"&application_name={quote(name)}",
+        f"postgresql://riverbed@{quote(socket_dir, safe='')}:{port}/riverbed",
+        # The first host refuses: libpq tries the next.
+        f"postgresql://riverbed@127.0.0.1:1,127.0.0.1:{port}/riverbed"
+        "?target_session_attrs=read-write",
+    ]
+    for url in urls:
+        store = connect_store(url)
+        opened.append(store)
+        append_to(store, f"s-{uuid.uuid4()}", 0)
+    with psycopg.connect(postgres_server.admin_url) as admin:
+        (count,) = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+        ).fetchone() or (0,)
+    assert count >= 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("connect_timeout=abc", "connect_timeout='abc' in the event store URL is not a whole"),
+        ("sslmode=bogus", 'has an invalid sslmode value: "bogus"'),
+        ("keepalives=abc", 'has an invalid integer value "abc" for connection option "keepa'),
+        ("options=-c%20work_mem%3D1MB", "riverbed sets the connections' options itself"),
+    ],
+)
+def test_values_libpq_refuses_are_url_errors_not_outages(option: str, message: str) -> None:
+    with pytest.raises(InvalidUrlError) as raised:
+        connect_store(f"postgresql://shop@127.0.0.1:1/shop?{option}")
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(("port", "message"), [("1x", 'value "1x"'), ("65536", "port number")])
+def test_a_bad_port_is_a_url_error(port: str, message: str) -> None:
+    with pytest.raises(InvalidUrlError, match=message):
+        connect_store(f"postgresql://shop@127.0.0.1:{port}/shop")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://shop:50%off-S3cret@127.0.0.1:1/shop",  # a bare %: not percent-encoded
+        "postgresql://shop@127.0.0.1:1/shop?password=S3cret&bogus=1",
+        "postgresql://shop@127.0.0.1:1/shop?sslpassword=S3cret&sslmode=bogus",
+    ],
+)
+def test_no_url_error_shows_the_password(url: str) -> None:
+    with pytest.raises(InvalidUrlError) as raised:
+        connect_store(url)
+    assert "S3cret" not in str(raised.value)
+    assert "***" in str(raised.value) or "sslmode" in str(raised.value)
+
+
+def test_a_server_that_refuses_the_url_for_good_is_not_an_outage(
+    postgres_server: PostgresServer,
+) -> None:
+    port = postgres_server.port
+    for url, reason in [
+        (f"postgresql://riverbed@127.0.0.1:{port}/no_such_db", 'database "no_such_db" does not'),
+        (f"postgresql://nobody@127.0.0.1:{port}/riverbed", 'role "nobody" does not exist'),
+    ]:
+        with pytest.raises(EventSourcingError) as raised:
+            connect_store(url)
+        assert not isinstance(raised.value, StoreUnavailableError)  # a worker would wait
+        assert "refused the event store's URL" in str(raised.value)
+        assert reason in str(raised.value)
+
+
+def test_a_read_only_connection_reads_and_refuses_writes_clearly(
+    postgres_server: PostgresServer, opened: list[EventStore]
+) -> None:
+    database = f"ro_{uuid.uuid4().hex[:8]}"
+    reader = f"reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+        # The writer's rights, as a standby's user has them, but read-only transactions.
+        admin.execute(f"CREATE ROLE {reader} LOGIN IN ROLE riverbed")
+        admin.execute(f"ALTER ROLE {reader} SET default_transaction_read_only = on")
+    base = f"postgresql://{{}}@127.0.0.1:{postgres_server.port}/{database}"
+    writer = connect_store(base.format("riverbed"))
+    opened.append(writer)
+    append_to(writer, "s", 0)
+    store = connect_store(base.format(reader))
+    opened.append(store)
+    assert [e.stream for e in store.read_all(0, 10)] == ["s"]
+    with pytest.raises(EventSourcingError, match="is read-only for this connection"):
+        append_to(store, "s", 1)
+    with (
+        pytest.raises(EventSourcingError, match="is read-only for this connection"),
+        store.transaction("view") as tx,
+    ):
+        tx.set_checkpoint(1)
+    assert writer.stream_version("s") == 1
