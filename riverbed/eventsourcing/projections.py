@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
@@ -26,6 +26,8 @@ from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
 from riverbed.eventsourcing.subscriptions import STOPPED, SubscriberStatus, Subscription
 from riverbed.ids import random_id
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.repository import Events
@@ -213,23 +215,31 @@ class Projections:
     ) -> Document | None:
         """A document of the projection's read model; ``wait_for``: a position a save returned,
         to read your own writes (waits until the projection has applied it)."""
-        read = self._prefix_to_read(name, wait_for, timeout)
-        return self.events.store.get_document(read + collection, key)
+        store = self.events.store
+        return self._query(name, wait_for, timeout,
+                           lambda read: store.get_document(read + collection, key))  # fmt: skip
 
     def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float = 10.0
             ) -> dict[str, Document]:  # fmt: skip
-        read = self._prefix_to_read(name, wait_for, timeout)
-        return self.events.store.documents(read + collection)
+        store = self.events.store
+        return self._query(name, wait_for, timeout, lambda read: store.documents(read + collection))
 
-    def _prefix_to_read(self, name: str, wait_for: int, timeout: float) -> str:
-        """The prefix of the collections a query reads, once the projection has applied
-        ``wait_for`` (if given)."""
+    def _query(self, name: str, wait_for: int, timeout: float, read: Callable[[str], T]) -> T:
+        """``read(prefix)`` of the active version's collections, once the projection has
+        applied ``wait_for`` (if given). A rebuild's switch makes a new version active and drops
+        the old one's collections at once: a read that came between the two is made again."""
         if wait_for:
             self.wait_for(name, wait_for, timeout)
-        return prefix(name, self.active_version(name))
+        version = self.active_version(name)
+        while True:
+            result = read(prefix(name, version))
+            version, before = self.active_version(name), version
+            if version == before:
+                return result
 
     def wait_for(self, name: str, position: int, timeout: float = 10.0) -> None:
         """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
+        _check_wait_for(position)
         store = self.events.store
         deadline = time.monotonic() + timeout
         pauses = _pauses()
@@ -241,7 +251,7 @@ class Projections:
                 return
             _check_not_stopped(name, position, checkpoint, store.get_document(STOPPED, sub))
             if time.monotonic() > deadline:
-                raise _not_reached(name, position, timeout)
+                raise _not_reached(name, position, timeout, store.last_position())
             time.sleep(next(pauses))
 
     # The queries for async code: the same answers, waiting without blocking the event loop.
@@ -251,18 +261,21 @@ class Projections:
     ) -> Document | None:
         """``get`` for async code."""
         store = await self.events.async_store()
-        read = await self._prefix_to_read_async(store, name, wait_for, timeout)
-        return await store.get_document(read + collection, key)
+        return await self._query_async(
+            store, name, wait_for, timeout, lambda read: store.get_document(read + collection, key)
+        )
 
     async def all_async(self, name: str, collection: str, *, wait_for: int = 0,
                         timeout: float = 10.0) -> dict[str, Document]:  # fmt: skip
         """``all`` for async code."""
         store = await self.events.async_store()
-        read = await self._prefix_to_read_async(store, name, wait_for, timeout)
-        return await store.documents(read + collection)
+        return await self._query_async(
+            store, name, wait_for, timeout, lambda read: store.documents(read + collection)
+        )
 
     async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
         """``wait_for`` for async code."""
+        _check_wait_for(position)
         store = await self.events.async_store()
         deadline = time.monotonic() + timeout
         pauses = _pauses()
@@ -273,15 +286,26 @@ class Projections:
                 return
             _check_not_stopped(name, position, checkpoint, await store.get_document(STOPPED, sub))
             if time.monotonic() > deadline:
-                raise _not_reached(name, position, timeout)
+                raise _not_reached(name, position, timeout, await store.last_position())
             await asyncio.sleep(next(pauses))
 
-    async def _prefix_to_read_async(
-        self, store: AsyncEventStore, name: str, wait_for: int, timeout: float
-    ) -> str:
+    async def _query_async(
+        self,
+        store: AsyncEventStore,
+        name: str,
+        wait_for: int,
+        timeout: float,
+        read: Callable[[str], Awaitable[T]],
+    ) -> T:
+        """``_query`` for async code."""
         if wait_for:
             await self.wait_for_async(name, wait_for, timeout)
-        return prefix(name, await self._active_version_async(store, name))
+        version = await self._active_version_async(store, name)
+        while True:
+            result = await read(prefix(name, version))
+            version, before = await self._active_version_async(store, name), version
+            if version == before:
+                return result
 
     async def _active_version_async(self, store: AsyncEventStore, name: str) -> int:
         document = await store.get_document(ACTIVE_VERSIONS, name)
@@ -388,8 +412,22 @@ def _check_not_stopped(name: str, position: int, checkpoint: int, stopped: Docum
         )
 
 
-def _not_reached(name: str, position: int, timeout: float) -> TimeoutError:
+def _not_reached(name: str, position: int, timeout: float, head: int) -> TimeoutError:
+    if position > head:
+        return TimeoutError(
+            f"projection {name!r} has not reached position {position} within {timeout} s: the "
+            f"store holds events up to position {head} only; wait for a position a save to "
+            "this store returned"
+        )
     return TimeoutError(
         f"projection {name!r} has not reached position {position} within {timeout} s;"
         " is a worker running it?"
     )
+
+
+def _check_wait_for(position: object) -> None:
+    if type(position) is not int:
+        raise TypeError(
+            f"wait_for={position!r}: give the position (an int) a save returned, to read "
+            "your own writes"
+        )

@@ -296,6 +296,83 @@ def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
     assert answers == [{"orders": 1, "total": "10"}]
 
 
+@pytest.mark.parametrize("query", ["get", "all", "get_async", "all_async"])
+def test_a_query_that_a_rebuilds_switch_overtook_reads_the_new_version(
+    events: EventSourcing, query: str
+) -> None:
+    place(events, "ada")
+    events.projection(OrderTotals())
+    ProjectionRunner(events, OrderTotals()).catch_up()
+    projections, store = events.projections, events.store
+    read_document, switched = store.get_document, []
+
+    def switching_first(collection: str, key: str) -> object:
+        if collection.endswith("customers") and not switched:  # read of the old version...
+            switched.append(projections.rebuild("order-totals"))  # ...after the switch
+        return read_document(collection, key)
+
+    def documents_switching_first(collection: str, limit: int | None = None) -> object:
+        if not switched:
+            switched.append(projections.rebuild("order-totals"))
+        return type(store).documents(store, collection, limit)
+
+    store.get_document = switching_first  # type: ignore[method-assign]
+    store.documents = documents_switching_first  # type: ignore[method-assign]
+    try:
+        if query == "get":
+            found: object = projections.get("order-totals", "customers", "ada")
+        elif query == "all":
+            found = projections.all("order-totals", "customers").get("ada")
+        else:
+            found = asyncio.run(_query_async(events, query, switched))
+    finally:
+        del store.get_document, store.documents  # type: ignore[method-assign]
+    assert switched == [2]
+    assert found == {"orders": 1, "total": "10"}
+
+
+async def _query_async(events: EventSourcing, query: str, switched: list[int]) -> object:
+    """The async query, with the same switch before its first read of the collection."""
+    store = await events.async_store()
+    read_document, read_documents = store.get_document, store.documents
+
+    async def rebuild_once() -> None:
+        if not switched:
+            switched.append(await asyncio.to_thread(events.projections.rebuild, "order-totals"))
+
+    async def switching_first(collection: str, key: str) -> object:
+        if collection.endswith("customers"):
+            await rebuild_once()
+        return await read_document(collection, key)
+
+    async def documents_switching_first(collection: str, limit: int | None = None) -> object:
+        await rebuild_once()
+        return await read_documents(collection, limit)
+
+    store.get_document = switching_first  # type: ignore[method-assign]
+    store.documents = documents_switching_first  # type: ignore[method-assign]
+    try:
+        if query == "get_async":
+            return await events.projections.get_async("order-totals", "customers", "ada")
+        return (await events.projections.all_async("order-totals", "customers")).get("ada")
+    finally:
+        del store.get_document, store.documents  # type: ignore[method-assign]
+        await events.close_async()
+
+
+def test_wait_for_takes_a_position_and_says_when_it_is_beyond_the_store(
+    events: EventSourcing,
+) -> None:
+    place(events, "ada")
+    events.projection(OrderTotals())
+    ProjectionRunner(events, OrderTotals()).catch_up()
+    for bad in ("1", 1.5):
+        with pytest.raises(TypeError, match=r"wait_for=.*: give the position \(an int\)"):
+            events.projections.get("order-totals", "customers", "ada", wait_for=bad)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError, match="the store holds events up to position 1 only"):
+        events.projections.get("order-totals", "customers", "ada", wait_for=5, timeout=0.2)
+
+
 def test_a_page_begun_for_a_replaced_version_writes_nothing(events: EventSourcing) -> None:
     place(events, "ada")
     events.projection(OrderTotals())

@@ -883,21 +883,34 @@ def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_los
     events.close()
 
 
-def test_statements_that_end_the_transaction_are_refused(events: EventSourcing) -> None:
+@pytest.mark.parametrize(
+    ("statement", "refusal"),
+    [
+        ("  rollback", "tx.execute('rollback'): the statement would end"),
+        ("/* mine */ COMMIT", "tx.execute('/* mine */ COMMIT'): the statement would end"),
+        ("-- done\nCOMMIT", "tx.execute('-- done\\nCOMMIT'): the statement would end"),
+        ("SELECT 1; COMMIT", "tx.execute('SELECT 1; COMMIT') holds several statements"),
+    ],
+)
+def test_statements_that_end_the_transaction_are_refused(
+    events: EventSourcing, statement: str, refusal: str
+) -> None:
     class Committing(riverbed.Projection):
         name = "committing"
 
         def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
             tx.put("seen", event.stream, {"seen": True})
             if event.event.customer == "bad":
-                tx.execute("  rollback")
+                tx.execute("SELECT ';COMMIT' /* ; */ -- ;")  # quoted and commented: kept
+                tx.execute(statement)
 
     events.projection(Committing())
     orders = [place(events, name) for name in ("ann", "bad", "cy")]
     events.projections.runner("committing").catch_up()
     (parked,) = events.projections.parked("committing")
-    assert "ValueError: tx.execute('rollback'): the statement would end" in parked.error
+    assert f"ValueError: {refusal}" in parked.error
     assert set(events.projections.all("committing", "seen")) == {orders[0].id, orders[2].id}
+    assert events.projections.status("committing").checkpoint == 3
 
 
 def test_a_parked_event_handled_again_sets_its_timers_from_now(events: EventSourcing) -> None:

@@ -7,6 +7,7 @@ and the upgrade of a store an older riverbed made."""
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import socket
 import sqlite3
@@ -22,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.eventsourcing.errors import (
@@ -46,7 +48,7 @@ from riverbed.eventsourcing.stores import (
 from riverbed.eventsourcing.stores import sqlite as sqlite_store
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from tests.eventsourcing.conftest import OpenStore
-from tests.services.postgres import terminate_connections
+from tests.services.postgres import PostgresServer, terminate_connections
 
 WRITERS = 4
 APPENDS_PER_WRITER = 500
@@ -635,6 +637,32 @@ def test_documents_lists_a_collection_in_key_order(store: EventStore) -> None:
     assert store.documents("numbers") == {"1": {"n": 1}}
 
 
+def test_documents_read_back_as_they_were_written(store: EventStore) -> None:
+    document = {"z": 1e16, "max": 1.7976931348623157e308, "negative_zero": -0.0, "a": 2}
+    with store.transaction("view") as tx:
+        tx.put("c", "k", document)
+    read = store.get_document("c", "k")
+    assert read == document and list(read) == ["z", "max", "negative_zero", "a"]
+    assert [type(value) for value in read.values()] == [float, float, float, int]
+    assert math.copysign(1, read["negative_zero"]) == -1
+
+
+@pytest.mark.parametrize("long", ["collection", "key"])
+def test_collections_and_keys_over_1000_bytes_are_refused_by_both(
+    store: EventStore, long: str
+) -> None:
+    url = "https://example.com/" + "é" * 490  # 1,000 bytes: kept
+    with store.transaction("view") as tx:
+        tx.put(url, url, {"n": 1})
+    assert store.get_document(url, url) == {"n": 1}
+    names = {"collection": "c", "key": "k", long: url + "x"}
+    with (
+        pytest.raises(ValueError, match=f"a document's {long} is at most 1,000 bytes in UTF-8"),
+        store.transaction("view") as tx,
+    ):
+        tx.put(names["collection"], names["key"], {"n": 1})
+
+
 def test_parked_events_are_listed_by_position_and_unparked(store: EventStore) -> None:
     with store.transaction("view") as tx:
         tx.park(ParkedEvent("view", 9, "e9", "Order.Placed", "KeyError: 'total'", 100))
@@ -1187,6 +1215,54 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_ur
     assert head == [(1, postgres_schema.SCHEMA_VERSION)]  # no position column
 
 
+def test_a_postgresql_handler_may_compose_its_sql_with_psycopg(postgres_url: str) -> None:
+    store = connect_store(postgres_url)
+    try:
+        with store.transaction("view") as tx:
+            table = sql.Identifier(f"levels_{uuid.uuid4().hex[:8]}_v1")
+            tx.execute(sql.SQL("CREATE TABLE {} (sku text PRIMARY KEY, n int)").format(table))
+            tx.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(table), ("a", 1))
+            assert tx.execute(sql.SQL("SELECT n FROM {}").format(table)) == [(1,)]
+        with pytest.raises(ValueError, match="would end"), store.transaction("view") as tx:
+            tx.execute(sql.SQL("/* {} */ COMMIT").format(sql.Identifier("x")))
+    finally:
+        store.close()
+
+
+# What schema version 3 made of the documents: jsonb, in the database's collation.
+V3_DOCUMENTS = """
+CREATE TABLE riverbed_documents (
+    collection text NOT NULL, key text NOT NULL, document jsonb NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+INSERT INTO riverbed_documents VALUES ('c', 'b', '{"n": 1}'), ('c', 'B', '{"n": 2}');
+"""
+
+
+def test_a_database_of_a_locales_collation_lists_keys_in_code_point_order(
+    postgres_server: PostgresServer,
+) -> None:
+    database = f"icu_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE {database} TEMPLATE template0 LOCALE_PROVIDER icu "
+            "ICU_LOCALE 'en-US' LOCALE 'C'"
+        )
+    url = f"postgresql://riverbed@127.0.0.1:{postgres_server.port}/{database}"
+    with psycopg.connect(url, autocommit=True) as conn:  # a version 3 store's documents
+        conn.execute(V3_DOCUMENTS)
+    store = connect_store(url)
+    try:
+        keys = ["_x", "a", "A", "b", "é", "item 2", "item-10", "item-9", "z"]
+        with store.transaction("view") as tx:
+            for key in keys:
+                tx.put("c", key, {"key": key})
+        assert list(store.documents("c")) == sorted([*keys, "B"])  # as SQLite orders them
+        assert store.get_document("c", "B") == {"n": 2}  # the upgrade kept them
+    finally:
+        store.close()
+
+
 def test_a_missing_store_is_told_without_creating_it(postgres_url: str, tmp_path: Path) -> None:
     schema = f"absent_{uuid.uuid4().hex[:8]}"
     assert missing_store(f"{postgres_url}?schema={schema}") == (
@@ -1206,8 +1282,10 @@ def test_a_missing_store_is_told_without_creating_it(postgres_url: str, tmp_path
         ({"n": float("nan")}, ValueError, "is not JSON both stores keep: Out of range float"),
         ({"n": float("inf")}, ValueError, "is not JSON both stores keep: Out of range float"),
         ({"s": "\ud800"}, ValueError, "is not JSON both stores keep: .*surrogates not allowed"),
-        ({"s": "a\x00b"}, ValueError, "holds a NUL character, which PostgreSQL's jsonb refuses"),
+        ({"s": "a\x00b"}, ValueError, "holds a NUL character, which PostgreSQL's JSON refuses"),
         ({"k\x00": 1}, ValueError, "holds a NUL character"),
+        ({1: "int", "1": "str"}, TypeError, r"has a key that is not a str, at \$\[1\]"),
+        ({"a": [{"b": {2.5: 1}}]}, TypeError, r"not a str, at \$\['a'\]\[0\]\['b'\]\[2.5\]"),
         ({"d": datetime(2026, 1, 1)}, TypeError, "Object of type datetime is not JSON"),
     ],
 )

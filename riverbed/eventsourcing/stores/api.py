@@ -9,6 +9,7 @@ ids, and leases that let one of several processes act for a name (the outbox rel
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -34,7 +35,8 @@ _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 def check_document_key(collection: object, key: object) -> None:
     """A read model's collection and key: strings both stores keep (PostgreSQL's text takes no
-    NUL characters, and UTF-8 no lone surrogates); ``ValueError`` otherwise."""
+    NUL characters, UTF-8 no lone surrogates, and its index entries ~2,700 bytes at most);
+    ``ValueError`` otherwise."""
     for what, name in (("collection", collection), ("key", key)):
         if not isinstance(name, str):
             raise TypeError(f"a document's {what} is a str, got {name!r}")
@@ -43,6 +45,16 @@ def check_document_key(collection: object, key: object) -> None:
                 f"a document's {what} is a str without NUL characters or lone surrogates, got "
                 f"{name!r}"
             )
+        if len(name) > MAX_DOCUMENT_KEY_BYTES // 4 and len(name.encode()) > MAX_DOCUMENT_KEY_BYTES:
+            raise ValueError(
+                f"a document's {what} is at most {MAX_DOCUMENT_KEY_BYTES:,} bytes in UTF-8, got "
+                f"{len(name.encode()):,} ({name[:40]!r}...); key a long value (a URL) by a "
+                "digest of it, such as hashlib.sha256(url.encode()).hexdigest()"
+            )
+
+
+# Both stores take the same keys: PostgreSQL's index on (collection, key) takes ~2,700 bytes.
+MAX_DOCUMENT_KEY_BYTES = 1000
 
 
 def _unencodable(text: str) -> bool:
@@ -55,8 +67,9 @@ def _unencodable(text: str) -> bool:
 
 def document_text(collection: str, key: str, document: Document) -> str:
     """``document`` as the JSON text both stores keep; ``ValueError`` (or ``TypeError`` for a
-    value JSON has no type for) naming the document for what PostgreSQL's jsonb refuses: NaN
-    and infinities, NUL characters and lone surrogates."""
+    value JSON has no type for) naming the document for what PostgreSQL's JSON refuses (NaN and
+    infinities, NUL characters and lone surrogates) or would not read back as it was (a dict key
+    that is not a str)."""
     check_document_key(collection, key)
     where = f"document {key!r} of collection {collection!r}"
     try:
@@ -67,26 +80,116 @@ def document_text(collection: str, key: str, document: Document) -> str:
     except TypeError as error:
         raise TypeError(f"{where}: {error}") from None
     if _NUL.search(text):
-        raise ValueError(f"{where} holds a NUL character, which PostgreSQL's jsonb refuses")
+        raise ValueError(f"{where} holds a NUL character, which PostgreSQL's JSON refuses")
+    if (path := _non_str_key(document, "$")) is not None:
+        # JSON would make it a string: {1: "a"} would read back as {"1": "a"}.
+        raise TypeError(f"{where} has a key that is not a str, at {path}")
     return text
+
+
+def _non_str_key(value: object, path: str) -> str | None:
+    """Where ``value`` holds a dict key that is not a str, if it does."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}[{key!r}]"
+            if isinstance(item, dict | list | tuple) and (
+                found := _non_str_key(item, f"{path}[{key!r}]")
+            ):
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if isinstance(item, dict | list | tuple) and (
+                found := _non_str_key(item, f"{path}[{index}]")
+            ):
+                return found
+    return None
 
 
 # Transaction control is the store's: a handler's COMMIT or ROLLBACK would end its transaction
 # under it (its earlier writes lost or committed without the checkpoint).
 _TRANSACTION_CONTROL = re.compile(
-    r"^\s*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    r"\s*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
     re.IGNORECASE,
 )
+# Where a comment, a quoted string or identifier, or a statement's end may start.
+_SPECIAL = re.compile(r"--|/\*|[eE]'|'|\"|\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$|;")
 
 
+@functools.lru_cache(maxsize=512)  # a handler runs the same statements for every event
 def check_statement(sql: str) -> None:
-    """``ValueError`` for a statement of transaction control, which is the store's."""
-    if _TRANSACTION_CONTROL.match(sql):
+    """``ValueError`` for a statement of transaction control, which is the store's, or for
+    more than one statement (comments and quoted text aside)."""
+    code = _sql_code(sql)
+    if _TRANSACTION_CONTROL.match(code):
         raise ValueError(
             f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the store's "
             "transaction, which commits your writes with the checkpoint; leave COMMIT, ROLLBACK "
             "and savepoints to riverbed"
         )
+    if len([statement for statement in code.split(";") if statement.strip()]) > 1:
+        raise ValueError(
+            f"tx.execute({sql.strip()[:40]!r}) holds several statements; run one per call"
+        )
+
+
+def _sql_code(sql: str) -> str:
+    """``sql`` without its comments and with its quoted strings and identifiers emptied (as
+    PostgreSQL and SQLite read them): what is left says which statements it holds."""
+    code: list[str] = []
+    i = 0
+    while (found := _SPECIAL.search(sql, i)) is not None:
+        start, token = found.start(), found.group()
+        code.append(sql[i:start])
+        if token == ";":
+            code.append(";")
+            i = found.end()
+        elif token == "--":
+            end = sql.find("\n", start)
+            i = len(sql) if end < 0 else end
+            code.append(" ")
+        elif token == "/*":  # comments nest
+            depth, i = 1, start + 2
+            while depth and i < len(sql):
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            code.append(" ")
+        elif token.startswith("$"):
+            if start and (sql[start - 1].isalnum() or sql[start - 1] in "_$"):
+                code.append(token)  # part of a name (a$b$) or a parameter ($1)
+                i = found.end()
+                continue
+            end = sql.find(token, found.end())
+            i = len(sql) if end < 0 else end + len(token)
+            code.append("''")
+        else:
+            if (
+                token in ("e'", "E'")
+                and start
+                and (sql[start - 1].isalnum() or sql[start - 1] == "_")
+            ):
+                code.append(token[0])  # a name ending in e, then a string
+                i = start + 1
+                continue
+            quote, escapes = token[-1], len(token) == 2  # E'...': backslash escapes
+            j = found.end()
+            while j < len(sql):
+                if escapes and sql[j] == "\\":
+                    j += 2
+                elif sql[j] == quote:
+                    if not sql.startswith(quote, j + 1):
+                        break
+                    j += 2  # a doubled quote
+                else:
+                    j += 1
+            code.append(quote * 2)
+            i = j + 1
+    code.append(sql[i:])
+    return "".join(code)
 
 
 def check_page(after: object, limit: object) -> None:

@@ -18,8 +18,10 @@ before it waits for the lock. Versions 1 and 2 ran the statements in a plpgsql f
 round trip; version 3 pipelines them instead, which is one round trip too and cheaper.
 
 ``riverbed_head`` holds the schema version. Version 2 added ``riverbed_leases``; version 3
-replaced the append function by ``riverbed_conflict``. A store of an older version is brought
-up to date when it opens, the DDL being idempotent.
+replaced the append function by ``riverbed_conflict``; version 4 keeps read-model documents as
+``json`` (as written: ``jsonb`` wrote 1e16 back as an integer, -0.0 as 0, and reordered keys) and
+their collections and keys in code-point order (``COLLATE "C"``), as SQLite orders them. A
+store of an older version is brought up to date when it opens, the DDL being idempotent.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Several processes opening a new store at once would race on the catalogs (CREATE ... IF NOT
 # EXISTS is not safe against a concurrent CREATE); they take turns on this advisory lock.
 SETUP_LOCK = 0x72697665_72626564  # "riverbed"
@@ -88,11 +90,16 @@ CREATE TABLE IF NOT EXISTS riverbed_snapshots (
 CREATE TABLE IF NOT EXISTS riverbed_stream_keys (stream text PRIMARY KEY, key bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS riverbed_checkpoints (name text PRIMARY KEY, position bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS riverbed_documents (
-    collection text NOT NULL,
-    key text NOT NULL,
-    document jsonb NOT NULL,
+    collection text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    document json NOT NULL,
     PRIMARY KEY (collection, key)
 );
+-- Version 4: what version 3 made (jsonb, the database's collation) as version 4 makes it.
+ALTER TABLE riverbed_documents
+    ALTER COLUMN collection TYPE text COLLATE "C",
+    ALTER COLUMN key TYPE text COLLATE "C",
+    ALTER COLUMN document TYPE json;
 CREATE TABLE IF NOT EXISTS riverbed_parked (
     projection text NOT NULL,
     position bigint NOT NULL,

@@ -157,7 +157,7 @@ SET_CHECKPOINT = (
 )
 GET_DOCUMENT = "SELECT document FROM riverbed_documents WHERE collection = %s AND key = %s"
 PUT_DOCUMENT = (
-    "INSERT INTO riverbed_documents (collection, key, document) VALUES (%s, %s, %s::jsonb) "
+    "INSERT INTO riverbed_documents (collection, key, document) VALUES (%s, %s, %s::json) "
     "ON CONFLICT (collection, key) DO UPDATE SET document = excluded.document"
 )
 DELETE_DOCUMENT = "DELETE FROM riverbed_documents WHERE collection = %s AND key = %s"

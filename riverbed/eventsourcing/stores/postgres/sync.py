@@ -21,6 +21,7 @@ import psycopg
 import psycopg_pool
 from psycopg import pq, sql
 from psycopg.rows import args_row
+from psycopg.sql import Composable
 
 from riverbed.eventsourcing.errors import HandlerAbortedTransactionError
 from riverbed.eventsourcing.records import (
@@ -408,10 +409,13 @@ class PostgresTransaction:
         cur = self._conn.cursor(row_factory=args_row(Timer))
         return cur.execute(q.DUE_TIMERS, (self.name, now_ms, limit)).fetchall()
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        check_statement(sql)
+    def execute(self, sql: str | Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """``sql``: text, or psycopg's ``sql.SQL(...).format(...)`` (a table named after
+        ``self.version``, say)."""
+        text = sql if isinstance(sql, str) else sql.as_string(self._conn)
+        check_statement(text)
         # Without parameters, psycopg reads no placeholders: `LIKE 'a%'` stays as it is.
-        cur = self._conn.execute(sql.encode(), params or None)
+        cur = self._conn.execute(text.encode(), params or None)
         return cur.fetchall() if cur.description is not None else []
 
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
