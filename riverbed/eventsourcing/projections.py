@@ -250,6 +250,13 @@ class Projections:
             if checkpoint >= position:
                 return
             _check_not_stopped(name, position, checkpoint, store.get_document(STOPPED, sub))
+            if store.holds_write_lock():
+                raise EventSourcingError(
+                    f"cannot wait for projection {name!r} to reach position {position} inside "
+                    "a transaction of the SQLite event store (a handler's, say): it cannot "
+                    "commit while this thread holds the store's only write lock; read without "
+                    "wait_for there"
+                )
             if time.monotonic() > deadline:
                 raise _not_reached(name, position, timeout, store.last_position())
             time.sleep(next(pauses))

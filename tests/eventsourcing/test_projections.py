@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel
+from riverbed.eventsourcing.errors import StoreUnavailableError
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
@@ -371,6 +373,54 @@ def test_wait_for_takes_a_position_and_says_when_it_is_beyond_the_store(
             events.projections.get("order-totals", "customers", "ada", wait_for=bad)  # type: ignore[arg-type]
     with pytest.raises(TimeoutError, match="the store holds events up to position 1 only"):
         events.projections.get("order-totals", "customers", "ada", wait_for=5, timeout=0.2)
+
+
+def test_waiting_for_a_projection_inside_a_sqlite_handler_fails_at_once(tmp_path: Path) -> None:
+    events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
+
+    class Report(riverbed.Projection):
+        """Reads another projection's writes: the store's one write lock is its own."""
+
+        name = "report"
+
+        def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+            events.projections.get("order-totals", "customers", "ada", wait_for=event.position)
+
+    events.projection(OrderTotals())
+    events.projection(Report())
+    place(events, "ada")
+    started = time.monotonic()
+    events.projections.runner("report").catch_up()
+    assert time.monotonic() - started < 5  # not the query's 10 s timeout
+    (parked,) = events.projections.parked("report")
+    assert "cannot wait for projection 'order-totals' to reach position 1 inside" in parked.error
+    events.projections.runner("order-totals").catch_up()
+    events.projections.retry("report", 1)  # applied now: nothing to wait for
+    assert events.projections.parked("report") == []
+    events.close()
+
+
+def test_a_sqlite_store_locked_for_longer_than_its_busy_timeout_is_an_outage(
+    tmp_path: Path,
+) -> None:
+    events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
+    place(events, "ada")
+    other = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the lock
+    events.store._conn.execute("PRAGMA busy_timeout=100")  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(StoreUnavailableError, match="stayed locked by another writer"):
+            place(events, "bob")
+        with (
+            pytest.raises(StoreUnavailableError, match="stayed locked by another writer"),
+            events.store.transaction("view"),
+        ):
+            pass
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    place(events, "bob")
+    events.close()
 
 
 def test_a_page_begun_for_a_replaced_version_writes_nothing(events: EventSourcing) -> None:

@@ -326,6 +326,11 @@ class EventStore(Protocol):
 
     def last_position(self) -> int: ...
 
+    def holds_write_lock(self) -> bool:
+        """Whether this thread is in a transaction every other writer waits for (SQLite's one
+        write lock): waiting in it for another subscriber to commit would never end."""
+        ...
+
     def wait_for_events(self, after: int, timeout: float) -> bool:
         """Block until an event with position > ``after`` is stored (True) or ``timeout``
         seconds pass (False). PostgreSQL wakes on LISTEN/NOTIFY; SQLite watches

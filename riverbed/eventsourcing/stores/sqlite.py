@@ -33,6 +33,7 @@ from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
     HandlerAbortedTransactionError,
+    StoreUnavailableError,
 )
 from riverbed.eventsourcing.records import (
     ParkedEvent,
@@ -183,7 +184,7 @@ class SqliteEventStore:
         aggregate), the write joins it, as on PostgreSQL. Not a generator: every save opens
         one."""
         conn = self._conn
-        return nullcontext(conn) if conn.in_transaction else write_transaction(conn)
+        return nullcontext(conn) if conn.in_transaction else _write_transaction(conn)
 
     # Reading
 
@@ -206,6 +207,9 @@ class SqliteEventStore:
 
     def last_position(self) -> int:
         return _last_position(self._conn)
+
+    def holds_write_lock(self) -> bool:
+        return self._conn.in_transaction
 
     def wait_for_events(self, after: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -275,7 +279,7 @@ class SqliteEventStore:
                 "this thread (an Inbox.handle inside a handler, say): handle it after that one"
             )
         # BEGIN IMMEDIATE takes the file's write lock: subscriber transactions never interleave.
-        with write_transaction(self._conn) as conn:
+        with _write_transaction(self._conn) as conn:
             tx = SqliteTransaction(conn, name)
             yield tx
             tx.check_open()
@@ -566,3 +570,21 @@ def _get_document(conn: sqlite3.Connection, collection: str, key: str) -> Docume
         return None
     document: Document = json.loads(row[0])
     return document
+
+
+class _write_transaction(write_transaction):  # noqa: N801 - used as a function
+    """``write_transaction``, whose wait for the write lock is an outage once it outlasts the
+    busy timeout (another process's transaction held it that long): waited out, not fatal."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            return super().__enter__()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise
+            raise StoreUnavailableError(
+                "the SQLite event store stayed locked by another writer for a minute (a "
+                f"transaction held open that long): {error}"
+            ) from None

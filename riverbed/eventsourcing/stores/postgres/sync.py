@@ -186,6 +186,9 @@ class PostgresEventStore:
     def last_position(self) -> int:
         return int(self._value(q.LAST_POSITION))
 
+    def holds_write_lock(self) -> bool:
+        return False  # other transactions commit beside an open one
+
     def wait_for_events(self, after: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         listener = self._listening()
