@@ -15,6 +15,7 @@ see ``Projections.rebuild``.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,7 +24,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
-from riverbed.eventsourcing.stores.api import AsyncEventStore, Document, Transaction
+from riverbed.eventsourcing.stores.api import (
+    AsyncEventStore,
+    Document,
+    Transaction,
+    check_document_key,
+)
 from riverbed.eventsourcing.subscriptions import STOPPED, SubscriberStatus, Subscription
 from riverbed.ids import random_id
 
@@ -211,20 +217,30 @@ class Projections:
         return self.runner(name).claimed().unpark(position)
 
     def get(
-        self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
+        self,
+        name: str,
+        collection: str,
+        key: str,
+        *,
+        wait_for: int = 0,
+        timeout: float | None = 10.0,
     ) -> Document | None:
         """A document of the projection's read model; ``wait_for``: a position a save returned,
         to read your own writes (waits until the projection has applied it)."""
+        check_document_key(collection, key)
         store = self.events.store
         return self._query(name, wait_for, timeout,
                            lambda read: store.get_document(read + collection, key))  # fmt: skip
 
-    def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float = 10.0
+    def all(self, name: str, collection: str, *, wait_for: int = 0, timeout: float | None = 10.0
             ) -> dict[str, Document]:  # fmt: skip
+        check_document_key(collection, "")
         store = self.events.store
         return self._query(name, wait_for, timeout, lambda read: store.documents(read + collection))
 
-    def _query(self, name: str, wait_for: int, timeout: float, read: Callable[[str], T]) -> T:
+    def _query(
+        self, name: str, wait_for: int, timeout: float | None, read: Callable[[str], T]
+    ) -> T:
         """``read(prefix)`` of the active version's collections, once the projection has
         applied ``wait_for`` (if given). A rebuild's switch makes a new version active and drops
         the old one's collections at once: a read that came between the two is made again."""
@@ -237,11 +253,11 @@ class Projections:
             if version == before:
                 return result
 
-    def wait_for(self, name: str, position: int, timeout: float = 10.0) -> None:
+    def wait_for(self, name: str, position: int, timeout: float | None = 10.0) -> None:
         """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
         _check_wait_for(position)
         store = self.events.store
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         pauses = _pauses()
         while True:
             # The active version is read again each time: a rebuild may switch to another.
@@ -264,27 +280,35 @@ class Projections:
     # The queries for async code: the same answers, waiting without blocking the event loop.
 
     async def get_async(
-        self, name: str, collection: str, key: str, *, wait_for: int = 0, timeout: float = 10.0
+        self,
+        name: str,
+        collection: str,
+        key: str,
+        *,
+        wait_for: int = 0,
+        timeout: float | None = 10.0,
     ) -> Document | None:
         """``get`` for async code."""
+        check_document_key(collection, key)
         store = await self.events.async_store()
         return await self._query_async(
             store, name, wait_for, timeout, lambda read: store.get_document(read + collection, key)
         )
 
     async def all_async(self, name: str, collection: str, *, wait_for: int = 0,
-                        timeout: float = 10.0) -> dict[str, Document]:  # fmt: skip
+                        timeout: float | None = 10.0) -> dict[str, Document]:  # fmt: skip
         """``all`` for async code."""
+        check_document_key(collection, "")
         store = await self.events.async_store()
         return await self._query_async(
             store, name, wait_for, timeout, lambda read: store.documents(read + collection)
         )
 
-    async def wait_for_async(self, name: str, position: int, timeout: float = 10.0) -> None:
+    async def wait_for_async(self, name: str, position: int, timeout: float | None = 10.0) -> None:
         """``wait_for`` for async code."""
         _check_wait_for(position)
         store = await self.events.async_store()
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         pauses = _pauses()
         while True:
             sub = subscriber(name, await self._active_version_async(store, name))
@@ -301,7 +325,7 @@ class Projections:
         store: AsyncEventStore,
         name: str,
         wait_for: int,
-        timeout: float,
+        timeout: float | None,
         read: Callable[[str], Awaitable[T]],
     ) -> T:
         """``_query`` for async code."""
@@ -419,7 +443,19 @@ def _check_not_stopped(name: str, position: int, checkpoint: int, stopped: Docum
         )
 
 
-def _not_reached(name: str, position: int, timeout: float, head: int) -> TimeoutError:
+def _deadline(timeout: object) -> float:
+    """When a wait of ``timeout`` seconds (None: no limit) from now ends."""
+    if timeout is None:
+        return math.inf
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+        raise TypeError(
+            f"timeout={timeout!r}: give the seconds to wait (a number), or None to wait as "
+            "long as it takes"
+        )
+    return time.monotonic() + timeout
+
+
+def _not_reached(name: str, position: int, timeout: float | None, head: int) -> TimeoutError:
     if position > head:
         return TimeoutError(
             f"projection {name!r} has not reached position {position} within {timeout} s: the "

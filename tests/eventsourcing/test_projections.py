@@ -373,6 +373,15 @@ def test_wait_for_takes_a_position_and_says_when_it_is_beyond_the_store(
             events.projections.get("order-totals", "customers", "ada", wait_for=bad)  # type: ignore[arg-type]
     with pytest.raises(TimeoutError, match="the store holds events up to position 1 only"):
         events.projections.get("order-totals", "customers", "ada", wait_for=5, timeout=0.2)
+    for timeout in (float("nan"), "1", True):
+        with pytest.raises(TypeError, match=r"timeout=.*: give the seconds to wait"):
+            events.projections.wait_for("order-totals", 5, timeout=timeout)  # type: ignore[arg-type]
+    found = events.projections.get("order-totals", "customers", "ada", wait_for=1, timeout=None)
+    assert found == {"orders": 1, "total": "10"}
+    with pytest.raises(TypeError, match="a document's collection is a str, got None"):
+        events.projections.all("order-totals", None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a document's collection is a str, got None"):
+        asyncio.run(events.projections.get_async("order-totals", None, "ada"))  # type: ignore[arg-type]
 
 
 def test_waiting_for_a_projection_inside_a_sqlite_handler_fails_at_once(tmp_path: Path) -> None:

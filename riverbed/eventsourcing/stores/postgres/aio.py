@@ -38,6 +38,21 @@ from riverbed.eventsourcing.stores.postgres.settings import (
 from riverbed.urls import BackendUrl
 
 
+class _Pool(psycopg_pool.AsyncConnectionPool[Any]):
+    """psycopg_pool's async pool, whose worker ends when cancelled while it connects. Its
+    own catches that cancellation, to keep the pool consistent, and waits for its next task:
+    ``asyncio.run`` of a loop that ended without ``close_async`` while the pool grew waited
+    for it for ever."""
+
+    async def _add_connection(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super()._add_connection(*args, **kwargs)
+        finally:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.cancel()  # again: the worker ends at its next wait for a task
+
+
 class AsyncPostgresEventStore:
     """The ``postgresql://`` store of ``PostgresEventStore`` for ``asyncio``; open it with
     ``await AsyncPostgresEventStore.connect(url)``."""
@@ -56,7 +71,7 @@ class AsyncPostgresEventStore:
         settings = parse_settings(url)
         # Once per store, with the sync driver in a thread: the same code as the sync store's.
         await asyncio.to_thread(prepare_schema, settings)
-        pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+        pool: psycopg_pool.AsyncConnectionPool[Any] = _Pool(
             settings.conninfo,
             kwargs={"autocommit": True, "options": connection_options(settings)},
             min_size=1,
