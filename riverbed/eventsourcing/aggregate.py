@@ -100,6 +100,9 @@ class Aggregate:
     # An event's body (or apply) raised on this instance: its state may hold a change no event
     # records, which a snapshot must not keep.
     _body_raised = False
+    # The DomainEvent classes applied to it, by name: any code may trigger one, so a snapshot
+    # depends on their code too, not only on what its class's code names.
+    _triggered: frozenset[str] | set[str] = frozenset()
     # The stream key a load decrypted its state with: a snapshot must not outlive its deletion.
     _decrypted_with: bytes | None = None
 
@@ -183,6 +186,8 @@ class Aggregate:
         except _PAYLOAD_ERRORS as error:
             raise _payload_error(event, entry, error) from None
         assert entry.apply is not None
+        if entry.aggregate is None:
+            self._note_triggered(entry)
         # Applied as _replay does, inlined: this is every command's path.
         self._applying = entry
         try:
@@ -197,12 +202,20 @@ class Aggregate:
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None
+        if entry.aggregate is None:
+            self._note_triggered(entry)
         self._applying = entry
         try:
             entry.apply(self, event)
         finally:
             self._applying = None
         self.version = version
+
+    def _note_triggered(self, entry: EventType) -> None:
+        triggered = self._triggered
+        if not isinstance(triggered, set):
+            self._triggered = triggered = set()
+        triggered.add(entry.name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} v{self.version}>"

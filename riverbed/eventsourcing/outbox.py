@@ -31,14 +31,14 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
 from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
-from riverbed.eventsourcing.records import StoredEvent
+from riverbed.eventsourcing.records import StoredEvent, metadata_of
 from riverbed.eventsourcing.repository import CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
@@ -73,7 +73,6 @@ CAUSATION = "riverbed-causation-id"
 METADATA = "riverbed-metadata"
 _EVENT_HEADERS = (EVENT_ID, EVENT_TYPE, EVENT_SCHEMA, STREAM, STREAM_VERSION, POSITION)
 
-_metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 logger = logging.getLogger("riverbed.outbox")
 
 
@@ -305,7 +304,7 @@ def _written(sent: _Sent, topic: str) -> tuple[int, Exception | None]:
 
 
 def _headers(stored: StoredEvent) -> dict[str, bytes]:
-    metadata = _metadata_decoder.decode(stored.metadata)
+    metadata = metadata_of(stored)
     headers = {
         EVENT_ID: stored.id.encode(),
         EVENT_TYPE: stored.type.encode(),

@@ -8,10 +8,11 @@ no gaps, so a reader that has seen position N has seen every event before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import EventDecodeError, EventSourcingError
 
 
 class NewEvent(msgspec.Struct, frozen=True):
@@ -92,3 +93,17 @@ class Timer(msgspec.Struct, frozen=True):
     key: str
     due_ms: int
     data: bytes
+
+
+_metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+def metadata_of(stored: StoredEvent) -> dict[str, Any]:
+    """The event's metadata; ``EventDecodeError`` naming the event if it is damaged."""
+    try:
+        return _metadata_decoder.decode(stored.metadata)
+    except msgspec.MsgspecError as error:
+        raise EventDecodeError(
+            f"the metadata of the event at position {stored.position} ({stored.type}, version "
+            f"{stored.version} of stream {stored.stream!r}) does not decode: {error}"
+        ) from None

@@ -44,9 +44,11 @@ from riverbed.eventsourcing.records import (
     NewEvent,
     StoredEvent,
     StreamAppend,
+    metadata_of,
 )
 from riverbed.eventsourcing.snapshots import (
     from_snapshot,
+    loaded_with,
     mark_saved,
     never_failing,
     seal_snapshot,
@@ -67,7 +69,6 @@ from riverbed.ids import random_ids
 A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("riverbed.events")
 
-_metadata_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 MAX_VERSION = 2**62  # above any stream's version; both stores take it
 RETRY_PAUSE_S = 0.01  # the bound of the first pause before a command's retry
 # Async commands racing for one aggregate load at once: shorter pauses (2 ms, up to 0.1 s) left
@@ -321,8 +322,7 @@ class Events:
         start = aggregate.version + 1 if aggregate is not None else 1
         events = read_stream(aggregate_id, start, version)
         loaded = self._replayed(cls, aggregate_id, aggregate, events, stream_key)
-        if used:
-            loaded._decrypted_with = used[-1]
+        loaded._decrypted_with = loaded_with(used)
         return loaded
 
     async def get_async(self, cls: type[A], aggregate_id: str, *, version: int | None = None) -> A:
@@ -521,7 +521,7 @@ def envelope(stored: StoredEvent, stream_key: Callable[[str, bool], bytes | None
         stored.version,
         stored.position,
         stored.timestamp_ms,
-        _metadata_decoder.decode(stored.metadata),
+        metadata_of(stored),
     )
 
 

@@ -23,14 +23,23 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import msgspec
 
 from riverbed.eventsourcing.aggregate import Aggregate, snapshot_every, stored_name
-from riverbed.eventsourcing.codec import ENCODER, dec_hook, has_fields, registry, seal, unseal
+from riverbed.eventsourcing.codec import (
+    ENCODER,
+    EventType,
+    dec_hook,
+    has_fields,
+    registry,
+    seal,
+    unseal,
+)
+from riverbed.eventsourcing.errors import UnknownEventTypeError
 from riverbed.eventsourcing.records import Snapshot
 from riverbed.eventsourcing.sources import digest_read_at_import
 
@@ -40,7 +49,7 @@ _snapshot_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 # What every aggregate has besides its state.
 _NOT_STATE = frozenset(
-    {"id", "version", "_pending", "_applying", "_decrypted_with", "_body_raised"}
+    {"id", "version", "_pending", "_applying", "_decrypted_with", "_body_raised", "_triggered"}
 )
 
 
@@ -54,9 +63,7 @@ def _state_hints(cls: type[Aggregate]) -> tuple[dict[str, Any], int]:
         for name, hint in typing.get_type_hints(cls).items()
         if name not in _NOT_STATE and typing.get_origin(hint) is not typing.ClassVar
     }
-    described = json.dumps(_fingerprinted(cls, hints))
-    # 31 bits: the snapshot schema column is a 32-bit integer on PostgreSQL.
-    schema = int.from_bytes(hashlib.sha256(described.encode()).digest()[:4], "big") & 0x7FFFFFFF
+    schema = _digest(_fingerprinted(cls, hints))
     cls._riverbed_state = (hints, schema)  # type: ignore[attr-defined]
     return hints, schema
 
@@ -78,6 +85,16 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     # The types of the events' fields too: what the events carry is built by their code.
     payloads = [t for e in recorded for t in typing.get_type_hints(e.cls).values()]
     classes += _with_bases(_classes_in([*hints.values(), *payloads]) + triggered)
+    parts.update(_code_of(classes))
+    entries = [*recorded, *map(registry.of_class, triggered)]
+    parts.update(f"{entry.name} v{entry.version}" for entry in entries)
+    return sorted(parts)
+
+
+def _code_of(classes: list[type[Any]]) -> set[str]:
+    """What describes the code of ``classes``: their modules' source digests, or, for modules
+    met after the aggregate's import or without files, their attributes from memory."""
+    parts: set[str] = set()
     for module in {c.__module__ for c in classes}:
         # The file's digest, not the module's name: a script's classes (in __main__) take and
         # use the same snapshots as when a worker imports the script as a module.
@@ -88,9 +105,44 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
         for c in (c for c in classes if c.__module__ == module):
             parts.update(f"{c.__qualname__}.{name} = {_behaviour(value)}"
                          for name, value in _attributes(c))  # fmt: skip
-    entries = [*recorded, *map(registry.of_class, triggered)]
-    parts.update(f"{entry.name} v{entry.version}" for entry in entries)
-    return sorted(parts)
+    return parts
+
+
+# A snapshot's key for the names of the DomainEvent classes its state applied.
+_EVENT_CLASSES = "__riverbed_event_classes__"
+
+
+def _schema(cls: type[Aggregate], event_classes: Collection[str]) -> int | None:
+    """The schema of a snapshot of ``cls`` whose state applied the DomainEvent classes named
+    ``event_classes`` (any code may trigger them, so the class's own fingerprint may not cover
+    them): their code and versions too. None if one is no longer registered."""
+    schema = _state_hints(cls)[1]
+    if not event_classes:
+        return schema
+    parts = [str(schema)]
+    for name in sorted(event_classes):
+        try:
+            parts.append(_event_class_fingerprint(registry.named(name)))
+        except UnknownEventTypeError:
+            return None
+    return _digest(parts)
+
+
+def _event_class_fingerprint(entry: EventType) -> str:
+    cached = entry.__dict__.get("_riverbed_fingerprint")
+    if cached is None:
+        fields = list(typing.get_type_hints(entry.cls).values())
+        classes = _with_bases([entry.cls, *_classes_in(fields)])
+        cached = json.dumps([f"{entry.name} v{entry.version}", *sorted(_code_of(classes))])
+        entry.__dict__["_riverbed_fingerprint"] = cached
+    return cached
+
+
+def _digest(parts: list[str]) -> int:
+    # 31 bits: the snapshot schema column is a 32-bit integer on PostgreSQL.
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "big") & (
+        0x7FFFFFFF
+    )
 
 
 # Libraries' classes (a Struct's or an Enum's bases, a datetime) are not the app's code.
@@ -280,6 +332,15 @@ def mark_saved(aggregates: Sequence[Aggregate], saved: Sequence[int]) -> list[Ag
 _NO_KEY_FITS = b""
 
 
+def loaded_with(keys: list[bytes]) -> bytes | None:
+    """The key a state loaded with ``keys`` (each one it decrypted personal data with) may be
+    snapshotted under: none fits data of two keys (a key deleted, and a new one made, while it
+    loaded), so that a snapshot never seals what a deletion erased under the new key."""
+    if not keys:
+        return None
+    return keys[0] if all(key == keys[0] for key in keys) else _NO_KEY_FITS
+
+
 def sealed_with(aggregates: Sequence[Aggregate], keys: dict[str, bytes | None]) -> None:
     """After a save: the key each aggregate's personal data is now protected by (``keys``: the
     one its personal events were just sealed with, by stream)."""
@@ -317,14 +378,20 @@ def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
                  "state", cls.__qualname__, aggregate.id)  # fmt: skip
         return None
     try:
-        hints, schema = _state_hints(cls)
+        hints, _ = _state_hints(cls)
+        schema = _schema(cls, aggregate._triggered)
     except NameError as error:  # an annotation of a name only imported for type checkers
         _no_snapshots(cls, f"its annotations do not resolve ({error})")
         return None
+    assert schema is not None  # the classes it applied are registered
     state = {k: v for k, v in vars(aggregate).items() if k not in _NOT_STATE}
+    stored = (
+        {**state, _EVENT_CLASSES: sorted(aggregate._triggered)} if aggregate._triggered else state
+    )
     try:
-        data = ENCODER.encode(state)
+        data = ENCODER.encode(stored)
         restored = _typed(_snapshot_decoder.decode(data), hints)
+        restored.pop(_EVENT_CLASSES, None)
         differing = [
             name for name, value in state.items() if not same_when_loaded(restored.get(name), value)
         ]
@@ -357,15 +424,20 @@ def from_snapshot(cls: type[A], snapshot: Snapshot, key: bytes | None) -> A | No
     changed shape since, the snapshot does not convert to its annotations, or it is sealed with
     a key that was deleted."""
     try:
-        hints, schema = _state_hints(cls)
+        hints, _ = _state_hints(cls)
         data = unseal(key, snapshot.data)
-        if snapshot.schema != schema or snapshot.type != stored_name(cls) or data is None:
+        if snapshot.type != stored_name(cls) or data is None:
             return None
-        values = _typed(_snapshot_decoder.decode(data), hints)
+        values = _snapshot_decoder.decode(data)
+        triggered = values.pop(_EVENT_CLASSES, [])
+        if snapshot.schema != _schema(cls, triggered):
+            return None
         aggregate = cls.__new__(cls)
         aggregate._begin(snapshot.stream)
-        for name, value in values.items():
+        for name, value in _typed(values, hints).items():
             setattr(aggregate, name, value)
+        if triggered:
+            aggregate._triggered = set(triggered)
     except Exception as error:  # whatever fails, the events are there to replay
         log.warning("ignoring the snapshot of %s %s: %s: %s", cls.__name__, snapshot.stream,
                     type(error).__name__, error)  # fmt: skip
@@ -402,7 +474,12 @@ def same_when_loaded(restored: object, value: object) -> bool:
         )
     if isinstance(value, set | frozenset):
         assert isinstance(restored, set | frozenset)
-        return restored == value and {type(i) for i in restored} == {type(i) for i in value}
+        if restored != value:
+            return False
+        # Each item against the one it loads back as (equal, so found by lookup): a datetime
+        # in another zone, or an IntEnum in a tuple, is equal to what it loads back as too.
+        loaded_as = {item: item for item in restored}
+        return all(same_when_loaded(loaded_as[item], item) for item in value)
     if isinstance(value, datetime.datetime | datetime.time):
         assert isinstance(restored, datetime.datetime | datetime.time)
         return restored == value and restored.tzinfo == value.tzinfo

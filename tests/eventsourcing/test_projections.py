@@ -17,8 +17,8 @@ import msgspec
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel
-from riverbed.eventsourcing.errors import StoreUnavailableError
+from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel, Relay
+from riverbed.eventsourcing.errors import EventDecodeError, StoreUnavailableError
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
 from riverbed.eventsourcing.sagas import SagaRunner
@@ -141,6 +141,27 @@ def test_a_payload_that_no_longer_decodes_is_parked_with_the_reason(
     assert parked.position == 2
     assert "EventDecodeError" in parked.error and "Payment.Requested" in parked.error
     assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
+
+
+def test_an_event_whose_metadata_is_damaged_is_named_parked_and_stops_the_relay(
+    events: EventSourcing, tmp_path: Path
+) -> None:
+    place(events, "ada")
+    events.store.append([StreamAppend("p-1", 0, [NewEvent(
+        str(uuid.uuid4()), "p-1", 1, "Payment.Requested", 1,
+        msgspec.msgpack.encode({"order_id": "o-1", "amount": "1"}), b"\xc1", 1,
+    )])])  # fmt: skip
+    with pytest.raises(EventDecodeError, match="the metadata of the event at position 2 "):
+        events.read()
+    ProjectionRunner(events, Counting()).catch_up()
+    (parked,) = events.store.parked("counting@v1")
+    assert parked.position == 2 and "the metadata of the event at position 2" in parked.error
+    log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
+    relay = Relay(events, log, "orders")
+    with pytest.raises(EventDecodeError, match="the metadata of the event at position 2 "):
+        relay.run_once()
+    relay.close()
+    log.close()
 
 
 def test_parked_events_belong_to_the_version_that_parked_them(events: EventSourcing) -> None:

@@ -84,6 +84,35 @@ def test_personal_data_saved_after_a_key_deletion_loads_with_the_stream(
     ]
 
 
+def test_a_load_that_a_key_deletion_overtook_takes_no_snapshot_of_the_erased_data(
+    events: EventSourcing, store_url: str
+) -> None:
+    subscriber = Subscriber("ada@example.com")
+    subscriber.touch()  # version 2: a snapshot sealed with the first key
+    events.save(subscriber)
+    store, read_stream = events.store, events.store.read_stream
+    other = EventSourcing("shop", store_url)  # another worker
+
+    def deleted_meanwhile(stream: str, start: int, end: int | None) -> object:
+        del store.read_stream  # type: ignore[method-assign]
+        assert other.store.delete_stream_key(subscriber.id)
+        other.handle(Subscriber, subscriber.id, lambda s: s.change("new@example.com"))  # key 2
+        return read_stream(stream, start, end)
+
+    store.read_stream = deleted_meanwhile  # type: ignore[method-assign]
+    racing = events.get(Subscriber, subscriber.id)  # the snapshot read with the first key
+    assert racing.version == 3
+    racing.touch()
+    events.save(racing)  # version 4: a snapshot is due, but no key fits both keys' data
+    assert store.load_snapshot(subscriber.id, None).version == 2  # type: ignore[union-attr]
+    assert other.get(Subscriber, subscriber.id).email == "new@example.com"
+    other.handle(Subscriber, subscriber.id, lambda s: s.change("newer@example.com"))
+    assert [e.event.email for e in other.read() if e.type != "Subscriber.Touched"] == [
+        riverbed.ERASED, "new@example.com", "newer@example.com",
+    ]  # fmt: skip
+    other.close()
+
+
 def test_a_snapshot_saved_from_async_code_is_sealed_too(events: EventSourcing) -> None:
     subscriber = Subscriber("ada@example.com")
 

@@ -479,6 +479,50 @@ def test_a_snapshot_is_ignored_once_an_event_class_it_triggers_changed_version(
     )
 
 
+BARE_PURSE = """
+    import riverbed
+
+    class PurseID(riverbed.Aggregate):
+        snapshot_every = 2
+        total: int
+
+        @riverbed.event("Opened")
+        def __init__(self) -> None:
+            self.total = 0
+"""
+PURSE_SERVICE = """
+    import credits_ID
+
+    def credit(purse, amount: int) -> None:  # the purse's own code names no event class
+        purse.trigger(credits_ID.Credited(amount=amount))
+"""
+
+
+def test_a_snapshot_is_ignored_once_an_event_class_other_code_triggered_changed_version(
+    events: EventSourcing, releases: Releases
+) -> None:
+    credited = CREDITED_V1.replace("WalletID", "PurseID")
+    release_1 = releases.deploy(credits=credited, purse=BARE_PURSE, service=PURSE_SERVICE)
+    purse = getattr(release_1["purse"], f"Purse{releases.suffix}")()
+    release_1["service"].credit(purse, 5)
+    events.save(purse)
+    assert events.store.load_snapshot(purse.id) is not None
+    upcaster = "upcasters = {1: lambda d: {'amount': 100 * d['amount']}}"
+    in_cents = credited.replace(
+        "        amount: int\n",
+        f"        event_version = 2\n        {upcaster}\n        amount: int\n",
+    )
+    release_2 = releases.deploy(credits=in_cents, purse=BARE_PURSE, service=PURSE_SERVICE)
+    cls = getattr(release_2["purse"], f"Purse{releases.suffix}")
+    assert events.get(cls, purse.id).total == 500  # replayed, not the snapshot's 5
+    loaded = events.get(cls, purse.id)
+    release_2["service"].credit(loaded, 1)
+    release_2["service"].credit(loaded, 1)
+    events.save(loaded)  # a snapshot of release 2, which release 2 uses
+    assert events.store.load_snapshot(purse.id).version == 4  # type: ignore[union-attr]
+    assert events.get(cls, purse.id).total == 502
+
+
 RATE = """
     import msgspec
 
@@ -572,6 +616,26 @@ def test_a_state_that_loads_back_as_another_type_or_time_zone_gets_no_snapshot(
     assert events.store.load_snapshot(booked) is None
     loaded = events.get(Booked, booked)
     assert loaded.status is Status.OPEN and loaded.start.tzinfo == TOKYO
+
+
+class Rota(riverbed.Aggregate):
+    snapshot_every = 1
+    slots: set[datetime.datetime]
+    tags: set[tuple[Any, ...]]
+
+    @riverbed.event("Made")
+    def __init__(self, start: datetime.datetime) -> None:
+        self.slots = {start.astimezone(TOKYO)}  # equal to the UTC one it loads back as
+        self.tags = {(Status.OPEN, "urgent")}  # equal to (1, "urgent")
+
+
+def test_items_of_sets_that_load_back_changed_get_no_snapshot(events: EventSourcing) -> None:
+    rota = Rota(datetime.datetime(2026, 5, 1, 20, 0, tzinfo=datetime.UTC))
+    events.save(rota)
+    assert events.store.load_snapshot(rota.id) is None
+    loaded = events.get(Rota, rota.id)
+    assert next(iter(loaded.slots)).tzinfo == TOKYO
+    assert next(iter(loaded.tags))[0] is Status.OPEN
 
 
 BASE = """

@@ -1173,6 +1173,19 @@ def test_appends_survive_psycopg_deallocating_every_prepared_statement(
         store.close()
 
 
+def test_a_damaged_sqlite_event_record_is_named(tmp_path: Path) -> None:
+    store = connect_store(f"sqlite:///{tmp_path}/events.db")
+    try:
+        append_to(store, "s", 0, 3)
+        with sqlite3.connect(tmp_path / "events.db") as damage:
+            damage.execute("UPDATE events SET record = x'92c1' WHERE position = 2")
+        with pytest.raises(EventSourcingError, match=r"a damaged event record .*after position 1"):
+            store.read_all()
+        assert positions(store.read_all(limit=1)) == [1]
+    finally:
+        store.close()
+
+
 # What schema version 1 made: positions in a head row (its append function is replaced too).
 V1_STORE = """
 CREATE TABLE riverbed_head (

@@ -131,6 +131,7 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
 
 _encoder = msgspec.msgpack.Encoder()
 _page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
+_record_decoder = msgspec.msgpack.Decoder(StoredEvent)
 _TABLES = ("events", "snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
            "timers", "leases")  # fmt: skip
 # Takes the lease when it is free, already ours or expired; parameters: name, owner, the new
@@ -534,7 +535,20 @@ def _page(rows: list[tuple[bytes]]) -> list[StoredEvent]:
     if not rows:
         return []
     header = b"\xdd" + len(rows).to_bytes(4, "big")
-    return _page_decoder.decode(header + b"".join([row[0] for row in rows]))
+    try:
+        return _page_decoder.decode(header + b"".join([row[0] for row in rows]))
+    except msgspec.MsgspecError:
+        pass
+    decoded: list[StoredEvent] = []  # one by one, to name the damaged record
+    for (record,) in rows:
+        try:
+            decoded.append(_record_decoder.decode(record))
+        except msgspec.MsgspecError as error:
+            after = f"after position {decoded[-1].position}" if decoded else "first of its page"
+            raise EventSourcingError(
+                f"the event store holds a damaged event record (the one {after}): {error}"
+            ) from None
+    return decoded
 
 
 _VERSION_AND_POSITION = (
