@@ -184,6 +184,11 @@ class Projections:
         """The projection registered as ``name``; an error naming the registered ones if none."""
         projection = self.registered.get(name)
         if projection is None:
+            if name in getattr(self.events, "process_managers", {}):
+                raise EventSourcingError(
+                    f"{name!r} is a process manager, not a projection: a manager cannot be "
+                    "rebuilt or queried (its commands would be issued again)"
+                )
             known = ", ".join(sorted(self.registered)) or "none"
             raise EventSourcingError(f"no projection named {name!r}; registered: {known}")
         return projection

@@ -237,18 +237,19 @@ class Events:
         metadata: dict[str, Any] | None,
         stream_key: Callable[[str, bool], bytes | None] | None = None,
         saving: Sequence[Sequence[Recorded]] | None = None,
+        timestamp_ms: int | None = None,
     ) -> list[StreamAppend]:
         """The appends that save the aggregates' pending events (or ``saving``, each one's
-        events to save), with their metadata."""
+        events to save), with their metadata, stamped now (or at ``timestamp_ms``)."""
         stream_key = stream_key or self.store.stream_key
         if saving is None:  # else the caller took (and checked) them
             _check_aggregates(aggregates)
             saving = [aggregate.pending for aggregate in aggregates]
-        now = time.time_ns() // 1_000_000
+        now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         # Without a command or event in force, the events of one save correlate with its first.
-        # Every id this save needs in one call: events', and a correlation id.
-        ids = iter(random_ids(sum(map(len, saving)) + 1))
-        cause = _cause.get() or Cause(next(ids), "")
+        event_ids = random_ids(sum(map(len, saving)))  # in one call
+        cause = _cause.get() or Cause(event_ids[0] if event_ids else "", "")
+        ids = iter(event_ids)
         _check_metadata(metadata)
         meta = dict(metadata or {})
         meta["correlation_id"] = cause.correlation_id

@@ -3,11 +3,13 @@ outbox relays — registered on the app and run by ``app.events.run``."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
+from riverbed.eventsourcing.aggregate import check_key
 from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outages import Outage
@@ -44,16 +46,16 @@ class EventSourcing(Events):
 
     def projection(self, projection: P) -> P:
         """Register a projection (``app.events.projection(OrderTotals())``)."""
+        _check_subscriber(projection)
         self._name_free(getattr(projection, "name", ""), self.process_managers, "process manager")
-        _check_on_error(projection)
         self.projections.add(projection)
         return projection
 
     def process_manager(self, manager: M) -> M:
         """Register a process manager (``app.events.process_manager(Fulfilment())``)."""
+        _check_subscriber(manager)
         name = manager_name(manager)
         self._name_free(name, self.projections.registered, "projection")
-        _check_on_error(manager)
         if name in self.process_managers:
             raise EventSourcingError(f"a process manager named {name!r} is already registered")
         self.process_managers[name] = manager
@@ -219,13 +221,33 @@ def _closing(relay: Relay) -> Callable[[threading.Event], None]:
     return run
 
 
-def _check_on_error(subscriber: object) -> None:
+def _check_subscriber(subscriber: object) -> None:
+    """A projection or process manager riverbed can run: a name its checkpoint, claim and
+    collections can take, ``on_error`` of "park" or "stop", and plain methods."""
+    what = type(subscriber).__name__
+    name = getattr(subscriber, "name", "")
+    if name:
+        check_key(name, "a name", f"{what}.name")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"{what}.name is at most {MAX_NAME_BYTES} bytes, got {name[:40]!r}...")
     on_error = getattr(subscriber, "on_error", "park")
     if on_error not in ("park", "stop"):
         raise EventSourcingError(
-            f"{type(subscriber).__name__}.on_error = {on_error!r}: use 'park' (the default) or "
-            "'stop'"
+            f"{what}.on_error = {on_error!r}: use 'park' (the default) or 'stop'"
         )
+    for method in ("handle", "on_timeout"):
+        function = getattr(subscriber, method, None)
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            # Its coroutine would never run: the event or timer would count as handled.
+            raise EventSourcingError(
+                f"{what}.{method} is async: riverbed runs it in the store's transaction, which "
+                "commits with the checkpoint when it returns; make it a plain method"
+            )
+
+
+# A projection's or process manager's name goes into its checkpoint's, claim's and collections'
+# names, which the stores take up to 1,000 bytes.
+MAX_NAME_BYTES = 200
 
 
 def _relay_claim(topic: str) -> str:

@@ -142,8 +142,10 @@ class Saga:
         return aggregate
 
     def save(self, *aggregates: Aggregate) -> int:
-        """Append new or changed aggregates' events in this transaction."""
-        appends = self.events.appends(aggregates, None)
+        """Append new or changed aggregates' events in this transaction, stamped with the time
+        of what is handled (``now_ms``): a manager that runs late then meets them among the
+        events and timers as a live one would have."""
+        appends = self.events.appends(aggregates, None, timestamp_ms=self.now_ms)
         position = self.tx.append(appends) if appends else 0
         for aggregate in aggregates:
             aggregate.pending.clear()
@@ -169,7 +171,10 @@ class Saga:
                 f"got {seconds!r}"
             )
         due = self.now_ms + int(seconds * 1000)
-        encoded = msgspec.msgpack.encode(_StoredTimer(data or {}, self.correlation_id))
+        try:
+            encoded = msgspec.msgpack.encode(_StoredTimer(data or {}, self.correlation_id))
+        except (OverflowError, TypeError, ValueError) as error:  # an int past 64 bits, say
+            raise TypeError(f"timer {key!r}: its data does not encode: {error}") from None
         # What on_timeout will get: refused now unless it is the data as set.
         stored = _timer_decoder.decode(encoded)
         if data and not same_when_loaded(stored.data if isinstance(stored, _StoredTimer) else {},

@@ -46,6 +46,9 @@ log = logging.getLogger("riverbed.subscriptions")
 T = TypeVar("T")
 
 PAGE = 1000
+# A page also ends after this long: its transaction holds SQLite's one write lock (PostgreSQL's
+# append lock once a handler appended), which every other writer waits for.
+PAGE_S = 0.2
 # The documents saying where subscribers with on_error = "stop" stopped, by subscriber name.
 STOPPED = "riverbed.stopped"
 RETRY_S = 0.05
@@ -109,11 +112,14 @@ class Subscription:
                     if self.replaced(tx):
                         continue  # nothing written: read the page again as the successor
                     handled = 0
+                    ends = time.monotonic() + PAGE_S
                     for stored in self.page(tx, limit):
                         if self.stops_before(stored):
                             break
                         self._apply(stored, tx)
                         handled += 1
+                        if time.monotonic() > ends:
+                            break
                     return handled
             return 0
         except HandlerError:

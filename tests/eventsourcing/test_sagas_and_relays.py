@@ -801,6 +801,102 @@ def test_a_timer_counts_from_its_events_time_however_late_the_manager_runs(
     assert manager.expired == [order.id]  # as a manager running live would have seen it
 
 
+class Reserving(riverbed.ProcessManager):
+    """Adds a line to each order placed, and expects its own line within ``timeout`` seconds."""
+
+    name = "reserving"
+    timeout = 0.3
+
+    def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+        if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+            saga.command(Order, event.stream, lambda order: order.add_line("reserved"))
+            saga.set_timer(event.stream, self.timeout)
+        elif isinstance(event.event, Order.LineAdded):  # type: ignore[attr-defined]
+            saga.cancel_timer(event.stream)
+            saga.save_state(event.stream, {"outcome": "reserved"})
+
+    def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+        saga.save_state(key, {"outcome": "timed out"})
+
+
+def test_a_manager_running_late_meets_its_own_commands_as_a_live_one_would(
+    events: EventSourcing,
+) -> None:
+    order = place(events, "ann")
+    time.sleep(0.5)  # the manager is late: its timer is due by the time it runs
+    SagaRunner(events, Reserving()).catch_up()
+    placed, reserved = events.store.read_stream(order.id)
+    assert reserved.timestamp_ms == placed.timestamp_ms  # stamped as of what it handled
+    assert events.store.get_document("saga:reserving", order.id) == {"outcome": "reserved"}
+    plain = place(events, "bob")  # no cause: its events correlate with the first
+    assert events.read()[-1].correlation_id == events.store.read_stream(plain.id)[0].id
+
+
+def test_async_handlers_and_names_the_stores_cannot_take_are_refused_when_registered(
+    events: EventSourcing,
+) -> None:
+    class Awaiting(riverbed.ProcessManager):
+        name = "awaiting"
+
+        async def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:  # type: ignore[override]
+            pass
+
+    class AwaitingTimeouts(Expiring):
+        name = "awaiting-timeouts"
+
+        async def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:  # type: ignore[override]
+            pass
+
+    class AwaitingProjection(riverbed.Projection):
+        name = "awaiting-projection"
+
+        async def handle(
+            self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel
+        ) -> None:  # type: ignore[override]
+            pass
+
+    for refused, method in [(Awaiting(), "handle"), (AwaitingTimeouts(), "on_timeout")]:
+        with pytest.raises(EventSourcingError, match=f"{method} is async: riverbed runs it"):
+            events.process_manager(refused)
+    with pytest.raises(EventSourcingError, match=r"AwaitingProjection\.handle is async"):
+        events.projection(AwaitingProjection())
+    for name, refusal in [("a\x00b", "without NUL"), ("m" * 201, "at most 200 bytes")]:
+        manager = Expiring()
+        manager.name = name
+        with pytest.raises(ValueError, match=refusal):
+            events.process_manager(manager)
+    events.process_manager(Expiring())
+    with pytest.raises(EventSourcingError, match="'expiring' is a process manager, not a proj"):
+        events.projections.rebuild("expiring")
+
+
+def test_timer_data_that_does_not_encode_is_named(events: EventSourcing) -> None:
+    class Huge(Expiring):
+        name = "huge"
+
+        def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            saga.set_timer("k", 1, {"n": 2**70})
+
+    place(events, "ann")
+    SagaRunner(events, events.process_manager(Huge())).catch_up()
+    (parked,) = events.parked("huge")
+    assert "TypeError: timer 'k': its data does not encode: " in parked.error
+
+
+def test_a_page_of_slow_handling_ends_early_for_other_writers(events: EventSourcing) -> None:
+    class Slow(riverbed.Projection):
+        name = "slow"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            time.sleep(0.12)
+
+    for name in ("ann", "bob", "cy", "dan"):
+        place(events, name)
+    runner = events.projections.runner(events.projection(Slow()).name)
+    assert runner.run_once() == 2  # 0.24 s: the page ends there, committing what it did
+    assert runner.checkpoint == 2
+
+
 def test_a_handler_that_raises_system_exit_fails_its_runner_loudly(
     events: EventSourcing,
 ) -> None:
