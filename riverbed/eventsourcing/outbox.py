@@ -28,6 +28,7 @@ when they stop.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -67,6 +68,9 @@ EVENT_SCHEMA = "riverbed-event-schema"
 STREAM = "riverbed-stream"
 STREAM_VERSION = "riverbed-stream-version"
 POSITION = "riverbed-position"
+# The event's time (Unix milliseconds): the record's own is when the relay sent it, which the
+# topic's retention and timestamp limits go by (a backlog relayed late is not deleted at once).
+EVENT_TIME = "riverbed-event-time"
 CORRELATION = "riverbed-correlation-id"
 CAUSATION = "riverbed-causation-id"
 # The event's whole metadata (msgpack), sent only when the save gave metadata of its own.
@@ -202,7 +206,6 @@ class Relay:
                         stored.data,
                         key=stored.stream.encode(),
                         headers=_headers(stored),
-                        timestamp_ms=stored.timestamp_ms,
                     )
                 )
             except RecordTooLargeError as error:
@@ -312,6 +315,7 @@ def _headers(stored: StoredEvent) -> dict[str, bytes]:
         STREAM: stored.stream.encode(),
         STREAM_VERSION: str(stored.version).encode(),
         POSITION: str(stored.position).encode(),
+        EVENT_TIME: str(stored.timestamp_ms).encode(),
         CORRELATION: str(metadata.get("correlation_id", stored.id)).encode(),
     }
     if "causation_id" in metadata:
@@ -346,7 +350,8 @@ def stored_event(record: Record) -> StoredEvent:
         schema=int(headers[EVENT_SCHEMA]),
         data=record.value or b"",
         metadata=metadata,
-        timestamp_ms=record.timestamp_ms,
+        # A record relayed before the event's time had a header of its own carries it itself.
+        timestamp_ms=int(headers[EVENT_TIME]) if EVENT_TIME in headers else record.timestamp_ms,
     )
 
 
@@ -364,7 +369,7 @@ class Inbox:
         self._inbox = name
         self._claimed = False  # on first use: making an inbox needs no store
 
-    def handle(self, record: Record, fn: Callable[[StoredEvent, Transaction], None]) -> bool:
+    def handle(self, record: Record, fn: Callable[[StoredEvent, Transaction], object]) -> bool:
         """True if handled now; False if the event was handled before."""
         if not self._claimed:
             claim(self.events.store, self.events.app_name, [f"inbox {self._inbox}"])
@@ -373,5 +378,12 @@ class Inbox:
         with self.events.store.transaction(self.name) as tx:
             if tx.seen(event.id):
                 return False
-            fn(event, tx)
+            result = fn(event, tx)
+            if inspect.isawaitable(result):  # rolled back: not seen, and nothing of it ran
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(
+                    "Inbox.handle runs a plain function in the store's transaction: this one is "
+                    "async, so nothing of it ran; make it a plain function"
+                )
             return True

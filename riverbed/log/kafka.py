@@ -98,6 +98,10 @@ RECORD_BATCH_OVERHEAD = 512
 CLIENT_MAX_MESSAGE_BYTES = 100_000_000
 CLUSTER_INTERNAL_PREFIX = "__"
 QUEUE_MAX_MESSAGES = 1_000_000
+# How long a producer whose queue is full waits for deliveries between tries.
+ROOM_WAIT_S = 0.05
+# How long a record to a topic sent one at a time may take to be acknowledged.
+UNBATCHED_FLUSH_S = 5.0
 # send_many serves delivery reports every this many records; the background thread serves them
 # once the sending thread has been idle for this long.
 SERVE_EVERY = 1000
@@ -143,6 +147,7 @@ _REFUSED = frozenset(
         KafkaError.RECORD_LIST_TOO_LARGE,
         KafkaError.TOPIC_EXCEPTION,
         KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,  # outside the topic's message.timestamp.*.max.ms
         KafkaError.TOPIC_AUTHORIZATION_FAILED,
     }
 )
@@ -821,10 +826,10 @@ class KafkaProducer(Closing):
         try:
             self._produce(topic, value, key, partition, on_delivery=future, **extra)
         except BufferError:
-            self._wait_for_room()
-            self._produce(topic, value, key, partition, on_delivery=future, **extra)
+            self._when_room(self._produce, topic, value, key, partition, on_delivery=future,
+                            **extra)  # fmt: skip
         if topic in self._unbatched_topics:
-            self._producer.flush()
+            self._one_at_a_time()
         self._sent += 1
         self._producer.poll(0)
         return future
@@ -879,12 +884,11 @@ class KafkaProducer(Closing):
             try:
                 produce(topic, value, key, target, **extra)
             except BufferError:
-                self._wait_for_room()
-                produce(topic, value, key, target, **extra)
+                self._when_room(self._produce, topic, value, key, target, **extra)
             except KafkaException as error:
                 raise self.delivery_error(topic, _kafka_error(error)) from None
             if unbatched:
-                self._producer.flush()
+                self._one_at_a_time()
             count += 1
             if count % SERVE_EVERY == 0:
                 self._sent += SERVE_EVERY
@@ -893,11 +897,25 @@ class KafkaProducer(Closing):
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
-    def _wait_for_room(self) -> None:
-        """The local queue is full: wait until deliveries emptied half of it."""
-        self._producer.poll(0.01)
-        while len(self._producer) > QUEUE_MAX_MESSAGES // 2:
-            self._producer.poll(0.01)
+    def _when_room(self, produce: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """``produce`` once the local queue, full of records or of bytes (a backlog of large
+        ones), has room: deliveries free it."""
+        while True:
+            self._producer.poll(ROOM_WAIT_S)
+            try:
+                produce(*args, **kwargs)
+                return
+            except BufferError:
+                continue
+
+    def _one_at_a_time(self) -> None:
+        """Deliver the record just queued before the next is queued (``_unbatched``), within
+        ``UNBATCHED_FLUSH_S``: a log that takes longer is not taking records now."""
+        remaining = self._producer.flush(UNBATCHED_FLUSH_S)
+        if remaining:
+            raise TimeoutError(
+                f"{remaining} record(s) not acknowledged within {UNBATCHED_FLUSH_S:g} s"
+            )
 
     def _unbatched(self, info: TopicInfo) -> bool:
         # librdkafka batches up to batch.size bytes per partition, but the broker rejects a batch

@@ -22,6 +22,7 @@ import pytest
 import riverbed
 from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay, stored_event
 from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, METADATA, relay_name
+from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, read_topic, wait_until
 
@@ -98,6 +99,39 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     assert decoded.metadata == events.read(20, 1)[0].metadata  # with its correlation id
     events.store.delete_stream_key("order-0")
     assert events.decode(first).event.email == riverbed.eventsourcing.ERASED
+
+
+def test_a_relayed_record_is_stamped_when_sent_and_carries_the_events_time(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    month_ago = time.time_ns() // 1_000_000 - 30 * 86_400_000  # a backlog relayed late
+    placed = events.store.read_stream(fill(events, orders=1, lines=0)[0].id)[0]
+    events.store.append([StreamAppend("late", 0, [NewEvent(
+        "e-late", "late", 1, placed.type, placed.schema, placed.data, placed.metadata, month_ago,
+    )])])  # fmt: skip
+    sent_after = time.time_ns() // 1_000_000
+    assert Relay(events, log, "stamped").run_once() == 2
+    record = read_topic(log, "stamped")[-1]
+    assert record.timestamp_ms >= sent_after  # what retention and timestamp limits go by
+    assert stored_event(record).timestamp_ms == month_ago
+
+
+def test_an_inbox_refuses_an_async_handler_and_handles_the_event_later(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    fill(events, orders=1, lines=0)
+    Relay(events, log, "orders").run_once()
+    (record,) = read_topic(log, "orders")
+    inbox = Inbox(events, "mailer")
+
+    async def send_mail(event: Any, tx: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="this one is async, so nothing of it ran"):
+        inbox.handle(record, send_mail)
+    handled: list[str] = []
+    assert inbox.handle(record, lambda event, tx: handled.append(event.id))  # not seen before
+    assert handled == [record.headers[EVENT_ID].decode()]
 
 
 @pytest.mark.kafka

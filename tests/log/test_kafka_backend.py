@@ -14,10 +14,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import riverbed
 from riverbed.errors import InvalidUrlError
-from riverbed.log.errors import BrokerUnavailableError, RecordTooLargeError
+from riverbed.log.errors import BrokerUnavailableError, InvalidRecordError, RecordTooLargeError
 from riverbed.log.kafka import KafkaLog, describe_log_dirs
 from riverbed.log.partitioner import partition_for_key
 from tests.services import free_port
+from tests.services.kafka import KafkaServer
 from tests.support import consume
 
 pytestmark = pytest.mark.kafka
@@ -103,6 +104,42 @@ def test_small_record_limit_holds_for_many_records(kafka_log: KafkaLog) -> None:
         with pytest.raises(RecordTooLargeError):
             producer.send(name, b"x" * 101)
     assert kafka_log.end_offsets(name) == {0: 50}
+
+
+def test_a_backlog_larger_than_the_producers_queue_waits_for_room(kafka_url: str) -> None:
+    name = f"backlog-{time.time_ns()}"
+    with riverbed.connect(f"{kafka_url}?queue.buffering.max.kbytes=1024") as log:
+        log.create_topic(name, partitions=1)
+        with log.producer() as producer:  # 20 records of 200 kB: the 1 MiB queue fills
+            sent = [producer.send(name, bytes(200_000)) for _ in range(10)]
+            assert producer.send_many(name, [(None, bytes(200_000))] * 10) == 10
+            producer.flush(30)
+        assert all(future.result(5) is not None for future in sent)
+        assert log.end_offsets(name) == {0: 20}
+
+
+def test_a_record_kafka_refuses_by_its_timestamp_is_refused_not_waited_out(
+    kafka_log: KafkaLog,
+) -> None:
+    name = f"future-{time.time_ns()}"
+    kafka_log.create_topic(name)
+    two_hours_ahead = (time.time_ns() // 1_000_000) + 2 * 3600 * 1000
+    with kafka_log.producer() as producer:
+        future = producer.send(name, b"x", timestamp_ms=two_hours_ahead)
+        with pytest.raises(InvalidRecordError, match="Invalid timestamp"):
+            future.result(30)
+
+
+def test_a_record_to_a_topic_sent_one_at_a_time_waits_a_bounded_time_for_a_hung_broker(
+    kafka_log: KafkaLog, kafka_server: KafkaServer
+) -> None:
+    name = f"small-{time.time_ns()}"
+    kafka_log.create_topic(name, max_record_bytes=100)  # below the batch size: one at a time
+    with kafka_log.producer() as producer:
+        producer.send(name, b"x").result(30)
+        with kafka_server.frozen(), pytest.raises(TimeoutError, match="not acknowledged within"):
+            producer.send(name, b"y")
+    assert kafka_log.end_offsets(name) == {0: 2}  # delivered once the broker went on
 
 
 def test_partition_sizes_come_from_the_broker(kafka_log: KafkaLog, kafka_url: str) -> None:

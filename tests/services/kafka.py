@@ -7,6 +7,7 @@ JVM), on free loopback ports in a temp dir, from the jars ``make test-deps`` fet
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -88,6 +89,17 @@ class KafkaServer:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The broker stopped (SIGSTOP) while the block runs: it takes no request and closes
+        no connection, as a hung machine would."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     @property
     def url(self) -> str:
