@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from riverbed.eventsourcing.runtime import EventSourcing
 from riverbed.streams.app import DEFAULT_STATE_DIR, stopping_on_signals
 from riverbed.streams.app import App as StreamApp
 from riverbed.streams.runner import Runner
 from riverbed.tasks.registry import Tasks
+
+log = logging.getLogger("riverbed.app")
+# How long stopping waits for each projection's, process manager's and relay's thread.
+STOP_WAIT_S = 30.0
 
 
 class App(StreamApp):
@@ -40,6 +46,13 @@ class App(StreamApp):
         self.events.close()
         super().close()
 
+    def metric_collectors(self) -> list[Any]:
+        if not self.events.has_work():
+            return []
+        from riverbed.eventsourcing.metrics import SubscriberMetrics
+
+        return [SubscriberMetrics(self.events)]
+
     def run(
         self,
         stop: threading.Event | None = None,
@@ -61,10 +74,18 @@ class App(StreamApp):
                 if self.has_streams():
                     super().run(stop, report, metrics_port)
                 else:
+                    if metrics_port is not None:
+                        from riverbed.streams.metrics import RunnerMetrics
+
+                        RunnerMetrics(self.name, self.metric_collectors()).serve(metrics_port)
                     stop.wait()
             finally:
                 stop.set()
                 for thread in threads:
-                    thread.join(30)
+                    thread.join(STOP_WAIT_S)
+                    if thread.is_alive():  # a handler still running: its transaction rolls back
+                        log.warning("runner thread %s did not stop within %g s; what it was "
+                                    "handling is rolled back, and handled again after a restart",
+                                    thread.name, STOP_WAIT_S)  # fmt: skip
         if self.events.failures:
             raise self.events.failures[0]

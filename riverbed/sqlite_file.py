@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from riverbed.errors import InvalidUrlError, RiverbedError
-from riverbed.log.sqlite.kinds import check_file, claim
+from riverbed.log.sqlite.kinds import KINDS, check_file, claim
 from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
 from riverbed.urls import BackendUrl
 
@@ -106,7 +106,13 @@ class SqliteFile:
         Raises ``sqlite3.DatabaseError`` or ``OSError`` when the file cannot be opened."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         check_file(self.path, self.what)  # before the connection switches it to WAL
-        with write_transaction(self.conn) as conn:
+        conn = self.conn
+        if (
+            conn.execute("PRAGMA user_version").fetchone()[0] == version
+            and conn.execute("PRAGMA application_id").fetchone()[0] == KINDS[self.what][0]
+        ):
+            return  # made by this riverbed: no write lock, which readers would wait for
+        with write_transaction(conn) as conn:
             claim(conn, self.what, self.path)  # left as it is if another kind's or program's
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > version:

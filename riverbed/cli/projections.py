@@ -65,13 +65,13 @@ def list_subscribers(target: Target) -> None:
         return
     projections = [s for s in statuses if s.version is not None]
     if projections:
-        table = Table("projection", "version", "checkpoint", "head", "lag", "parked")
+        table = _table("projection", projections, "version")
         for status in projections:
             table.add_row(status.name, str(status.version), *_progress(status))
         out.print(table)
     managers = [s for s in statuses if s.version is None]
     if managers:
-        table = Table("process manager", "checkpoint", "head", "lag", "parked")
+        table = _table("process manager", managers)
         for status in managers:
             table.add_row(status.name, *_progress(status))
         out.print(table)
@@ -84,6 +84,16 @@ def list_subscribers(target: Target) -> None:
                 "restart the worker",
                 markup=False,
             )
+
+
+def _table(kind: str, statuses: list[SubscriberStatus], *columns: str) -> Table:
+    """A table whose first column shows each name whole, in a narrow terminal or a pipe too:
+    the name is what the other commands take."""
+    table = Table()
+    table.add_column(kind, no_wrap=True, min_width=max(len(s.name) for s in statuses))
+    for column in (*columns, "checkpoint", "head", "lag", "parked"):
+        table.add_column(column)
+    return table
 
 
 def _progress(status: SubscriberStatus) -> list[str]:

@@ -33,6 +33,8 @@ def load_app(target: str) -> App:
         raise RiverbedError(f"expected module:attribute, e.g. shop.streams:app, got {target!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if module_name.startswith("."):
+        raise RiverbedError(f"{target}: give the module's absolute name, not a relative one")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -115,11 +117,18 @@ def _reporting_events(app: App) -> Iterator[None]:
 
 
 def _progress(statuses: list[SubscriberStatus]) -> str:
-    """Each one's checkpoint, lag, and parked events if any."""
+    """Each one's checkpoint, lag, and parked events if any; where it stopped, if it did."""
     parts = []
     for status in statuses:
         parked = f", {status.parked:,} parked" if status.parked else ""
-        parts.append(f"{status.name} at {status.checkpoint:,} (lag {status.lag:,}{parked})")
+        stopped = (
+            f", STOPPED at {status.stopped_at:,}: see riverbed projections list"
+            if status.stopped_at is not None
+            else ""
+        )
+        parts.append(
+            f"{status.name} at {status.checkpoint:,} (lag {status.lag:,}{parked}{stopped})"
+        )
     return ", ".join(parts)
 
 

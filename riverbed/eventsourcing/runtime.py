@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
+from riverbed.errors import RiverbedError
 from riverbed.eventsourcing.aggregate import check_key
 from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
@@ -197,7 +198,10 @@ class EventSourcing(Events):
             try:
                 run(stop)
             except BaseException as error:  # a handler's SystemExit too: never a silent stop
-                log.exception("the %s failed; stopping the others", what)
+                if isinstance(error, RiverbedError):  # says what is wrong: App.run raises it
+                    log.info("the %s failed; stopping the others: %s", what, error)
+                else:
+                    log.exception("the %s failed; stopping the others", what)
                 failure = RunnerFailedError(f"the {what} failed: {error!r}")
                 failure.__cause__ = error
                 self.failures.append(failure)

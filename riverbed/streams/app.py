@@ -258,11 +258,15 @@ class App(Closing):
         if metrics_port is not None:
             from riverbed.streams.metrics import RunnerMetrics
 
-            metrics = RunnerMetrics(self.name)
+            metrics = RunnerMetrics(self.name, self.metric_collectors())
             metrics.serve(metrics_port)
             report = self._reporting_lag(metrics, report)
         with stopping_on_signals(stop), self.runner(metrics) as runner:
             runner.run(stop, report)
+
+    def metric_collectors(self) -> list[Any]:
+        """Prometheus collectors a worker serves beside its own metrics (a subclass's)."""
+        return []
 
     @contextmanager
     def runner(self, metrics: RunnerMetrics | None = None) -> Iterator[Runner]:

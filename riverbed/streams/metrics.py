@@ -7,19 +7,25 @@ updated with the worker's status line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from riverbed.errors import MissingExtraError
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client.registry import Collector
 except ImportError as error:  # only a worker started with --metrics-port imports this module
     raise MissingExtraError("--metrics-port", "metrics", "prometheus-client") from error
 
 
 class RunnerMetrics:
-    """One worker's metrics, in a registry of its own."""
+    """One worker's metrics, in a registry of its own (``collectors`` too: the app's event
+    sourcing's, say)."""
 
-    def __init__(self, app: str) -> None:
+    def __init__(self, app: str, collectors: Sequence[Collector] = ()) -> None:
         self.registry = CollectorRegistry()
+        for collector in collectors:
+            self.registry.register(collector)
         labels = {"app": app}
         self.records_in = Counter(
             "riverbed_records_in", "Records read", ["topic"], registry=self.registry

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import riverbed
+from riverbed.cli.common import out
 from riverbed.cli.main import app as cli
 from riverbed.eventsourcing.sagas import SagaRunner
 
@@ -98,6 +99,23 @@ def test_list_shows_each_projection_with_its_version_checkpoint_and_lag(
     assert listed.exit_code == 0, listed.output
     assert status_row(listed) == [NAME, "1", "2", "3", "1", "0"]
     assert status_row(listed, "welcome") == ["welcome", "0", "3", "3", "0"]
+
+
+def test_list_shows_long_names_whole_however_narrow_the_output(
+    rooms: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Long(riverbed.Projection):
+        name = "inventory-levels-per-warehouse-and-region-of-the-whole-shop"
+
+        def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+            pass
+
+    rooms.app.events.projection(Long())
+    book(rooms, "ada")
+    monkeypatch.setattr(out, "width", 60)
+    listed = run("list", "rooms:app")
+    assert listed.exit_code == 0, listed.output
+    assert status_row(listed, Long.name)[0] == Long.name  # what the other commands take
 
 
 def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:

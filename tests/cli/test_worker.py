@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import riverbed
+from riverbed.cli.worker import _progress
 from riverbed.eventsourcing.claims import claim
+from riverbed.eventsourcing.subscriptions import SubscriberStatus
 from tests.services import free_port
 from tests.services.postgres import PostgresServer
 from tests.support import wait_until
@@ -105,9 +107,12 @@ EVENTS_MODULE = textwrap.dedent(
 )
 
 
-def test_an_event_sourcing_worker_prints_where_its_runners_stand(tmp_path: Path) -> None:
+def test_an_event_sourcing_worker_prints_and_serves_where_its_runners_stand(
+    tmp_path: Path,
+) -> None:
     module = EVENTS_MODULE.replace("EVENTS_URL", repr(f"sqlite:///{tmp_path}/events.db"))
-    worker = start_worker(tmp_path, "wordapp:app", module=module)
+    port = free_port()
+    worker = start_worker(tmp_path, "wordapp:app", "--metrics-port", str(port), module=module)
     with sigterm_after(worker) as output:
         wait_until((tmp_path / "events.db").exists, 30, "the worker to start")
         sys.path.insert(0, str(tmp_path))
@@ -120,6 +125,12 @@ def test_an_event_sourcing_worker_prints_where_its_runners_stand(tmp_path: Path)
             wordapp.app.events.save(wordapp.Item("sku-1", 5), wordapp.Item("sku-2", 0))
             status = wordapp.app.events.projections.status
             wait_until(lambda: status("stock-levels").checkpoint == 2, 30, "the projection")
+        wait_until(lambda: 'riverbed_subscriber_lag{name="relay:items"} 0.0' in scrape(port),
+                   30, "the relay's metrics")  # fmt: skip
+        metrics = scrape(port)
+        assert 'riverbed_subscriber_checkpoint{name="stock-levels"} 2.0' in metrics
+        assert 'riverbed_subscriber_parked{name="stock-levels"} 1.0' in metrics
+        assert 'riverbed_subscriber_stopped{name="stock-levels"} 0.0' in metrics
         time.sleep(1.2)  # one status line after it
     (stderr,) = output
     expected = (
@@ -216,33 +227,46 @@ def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
     assert parent.returncode == 0, stderr
 
 
+def test_the_status_line_says_that_a_runner_stopped() -> None:
+    stopped = SubscriberStatus("strict", 1, 2, 4, 2, 0, 3, "ValueError: bad")
+    assert _progress([stopped]) == (
+        "strict at 2 (lag 2, STOPPED at 3: see riverbed projections list)"
+    )
+
+
+def scrape(port: int) -> str:
+    """What the worker's metrics endpoint serves, "" while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text: str = reply.read().decode()
+            return text
+    except OSError:
+        return ""
+
+
 def test_worker_serves_prometheus_metrics(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/log.db"
     port = free_port()
     worker = start_worker(tmp_path, "wordapp:app", "--metrics-port", str(port))
 
-    def scrape() -> str:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-                text: str = reply.read().decode()
-                return text
-        except OSError:
-            return ""
-
     with sigterm_after(worker):
         with riverbed.connect(url) as log:
-            wait_until(lambda: "riverbed_app" in scrape(), 30, "the metrics endpoint")
+            wait_until(lambda: "riverbed_app" in scrape(port), 30, "the metrics endpoint")
             with log.producer() as producer:
                 producer.send_many("lines", [(None, b"one two")] * 10)
                 producer.send("lines", None, key=b"tombstone")  # not a str: dead-lettered
             wait_until(
-                lambda: 'riverbed_records_in_total{topic="lines"} 11.0' in scrape(), 30, "counts"
+                lambda: 'riverbed_records_in_total{topic="lines"} 11.0' in scrape(port),
+                30,
+                "counts",
             )
-        metrics = scrape()
+        metrics = scrape(port)
         assert 'riverbed_records_out_total{topic="words"} 20.0' in metrics
         assert 'riverbed_dead_lettered_total{topic="lines"} 1.0' in metrics
         assert "riverbed_batch_seconds_count" in metrics
-        wait_until(lambda: 'riverbed_lag{partition="0",topic="lines"} 0.0' in scrape(), 30, "lag")
+        wait_until(
+            lambda: 'riverbed_lag{partition="0",topic="lines"} 0.0' in scrape(port), 30, "lag"
+        )
 
 
 def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(

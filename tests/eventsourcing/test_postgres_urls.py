@@ -4,6 +4,7 @@ error shows a password."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -11,6 +12,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+import riverbed.eventsourcing.stores.postgres  # noqa: F401 - its pools' logging filter
 from riverbed.errors import InvalidUrlError
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.eventsourcing.stores import EventStore, connect_store
@@ -127,3 +129,21 @@ def test_a_read_only_connection_reads_and_refuses_writes_clearly(
     ):
         tx.set_checkpoint(1)
     assert writer.stream_version("s") == 1
+
+
+def test_psycopg_pools_warnings_about_riverbeds_pools_are_left_to_riverbed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool_logger = logging.getLogger("psycopg.pool")
+    with caplog.at_level(logging.WARNING, logger="psycopg.pool"):
+        pool_logger.warning("error connecting in %r: %s", "riverbed-events-public", "refused")
+        pool_logger.warning("error connecting in %r: %s", "pool-1", "refused")  # a user's pool
+    assert [record.getMessage() for record in caplog.records] == [
+        "error connecting in 'pool-1': refused"
+    ]
+
+
+def test_an_outage_message_is_one_line() -> None:
+    with pytest.raises(StoreUnavailableError) as raised:
+        connect_store("postgresql://shop@127.0.0.1:1/shop")
+    assert "\n" not in str(raised.value) and "\t" not in str(raised.value)

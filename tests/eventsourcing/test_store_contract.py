@@ -1173,6 +1173,22 @@ def test_appends_survive_psycopg_deallocating_every_prepared_statement(
         store.close()
 
 
+def test_a_sqlite_store_opens_and_reads_while_another_process_writes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/events.db"
+    store = connect_store(url)
+    append_to(store, "s", 0)
+    store.close()
+    writer = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process, in the middle of a long transaction
+    try:
+        reader = connect_store(url)  # takes no write lock: the schema is there
+        assert positions(reader.read_all()) == [1]
+        reader.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_a_damaged_sqlite_event_record_is_named(tmp_path: Path) -> None:
     store = connect_store(f"sqlite:///{tmp_path}/events.db")
     try:

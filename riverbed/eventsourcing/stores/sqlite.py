@@ -159,12 +159,17 @@ class SqliteEventStore:
         )
         try:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
+        except sqlite3.OperationalError as error:
+            self._file.close()
+            if "locked" not in str(error):
+                raise _cannot_open(self.path, error) from error
+            # Another process's writer held the file past the busy timeout: waited out.
+            raise StoreUnavailableError(
+                f"the event store {str(self.path)!r} stayed locked by another writer: {error}"
+            ) from error
         except (sqlite3.DatabaseError, OSError) as error:
             self._file.close()
-            # Not an outage to wait out: a file that is no database, a directory, no access.
-            raise EventSourcingError(
-                f"cannot open the event store {str(self.path)!r}: {error}; check the events URL"
-            ) from error
+            raise _cannot_open(self.path, error) from error
         except RiverbedError:  # a file of a newer riverbed
             self._file.close()  # its connection, and the checkpointing thread that started
             raise
@@ -602,3 +607,10 @@ class _write_transaction(write_transaction):  # noqa: N801 - used as a function
                 "the SQLite event store stayed locked by another writer for a minute (a "
                 f"transaction held open that long): {error}"
             ) from None
+
+
+def _cannot_open(path: Path, error: Exception) -> EventSourcingError:
+    # Not an outage to wait out: a file that is no database, a directory, no access.
+    return EventSourcingError(
+        f"cannot open the event store {str(path)!r}: {error}; check the events URL"
+    )

@@ -32,6 +32,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     connection_options,
     no_connection,
     parse_settings,
+    pool_name,
     read_only,
     unavailable,
 )
@@ -78,6 +79,7 @@ class AsyncPostgresEventStore:
             max_size=settings.pool_size,
             timeout=settings.pool_timeout,
             num_workers=1,
+            name=pool_name(settings),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.AsyncConnectionPool.check,

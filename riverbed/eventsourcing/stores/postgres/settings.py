@@ -3,6 +3,7 @@ riverbed's own options), the schema the store's tables live in and the size of t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ def closed(settings: Settings) -> EventSourcingError:
 def unavailable(settings: Settings, error: Exception) -> RiverbedError:
     """``StoreUnavailableError`` (waited out as an outage), unless libpq refused a value of
     the URL or the server refused it for good (no such user or database, a wrong password)."""
-    message = str(error).strip()
+    message = " ".join(str(error).split())  # libpq's lines, as one
     if bad := _BAD_VALUE.search(message):
         return InvalidUrlError(
             f"the event store's URL {settings.where} has an {message[bad.start() :].strip()}"
@@ -192,3 +193,24 @@ def no_connection(settings: Settings, error: Exception, stats: dict[str, int]) -
             "raise pool_size= (or pool_timeout=) in the URL, or have fewer calls at once"
         )
     return unavailable(settings, error)
+
+
+# The pools of riverbed's stores are named so: their connection attempts during an outage are
+# riverbed's to report (once per wait), not one warning each from psycopg_pool.
+POOL_NAME_PREFIX = "riverbed-events"
+
+
+class _QuietDuringOutages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.levelno == logging.WARNING
+            and any(isinstance(arg, str) and arg.startswith(POOL_NAME_PREFIX) for arg in args)
+        )
+
+
+def pool_name(settings: Settings) -> str:
+    return f"{POOL_NAME_PREFIX}-{settings.schema}"
+
+
+logging.getLogger("psycopg.pool").addFilter(_QuietDuringOutages())

@@ -49,6 +49,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     connection_options,
     no_connection,
     parse_settings,
+    pool_name,
     read_only,
     unavailable,
 )
@@ -70,6 +71,7 @@ class PostgresEventStore:
             max_size=self._settings.pool_size,
             timeout=self._settings.pool_timeout,
             num_workers=1,
+            name=pool_name(self._settings),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.ConnectionPool.check,
