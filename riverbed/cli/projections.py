@@ -31,6 +31,27 @@ app = typer.Typer(
 
 Target = Annotated[str, typer.Argument(help="The app, as module:attribute.")]
 Name = Annotated[str, typer.Argument(help="The projection's or process manager's name.")]
+Positions = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="POSITIONS...", help="Positions of parked events, as `parked` lists them."
+    ),
+]
+
+
+def _positions(given: list[str]) -> list[int]:
+    """Each position once, as ints; "1,200" as ``list`` prints it is 1200. An error naming
+    what is not one."""
+    positions = []
+    for text in given:
+        try:
+            positions.append(int(text.replace(",", "")))
+        except ValueError:
+            raise RiverbedError(
+                f"{text!r} is not a position: give whole numbers, as `riverbed projections "
+                "parked` lists them"
+            ) from None
+    return list(dict.fromkeys(positions))
 
 
 @contextmanager
@@ -135,12 +156,12 @@ POSITIONAL_NEGATIVES = {"ignore_unknown_options": True}
 def unpark(
     target: Target,
     name: Name,
-    positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
+    given: Positions,
 ) -> None:
     """Forget parked events once dealt with: the projection or process manager goes on without
     them (a parked timer never fires). The events stay in the store; ``rebuild`` applies every
     event again, parked ones included."""
-    positions = list(dict.fromkeys(positions))  # each once
+    positions = _positions(given)
     with open_events(target) as events:
         missing = [p for p in positions if not events.unpark(name, p)]
     out.print(f"unparked {len(positions) - len(missing)} events of {name}")
@@ -152,13 +173,13 @@ def unpark(
 def retry(
     target: Target,
     name: Name,
-    positions: Annotated[list[int], typer.Argument(help="Positions of parked events.")],
+    given: Positions,
 ) -> None:
     """Handle parked events again, once the handler is fixed: each now, after the events that
     followed it, and unparked once handled (a parked timer fires with its data); one that fails
     again stays parked with the new error. For handlers that do not depend on the order of
     events; else ``rebuild``."""
-    positions = list(dict.fromkeys(positions))  # each once
+    positions = _positions(given)
     with open_events(target) as events:
         parked = {p.position for p in events.parked(name)}  # an unknown name fails here, once
         failed, missing = [], [p for p in positions if p not in parked]

@@ -145,6 +145,12 @@ def test_positions_may_be_negative_huge_or_repeated(rooms: ModuleType) -> None:
     result = run("unpark", "rooms:app", NAME, "-5", "99999999999999999999", "-5")
     assert result.exit_code == 1
     assert result.stderr == f"error: not parked by {NAME}: -5, 99999999999999999999\n"
+    result = run("unpark", "rooms:app", NAME, "1,200", "2x")  # 1,200: as `list` prints it
+    assert result.exit_code == 1
+    assert result.stderr == "error: '2x' is not a position: give whole numbers, as `riverbed " \
+        "projections parked` lists them\n"  # fmt: skip
+    result = run("unpark", "rooms:app", NAME, "1,200")
+    assert result.stderr == f"error: not parked by {NAME}: 1200\n"
 
 
 def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType) -> None:
