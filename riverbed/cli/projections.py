@@ -14,9 +14,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from riverbed.cli.common import out
+from riverbed.cli.common import err, out
 from riverbed.cli.worker import load_app
 from riverbed.errors import RiverbedError
+from riverbed.eventsourcing.claims import owner
 from riverbed.eventsourcing.errors import NotParkedError
 from riverbed.eventsourcing.runtime import EventSourcing
 from riverbed.eventsourcing.subscriptions import SubscriberStatus
@@ -81,6 +82,7 @@ def list_subscribers(target: Target) -> None:
     with open_events(target) as events:
         names = [*events.projections.registered, *events.process_managers]
         statuses = [events.status(name) for name in names]
+        others = {name: _other_app(events, name) for name in names}
     if not statuses:
         out.print(f"{target} registers no projections or process managers")
         return
@@ -96,6 +98,9 @@ def list_subscribers(target: Target) -> None:
         for status in managers:
             table.add_row(status.name, *_progress(status))
         out.print(table)
+    for name, other in others.items():
+        if other is not None:
+            err.print(_run_by(other, name))
     for status in statuses:
         if status.stopped_at is not None:
             error = (status.stopped_error or "").partition("\n")[0]
@@ -105,6 +110,19 @@ def list_subscribers(target: Target) -> None:
                 "restart the worker",
                 markup=False,
             )
+
+
+def _other_app(events: EventSourcing, name: str) -> str | None:
+    """The other app that runs ``name`` in the store (their state is one), if one does."""
+    found = owner(events.store, events.subscriber(name).claim_name)
+    return found if found not in (None, events.app_name) else None
+
+
+def _run_by(other: str, name: str) -> str:
+    return (
+        f"note: app {other!r} runs {name!r} in this event store, so what is shown of it is "
+        "that app's: give this app's another name, or the app a store of its own"
+    )
 
 
 def _table(kind: str, statuses: list[SubscriberStatus], *columns: str) -> Table:
@@ -135,6 +153,9 @@ def parked(
     error's first line."""
     with open_events(target) as events:
         entries = events.parked(name)
+        other = _other_app(events, name)
+    if other is not None:
+        err.print(_run_by(other, name))
     for entry in entries:
         first_line, _, rest = entry.error.partition("\n")
         parked_at = datetime.fromtimestamp(entry.parked_ms / 1000, UTC)

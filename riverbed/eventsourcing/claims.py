@@ -17,7 +17,7 @@ _SHARING = ("projection", "process manager")
 def claim(store: EventStore, app_name: str, whats: list[str]) -> None:
     """Record that app ``app_name`` runs ``whats`` ("projection totals", "relay to orders",
     "inbox mailer"), refusing one another app claimed."""
-    if all(_owner(store, what) == app_name and all(_owner(store, rival) in (None, app_name)
+    if all(owner(store, what) == app_name and all(owner(store, rival) in (None, app_name)
                                                    for rival in _rivals(what))
            for what in whats):  # fmt: skip
         return  # claimed already: no write (a transaction would wait for the store's writers)
@@ -47,7 +47,8 @@ def take_over(store: EventStore, app_name: str, renamed_from: str) -> int:
     return len(whats)
 
 
-def _owner(store: EventStore, what: str) -> str | None:
+def owner(store: EventStore, what: str) -> str | None:
+    """The app that claimed ``what`` ("projection totals") in the store, if one did."""
     claimed = store.get_document(RUNNERS, what)
     return None if claimed is None else str(claimed["app"])
 

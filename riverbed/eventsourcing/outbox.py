@@ -139,11 +139,18 @@ class Relay:
         if self._producer is None:
             log = self._log() if callable(self._log) else self._log
             settings = self._topic_settings
-            if settings.name not in {t.name for t in log.list_topics()}:
+            existing = {t.name: t for t in log.list_topics()}.get(settings.name)
+            if existing is None:
                 # Every worker process starts the relay: another may create the topic first.
                 with contextlib.suppress(TopicExistsError):
                     log.create_topic(settings.name, partitions=settings.partitions,
                                      max_record_bytes=settings.max_record_bytes)  # fmt: skip
+            elif existing.compact:
+                logger.warning(
+                    "relay to %s: the topic is compacted, so it keeps only each aggregate's "
+                    "last event; consumers reading it from the beginning miss the others",
+                    settings.name,
+                )
             self._producer = log.producer()
         return self._producer
 

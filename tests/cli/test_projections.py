@@ -17,6 +17,7 @@ from typer.testing import CliRunner, Result
 import riverbed
 from riverbed.cli.common import out
 from riverbed.cli.main import app as cli
+from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.sagas import SagaRunner
 
 APP_MODULE = textwrap.dedent(
@@ -116,6 +117,15 @@ def test_list_shows_long_names_whole_however_narrow_the_output(
     listed = run("list", "rooms:app")
     assert listed.exit_code == 0, listed.output
     assert status_row(listed, Long.name)[0] == Long.name  # what the other commands take
+
+
+def test_list_and_parked_say_when_another_app_runs_the_name(rooms: ModuleType) -> None:
+    book(rooms, "ada")
+    claim(rooms.app.events.store, "hotel", [f"projection {NAME}"])
+    for args in (("list", "rooms:app"), ("parked", "rooms:app", NAME)):
+        shown = run(*args)
+        assert shown.exit_code == 0, shown.output
+        assert f"note: app 'hotel' runs '{NAME}' in this event store" in shown.stderr
 
 
 def test_parked_events_are_listed_and_unparked(rooms: ModuleType) -> None:

@@ -7,6 +7,7 @@ lease cannot move the checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 import time
@@ -114,6 +115,16 @@ def test_a_relayed_record_is_stamped_when_sent_and_carries_the_events_time(
     record = read_topic(log, "stamped")[-1]
     assert record.timestamp_ms >= sent_after  # what retention and timestamp limits go by
     assert stored_event(record).timestamp_ms == month_ago
+
+
+def test_a_relay_to_a_compacted_topic_warns_that_it_keeps_only_last_events(
+    events: EventSourcing, log: riverbed.Log, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.create_topic("latest", compact=True)
+    fill(events, orders=1, lines=1)
+    with caplog.at_level(logging.WARNING, logger="riverbed.outbox"):
+        assert Relay(events, log, "latest").run_once() == 2
+    assert "the topic is compacted, so it keeps only each aggregate's last event" in caplog.text
 
 
 def test_an_inbox_refuses_an_async_handler_and_handles_the_event_later(
