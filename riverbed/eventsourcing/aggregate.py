@@ -99,10 +99,10 @@ class Aggregate:
     _applying: EventType | None = None  # the event whose body (or apply) runs, if any
     # An event's body (or apply) raised on this instance: its state may hold a change no event
     # records, which a snapshot must not keep.
-    _body_raised = False
+    _riverbed_body_raised = False
     # The DomainEvent classes applied to it, by name: any code may trigger one, so a snapshot
     # depends on their code too, not only on what its class's code names.
-    _triggered: frozenset[str] | set[str] = frozenset()
+    _riverbed_triggered: frozenset[str] | set[str] = frozenset()
     # The stream key a load decrypted its state with: a snapshot must not outlive its deletion.
     _decrypted_with: bytes | None = None
 
@@ -110,7 +110,9 @@ class Aggregate:
         super().__init_subclass__(**kwargs)
         methods: dict[int, tuple[str, EventMethod[Any, Any]]] = {}
         for attribute, value in cls.__dict__.items():
-            if isinstance(value, EventMethod):  # once each: `add = add_line` names one twice
+            # Once each (`add = add_line` names one twice), and not a base's again
+            # (`add = Cart.add_line` in a subclass): its events stay the base's.
+            if isinstance(value, EventMethod) and not value.registered_by_a_base_of(cls):
                 methods.setdefault(id(value), (attribute, value))
         recording: dict[str, str] = {}  # event name -> the attribute of its method
         for attribute, method in methods.values():
@@ -193,7 +195,7 @@ class Aggregate:
         try:
             entry.apply(self, loaded)
         except BaseException:
-            self._body_raised = True
+            self._riverbed_body_raised = True
             raise
         finally:
             self._applying = None
@@ -212,9 +214,9 @@ class Aggregate:
         self.version = version
 
     def _note_triggered(self, entry: EventType) -> None:
-        triggered = self._triggered
+        triggered = self._riverbed_triggered
         if not isinstance(triggered, set):
-            self._triggered = triggered = set()
+            self._riverbed_triggered = triggered = set()
         triggered.add(entry.name)
 
     def __repr__(self) -> str:
@@ -253,6 +255,10 @@ class EventMethod(Generic[P, R]):
         self.binds = False  # whether a call is bound to the signature (keyword-only parameters)
         self.__doc__ = method.__doc__
 
+    def registered_by_a_base_of(self, cls: type[Aggregate]) -> bool:
+        owner = None if self.entry is None else self.entry.aggregate
+        return owner is not None and owner is not cls and issubclass(cls, owner)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Reached only through a decorator stacked above @riverbed.event, which wrapped this
         # object instead of the method the class would see.
@@ -279,12 +285,6 @@ class EventMethod(Generic[P, R]):
             # first use, as for any Struct.
             hints = dict(self.method.__annotations__)
         fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
-        if attribute == "__init__" and "id" in self.signature.parameters:
-            raise EventSourcingError(
-                f"{owner.__name__}.__init__ takes `id`, the name of the aggregate's id: give "
-                f"the parameter another name, and an id of your own with "
-                f"{owner.__name__}.create(..., id=...)"
-            )
         for parameter in list(self.signature.parameters.values())[1:]:
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 raise EventSourcingError(

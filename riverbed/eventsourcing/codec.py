@@ -188,10 +188,10 @@ class EventRegistry:
         return entry
 
     def rename(self, cls: type[Any], name: str) -> None:
-        """Store ``cls``'s events as ``name`` from now on, instead of the name it registered
-        under (its aliases stay)."""
+        """Store ``cls``'s events as ``name`` from now on; the name it registered under stays an
+        alias (events stored under it still load)."""
         entry = self._by_class[cls]
-        aliases = [n for n, e in self._by_name.items() if e is entry and n != entry.name]
+        aliases = [n for n, e in self._by_name.items() if e is entry]
         del self._by_name[entry.name]
         try:
             self.register(

@@ -14,6 +14,7 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, scenario
+from riverbed.eventsourcing.codec import registry
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.records import NewEvent, StreamAppend
 
@@ -141,15 +142,41 @@ def test_aliases_given_as_one_string_are_refused() -> None:
     }
 
 
-def test_an_init_event_may_not_take_the_name_id() -> None:
-    with pytest.raises(
-        EventSourcingError, match=r"Product.__init__ takes `id`.*create\(\.\.\., id="
-    ):
+def test_an_init_event_may_make_its_id_parameter_the_aggregates_id(
+    events: EventSourcing,
+) -> None:
+    class Product(riverbed.Aggregate):
+        @riverbed.event("Listed")
+        def __init__(self, id: str, name: str) -> None:
+            self.id = id  # the natural key
+            self.name = name
 
-        class Product(riverbed.Aggregate):
-            @riverbed.event("Listed")
-            def __init__(self, id: str, name: str) -> None:
-                self.name = name
+    events.save(Product(f"sku-{uuid.uuid4()}", "cup"))
+    stream = events.read()[-1].stream
+    assert events.get(Product, stream).name == "cup" and stream.startswith("sku-")
+
+
+def test_a_subclass_naming_a_base_event_method_records_the_bases_event(
+    events: EventSourcing,
+) -> None:
+    class Tray(riverbed.Aggregate):
+        @riverbed.event("Made")
+        def __init__(self) -> None:
+            self.items: list[str] = []
+
+        @riverbed.event("Filled")
+        def fill(self, item: str) -> None:
+            self.items.append(item)
+
+    class BigTray(Tray):
+        add = Tray.fill  # the base's event method, under another name
+
+    tray, big = Tray(), BigTray()
+    tray.fill("a")
+    big.add("b")
+    events.save(tray, big)
+    assert events.get(Tray, tray.id).items == ["a"]  # still the base's own event
+    assert events.get(BigTray, big.id).items == ["b"]
 
 
 def test_a_decorator_above_event_says_it_must_be_the_outermost() -> None:
@@ -217,6 +244,7 @@ def test_a_renamed_class_keeps_its_nested_domain_events_stored_names(
     package.trigger(module["Package"].Shipped(carrier="dhl"))
     events.save(package)
     assert [e.type for e in events.store.read_stream(stream)][-1] == "Hamper.Shipped"
+    assert registry.named("Package.Shipped").name == "Hamper.Shipped"  # its old name loads
 
 
 def test_given_applies_a_copy_of_the_tests_event_as_a_load_would() -> None:

@@ -985,7 +985,8 @@ def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_los
         ("  rollback", "tx.execute('rollback'): the statement would end"),
         ("/* mine */ COMMIT", "tx.execute('/* mine */ COMMIT'): the statement would end"),
         ("-- done\nCOMMIT", "tx.execute('-- done\\nCOMMIT'): the statement would end"),
-        ("SELECT 1; COMMIT", "tx.execute('SELECT 1; COMMIT') holds several statements"),
+        ("SELECT 1; COMMIT", "tx.execute('SELECT 1; COMMIT'): the statement would end"),
+        ("SELECT a$E'\\'; COMMIT; --'", "the statement would end"),  # a$E is a name
     ],
 )
 def test_statements_that_end_the_transaction_are_refused(
@@ -1004,7 +1005,7 @@ def test_statements_that_end_the_transaction_are_refused(
     orders = [place(events, name) for name in ("ann", "bad", "cy")]
     events.projections.runner("committing").catch_up()
     (parked,) = events.projections.parked("committing")
-    assert f"ValueError: {refusal}" in parked.error
+    assert "ValueError: tx.execute(" in parked.error and refusal in parked.error
     assert set(events.projections.all("committing", "seen")) == {orders[0].id, orders[2].id}
     assert events.projections.status("committing").checkpoint == 3
 

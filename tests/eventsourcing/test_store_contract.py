@@ -647,20 +647,22 @@ def test_documents_read_back_as_they_were_written(store: EventStore) -> None:
     assert math.copysign(1, read["negative_zero"]) == -1
 
 
-@pytest.mark.parametrize("long", ["collection", "key"])
-def test_collections_and_keys_over_1000_bytes_are_refused_by_both(
-    store: EventStore, long: str
+@pytest.mark.parametrize(("long", "limit"), [("collection", 1300), ("key", 1000)])
+def test_documents_under_names_over_the_limits_are_refused_by_both(
+    store: EventStore, long: str, limit: int
 ) -> None:
-    url = "https://example.com/" + "é" * 490  # 1,000 bytes: kept
+    longest = "https://example.com/" + "é" * ((limit - 20) // 2)  # at the limit: kept
+    names = {"collection": "c", "key": "k", long: longest}
     with store.transaction("view") as tx:
-        tx.put(url, url, {"n": 1})
-    assert store.get_document(url, url) == {"n": 1}
-    names = {"collection": "c", "key": "k", long: url + "x"}
+        tx.put(names["collection"], names["key"], {"n": 1})
+    assert store.get_document(names["collection"], names["key"]) == {"n": 1}
+    names[long] = longest + "x"
     with (
-        pytest.raises(ValueError, match=f"a document's {long} is at most 1,000 bytes in UTF-8"),
+        pytest.raises(ValueError, match=f"a document's {long}.* is at most {limit:,} bytes"),
         store.transaction("view") as tx,
     ):
         tx.put(names["collection"], names["key"], {"n": 1})
+    assert store.get_document(names["collection"], names["key"]) is None  # read: no limit
 
 
 def test_parked_events_are_listed_by_position_and_unparked(store: EventStore) -> None:
@@ -1256,6 +1258,30 @@ def test_a_postgresql_handler_may_compose_its_sql_with_psycopg(postgres_url: str
             tx.execute(sql.SQL("/* {} */ COMMIT").format(sql.Identifier("x")))
     finally:
         store.close()
+
+
+def test_a_handler_may_create_triggers_and_functions_whose_bodies_hold_statements(
+    store: EventStore, store_url: str
+) -> None:
+    table = f"seen_{uuid.uuid4().hex[:8]}"
+    if store_url.startswith("sqlite"):
+        body = (
+            f"CREATE TRIGGER {table}_count AFTER INSERT ON {table} BEGIN "
+            f"UPDATE {table} SET n = CASE WHEN n IS NULL THEN 1 ELSE n END; END"
+        )
+    else:
+        body = (
+            f"CREATE FUNCTION {table}_two() RETURNS int LANGUAGE sql BEGIN ATOMIC "
+            "SELECT 1; SELECT 2; END"
+        )
+    with store.transaction("view") as tx:
+        tx.execute(f"CREATE TABLE {table} (k text, n int)")
+        tx.execute(body)  # one statement, whose body has its own ";"
+        tx.execute(f"INSERT INTO {table} (k) VALUES ('a')")
+        if store_url.startswith("sqlite"):
+            assert tx.execute(f"SELECT n FROM {table}") == [(1,)]
+        else:
+            assert tx.execute(f"SELECT {table}_two()") == [(2,)]
 
 
 # What schema version 3 made of the documents: jsonb, in the database's collation.

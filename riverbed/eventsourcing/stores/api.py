@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -35,8 +35,7 @@ _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 def check_document_key(collection: object, key: object) -> None:
     """A read model's collection and key: strings both stores keep (PostgreSQL's text takes no
-    NUL characters, UTF-8 no lone surrogates, and its index entries ~2,700 bytes at most);
-    ``ValueError`` otherwise."""
+    NUL characters, and UTF-8 no lone surrogates); ``ValueError`` otherwise."""
     for what, name in (("collection", collection), ("key", key)):
         if not isinstance(name, str):
             raise TypeError(f"a document's {what} is a str, got {name!r}")
@@ -45,16 +44,27 @@ def check_document_key(collection: object, key: object) -> None:
                 f"a document's {what} is a str without NUL characters or lone surrogates, got "
                 f"{name!r}"
             )
-        if len(name) > MAX_DOCUMENT_KEY_BYTES // 4 and len(name.encode()) > MAX_DOCUMENT_KEY_BYTES:
+
+
+def _check_lengths(collection: str, key: str) -> None:
+    """What a document is written under fits PostgreSQL's index on (collection, key), ~2,700
+    bytes at most, and so both stores take it (read back, longer ones written before stay
+    readable)."""
+    for what, name, limit in (
+        ("collection (with the projection's prefix)", collection, MAX_COLLECTION_BYTES),
+        ("key", key, MAX_DOCUMENT_KEY_BYTES),
+    ):
+        if len(name) > limit // 4 and len(name.encode()) > limit:
             raise ValueError(
-                f"a document's {what} is at most {MAX_DOCUMENT_KEY_BYTES:,} bytes in UTF-8, got "
+                f"a document's {what} is at most {limit:,} bytes in UTF-8, got "
                 f"{len(name.encode()):,} ({name[:40]!r}...); key a long value (a URL) by a "
                 "digest of it, such as hashlib.sha256(url.encode()).hexdigest()"
             )
 
 
-# Both stores take the same keys: PostgreSQL's index on (collection, key) takes ~2,700 bytes.
 MAX_DOCUMENT_KEY_BYTES = 1000
+# A user's collection of up to 1,000 bytes, and a projection's prefix ("name@v2/").
+MAX_COLLECTION_BYTES = 1300
 
 
 def _unencodable(text: str) -> bool:
@@ -71,6 +81,7 @@ def document_text(collection: str, key: str, document: Document) -> str:
     infinities, NUL characters and lone surrogates) or would not read back as it was (a dict key
     that is not a str)."""
     check_document_key(collection, key)
+    _check_lengths(collection, key)
     where = f"document {key!r} of collection {collection!r}"
     try:
         text = json.dumps(document, ensure_ascii=False, allow_nan=False)
@@ -88,22 +99,28 @@ def document_text(collection: str, key: str, document: Document) -> str:
 
 
 def _non_str_key(value: object, path: str) -> str | None:
-    """Where ``value`` holds a dict key that is not a str, if it does."""
+    """Where ``value`` holds a dict key that is not a str, if it does. Batch-at-a-time: types
+    are gathered in C (``map``), and only containers of containers are walked."""
     if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path}[{key!r}]"
-            if isinstance(item, dict | list | tuple) and (
-                found := _non_str_key(item, f"{path}[{key!r}]")
-            ):
-                return found
+        if value and set(map(type, value)) != {str}:
+            return next(f"{path}[{key!r}]" for key in value if not isinstance(key, str))
+        items: Iterable[tuple[object, object]] = value.items()
+        inner: Iterable[object] = value.values()
     elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            if isinstance(item, dict | list | tuple) and (
-                found := _non_str_key(item, f"{path}[{index}]")
-            ):
-                return found
+        items, inner = enumerate(value), value
+    else:
+        return None
+    if set(map(type, inner)) <= _SCALARS:
+        return None
+    for name, item in items:
+        if isinstance(item, dict | list | tuple) and (
+            found := _non_str_key(item, f"{path}[{name!r}]")
+        ):
+            return found
     return None
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 # Transaction control is the store's: a handler's COMMIT or ROLLBACK would end its transaction
@@ -113,24 +130,44 @@ _TRANSACTION_CONTROL = re.compile(
     re.IGNORECASE,
 )
 # Where a comment, a quoted string or identifier, or a statement's end may start.
-_SPECIAL = re.compile(r"--|/\*|[eE]'|'|\"|\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$|;")
+_SPECIAL = re.compile(r"--|/\*|[eE]'|'|\"|`|\$(?:[^\W\d]\w*)?\$|;")
+# What opens and closes a block whose ";" end no statement: a trigger's or BEGIN ATOMIC
+# function's body (BEGIN ... END, CASE ... END inside it), a rule's (...; ...).
+_BLOCKS = re.compile(r"\b(BEGIN|CASE|END)\b|[()]|;", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=512)  # a handler runs the same statements for every event
 def check_statement(sql: str) -> None:
-    """``ValueError`` for a statement of transaction control, which is the store's, or for
-    more than one statement (comments and quoted text aside)."""
-    code = _sql_code(sql)
-    if _TRANSACTION_CONTROL.match(code):
-        raise ValueError(
-            f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the store's "
-            "transaction, which commits your writes with the checkpoint; leave COMMIT, ROLLBACK "
-            "and savepoints to riverbed"
-        )
-    if len([statement for statement in code.split(";") if statement.strip()]) > 1:
-        raise ValueError(
-            f"tx.execute({sql.strip()[:40]!r}) holds several statements; run one per call"
-        )
+    """``ValueError`` if a statement of ``sql`` (one, or several on PostgreSQL) is of
+    transaction control, which is the store's (comments and quoted text aside)."""
+    for statement in _statements(_sql_code(sql)):
+        if _TRANSACTION_CONTROL.match(statement):
+            raise ValueError(
+                f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the "
+                "store's transaction, which commits your writes with the checkpoint; leave "
+                "COMMIT, ROLLBACK and savepoints to riverbed"
+            )
+
+
+def _statements(code: str) -> list[str]:
+    """The statements of ``code`` (``_sql_code``'s), split at the ";" outside blocks."""
+    statements, start, depth = [], 0, 0
+    for found in _BLOCKS.finditer(code):
+        token = found.group().upper()
+        if token == ";" and depth == 0:
+            statements.append(code[start : found.start()])
+            start = found.end()
+        elif (
+            token in ("(", "CASE")
+            or (
+                token == "BEGIN"  # a body's, in CREATE TRIGGER or CREATE FUNCTION
+                and code[start : found.start()].lstrip()[:6].upper() == "CREATE"
+            )
+        ):
+            depth += 1
+        elif token in (")", "END") and depth:
+            depth -= 1
+    return [*statements, code[start:]]
 
 
 def _sql_code(sql: str) -> str:
@@ -170,7 +207,7 @@ def _sql_code(sql: str) -> str:
             if (
                 token in ("e'", "E'")
                 and start
-                and (sql[start - 1].isalnum() or sql[start - 1] == "_")
+                and (sql[start - 1].isalnum() or sql[start - 1] in "_$")
             ):
                 code.append(token[0])  # a name ending in e, then a string
                 i = start + 1
