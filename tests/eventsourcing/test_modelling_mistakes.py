@@ -109,6 +109,30 @@ def test_a_body_that_raised_after_changing_the_state_leaves_no_snapshot(
     assert events.get(Purse, wallet.id).held == ["ok", "more"]
 
 
+def test_an_aggregates_own_private_attributes_are_its_state(events: EventSourcing) -> None:
+    class Siren(riverbed.Aggregate):
+        snapshot_every = 1
+        _triggered: int  # a name an aggregate may well use
+        _body_raised: bool
+
+        @riverbed.event("Installed")
+        def __init__(self) -> None:
+            self._triggered = 0
+            self._body_raised = False
+
+        @riverbed.event("Sounded")
+        def sound(self) -> None:
+            self._triggered += 1
+
+    siren = Siren()
+    siren.sound()
+    events.save(siren)
+    assert events.store.load_snapshot(siren.id) is not None
+    loaded = events.get(Siren, siren.id)  # from the snapshot
+    loaded.sound()
+    assert (loaded._triggered, loaded._body_raised) == (2, False)
+
+
 def test_async_and_generator_event_methods_are_refused() -> None:
     async def deposit(self: Any, amount: int) -> None:
         self.balance += amount
