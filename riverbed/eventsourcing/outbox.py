@@ -40,7 +40,7 @@ from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent, metadata_of
-from riverbed.eventsourcing.repository import CAUSE_KEYS
+from riverbed.eventsourcing.repository import APP_KEY, CAUSE_KEYS
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import (
@@ -73,6 +73,7 @@ POSITION = "riverbed-position"
 EVENT_TIME = "riverbed-event-time"
 CORRELATION = "riverbed-correlation-id"
 CAUSATION = "riverbed-causation-id"
+APP = "riverbed-app"  # the app that saved the event
 # The event's whole metadata (msgpack), sent only when the save gave metadata of its own.
 METADATA = "riverbed-metadata"
 _EVENT_HEADERS = (EVENT_ID, EVENT_TYPE, EVENT_SCHEMA, STREAM, STREAM_VERSION, POSITION)
@@ -327,7 +328,9 @@ def _headers(stored: StoredEvent) -> dict[str, bytes]:
     }
     if "causation_id" in metadata:
         headers[CAUSATION] = str(metadata["causation_id"]).encode()
-    if metadata.keys() - CAUSE_KEYS:
+    if APP_KEY in metadata:
+        headers[APP] = str(metadata[APP_KEY]).encode()
+    if metadata.keys() - CAUSE_KEYS - {APP_KEY}:
         headers[METADATA] = stored.metadata
     return headers
 
@@ -347,6 +350,8 @@ def stored_event(record: Record) -> StoredEvent:
         ids = {"correlation_id": headers[CORRELATION].decode()}
         if CAUSATION in headers:
             ids["causation_id"] = headers[CAUSATION].decode()
+        if APP in headers:
+            ids[APP_KEY] = headers[APP].decode()
         metadata = msgspec.msgpack.encode(ids)
     return StoredEvent(
         position=int(headers[POSITION]),

@@ -76,6 +76,9 @@ RETRY_PAUSE_S = 0.01  # the bound of the first pause before a command's retry
 RETRY_PAUSE_MAX_S = 0.5
 # Metadata keys a save sets from the cause in force (``causing``).
 CAUSE_KEYS = frozenset({"correlation_id", "causation_id"})
+# The metadata key naming the app that saved an event: subscribers of apps sharing a store
+# leave alone the events of another app whose classes their process does not import.
+APP_KEY = "app"
 
 
 class Cause(msgspec.Struct, frozen=True):
@@ -252,6 +255,7 @@ class Events:
         ids = iter(event_ids)
         _check_metadata(metadata)
         meta = dict(metadata or {})
+        meta[APP_KEY] = self.app_name
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
             meta["causation_id"] = cause.causation_id
@@ -565,6 +569,10 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
         first = not_text[0]
         raise EventSourcingError(
             f"metadata keys are strings, not {type(first).__name__} ({first!r})"
+        )
+    if APP_KEY in (metadata or {}):
+        raise EventSourcingError(
+            f"metadata {APP_KEY!r} is set by riverbed: the name of the app that saved the event"
         )
     reserved = sorted(CAUSE_KEYS & (metadata or {}).keys())
     if reserved:

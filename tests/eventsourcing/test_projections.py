@@ -164,6 +164,28 @@ def test_an_event_whose_metadata_is_damaged_is_named_parked_and_stops_the_relay(
     log.close()
 
 
+def test_another_apps_events_of_types_this_process_does_not_know_are_left_alone(
+    events: EventSourcing,
+) -> None:
+    place(events, "ada")
+    payload = msgspec.msgpack.encode({"total": 5})
+    for stream, app in [("inv-1", "billing"), ("inv-2", None)]:  # None: saved before apps were
+        metadata = msgspec.msgpack.encode({"correlation_id": stream, "app": app} if app else {})
+        events.store.append([StreamAppend(stream, 0, [NewEvent(
+            str(uuid.uuid4()), stream, 1, "Invoice.Issued", 1, payload, metadata, 1,
+        )])])  # fmt: skip
+    place(events, "bob")
+    ProjectionRunner(events, Counting()).catch_up()
+    (parked,) = events.store.parked("counting@v1")  # another app's: not parked
+    assert parked.position == 3 and "UnknownEventTypeError" in parked.error
+    assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
+    assert events.read(0, 1)[0].metadata["app"] == "shop"  # a save names its app
+    with pytest.raises(EventSourcingError, match="metadata 'app' is set by riverbed"):
+        events.save(
+            Order.create("cy", "cy@x", Money(Decimal(1), "EUR"), NOW), metadata={"app": "x"}
+        )
+
+
 def test_parked_events_belong_to_the_version_that_parked_them(events: EventSourcing) -> None:
     orders = [place(events, name) for name in ("ada", "bob")]
     projection = events.projection(Counting())
