@@ -60,7 +60,8 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         raise InvalidUrlError(f"unsupported URL scheme {scheme!r} in {url!r}; use {expected}")
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    # A "+" is a plus, as libpq and librdkafka read URIs; HTML forms' space is "%20" here.
+    options = dict(parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True))
     if scheme == "sqlite":
         # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them.
         if parts.netloc:

@@ -6,6 +6,7 @@ Each command loads the app (``module:attribute``) and works on the event store i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -40,12 +41,18 @@ Positions = Annotated[
 ]
 
 
+# A whole number, its thousands grouped by commas or not ("1200", "1,200", "-5").
+_POSITION = re.compile(r"-?(\d+|\d{1,3}(,\d{3})+)")
+
+
 def _positions(given: list[str]) -> list[int]:
     """Each position once, as ints; "1,200" as ``list`` prints it is 1200. An error naming
     what is not one."""
     positions = []
     for text in given:
         try:
+            if not _POSITION.fullmatch(text):  # 1,2 is no position, nor 12
+                raise ValueError(text)
             positions.append(int(text.replace(",", "")))
         except ValueError:
             raise RiverbedError(

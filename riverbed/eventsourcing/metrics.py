@@ -4,6 +4,7 @@ process manager and relay stands, read from the store when ``/metrics`` is scrap
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from riverbed.errors import MissingExtraError
@@ -17,6 +18,10 @@ except ImportError as error:  # only a worker started with --metrics-port import
 
 if TYPE_CHECKING:
     from riverbed.eventsourcing.runtime import EventSourcing
+    from riverbed.eventsourcing.subscriptions import SubscriberStatus
+
+# How long a scrape waits for the store's answer.
+STATUS_WAIT_S = 3.0
 
 
 class SubscriberMetrics(Collector):
@@ -25,12 +30,23 @@ class SubscriberMetrics(Collector):
 
     def __init__(self, events: EventSourcing) -> None:
         self.events = events
+        # Read in a thread of its own: a store that is down holds a read for its pool_timeout,
+        # past a scraper's own timeout; the scrape answers without them meanwhile.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="riverbed-metrics")
+        self._reading: Future[list[SubscriberStatus]] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        if self._reading is None:
+            self._reading = self._reader.submit(self.events.statuses)
         try:
-            statuses = self.events.statuses()
-        except BrokerUnavailableError:  # the store is down: the scrape answers without them
+            statuses = self._reading.result(timeout=STATUS_WAIT_S)
+        except TimeoutError:  # still reading: the next scrape takes its result
             return
+        except BrokerUnavailableError:
+            return
+        finally:
+            if self._reading.done():
+                self._reading = None
         families = {
             "checkpoint": GaugeMetricFamily(
                 "riverbed_subscriber_checkpoint", "The last position handled", labels=["name"]

@@ -817,6 +817,8 @@ class KafkaProducer(Closing):
             partition = self._sticky.next(size + RECORD_OVERHEAD, info.partitions)
         else:
             partition = UNASSIGNED_PARTITION
+        if topic in self._unbatched_topics:
+            self._one_at_a_time()
         future = self._future()
         extra = _NO_EXTRAS  # without a timestamp, librdkafka stamps the record with the time now
         if timestamp_ms is not None:
@@ -828,8 +830,6 @@ class KafkaProducer(Closing):
         except BufferError:
             self._when_room(self._produce, topic, value, key, partition, on_delivery=future,
                             **extra)  # fmt: skip
-        if topic in self._unbatched_topics:
-            self._one_at_a_time()
         self._sent += 1
         self._producer.poll(0)
         return future
@@ -881,14 +881,14 @@ class KafkaProducer(Closing):
                 target = sticky % partitions
             else:
                 target = UNASSIGNED_PARTITION
+            if unbatched:
+                self._one_at_a_time()
             try:
                 produce(topic, value, key, target, **extra)
             except BufferError:
                 self._when_room(self._produce, topic, value, key, target, **extra)
             except KafkaException as error:
                 raise self.delivery_error(topic, _kafka_error(error)) from None
-            if unbatched:
-                self._one_at_a_time()
             count += 1
             if count % SERVE_EVERY == 0:
                 self._sent += SERVE_EVERY
@@ -909,12 +909,15 @@ class KafkaProducer(Closing):
                 continue
 
     def _one_at_a_time(self) -> None:
-        """Deliver the record just queued before the next is queued (``_unbatched``), within
-        ``UNBATCHED_FLUSH_S``: a log that takes longer is not taking records now."""
+        """Before a record to a topic sent one at a time (``_unbatched``) is queued: wait until
+        those queued before are delivered, for ``UNBATCHED_FLUSH_S``; a log that takes longer is
+        not taking records now, and ``TimeoutError`` says so with this record not sent (the
+        earlier ones' futures tell their own outcome)."""
         remaining = self._producer.flush(UNBATCHED_FLUSH_S)
         if remaining:
             raise TimeoutError(
-                f"{remaining} record(s) not acknowledged within {UNBATCHED_FLUSH_S:g} s"
+                f"{remaining} earlier record(s) not acknowledged within {UNBATCHED_FLUSH_S:g} s: "
+                "this one was not sent"
             )
 
     def _unbatched(self, info: TopicInfo) -> bool:

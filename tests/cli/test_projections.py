@@ -161,6 +161,8 @@ def test_positions_may_be_negative_huge_or_repeated(rooms: ModuleType) -> None:
         "projections parked` lists them\n"  # fmt: skip
     result = run("unpark", "rooms:app", NAME, "1,200")
     assert result.stderr == f"error: not parked by {NAME}: 1200\n"
+    result = run("unpark", "rooms:app", NAME, "1,2")  # a list, not 12
+    assert result.stderr.startswith("error: '1,2' is not a position")
 
 
 def test_retry_applies_parked_events_once_the_handler_is_fixed(rooms: ModuleType) -> None:

@@ -4,6 +4,7 @@ error shows a password."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -33,10 +34,10 @@ def test_a_unix_socket_several_hosts_and_libpq_parameters_reach_the_server(
     postgres_server: PostgresServer, opened: list[EventStore]
 ) -> None:
     socket_dir, port = str(postgres_server.home), postgres_server.port
-    name = f"order service {uuid.uuid4().hex[:6]}"  # a space: %20, which libpq reads
+    name = f"order service+{uuid.uuid4().hex[:6]}"  # a space: %20, which libpq reads; + is +
     urls = [
         f"postgresql:///riverbed?host={socket_dir}&port={port}&user=riverbed"
-        f"&application_name={quote(name)}",
+        f"&application_name={quote(name, safe='+')}",  # a literal +
         f"postgresql://riverbed@{quote(socket_dir, safe='')}:{port}/riverbed",
         # The first host refuses: libpq tries the next.
         f"postgresql://riverbed@127.0.0.1:1,127.0.0.1:{port}/riverbed"
@@ -57,8 +58,10 @@ def test_a_unix_socket_several_hosts_and_libpq_parameters_reach_the_server(
     ("option", "message"),
     [
         ("connect_timeout=abc", "connect_timeout='abc' in the event store URL is not a whole"),
-        ("sslmode=bogus", 'has an invalid sslmode value: "bogus"'),
-        ("keepalives=abc", 'has an invalid integer value "abc" for connection option "keepa'),
+        ("sslmode=bogus", 'cannot work: invalid sslmode value: "bogus"'),
+        ("keepalives=abc", 'cannot work: invalid integer value "abc" for connection option'),
+        ("service=nosuch", 'cannot work: definition of service "nosuch" not found'),
+        ("hostaddr=notanip", "cannot work: could not parse network address"),
         ("options=-c%20work_mem%3D1MB", "riverbed sets the connections' options itself"),
     ],
 )
@@ -147,3 +150,27 @@ def test_an_outage_message_is_one_line() -> None:
     with pytest.raises(StoreUnavailableError) as raised:
         connect_store("postgresql://shop@127.0.0.1:1/shop")
     assert "\n" not in str(raised.value) and "\t" not in str(raised.value)
+
+
+def test_a_login_refused_while_a_store_runs_is_an_error_naming_why_not_an_outage(
+    postgres_server: PostgresServer, opened: list[EventStore]
+) -> None:
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE riverbed")
+    url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed"
+    store = connect_store(f"{url}?pool_timeout=2&schema=s_{role}")
+    opened.append(store)
+    append_to(store, "s", 0)
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER ROLE {role} NOLOGIN")  # as an operator revoking it
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+    with pytest.raises(EventSourcingError) as raised:
+        for _ in range(3):  # the first call may meet the broken connection
+            with contextlib.suppress(StoreUnavailableError):
+                store.last_position()
+    assert not isinstance(raised.value, StoreUnavailableError)
+    assert f'role "{role}" is not permitted to log in' in str(raised.value)

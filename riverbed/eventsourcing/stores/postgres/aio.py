@@ -79,7 +79,7 @@ class AsyncPostgresEventStore:
             max_size=settings.pool_size,
             timeout=settings.pool_timeout,
             num_workers=1,
-            name=pool_name(settings),
+            name=pool_name(),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.AsyncConnectionPool.check,
@@ -109,7 +109,9 @@ class AsyncPostgresEventStore:
         except psycopg_pool.PoolClosed:
             raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
-            raise no_connection(self._settings, error, self._pool.get_stats()) from None
+            raise no_connection(
+                self._settings, error, self._pool.get_stats(), self._pool.name
+            ) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
             raise read_only(self._settings, error) from None
         except psycopg.OperationalError as error:

@@ -3,6 +3,7 @@ riverbed's own options), the schema the store's tables live in and the size of t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Mapping
@@ -48,10 +49,14 @@ _REFUSED_FOR_GOOD = (
     "permission denied",
     "not permitted to log in",
     "no password supplied",
-    "does not support SSL",
 )
-# libpq's words for a parameter value it cannot take (a port, sslmode, keepalives...).
-_BAD_VALUE = re.compile(r"invalid (\w+ )?(value|port number)")
+# libpq's words for a parameter value it cannot take (a port, sslmode, keepalives...), or a
+# requirement of the URL the server cannot meet: no wait makes them work.
+_BAD_VALUE = re.compile(
+    r"invalid (\w+ )?(value|port number)|definition of service|could not match \d+ port"
+    r"|could not parse network address|authentication method requirement|channel binding "
+    r"required|server does not support SSL"
+)
 # A plain lower-case identifier: it is spliced into search_path and the NOTIFY channel's name
 # (riverbed_events_<schema>), which PostgreSQL refuses past 63 bytes.
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,46}")
@@ -162,7 +167,7 @@ def unavailable(settings: Settings, error: Exception) -> RiverbedError:
     message = " ".join(str(error).split())  # libpq's lines, as one
     if bad := _BAD_VALUE.search(message):
         return InvalidUrlError(
-            f"the event store's URL {settings.where} has an {message[bad.start() :].strip()}"
+            f"the event store's URL {settings.where} cannot work: {message[bad.start() :].strip()}"
         )
     if any(reason in message for reason in _REFUSED_FOR_GOOD):
         return EventSourcingError(
@@ -183,16 +188,20 @@ def read_only(settings: Settings, error: Exception) -> EventSourcingError:
     )
 
 
-def no_connection(settings: Settings, error: Exception, stats: dict[str, int]) -> RiverbedError:
-    """The error for a pool that gave no connection in time (``stats``: the pool's): all of
-    them in use, or the server unreachable."""
+def no_connection(
+    settings: Settings, error: Exception, stats: dict[str, int], pool: str
+) -> RiverbedError:
+    """The error for a pool (named ``pool``) that gave no connection in time (``stats``: the
+    pool's): all of them in use, or the server unreachable or refusing."""
     if stats.get("pool_size", 0) >= settings.pool_size and not stats.get("pool_available", 0):
         return StoreUnavailableError(
             f"no connection to the event store at {settings.where} came free within "
             f"{settings.pool_timeout:g} s: all {settings.pool_size} of the pool's were in use; "
             "raise pool_size= (or pool_timeout=) in the URL, or have fewer calls at once"
         )
-    return unavailable(settings, error)
+    # The pool's wait says only that it got no connection: what failed is the last attempt.
+    cause = _last_connect_error.pop(pool, None)
+    return unavailable(settings, Exception(cause) if cause is not None else error)
 
 
 # The pools of riverbed's stores are named so: their connection attempts during an outage are
@@ -201,16 +210,32 @@ POOL_NAME_PREFIX = "riverbed-events"
 
 
 class _QuietDuringOutages(logging.Filter):
+    """Drops psycopg_pool's warnings about riverbed's pools, keeping the last connection
+    error of each: what a call that got no connection reports (a login refused for good stops
+    a worker, an outage is waited out)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (
-            record.levelno == logging.WARNING
-            and any(isinstance(arg, str) and arg.startswith(POOL_NAME_PREFIX) for arg in args)
+        pool = next(
+            (a for a in args if isinstance(a, str) and a.startswith(POOL_NAME_PREFIX)), None
         )
+        if pool is None or record.levelno != logging.WARNING:
+            return True
+        if record.msg.startswith("error connecting") and len(args) == 2:
+            _last_connect_error[pool] = str(args[1])
+        return False
 
 
-def pool_name(settings: Settings) -> str:
-    return f"{POOL_NAME_PREFIX}-{settings.schema}"
+# The last error each of riverbed's pools met connecting, by pool name.
+_last_connect_error: dict[str, str] = {}
+
+
+def pool_name() -> str:
+    """A name of its own for a store's pool."""
+    return f"{POOL_NAME_PREFIX}-{next(_pool_numbers)}"
+
+
+_pool_numbers = itertools.count(1)
 
 
 logging.getLogger("psycopg.pool").addFilter(_QuietDuringOutages())

@@ -71,7 +71,7 @@ class PostgresEventStore:
             max_size=self._settings.pool_size,
             timeout=self._settings.pool_timeout,
             num_workers=1,
-            name=pool_name(self._settings),
+            name=pool_name(),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.ConnectionPool.check,
@@ -119,7 +119,7 @@ class PostgresEventStore:
         if isinstance(error, psycopg_pool.PoolClosed):
             return closed(self._settings)
         if isinstance(error, psycopg_pool.PoolTimeout):
-            return no_connection(self._settings, error, self._pool.get_stats())
+            return no_connection(self._settings, error, self._pool.get_stats(), self._pool.name)
         if conn is None or not conn.broken:
             return error
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use

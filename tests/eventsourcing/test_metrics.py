@@ -1,0 +1,34 @@
+"""The event-sourcing metrics a worker serves: read from the store when scraped, and a store
+that is slow or down does not hold the scrape up."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from riverbed.eventsourcing import SubscriberStatus
+from riverbed.eventsourcing.metrics import STATUS_WAIT_S, SubscriberMetrics
+
+
+class SlowStore:
+    """``statuses`` as of a store that answers only once ``answer`` is set."""
+
+    def __init__(self) -> None:
+        self.answer = threading.Event()
+
+    def statuses(self) -> list[SubscriberStatus]:
+        self.answer.wait(30)
+        return [SubscriberStatus("totals", 1, 5, 7, 2, 1)]
+
+
+def test_a_scrape_answers_without_the_store_while_it_is_slow_then_with_it() -> None:
+    store = SlowStore()
+    metrics = SubscriberMetrics(store)  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert list(metrics.collect()) == []  # the scrape is not held up
+    assert time.monotonic() - started < STATUS_WAIT_S + 2
+    store.answer.set()
+    families: dict[str, Any] = {family.name: family for family in metrics.collect()}
+    assert families["riverbed_subscriber_lag"].samples[0].value == 2
+    assert families["riverbed_subscriber_parked"].samples[0].labels == {"name": "totals"}
