@@ -347,14 +347,17 @@ def _rename_nested_events(cls: type[Aggregate]) -> None:
     own = cls.__dict__.get("stored_name")
     if not own or own == cls.__name__:
         return
-    for value in list(cls.__dict__.values()):
-        if (
-            isinstance(value, type)
-            and issubclass(value, DomainEvent)
-            and not value.__dict__.get("event_type")
-            and value.__qualname__.startswith(f"{cls.__qualname__}.")
-        ):
-            registry.rename(value, own + value.__qualname__.removeprefix(cls.__qualname__))
+    inside = f"{cls.__qualname__}."
+    namespaces: list[type] = [cls]
+    while namespaces:  # the class, and classes nested in it (``Purchase.Events.Cancelled``)
+        for value in list(vars(namespaces.pop()).values()):
+            if not (isinstance(value, type) and value.__qualname__.startswith(inside)):
+                continue
+            if issubclass(value, DomainEvent):
+                if not value.__dict__.get("event_type"):
+                    registry.rename(value, own + value.__qualname__.removeprefix(cls.__qualname__))
+            elif not issubclass(value, Aggregate):
+                namespaces.append(value)
 
 
 def stored_name(cls: type[Aggregate]) -> str:

@@ -247,6 +247,11 @@ class Package(riverbed.Aggregate):
 
         def apply(self, package) -> None:
             package.carrier = self.carrier
+
+    class Events:
+        class Lost(riverbed.DomainEvent):
+            def apply(self, package) -> None:
+                package.carrier = None
 """
 
 
@@ -269,6 +274,7 @@ def test_a_renamed_class_keeps_its_nested_domain_events_stored_names(
     events.save(package)
     assert [e.type for e in events.store.read_stream(stream)][-1] == "Hamper.Shipped"
     assert registry.named("Package.Shipped").name == "Hamper.Shipped"  # its old name loads
+    assert registry.of_class(module["Package"].Events.Lost).name == "Hamper.Events.Lost"
 
 
 def test_given_applies_a_copy_of_the_tests_event_as_a_load_would() -> None:
