@@ -56,7 +56,10 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
     expected = " or ".join(f"{s}://" for s in schemes)
     if "://" not in url:
         raise InvalidUrlError(f"invalid URL {url!r}: expected {expected}...")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:  # "Invalid IPv6 URL"
+        raise InvalidUrlError(f"invalid URL {redacted(url)!r}: {error}") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         raise InvalidUrlError(f"unsupported URL scheme {scheme!r} in {url!r}; use {expected}")

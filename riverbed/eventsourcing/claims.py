@@ -38,13 +38,22 @@ def claim(store: EventStore, app_name: str, whats: list[str]) -> None:
 
 
 def take_over(store: EventStore, app_name: str, renamed_from: str) -> int:
-    """Hand what app ``renamed_from`` claimed over to ``app_name``; how many."""
+    """Hand what app ``renamed_from`` claimed over to ``app_name``; how many. The events it
+    saved are this app's from now on (``renamed_to``)."""
     with store.transaction(RUNNERS) as tx:
         whats = [what for what, claimed in store.documents(RUNNERS).items()
                  if claimed["app"] == renamed_from]  # fmt: skip
-        for what in whats:
+        for what in [*whats, _RENAMED + renamed_from]:  # earlier renames to it move along
             tx.put(RUNNERS, what, {"app": app_name})
-    return len(whats)
+    return len([what for what in whats if not what.startswith(_RENAMED)])
+
+
+def renamed_to(store: EventStore, app_name: str) -> str | None:
+    """The app that took app ``app_name``'s names over, if one did."""
+    return owner(store, _RENAMED + app_name)
+
+
+_RENAMED = "renamed app "
 
 
 def owner(store: EventStore, what: str) -> str | None:

@@ -78,7 +78,7 @@ RETRY_PAUSE_MAX_S = 0.5
 CAUSE_KEYS = frozenset({"correlation_id", "causation_id"})
 # The metadata key naming the app that saved an event: subscribers of apps sharing a store
 # leave alone the events of another app whose classes their process does not import.
-APP_KEY = "app"
+APP_KEY = "riverbed_app"  # riverbed's own: a save's metadata may have an "app" of its own
 
 
 class Cause(msgspec.Struct, frozen=True):

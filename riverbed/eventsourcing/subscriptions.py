@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, Self, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.claims import claim
+from riverbed.eventsourcing.claims import claim, renamed_to
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -100,10 +100,12 @@ class Subscription:
         raise NotImplementedError
 
     def _another_apps(self, stored: StoredEvent) -> bool:
-        """Whether another app saved ``stored`` (events saved before they named their app are
-        taken for this one's: an unknown type among them is a missing import)."""
+        """Whether another app saved ``stored``: not this one, nor one renamed to it (events
+        saved before they named their app are taken for this one's: an unknown type among
+        them is a missing import)."""
         saved_by = metadata_of(stored).get(APP_KEY)
-        return saved_by is not None and saved_by != self.events.app_name
+        app = self.events.app_name
+        return saved_by not in (None, app) and renamed_to(self.store, str(saved_by)) != app
 
     def replaced(self, tx: Transaction) -> bool:
         """Whether a successor took this subscriber's place, asked first in each of its

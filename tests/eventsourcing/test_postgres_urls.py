@@ -13,12 +13,15 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-import riverbed.eventsourcing.stores.postgres  # noqa: F401 - its pools' logging filter
+import riverbed
+import riverbed.eventsourcing.stores.postgres
 from riverbed.errors import InvalidUrlError
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.eventsourcing.stores import EventStore, connect_store
+from riverbed.eventsourcing.stores.postgres import settings as postgres_settings
 from tests.eventsourcing.test_store_contract import append_to
 from tests.services.postgres import PostgresServer
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -174,3 +177,24 @@ def test_a_login_refused_while_a_store_runs_is_an_error_naming_why_not_an_outage
                 store.last_position()
     assert not isinstance(raised.value, StoreUnavailableError)
     assert f'role "{role}" is not permitted to log in' in str(raised.value)
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER ROLE {role} LOGIN")  # granted again
+    wait_until(lambda: _works(store), 30, "the store to log in again")
+    # Logged in again: a later outage is not reported as the refusal that was.
+    assert store._pool.name not in postgres_settings._last_connect_error  # type: ignore[attr-defined]
+
+
+def _works(store: EventStore) -> bool:
+    try:
+        store.last_position()
+    except EventSourcingError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://shop@[::1/shop", "postgresql://shop@db:5432]/shop", "kafka://[::1:9092"]
+)
+def test_a_url_with_a_bracket_typo_is_a_url_error(url: str) -> None:
+    with pytest.raises(InvalidUrlError, match="Invalid IPv6 URL"):
+        connect_store(url) if url.startswith("postgresql") else riverbed.connect(url)

@@ -169,21 +169,24 @@ def test_another_apps_events_of_types_this_process_does_not_know_are_left_alone(
 ) -> None:
     place(events, "ada")
     payload = msgspec.msgpack.encode({"total": 5})
-    for stream, app in [("inv-1", "billing"), ("inv-2", None)]:  # None: saved before apps were
-        metadata = msgspec.msgpack.encode({"correlation_id": stream, "app": app} if app else {})
+    saved = [("inv-1", "billing"), ("inv-2", None), ("inv-3", "old-shop")]  # None: from before
+    for stream, app in saved:
+        metadata = msgspec.msgpack.encode({"riverbed_app": app} if app else {"app": "ios"})
         events.store.append([StreamAppend(stream, 0, [NewEvent(
             str(uuid.uuid4()), stream, 1, "Invoice.Issued", 1, payload, metadata, 1,
         )])])  # fmt: skip
     place(events, "bob")
+    events.take_over_names("old-shop")  # this app, renamed: its events are this app's
     ProjectionRunner(events, Counting()).catch_up()
-    (parked,) = events.store.parked("counting@v1")  # another app's: not parked
-    assert parked.position == 3 and "UnknownEventTypeError" in parked.error
+    parked = events.store.parked("counting@v1")  # billing's: not parked
+    assert [entry.position for entry in parked] == [3, 4]
+    assert all("UnknownEventTypeError" in entry.error for entry in parked)
     assert events.store.documents("counting@v1/types") == {"Order.Placed": {"n": 2}}
-    assert events.read(0, 1)[0].metadata["app"] == "shop"  # a save names its app
-    with pytest.raises(EventSourcingError, match="metadata 'app' is set by riverbed"):
-        events.save(
-            Order.create("cy", "cy@x", Money(Decimal(1), "EUR"), NOW), metadata={"app": "x"}
-        )
+    assert events.read(0, 1)[0].metadata["riverbed_app"] == "shop"  # a save names its app
+    order = Order.create("cy", "cy@x", Money(Decimal(1), "EUR"), NOW)
+    with pytest.raises(EventSourcingError, match="metadata 'riverbed_app' is set by riverbed"):
+        events.save(order, metadata={"riverbed_app": "x"})
+    events.save(order, metadata={"app": "ios"})  # an "app" of the user's own
 
 
 def test_parked_events_belong_to_the_version_that_parked_them(events: EventSourcing) -> None:

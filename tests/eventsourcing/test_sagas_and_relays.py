@@ -979,18 +979,23 @@ def test_a_handler_that_ends_the_sqlite_transaction_is_parked_and_nothing_is_los
     events.close()
 
 
+ONE_STATEMENT = ("one statement at a time", "cannot insert multiple commands")  # SQLite, PG
+
+
 @pytest.mark.parametrize(
-    ("statement", "refusal"),
+    ("statement", "refusals"),
     [
-        ("  rollback", "tx.execute('rollback'): the statement would end"),
-        ("/* mine */ COMMIT", "tx.execute('/* mine */ COMMIT'): the statement would end"),
-        ("-- done\nCOMMIT", "tx.execute('-- done\\nCOMMIT'): the statement would end"),
-        ("SELECT 1; COMMIT", "tx.execute('SELECT 1; COMMIT'): the statement would end"),
-        ("SELECT a$E'\\'; COMMIT; --'", "the statement would end"),  # a$E is a name
+        ("  rollback", ["tx.execute('rollback'): the statement would end"]),
+        ("/* mine */ COMMIT", ["tx.execute('/* mine */ COMMIT'): the statement would end"]),
+        ("-- done\rCOMMIT", ["tx.execute('-- done\\rCOMMIT'): the statement would end"]),
+        ("/* SQLite's /* */ COMMIT /* */", ["the statement would end"]),  # comments not nested
+        ("SELECT 1; COMMIT", ONE_STATEMENT),
+        ("CREATE TABLE spans (begin int); COMMIT", ONE_STATEMENT),
+        ("SELECT a$E'\\'; COMMIT; --'", [*ONE_STATEMENT, "no such column"]),  # a$E: a name
     ],
 )
 def test_statements_that_end_the_transaction_are_refused(
-    events: EventSourcing, statement: str, refusal: str
+    events: EventSourcing, statement: str, refusals: list[str]
 ) -> None:
     class Committing(riverbed.Projection):
         name = "committing"
@@ -1005,7 +1010,7 @@ def test_statements_that_end_the_transaction_are_refused(
     orders = [place(events, name) for name in ("ann", "bad", "cy")]
     events.projections.runner("committing").catch_up()
     (parked,) = events.projections.parked("committing")
-    assert "ValueError: tx.execute(" in parked.error and refusal in parked.error
+    assert any(refusal in parked.error for refusal in refusals), parked.error
     assert set(events.projections.all("committing", "seen")) == {orders[0].id, orders[2].id}
     assert events.projections.status("committing").checkpoint == 3
 

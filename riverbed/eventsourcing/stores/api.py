@@ -129,66 +129,41 @@ _TRANSACTION_CONTROL = re.compile(
     r"\s*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
     re.IGNORECASE,
 )
-# Where a comment, a quoted string or identifier, or a statement's end may start.
-_SPECIAL = re.compile(r"--|/\*|[eE]'|'|\"|`|\$(?:[^\W\d]\w*)?\$|;")
-# What opens and closes a block whose ";" end no statement: a trigger's or BEGIN ATOMIC
-# function's body (BEGIN ... END, CASE ... END inside it), a rule's (...; ...).
-_BLOCKS = re.compile(r"\b(BEGIN|CASE|END)\b|[()]|;", re.IGNORECASE)
+# Where a comment, or a quoted string or identifier, may start.
+_SPECIAL = re.compile(r"--|/\*|[eE]'|'|\"|`|\$(?:[^\W\d]\w*)?\$")
 
 
 @functools.lru_cache(maxsize=512)  # a handler runs the same statements for every event
 def check_statement(sql: str) -> None:
-    """``ValueError`` if a statement of ``sql`` (one, or several on PostgreSQL) is of
-    transaction control, which is the store's (comments and quoted text aside)."""
-    for statement in _statements(_sql_code(sql)):
-        if _TRANSACTION_CONTROL.match(statement):
-            raise ValueError(
-                f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the "
-                "store's transaction, which commits your writes with the checkpoint; leave "
-                "COMMIT, ROLLBACK and savepoints to riverbed"
-            )
+    """``ValueError`` for a statement of transaction control, which is the store's, behind
+    comments too. One statement per call: both stores refuse more (SQLite's driver, and
+    PostgreSQL's extended protocol, which the stores use for it)."""
+    # PostgreSQL's comments nest, SQLite's do not: either reading must find no control.
+    if any(_TRANSACTION_CONTROL.match(_sql_code(sql, nested)) for nested in (True, False)):
+        raise ValueError(
+            f"tx.execute({sql.strip()[:40]!r}): the statement would end or split the store's "
+            "transaction, which commits your writes with the checkpoint; leave COMMIT, ROLLBACK "
+            "and savepoints to riverbed"
+        )
 
 
-def _statements(code: str) -> list[str]:
-    """The statements of ``code`` (``_sql_code``'s), split at the ";" outside blocks."""
-    statements, start, depth = [], 0, 0
-    for found in _BLOCKS.finditer(code):
-        token = found.group().upper()
-        if token == ";" and depth == 0:
-            statements.append(code[start : found.start()])
-            start = found.end()
-        elif (
-            token in ("(", "CASE")
-            or (
-                token == "BEGIN"  # a body's, in CREATE TRIGGER or CREATE FUNCTION
-                and code[start : found.start()].lstrip()[:6].upper() == "CREATE"
-            )
-        ):
-            depth += 1
-        elif token in (")", "END") and depth:
-            depth -= 1
-    return [*statements, code[start:]]
-
-
-def _sql_code(sql: str) -> str:
-    """``sql`` without its comments and with its quoted strings and identifiers emptied (as
-    PostgreSQL and SQLite read them): what is left says which statements it holds."""
+def _sql_code(sql: str, nested: bool = True) -> str:
+    """``sql`` without its comments and with its quoted strings and identifiers emptied, as
+    PostgreSQL reads it (or SQLite, whose comments do not ``nested``): what is left says what
+    the statement is."""
     code: list[str] = []
     i = 0
     while (found := _SPECIAL.search(sql, i)) is not None:
         start, token = found.start(), found.group()
         code.append(sql[i:start])
-        if token == ";":
-            code.append(";")
-            i = found.end()
-        elif token == "--":
-            end = sql.find("\n", start)
-            i = len(sql) if end < 0 else end
+        if token == "--":  # to the end of the line, which PostgreSQL also ends at a \r
+            ends = [at for at in (sql.find("\n", start), sql.find("\r", start)) if at >= 0]
+            i = min(ends, default=len(sql))
             code.append(" ")
-        elif token == "/*":  # comments nest
+        elif token == "/*":
             depth, i = 1, start + 2
             while depth and i < len(sql):
-                if sql.startswith("/*", i):
+                if nested and sql.startswith("/*", i):
                     depth, i = depth + 1, i + 2
                 elif sql.startswith("*/", i):
                     depth, i = depth - 1, i + 2

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -30,6 +30,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
     closed,
     connection_options,
+    forget_connect_error,
     no_connection,
     parse_settings,
     pool_name,
@@ -37,6 +38,13 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 from riverbed.urls import BackendUrl
+
+
+def _connected(name: str) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    async def configure(_: psycopg.AsyncConnection[Any]) -> None:
+        forget_connect_error(name)
+
+    return configure
 
 
 class _Pool(psycopg_pool.AsyncConnectionPool[Any]):
@@ -72,6 +80,7 @@ class AsyncPostgresEventStore:
         settings = parse_settings(url)
         # Once per store, with the sync driver in a thread: the same code as the sync store's.
         await asyncio.to_thread(prepare_schema, settings)
+        name = pool_name()
         pool: psycopg_pool.AsyncConnectionPool[Any] = _Pool(
             settings.conninfo,
             kwargs={"autocommit": True, "options": connection_options(settings)},
@@ -79,7 +88,8 @@ class AsyncPostgresEventStore:
             max_size=settings.pool_size,
             timeout=settings.pool_timeout,
             num_workers=1,
-            name=pool_name(),
+            name=name,
+            configure=_connected(name),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.AsyncConnectionPool.check,

@@ -235,6 +235,12 @@ def pool_name() -> str:
     return f"{POOL_NAME_PREFIX}-{next(_pool_numbers)}"
 
 
+def forget_connect_error(pool: str) -> None:
+    """Pool ``pool`` made a connection (or closed): what failed before is no longer why a call
+    would get none (a login refused, then granted again, is not a later outage's reason)."""
+    _last_connect_error.pop(pool, None)
+
+
 _pool_numbers = itertools.count(1)
 
 

@@ -47,6 +47,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     Settings,
     closed,
     connection_options,
+    forget_connect_error,
     no_connection,
     parse_settings,
     pool_name,
@@ -64,6 +65,7 @@ class PostgresEventStore:
         self.url = url.raw
         self._settings = parse_settings(url)
         prepare_schema(self._settings)
+        name = pool_name()
         self._pool = psycopg_pool.ConnectionPool(
             self._settings.conninfo,
             kwargs={"autocommit": True, "options": connection_options(self._settings)},
@@ -71,7 +73,8 @@ class PostgresEventStore:
             max_size=self._settings.pool_size,
             timeout=self._settings.pool_timeout,
             num_workers=1,
-            name=pool_name(),
+            name=name,
+            configure=lambda _: forget_connect_error(name),
             reconnect_timeout=RECONNECT_S,
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.ConnectionPool.check,
@@ -298,6 +301,7 @@ class PostgresEventStore:
                 self._pool.putconn(self._appender)
                 self._appender = None
         self._pool.close()
+        forget_connect_error(self._pool.name)
 
     def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:
         """The first column of the query's one row, or ``default`` when it finds none."""
@@ -419,9 +423,13 @@ class PostgresTransaction:
         ``self.version``, say)."""
         text = sql if isinstance(sql, str) else sql.as_string(self._conn)
         check_statement(text)
-        # Without parameters, psycopg reads no placeholders: `LIKE 'a%'` stays as it is.
-        cur = self._conn.execute(text.encode(), params or None)
-        return cur.fetchall() if cur.description is not None else []
+        # In a pipeline, through the extended protocol, which takes one statement, as SQLite
+        # does: the simple one would run a COMMIT after it. Without parameters, psycopg reads
+        # no placeholders: `LIKE 'a%'` stays as it is.
+        with self._conn.pipeline() as pipeline:
+            cur = self._conn.execute(text.encode(), params or None)
+            pipeline.sync()
+            return cur.fetchall() if cur.description is not None else []
 
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         return self._conn.execute(q.RENEW_LEASE, (ttl_ms, name, owner)).rowcount == 1
