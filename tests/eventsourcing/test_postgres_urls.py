@@ -14,7 +14,6 @@ import psycopg
 import pytest
 
 import riverbed
-import riverbed.eventsourcing.stores.postgres
 from riverbed.errors import InvalidUrlError
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.eventsourcing.stores import EventStore, connect_store
