@@ -1318,6 +1318,21 @@ def test_a_database_of_a_locales_collation_lists_keys_in_code_point_order(
         store.close()
 
 
+def test_an_upgrade_a_users_view_blocks_says_what_blocks_it(postgres_url: str) -> None:
+    schema = f"v3_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        admin.execute(f"SET search_path TO {schema}")
+        admin.execute(V3_DOCUMENTS.encode())
+        admin.execute("CREATE VIEW totals AS SELECT key, document FROM riverbed_documents")
+    with pytest.raises(EventSourcingError) as raised:
+        connect_store(f"{postgres_url}?schema={schema}")
+    message = str(raised.value)
+    assert "cannot create or upgrade the event store's tables" in message
+    assert "to schema version 4" in message and "view" in message
+    assert "CREATE privilege" not in message
+
+
 def test_a_missing_store_is_told_without_creating_it(postgres_url: str, tmp_path: Path) -> None:
     schema = f"absent_{uuid.uuid4().hex[:8]}"
     assert missing_store(f"{postgres_url}?schema={schema}") == (

@@ -183,11 +183,17 @@ def prepare_schema(settings: Settings) -> None:
         raise unavailable(settings, error) from None
     except psycopg.errors.ReadOnlySqlTransaction as error:
         raise read_only(settings, error) from None
-    except psycopg.Error as error:
+    except psycopg.errors.InsufficientPrivilege as error:
         raise EventSourcingError(
             f"cannot create the event store's tables at {settings.where} (schema "
             f"{settings.schema!r}): {str(error).strip()}; the URL's user needs the CREATE "
             "privilege there"
+        ) from None
+    except psycopg.Error as error:  # a view of the user's on a table an upgrade alters, say
+        raise EventSourcingError(
+            f"cannot create or upgrade the event store's tables at {settings.where} (schema "
+            f"{settings.schema!r}) to schema version {SCHEMA_VERSION}: "
+            f"{' '.join(str(error).split())}"
         ) from None
     finally:
         conn.close()
