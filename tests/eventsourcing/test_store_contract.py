@@ -1225,12 +1225,18 @@ CREATE FUNCTION riverbed_append(p_appends json, p_channel text) RETURNS TABLE (
 """
 
 
-def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_url: str) -> None:
-    schema = f"v1_{uuid.uuid4().hex[:8]}"
+def older_store(postgres_url: str, version: str, ddl: str) -> str:
+    """A new schema holding what ``ddl`` makes (an older riverbed's tables); its name."""
+    schema = f"{version}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
         admin.execute(f"SET search_path TO {schema}")
-        admin.execute(V1_STORE.encode())
+        admin.execute(ddl.encode())
+    return schema
+
+
+def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_url: str) -> None:
+    schema = older_store(postgres_url, "v1", V1_STORE)
     store = connect_store(f"{postgres_url}?schema={schema}")
     try:
         assert store.last_position() == 2
@@ -1319,12 +1325,8 @@ def test_a_database_of_a_locales_collation_lists_keys_in_code_point_order(
 
 
 def test_an_upgrade_a_users_view_blocks_says_what_blocks_it(postgres_url: str) -> None:
-    schema = f"v3_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        admin.execute(f"SET search_path TO {schema}")
-        admin.execute(V3_DOCUMENTS.encode())
-        admin.execute("CREATE VIEW totals AS SELECT key, document FROM riverbed_documents")
+    view = "CREATE VIEW totals AS SELECT key, document FROM riverbed_documents"
+    schema = older_store(postgres_url, "v3", V3_DOCUMENTS + ";" + view)
     with pytest.raises(EventSourcingError) as raised:
         connect_store(f"{postgres_url}?schema={schema}")
     message = str(raised.value)

@@ -161,12 +161,7 @@ class SqliteEventStore:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
         except sqlite3.OperationalError as error:
             self._file.close()
-            if "locked" not in str(error):
-                raise _cannot_open(self.path, error) from error
-            # Another process's writer held the file past the busy timeout: waited out.
-            raise StoreUnavailableError(
-                f"the event store {str(self.path)!r} stayed locked by another writer: {error}"
-            ) from error
+            raise (_locked(error) or _cannot_open(self.path, error)) from error
         except (sqlite3.DatabaseError, OSError) as error:
             self._file.close()
             raise _cannot_open(self.path, error) from error
@@ -601,12 +596,18 @@ class _write_transaction(write_transaction):  # noqa: N801 - used as a function
         try:
             return super().__enter__()
         except sqlite3.OperationalError as error:
-            if "locked" not in str(error):
-                raise
-            raise StoreUnavailableError(
-                "the SQLite event store stayed locked by another writer for a minute (a "
-                f"transaction held open that long): {error}"
-            ) from None
+            raise (_locked(error) or error) from None
+
+
+def _locked(error: sqlite3.OperationalError) -> StoreUnavailableError | None:
+    """The outage another process's writer made, holding the file's write lock past the busy
+    timeout (a minute): waited out, not fatal. None for another error."""
+    if "locked" not in str(error):
+        return None
+    return StoreUnavailableError(
+        f"the SQLite event store stayed locked by another writer for a minute (a transaction "
+        f"held open that long): {error}"
+    )
 
 
 def _cannot_open(path: Path, error: Exception) -> EventSourcingError:

@@ -26,14 +26,13 @@ from riverbed.eventsourcing.stores.api import (
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
-    RECONNECT_S,
     Settings,
     closed,
     connection_options,
     forget_connect_error,
     no_connection,
     parse_settings,
-    pool_name,
+    pool_options,
     read_only,
     unavailable,
 )
@@ -80,20 +79,12 @@ class AsyncPostgresEventStore:
         settings = parse_settings(url)
         # Once per store, with the sync driver in a thread: the same code as the sync store's.
         await asyncio.to_thread(prepare_schema, settings)
-        name = pool_name()
+        options = pool_options(settings)
         pool: psycopg_pool.AsyncConnectionPool[Any] = _Pool(
-            settings.conninfo,
-            kwargs={"autocommit": True, "options": connection_options(settings)},
-            min_size=1,
-            max_size=settings.pool_size,
-            timeout=settings.pool_timeout,
-            num_workers=1,
-            name=name,
-            configure=_connected(name),
-            reconnect_timeout=RECONNECT_S,
+            **options,
+            configure=_connected(options["name"]),
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.AsyncConnectionPool.check,
-            open=False,
         )
         try:
             await pool.open(wait=True, timeout=settings.pool_timeout)
@@ -234,6 +225,7 @@ class AsyncPostgresEventStore:
         if listener is not None:
             await listener.close()
         await self._pool.close()
+        forget_connect_error(self._pool.name)
 
     async def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:
         """The first column of the query's one row, or ``default`` when it finds none."""

@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import psycopg
@@ -230,9 +231,20 @@ class _QuietDuringOutages(logging.Filter):
 _last_connect_error: dict[str, str] = {}
 
 
-def pool_name() -> str:
-    """A name of its own for a store's pool."""
-    return f"{POOL_NAME_PREFIX}-{next(_pool_numbers)}"
+def pool_options(settings: Settings) -> dict[str, Any]:
+    """What the sync and the async store open their pools with, a name of its own (which the
+    pool's ``configure`` hook passes to ``forget_connect_error``) among them."""
+    return {
+        "conninfo": settings.conninfo,
+        "kwargs": {"autocommit": True, "options": connection_options(settings)},
+        "min_size": 1,
+        "max_size": settings.pool_size,
+        "timeout": settings.pool_timeout,
+        "num_workers": 1,
+        "name": f"{POOL_NAME_PREFIX}-{next(_pool_numbers)}",
+        "reconnect_timeout": RECONNECT_S,
+        "open": False,
+    }
 
 
 def forget_connect_error(pool: str) -> None:

@@ -43,14 +43,13 @@ from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
-    RECONNECT_S,
     Settings,
     closed,
     connection_options,
     forget_connect_error,
     no_connection,
     parse_settings,
-    pool_name,
+    pool_options,
     read_only,
     unavailable,
 )
@@ -65,20 +64,12 @@ class PostgresEventStore:
         self.url = url.raw
         self._settings = parse_settings(url)
         prepare_schema(self._settings)
-        name = pool_name()
+        options = pool_options(self._settings)
         self._pool = psycopg_pool.ConnectionPool(
-            self._settings.conninfo,
-            kwargs={"autocommit": True, "options": connection_options(self._settings)},
-            min_size=1,
-            max_size=self._settings.pool_size,
-            timeout=self._settings.pool_timeout,
-            num_workers=1,
-            name=name,
-            configure=lambda _: forget_connect_error(name),
-            reconnect_timeout=RECONNECT_S,
+            **options,
+            configure=lambda _: forget_connect_error(options["name"]),
             # Calls already waiting for a connection get a new try, not only the next call.
             reconnect_failed=psycopg_pool.ConnectionPool.check,
-            open=False,
         )
         try:
             self._pool.open(wait=True, timeout=self._settings.pool_timeout)
