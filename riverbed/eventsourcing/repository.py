@@ -64,6 +64,7 @@ from riverbed.eventsourcing.stores import (
     runs_in_threads,
 )
 from riverbed.eventsourcing.stores.threaded import ThreadedAsyncStore
+from riverbed.eventsourcing.turns import Turns
 from riverbed.ids import random_ids
 
 A = TypeVar("A", bound=Aggregate)
@@ -71,8 +72,8 @@ log = logging.getLogger("riverbed.events")
 
 MAX_VERSION = 2**62  # above any stream's version; both stores take it
 RETRY_PAUSE_S = 0.01  # the bound of the first pause before a command's retry
-# Async commands racing for one aggregate load at once: shorter pauses (2 ms, up to 0.1 s) left
-# a third of 30 such commands failing after 5 retries on PostgreSQL, these 3%.
+# For commands of several processes racing for one aggregate (one process's take turns,
+# turns.py): shorter pauses (2 ms, up to 0.1 s) left a third of 30 failing after 5 retries.
 RETRY_PAUSE_MAX_S = 0.5
 # Metadata keys a save sets from the cause in force (``causing``).
 CAUSE_KEYS = frozenset({"correlation_id", "causation_id"})
@@ -139,8 +140,12 @@ class Events:
         self._async_stores: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[str | None, AsyncEventStore]
         ] = weakref.WeakKeyDictionary()
+        self._async_opening: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[str | None, asyncio.Task[AsyncEventStore]]
+        ] = weakref.WeakKeyDictionary()
         self._threaded_store: ThreadedAsyncStore | None = None  # over self.store, any loop's
         self._connecting = threading.Lock()
+        self._turns = Turns()  # commands on one aggregate in this process take turns
         _all_events.add(self)
 
     def _forget_inherited_stores(self) -> None:
@@ -150,7 +155,9 @@ class Events:
         _inherited.append((self._store, self._threaded_store, dict(self._async_stores)))
         self._store = self._threaded_store = None
         self._async_stores = weakref.WeakKeyDictionary()
+        self._async_opening = weakref.WeakKeyDictionary()
         self._connecting = threading.Lock()
+        self._turns = Turns()  # the parent's threads held some of its locks at the fork
 
     @property
     def store(self) -> EventStore:
@@ -407,19 +414,21 @@ class Events:
         _check_retries(retries)
         with causing(random_ids(1)[0] if command_id is None else command_id):
             for attempt in range(retries + 1):
-                aggregate = self.get(cls, aggregate_id)
-                decided = decide(aggregate)
-                if inspect.isawaitable(decided):
-                    if inspect.iscoroutine(decided):
-                        decided.close()  # never to run: no "never awaited" warning
-                    raise TypeError(
-                        f"decide {decide!r} is async: await app.events.handle_async(...) instead"
-                    )
-                try:
-                    return aggregate, self.save(aggregate, metadata=metadata)
-                except ConcurrencyError:
-                    if attempt == retries:
-                        raise
+                with self._turns.turn(aggregate_id):
+                    aggregate = self.get(cls, aggregate_id)
+                    decided = decide(aggregate)
+                    if inspect.isawaitable(decided):
+                        if inspect.iscoroutine(decided):
+                            decided.close()  # never to run: no "never awaited" warning
+                        raise TypeError(
+                            f"decide {decide!r} is async: await app.events.handle_async(...) "
+                            "instead"
+                        )
+                    try:
+                        return aggregate, self.save(aggregate, metadata=metadata)
+                    except ConcurrencyError:
+                        if attempt == retries:
+                            raise
                 time.sleep(_retry_pause(attempt))
         raise AssertionError("unreachable")
 
@@ -437,15 +446,16 @@ class Events:
         _check_retries(retries)
         with causing(random_ids(1)[0] if command_id is None else command_id):
             for attempt in range(retries + 1):
-                aggregate = await self.get_async(cls, aggregate_id)
-                decided = decide(aggregate)
-                if inspect.isawaitable(decided):
-                    await decided
-                try:
-                    return aggregate, await self.save_async(aggregate, metadata=metadata)
-                except ConcurrencyError:
-                    if attempt == retries:
-                        raise
+                async with self._turns.turn_async(aggregate_id):
+                    aggregate = await self.get_async(cls, aggregate_id)
+                    decided = decide(aggregate)
+                    if inspect.isawaitable(decided):
+                        await decided
+                    try:
+                        return aggregate, await self.save_async(aggregate, metadata=metadata)
+                    except ConcurrencyError:
+                        if attempt == retries:
+                            raise
                 await asyncio.sleep(_retry_pause(attempt))
         raise AssertionError("unreachable")
 
@@ -476,13 +486,27 @@ class Events:
             del self._async_stores[loop]
             await store.close()
             store = None
-        if store is None:
+        if store is not None:
+            return store
+        opening = self._async_opening.get(loop)
+        if opening is None or opening[0] != self._url:
             self._forget_closed_loops()
-            opened = await connect_async_store(self._url)
-            # Calls that raced to open one keep the first; the others close theirs.
-            _, store = self._async_stores.setdefault(loop, (self._url, opened))
-            if store is not opened:
-                await opened.close()
+            task = loop.create_task(self._open_async_store(loop, self._url))
+            # Its error is each waiting caller's; with none left, not a "never retrieved" one.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._async_opening[loop] = opening = (self._url, task)
+        # The calls that race to open the loop's store wait for one opening, which a caller's
+        # cancellation leaves to finish: its pool, half open, would have leaked.
+        return await asyncio.shield(opening[1])
+
+    async def _open_async_store(
+        self, loop: asyncio.AbstractEventLoop, url: str | None
+    ) -> AsyncEventStore:
+        try:
+            store = await connect_async_store(url)
+        finally:
+            self._async_opening.pop(loop, None)
+        self._async_stores[loop] = (url, store)
         return store
 
     def _forget_closed_loops(self) -> None:
@@ -496,7 +520,11 @@ class Events:
 
     async def close_async(self) -> None:
         """Close the running event loop's connections (``close`` closes SQLite's)."""
-        _, store = self._async_stores.pop(asyncio.get_running_loop(), (None, None))
+        loop = asyncio.get_running_loop()
+        _, opening = self._async_opening.get(loop, (None, None))
+        if opening is not None:  # its store is closed with the rest
+            await asyncio.wait([opening])
+        _, store = self._async_stores.pop(loop, (None, None))
         if store is not None:
             await store.close()
 

@@ -91,6 +91,9 @@ class AsyncPostgresEventStore:
         except psycopg_pool.PoolTimeout as error:
             await pool.close()
             raise unavailable(settings, error) from None
+        except BaseException:  # cancelled: its tasks would run on, and its connections stay
+            await asyncio.shield(pool.close())
+            raise
         return cls(url.raw, settings, pool)
 
     @contextlib.asynccontextmanager
@@ -130,13 +133,16 @@ class AsyncPostgresEventStore:
         chunks = list(q.append_chunks(appends))
         async with self._connection() as conn:
             try:
+                # Fetched once the pipeline has sent COMMIT too: in the transaction, a fetch
+                # waited for a round trip holding the lock, and then for its task's next turn
+                # on the loop, while every other append waited for the lock.
                 async with conn.pipeline(), conn.transaction():
                     cur = psycopg.AsyncRawCursor(conn)
                     await cur.execute(q.LOCK_APPENDS, prepare=True)
                     for stream, expected, events in chunks:
                         params = q.append_params(stream, expected, channel, events)
                         await cur.execute(q.append_statement(len(events)), params, prepare=True)
-                    row = await cur.fetchone()
+                row = await cur.fetchone()
             except psycopg.errors.UniqueViolation as error:
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
             except psycopg.DatabaseError as error:
