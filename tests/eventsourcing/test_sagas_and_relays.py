@@ -989,6 +989,9 @@ ONE_STATEMENT = ("one statement at a time", "cannot insert multiple commands")  
         ("/* mine */ COMMIT", ["tx.execute('/* mine */ COMMIT'): the statement would end"]),
         ("-- done\rCOMMIT", ["tx.execute('-- done\\rCOMMIT'): the statement would end"]),
         ("/* SQLite's /* */ COMMIT /* */", ["the statement would end"]),  # comments not nested
+        (";COMMIT", ["tx.execute(';COMMIT'): the statement would end"]),  # an empty one first
+        ("; /* x */ ROLLBACK", ["the statement would end"]),
+        (" ;;END", ["the statement would end"]),
         ("SELECT 1; COMMIT", ONE_STATEMENT),
         ("CREATE TABLE spans (begin int); COMMIT", ONE_STATEMENT),
         ("SELECT a$E'\\'; COMMIT; --'", [*ONE_STATEMENT, "no such column"]),  # a$E: a name
