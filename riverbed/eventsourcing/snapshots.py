@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -415,11 +416,15 @@ def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
     if differing:
         changes = ", ".join(_change(name, state[name], restored.get(name)) for name in differing)
         name = differing[0]
-        advice = (
-            f"annotate them on the class (`{name}: {type(state[name]).__name__}`)"
-            if name not in hints
-            else "their annotations do not say what they hold"
+        dropped = next(
+            filter(None, (_dropped_attribute(restored.get(n), state[n]) for n in differing)), None
         )
+        if dropped is not None:
+            advice = f"its encoding keeps fields only, not {dropped}: make it a field"
+        elif name not in hints:
+            advice = f"annotate them on the class (`{name}: {type(state[name]).__name__}`)"
+        else:
+            advice = "their annotations do not say what they hold"
         _no_snapshots(cls, f"{changes}; {advice}")
         return None
     return Snapshot(
@@ -498,10 +503,57 @@ def same_when_loaded(restored: object, value: object) -> bool:
         return restored == value and restored.tzinfo == value.tzinfo
     fields = _fields(value)
     if fields is not None:
-        return restored == value and all(
-            same_when_loaded(getattr(restored, name), getattr(value, name)) for name in fields
+        return (
+            restored == value
+            and all(
+                same_when_loaded(getattr(restored, name), getattr(value, name)) for name in fields
+            )
+            and _same_outside_fields(
+                _outside_fields(restored, fields), _outside_fields(value, fields)
+            )
         )
     return restored == value
+
+
+def _outside_fields(value: object, fields: tuple[str, ...]) -> dict[str, object]:
+    """The attributes of a Struct (``dict=True``) or dataclass instance outside its fields,
+    which its encoding leaves out (a cached_property's value is computed again)."""
+    attributes: dict[str, object] = getattr(value, "__dict__", None) or {}
+    cls = type(value)
+    return {
+        name: item
+        for name, item in attributes.items()
+        if name not in fields
+        and not isinstance(getattr(cls, name, None), functools.cached_property)
+    }
+
+
+def _dropped_attribute(restored: object, value: object) -> str | None:
+    """``Class.attribute`` of the first Struct or dataclass in ``value`` with an attribute
+    outside its fields that does not load back, if any."""
+    if type(restored) is not type(value):
+        return None
+    if isinstance(value, list | tuple):
+        assert isinstance(restored, list | tuple)
+        pairs: Iterable[tuple[object, object]] = zip(restored, value, strict=False)
+    elif isinstance(value, dict):
+        assert isinstance(restored, dict)
+        pairs = zip(restored.values(), value.values(), strict=False)
+    elif (fields := _fields(value)) is not None:
+        extra, kept = _outside_fields(value, fields), _outside_fields(restored, fields)
+        for name, item in extra.items():
+            if name not in kept or not same_when_loaded(kept[name], item):
+                return f"{type(value).__name__}.{name}"
+        pairs = ((getattr(restored, name), getattr(value, name)) for name in fields)
+    else:
+        return None
+    return next(filter(None, (_dropped_attribute(r, v) for r, v in pairs)), None)
+
+
+def _same_outside_fields(restored: dict[str, object], value: dict[str, object]) -> bool:
+    return restored.keys() == value.keys() and all(
+        same_when_loaded(restored[name], item) for name, item in value.items()
+    )
 
 
 def _fields(value: object) -> tuple[str, ...] | None:
@@ -520,8 +572,12 @@ def _change(name: str, value: object, restored: object) -> str:
     if isinstance(value, datetime.datetime | datetime.time):
         assert isinstance(restored, datetime.datetime | datetime.time)
         return f"{name} ({kind} in time zone {value.tzinfo} loads back in {restored.tzinfo})"
-    parts = "fields" if _fields(value) is not None else "items"
-    return f"{name} ({kind} whose {parts} load back changed)"
+    fields = _fields(value)
+    if fields is None:
+        return f"{name} ({kind} whose items load back changed)"
+    if not _same_outside_fields(_outside_fields(restored, fields), _outside_fields(value, fields)):
+        return f"{name} ({kind} whose attributes outside its fields do not load back)"
+    return f"{name} ({kind} whose fields load back changed)"
 
 
 _warned_unsnapshotted: set[type[Aggregate]] = set()

@@ -5,8 +5,10 @@ stream key was deleted since it loaded is not snapshotted, and a snapshot never 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import enum
+import functools
 import importlib
 import logging
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
+import msgspec
 import pytest
 
 import riverbed
@@ -636,6 +639,59 @@ def test_items_of_sets_that_load_back_changed_get_no_snapshot(events: EventSourc
     loaded = events.get(Rota, rota.id)
     assert next(iter(loaded.slots)).tzinfo == TOKYO
     assert next(iter(loaded.tags))[0] is Status.OPEN
+
+
+@dataclasses.dataclass
+class ShelfLine:
+    sku: str
+
+    def __post_init__(self) -> None:
+        self.quantities: list[int] = []  # outside the fields: no encoding keeps it
+
+
+class ShelfTag(msgspec.Struct, dict=True):
+    name: str
+
+    @functools.cached_property
+    def upper(self) -> str:  # computed again after a load: no reason to refuse a snapshot
+        return self.name.upper()
+
+
+class Shelf(riverbed.Aggregate):
+    snapshot_every = 1
+    lines: list[ShelfLine]
+    tag: ShelfTag
+
+    @riverbed.event("Opened")
+    def __init__(self) -> None:
+        self.lines = []
+        self.tag = ShelfTag("gift")
+        assert self.tag.upper == "GIFT"
+
+    @riverbed.event("Added")
+    def add(self, sku: str, quantity: int) -> None:
+        line = next((line for line in self.lines if line.sku == sku), None)
+        if line is None:
+            self.lines.append(line := ShelfLine(sku))
+        line.quantities.append(quantity)
+
+
+def test_attributes_outside_a_dataclass_or_structs_fields_get_no_snapshot(
+    events: EventSourcing, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shelf = Shelf()
+    events.save(shelf)
+    assert events.store.load_snapshot(shelf.id) is not None  # the cached property's no matter
+    monkeypatch.setattr(snapshots, "_warned_unsnapshotted", set())
+    with caplog.at_level(logging.WARNING):
+        shelf.add("apple", 1)
+        shelf.add("apple", 5)
+        events.save(shelf)
+    assert "not ShelfLine.quantities: make it a field" in caplog.text
+    assert events.store.load_snapshot(shelf.id).version == 1  # type: ignore[union-attr]
+    assert events.get(Shelf, shelf.id).lines[0].quantities == [1, 5]  # a snapshot read []
+    shelf.tag.label = "red"  # type: ignore[attr-defined]
+    assert not snapshots.same_when_loaded(ShelfTag("gift"), shelf.tag)
 
 
 BASE = """
