@@ -110,6 +110,26 @@ class EventType:
             )
         return _stored_personal_fields(cls)
 
+    def erased_value(self, name: str) -> object:
+        """What the field stored as ``name`` reads as once erased: a personal field's erased
+        value, or that of a field no longer marked personal which was when it was stored."""
+        if name in self.personal:
+            return self.personal[name]
+        value = self._erased_values.get(name)
+        if value is _NO_ERASED_VALUE:
+            raise EventDecodeError(
+                f"event {self.name}: field {name!r} was personal when it was stored, and its "
+                "stream's key is deleted, but its type now has no erased value (None, or "
+                f"{ERASED!r} for a str); make it optional, or mark it riverbed.Personal again"
+            )
+        return value
+
+    @functools.cached_property
+    def _erased_values(self) -> dict[str, object]:
+        """The erased value of each field by stored name (``_NO_ERASED_VALUE``: none)."""
+        hints = typing.get_type_hints(self.cls)
+        return _by_stored_name(self.cls, {name: _erased_value(h) for name, h in hints.items()})
+
     @functools.cached_property
     def decoder(self) -> msgspec.msgpack.Decoder[Any]:
         # Built on first use: a Struct class is not complete while it registers itself.
@@ -242,11 +262,15 @@ def _stored_personal_fields(cls: type[Any]) -> dict[str, object]:
     """The personal fields of ``cls`` with their erased values, by the names they are stored
     under: a Struct's field renamed (``msgspec.field(name=...)``, ``rename=``) is stored under
     its new name, which is only known once the class is complete."""
-    erased = _personal_fields(cls)
+    return _by_stored_name(cls, _personal_fields(cls))
+
+
+def _by_stored_name(cls: type[Any], values: dict[str, object]) -> dict[str, object]:
+    """``values`` of fields of ``cls`` keyed by the names the fields are stored under."""
     if not issubclass(cls, msgspec.Struct):
-        return erased
+        return values
     stored_as = {f.name: f.encode_name for f in msgspec.structs.fields(cls)}
-    return {stored_as[name]: value for name, value in erased.items()}
+    return {stored_as[name]: value for name, value in values.items() if name in stored_as}
 
 
 def _personal_fields(cls: type[Any]) -> dict[str, object]:
@@ -372,7 +396,10 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
     personal = entry.personal  # first: it refuses an event class that cannot be stored
     try:
         if schema == entry.version and not personal:
-            return entry.decoder.decode(data)
+            try:
+                return entry.decoder.decode(data)
+            except msgspec.ValidationError:  # a field sealed while it was marked personal?
+                pass
         fields = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
         if not isinstance(fields, dict):
             raise EventDecodeError(
@@ -380,7 +407,7 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
                 "map of its fields"
             )
         # Upcasters see an erased field as the class reads it (ERASED, None); one the class no
-        # longer has by that name stays a marker until they have moved it.
+        # longer has by that name as a str equal to ERASED, which tells where they move it.
         if schema < entry.version:
             _erase(fields, entry, only_known=True)
         for version in range(schema, entry.version):
@@ -411,16 +438,22 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
         ) from error
 
 
-class _Erased:
-    """A personal field whose stream key was deleted."""
+class _Erased(str):
+    """A personal field whose stream key was deleted: ``ERASED`` to an upcaster, which may
+    treat it as the str it was stored as (``.strip()``), or move it to another field."""
+
+    __slots__ = ()
+
+    def __new__(cls) -> _Erased:
+        return super().__new__(cls, ERASED)
 
 
 def _erase(fields: dict[str, Any], entry: EventType, only_known: bool) -> None:
     """Put the erased value of each erased field in its place (``only_known``: of the fields
     the class has by that name)."""
     for name, value in fields.items():
-        if isinstance(value, _Erased) and (name in entry.personal or not only_known):
-            fields[name] = entry.personal.get(name)
+        if type(value) is _Erased and (name in entry.personal or not only_known):
+            fields[name] = entry.erased_value(name)
 
 
 class _AlteredError(Exception):

@@ -164,6 +164,80 @@ def test_upcasters_see_an_erased_field_as_the_class_reads_it(events: EventSourci
         events.get(Subscriber, stream)
 
 
+def stored_as_older_code(
+    events: EventSourcing, stream: str, event_type: str, **fields: str
+) -> None:
+    """Append to ``stream`` an event of ``event_type`` (version 1) whose fields are sealed
+    with the stream's key (those given as "email": the address Ada joined with), as code that
+    marked them personal stored them."""
+    events.save(Subscriber.create("Ada@Example.com", id=stream))
+    stored = events.store.read_stream(stream)[0]
+    sealed = msgspec.msgpack.decode(stored.data)["email"]
+    data = {name: sealed if value == "email" else value for name, value in fields.items()}
+    events.store.append([StreamAppend(stream, 1, [NewEvent(
+        str(uuid.uuid4()), stream, 2, event_type, 1, msgspec.msgpack.encode(data),
+        stored.metadata, stored.timestamp_ms,
+    )])])  # fmt: skip
+
+
+def test_upcasters_may_treat_an_erased_field_they_move_as_a_str(events: EventSourcing) -> None:
+    stream = "moved-1"
+    stored_as_older_code(events, stream, "Subscriber.Forwarded", address="email")
+
+    def moved(data: dict[str, Any]) -> dict[str, Any]:
+        return {"to": data.pop("address").strip().lower(), "cc": data.get("cc")}
+
+    class Forwarded(riverbed.DomainEvent):
+        event_type = "Subscriber.Forwarded"
+        event_version = 2
+        upcasters = {1: moved}  # noqa: RUF012
+        to: Annotated[str, riverbed.Personal]
+        cc: Annotated[str | None, riverbed.Personal] = None
+
+        def apply(self, subscriber: Any) -> None:
+            subscriber.email = self.to
+
+    assert events.get(Subscriber, stream).email == "ada@example.com"
+    assert events.store.delete_stream_key(stream)
+    assert events.get(Subscriber, stream).email == riverbed.ERASED  # a private marker's .strip
+    assert events.read()[-1].event.to == riverbed.ERASED
+
+
+def test_a_field_no_longer_marked_personal_reads_as_sealed_or_erased(
+    events: EventSourcing,
+) -> None:
+    stream = "unmarked-1"
+    stored_as_older_code(events, stream, "Subscriber.Noted", email="email", note="email")
+
+    class Noted(riverbed.DomainEvent):  # neither field is personal any more
+        event_type = "Subscriber.Noted"
+        email: str
+        note: str | None
+
+        def apply(self, subscriber: Any) -> None:
+            subscriber.email = self.email
+
+    assert events.get(Subscriber, stream).email == "Ada@Example.com"
+    assert events.store.delete_stream_key(stream)
+    assert events.get(Subscriber, stream).email == riverbed.ERASED
+    assert events.read()[-1].event == Noted(email=riverbed.ERASED, note=None)
+
+    class Counted(riverbed.DomainEvent):
+        event_type = "Subscriber.Counted"
+        count: int
+
+        def apply(self, subscriber: Any) -> None:
+            pass
+
+    stored_as_older_code(events, "counted-1", "Subscriber.Counted", count="email")
+    assert events.store.delete_stream_key("counted-1")
+    with pytest.raises(riverbed.EventDecodeError, match=(
+        r"field 'count' was personal when it was stored, and its stream's key is deleted, but "
+        r"its type now has no erased value"
+    )):  # fmt: skip
+        events.get(Subscriber, "counted-1")
+
+
 def test_a_personal_field_altered_since_sealed_is_an_error_not_erased(
     events: EventSourcing,
 ) -> None:
