@@ -68,16 +68,16 @@ class App(StreamApp):
         # Until the runners have ended: a second signal (a terminal's Ctrl-C and the parent
         # worker's, say) would otherwise interrupt the join and close the store under them.
         with stopping_on_signals(stop):
+            if metrics_port is not None and not self.has_streams():  # a port in use: nothing ran
+                from riverbed.streams.metrics import RunnerMetrics
+
+                RunnerMetrics(self.name, self.metric_collectors()).serve(metrics_port)
             # The log connected by the relays, which wait it out if it is unreachable.
             threads = self.events.run(stop, (lambda: self.log) if self.events.relays else None)
             try:
                 if self.has_streams():
                     super().run(stop, report, metrics_port)
                 else:
-                    if metrics_port is not None:
-                        from riverbed.streams.metrics import RunnerMetrics
-
-                        RunnerMetrics(self.name, self.metric_collectors()).serve(metrics_port)
                     stop.wait()
             finally:
                 stop.set()

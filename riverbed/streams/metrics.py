@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from riverbed.errors import MissingExtraError
+from riverbed.metrics_server import serve_metrics
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from prometheus_client.registry import Collector
 except ImportError as error:  # only a worker started with --metrics-port imports this module
     raise MissingExtraError("--metrics-port", "metrics", "prometheus-client") from error
@@ -58,7 +59,7 @@ class RunnerMetrics:
 
     def serve(self, port: int) -> None:
         """Serve ``/metrics`` on ``port`` from a daemon thread."""
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        serve_metrics(port, self.registry)
 
     def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
         for (topic, partition), value in lag.items():

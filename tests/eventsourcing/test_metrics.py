@@ -3,10 +3,15 @@ that is slow or down does not hold the scrape up."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+import riverbed
 from riverbed.eventsourcing import SubscriberStatus
 from riverbed.eventsourcing.metrics import STATUS_WAIT_S, SubscriberMetrics
 
@@ -32,3 +37,28 @@ def test_a_scrape_answers_without_the_store_while_it_is_slow_then_with_it() -> N
     families: dict[str, Any] = {family.name: family for family in metrics.collect()}
     assert families["riverbed_subscriber_lag"].samples[0].value == 2
     assert families["riverbed_subscriber_parked"].samples[0].labels == {"name": "totals"}
+
+
+def test_a_metrics_port_in_use_is_refused_naming_it_before_any_runner_starts(
+    tmp_path: Path,
+) -> None:
+    app = riverbed.App("shop", events_url=f"sqlite:///{tmp_path}/events.db")
+    app.events.projection(Totals())
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = threading.active_count()
+        with pytest.raises(riverbed.RiverbedError, match=(
+            rf"cannot serve metrics on port {port}: Address already in use; give a free port"
+        )):  # fmt: skip
+            app.run(threading.Event(), metrics_port=port)
+        assert threading.active_count() == started  # no runner ran
+    app.close()
+
+
+class Totals(riverbed.Projection):
+    name = "totals"
+
+    def handle(self, event: riverbed.Envelope, tx: riverbed.eventsourcing.ReadModel) -> None:
+        tx.put("totals", event.stream, {"seen": True})

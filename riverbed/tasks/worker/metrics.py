@@ -6,10 +6,11 @@ from collections import Counter as Tally
 from collections.abc import Sequence
 
 from riverbed.errors import MissingExtraError
+from riverbed.metrics_server import serve_metrics
 from riverbed.tasks.messages import Outcome
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge
 except ImportError as error:  # only a worker started with --metrics-port imports this module
     raise MissingExtraError("--metrics-port", "metrics", "prometheus-client") from error
 
@@ -32,7 +33,7 @@ class WorkerMetrics:
         ).set(1)
 
     def serve(self, port: int) -> None:
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        serve_metrics(port, self.registry)
 
     def observe(self, outcomes: Sequence[Outcome]) -> None:
         for (name, state), n in Tally((o.message.name, str(o.state)) for o in outcomes).items():
