@@ -159,3 +159,14 @@ def test_a_file_of_an_earlier_riverbed_is_told_by_its_tables(tmp_path: Path) -> 
     riverbed.connect(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA application_id").fetchone() == (KINDS["log"][0],)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_url_naming_a_directory_says_so(tmp_path: Path, kind: str) -> None:
+    with pytest.raises(RiverbedError, match=(
+        rf"{kind} '{tmp_path}' is a directory; name a file \(in it, say\) in the URL"
+    )):  # fmt: skip
+        OPENERS[kind](f"sqlite:///{tmp_path}")  # SQLite's own words: "disk I/O error"
+    assert missing_store(f"sqlite:///{tmp_path}") == (
+        f"'{tmp_path}' is a directory; name a file (in it, say) in the URL"
+    )

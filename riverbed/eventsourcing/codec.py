@@ -247,8 +247,8 @@ class EventRegistry:
         if entry is None:
             where = f" at position {position}" if position is not None else ""
             raise UnknownEventTypeError(
-                f"the store holds an event of type {name!r}{where}, which no event class of "
-                "this program is registered as; import the module that defines it, or, if it "
+                f"an event of type {name!r}{where} is of no event class this program "
+                "registered; import the module that defines it, or, if it "
                 "was renamed, give the old name in the event's aliases= (event_aliases on a "
                 "DomainEvent), or its aggregate class's old name as stored_name"
             )

@@ -338,32 +338,53 @@ def _headers(stored: StoredEvent) -> dict[str, bytes]:
 def stored_event(record: Record) -> StoredEvent:
     """The event a relayed record carries, for ``riverbed.eventsourcing`` decoding."""
     headers = record.headers
+    where = f"record {record.topic}[{record.partition}]@{record.offset}"
     metadata = headers.get(METADATA)
     needed = _EVENT_HEADERS if metadata is not None else (*_EVENT_HEADERS, CORRELATION)
     missing = [name for name in needed if name not in headers]
     if missing:
         raise EventSourcingError(
-            f"record {record.topic}[{record.partition}]@{record.offset} has no header "
-            f"{', '.join(missing)}: it carries no event, the outbox relay did not publish it"
+            f"{where} has no header {', '.join(missing)}: it carries no event, the outbox relay "
+            "did not publish it"
         )
+
+    def text(name: str) -> str:
+        value = headers[name]
+        try:
+            return value.decode()
+        except (AttributeError, UnicodeDecodeError):  # None (Kafka's null), or not UTF-8
+            raise EventSourcingError(
+                f"{where} has header {name} {value!r}, not UTF-8 text: the outbox relay did "
+                "not publish it as it is"
+            ) from None
+
+    def number(name: str) -> int:
+        value = text(name)
+        if not (value.isascii() and value.isdigit()):
+            raise EventSourcingError(
+                f"{where} has header {name} {value!r}, not a number: the outbox relay did not "
+                "publish it as it is"
+            )
+        return int(value)
+
     if metadata is None:
-        ids = {"correlation_id": headers[CORRELATION].decode()}
+        ids = {"correlation_id": text(CORRELATION)}
         if CAUSATION in headers:
-            ids["causation_id"] = headers[CAUSATION].decode()
+            ids["causation_id"] = text(CAUSATION)
         if APP in headers:
-            ids[APP_KEY] = headers[APP].decode()
+            ids[APP_KEY] = text(APP)
         metadata = msgspec.msgpack.encode(ids)
     return StoredEvent(
-        position=int(headers[POSITION]),
-        id=headers[EVENT_ID].decode(),
-        stream=headers[STREAM].decode(),
-        version=int(headers[STREAM_VERSION]),
-        type=headers[EVENT_TYPE].decode(),
-        schema=int(headers[EVENT_SCHEMA]),
+        position=number(POSITION),
+        id=text(EVENT_ID),
+        stream=text(STREAM),
+        version=number(STREAM_VERSION),
+        type=text(EVENT_TYPE),
+        schema=number(EVENT_SCHEMA),
         data=record.value or b"",
         metadata=metadata,
         # A record relayed before the event's time had a header of its own carries it itself.
-        timestamp_ms=int(headers[EVENT_TIME]) if EVENT_TIME in headers else record.timestamp_ms,
+        timestamp_ms=number(EVENT_TIME) if EVENT_TIME in headers else record.timestamp_ms,
     )
 
 

@@ -70,6 +70,12 @@ class Scenario(Generic[A]):
     def then_raises(self, error: type[BaseException], match: str = "") -> BaseException:
         """The command raised ``error``, whose message ``match`` (a regular expression, as
         for ``pytest.raises``) is found in, and recorded nothing; returns the error."""
+        if self.error is None:
+            recorded = [entry.event for entry in self.aggregate.pending]
+            raise AssertionError(
+                f"expected {error.__name__} matching {match!r}, but the command raised nothing "
+                f"and recorded {recorded!r}"
+            )
         if not isinstance(self.error, error) or not re.search(match, str(self.error)):
             raise AssertionError(
                 f"expected {error.__name__} matching {match!r}, got {self.error!r}"

@@ -755,6 +755,11 @@ def test_given_when_then() -> None:
     requested = Payment.Requested(order_id="o-1", amount=Decimal(1))  # type: ignore[attr-defined]
     with pytest.raises(AssertionError, match=r"Payment\.Requested is an event of another"):
         scenario(Order).given(requested)
+    with pytest.raises(AssertionError, match=(
+        r"expected ValueError matching '', but the command raised nothing and recorded "
+        r"\[Order\.Paid\(\)\]"
+    )):  # fmt: skip
+        scenario(Order).given(placed).when(lambda o: o.pay()).then_raises(ValueError)
 
 
 def test_event_type_names_are_unique() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import riverbed
@@ -89,6 +91,18 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     assert (placed.event.email, placed.position) == ("c0@x", stored.position)
     assert placed.metadata == events.read(stored.position - 1, 1)[0].metadata
     assert not any(METADATA in record.headers for record in records)  # no metadata of its own
+    for header, value, wrong in (
+        ("riverbed-stream-version", b"one", "'one', not a number"),
+        ("riverbed-stream", b"\xff", "b'\\xff', not UTF-8 text"),
+        ("riverbed-event-type", None, "None, not UTF-8 text"),
+    ):
+        record = records[0]
+        altered = msgspec.structs.replace(record, headers={**record.headers, header: value})
+        with pytest.raises(EventSourcingError, match=re.escape(
+            f"record shop-events[{record.partition}]@{record.offset} has header {header} "
+            f"{wrong}: the outbox relay did not publish it as it is"
+        )):  # fmt: skip
+            stored_event(altered)
 
     order = events.get(Order, "order-1")
     order.add_line("gift")

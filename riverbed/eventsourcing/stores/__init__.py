@@ -62,6 +62,8 @@ def missing_store(url: str | None = None) -> str | None:
 def _missing_sqlite_store(path: Path) -> str | None:
     if not path.exists():
         return f"no event store at {str(path)!r} (no such file)"
+    if path.is_dir():
+        return f"{str(path)!r} is a directory; name a file (in it, say) in the URL"
     try:
         kind = file_kind(path)
     except sqlite3.DatabaseError as error:

@@ -44,6 +44,10 @@ def check_file(path: Path, kind: str) -> None:
     """Before a file is opened as one of ``kind`` (which switches it to WAL): an error if it
     is another kind's, or another program's, leaving it as it is. ``sqlite3.DatabaseError`` if
     it is not a database."""
+    if path.is_dir():  # which SQLite reports as a "disk I/O error"
+        raise RiverbedError(
+            f"{kind} {str(path)!r} is a directory; name a file (in it, say) in the URL"
+        )
     if not path.exists() or path.stat().st_size == 0:
         return
     conn = _read_only(path)
