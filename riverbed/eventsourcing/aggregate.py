@@ -19,7 +19,7 @@ import msgspec
 
 from riverbed.eventsourcing.codec import ENCODER, EventType, Upcaster, registry
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.eventsourcing.sources import read_imports, source_digest
+from riverbed.eventsourcing.sources import read_at_import
 from riverbed.ids import time_ordered_id
 
 P = ParamSpec("P")
@@ -127,10 +127,7 @@ class Aggregate:
             method.register(cls, attribute)
         _rename_nested_events(cls)
         # Its code's source files as the process imported them (sources.py says why).
-        source_digest(cls.__module__, executing=True)
-        for base in cls.__mro__[1:]:
-            source_digest(base.__module__)
-        read_imports(cls.__module__)
+        read_at_import(cls.__module__, [base.__module__ for base in cls.__mro__[1:]])
         if "snapshot_every" in cls.__dict__:
             snapshot_every(cls)
 

@@ -94,7 +94,7 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     # The types of the events' fields too: what the events carry is built by their code.
     payloads = [t for e in recorded for t in typing.get_type_hints(e.cls).values()]
     classes += _with_bases(_classes_in([*hints.values(), *payloads]) + triggered)
-    parts.update(_code_of(classes))
+    parts.update(_code_of(classes, cls.__module__))
     entries = [*recorded, *map(registry.of_class, triggered)]
     parts.update(f"{entry.name} v{entry.version}" for entry in entries)
     # Snapshots of before they named the DomainEvent classes their state applied (any code may
@@ -103,14 +103,15 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     return sorted(parts)
 
 
-def _code_of(classes: list[type[Any]]) -> set[str]:
-    """What describes the code of ``classes``: their modules' source digests, or, for modules
-    met after the aggregate's import or without files, their attributes from memory."""
+def _code_of(classes: list[type[Any]], aggregate_module: str) -> set[str]:
+    """What describes the code of ``classes`` for an aggregate of ``aggregate_module``: their
+    modules' source digests, or, for modules not read at its import or without files, their
+    attributes from memory."""
     parts: set[str] = set()
     for module in {c.__module__ for c in classes}:
         # The file's digest, not the module's name: a script's classes (in __main__) take and
         # use the same snapshots as when a worker imports the script as a module.
-        digest = digest_read_at_import(module)
+        digest = digest_read_at_import(module, aggregate_module)
         if digest is not None:
             parts.add(f"source {digest}")
             continue
@@ -134,19 +135,20 @@ def _schema(cls: type[Aggregate], event_classes: Collection[str]) -> int | None:
     parts = [str(schema)]
     for name in sorted(event_classes):
         try:
-            parts.append(_event_class_fingerprint(registry.named(name)))
+            parts.append(_event_class_fingerprint(registry.named(name), cls.__module__))
         except UnknownEventTypeError:
             return None
     return _digest(parts)
 
 
-def _event_class_fingerprint(entry: EventType) -> str:
-    cached = entry.__dict__.get("_riverbed_fingerprint")
+def _event_class_fingerprint(entry: EventType, aggregate_module: str) -> str:
+    cache: dict[str, str] = entry.__dict__.setdefault("_riverbed_fingerprints", {})
+    cached = cache.get(aggregate_module)
     if cached is None:
         fields = list(typing.get_type_hints(entry.cls).values())
         classes = _with_bases([entry.cls, *_classes_in(fields)])
-        cached = json.dumps([f"{entry.name} v{entry.version}", *sorted(_code_of(classes))])
-        entry.__dict__["_riverbed_fingerprint"] = cached
+        code = sorted(_code_of(classes, aggregate_module))
+        cache[aggregate_module] = cached = json.dumps([f"{entry.name} v{entry.version}", *code])
     return cached
 
 

@@ -14,6 +14,10 @@ import time
 import types
 
 _digests: dict[str, str | None] = {}
+# The modules whose files were read as an aggregate's module was imported, by its name: only
+# theirs describe its code, so that which other modules the process imported first (whose
+# digests another aggregate's import read) does not change its snapshots' schema.
+_read_with: dict[str, frozenset[str]] = {}
 # Files changed after this are not taken for the code this process imported.
 _STARTED = time.time()
 
@@ -26,22 +30,28 @@ def source_digest(module: str, *, executing: bool = False) -> str | None:
     return _digests[module]
 
 
-def digest_read_at_import(module: str) -> str | None:
-    """The digest of ``module``'s source file if it was read as an aggregate's module was
-    imported (``source_digest``, ``read_imports``); None otherwise: its file may have been
-    replaced since the process imported the module."""
-    return _digests.get(module)
+def digest_read_at_import(module: str, aggregate_module: str) -> str | None:
+    """The digest of ``module``'s source file if it was read as ``aggregate_module`` was
+    imported (``read_at_import``); None otherwise: its file may have been replaced since the
+    process imported the module."""
+    return _digests.get(module) if module in _read_with.get(aggregate_module, ()) else None
 
 
-def read_imports(module: str) -> None:
-    """Read the source files of the modules ``module`` has imported so far, and of those its
-    imported classes come from, if riverbed has not met them yet."""
+def read_at_import(module: str, bases: list[str]) -> None:
+    """As an aggregate class of ``module`` is defined: read its source file, its bases'
+    (``bases``: their modules), those of the modules it has imported so far, and of those its
+    imported classes come from (each file once: a later read would not be what was imported)."""
+    source_digest(module, executing=True)
+    read = {module, *bases}
     found = sys.modules.get(module)
     for value in list(vars(found).values()) if found is not None else []:
         if isinstance(value, types.ModuleType):
-            source_digest(value.__name__)
+            read.add(value.__name__)
         elif isinstance(value, type):
-            source_digest(value.__module__)
+            read.add(value.__module__)
+    for name in read - {module}:
+        source_digest(name)
+    _read_with[module] = _read_with.get(module, frozenset()) | read
 
 
 def _read(module: str, trusted: bool) -> str | None:

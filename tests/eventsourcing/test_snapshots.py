@@ -280,6 +280,32 @@ def test_a_classs_snapshot_schema_is_the_same_in_every_process(tmp_path: Path) -
     assert len(schemas) == 1
 
 
+def test_a_classs_snapshot_schema_does_not_depend_on_what_was_imported_first(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pkgx").mkdir()
+    (tmp_path / "pkgx" / "__init__.py").write_text("")
+    (tmp_path / "pkgx" / "kinds.py").write_text(
+        "import msgspec\n\nclass Money(msgspec.Struct):\n    amount: int\n"
+    )
+    wallet = "import riverbed\nimport pkgx.kinds\n\nclass Wallet(riverbed.Aggregate):\n"
+    wallet += "    total: pkgx.kinds.Money\n"  # through the package: its module not imported here
+    (tmp_path / "wallets.py").write_text(wallet)
+    till = "import riverbed\nfrom pkgx.kinds import Money\n\nclass Till(riverbed.Aggregate):\n"
+    (tmp_path / "tills.py").write_text(till + "    total: Money\n")  # the module itself
+    printing = "from riverbed.eventsourcing.snapshots import _state_hints\n"
+    printing += "print(_state_hints(wallets.Wallet)[1])\n"
+    schemas = set()
+    for first in ("import wallets\n", "import tills\nimport wallets\n"):
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.getcwd()}"}
+        ran = subprocess.run(
+            [sys.executable, "-c", "import riverbed\n" + first + printing],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        schemas.add(ran.stdout)
+    assert len(schemas) == 1  # a web app and a worker importing in other orders share snapshots
+
+
 def test_a_scripts_snapshots_serve_it_imported_as_a_module_too(tmp_path: Path) -> None:
     printing = "from riverbed.eventsourcing.snapshots import _state_hints\n"
     printing += "print(_state_hints(Basket)[1])\n"
