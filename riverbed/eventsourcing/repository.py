@@ -143,6 +143,9 @@ class Events:
         self._async_opening: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[str | None, asyncio.Task[AsyncEventStore]]
         ] = weakref.WeakKeyDictionary()
+        self._retired_async_stores: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, list[AsyncEventStore]
+        ] = weakref.WeakKeyDictionary()
         self._threaded_store: ThreadedAsyncStore | None = None  # over self.store, any loop's
         self._connecting = threading.Lock()
         self._turns = Turns()  # commands on one aggregate in this process take turns
@@ -152,10 +155,12 @@ class Events:
         """In a forked child: the stores' connections are the parent's (closing them would end
         its sessions too, and a pool's threads did not come along), so they are kept unused,
         and the child connects anew."""
-        _inherited.append((self._store, self._threaded_store, dict(self._async_stores)))
+        _inherited.append((self._store, self._threaded_store, dict(self._async_stores),
+                           dict(self._retired_async_stores)))  # fmt: skip
         self._store = self._threaded_store = None
         self._async_stores = weakref.WeakKeyDictionary()
         self._async_opening = weakref.WeakKeyDictionary()
+        self._retired_async_stores = weakref.WeakKeyDictionary()
         self._connecting = threading.Lock()
         self._turns = Turns()  # the parent's threads held some of its locks at the fork
 
@@ -505,7 +510,16 @@ class Events:
         try:
             store = await connect_async_store(url)
         finally:
-            self._async_opening.pop(loop, None)
+            if self._async_opening.get(loop, (None, None))[1] is asyncio.current_task():
+                del self._async_opening[loop]
+        # Opened for a URL use_url has replaced since, or replaced by one opened for the new
+        # URL first: it serves the calls that waited for it, and close_async closes it.
+        current = self._async_stores.get(loop)
+        if current is not None and (url != self._url or current[0] == url):
+            self._retired_async_stores.setdefault(loop, []).append(store)
+            return store
+        if current is not None:
+            self._retired_async_stores.setdefault(loop, []).append(current[1])
         self._async_stores[loop] = (url, store)
         return store
 
@@ -513,6 +527,8 @@ class Events:
         """Drop the stores of event loops that ended without ``close_async``: they can no
         longer be closed (their loop is gone), and held here, their connections would stay
         open for good; dropped, the garbage collector closes them."""
+        for loop in [loop for loop in self._retired_async_stores if loop.is_closed()]:
+            del self._retired_async_stores[loop]
         for loop in [loop for loop in self._async_stores if loop.is_closed()]:
             del self._async_stores[loop]
             log.warning("an event loop ended without app.events.close_async(); call it before "
@@ -525,6 +541,8 @@ class Events:
         if opening is not None:  # its store is closed with the rest
             await asyncio.wait([opening])
         _, store = self._async_stores.pop(loop, (None, None))
+        for retired in self._retired_async_stores.pop(loop, []):
+            await retired.close()
         if store is not None:
             await store.close()
 

@@ -2,10 +2,11 @@
 
 Commands racing for one aggregate conflict: all load the same version, one saves, the others
 load again and retry. Within a process they need not race: ``handle`` waits for its turn on the
-aggregate, so only other processes' commands conflict (and are retried). The wait is bounded:
-a command whose ``decide`` waits, in turn, for another command on the same aggregate (in a
-thread it started, or a task that was already running) does not deadlock, it goes ahead after
-``TURN_WAIT_S`` and meets the conflict it met before turns.
+aggregate, whether it runs in a thread or in a task of any thread's event loop, so only other
+processes' commands conflict (and are retried). Turns are first come, first served. The wait is
+bounded: a command whose ``decide`` waits, in turn, for another command on the same aggregate
+(in a thread it started, or a task that was already running) does not deadlock, it goes ahead
+after ``TURN_WAIT_S`` and meets the conflict it met before turns.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import asyncio
 import contextlib
 import contextvars
 import threading
-import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
-from typing import Any, TypeVar
-
-L = TypeVar("L", threading.Lock, asyncio.Lock)
+from typing import TypeVar
 
 # Long enough for a queue of commands on one aggregate to drain (each takes milliseconds).
 TURN_WAIT_S = 5.0
@@ -29,73 +28,114 @@ _holding: contextvars.ContextVar[frozenset[Hashable]] = contextvars.ContextVar(
     "riverbed_turns_held", default=frozenset()
 )
 
+# A command waiting for its turn: a thread's event, or a task's future on its loop.
+_Waiter = threading.Event | tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+W = TypeVar("W", threading.Event, tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"])
+
+
+class _Turn:
+    """Whether a command on one aggregate holds its turn, and who waits for it, in order."""
+
+    __slots__ = ("held", "waiters")
+
+    def __init__(self) -> None:
+        self.held = False
+        self.waiters: deque[_Waiter] = deque()
+
 
 class Turns:
-    """One lock per aggregate while any command waits for it or holds it, for threads and for
-    each event loop's tasks."""
+    """The turns of the aggregates that commands hold or wait for, in one process."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
-        self._async_locks: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[Hashable, tuple[asyncio.Lock, int]]
-        ] = weakref.WeakKeyDictionary()
+        self._turns: dict[Hashable, _Turn] = {}
 
     @contextlib.contextmanager
     def turn(self, key: Hashable) -> Iterator[None]:
-        """Wait (up to ``TURN_WAIT_S``) until no other thread runs a command on ``key``."""
+        """Wait (up to ``TURN_WAIT_S``) until no other command runs on ``key``."""
         if key in _holding.get():
             yield
             return
-        lock = self._join(self._locks, key, threading.Lock)
-        with self._held(self._locks, key, lock if lock.acquire(timeout=TURN_WAIT_S) else None):
+        waiter = self._enter(key, threading.Event)
+        held = waiter is None or waiter.wait(TURN_WAIT_S) or not self._give_up(key, waiter)
+        with self._holding(key, held):
             yield
 
     @contextlib.asynccontextmanager
     async def turn_async(self, key: Hashable) -> AsyncIterator[None]:
-        """``turn`` for the running event loop's tasks."""
+        """``turn`` for a task of the running event loop."""
         if key in _holding.get():
             yield
             return
-        with self._guard:
-            locks = self._async_locks.setdefault(asyncio.get_running_loop(), {})
-        lock = self._join(locks, key, asyncio.Lock)
-        acquired: bool
-        try:
-            acquired = await asyncio.wait_for(lock.acquire(), TURN_WAIT_S)
-        except TimeoutError:
-            acquired = False
-        except BaseException:  # cancelled while waiting
-            self._leave(locks, key)
-            raise
-        with self._held(locks, key, lock if acquired else None):
+        loop = asyncio.get_running_loop()
+        waiter = self._enter(key, lambda: (loop, loop.create_future()))
+        held = waiter is None
+        if waiter is not None:
+            try:
+                async with asyncio.timeout(TURN_WAIT_S):
+                    await waiter[1]
+                held = True
+            except TimeoutError:
+                held = not self._give_up(key, waiter)
+            except BaseException:  # cancelled: a turn given meanwhile goes to the next
+                if not self._give_up(key, waiter):
+                    self._leave(key)
+                raise
+        with self._holding(key, held):
             yield
 
-    def _join(self, locks: dict[Hashable, tuple[L, int]], key: Hashable, new: Callable[[], L]) -> L:
+    def _enter(self, key: Hashable, new_waiter: Callable[[], W]) -> W | None:
+        """Take ``key``'s turn if it is free (None), else queue a new waiter for it."""
         with self._guard:
-            lock, users = locks.get(key) or (new(), 0)
-            locks[key] = (lock, users + 1)
-        return lock
+            turn = self._turns.get(key)
+            if turn is None:
+                self._turns[key] = turn = _Turn()
+            if not turn.held:
+                turn.held = True
+                return None
+            waiter = new_waiter()
+            turn.waiters.append(waiter)
+            return waiter
+
+    def _give_up(self, key: Hashable, waiter: _Waiter) -> bool:
+        """Stop waiting: True if the waiter was still queued, False if the turn was given to
+        it meanwhile (it holds it now)."""
+        with self._guard:
+            turn = self._turns[key]
+            if waiter in turn.waiters:
+                turn.waiters.remove(waiter)
+                return True
+            return False
 
     @contextlib.contextmanager
-    def _held(
-        self, locks: dict[Hashable, tuple[Any, int]], key: Hashable, lock: Any | None
-    ) -> Iterator[None]:
-        """Run the command holding ``key``'s turn (``lock``; None: it went ahead after waiting
-        too long)."""
+    def _holding(self, key: Hashable, held: bool) -> Iterator[None]:
+        """Run the command (``held``: in its turn, which it hands on after; else it went
+        ahead after waiting too long)."""
         token = _holding.set(_holding.get() | {key})
         try:
             yield
         finally:
             _holding.reset(token)
-            if lock is not None:
-                lock.release()
-            self._leave(locks, key)
+            if held:
+                self._leave(key)
 
-    def _leave(self, locks: dict[Hashable, tuple[Any, int]], key: Hashable) -> None:
+    def _leave(self, key: Hashable) -> None:
+        """Hand ``key``'s turn to the first waiter still there, or free it."""
         with self._guard:
-            lock, users = locks[key]
-            if users == 1:
-                del locks[key]
-            else:
-                locks[key] = (lock, users - 1)
+            turn = self._turns[key]
+            while turn.waiters:
+                waiter = turn.waiters.popleft()
+                if isinstance(waiter, threading.Event):
+                    waiter.set()
+                    return
+                loop, future = waiter
+                with contextlib.suppress(RuntimeError):  # its loop closed: the next one
+                    loop.call_soon_threadsafe(_give, future)
+                    return
+            turn.held = False
+            del self._turns[key]
+
+
+def _give(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -620,6 +621,29 @@ def test_calls_cancelled_while_their_loops_store_opens_leave_no_pool_running(
         events.close()
 
 
+def test_a_store_opening_as_use_url_replaces_its_url_is_closed_by_close_async(
+    postgres_url: str,
+) -> None:
+    first, second = (f"{postgres_url}?schema=open_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    events = EventSourcing("shop", first)
+
+    async def switched_while_opening() -> list[Any]:
+        opening = asyncio.create_task(events.async_store())
+        await asyncio.sleep(0)
+        events.use_url(second)
+        stores = await asyncio.gather(opening, events.async_store())
+        await events.close_async()
+        return stores
+
+    try:
+        for _ in range(3):  # either opening may end first
+            stores = asyncio.run(switched_while_opening())
+            assert [store._pool.closed for store in stores] == [True, True]
+            events.use_url(first)
+    finally:
+        events.close()
+
+
 LOOP_ENDING_MID_GROWTH = """
 import asyncio, os, sys, threading, time
 import riverbed
@@ -687,6 +711,76 @@ def test_commands_racing_for_one_aggregate_in_one_process_take_turns(
     assert [r for r in asyncio.run(race()) if isinstance(r, BaseException)] == []
     assert events.get(Order, order.id).lines.count("thread") == 20
     assert events.get(Order, order.id).version == 1 + 20 + 30
+
+
+def test_sync_commands_and_those_of_several_event_loops_take_turns_too(
+    events: EventSourcing,
+) -> None:
+    order = place()
+    events.save(order)
+
+    def slow_line(o: Order) -> None:  # long enough for the others to load the same version
+        time.sleep(0.05)
+        o.add_line("slow")
+
+    failed: list[BaseException] = []
+
+    def sync_command() -> None:
+        try:
+            events.handle(Order, order.id, slow_line, retries=0)
+        except BaseException as error:
+            failed.append(error)
+
+    def loop_of_commands() -> None:
+        async def commands() -> None:
+            try:
+                results = await asyncio.gather(
+                    *(events.handle_async(Order, order.id, slow_line, retries=0) for _ in range(2)),
+                    return_exceptions=True,
+                )
+                failed.extend(r for r in results if isinstance(r, BaseException))
+            finally:
+                await events.close_async()
+
+        asyncio.run(commands())
+
+    threads = [threading.Thread(target=f) for f in (sync_command, loop_of_commands) * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == []
+    assert events.get(Order, order.id).lines.count("slow") == 6
+
+
+def test_a_command_cancelled_as_its_turn_comes_does_not_run(events: EventSourcing) -> None:
+    order = place()
+    events.save(order)
+
+    async def cancelled_as_given() -> None:
+        release = asyncio.Event()
+
+        async def holding(o: Order) -> None:
+            o.add_line("first")
+            await release.wait()
+
+        first = asyncio.create_task(events.handle_async(Order, order.id, holding))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(
+            events.handle_async(Order, order.id, lambda o: o.add_line("second"))
+        )
+        await asyncio.sleep(0.05)  # waiting for its turn
+        release.set()
+        await first  # which hands the turn on: in the same step as the cancel
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        third = await events.handle_async(Order, order.id, lambda o: o.add_line("third"))
+        assert third[0].lines[-2:] == ["first", "third"]  # the turn was passed on
+        await events.close_async()
+
+    asyncio.run(cancelled_as_given())
+    assert "second" not in events.get(Order, order.id).lines
 
 
 def test_a_command_waiting_for_another_on_its_aggregate_goes_ahead(
