@@ -135,6 +135,12 @@ class EventType:
         # Built on first use: a Struct class is not complete while it registers itself.
         return msgspec.msgpack.Decoder(self.cls, dec_hook=dec_hook)
 
+    @functools.cached_property
+    def stored_decoder(self) -> msgspec.msgpack.Decoder[Any]:
+        """``decoder`` for stored payloads, refusing an encrypted value anywhere (one of a
+        field that was personal then, which ``decode`` decrypts)."""
+        return msgspec.msgpack.Decoder(self.cls, dec_hook=dec_hook, ext_hook=_refuse_sealed)
+
     def __post_init__(self) -> None:
         missing = [v for v in range(1, self.version) if v not in self.upcasters]
         if missing:
@@ -395,12 +401,18 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
         )
     personal = entry.personal  # first: it refuses an event class that cannot be stored
     try:
+        plain_error: msgspec.ValidationError | None = None
         if schema == entry.version and not personal:
             try:
-                return entry.decoder.decode(data)
-            except msgspec.ValidationError:  # a field sealed while it was marked personal?
+                return entry.stored_decoder.decode(data)
+            except msgspec.ValidationError as error:  # a field sealed while marked personal?
+                plain_error = error
+            except _SealedFieldError:  # one of type Any, say, sealed while marked personal
                 pass
-        fields = msgspec.msgpack.decode(data, ext_hook=_Decrypter(key))
+        decrypter = _Decrypter(key)
+        fields = msgspec.msgpack.decode(data, ext_hook=decrypter)
+        if plain_error is not None and not decrypter.met:
+            raise plain_error  # nothing sealed: it is what it says
         if not isinstance(fields, dict):
             raise EventDecodeError(
                 f"event {entry.name} {where} is stored as {type(fields).__name__}, not as a "
@@ -426,6 +438,8 @@ def decode(data: bytes, schema: int, entry: EventType, key: KeyLookup, where: st
                     "return?)"
                 )
         _erase(fields, entry, only_known=False)
+        if decrypter.erased:  # any an upcaster put inside a container: the plain text
+            fields = _plain_erased(fields)
         return msgspec.convert(fields, entry.cls, dec_hook=dec_hook)
     except _AlteredError as error:
         raise EventDecodeError(f"event {entry.name} {where} does not decode: {error}") from None
@@ -444,8 +458,25 @@ class _Erased(str):
 
     __slots__ = ()
 
-    def __new__(cls) -> _Erased:
-        return super().__new__(cls, ERASED)
+
+def _plain_erased(value: Any) -> Any:
+    """``value`` with each ``_Erased`` inside its containers as plain ``ERASED`` text."""
+    if type(value) is _Erased:
+        return ERASED
+    if isinstance(value, dict):
+        return {k: _plain_erased(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(map(_plain_erased, value))
+    return value
+
+
+class _SealedFieldError(Exception):
+    """An encrypted value met where the event class has no personal field: it was one when
+    the event was stored."""
+
+
+def _refuse_sealed(code: int, data: memoryview) -> object:
+    raise _SealedFieldError
 
 
 def _erase(fields: dict[str, Any], entry: EventType, only_known: bool) -> None:
@@ -466,8 +497,15 @@ class _Decrypter:
         self._loaded = False
         self._value: bytes | None = None
         self._id = b""
+        self.met = False  # an encrypted value
+        self.erased = False  # one whose key was deleted
+
+    def _erase(self) -> _Erased:
+        self.erased = True
+        return _Erased(ERASED)
 
     def __call__(self, code: int, data: memoryview) -> object:
+        self.met = True
         if code not in (_KEYED, _ENCRYPTED):
             raise ValueError(f"unknown msgpack extension {code}")
         if not self._loaded:
@@ -475,15 +513,15 @@ class _Decrypter:
             if self._value is not None:
                 self._id = _key_id(self._value)
         if self._value is None:
-            return _Erased()
+            return self._erase()
         sealed = bytes(data)
         if code == _ENCRYPTED:
             # Sealed before key ids: one that fails authentication cannot be told from one
             # sealed with a deleted key since replaced, the likelier.
             plaintext = _open(self._value, sealed)
-            return _Erased() if plaintext is None else msgspec.msgpack.decode(plaintext)
+            return self._erase() if plaintext is None else msgspec.msgpack.decode(plaintext)
         if sealed[:_KEY_ID_BYTES] != self._id:  # sealed with a key deleted since
-            return _Erased()
+            return self._erase()
         plaintext = _open(self._value, sealed[_KEY_ID_BYTES:])
         if plaintext is None:
             raise _AlteredError(

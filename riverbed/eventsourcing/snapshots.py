@@ -544,7 +544,7 @@ def _dropped_attribute(restored: object, value: object) -> str | None:
     elif (fields := _fields(value)) is not None:
         extra, kept = _outside_fields(value, fields), _outside_fields(restored, fields)
         for name, item in extra.items():
-            if name not in kept or not same_when_loaded(kept[name], item):
+            if name not in kept or not _same_outside_field(kept[name], item):
                 return f"{type(value).__name__}.{name}"
         pairs = ((getattr(restored, name), getattr(value, name)) for name in fields)
     else:
@@ -554,8 +554,16 @@ def _dropped_attribute(restored: object, value: object) -> str | None:
 
 def _same_outside_fields(restored: dict[str, object], value: dict[str, object]) -> bool:
     return restored.keys() == value.keys() and all(
-        same_when_loaded(restored[name], item) for name, item in value.items()
+        _same_outside_field(restored[name], item) for name, item in value.items()
     )
+
+
+def _same_outside_field(restored: object, value: object) -> bool:
+    """An object equal only to itself (a lock ``__post_init__`` makes) is no state: one of its
+    type built again on load is as good."""
+    if type(value).__eq__ is object.__eq__:
+        return type(restored) is type(value)
+    return same_when_loaded(restored, value)
 
 
 def _fields(value: object) -> tuple[str, ...] | None:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -718,6 +719,32 @@ def test_attributes_outside_a_dataclass_or_structs_fields_get_no_snapshot(
     assert events.get(Shelf, shelf.id).lines[0].quantities == [1, 5]  # a snapshot read []
     shelf.tag.label = "red"  # type: ignore[attr-defined]
     assert not snapshots.same_when_loaded(ShelfTag("gift"), shelf.tag)
+
+
+@dataclasses.dataclass
+class Guarded:
+    owner: str
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # equal only to itself: no state, built again on load
+
+
+class Coffer(riverbed.Aggregate):
+    snapshot_every = 1
+    guarded: Guarded
+
+    @riverbed.event("Opened")
+    def __init__(self, owner: str) -> None:
+        self.guarded = Guarded(owner)
+
+
+def test_an_object_equal_only_to_itself_made_by_post_init_is_no_reason_to_refuse(
+    events: EventSourcing,
+) -> None:
+    coffer = Coffer("ada")
+    events.save(coffer)
+    assert events.store.load_snapshot(coffer.id) is not None
+    assert events.get(Coffer, coffer.id).guarded.owner == "ada"
 
 
 BASE = """

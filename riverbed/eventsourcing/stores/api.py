@@ -125,9 +125,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 # Transaction control is the store's: a handler's COMMIT or ROLLBACK would end its transaction
 # under it (its earlier writes lost or committed without the checkpoint). Empty statements
-# before it (";COMMIT") are nothing to either database.
+# before it (";COMMIT") are nothing to either database, nor is a byte order mark to SQLite.
 _TRANSACTION_CONTROL = re.compile(
-    r"[\s;]*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
+    r"[\s;\ufeff]*(BEGIN|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b",
     re.IGNORECASE,
 )
 # Where a comment, or a quoted string or identifier, may start.
