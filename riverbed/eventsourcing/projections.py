@@ -30,7 +30,12 @@ from riverbed.eventsourcing.stores.api import (
     Transaction,
     check_document_key,
 )
-from riverbed.eventsourcing.subscriptions import STOPPED, SubscriberStatus, Subscription
+from riverbed.eventsourcing.subscriptions import (
+    STOPPED,
+    SubscriberStatus,
+    Subscription,
+    returned,
+)
 from riverbed.ids import random_id
 
 T = TypeVar("T")
@@ -142,7 +147,8 @@ class ProjectionRunner(Subscription):
         self._prefix = prefix(self.projection.name, version)
 
     def handle(self, event: Envelope, tx: Transaction) -> None:
-        self.projection.handle(event, ReadModel(tx, self._prefix, self.version))
+        handler: Callable[..., object] = self.projection.handle  # maybe async, decorated
+        returned(handler(event, ReadModel(tx, self._prefix, self.version)), handler)
 
     def parked_labels(self) -> list[str]:
         # Before parked events were filed per version, they were filed under the bare name.

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from riverbed.eventsourcing.aggregate import Aggregate, check_key
+from riverbed.eventsourcing.aggregate import MAX_ID_BYTES, Aggregate, check_key
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
     EventSourcingError,
@@ -46,6 +46,7 @@ from riverbed.eventsourcing.subscriptions import (
     HandlerError,
     Subscription,
     described,
+    returned,
 )
 from riverbed.log.errors import BrokerUnavailableError
 
@@ -193,6 +194,16 @@ class Saga:
         self.tx.cancel_timer(key)
 
 
+def timer_cause(manager: str, key: str) -> str:
+    """The cause id of what a timer's ``on_timeout`` saves: naming the manager and the key,
+    unless that would pass a cause id's 1,000 bytes (a digest of the key instead)."""
+    cause = f"timer:{manager}:{key}:{uuid.uuid4()}"
+    if len(cause.encode()) <= MAX_ID_BYTES:
+        return cause
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return f"timer:{manager}:{digest}:{uuid.uuid4()}"
+
+
 def timer_position(key: str) -> int:
     """Where a failed timer is parked: negative, never an event's position, one per key."""
     digest = hashlib.blake2b(key.encode(), digest_size=7).digest()
@@ -213,7 +224,8 @@ class SagaRunner(Subscription):
         # Timers count from the event's time; a parked event handled again counts from now.
         now_ms = time.time_ns() // 1_000_000 if self.retrying_parked else event.timestamp_ms
         saga = Saga(self.events, tx, self.manager, event.correlation_id, now_ms, self._timer_set)
-        self.manager.handle(event, saga)
+        handler: Callable[..., object] = self.manager.handle  # maybe async, behind a decorator
+        returned(handler(event, saga), handler)
 
     def _timer_set(self, due_ms: int) -> None:
         if self._earliest_set is None or due_ms < self._earliest_set:
@@ -278,7 +290,7 @@ class SagaRunner(Subscription):
         """Run ``on_timeout``; ``_TimerError`` if it fails, except on a race
         (``ConcurrencyError``, unless ``conflicts_fail``) or an outage, after which the timer
         fires again."""
-        cause = f"timer:{self.manager.name}:{timer.key}:{uuid.uuid4()}"
+        cause = timer_cause(self.manager.name, timer.key)
         try:
             stored = _timer_decoder.decode(timer.data)
             if isinstance(stored, dict):
@@ -286,7 +298,8 @@ class SagaRunner(Subscription):
             with causing(cause, stored.correlation_id):
                 now_ms = min(timer.due_ms, time.time_ns() // 1_000_000)  # a retried one: now
                 saga = Saga(self.events, tx, self.manager, stored.correlation_id, now_ms)
-                self.manager.on_timeout(timer.key, stored.data, saga)
+                on_timeout: Callable[..., object] = self.manager.on_timeout
+                returned(on_timeout(timer.key, stored.data, saga), on_timeout)
         except ConcurrencyError:
             if not self.conflicts_fail:
                 raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import time
 from collections import Counter
@@ -648,6 +649,65 @@ def test_a_timer_fires_after_the_events_stored_before_it_fell_due(events: EventS
         assert tx.due_timers(PARKED_DUE_MS) == []
 
 
+class LongKeyed(Expiring):
+    name = "long-keyed"
+
+    def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+        if isinstance(event.event, Order.Placed):  # type: ignore[attr-defined]
+            saga.set_timer("k" * 1000, 0, {"order": event.stream})  # the longest key there is
+
+    def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+        self.expired.append(key)
+        saga.command(Order, data["order"], lambda o: o.cancel("late"))
+
+
+def test_a_timer_with_the_longest_key_fires(events: EventSourcing) -> None:
+    place(events, "ann")
+    manager = events.process_manager(LongKeyed())
+    runner = SagaRunner(events, manager)
+    runner.catch_up()
+    runner.run_once()
+    assert manager.expired == ["k" * 1000]  # its cause id would have passed 1,000 bytes
+    assert events.parked("long-keyed") == []
+    cause = events.read()[-1].metadata["causation_id"]
+    assert cause.startswith("timer:long-keyed:") and len(cause.encode()) <= 1000
+
+
+def traced(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An ordinary decorator, as tracing adds: it hides an async method's nature."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+def test_an_async_handler_behind_a_decorator_is_parked_not_skipped(events: EventSourcing) -> None:
+    class Traced(riverbed.ProcessManager):
+        name = "traced"
+
+        @traced
+        async def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
+            saga.save_state(event.stream, {"seen": True})
+
+    class TracedProjection(riverbed.Projection):
+        name = "traced-totals"
+
+        @traced
+        async def handle(self, event: riverbed.Envelope, tx: Any) -> None:
+            tx.put("seen", event.stream, {"seen": True})
+
+    manager = events.process_manager(Traced())
+    events.projection(TracedProjection())
+    place(events, "ann")
+    SagaRunner(events, manager).catch_up()
+    events.projections.runner("traced-totals").catch_up()
+    for name in ("traced", "traced-totals"):
+        (parked,) = events.parked(name)  # not handled with nothing done
+        assert "returned coroutine: it is async (behind a decorator?)" in parked.error
+
+
 def test_a_failing_timer_is_fired_once_by_two_runners(events: EventSourcing) -> None:
     class Slow(Reminders):
         def handle(self, event: riverbed.Envelope, saga: riverbed.Saga) -> None:
@@ -992,6 +1052,7 @@ ONE_STATEMENT = ("one statement at a time", "cannot insert multiple commands")  
         (";COMMIT", ["tx.execute(';COMMIT'): the statement would end"]),  # an empty one first
         ("; /* x */ ROLLBACK", ["the statement would end"]),
         (" ;;END", ["the statement would end"]),
+        ("\ufeffCOMMIT", ["the statement would end"]),  # SQLite skips a byte order mark
         ("SELECT 1; COMMIT", ONE_STATEMENT),
         ("CREATE TABLE spans (begin int); COMMIT", ONE_STATEMENT),
         ("SELECT a$E'\\'; COMMIT; --'", [*ONE_STATEMENT, "no such column"]),  # a$E: a name
