@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from riverbed.errors import RiverbedError
 from riverbed.log.errors import BrokerUnavailableError
 
@@ -51,3 +53,13 @@ class StoreUnavailableError(EventSourcingError, BrokerUnavailableError):
 
 class RunnerFailedError(EventSourcingError):
     """A projection, process manager or relay thread ended on an error (its ``__cause__``)."""
+
+
+def refuse_awaitable(result: object, message: str) -> None:
+    """``TypeError(message)`` if ``result`` is awaitable: an async function was called where
+    riverbed runs plain ones, so nothing of it ran (its coroutine is closed: no "never awaited"
+    warning)."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(message)

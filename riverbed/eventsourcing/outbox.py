@@ -28,7 +28,6 @@ when they stop.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 
 from riverbed.eventsourcing.claims import claim
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import EventSourcingError, refuse_awaitable
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent, metadata_of
 from riverbed.eventsourcing.repository import APP_KEY, CAUSE_KEYS
@@ -411,12 +410,9 @@ class Inbox:
         with self.events.store.transaction(self.name) as tx:
             if tx.seen(event.id):
                 return False
-            result = fn(event, tx)
-            if inspect.isawaitable(result):  # rolled back: not seen, and nothing of it ran
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise TypeError(
-                    "Inbox.handle runs a plain function in the store's transaction: this one is "
-                    "async, so nothing of it ran; make it a plain function"
-                )
+            refuse_awaitable(  # rolled back: not seen, and nothing of it ran
+                fn(event, tx),
+                "Inbox.handle runs a plain function in the store's transaction: this one is "
+                "async, so nothing of it ran; make it a plain function",
+            )
             return True

@@ -39,6 +39,7 @@ from riverbed.eventsourcing.errors import (
     AggregateNotFoundError,
     ConcurrencyError,
     EventSourcingError,
+    refuse_awaitable,
 )
 from riverbed.eventsourcing.records import (
     NewEvent,
@@ -421,14 +422,10 @@ class Events:
             for attempt in range(retries + 1):
                 with self._turns.turn(aggregate_id):
                     aggregate = self.get(cls, aggregate_id)
-                    decided = decide(aggregate)
-                    if inspect.isawaitable(decided):
-                        if inspect.iscoroutine(decided):
-                            decided.close()  # never to run: no "never awaited" warning
-                        raise TypeError(
-                            f"decide {decide!r} is async: await app.events.handle_async(...) "
-                            "instead"
-                        )
+                    refuse_awaitable(
+                        decide(aggregate),
+                        f"decide {decide!r} is async: await app.events.handle_async(...) instead",
+                    )
                     try:
                         return aggregate, self.save(aggregate, metadata=metadata)
                     except ConcurrencyError:

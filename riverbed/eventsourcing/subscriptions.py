@@ -17,7 +17,6 @@ rebuild switched away from): if so it writes nothing and the work goes on under 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from riverbed.eventsourcing.errors import (
     HandlerAbortedTransactionError,
     NotParkedError,
     UnknownEventTypeError,
+    refuse_awaitable,
 )
 from riverbed.eventsourcing.outages import Outage
 from riverbed.eventsourcing.records import ParkedEvent, StoredEvent, metadata_of
@@ -62,14 +62,12 @@ def returned(result: object, handler: Callable[..., object]) -> None:
     """``TypeError`` if ``handler`` returned an awaitable: an ``async def`` behind a decorator
     (registration refuses a bare one), whose work would never run while its event or timer
     counted as handled."""
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()  # never to run: no "never awaited" warning
-        raise TypeError(
-            f"{getattr(handler, '__qualname__', handler)} returned {type(result).__name__}: it "
-            "is async (behind a decorator?), and riverbed runs it in the store's transaction, "
-            "which commits with the checkpoint when it returns; make it a plain method"
-        )
+    refuse_awaitable(
+        result,
+        f"{getattr(handler, '__qualname__', handler)} returned {type(result).__name__}: it is "
+        "async (behind a decorator?), and riverbed runs it in the store's transaction, which "
+        "commits with the checkpoint when it returns; make it a plain method",
+    )
 
 
 class SubscriberStatus(msgspec.Struct, frozen=True):

@@ -5,7 +5,6 @@ scenario(Order).given(Order.Placed(...)).when(lambda o: o.pay("r1")).then(Order.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -14,6 +13,7 @@ import msgspec
 
 from riverbed.eventsourcing.aggregate import Aggregate
 from riverbed.eventsourcing.codec import ENCODER, registry
+from riverbed.eventsourcing.errors import refuse_awaitable
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -49,13 +49,11 @@ class Scenario(Generic[A]):
         except Exception as error:
             self.error = error
             return self
-        if inspect.isawaitable(result):
-            if inspect.iscoroutine(result):
-                result.close()  # never awaited: no warning about it
-            raise TypeError(
-                "when() runs a plain command: this one is async, so nothing of it ran; run "
-                "its aggregate methods from a plain function"
-            )
+        refuse_awaitable(
+            result,
+            "when() runs a plain command: this one is async, so nothing of it ran; run its "
+            "aggregate methods from a plain function",
+        )
         return self
 
     def then(self, *expected: Any) -> A:
