@@ -892,6 +892,25 @@ def test_a_manager_running_late_meets_its_own_commands_as_a_live_one_would(
     assert events.read()[-1].correlation_id == events.store.read_stream(plain.id)[0].id
 
 
+def test_a_late_manager_meets_its_own_commands_before_timers_past_other_events_too(
+    events: EventSourcing,
+) -> None:
+    ann = place(events, "ann")
+    time.sleep(0.5)
+    bob = place(events, "bob")  # after ann's timer fell due: the page stops before it
+    time.sleep(0.4)  # the manager is late for both
+    timed_out: list[str] = []
+
+    class Counting(Reserving):
+        def on_timeout(self, key: str, data: dict[str, Any], saga: riverbed.Saga) -> None:
+            timed_out.append(key)
+
+    SagaRunner(events, Counting()).catch_up()  # ann's line is stored after bob's order
+    assert timed_out == []  # a live manager met its line before the timer, cancelling it
+    for order in (ann, bob):
+        assert events.store.get_document("saga:reserving", order.id) == {"outcome": "reserved"}
+
+
 def test_async_handlers_and_names_the_stores_cannot_take_are_refused_when_registered(
     events: EventSourcing,
 ) -> None:
