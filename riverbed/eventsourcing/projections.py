@@ -127,14 +127,15 @@ class ProjectionRunner(Subscription):
         projection: Projection,
         version: int | None = None,
         *,
-        rebuilding: bool = False,
+        rebuild_lease: tuple[str, str] | None = None,
     ) -> None:
         """``version``: the one to run (default: the class's). A runner switches to the active
-        version whenever it finds that a rebuild replaced its own, except one ``rebuilding``
-        (it fills a version that is not active yet)."""
+        version whenever it finds that a rebuild replaced its own, except a rebuild's, which
+        fills a version that is not active yet, holding the rebuild's lease (``rebuild_lease``:
+        its name and owner)."""
         self.projection = projection
         self.on_error = projection.on_error
-        self._rebuilding = rebuilding
+        self._rebuild_lease = rebuild_lease
         version = version or projection.version
         name = projection.name
         super().__init__(events, subscriber(name, version), parked_label(name, version))
@@ -159,7 +160,8 @@ class ProjectionRunner(Subscription):
         return self.projection.name
 
     def replaced(self, tx: Transaction) -> bool:
-        if self._rebuilding:
+        if self._rebuild_lease is not None:
+            self.hold_lease(tx)
             return False
         # Read inside the page's transaction, after it took the subscriber's lock, so a switch
         # that committed before is seen, and one that had not yet waits for this page to end.
@@ -168,6 +170,19 @@ class ProjectionRunner(Subscription):
             return False
         self._use(active)
         return True
+
+    def hold_lease(self, tx: Transaction) -> None:
+        """Renew the rebuild's lease first in its transaction, which then holds it (the lease's
+        row on PostgreSQL, the write lock on SQLite): a rebuild that lost its lease, frozen
+        past it, writes nothing once it wakes, whoever rebuilds now."""
+        assert self._rebuild_lease is not None
+        lease, owner = self._rebuild_lease
+        if not tx.renew_lease(lease, owner, REBUILD_LEASE_MS):
+            raise EventSourcingError(
+                f"the rebuild of projection {self.projection.name!r} lost its lease (it was "
+                f"held up over {REBUILD_LEASE_MS // 1000} s), and another rebuild may run: this "
+                "one stops, writing nothing more"
+            )
 
 
 class Projections:
@@ -375,7 +390,7 @@ class Projections:
 
         try:
             new = self._new_version(projection, old)
-            runner = ProjectionRunner(self.events, projection, new, rebuilding=True)
+            runner = ProjectionRunner(self.events, projection, new, rebuild_lease=(lease, owner))
             while stop is None or not stop.is_set():
                 runner.catch_up(renew)
                 if runner.stopped_on is not None:  # on_error = "stop": it will not catch up
@@ -414,6 +429,7 @@ class Projections:
         new version once the switch commits and writes nothing."""
         name = projection.name
         with self.events.store.transaction(subscriber(name, old)) as tx:
+            runner.hold_lease(tx)
             # Caught up when nothing is left to read inside the switching transaction.
             if self.events.store.read_all(runner.checkpoint, 1):
                 return False

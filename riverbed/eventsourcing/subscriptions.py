@@ -100,6 +100,9 @@ class Subscription:
         # Set for the last attempt after races: a conflict then fails like an error.
         self.conflicts_fail = False
         self.retrying_parked = False  # while a parked event is handled again
+        # How many events a page reads: fewer after one whose time ran out (large events were
+        # read again and again by each next page), more again after one that did not.
+        self._page_events = PAGE
 
     @property
     def store(self) -> EventStore:
@@ -135,13 +138,18 @@ class Subscription:
                         continue  # nothing written: read the page again as the successor
                     handled = 0
                     ends = time.monotonic() + PAGE_S
-                    for stored in self.page(tx, limit):
+                    page = self.page(tx, min(limit, self._page_events))
+                    for stored in page:
                         if self.stops_before(stored):
                             break
                         self._apply(stored, tx)
                         handled += 1
                         if time.monotonic() > ends:
                             break
+                    if handled < len(page) and time.monotonic() > ends:
+                        self._page_events = max(1, 2 * handled)
+                    else:
+                        self._page_events = min(PAGE, 2 * self._page_events)
                     return handled
             return 0
         except HandlerError:

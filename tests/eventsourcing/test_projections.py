@@ -12,12 +12,19 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 import riverbed
-from riverbed.eventsourcing import EventSourcing, EventSourcingError, ReadModel, Relay
+from riverbed.eventsourcing import (
+    EventSourcing,
+    EventSourcingError,
+    ReadModel,
+    Relay,
+    subscriptions,
+)
 from riverbed.eventsourcing.errors import EventDecodeError, StoreUnavailableError
 from riverbed.eventsourcing.projections import ProjectionRunner, subscriber
 from riverbed.eventsourcing.records import NewEvent, ParkedEvent, StreamAppend
@@ -270,13 +277,55 @@ def test_a_rebuild_stopped_before_its_switch_starts_afresh_the_next_time(
 
     projection = events.projection(Counting())
     projection.fail_on = {orders[1].id}  # the code of the first rebuild has a bug
-    runner = ProjectionRunner(events, projection, 2, rebuilding=True)
+    events.store.acquire_lease("rebuild:counting", "first", 60_000)
+    runner = ProjectionRunner(events, projection, 2, rebuild_lease=("rebuild:counting", "first"))
     runner.run_once(limit=2)  # the first rebuild got this far, then was interrupted
+    events.store.release_lease("rebuild:counting", "first")  # as its lease ran out
     assert len(events.store.parked("counting@v2")) == 1
     projection.fail_on = set()  # fixed
     assert events.projections.rebuild("counting") == 2
     assert events.projections.all("counting", "types") == {"Order.Placed": {"n": 3}}
     assert events.projections.parked("counting") == []
+
+
+def test_pages_whose_time_runs_out_read_fewer_events_not_the_same_again(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(60):
+        place(events, f"c{i}")
+    monkeypatch.setattr(subscriptions, "PAGE_S", 0.0)  # as for events of megabytes each
+    read = 0
+    read_all = events.store.read_all
+
+    def counted(after: int = 0, limit: int = 1000) -> list[Any]:
+        nonlocal read
+        page = read_all(after, limit)
+        read += len(page)
+        return page
+
+    monkeypatch.setattr(events.store, "read_all", counted)
+    assert ProjectionRunner(events, Counting()).catch_up() == 60
+    assert read < 4 * 60  # each page read all the rest, handling one: 1,830
+
+
+def test_a_rebuild_that_lost_its_lease_writes_nothing_and_does_not_switch(
+    events: EventSourcing,
+) -> None:
+    place(events, "ada")
+    projection = events.projection(Counting())
+    events.projections.runner("counting").catch_up()
+    lease = "rebuild:counting"
+    assert events.store.acquire_lease(lease, "frozen", 1)  # its lease ran out while frozen...
+    time.sleep(0.01)
+    assert events.store.acquire_lease(lease, "next", 60_000)  # ...and another rebuild took it
+    frozen = ProjectionRunner(events, projection, 2, rebuild_lease=(lease, "frozen"))
+    with pytest.raises(EventSourcingError, match="rebuild of projection 'counting' lost its lease"):
+        frozen.run_once()  # as it wakes
+    assert frozen.checkpoint == 0 and events.store.documents("counting@v2/types") == {}
+    with pytest.raises(EventSourcingError, match="lost its lease"):
+        events.projections._switched(projection, 1, frozen)
+    assert events.projections.active_version("counting") == 1
+    assert events.projections.all("counting", "types") == {"Order.Placed": {"n": 1}}
 
 
 class SeenTable(riverbed.Projection):
