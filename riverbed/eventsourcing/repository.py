@@ -72,6 +72,9 @@ A = TypeVar("A", bound=Aggregate)
 log = logging.getLogger("riverbed.events")
 
 MAX_VERSION = 2**62  # above any stream's version; both stores take it
+# An event's payload and metadata: SQLite takes a value of up to 1e9 bytes (the event's record),
+# PostgreSQL a message (a statement's parameters) of up to 1 GiB.
+MAX_EVENT_BYTES = 900_000_000
 RETRY_PAUSE_S = 0.01  # the bound of the first pause before a command's retry
 # For commands of several processes racing for one aggregate (one process's take turns,
 # turns.py): shorter pauses (2 ms, up to 0.1 s) left a third of 30 failing after 5 retries.
@@ -302,6 +305,14 @@ class Events:
                 )
                 for recorded, event_id in zip(pending, ids, strict=False)
             ]
+            for event in events:
+                if len(event.data) + len(encoded_meta) > MAX_EVENT_BYTES:
+                    raise EventSourcingError(
+                        f"event {event.type} of {stream!r} (version {event.version}) is "
+                        f"{len(event.data) + len(encoded_meta):,} bytes encoded, over the "
+                        f"{MAX_EVENT_BYTES:,} an event store takes; keep large data elsewhere "
+                        "(a blob store) and a reference to it in the event"
+                    )
             appends.append(StreamAppend(aggregate.id, pending[0].version - 1, events))
         return appends
 

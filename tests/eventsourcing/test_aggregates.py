@@ -469,6 +469,20 @@ def test_an_unknown_event_type_names_the_type_and_position(events: EventSourcing
     assert "type 'Legacy.Removed' at position 1" in str(raised.value)
 
 
+def test_an_event_over_what_a_store_takes_is_refused_with_nothing_saved(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "MAX_EVENT_BYTES", 2000)  # 900 MB: PostgreSQL's 1 GiB
+    order = place()
+    order.add_line("x" * 3000)
+    with pytest.raises(EventSourcingError, match=(
+        r"event Order.LineAdded of '\w+' \(version 2\) is 3,\d+ bytes encoded, over the 2,000 an "
+        r"event store takes; keep large data elsewhere"
+    )):  # fmt: skip
+        events.save(order)
+    assert events.store.last_position() == 0
+
+
 def test_a_payload_that_no_longer_decodes_is_a_clear_error(events: EventSourcing) -> None:
     events.store.append([StreamAppend("p-1", 0, [NewEvent(
         str(uuid.uuid4()), "p-1", 1, "Payment.Requested", 1,

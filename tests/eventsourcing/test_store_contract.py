@@ -47,6 +47,7 @@ from riverbed.eventsourcing.stores import (
 )
 from riverbed.eventsourcing.stores import sqlite as sqlite_store
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
+from riverbed.eventsourcing.stores.postgres import statements as postgres_statements
 from tests.eventsourcing.conftest import OpenStore
 from tests.services.postgres import PostgresServer, terminate_connections
 
@@ -95,6 +96,21 @@ def test_a_large_append_stores_every_event_in_order(store: EventStore) -> None:
     events = store.read_stream("big")
     assert [e.version for e in events] == list(range(1, 218))
     assert positions(events) == [*range(1, 151), *range(152, 219)]
+
+
+def test_an_append_of_many_bytes_goes_to_postgresql_in_statements_it_takes(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_statements, "CHUNK_BYTES", 1000)  # as for 1 GiB messages
+    big = [new_event("bytes", version, bytes(400)) for version in range(1, 8)]
+    chunks = list(postgres_statements.append_chunks([StreamAppend("bytes", 0, big)]))
+    assert [(expected, len(events)) for _, expected, events in chunks] == [
+        (0, 2), (None, 2), (None, 2), (None, 1),  # only the first checks the version
+    ]  # fmt: skip
+    store.append([StreamAppend("bytes", 0, big)])
+    assert [e.data for e in store.read_stream("bytes")] == [bytes(400)] * 7
+    with pytest.raises(ConcurrencyError):
+        store.append([StreamAppend("bytes", 0, [new_event("bytes", 1)])])
 
 
 def test_append_returns_the_last_position_and_reads_back_what_was_appended(

@@ -24,6 +24,10 @@ LOCK_APPENDS = (
     "SELECT pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0))"
 )
 CHUNK_EVENTS = 32
+# And at most this many bytes of payloads: PostgreSQL takes a message (a statement's
+# parameters) of up to 1 GiB, so a large save goes in several (an event alone is refused above
+# MAX_EVENT_BYTES before it is sent).
+CHUNK_BYTES = 256 * 1024 * 1024
 # One event's parameters, in this order, with their types.
 _EVENT_PARAMETERS = (
     ("id", "text"), ("stream", "text"), ("version", "bigint"), ("type", "text"),
@@ -87,10 +91,17 @@ def append_chunks(
     elif len(appends) > 1:
         distinct_streams(appends)
     for append in appends:
-        events = append.events
-        yield append.stream, append.expected_version, events[:CHUNK_EVENTS]
-        for start in range(CHUNK_EVENTS, len(events), CHUNK_EVENTS):
-            yield append.stream, None, events[start : start + CHUNK_EVENTS]
+        expected: int | None = append.expected_version
+        chunk: list[NewEvent] = []
+        size = 0
+        for event in append.events:
+            event_size = len(event.data) + len(event.metadata)
+            if chunk and (len(chunk) == CHUNK_EVENTS or size + event_size > CHUNK_BYTES):
+                yield append.stream, expected, chunk
+                expected, chunk, size = None, [], 0
+            chunk.append(event)
+            size += event_size
+        yield append.stream, expected, chunk
 
 
 def append_params(
