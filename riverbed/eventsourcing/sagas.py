@@ -62,8 +62,6 @@ MAX_TIMERS = 2**31 - 1
 PARKED_DUE_MS = 2**62
 MAX_TIMER_S = 100 * 365 * 24 * 3600
 TIMERS_PER_ROUND = 100  # then a page of events, so timers set due at once cannot starve them
-# Per manager: the last position and the earliest stamp of the events its commands saved.
-OWN_EVENTS = "riverbed:saga-own-events"
 
 
 class ProcessManager:
@@ -152,20 +150,7 @@ class Saga:
         position = self.tx.append(appends) if appends else 0
         for aggregate in aggregates:
             aggregate.pending.clear()
-        if appends:
-            self._note_own_events(position)
         return position
-
-    def _note_own_events(self, position: int) -> None:
-        """Remember that the manager's own events, up to ``position``, are stamped as early as
-        ``now_ms``: its timers due after that wait until it has handled them, as they would
-        for a live manager, which meets them at once."""
-        noted = self.tx.get(OWN_EVENTS, self.manager.name)
-        if isinstance(noted, dict) and noted["position"] > self.tx.checkpoint:  # not yet met
-            stamp = min(self.now_ms, noted["stamp"])
-        else:
-            stamp = self.now_ms
-        self.tx.put(OWN_EVENTS, self.manager.name, {"position": position, "stamp": stamp})
 
     def set_timer(self, key: str, seconds: float, data: dict[str, Any] | None = None) -> None:
         """Call ``on_timeout(key, data, saga)`` in ``seconds`` (setting ``key`` again moves it)."""
@@ -207,15 +192,6 @@ class Saga:
     def cancel_timer(self, key: str) -> None:
         check_key(key, "a timer key", "Saga.cancel_timer")
         self.tx.cancel_timer(key)
-
-
-def own_events_stamp(tx: Transaction, manager: str) -> int | None:
-    """How early the manager's own events it has yet to handle are stamped, if it has any."""
-    noted = tx.get(OWN_EVENTS, manager)
-    if isinstance(noted, dict) and noted["position"] > tx.checkpoint:
-        stamp: int = noted["stamp"]
-        return stamp
-    return None
 
 
 def timer_cause(manager: str, key: str) -> str:
@@ -269,10 +245,8 @@ class SagaRunner(Subscription):
         timer fires first."""
         self._earliest_set = None  # of the timers this page sets
         page = super().page(tx, limit)
-        if not page:
-            return page
-        due = tx.due_timers(self._due_by(tx, page[0]), limit=1)
-        if not due:
+        due = tx.due_timers(time.time_ns() // 1_000_000, limit=1)
+        if not due or not page:
             return page
         return list(itertools.takewhile(lambda e: e.timestamp_ms < due[0].due_ms, page))
 
@@ -287,8 +261,7 @@ class SagaRunner(Subscription):
         lock: no other runner of it fires the timer meanwhile."""
         stopping = None
         with self.store.transaction(self.name) as tx:
-            following = self.store.read_all(tx.checkpoint, 1)
-            due = tx.due_timers(self._due_by(tx, following[0] if following else None), limit=1)
+            due = tx.due_timers(self._due_by(tx), limit=1)
             if not due:
                 return False
             timer = due[0]
@@ -306,16 +279,12 @@ class SagaRunner(Subscription):
             self.stopped_on = stopping
         return True
 
-    def _due_by(self, tx: Transaction, following: StoredEvent | None) -> int:
-        """Timers fall due by now, but fire after the events stored before they fell due
-        (``following``: the next one), and after the manager's own events stamped before
-        they fell due (stored later, past other events, when it runs late): a payment that
-        succeeded in time beats its timeout, however late the manager is."""
-        due_by = time.time_ns() // 1_000_000
-        if following is not None:
-            due_by = min(due_by, following.timestamp_ms)
-        own_stamp = own_events_stamp(tx, self.manager.name)
-        return due_by if own_stamp is None else min(due_by, own_stamp)
+    def _due_by(self, tx: Transaction) -> int:
+        """Timers fall due by now, but fire after the events stored before they fell due: a
+        payment that succeeded in time beats its timeout, however late the manager is."""
+        now_ms = time.time_ns() // 1_000_000
+        following = self.store.read_all(tx.checkpoint, 1)
+        return min(now_ms, following[0].timestamp_ms) if following else now_ms
 
     def _fire(self, timer: Timer, tx: Transaction) -> None:
         """Run ``on_timeout``; ``_TimerError`` if it fails, except on a race

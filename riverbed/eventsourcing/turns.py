@@ -57,7 +57,11 @@ class Turns:
             yield
             return
         waiter = self._enter(key, threading.Event)
-        held = waiter is None or waiter.wait(TURN_WAIT_S) or not self._give_up(key, waiter)
+        if waiter is not None and _on_event_loop():
+            # Waiting would block the loop, whose task may hold the turn: go ahead at once.
+            held = not self._give_up(key, waiter)
+        else:
+            held = waiter is None or waiter.wait(TURN_WAIT_S) or not self._give_up(key, waiter)
         with self._holding(key, held):
             yield
 
@@ -139,3 +143,12 @@ class Turns:
 def _give(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs an event loop (a sync command called from a coroutine)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -767,6 +767,28 @@ def test_sync_commands_and_those_of_several_event_loops_take_turns_too(
     assert events.get(Order, order.id).lines.count("slow") == 6
 
 
+def test_a_sync_command_on_an_event_loops_thread_does_not_wait_for_its_tasks_turn(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turns, "TURN_WAIT_S", 30.0)  # a wait would block the holder too
+    order = place()
+    events.save(order)
+
+    async def sync_beside_async() -> None:
+        async def slow(o: Order) -> None:
+            await asyncio.sleep(0.05)
+            o.add_line("task")
+
+        task = asyncio.create_task(events.handle_async(Order, order.id, slow))
+        await asyncio.sleep(0.01)  # the task holds the turn
+        events.handle(Order, order.id, lambda o: o.add_line("sync"))  # goes ahead at once
+        await task  # which meets the sync command's event and retries
+        await events.close_async()
+
+    asyncio.run(asyncio.wait_for(sync_beside_async(), 10))
+    assert sorted(events.get(Order, order.id).lines) == ["sync", "task"]
+
+
 def test_a_command_cancelled_as_its_turn_comes_does_not_run(events: EventSourcing) -> None:
     order = place()
     events.save(order)
