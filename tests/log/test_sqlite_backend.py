@@ -144,3 +144,35 @@ def test_several_producer_processes_share_one_file(tmp_path: Path) -> None:
         name, seq = record.value.decode().split(":")
         per_producer[name].append(int(seq))
     assert all(seqs == list(range(5000)) for seqs in per_producer.values())
+
+
+def test_a_batch_committed_while_a_consumer_reads_is_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    log = riverbed.connect(url)
+    log.create_topic("t", partitions=1)
+    other = riverbed.connect(url)  # another process's producer
+    consumer = log.consumer(group="g", topics=["t"], from_beginning=True)
+    assert consumer.poll(timeout=0.1) == []
+    bounds = consumer._partition_bounds  # type: ignore[attr-defined]
+
+    def committing_first(tp: tuple[str, int]) -> tuple[int, int]:
+        # The producer commits between the consumer's read of the batches and of the bounds.
+        if not sent:
+            with other.producer() as producer:
+                producer.send("t", b"raced")
+            sent.append(True)
+        return bounds(tp)  # type: ignore[no-any-return]
+
+    sent: list[bool] = []
+
+    monkeypatch.setattr(consumer, "_partition_bounds", committing_first)
+    records = consumer.poll(timeout=0.1)
+    monkeypatch.undo()
+    records += consumer.poll(timeout=0.1)
+    assert [r.value for r in records] == [b"raced"]  # it jumped past it to the end
+    assert consumer.position("t", 0) == 1
+    consumer.close()
+    other.close()
+    log.close()

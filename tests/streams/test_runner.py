@@ -145,6 +145,7 @@ def test_a_signal_that_comes_while_the_main_thread_holds_stops_lock_still_stops(
     """A second Ctrl-C (a terminal's and a parent worker's) lands inside the first one's
     Event.set, or any signal inside Event.wait: the handler must not wait on stop's lock."""
     stop = threading.Event()
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a shell's background job
     with stopping_on_signals(stop):
         handler = signal.getsignal(signal.SIGINT)
         assert callable(handler)
@@ -152,4 +153,4 @@ def test_a_signal_that_comes_while_the_main_thread_holds_stops_lock_still_stops(
             handler(signal.SIGINT, None)
             handler(signal.SIGTERM, None)
         assert stop.wait(5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored

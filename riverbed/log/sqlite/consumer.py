@@ -233,23 +233,8 @@ class SqliteConsumer(Closing):
         return taken
 
     def _read_batches(self, tp: TopicPartition, wanted: int) -> list[Record]:
-        topic, partition = tp
         position = self._positions[tp]
-        meta = self._metas[topic]
-        records: list[Record] = []
-        rows = self._conn.execute(
-            "SELECT last_offset, payload, crc FROM batches WHERE topic_id = ? AND partition = ? "
-            "AND last_offset >= ? ORDER BY last_offset LIMIT ?",
-            (meta.topic_id, partition, position, BATCHES_PER_QUERY),
-        )
-        for last_offset, payload, crc in rows:
-            batch = decode_batch(payload, crc, f"{topic}[{partition}]@{last_offset}")
-            if not records and batch[0].offset < position:
-                batch = batch[bisect_left(batch, position, key=_offset_of) :]
-            records.extend(batch)
-            if len(records) >= wanted:
-                break
-        rows.close()
+        records = self._records_at(tp, position, wanted)
         if not records or records[0].offset > position:
             # Nothing at the position itself: retention may have deleted it (reset, as Kafka does
             # on OffsetOutOfRange), or compaction removed it (skip ahead).
@@ -259,7 +244,31 @@ class SqliteConsumer(Closing):
                 self._positions[tp] = self._reset_position(tp)
                 return self._read_batches(tp, wanted) if self._from_beginning else []
             if not records and position < end:
-                self._positions[tp] = end
+                # Read again: a producer may have committed between the first read and the
+                # bounds, and what it wrote is seen now. Nothing still: the records up to the
+                # end, which all committed before the bounds were read, were compacted away.
+                records = self._records_at(tp, position, wanted)
+                if not records:
+                    self._positions[tp] = end
+        return records
+
+    def _records_at(self, tp: TopicPartition, position: int, wanted: int) -> list[Record]:
+        """The records of the batches from ``position`` on (about ``wanted`` of them)."""
+        topic, partition = tp
+        records: list[Record] = []
+        rows = self._conn.execute(
+            "SELECT last_offset, payload, crc FROM batches WHERE topic_id = ? AND partition = ? "
+            "AND last_offset >= ? ORDER BY last_offset LIMIT ?",
+            (self._metas[topic].topic_id, partition, position, BATCHES_PER_QUERY),
+        )
+        for last_offset, payload, crc in rows:
+            batch = decode_batch(payload, crc, f"{topic}[{partition}]@{last_offset}")
+            if not records and batch[0].offset < position:
+                batch = batch[bisect_left(batch, position, key=_offset_of) :]
+            records.extend(batch)
+            if len(records) >= wanted:
+                break
+        rows.close()
         return records
 
     # Offsets
