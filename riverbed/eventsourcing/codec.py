@@ -108,7 +108,9 @@ class EventType:
                 f"{_where(cls)} cannot be array_like=True: events are stored with their "
                 "fields' names, which upcasters and personal fields go by"
             )
-        return _stored_personal_fields(cls)
+        # By stored name: a Struct's field renamed (msgspec.field(name=...), rename=) is
+        # stored under its new name, known only once the class is complete.
+        return _by_stored_name(cls, _personal_fields(cls))
 
     def erased_value(self, name: str) -> object:
         """What the field stored as ``name`` reads as once erased: a personal field's erased
@@ -262,13 +264,6 @@ class EventRegistry:
 
 
 registry = EventRegistry()
-
-
-def _stored_personal_fields(cls: type[Any]) -> dict[str, object]:
-    """The personal fields of ``cls`` with their erased values, by the names they are stored
-    under: a Struct's field renamed (``msgspec.field(name=...)``, ``rename=``) is stored under
-    its new name, which is only known once the class is complete."""
-    return _by_stored_name(cls, _personal_fields(cls))
 
 
 def _by_stored_name(cls: type[Any], values: dict[str, object]) -> dict[str, object]:

@@ -29,8 +29,9 @@ _holding: contextvars.ContextVar[frozenset[Hashable]] = contextvars.ContextVar(
 )
 
 # A command waiting for its turn: a thread's event, or a task's future on its loop.
-_Waiter = threading.Event | tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-W = TypeVar("W", threading.Event, tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"])
+_TaskWaiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+_Waiter = threading.Event | _TaskWaiter
+W = TypeVar("W", threading.Event, _TaskWaiter)
 
 
 class _Turn:
