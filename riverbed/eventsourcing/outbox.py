@@ -203,18 +203,18 @@ class Relay:
 
     def _send(self, producer: Producer, after: int, page: list[StoredEvent]) -> _Sent:
         """Queue the page's records, up to one the log refuses at once (too large)."""
-        send = producer.send
+        records = [
+            (stored.stream.encode(), stored.data, headers)
+            for stored, headers in zip(page, _page_headers(page), strict=True)
+        ]
+        try:
+            return _Sent(after, page, producer.send_batch(self.topic, records))
+        except RecordTooLargeError:
+            pass  # the batch queued none: the records before the refused one go one by one
         futures: list[SendFuture] = []
-        for stored in page:
+        for key, value, headers in records:
             try:
-                futures.append(
-                    send(
-                        self.topic,
-                        stored.data,
-                        key=stored.stream.encode(),
-                        headers=_headers(stored),
-                    )
-                )
+                futures.append(producer.send(self.topic, value, key=key, headers=headers))
             except RecordTooLargeError as error:
                 return _Sent(after, page, futures, error)
         return _Sent(after, page, futures)
@@ -313,18 +313,37 @@ def _written(sent: _Sent, topic: str) -> tuple[int, Exception | None]:
     )
 
 
-def _headers(stored: StoredEvent) -> dict[str, bytes]:
+def _page_headers(page: list[StoredEvent]) -> list[dict[str, bytes]]:
+    """Each event's record headers. The events of one save share their metadata, so its headers
+    are made once per save, not per event."""
+    from_metadata: dict[bytes, dict[str, bytes]] = {}
+    every = []
+    for stored in page:
+        shared = from_metadata.get(stored.metadata)
+        if shared is None:
+            shared = from_metadata[stored.metadata] = _metadata_headers(stored)
+        event_id = stored.id.encode()
+        headers = {
+            EVENT_ID: event_id,
+            EVENT_TYPE: stored.type.encode(),
+            EVENT_SCHEMA: str(stored.schema).encode(),
+            STREAM: stored.stream.encode(),
+            STREAM_VERSION: str(stored.version).encode(),
+            POSITION: str(stored.position).encode(),
+            EVENT_TIME: str(stored.timestamp_ms).encode(),
+            CORRELATION: event_id,  # an event saved without a cause correlates with itself
+        }
+        headers.update(shared)
+        every.append(headers)
+    return every
+
+
+def _metadata_headers(stored: StoredEvent) -> dict[str, bytes]:
+    """The headers an event's metadata gives: its cause, its app, and the user's own metadata."""
     metadata = metadata_of(stored)
-    headers = {
-        EVENT_ID: stored.id.encode(),
-        EVENT_TYPE: stored.type.encode(),
-        EVENT_SCHEMA: str(stored.schema).encode(),
-        STREAM: stored.stream.encode(),
-        STREAM_VERSION: str(stored.version).encode(),
-        POSITION: str(stored.position).encode(),
-        EVENT_TIME: str(stored.timestamp_ms).encode(),
-        CORRELATION: str(metadata.get("correlation_id", stored.id)).encode(),
-    }
+    headers = {}
+    if "correlation_id" in metadata:
+        headers[CORRELATION] = str(metadata["correlation_id"]).encode()
     if "causation_id" in metadata:
         headers[CAUSATION] = str(metadata["causation_id"]).encode()
     if APP_KEY in metadata:

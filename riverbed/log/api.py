@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -34,6 +34,7 @@ RECORD_OVERHEAD = 16
 MAX_POLL_INTERVAL_MS = 300_000
 
 Headers = dict[str, bytes]
+KeyValueHeaders = tuple[bytes | None, bytes | None, Mapping[str, bytes] | None]
 TopicPartition = tuple[str, int]
 RebalanceCallback = Callable[[set[TopicPartition]], None]
 
@@ -344,6 +345,14 @@ class Producer(Closeable, Protocol):
         """
         ...
 
+    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        """``(key, value, headers)`` records, each with headers of its own, sent in order (as by
+        ``send`` without partition or timestamp); one future per record. All are checked first:
+        if the log refuses one at once (too large; no key for a compacted topic), this raises
+        and queues none.
+        """
+        ...
+
     def flush(self, timeout: float | None = None) -> None: ...
 
 
@@ -462,8 +471,26 @@ def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, by
     """The bytes a record's limit applies to: key, value and header names and values."""
     size = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
     if headers:
-        size += sum(len(name) + len(data) for name, data in headers.items())
+        size += headers_size(headers)
     return size
+
+
+def headers_size(headers: Mapping[str, bytes]) -> int:
+    """The bytes of the headers' names and values (``map``: no Python loop per header)."""
+    return sum(map(len, headers)) + sum(map(len, headers.values()))
+
+
+def check_batch(info: TopicInfo, records: Sequence[KeyValueHeaders]) -> list[int]:
+    """``send_batch``'s check, before any record is queued: each record's size (as
+    ``record_size``), or the error of the first one the topic refuses."""
+    limit, compact = info.max_record_bytes, info.compact
+    sizes = []
+    for key, value, headers in records:
+        size = record_size(key, value, headers)
+        if size > limit or (compact and key is None):
+            check_record(info, key, value, headers)  # raises the error
+        sizes.append(size)
+    return sizes
 
 
 def check_record(

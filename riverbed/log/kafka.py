@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
@@ -36,6 +36,7 @@ from riverbed.log.api import (
     GroupDescription,
     GroupMember,
     GroupPartitionOffset,
+    KeyValueHeaders,
     PartitionInfo,
     RebalanceCallback,
     Record,
@@ -44,6 +45,7 @@ from riverbed.log.api import (
     TopicDescription,
     TopicInfo,
     TopicPartition,
+    check_batch,
     check_partition,
     check_record,
     check_timestamp,
@@ -897,6 +899,12 @@ class KafkaProducer(Closing):
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
+    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        self._check_open()
+        check_batch(self._topic(topic), records)
+        # librdkafka takes one record per call: this is send's loop, after the batch's check.
+        return [self.send(topic, value, key, headers) for key, value, headers in records]
+
     def _when_room(self, produce: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         """``produce`` once the local queue, full of records or of bytes (a backlog of large
         ones), has room: deliveries free it."""
@@ -1157,6 +1165,10 @@ class KafkaTransactionalProducer(KafkaProducer):
     ) -> int:
         self._current("send")
         return super().send_many(topic, items, partition, headers)
+
+    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        self._current("send")
+        return super().send_batch(topic, records)
 
     def _on_bulk_delivery(self, error: Any, message: Any) -> None:
         # Records purged by an abort are no delivery error: abort_transaction reported it.

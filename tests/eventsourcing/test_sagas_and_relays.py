@@ -11,7 +11,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +25,7 @@ from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Not
 from riverbed.eventsourcing.outbox import EVENT_ID, relay_name
 from riverbed.eventsourcing.sagas import PARKED_DUE_MS, SagaRunner, timer_position
 from riverbed.eventsourcing.subscriptions import CONFLICT_RETRIES
-from riverbed.log.api import SendFuture
+from riverbed.log.api import KeyValueHeaders, SendFuture
 from tests.eventsourcing.shop import Fulfilment, Money, Order, Payment
 from tests.support import published, read_topic, stopped, wait_until
 
@@ -488,16 +488,16 @@ def test_a_relay_that_gets_its_lease_back_waits_for_its_queued_page(
     monkeypatch.setattr("riverbed.eventsourcing.outbox.FLUSH_TIMEOUT_S", 0.01)
     relay = Relay(events, log, TOPIC, lease_ttl=0.2)
     sent: list[bytes | None] = []
-    send = relay._ready().send
+    send_batch = relay._ready().send_batch
 
-    def counted(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
-        sent.append(kwargs["key"])
-        return send(topic, value, **kwargs)
+    def counted(topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        sent.extend(key for key, _, _ in records)
+        return send_batch(topic, records)
 
     def unacknowledged(timeout: float | None = None) -> None:
         raise TimeoutError("records not acknowledged (test)")
 
-    monkeypatch.setattr(relay._ready(), "send", counted)
+    monkeypatch.setattr(relay._ready(), "send_batch", counted)
     flush = relay._ready().flush
     monkeypatch.setattr(relay._ready(), "flush", unacknowledged)
     place(events, "ann")
@@ -574,16 +574,17 @@ def test_a_page_with_a_record_the_log_failed_is_sent_again_before_it_is_checkpoi
 ) -> None:
     relay = Relay(events, log, TOPIC)
     ann, bob = place(events, "ann"), place(events, "bob")
-    send = relay._ready().send
+    send_batch = relay._ready().send_batch
     refused: list[bytes | None] = []
 
-    def refuse_first(topic: str, value: bytes | None, **kwargs: Any) -> SendFuture:
-        if not refused:
-            refused.append(kwargs["key"])
-            return Refused(RuntimeError("the broker refused the record (test)"))
-        return send(topic, value, **kwargs)
+    def refuse_first(topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        if refused:
+            return send_batch(topic, records)
+        refused.append(records[0][0])
+        failed = Refused(RuntimeError("the broker refused the record (test)"))
+        return [failed, *send_batch(topic, records[1:])]
 
-    monkeypatch.setattr(relay._ready(), "send", refuse_first)
+    monkeypatch.setattr(relay._ready(), "send_batch", refuse_first)
     try:
         with pytest.raises(RuntimeError, match="refused the record"):
             relay.run_once()

@@ -150,6 +150,59 @@ def test_send_many_spreads_keyless_records(log: riverbed.Log, topic_name: TopicN
     assert min(ends.values()) >= 2_000
 
 
+def test_send_batch_keeps_each_records_headers_key_and_order(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=3)
+    records = [
+        (f"k{i % 7}".encode(), str(i).encode(), {"n": str(i).encode(), "same": b"x"})
+        for i in range(300)
+    ]
+    records += [(None, b"keyless", {}), (b"k1", None, None)]
+    with log.producer() as producer:
+        producer.send(name, b"before", key=b"k1")
+        futures = producer.send_batch(name, records)
+        assert len(futures) == len(records)
+        sent = [future.result(timeout=30) for future in futures]
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        read = {(r.partition, r.offset): r for r in consume(consumer, len(records) + 1)}
+    for (key, value, headers), metadata in zip(records, sent, strict=True):
+        record = read[metadata.partition, metadata.offset]
+        assert (record.key, record.value, record.headers) == (key, value, headers or {})
+        if key is not None:
+            assert metadata.partition == partition_for_key(key, 3)
+    # Within a partition, the batch's records follow one another in the order given.
+    for partition in range(3):
+        offsets = [m.offset for m in sent if m.partition == partition]
+        assert offsets == sorted(offsets)
+    assert sent[1].offset == 1 + sum(1 for m in sent[:1] if m.partition == sent[1].partition)
+
+
+def test_send_batch_queues_none_when_the_log_refuses_one(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name, compacted = topic_name(), topic_name("compacted")
+    log.create_topic(name, partitions=2, max_record_bytes=1_000)
+    log.create_topic(compacted, compact=True)
+    with log.producer() as producer:
+        # The headers count: 900 bytes of value fit, and with 200 bytes of headers they do not.
+        fits = (b"k", b"x" * 900, {"h": b""})
+        too_large = (b"k", b"x" * 900, {"h": b"y" * 200})
+        with pytest.raises(riverbed.RecordTooLargeError, match=r"1102 bytes.*1000-byte limit"):
+            producer.send_batch(name, [fits, too_large, fits])
+        with pytest.raises(InvalidRecordError, match="needs a key"):
+            producer.send_batch(compacted, [(b"k", b"v", None), (None, b"v", None)])
+        assert producer.send_batch(name, []) == []
+        producer.send_batch(name, [fits])[0].result(timeout=30)
+    assert sum(log.end_offsets(name).values()) == 1
+    assert sum(log.end_offsets(compacted).values()) == 0
+    producer = log.producer()
+    producer.close()
+    with pytest.raises(riverbed.ClosedError):
+        producer.send_batch(name, [fits])
+
+
 def test_explicit_partition(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, partitions=3)

@@ -75,7 +75,8 @@ def test_commit_publishes_records_and_offsets(log: riverbed.Log, topic_name: Top
         with log.transactional_producer(consumer) as producer:
             producer.begin_transaction()
             futures = [producer.send(sink, r.value, key=r.key) for r in records[:10]]
-            producer.send_many(sink, [(r.key, r.value) for r in records[10:]])
+            futures += producer.send_batch(sink, [(r.key, r.value, None) for r in records[10:15]])
+            producer.send_many(sink, [(r.key, r.value) for r in records[15:]])
             called: list[riverbed.SendFuture] = []
             futures[0].add_done_callback(called.append)
             producer.commit_transaction(offsets)
@@ -96,6 +97,7 @@ def test_abort_publishes_nothing(log: riverbed.Log, topic_name: TopicName) -> No
             producer.begin_transaction()
             futures = [producer.send(sink, b"aborted", key=r.key) for r in records]
             producer.send_many(sink, [(None, b"aborted")] * 5)
+            futures += producer.send_batch(sink, [(b"k", b"aborted", {"h": b"v"})] * 3)
             failed: list[BaseException | None] = []
             futures[0].add_done_callback(lambda f: failed.append(f.exception()))
             producer.abort_transaction()
@@ -189,6 +191,7 @@ def test_calls_out_of_order(log: riverbed.Log, topic_name: TopicName) -> None:
         for call in (
             lambda: producer.send(source, b"v"),
             lambda: producer.send_many(source, [(None, b"v")]),
+            lambda: producer.send_batch(source, [(None, b"v", {"h": b"v"})]),
             lambda: producer.commit_transaction({}),
             producer.abort_transaction,
         ):

@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riverbed.log.api import (
@@ -21,7 +21,9 @@ from riverbed.log.api import (
     BatchFuture,
     Closing,
     DeliveryErrors,
+    KeyValueHeaders,
     SendFuture,
+    check_batch,
     check_partition,
     check_record,
     check_timestamp,
@@ -47,6 +49,7 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 # pairs the caller passed, so queueing a record allocates nothing, and one comprehension per run
 # builds the stored records at flush time.
 Pair = tuple[bytes | None, bytes | None]
+Triple = tuple[bytes | None, bytes | None, dict[str, bytes]]
 
 
 class _Run:
@@ -58,11 +61,22 @@ class _Run:
         self.pairs: list[Pair] = []
 
 
+class _HeadedRun:
+    """Records sent together (``send_batch``) that share a timestamp, each with headers of its
+    own."""
+
+    __slots__ = ("records", "timestamp_ms")
+
+    def __init__(self, timestamp_ms: int, records: list[Triple]) -> None:
+        self.timestamp_ms = timestamp_ms
+        self.records = records
+
+
 class _PartitionBuffer:
     __slots__ = ("count", "delivery", "futures", "runs")
 
     def __init__(self, topic: str, partition: int) -> None:
-        self.runs: list[_Run] = []
+        self.runs: list[_Run | _HeadedRun] = []
         self.count = 0
         self.futures = 0
         self.delivery = BatchDelivery(topic, partition)
@@ -70,7 +84,12 @@ class _PartitionBuffer:
     def run_for(self, timestamp_ms: int, headers: dict[str, bytes] | None) -> _Run:
         if self.runs:
             last = self.runs[-1]
-            if last.timestamp_ms == timestamp_ms and headers is None and last.headers is None:
+            if (
+                isinstance(last, _Run)
+                and last.timestamp_ms == timestamp_ms
+                and headers is None
+                and last.headers is None
+            ):
                 return last
         run = _Run(timestamp_ms, headers)
         self.runs.append(run)
@@ -140,13 +159,16 @@ class SqliteProducer(Closing):
         else:
             check_timestamp(timestamp_ms)
         with self._lock:
-            buffer = self._buffers.get((topic, partition))
-            if buffer is None:
-                buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
+            buffer = self._buffer(topic, partition)
             future = BatchFuture(self._flush_method, buffer.delivery, buffer.count, timestamp_ms)
             runs = buffer.runs
             last = runs[-1] if runs else None
-            if not headers and last and last.timestamp_ms == timestamp_ms and not last.headers:
+            if (
+                not headers
+                and isinstance(last, _Run)
+                and last.timestamp_ms == timestamp_ms
+                and not last.headers
+            ):
                 last.pairs.append((key, value))  # run_for's common case, inlined
             else:
                 buffer.run_for(timestamp_ms, dict(headers) if headers else None).pairs.append(
@@ -154,11 +176,7 @@ class SqliteProducer(Closing):
                 )
             buffer.count += 1
             buffer.futures += 1
-            if self._buffered_bytes == 0:
-                self._first_buffered_at = time.monotonic()
-                self._wakeup.notify()
-            self._buffered_bytes += size + RECORD_OVERHEAD
-            full = self._buffered_bytes >= self._batch_size
+            full = self._buffered(size + RECORD_OVERHEAD)
         if full:
             self._write_buffered()
         return future
@@ -218,6 +236,46 @@ class SqliteProducer(Closing):
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
+    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        if self._closed:
+            raise ClosedError("the producer is closed; create a new one with log.producer()")
+        info = self._meta(topic).info
+        sizes = check_batch(info, records)
+        partitions = info.partitions
+        timestamp_ms = time.time_ns() // 1_000_000
+        # Each record's partition and its place among the batch's records for that partition.
+        lists: dict[int, list[Triple]] = {}
+        places: list[tuple[int, int]] = []
+        size = 0
+        for (key, value, headers), record_bytes in zip(records, sizes, strict=True):
+            if key is None:
+                target = self._sticky.next(record_bytes + RECORD_OVERHEAD, partitions)
+            else:
+                target = partition_for_key(key, partitions)
+            triples = lists.get(target)
+            if triples is None:
+                triples = lists[target] = []
+            places.append((target, len(triples)))
+            triples.append((key, value, dict(headers) if headers else {}))
+            size += record_bytes + RECORD_OVERHEAD
+        flush = self._flush_method
+        with self._lock:
+            starts: dict[int, tuple[BatchDelivery, int]] = {}
+            for partition, triples in lists.items():
+                buffer = self._buffer(topic, partition)
+                starts[partition] = (buffer.delivery, buffer.count)
+                buffer.runs.append(_HeadedRun(timestamp_ms, triples))
+                buffer.count += len(triples)
+                buffer.futures += len(triples)
+            futures: list[SendFuture] = []
+            for target, place in places:
+                delivery, start = starts[target]
+                futures.append(BatchFuture(flush, delivery, start + place, timestamp_ms))
+            full = self._buffered(size) if records else False
+        if full:
+            self._write_buffered()
+        return futures
+
     def _enqueue(
         self,
         topic: str,
@@ -229,20 +287,30 @@ class SqliteProducer(Closing):
         count = 0
         with self._lock:
             for partition, pairs in lists.items():
-                buffer = self._buffers.get((topic, partition))
-                if buffer is None:
-                    buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
+                buffer = self._buffer(topic, partition)
                 buffer.run_for(timestamp_ms, headers).pairs.extend(pairs)
                 buffer.count += len(pairs)
                 count += len(pairs)
-            if self._buffered_bytes == 0:
-                self._first_buffered_at = time.monotonic()
-                self._wakeup.notify()
-            self._buffered_bytes += size
-            full = self._buffered_bytes >= self._batch_size
+            full = self._buffered(size)
         if full:
             self._write_buffered()
         return count
+
+    def _buffer(self, topic: str, partition: int) -> _PartitionBuffer:
+        """The partition's buffer (the caller holds the lock)."""
+        buffer = self._buffers.get((topic, partition))
+        if buffer is None:
+            buffer = self._buffers[topic, partition] = _PartitionBuffer(topic, partition)
+        return buffer
+
+    def _buffered(self, size: int) -> bool:
+        """Count ``size`` bytes more buffered, starting the linger with the first; whether the
+        buffers are full (the caller holds the lock)."""
+        if self._buffered_bytes == 0:
+            self._first_buffered_at = time.monotonic()
+            self._wakeup.notify()
+        self._buffered_bytes += size
+        return self._buffered_bytes >= self._batch_size
 
     def flush(self, timeout: float | None = None) -> None:
         """Write everything buffered; raise ``DeliveryError`` for records that were not written."""
@@ -319,6 +387,15 @@ class SqliteProducer(Closing):
         records: list[tuple[object, ...]] = []
         offset = base
         for run in buffer.runs:
+            if isinstance(run, _HeadedRun):
+                ts, triples = run.timestamp_ms, run.records
+                offsets = range(offset, offset + len(triples))
+                records += [
+                    (topic, partition, o, ts, k, v, h)
+                    for o, (k, v, h) in zip(offsets, triples, strict=True)
+                ]
+                offset += len(triples)
+                continue
             ts, headers, pairs = run.timestamp_ms, run.headers, run.pairs
             offsets = range(offset, offset + len(pairs))
             if headers is None:

@@ -9,11 +9,11 @@ transaction is in the file, so every consumer reads committed records only.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riverbed.errors import RiverbedError
-from riverbed.log.api import SendFuture, TopicPartition
+from riverbed.log.api import KeyValueHeaders, SendFuture, TopicPartition
 from riverbed.log.errors import DeliveryError, TransactionAbortedError, TransactionStateError
 from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.producer import Pair, SqliteProducer, _PartitionBuffer
@@ -89,6 +89,10 @@ class SqliteTransactionalProducer(SqliteProducer):
     ) -> int:
         self._check_in_transaction("send")
         return super().send_many(topic, items, partition, headers)
+
+    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+        self._check_in_transaction("send")
+        return super().send_batch(topic, records)
 
     def commit_transaction(
         self, offsets: Mapping[TopicPartition, int], write_state: StateWriter | None = None
