@@ -14,7 +14,7 @@ from pathlib import Path
 
 from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.log.sqlite.kinds import KINDS, check_file, claim
-from riverbed.log.sqlite.store import FSYNC_MODES, write_transaction
+from riverbed.log.sqlite.store import FSYNC_MODES, use_wal, write_transaction
 from riverbed.urls import BackendUrl
 
 CHECKPOINT_EVERY_S = 0.1
@@ -72,10 +72,7 @@ class SqliteFile:
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA busy_timeout=60000")
-            # Switching to WAL takes an exclusive lock that does not wait on the busy handler;
-            # once the file is in WAL mode (it stays so) there is nothing to switch.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA cache_size=-65536")
             if self._checkpointer is not None and not self._closed.is_set():

@@ -138,12 +138,7 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
     all; the exit status is the first non-zero one of theirs (128 + N for a signal N)."""
     _check_event_store(load_app(target))  # fail here, once, if the target is wrong
     command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
-    children = [
-        subprocess.Popen(
-            command if metrics_port is None else [*command, "--metrics-port", str(metrics_port + i)]
-        )
-        for i in range(processes)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -153,8 +148,21 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
             if child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        # The children start with the stop signals blocked (a mask survives exec), and unblock
+        # them once they listen (App.run): one forwarded sooner waits for them instead of
+        # killing them (SIGTERM) or being lost (SIGINT, which a shell's `&` leaves ignored).
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for i in range(processes):
+                metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port + i)]
+                children.append(subprocess.Popen([*command, *metrics]))
+        except BaseException:
+            forward(signal.SIGTERM, None)  # the ones started do not outlive this one
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one meanwhile: forwarded
         while any(child.poll() is None for child in children):
             ended = next((c for c in children if c.returncode not in (None, 0)), None)
             if ended is not None and not stopping:
@@ -187,6 +195,7 @@ def _check_event_store(app: App) -> None:
 
 
 CHILD_POLL_S = 0.1
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _exit_status(returncode: int) -> int:

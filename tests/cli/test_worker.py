@@ -286,6 +286,29 @@ def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(
     assert f"worker process {victim} ended with signal SIGKILL; stopping the others" in stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_worker_processes_start_stops_them_cleanly(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    # Started as `riverbed worker ... &` from a script: SIGINT ignored, as a shell leaves it.
+    ignoring = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child inherits it
+    try:
+        parent = start_worker(tmp_path, "wordapp:app", "--processes", "2")
+    finally:
+        signal.signal(signal.SIGINT, ignoring)
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    try:
+        # The children exist but are still starting Python: they listen for no signal yet.
+        wait_until(lambda: len(children_file.read_text().split()) == 2, 60, "two workers")
+        parent.send_signal(signum)
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 0, stderr
+    assert "ended with" not in stderr
+
+
 def test_a_worker_process_ended_by_a_signal_without_a_name_is_described() -> None:
     from riverbed.cli.worker import _exit_status, _status
 

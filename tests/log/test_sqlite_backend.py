@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,6 +121,34 @@ with riverbed.connect(url) as log, log.producer(linger_ms=1) as producer:
     for i in range(count):
         producer.send("shared", f"{name}:{i}".encode(), key=name.encode())
 """
+
+
+def _open_at_once(url: str, barrier: Any, outcomes: Any) -> None:
+    barrier.wait()
+    try:
+        riverbed.connect(url).close()
+        outcomes.put("opened")
+    except Exception as error:
+        outcomes.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_creating_one_log_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # As `riverbed worker --processes N` does on a new log: whichever switches the file to WAL,
+    # the others wait for it instead of failing on its lock.
+    context = multiprocessing.get_context("fork")
+    for attempt in range(12):
+        url, processes = f"sqlite:///{tmp_path}/log-{attempt}.db", 6
+        barrier, outcomes = context.Barrier(processes), context.Queue()
+        children = [
+            context.Process(target=_open_at_once, args=(url, barrier, outcomes))
+            for _ in range(processes)
+        ]
+        for child in children:
+            child.start()
+        results = [outcomes.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(60)
+        assert results == ["opened"] * processes
 
 
 def test_several_producer_processes_share_one_file(tmp_path: Path) -> None:

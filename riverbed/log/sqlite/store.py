@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS group_offsets (
 )
 
 FSYNC_MODES = {"normal": "NORMAL", "always": "FULL"}
+WAL_SWITCH_TIMEOUT_S = 60.0  # as the busy timeout
+WAL_SWITCH_RETRY_S = 0.005
 
 _encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[Record])
@@ -144,12 +146,12 @@ class Database:
             conn = sqlite3.connect(
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
             )
+            conn.execute("PRAGMA busy_timeout=60000")
             # Only takes effect when the file is created: 16 KiB pages write and scan batch payloads
             # about twice as fast as the 4 KiB default.
             conn.execute("PRAGMA page_size=16384")
-            conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=60000")
             conn.execute("PRAGMA cache_size=-65536")
         except sqlite3.DatabaseError as error:
             raise self.corrupt(error) from error
@@ -176,6 +178,20 @@ class Database:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             raise self.corrupt(error) from error
+
+
+def use_wal(conn: sqlite3.Connection) -> None:
+    """Put the connection's file in WAL mode, where it then stays. The switch takes an
+    exclusive lock without waiting on the busy handler: processes that open a new file at once
+    (``riverbed worker --processes``) would fail on it, so a busy switch is tried again."""
+    deadline = time.monotonic() + WAL_SWITCH_TIMEOUT_S
+    while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_SWITCH_RETRY_S)
 
 
 class write_transaction:  # noqa: N801 - used as a function: ``with write_transaction(conn)``
