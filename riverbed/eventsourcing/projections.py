@@ -375,7 +375,6 @@ class Projections:
         a time (a lease in the store); each takes a version number never used before, so the
         tables a handler makes for ``tx.version`` start empty even after an interrupted one."""
         projection = self.named(name)
-        old = self.runner(name).claimed().version
         store = self.events.store
         lease, owner = f"rebuild:{name}", random_id()
         if not store.acquire_lease(lease, owner, REBUILD_LEASE_MS):
@@ -389,6 +388,9 @@ class Projections:
                 raise EventSourcingError(f"the rebuild of projection {name!r} lost its lease")
 
         try:
+            # Read under the lease: a rebuild that switched just before it was taken made
+            # another version active, and one read sooner would be forgotten as interrupted.
+            old = self.runner(name).claimed().version
             new = self._new_version(projection, old)
             runner = ProjectionRunner(self.events, projection, new, rebuild_lease=(lease, owner))
             while stop is None or not stop.is_set():

@@ -460,7 +460,11 @@ def _check_position(position: object) -> None:
 
 
 def _reason(failed: Exception) -> str:
-    return failed.reason if isinstance(failed, HandlerError) else str(failed)
+    """The failure's text as both stores keep it: NUL characters (which PostgreSQL's text and
+    the stores' JSON documents refuse) and lone surrogates (which UTF-8 cannot encode) written
+    as escapes."""
+    reason = failed.reason if isinstance(failed, HandlerError) else str(failed)
+    return reason.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _where(parked: ParkedEvent) -> str:

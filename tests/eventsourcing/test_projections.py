@@ -133,6 +133,34 @@ def test_each_event_is_applied_once_and_a_failing_one_is_parked(events: EventSou
     assert events.store.parked("counting@v1") == []
 
 
+@pytest.mark.parametrize("on_error", ["park", "stop"])
+def test_an_error_whose_text_a_store_cannot_keep_is_parked_with_it_escaped(
+    events: EventSourcing, on_error: str
+) -> None:
+    class Picky(riverbed.Projection):
+        name = f"picky-{on_error}"
+
+        def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+            if event.position == 2:  # NUL, which PostgreSQL's text refuses, and a lone
+                # surrogate, as in a file name Python read with surrogateescape
+                raise ValueError("bad\x00name caf\udce9")
+
+    Picky.on_error = on_error  # type: ignore[assignment]
+    for name in ("ada", "bob", "cy"):
+        place(events, name)
+    runner = ProjectionRunner(events, Picky())
+    runner.catch_up()
+    escaped = "ValueError: bad\\x00name caf\\udce9"
+    if on_error == "park":
+        assert runner.checkpoint == 3
+        (parked,) = runner.parked()
+        assert escaped in parked.error
+    else:
+        assert runner.checkpoint == 1
+        status = runner.status()
+        assert status.stopped_at == 2 and escaped in (status.stopped_error or "")
+
+
 def test_a_payload_that_no_longer_decodes_is_parked_with_the_reason(
     events: EventSourcing,
 ) -> None:
@@ -365,6 +393,40 @@ def test_one_rebuild_of_a_projection_runs_at_a_time(events: EventSourcing) -> No
         events.projections.rebuild("counting")
     events.store.release_lease("rebuild:counting", "another process")
     assert events.projections.rebuild("counting") == 2
+
+
+def test_a_rebuild_right_after_another_one_switched_keeps_the_active_version(
+    events: EventSourcing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for customer in ("ada", "bob"):
+        place(events, customer)
+    events.projection(OrderTotals())
+    projections = events.projections
+    assert projections.rebuild("order-totals") == 2
+    first_switched = threading.Event()
+    seen_while_rebuilding: list[object] = []
+    acquire_lease = events.store.acquire_lease
+
+    def acquire(lease: str, owner: str, ttl_ms: int) -> bool:
+        if threading.current_thread().name == "second rebuild":
+            if not first_switched.is_set():  # its first try: the other rebuild goes first
+                assert first_switched.wait(30)
+            else:  # renewing, while it fills its version beside the active one
+                seen_while_rebuilding.append(projections.get("order-totals", "customers", "ada"))
+        return acquire_lease(lease, owner, ttl_ms)
+
+    monkeypatch.setattr(events.store, "acquire_lease", acquire)
+    second: list[int] = []
+    thread = threading.Thread(
+        target=lambda: second.append(projections.rebuild("order-totals")), name="second rebuild"
+    )
+    thread.start()
+    assert projections.rebuild("order-totals") == 3
+    first_switched.set()
+    thread.join(30)
+    assert second == [4]
+    assert seen_while_rebuilding and all(seen_while_rebuilding)  # version 3 stayed whole
+    assert set(projections.all("order-totals", "customers")) == {"ada", "bob"}
 
 
 def test_reading_your_writes_follows_a_rebuild_to_the_new_version(
