@@ -345,7 +345,7 @@ class Producer(Closeable, Protocol):
         """
         ...
 
-    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+    def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         """``(key, value, headers)`` records, each with headers of its own, sent in order (as by
         ``send`` without partition or timestamp); one future per record. All are checked first:
         if the log refuses one at once (too large; no key for a compacted topic), this raises
@@ -476,21 +476,56 @@ def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, by
 
 
 def headers_size(headers: Mapping[str, bytes]) -> int:
-    """The bytes of the headers' names and values (``map``: no Python loop per header)."""
-    return sum(map(len, headers)) + sum(map(len, headers.values()))
+    """The bytes of the headers' names and values (joined: no Python loop per header); an
+    ``InvalidRecordError`` for a name that is not a str or a value that is not bytes."""
+    try:
+        return len("".join(headers)) + len(b"".join(headers.values()))
+    except TypeError:
+        raise _bad_header(headers) from None
 
 
-def check_batch(info: TopicInfo, records: Sequence[KeyValueHeaders]) -> list[int]:
-    """``send_batch``'s check, before any record is queued: each record's size (as
-    ``record_size``), or the error of the first one the topic refuses."""
+def _bad_header(headers: Mapping[str, bytes]) -> InvalidRecordError:
+    for name, data in headers.items():
+        if not isinstance(name, str) or not isinstance(data, bytes):
+            return InvalidRecordError(
+                f"header {name!r} is {type(name).__name__}: {type(data).__name__}; a header's "
+                "name is a str and its value bytes (encode a str value: value.encode())"
+            )
+    return InvalidRecordError(f"headers {headers!r} are not str names with bytes values")
+
+
+def check_batch(
+    info: TopicInfo, records: Iterable[KeyValueHeaders]
+) -> tuple[Sequence[KeyValueHeaders], list[int]]:
+    """``send_batch``'s check, before any record is queued: the records (a list, if they came
+    as an iterator) and each one's size (as ``record_size``), or the error of the first one
+    the topic refuses."""
     limit, compact = info.max_record_bytes, info.compact
+    if not isinstance(records, Sequence):
+        records = list(records)  # gone through twice: checked, then queued
     sizes = []
     for key, value, headers in records:
+        if (key.__class__ is not bytes and key is not None) or (
+            value.__class__ is not bytes and value is not None
+        ):
+            check_types(key, value)
         size = record_size(key, value, headers)
         if size > limit or (compact and key is None):
             check_record(info, key, value, headers)  # raises the error
         sizes.append(size)
-    return sizes
+    return records, sizes
+
+
+def check_types(key: object, value: object) -> None:
+    """A key and a value are bytes or None (the hot paths call this only for what is not
+    ``bytes`` or ``None`` exactly)."""
+    for part, data in (("key", key), ("value", value)):
+        if data is not None and not isinstance(data, bytes):
+            raise InvalidRecordError(
+                f"a record's {part} is bytes or None, not {type(data).__name__}: encode it "
+                f"(a str: {part}.encode()), or declare a typed topic, app.topic(name, "
+                f"{part}=<its type>), whose records are encoded for you"
+            )
 
 
 def check_record(
@@ -500,6 +535,7 @@ def check_record(
     headers: Mapping[str, bytes] | None,
 ) -> int:
     """Validate a record against its topic before it is queued; returns its size."""
+    check_types(key, value)
     size = record_size(key, value, headers)
     if size > info.max_record_bytes:
         raise RecordTooLargeError(info.name, size, info.max_record_bytes)

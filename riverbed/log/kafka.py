@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
@@ -49,6 +49,7 @@ from riverbed.log.api import (
     check_partition,
     check_record,
     check_timestamp,
+    check_types,
     consumer_topics,
     lag_of,
     record_size,
@@ -810,6 +811,10 @@ class KafkaProducer(Closing):
         if self._closed:
             self._check_open()
         info = self._topics.get(topic) or self._topic(topic)
+        if (key.__class__ is not bytes and key is not None) or (
+            value.__class__ is not bytes and value is not None
+        ):
+            check_types(key, value)
         size = (0 if key is None else len(key)) + (0 if value is None else len(value))
         if headers or size > info.max_record_bytes or (key is None and info.compact):
             check_record(info, key, value, headers)
@@ -870,6 +875,10 @@ class KafkaProducer(Closing):
         count = 0
         # The hot loop: check_record's size and key rules inlined (check_record raises the error).
         for key, value in items:
+            if (key.__class__ is not bytes and key is not None) or (
+                value.__class__ is not bytes and value is not None
+            ):
+                check_types(key, value)
             size = (0 if key is None else len(key)) + (0 if value is None else len(value))
             if size > limit or (compact and key is None):
                 check_record(info, key, value, headers)
@@ -899,9 +908,9 @@ class KafkaProducer(Closing):
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
-    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+    def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         self._check_open()
-        check_batch(self._topic(topic), records)
+        records, _ = check_batch(self._topic(topic), records)
         # librdkafka takes one record per call: this is send's loop, after the batch's check.
         return [self.send(topic, value, key, headers) for key, value, headers in records]
 
@@ -1166,7 +1175,7 @@ class KafkaTransactionalProducer(KafkaProducer):
         self._current("send")
         return super().send_many(topic, items, partition, headers)
 
-    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+    def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         self._current("send")
         return super().send_batch(topic, records)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -195,7 +196,9 @@ def test_send_batch_queues_none_when_the_log_refuses_one(
             producer.send_batch(compacted, [(b"k", b"v", None), (None, b"v", None)])
         assert producer.send_batch(name, []) == []
         producer.send_batch(name, [fits])[0].result(timeout=30)
-    assert sum(log.end_offsets(name).values()) == 1
+        (future,) = producer.send_batch(name, (record for record in [fits]))  # any iterable
+        future.result(timeout=30)
+    assert sum(log.end_offsets(name).values()) == 2
     assert sum(log.end_offsets(compacted).values()) == 0
     producer = log.producer()
     producer.close()
@@ -228,6 +231,37 @@ def test_record_size_limit(log: riverbed.Log, topic_name: TopicName) -> None:
     log.create_topic(default)
     with log.producer() as producer, pytest.raises(riverbed.RecordTooLargeError, match="1048576"):
         producer.send(default, b"x" * (1024 * 1024 + 1))
+
+
+def test_keys_values_and_header_values_are_bytes(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    bad_records: list[tuple[Any, Any, Any, str]] = [
+        (b"k", "a str", None, r"a record's value is bytes or None, not str: encode it"),
+        ("k", b"v", None, r"a record's key is bytes or None, not str"),
+        (b"k", 42, None, r"a record's value is bytes or None, not int"),
+        (b"k", b"v", {"h": "a str"}, r"header 'h' is str: str; a header's name is a str and"),
+        (b"k", b"v", {b"h": b"v"}, r"header b'h' is bytes: bytes"),
+    ]
+    with log.producer() as producer:
+        for key, value, headers, message in bad_records:
+            with pytest.raises(InvalidRecordError, match=message):
+                producer.send(name, value, key=key, headers=headers)
+            with pytest.raises(InvalidRecordError, match=message):
+                producer.send_batch(name, [(b"k", b"fine", None), (key, value, headers)])
+            if headers is None:
+                with pytest.raises(InvalidRecordError, match=message):
+                    producer.send_many(name, [(key, value)])
+            else:
+                with pytest.raises(InvalidRecordError, match=message):
+                    producer.send_many(name, [(b"k", b"v")], headers=headers)
+        with pytest.raises(InvalidRecordError, match="value is bytes or None, not bytearray"):
+            producer.send(name, bytearray(b"v"))
+        producer.send(name, b"fine", key=b"k").result(timeout=30)
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        (record,) = consume(consumer, 1)
+        assert consumer.poll(timeout=0.5) == []  # none of the refused ones was queued
+    assert (record.key, record.value) == (b"k", b"fine")
 
 
 def test_timestamps_must_be_positive(log: riverbed.Log, topic_name: TopicName) -> None:

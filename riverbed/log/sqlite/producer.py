@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from riverbed.log.api import (
@@ -27,6 +27,7 @@ from riverbed.log.api import (
     check_partition,
     check_record,
     check_timestamp,
+    check_types,
     record_size,
 )
 from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
@@ -144,6 +145,10 @@ class SqliteProducer(Closing):
         meta = self._topics.get(topic) or self._meta(topic)
         info = meta.info
         # check_record's rules, inlined for the common case (it raises the errors).
+        if (key.__class__ is not bytes and key is not None) or (
+            value.__class__ is not bytes and value is not None
+        ):
+            check_types(key, value)
         size = (0 if key is None else len(key)) + (0 if value is None else len(value))
         if headers or size > info.max_record_bytes or (key is None and info.compact):
             size = check_record(info, key, value, headers)
@@ -207,6 +212,10 @@ class SqliteProducer(Closing):
         # The checks of check_record, inlined: this loop is the fast path.
         for item in items:
             key, value = item
+            if (key.__class__ is not bytes and key is not None) or (
+                value.__class__ is not bytes and value is not None
+            ):
+                check_types(key, value)
             record_bytes = (len(key) if key is not None else 0) + (
                 len(value) if value is not None else 0
             )
@@ -236,11 +245,11 @@ class SqliteProducer(Closing):
         self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
-    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+    def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         if self._closed:
             raise ClosedError("the producer is closed; create a new one with log.producer()")
         info = self._meta(topic).info
-        sizes = check_batch(info, records)
+        records, sizes = check_batch(info, records)
         partitions = info.partitions
         timestamp_ms = time.time_ns() // 1_000_000
         # Each record's partition and its place among the batch's records for that partition.

@@ -9,7 +9,7 @@ transaction is in the file, so every consumer reads committed records only.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from riverbed.errors import RiverbedError
@@ -90,7 +90,7 @@ class SqliteTransactionalProducer(SqliteProducer):
         self._check_in_transaction("send")
         return super().send_many(topic, items, partition, headers)
 
-    def send_batch(self, topic: str, records: Sequence[KeyValueHeaders]) -> list[SendFuture]:
+    def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         self._check_in_transaction("send")
         return super().send_batch(topic, records)
 
