@@ -220,6 +220,9 @@ class Aggregate:
         return f"<{type(self).__name__} {self.id} v{self.version}>"
 
 
+_MISSING = object()
+
+
 class EventMethod(Generic[P, R]):
     """A command method that records the event named ``name`` (see ``event``)."""
 
@@ -274,6 +277,7 @@ class EventMethod(Generic[P, R]):
 
     def register(self, owner: type[Aggregate], attribute: str) -> None:
         """Make the payload class and register the event, for the class ``owner``."""
+        self._check_name_free(owner, attribute)
         try:
             hints = typing.get_type_hints(self.method, include_extras=True)
         except NameError:
@@ -291,6 +295,14 @@ class EventMethod(Generic[P, R]):
             hint = hints.get(parameter.name, Any)
             if parameter.default is inspect.Parameter.empty:
                 fields.append((parameter.name, hint))
+            elif isinstance(parameter.default, list | dict | set | bytearray) and len(
+                parameter.default
+            ):
+                raise EventSourcingError(
+                    f"{owner.__name__}.{attribute}: parameter {parameter.name!r} defaults to a "
+                    f"non-empty {type(parameter.default).__name__}, which every call would "
+                    "share and change; default to None, or to a tuple or frozenset"
+                )
             else:
                 fields.append((parameter.name, hint, parameter.default))
         type_name = f"{stored_name(owner)}.{self.name}"
@@ -300,9 +312,15 @@ class EventMethod(Generic[P, R]):
         # Fields in the method's parameter order, so the payload class takes a call's arguments
         # as they are: recording an event is one constructor call. With keyword-only parameters
         # (which may follow defaults) the call is bound to the signature first (``__get__``).
-        payload = msgspec.defstruct(
-            type_name, fields, module=owner.__module__, kw_only=bool(by_keyword)
-        )
+        try:
+            payload = msgspec.defstruct(
+                type_name, fields, module=owner.__module__, kw_only=bool(by_keyword)
+            )
+        except (TypeError, ValueError) as error:  # a default msgspec refuses, say
+            raise EventSourcingError(
+                f"@riverbed.event({self.name!r}) on {owner.__name__}.{attribute}: its "
+                f"parameters cannot be the event's fields: {error}"
+            ) from None
         method: Callable[..., Any] = self.method
         # The payload class takes any field by keyword: positional-only ones need the binding.
         positional_only = any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in parameters)
@@ -327,6 +345,35 @@ class EventMethod(Generic[P, R]):
         # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
         if self.name not in owner.__dict__:
             setattr(owner, self.name, payload)
+
+    def _check_name_free(self, owner: type[Aggregate], attribute: str) -> None:
+        """The class's attribute named after the event becomes its payload class (for tests:
+        ``Order.Paid``): refused if the class has one of that name already, its own or
+        inherited, but for the payload class of an event of that name of a base."""
+        existing = inspect.getattr_static(owner, self.name, _MISSING)
+        if existing is _MISSING:
+            return
+        payloads_of_bases = {
+            method.entry.cls
+            for base in owner.__mro__[1:]
+            for method in vars(base).values()
+            if isinstance(method, EventMethod) and method.entry is not None
+        }
+        if existing in payloads_of_bases:
+            return  # a subclass's event of the same name: its own payload class replaces it
+        if isinstance(existing, type) and issubclass(existing, DomainEvent):
+            return  # a nested event class of that name: the registry refuses the pair
+        if existing is self:
+            what = "this event method"
+        else:
+            where = next(c for c in owner.__mro__ if self.name in vars(c))
+            what = f"a {type(existing).__name__} of {where.__module__}.{where.__qualname__}"
+        raise EventSourcingError(
+            f"@riverbed.event({self.name!r}) on {owner.__name__}.{attribute}: "
+            f"{owner.__name__}.{self.name} is {what}, and the event's payload class would take "
+            "its place; name the event after what happened (a verb in the past tense, like "
+            "'Paid'), with a name the class does not use"
+        )
 
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:

@@ -27,7 +27,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -71,6 +71,28 @@ def dec_hook(kind: type, value: object) -> object:
 ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
+T = TypeVar("T")
+
+
+def _resolving(build: Callable[[EventType], T]) -> Callable[[EventType], T]:
+    """``build``, with an annotation of the payload that does not resolve (a ``NameError``
+    from deep inside typing or msgspec) as an error that names the event and says why."""
+
+    @functools.wraps(build)
+    def resolved(entry: EventType) -> T:
+        try:
+            return build(entry)
+        except NameError as error:
+            raise EventSourcingError(
+                f"event {entry.name}: the annotation {error.name!r} of its payload does not "
+                f"resolve in module {entry.cls.__module__!r}. Postponed annotations (`from "
+                "__future__ import annotations`) are looked up in the module's globals: define "
+                f"{error.name} at module level, not inside a function (a test's, say)"
+            ) from None
+
+    return resolved
+
+
 @dataclass
 class EventType:
     """One registered event class."""
@@ -98,6 +120,7 @@ class EventType:
         return any(_same_class(base, owner) for base in cls.__mro__)
 
     @functools.cached_property
+    @_resolving
     def personal(self) -> dict[str, object]:
         """Its personal fields by stored name, each with the value it decodes as once erased
         (asked before every save and load of the event)."""
@@ -127,17 +150,20 @@ class EventType:
         return value
 
     @functools.cached_property
+    @_resolving
     def _erased_values(self) -> dict[str, object]:
         """The erased value of each field by stored name (``_NO_ERASED_VALUE``: none)."""
         hints = typing.get_type_hints(self.cls)
         return _by_stored_name(self.cls, {name: _erased_value(h) for name, h in hints.items()})
 
     @functools.cached_property
+    @_resolving
     def decoder(self) -> msgspec.msgpack.Decoder[Any]:
         # Built on first use: a Struct class is not complete while it registers itself.
         return msgspec.msgpack.Decoder(self.cls, dec_hook=dec_hook)
 
     @functools.cached_property
+    @_resolving
     def stored_decoder(self) -> msgspec.msgpack.Decoder[Any]:
         """``decoder`` for stored payloads, refusing an encrypted value anywhere (one of a
         field that was personal then, which ``decode`` decrypts)."""

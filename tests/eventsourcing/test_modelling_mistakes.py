@@ -69,6 +69,64 @@ def test_a_nested_domain_event_may_not_take_an_event_methods_name() -> None:
         exec(NESTED_CLASH, {"__name__": "parcels", "riverbed": riverbed})
 
 
+def test_an_event_may_not_take_a_name_its_class_uses() -> None:
+    # Its payload class becomes Class.<name>: it would replace Aggregate.pending (every record
+    # fails), Aggregate.create, or hide behind the method of the same name.
+    with pytest.raises(
+        EventSourcingError,
+        match=r"@riverbed.event\('pending'\) on Chores.mark_pending: Chores.pending is a "
+        r"property of riverbed.eventsourcing.aggregate.Aggregate, and the event's payload",
+    ):
+
+        class Chores(riverbed.Aggregate):
+            @riverbed.event("pending")
+            def mark_pending(self) -> None:
+                self.status = "pending"
+
+    with pytest.raises(EventSourcingError, match=r"Kiosk.create is a classmethod of"):
+
+        class Kiosk(riverbed.Aggregate):
+            @riverbed.event("create")
+            def __init__(self, owner: str) -> None:
+                self.owner = owner
+
+    with pytest.raises(EventSourcingError, match=r"Piggy.deposit is this event method"):
+
+        class Piggy(riverbed.Aggregate):
+            @riverbed.event("deposit")
+            def deposit(self, amount: int) -> None:
+                self.amount = amount
+
+
+def test_a_payload_annotation_out_of_the_modules_reach_is_named() -> None:
+    class Coin(msgspec.Struct):  # inside a function, as in a test: out of the module's reach
+        cents: int
+
+    class Satchel(riverbed.Aggregate):
+        @riverbed.event("Filled")
+        def __init__(self, coin: Coin) -> None:
+            self.cents = coin.cents
+
+    with pytest.raises(
+        EventSourcingError,
+        match=r"event Satchel.Filled: the annotation 'Coin' of its payload does not resolve "
+        r"in module 'tests.eventsourcing.test_modelling_mistakes'.*define Coin at module level",
+    ):
+        Satchel(Coin(5))
+
+
+def test_a_non_empty_mutable_default_is_refused_naming_the_parameter() -> None:
+    with pytest.raises(
+        EventSourcingError,
+        match=r"Tote.__init__: parameter 'tags' defaults to a non-empty list, which every call",
+    ):
+
+        class Tote(riverbed.Aggregate):
+            @riverbed.event("Opened")
+            def __init__(self, tags: list[str] = ["new"]) -> None:  # noqa: B006 - the mistake
+                self.tags = tags
+
+
 def test_an_aggregate_cannot_trigger_another_aggregates_event(events: EventSourcing) -> None:
     class Voucher(riverbed.Aggregate):
         @riverbed.event("Issued")
