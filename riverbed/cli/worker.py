@@ -70,6 +70,7 @@ def worker(
     processes of this command and of any other machine running it. An app created without a URL
     uses the global --url.
     """
+    _stop_while_starting()
     if ctx.obj:
         os.environ[LOG_URL_ENV] = ctx.obj
     if processes > 1:
@@ -132,6 +133,20 @@ def _progress(statuses: list[SubscriberStatus]) -> str:
     return ", ".join(parts)
 
 
+def _stop_while_starting() -> None:
+    """Until the app runs (``App.run`` then finishes its batch on a stop signal), SIGTERM and
+    SIGINT end this worker at once, with status 0: however long importing the app or reaching
+    the log takes, and even where SIGINT was ignored (``&``) or the signals blocked
+    (``--processes`` starts its workers so). Programs it starts inherit them unblocked."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:
     """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them. One
     that ends on its own (crashed, killed) stops the others, as a supervisor would restart them
@@ -150,9 +165,9 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
 
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
-        # The children start with the stop signals blocked (a mask survives exec), and unblock
-        # them once they listen (App.run): one forwarded sooner waits for them instead of
-        # killing them (SIGTERM) or being lost (SIGINT, which a shell's `&` leaves ignored).
+        # The children start with the stop signals blocked (a mask survives exec) until their
+        # handlers are in place (_stop_while_starting): one forwarded sooner waits for them
+        # instead of killing them (SIGTERM) or being lost (SIGINT, which `&` leaves ignored).
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for i in range(processes):

@@ -370,12 +370,8 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
 
     for signum in previous:
         signal.signal(signum, set_stop)
-    # Started with them blocked (as `riverbed worker --processes` starts its workers), a stop
-    # sent meanwhile is pending: it arrives now.
-    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -49,13 +49,15 @@ def start_worker(tmp_path: Path, *args: str, module: str = APP_MODULE) -> subpro
 
 
 @contextmanager
-def sigterm_after(worker: subprocess.Popen[str]) -> Iterator[list[str]]:
-    """Run the block, then SIGTERM the worker and wait for it to exit 0 (it is killed if the
-    block fails); the list holds its stderr afterwards."""
+def sigterm_after(
+    worker: subprocess.Popen[str], signum: signal.Signals = signal.SIGTERM
+) -> Iterator[list[str]]:
+    """Run the block, then SIGTERM (or ``signum``) the worker and wait for it to exit 0 (it is
+    killed if the block fails); the list holds its stderr afterwards."""
     stderr: list[str] = []
     try:
         yield stderr
-        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signum)
         stderr.append(worker.communicate(timeout=30)[1])
     finally:
         if worker.poll() is None:
@@ -206,25 +208,16 @@ def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/log.db"
     two_partitions = APP_MODULE.replace("value=str)", "value=str, partitions=2)")
     parent = start_worker(tmp_path, "wordapp:app", "--processes", "2", module=two_partitions)
-    try:
-        with riverbed.connect(url) as log:
-            wait_until(
-                lambda: (
-                    "words" in log.list_groups() and len(log.describe_group("words").members) == 2
-                ),
-                60,
-                "two workers in the group",
-            )
-            assert all(len(m.assignment) == 1 for m in log.describe_group("words").members)
-            with log.producer() as producer:
-                producer.send_many("lines", [(None, b"a b")] * 100)
-            wait_until(lambda: sum(log.end_offsets("words").values()) == 200, 30, "the words")
-        parent.send_signal(signal.SIGTERM)
-        _, stderr = parent.communicate(timeout=30)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-    assert parent.returncode == 0, stderr
+    with sigterm_after(parent), riverbed.connect(url) as log:
+        wait_until(
+            lambda: "words" in log.list_groups() and len(log.describe_group("words").members) == 2,
+            60,
+            "two workers in the group",
+        )
+        assert all(len(m.assignment) == 1 for m in log.describe_group("words").members)
+        with log.producer() as producer:
+            producer.send_many("lines", [(None, b"a b")] * 100)
+        wait_until(lambda: sum(log.end_offsets("words").values()) == 200, 30, "the words")
 
 
 def test_the_status_line_says_that_a_runner_stopped() -> None:
@@ -297,16 +290,35 @@ def test_a_stop_signal_while_the_worker_processes_start_stops_them_cleanly(
     finally:
         signal.signal(signal.SIGINT, ignoring)
     children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
-    try:
+    with sigterm_after(parent, signum) as stderr:
         # The children exist but are still starting Python: they listen for no signal yet.
         wait_until(lambda: len(children_file.read_text().split()) == 2, 60, "two workers")
-        parent.send_signal(signum)
-        _, stderr = parent.communicate(timeout=60)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-    assert parent.returncode == 0, stderr
-    assert "ended with" not in stderr
+    assert "ended with" not in stderr[0]
+
+
+SLOW_TO_IMPORT = APP_MODULE.replace(
+    "import riverbed\n",
+    "import riverbed\nimport pathlib, sys, time\n"
+    "while '--processes' not in sys.argv and not pathlib.Path('ready').exists():\n"
+    "    time.sleep(0.05)  # the workers wait on something that does not come\n",
+)
+
+
+def test_workers_stuck_importing_their_app_stop_at_a_signal_and_block_none(
+    tmp_path: Path,
+) -> None:
+    parent = start_worker(tmp_path, "wordapp:app", "--processes", "2", module=SLOW_TO_IMPORT)
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+
+    def blocked_signals(pid: str) -> str:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return next(line.split()[1] for line in lines if line.startswith("SigBlk"))
+
+    with sigterm_after(parent):
+        wait_until(lambda: len(children_file.read_text().split()) == 2, 60, "two workers")
+        children = children_file.read_text().split()
+        # Importing the app: the stop signals unblocked, so programs they start get them too.
+        wait_until(lambda: all(int(blocked_signals(c), 16) == 0 for c in children), 30, "unblocked")
 
 
 def test_a_worker_process_ended_by_a_signal_without_a_name_is_described() -> None:

@@ -66,6 +66,17 @@ def test_save_and_load_an_aggregate(events: EventSourcing) -> None:
         events.get(Order, "nope")
 
 
+def test_an_in_memory_store_saves_and_loads_in_its_thread() -> None:
+    # SQLite keeps ":memory:" out of WAL mode: the store takes the mode it gets.
+    events = EventSourcing("in-memory", "sqlite:///:memory:")
+    try:
+        order = place()
+        events.save(order)
+        assert events.get(Order, order.id).customer == "ada"
+    finally:
+        events.close()
+
+
 def test_time_travel_loads_an_older_version(events: EventSourcing) -> None:
     order = place()
     for sku in ("a", "b", "c", "d"):

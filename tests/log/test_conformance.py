@@ -233,11 +233,15 @@ def test_record_size_limit(log: riverbed.Log, topic_name: TopicName) -> None:
         producer.send(default, b"x" * (1024 * 1024 + 1))
 
 
+class Blob(bytes):
+    """A bytes subclass."""
+
+
 def test_keys_values_and_header_values_are_bytes(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, partitions=2)
     bad_records: list[tuple[Any, Any, Any, str]] = [
-        (b"k", "a str", None, r"a record's value is bytes or None, not str: encode it"),
+        (b"k", "a str", None, r"a record's value is bytes or None, not str: convert it"),
         ("k", b"v", None, r"a record's key is bytes or None, not str"),
         (b"k", 42, None, r"a record's value is bytes or None, not int"),
         (b"k", b"v", {"h": "a str"}, r"header 'h' is str: str; a header's name is a str and"),
@@ -257,6 +261,13 @@ def test_keys_values_and_header_values_are_bytes(log: riverbed.Log, topic_name: 
                     producer.send_many(name, [(b"k", b"v")], headers=headers)
         with pytest.raises(InvalidRecordError, match="value is bytes or None, not bytearray"):
             producer.send(name, bytearray(b"v"))
+        # A subclass too (numpy.bytes_, say): msgspec would refuse it when the batch is written.
+        with pytest.raises(InvalidRecordError, match="key is bytes or None, not Blob"):
+            producer.send(name, b"v", key=Blob(b"k"))
+        with pytest.raises(InvalidRecordError, match="header 'h' is str: Blob"):
+            producer.send_batch(name, [(b"k", b"v", {"h": Blob(b"v")})])
+        with pytest.raises(InvalidRecordError, match="header 'h' is str: bytearray"):
+            producer.send_many(name, [(b"k", b"v")], headers={"h": bytearray(b"v")})
         producer.send(name, b"fine", key=b"k").result(timeout=30)
     with log.consumer(topics=[name], from_beginning=True) as consumer:
         (record,) = consume(consumer, 1)

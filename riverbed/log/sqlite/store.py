@@ -187,7 +187,8 @@ def use_wal(conn: sqlite3.Connection) -> None:
     deadline = time.monotonic() + WAL_SWITCH_TIMEOUT_S
     while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+                return  # a database that cannot be in WAL mode (":memory:") keeps its own
         except sqlite3.OperationalError as error:
             if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                 raise
