@@ -437,6 +437,19 @@ def check_key(key: object, what: str, where: str) -> None:
 
 # PostgreSQL's index entries take ~2,700 bytes at most; both stores take the same ids.
 MAX_ID_BYTES = 1000
+# A projection's, process manager's or inbox's name goes into its checkpoint's, claim's and
+# collections' names, which the stores take up to MAX_ID_BYTES.
+MAX_NAME_BYTES = 200
+
+
+def check_name(name: object, where: str) -> None:
+    """Raise ``ValueError`` unless ``name`` can name a projection, process manager or inbox:
+    a key both stores take (``check_key``) of at most ``MAX_NAME_BYTES``."""
+    check_key(name, "a name", where)
+    assert isinstance(name, str)
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"{where} is at most {MAX_NAME_BYTES} bytes, got {name[:40]!r}...")
+
 
 # What the encoder raises for a value it cannot encode
 _ENCODE_ERRORS = (NotImplementedError, OverflowError, TypeError, ValueError)

@@ -28,7 +28,7 @@ def claim(store: EventStore, app_name: str, whats: list[str]) -> None:
                 if claimed is not None and claimed["app"] != app_name:
                     raise EventSourcingError(
                         f"app {claimed['app']!r} runs the {rival} in this event store, so app "
-                        f"{app_name!r} cannot have a {what} too (they would share its state): "
+                        f"{app_name!r} cannot run the {what} too (they would share its state): "
                         "rename one, or give this app a store of its own (events_url=...); if "
                         f"app {claimed['app']!r} was renamed to {app_name!r}, call "
                         f"app.events.take_over_names({claimed['app']!r}) once"

@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
+from riverbed.eventsourcing.aggregate import check_name
 from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError, refuse_awaitable
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent, metadata_of
-from riverbed.eventsourcing.repository import APP_KEY, CAUSE_KEYS
+from riverbed.eventsourcing.repository import APP_KEY, CAUSE_KEYS, causing
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import (
@@ -415,6 +416,7 @@ class Inbox:
         """``name``: the inbox's in the store; another app's inbox of that name there is
         refused when this one first handles a record (they would drop each other's events as
         seen)."""
+        check_name(name, "Inbox's name")
         self.events = events
         self.name = f"inbox:{name}"
         self._inbox = name
@@ -426,7 +428,11 @@ class Inbox:
             claim(self.events.store, self.events.app_name, [f"inbox {self._inbox}"])
             self._claimed = True
         event = stored_event(record)
-        with self.events.store.transaction(self.name) as tx:
+        # What fn saves is caused by the relayed event, in its correlation.
+        correlation = metadata_of(event).get("correlation_id")
+        if not isinstance(correlation, str):
+            correlation = event.id  # saved without one (riverbed saves one with every event)
+        with self.events.store.transaction(self.name) as tx, causing(event.id, correlation):
             if tx.seen(event.id):
                 return False
             refuse_awaitable(  # rolled back: not seen, and nothing of it ran

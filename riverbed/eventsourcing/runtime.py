@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
 from riverbed.errors import RiverbedError
-from riverbed.eventsourcing.aggregate import check_key
+from riverbed.eventsourcing.aggregate import check_name
 from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outages import Outage
@@ -231,9 +231,7 @@ def _check_subscriber(subscriber: object) -> None:
     what = type(subscriber).__name__
     name = getattr(subscriber, "name", "")
     if name:
-        check_key(name, "a name", f"{what}.name")
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise ValueError(f"{what}.name is at most {MAX_NAME_BYTES} bytes, got {name[:40]!r}...")
+        check_name(name, f"{what}.name")
     on_error = getattr(subscriber, "on_error", "park")
     if on_error not in ("park", "stop"):
         raise EventSourcingError(
@@ -247,11 +245,6 @@ def _check_subscriber(subscriber: object) -> None:
                 f"{what}.{method} is async: riverbed runs it in the store's transaction, which "
                 "commits with the checkpoint when it returns; make it a plain method"
             )
-
-
-# A projection's or process manager's name goes into its checkpoint's, claim's and collections'
-# names, which the stores take up to 1,000 bytes.
-MAX_NAME_BYTES = 200
 
 
 def _relay_claim(topic: str) -> str:

@@ -24,8 +24,9 @@ import pytest
 
 import riverbed
 from riverbed.eventsourcing import EventSourcing, EventSourcingError, Inbox, Relay, stored_event
+from riverbed.eventsourcing.errors import HandlerAbortedTransactionError
 from riverbed.eventsourcing.outbox import EVENT_ID, LEASE_TTL_S, METADATA, relay_name
-from riverbed.eventsourcing.records import NewEvent, StreamAppend
+from riverbed.eventsourcing.records import NewEvent, StoredEvent, StreamAppend
 from tests.eventsourcing.shop import Money, Order
 from tests.support import Worker, read_topic, wait_until
 
@@ -384,6 +385,62 @@ def test_an_event_too_large_for_the_topic_stops_the_relay_after_what_came_before
     roomy = Relay(events, log, "roomy", max_record_bytes=4 * 2**20)
     assert roomy.run_once() == 3
     roomy.close()
+
+
+def test_an_inbox_handler_that_caught_a_failed_statement_commits_nothing_silently(
+    events: EventSourcing, log: riverbed.Log, store_url: str
+) -> None:
+    fill(events, orders=1, lines=0)
+    Relay(events, log, "orders").run_once()
+    (record,) = read_topic(log, "orders")
+    inbox = Inbox(events, "tolerant")
+
+    def tolerant(event: StoredEvent, tx: Any) -> None:
+        tx.put("shipments", event.stream, {"status": "requested"})
+        with contextlib.suppress(Exception):  # a "tolerated" failure of its own statement
+            tx.execute("SELECT * FROM no_such_table")
+
+    if store_url.startswith("postgresql"):  # the failed statement aborted the transaction
+        with pytest.raises(HandlerAbortedTransactionError, match="nothing of it is committed"):
+            inbox.handle(record, tolerant)
+        assert events.store.get_document("shipments", "order-0") is None
+        assert inbox.handle(record, lambda event, tx: None)  # not seen: it failed
+    else:  # SQLite's transaction goes on after a failed statement
+        assert inbox.handle(record, tolerant)
+        assert events.store.get_document("shipments", "order-0") == {"status": "requested"}
+        assert not inbox.handle(record, tolerant)
+
+
+def test_what_an_inbox_handler_saves_is_caused_by_the_relayed_event(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    (order,) = fill(events, orders=1, lines=0)
+    events.handle(Order, order.id, lambda o: o.add_line("sku"), command_id="command-42")
+    Relay(events, log, "orders").run_once()
+    line_added = read_topic(log, "orders")[-1]
+    relayed = stored_event(line_added)
+
+    def ship(event: StoredEvent, tx: Any) -> None:
+        events.save(Order.create("shipping", "s@x", Money(Decimal(0), "EUR"), NOW, id="ship-1"))
+
+    Inbox(events, "shipping").handle(line_added, ship)
+    saved = events.read()[-1]
+    assert (saved.stream, saved.metadata["causation_id"], saved.correlation_id) == (
+        "ship-1",
+        relayed.id,
+        "command-42",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [("", "a non-empty str"), (42, "a non-empty str"), ("n" * 201, "at most 200 bytes")],
+)
+def test_an_inbox_name_the_stores_cannot_take_is_refused(
+    events: EventSourcing, name: Any, refusal: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"Inbox's name.*{refusal}"):
+        Inbox(events, name)
 
 
 def test_an_inbox_handler_that_ends_the_sqlite_transaction_is_an_error(tmp_path: Path) -> None:

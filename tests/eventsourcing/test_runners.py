@@ -150,7 +150,7 @@ def test_two_apps_cannot_run_runners_of_one_name_in_one_store(
     try:
         with pytest.raises(EventSourcingError, match=(
             r"app 'shop' runs the projection order-totals in this event store, so app 'billing' "
-            r"cannot have a projection order-totals too"
+            r"cannot run the projection order-totals too"
         )):  # fmt: skip
             billing.run(stop, log=log)
         billing.projections.registered.clear()
@@ -187,7 +187,7 @@ def test_another_apps_names_are_refused_before_their_state_is_touched(store_url:
 
         billing.projection(Named())  # a projection of the manager's name, in another app
         billing.projection(OrderTotals())
-        refused = "app 'shop' runs the {} in this event store, so app 'billing' cannot have"
+        refused = "app 'shop' runs the {} in this event store, so app 'billing' cannot run"
         mailer = riverbed.Inbox(billing, "mailer")  # made without the store: refused in use
         record = Record("shop-events", 0, 0, 0, b"order", b"{}")
         with pytest.raises(EventSourcingError, match=refused.format("inbox mailer")):

@@ -242,7 +242,9 @@ class PostgresEventStore:
             conn.execute(q.LOCK_SUBSCRIBER, (lock,))
             outer, self._local.transaction = getattr(self._local, "transaction", None), conn
             try:
-                yield PostgresTransaction(conn, name, self._settings.channel)
+                tx = PostgresTransaction(conn, name, self._settings.channel)
+                yield tx
+                tx.check_open()
             finally:
                 self._local.transaction = outer
 
@@ -371,6 +373,15 @@ class PostgresTransaction:
                 "the handler caught the error of a failed statement, which aborts the "
                 "transaction on PostgreSQL all the same: what it did is rolled back"
             ) from None
+
+    def check_open(self) -> None:
+        """Raise if a statement failed in the transaction and the block caught its error:
+        PostgreSQL aborted the transaction all the same, and its COMMIT would roll it back."""
+        if self._conn.info.transaction_status == pq.TransactionStatus.INERROR:
+            raise HandlerAbortedTransactionError(
+                "a statement failed in the store's transaction and its error was caught, which "
+                "aborts the transaction on PostgreSQL all the same: nothing of it is committed"
+            )
 
     def _roll_back_to_savepoint(self) -> None:
         # Unless the connection broke: then the whole transaction fails, as it should.
