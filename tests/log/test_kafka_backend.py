@@ -19,7 +19,7 @@ from riverbed.log.kafka import KafkaLog, describe_log_dirs
 from riverbed.log.partitioner import partition_for_key
 from tests.services import free_port
 from tests.services.kafka import KafkaServer
-from tests.support import consume
+from tests.support import consume, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -151,6 +151,10 @@ def test_partition_sizes_come_from_the_broker(kafka_log: KafkaLog, kafka_url: st
     with kafka_log.producer() as producer:
         producer.send_many(name, [(None, b"x" * 1000)] * 20, partition=1)
     host, port = kafka_url.removeprefix("kafka://").split(":")
+    # A busy broker reports a partition's log once it has made it.
+    wait_until(
+        lambda: set(describe_log_dirs(host, int(port), name, [0, 1])) == {0, 1}, 30, "both logs"
+    )
     sizes = describe_log_dirs(host, int(port), name, [0, 1])
     assert sizes[0] == 0
     assert sizes[1] > 20 * 1000
