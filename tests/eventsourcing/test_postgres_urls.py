@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -15,9 +17,11 @@ import pytest
 
 import riverbed
 from riverbed.errors import InvalidUrlError
+from riverbed.eventsourcing import EventSourcing, ReadModel
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.eventsourcing.stores import EventStore, connect_store
 from riverbed.eventsourcing.stores.postgres import settings as postgres_settings
+from riverbed.eventsourcing.stores.postgres.statements import subscriber_lock_key
 from tests.eventsourcing.test_store_contract import append_to
 from tests.services.postgres import PostgresServer
 from tests.support import wait_until
@@ -154,12 +158,20 @@ def test_an_outage_message_is_one_line() -> None:
     assert "\n" not in str(raised.value) and "\t" not in str(raised.value)
 
 
+def new_role(server: PostgresServer, *settings: str) -> str:
+    """A new login role of the riverbed role's rights, with ``settings`` (``ALTER ROLE SET``)."""
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE riverbed")
+        for setting in settings:
+            admin.execute(f"ALTER ROLE {role} SET {setting}")
+    return role
+
+
 def test_a_login_refused_while_a_store_runs_is_an_error_naming_why_not_an_outage(
     postgres_server: PostgresServer, opened: list[EventStore]
 ) -> None:
-    role = f"app_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE riverbed")
+    role = new_role(postgres_server)
     url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed"
     store = connect_store(f"{url}?pool_timeout=2&schema=s_{role}")
     opened.append(store)
@@ -181,6 +193,55 @@ def test_a_login_refused_while_a_store_runs_is_an_error_naming_why_not_an_outage
     wait_until(lambda: _works(store), 30, "the store to log in again")
     # Logged in again: a later outage is not reported as the refusal that was.
     assert store._pool.name not in postgres_settings._last_connect_error  # type: ignore[attr-defined]
+
+
+def test_a_statement_the_server_cancels_is_waited_out_by_runners_and_named_to_callers(
+    postgres_server: PostgresServer, opened: list[EventStore]
+) -> None:
+    role = new_role(postgres_server, "statement_timeout = '500ms'")  # an operator's setting
+    url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed?schema=s_{role}"
+    events = EventSourcing("timed", url)
+    try:
+        events.projection(Counted())
+        events.save(Turnstile("a"))
+        with psycopg.connect(url.split("?", maxsplit=1)[0]) as rival:
+            # Another process holds the appends' lock, then the projection's turn, for 1.5 s.
+            rival.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (f"riverbed_append/s_{role}",),
+            )
+            with pytest.raises(StoreUnavailableError, match=r"cancelled a statement: cancel"):
+                events.save(Turnstile("b"))
+            rival.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (subscriber_lock_key(f"s_{role}", "projection:counted@v1"),),
+            )
+            stop = threading.Event()
+            threads = events.run(stop)
+            time.sleep(1.5)  # its waits for its turn are cancelled meanwhile
+        try:
+            position = events.save(Turnstile("c"))
+            assert events.projections.get("counted", "tallies", "c", wait_for=position)
+            assert events.failures == [] and all(thread.is_alive() for thread in threads)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+    finally:
+        events.close()
+
+
+class Turnstile(riverbed.Aggregate):
+    @riverbed.event("Turned")
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Counted(riverbed.Projection):
+    name = "counted"
+
+    def handle(self, event: riverbed.Envelope, tx: ReadModel) -> None:
+        tx.put("tallies", event.event.name, {"seen": True})
 
 
 def _works(store: EventStore) -> bool:

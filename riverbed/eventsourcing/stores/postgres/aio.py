@@ -26,7 +26,9 @@ from riverbed.eventsourcing.stores.api import (
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
+    CANCELLED,
     Settings,
+    cancelled,
     closed,
     connection_options,
     forget_connect_error,
@@ -118,6 +120,8 @@ class AsyncPostgresEventStore:
             ) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
             raise read_only(self._settings, error) from None
+        except CANCELLED as error:
+            raise cancelled(self._settings, error) from None
         except psycopg.OperationalError as error:
             if conn is None or not conn.broken:
                 raise
@@ -261,7 +265,11 @@ class AsyncListener:
             )
         except psycopg.OperationalError as error:
             raise unavailable(settings, error) from None
-        await conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        try:
+            await conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        except psycopg.OperationalError as error:  # dropped already (a server restarting)
+            await conn.close()
+            raise unavailable(settings, error) from None
         return cls(conn, settings)
 
     async def _read(self) -> None:

@@ -162,6 +162,22 @@ def closed(settings: Settings) -> EventSourcingError:
     return EventSourcingError(f"the event store at {settings.where} is closed")
 
 
+def cancelled(settings: Settings, error: Exception) -> StoreUnavailableError:
+    """The server cancelled a statement of the store's (a ``statement_timeout`` or
+    ``lock_timeout`` of the database or role, ``pg_cancel_backend``): nothing of it happened,
+    and like an outage it is waited out, a runner's wait for its turn included."""
+    message = " ".join(str(error).split())
+    return StoreUnavailableError(
+        f"the event store's server at {settings.where} cancelled a statement: {message}; a "
+        "statement_timeout or lock_timeout set on the database or role cuts riverbed's waits "
+        "for its locks short (turn it off for the store's user: ALTER ROLE ... SET "
+        "statement_timeout = 0)"
+    )
+
+
+CANCELLED = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+
+
 def unavailable(settings: Settings, error: Exception) -> RiverbedError:
     """``StoreUnavailableError`` (waited out as an outage), unless libpq refused a value of
     the URL or the server refused it for good (no such user or database, a wrong password)."""

@@ -43,7 +43,9 @@ from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
+    CANCELLED,
     Settings,
+    cancelled,
     closed,
     connection_options,
     forget_connect_error,
@@ -114,6 +116,8 @@ class PostgresEventStore:
             return closed(self._settings)
         if isinstance(error, psycopg_pool.PoolTimeout):
             return no_connection(self._settings, error, self._pool.get_stats(), self._pool.name)
+        if isinstance(error, CANCELLED):
+            return cancelled(self._settings, error)
         if conn is None or not conn.broken:
             return error
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use
@@ -449,7 +453,11 @@ class Listener:
             )
         except psycopg.OperationalError as error:
             raise unavailable(settings, error) from None
-        self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        try:
+            self._conn.execute(sql.SQL(q.LISTEN).format(sql.Identifier(settings.channel)))
+        except psycopg.OperationalError as error:  # dropped already (a server restarting)
+            self._conn.close()
+            raise unavailable(settings, error) from None
         self._newest = 0
         self._reading = False
         self._changed = threading.Condition()
