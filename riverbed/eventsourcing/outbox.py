@@ -45,6 +45,7 @@ from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import (
     DEFAULT_MAX_RECORD_BYTES,
+    KeyValueHeaders,
     Log,
     Producer,
     Record,
@@ -204,10 +205,7 @@ class Relay:
 
     def _send(self, producer: Producer, after: int, page: list[StoredEvent]) -> _Sent:
         """Queue the page's records, up to one the log refuses at once (too large)."""
-        records = [
-            (stored.stream.encode(), stored.data, headers)
-            for stored, headers in zip(page, _page_headers(page), strict=True)
-        ]
+        records = _records(page)
         try:
             return _Sent(after, page, producer.send_batch(self.topic, records))
         except RecordTooLargeError:
@@ -314,29 +312,30 @@ def _written(sent: _Sent, topic: str) -> tuple[int, Exception | None]:
     )
 
 
-def _page_headers(page: list[StoredEvent]) -> list[dict[str, bytes]]:
-    """Each event's record headers. The events of one save share their metadata, so its headers
-    are made once per save, not per event."""
+def _records(page: list[StoredEvent]) -> list[KeyValueHeaders]:
+    """Each event's record: keyed by its stream, its payload, its headers. The events of one
+    save share their metadata, so its headers are made once per save, not per event."""
     from_metadata: dict[bytes, dict[str, bytes]] = {}
-    every = []
+    records: list[KeyValueHeaders] = []
     for stored in page:
         shared = from_metadata.get(stored.metadata)
         if shared is None:
             shared = from_metadata[stored.metadata] = _metadata_headers(stored)
         event_id = stored.id.encode()
+        stream = stored.stream.encode()
         headers = {
             EVENT_ID: event_id,
             EVENT_TYPE: stored.type.encode(),
-            EVENT_SCHEMA: str(stored.schema).encode(),
-            STREAM: stored.stream.encode(),
-            STREAM_VERSION: str(stored.version).encode(),
-            POSITION: str(stored.position).encode(),
-            EVENT_TIME: str(stored.timestamp_ms).encode(),
+            EVENT_SCHEMA: f"{stored.schema}".encode(),
+            STREAM: stream,
+            STREAM_VERSION: f"{stored.version}".encode(),
+            POSITION: f"{stored.position}".encode(),
+            EVENT_TIME: f"{stored.timestamp_ms}".encode(),
             CORRELATION: event_id,  # an event saved without a cause correlates with itself
         }
         headers.update(shared)
-        every.append(headers)
-    return every
+        records.append((stream, stored.data, headers))
+    return records
 
 
 def _metadata_headers(stored: StoredEvent) -> dict[str, bytes]:
