@@ -111,10 +111,9 @@ def list_subscribers(target: Target) -> None:
     for status in statuses:
         if status.stopped_at is not None:
             error = (status.stopped_error or "").partition("\n")[0]
-            where = f"position {status.stopped_at:,}" if status.stopped_at > 0 else "a timer"
             out.print(
-                f"{status.name} stopped at {where} (on_error = 'stop'): {error}; fix it and "
-                "restart the worker",
+                f"{status.name} stopped at {status.stopped_where()} (on_error = 'stop'): "
+                f"{error}; fix it and restart the worker",
                 markup=False,
             )
 

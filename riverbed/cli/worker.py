@@ -123,7 +123,7 @@ def _progress(statuses: list[SubscriberStatus]) -> str:
     for status in statuses:
         parked = f", {status.parked:,} parked" if status.parked else ""
         stopped = (
-            f", STOPPED at {status.stopped_at:,}: see riverbed projections list"
+            f", STOPPED at {status.stopped_where()}: see riverbed projections list"
             if status.stopped_at is not None
             else ""
         )

@@ -43,6 +43,7 @@ from riverbed.eventsourcing.snapshots import same_when_loaded
 from riverbed.eventsourcing.stores.api import Document, Transaction
 from riverbed.eventsourcing.subscriptions import (
     PAGE,
+    STOPPED,
     HandlerError,
     Subscription,
     described,
@@ -267,7 +268,12 @@ class SagaRunner(Subscription):
             timer = due[0]
             tx.cancel_timer(timer.key)  # firing a timer is deleting it
             reason = self.failure_of(tx, lambda: self._fire(timer, tx))
-            if reason is not None:
+            if reason is None:
+                # Fired where a runner stopped on it (another process's, say): that stop is over.
+                stopped = tx.get(STOPPED, self.name)
+                if stopped is not None and stopped["position"] == timer_position(timer.key):
+                    tx.delete(STOPPED, self.name)
+            else:
                 parked = ParkedEvent(self.label, timer_position(timer.key), f"timer:{timer.key}",
                                      "timer", reason, time.time_ns() // 1_000_000)  # fmt: skip
                 stopping = self.settle(parked, tx)

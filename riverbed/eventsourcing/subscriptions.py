@@ -79,9 +79,16 @@ class SubscriberStatus(msgspec.Struct, frozen=True):
     head: int  # the store's last position
     lag: int  # events stored that it has not handled yet
     parked: int
-    # With on_error = "stop": the event it stopped at, until a restarted runner handles it.
+    # With on_error = "stop": the event it stopped at (a negative position: a process manager's
+    # timer), until a restarted runner handles it.
     stopped_at: int | None = None
     stopped_error: str | None = None
+
+    def stopped_where(self) -> str:
+        """Where it stopped, for people: "position 1,234" or "a timer"."""
+        if self.stopped_at is None:
+            return "nowhere"
+        return f"position {self.stopped_at:,}" if self.stopped_at > 0 else "a timer"
 
 
 class Subscription:

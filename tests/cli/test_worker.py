@@ -222,8 +222,10 @@ def test_worker_processes_share_the_partitions(tmp_path: Path) -> None:
 
 def test_the_status_line_says_that_a_runner_stopped() -> None:
     stopped = SubscriberStatus("strict", 1, 2, 4, 2, 0, 3, "ValueError: bad")
-    assert _progress([stopped]) == (
-        "strict at 2 (lag 2, STOPPED at 3: see riverbed projections list)"
+    at_a_timer = SubscriberStatus("manager", None, 4, 4, 0, 0, -14_995_520, "ValueError: bad")
+    assert _progress([stopped, at_a_timer]) == (
+        "strict at 2 (lag 2, STOPPED at position 3: see riverbed projections list), "
+        "manager at 4 (lag 0, STOPPED at a timer: see riverbed projections list)"
     )
 
 

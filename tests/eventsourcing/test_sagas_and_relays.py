@@ -782,6 +782,21 @@ def test_a_manager_stopped_at_a_timer_says_so_until_it_restarts(events: EventSou
         thread.join(30)
 
 
+def test_a_timer_another_runner_fires_ends_the_stop_at_it(events: EventSourcing) -> None:
+    class Halting(Reminders):
+        name = "halting"
+        on_error = "stop"
+
+    manager = events.process_manager(Halting())
+    place(events, "bad")
+    SagaRunner(events, manager).catch_up()  # stops at the timer
+    assert events.status("halting").stopped_at == timer_position("bad")
+    manager.failing.clear()
+    SagaRunner(events, manager).run_once()  # another process's, running all along
+    assert manager.fired == ["bad", "bad"]
+    assert events.status("halting").stopped_at is None
+
+
 def test_a_command_that_conflicts_every_time_in_a_backlog_is_parked_without_replaying_it(
     events: EventSourcing, monkeypatch: pytest.MonkeyPatch
 ) -> None:

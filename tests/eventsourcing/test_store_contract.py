@@ -1316,7 +1316,7 @@ INSERT INTO riverbed_documents VALUES ('c', 'b', '{"n": 1}'), ('c', 'B', '{"n": 
 """
 
 
-def test_a_database_of_a_locales_collation_lists_keys_in_code_point_order(
+def test_a_database_of_a_locales_collation_lists_keys_and_fires_timers_in_code_point_order(
     postgres_server: PostgresServer,
 ) -> None:
     database = f"icu_{uuid.uuid4().hex[:8]}"
@@ -1336,6 +1336,11 @@ def test_a_database_of_a_locales_collation_lists_keys_in_code_point_order(
                 tx.put("c", key, {"key": key})
         assert list(store.documents("c")) == sorted([*keys, "B"])  # as SQLite orders them
         assert store.get_document("c", "B") == {"n": 2}  # the upgrade kept them
+        with store.transaction("manager") as tx:
+            for key in keys:
+                tx.set_timer(key, 1_000, b"")
+            # Due together: they fire in the keys' order, as on SQLite.
+            assert [timer.key for timer in tx.due_timers(now_ms=1_000)] == sorted(keys)
     finally:
         store.close()
 

@@ -448,7 +448,7 @@ class SqliteTransaction:
     def due_timers(self, now_ms: int, limit: int = 100) -> list[Timer]:
         rows = self._conn.execute(
             "SELECT name, key, due_ms, data FROM timers WHERE name = ? AND due_ms <= ? "
-            "ORDER BY due_ms LIMIT ?",
+            "ORDER BY due_ms, key LIMIT ?",
             (self.name, now_ms, limit),
         ).fetchall()
         return [Timer(*row) for row in rows]
