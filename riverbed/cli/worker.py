@@ -178,7 +178,7 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one meanwhile: forwarded
-        while any(child.poll() is None for child in children):
+        while [child for child in children if child.poll() is None]:  # polls every one
             ended = next((c for c in children if c.returncode not in (None, 0)), None)
             if ended is not None and not stopping:
                 err.print(

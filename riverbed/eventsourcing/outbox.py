@@ -100,8 +100,11 @@ def check_lease_ttl(lease_ttl: float) -> None:
         )
 
 
+RELAY_PREFIX = "relay:"
+
+
 def relay_name(topic: str) -> str:
-    return f"relay:{topic}"
+    return f"{RELAY_PREFIX}{topic}"
 
 
 class Relay:

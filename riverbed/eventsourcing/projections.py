@@ -159,6 +159,9 @@ class ProjectionRunner(Subscription):
     def registered_name(self) -> str:
         return self.projection.name
 
+    def can_be_replaced(self) -> bool:
+        return self._rebuild_lease is None  # a rebuild's own runner has no successor
+
     def replaced(self, tx: Transaction) -> bool:
         if self._rebuild_lease is not None:
             self.hold_lease(tx)

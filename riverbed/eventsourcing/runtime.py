@@ -14,7 +14,13 @@ from riverbed.eventsourcing.aggregate import check_name
 from riverbed.eventsourcing.claims import claim, take_over
 from riverbed.eventsourcing.errors import EventSourcingError, RunnerFailedError
 from riverbed.eventsourcing.outages import Outage
-from riverbed.eventsourcing.outbox import LEASE_TTL_S, Relay, check_lease_ttl, relay_name
+from riverbed.eventsourcing.outbox import (
+    LEASE_TTL_S,
+    RELAY_PREFIX,
+    Relay,
+    check_lease_ttl,
+    relay_name,
+)
 from riverbed.eventsourcing.projections import Projection, Projections
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Events
@@ -232,6 +238,8 @@ def _check_subscriber(subscriber: object) -> None:
     name = getattr(subscriber, "name", "")
     if name:
         check_name(name, f"{what}.name")
+        if name.startswith(RELAY_PREFIX):  # a relay's: statuses and metrics would show two
+            raise ValueError(f"{what}.name {name!r}: names starting {RELAY_PREFIX!r} are relays'")
     on_error = getattr(subscriber, "on_error", "park")
     if on_error not in ("park", "stop"):
         raise EventSourcingError(

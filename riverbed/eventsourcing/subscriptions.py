@@ -426,17 +426,36 @@ class Subscription:
 
     def run(self, stop: threading.Event, idle_wait: float = 1.0) -> None:
         """Handle events until ``stop``, waiting out the store's outages, or until an event
-        fails with ``on_error = "stop"``."""
+        fails with ``on_error = "stop"``; one that can be replaced (a projection's version,
+        by a rebuild's) then waits for its successor and goes on as it."""
         outage = Outage(self.name)
         self._restarted()
-        while not stop.is_set() and self.stopped_on is None:
+        while not stop.is_set():
             try:
-                if self._retrying_once() == 0:
+                if self.stopped_on is not None:
+                    if not self.can_be_replaced() or not self._succeeded(stop, idle_wait):
+                        return
+                elif self._retrying_once() == 0:
                     self.store.wait_for_events(self.checkpoint, self.idle_wait(idle_wait))
             except BrokerUnavailableError as error:
                 outage.wait(error, stop)
             else:
                 outage.over()
+
+    def can_be_replaced(self) -> bool:
+        """Whether a successor may take its place (``replaced``): stopped, it waits for one."""
+        return False
+
+    def _succeeded(self, stop: threading.Event, idle_wait: float) -> bool:
+        """Whether, stopped, it was replaced (and goes on as its successor); False once
+        ``stop`` is set."""
+        while not stop.is_set():
+            with self.store.transaction(self.name) as tx:
+                if self.replaced(tx):
+                    self.stopped_on = None
+                    return True
+            stop.wait(idle_wait)
+        return False
 
     def idle_wait(self, default: float) -> float:
         return default

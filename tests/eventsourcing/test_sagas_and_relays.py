@@ -966,7 +966,11 @@ def test_async_handlers_and_names_the_stores_cannot_take_are_refused_when_regist
             events.process_manager(refused)
     with pytest.raises(EventSourcingError, match=r"AwaitingProjection\.handle is async"):
         events.projection(AwaitingProjection())
-    for name, refusal in [("a\x00b", "without NUL"), ("m" * 201, "at most 200 bytes")]:
+    for name, refusal in [
+        ("a\x00b", "without NUL"),
+        ("m" * 201, "at most 200 bytes"),
+        ("relay:orders", "names starting 'relay:' are relays'"),  # statuses would show two
+    ]:
         manager = Expiring()
         manager.name = name
         with pytest.raises(ValueError, match=refusal):

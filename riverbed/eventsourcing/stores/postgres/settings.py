@@ -167,11 +167,12 @@ def cancelled(settings: Settings, error: Exception) -> StoreUnavailableError:
     ``lock_timeout`` of the database or role, ``pg_cancel_backend``): nothing of it happened,
     and like an outage it is waited out, a runner's wait for its turn included."""
     message = " ".join(str(error).split())
+    setting = "lock_timeout" if "lock timeout" in message else "statement_timeout"
     return StoreUnavailableError(
         f"the event store's server at {settings.where} cancelled a statement: {message}; a "
         "statement_timeout or lock_timeout set on the database or role cuts riverbed's waits "
-        "for its locks short (turn it off for the store's user: ALTER ROLE ... SET "
-        "statement_timeout = 0)"
+        f"for its locks short (turn it off for the store's user: ALTER ROLE ... SET {setting} "
+        "= 0)"
     )
 
 
