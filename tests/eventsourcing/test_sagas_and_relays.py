@@ -756,17 +756,23 @@ def test_an_on_timeout_that_swallows_a_failed_statement_is_parked(events: EventS
         assert "aborts the transaction on PostgreSQL all the same" in parked.error
 
 
-def test_a_manager_stopped_at_a_timer_says_so_until_it_restarts(events: EventSourcing) -> None:
-    class Strict(Reminders):
-        name = "strict"
-        on_error = "stop"
+class StrictReminders(Reminders):
+    name = "strict"
+    on_error = "stop"
 
-    manager = events.process_manager(Strict())
+
+def stopped_at_a_timer(events: EventSourcing) -> Reminders:
+    """A manager of ``on_error = "stop"`` that stopped at the failing timer of customer "bad"."""
+    manager = events.process_manager(StrictReminders())
     place(events, "bad")
-    runner = SagaRunner(events, manager)
-    runner.catch_up()
+    SagaRunner(events, manager).catch_up()
+    assert events.status("strict").stopped_at == timer_position("bad")
+    return manager
+
+
+def test_a_manager_stopped_at_a_timer_says_so_until_it_restarts(events: EventSourcing) -> None:
+    manager = stopped_at_a_timer(events)
     status = events.status("strict")
-    assert status.stopped_at == timer_position("bad")
     assert status.stopped_error is not None
     assert "RuntimeError: the reminder service is down" in status.stopped_error
     manager.failing.clear()
@@ -783,18 +789,11 @@ def test_a_manager_stopped_at_a_timer_says_so_until_it_restarts(events: EventSou
 
 
 def test_a_timer_another_runner_fires_ends_the_stop_at_it(events: EventSourcing) -> None:
-    class Halting(Reminders):
-        name = "halting"
-        on_error = "stop"
-
-    manager = events.process_manager(Halting())
-    place(events, "bad")
-    SagaRunner(events, manager).catch_up()  # stops at the timer
-    assert events.status("halting").stopped_at == timer_position("bad")
+    manager = stopped_at_a_timer(events)
     manager.failing.clear()
     SagaRunner(events, manager).run_once()  # another process's, running all along
     assert manager.fired == ["bad", "bad"]
-    assert events.status("halting").stopped_at is None
+    assert events.status("strict").stopped_at is None
 
 
 def test_a_command_that_conflicts_every_time_in_a_backlog_is_parked_without_replaying_it(
