@@ -471,15 +471,13 @@ def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, by
     """The bytes a record's limit applies to: key, value and header names and values."""
     size = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
     if headers:
-        size += headers_size(headers)
+        size += _headers_size(headers)
     return size
 
 
-def headers_size(headers: Mapping[str, bytes]) -> int:
-    """The bytes of the headers' names and values (no Python loop per header); an
+def _headers_size(headers: Mapping[str, bytes]) -> int:
+    """The bytes of some headers' names and values (no Python loop per header); an
     ``InvalidRecordError`` for a name that is not a str or a value that is not bytes."""
-    if not headers:
-        return 0
     # Exactly str and bytes: msgspec writes no subclass, and a batch it cannot write is lost.
     if {*map(type, headers.values())} != _BYTES or {*map(type, headers)} != _STR:
         raise _bad_header(headers)

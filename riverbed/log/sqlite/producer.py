@@ -250,6 +250,8 @@ class SqliteProducer(Closing):
             raise ClosedError("the producer is closed; create a new one with log.producer()")
         info = self._meta(topic).info
         records, sizes = check_batch(info, records)
+        if not records:
+            return []
         partitions = info.partitions
         timestamp_ms = time.time_ns() // 1_000_000
         # Each record's partition and its place among the batch's records for that partition.
@@ -280,7 +282,7 @@ class SqliteProducer(Closing):
             for target, place in places:
                 delivery, start = starts[target]
                 futures.append(BatchFuture(flush, delivery, start + place, timestamp_ms))
-            full = self._buffered(size) if records else False
+            full = self._buffered(size)
         if full:
             self._write_buffered()
         return futures
