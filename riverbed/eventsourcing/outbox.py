@@ -40,7 +40,7 @@ from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError, refuse_awaitable
 from riverbed.eventsourcing.outages import UNREACHABLE, Outage
 from riverbed.eventsourcing.records import StoredEvent, metadata_of
-from riverbed.eventsourcing.repository import APP_KEY, CAUSE_KEYS, causing
+from riverbed.eventsourcing.repository import APP_KEY, causing
 from riverbed.eventsourcing.stores.api import Transaction
 from riverbed.ids import random_id
 from riverbed.log.api import (
@@ -329,14 +329,14 @@ def _records(page: list[StoredEvent]) -> list[KeyValueHeaders]:
         headers = {
             EVENT_ID: event_id,
             EVENT_TYPE: stored.type.encode(),
-            EVENT_SCHEMA: f"{stored.schema}".encode(),
+            EVENT_SCHEMA: b"%d" % stored.schema,
             STREAM: stream,
-            STREAM_VERSION: f"{stored.version}".encode(),
-            POSITION: f"{stored.position}".encode(),
-            EVENT_TIME: f"{stored.timestamp_ms}".encode(),
+            STREAM_VERSION: b"%d" % stored.version,
+            POSITION: b"%d" % stored.position,
+            EVENT_TIME: b"%d" % stored.timestamp_ms,
             CORRELATION: event_id,  # an event saved without a cause correlates with itself
+            **shared,
         }
-        headers.update(shared)
         records.append((stream, stored.data, headers))
     return records
 
@@ -345,15 +345,17 @@ def _metadata_headers(stored: StoredEvent) -> dict[str, bytes]:
     """The headers an event's metadata gives: its cause, its app, and the user's own metadata."""
     metadata = metadata_of(stored)
     headers = {}
-    if "correlation_id" in metadata:
-        headers[CORRELATION] = str(metadata["correlation_id"]).encode()
-    if "causation_id" in metadata:
-        headers[CAUSATION] = str(metadata["causation_id"]).encode()
-    if APP_KEY in metadata:
-        headers[APP] = str(metadata[APP_KEY]).encode()
-    if metadata.keys() - CAUSE_KEYS - {APP_KEY}:
+    for key, header in _METADATA_HEADERS:
+        value = metadata.get(key)
+        if value is not None:
+            headers[header] = (value if type(value) is str else str(value)).encode()
+    if len(metadata) > len(headers):  # more than those: the user's own
         headers[METADATA] = stored.metadata
     return headers
+
+
+# Metadata riverbed sets, by the header that carries it.
+_METADATA_HEADERS = (("correlation_id", CORRELATION), ("causation_id", CAUSATION), (APP_KEY, APP))
 
 
 def stored_event(record: Record) -> StoredEvent:

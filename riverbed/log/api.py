@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -179,9 +180,10 @@ class SendFuture:
         return self._outcome() is not None
 
     def result(self, timeout: float | None = None) -> RecordMetadata:
-        if not self.done():
-            self._force(timeout)
         outcome = self._outcome()
+        if outcome is None:
+            self._force(timeout)
+            outcome = self._outcome()
         if outcome is None:
             raise TimeoutError(f"record not acknowledged within {timeout} s")
         if isinstance(outcome, BaseException):
@@ -485,6 +487,7 @@ def _headers_size(headers: Mapping[str, bytes]) -> int:
 
 
 _BYTES, _STR = {bytes}, {str}
+_KEY_VALUE_TYPES = {bytes, type(None)}
 
 
 def _bad_header(headers: Mapping[str, bytes]) -> InvalidRecordError:
@@ -504,20 +507,56 @@ def check_batch(
     """``send_batch``'s check, before any record is queued: the records (a list, if they came
     as an iterator) and each one's size (as ``record_size``), or the error of the first one
     the topic refuses."""
-    limit, compact = info.max_record_bytes, info.compact
     if not isinstance(records, Sequence):
         records = list(records)  # gone through twice: checked, then queued
-    sizes = []
-    for key, value, headers in records:
-        if (key.__class__ is not bytes and key is not None) or (
-            value.__class__ is not bytes and value is not None
-        ):
-            check_types(key, value)
-        size = record_size(key, value, headers)
-        if size > limit or (compact and key is None):
-            check_record(info, key, value, headers)  # raises the error
-        sizes.append(size)
+    sizes = _plain_sizes(records)
+    if (
+        sizes is None
+        or max(sizes, default=0) > info.max_record_bytes
+        or (info.compact and any(record[0] is None for record in records))
+    ):
+        sizes = [_checked_size(info, *record) for record in records]  # raises the first's error
     return records, sizes
+
+
+def _plain_sizes(records: Sequence[KeyValueHeaders]) -> list[int] | None:
+    """Each record's size, its types checked for the whole batch at once (a check per record
+    was a fifth of the outbox relay's time); None when some record is not made of bytes (or
+    None) keys and values and str: bytes headers."""
+    if not records:
+        return []
+    try:
+        keys, values, headers = zip(*records, strict=True)
+    except (TypeError, ValueError):  # not (key, value, headers) triples
+        return None
+    if not {*map(type, keys), *map(type, values)} <= _KEY_VALUE_TYPES:
+        return None
+    present = [each for each in headers if each]
+    if present and (
+        {*map(type, chain.from_iterable(present))} != _STR
+        or {*map(type, chain.from_iterable([each.values() for each in present]))} != _BYTES
+    ):
+        return None
+    return [
+        (len(key) if key is not None else 0)
+        + (len(value) if value is not None else 0)
+        + (len("".join(each)) + len(b"".join(each.values())) if each else 0)
+        for key, value, each in records
+    ]
+
+
+def _checked_size(
+    info: TopicInfo, key: bytes | None, value: bytes | None, headers: Mapping[str, bytes] | None
+) -> int:
+    """One record's size, or the error the topic refuses it with."""
+    if (key.__class__ is not bytes and key is not None) or (
+        value.__class__ is not bytes and value is not None
+    ):
+        check_types(key, value)
+    size = record_size(key, value, headers)
+    if size > info.max_record_bytes or (info.compact and key is None):
+        check_record(info, key, value, headers)  # raises the error
+    return size
 
 
 def check_types(key: object, value: object) -> None:

@@ -194,6 +194,11 @@ def test_send_batch_queues_none_when_the_log_refuses_one(
             producer.send_batch(name, [fits, too_large, fits])
         with pytest.raises(InvalidRecordError, match="needs a key"):
             producer.send_batch(compacted, [(b"k", b"v", None), (None, b"v", None)])
+        # The first record refused names the error, whatever is wrong with a later one.
+        with pytest.raises(riverbed.RecordTooLargeError, match="1102 bytes"):
+            producer.send_batch(name, [fits, too_large, (b"k", "a str", None)])
+        with pytest.raises(InvalidRecordError, match="value is bytes or None, not str"):
+            producer.send_batch(name, [fits, (b"k", "a str", None), too_large])
         assert producer.send_batch(name, []) == []
         producer.send_batch(name, [fits])[0].result(timeout=30)
         (future,) = producer.send_batch(name, (record for record in [fits]))  # any iterable
