@@ -62,6 +62,10 @@ def worker(
             help="Serve Prometheus metrics on this port (worker i of --processes on port + i).",
         ),
     ] = None,
+    supervisor: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="The --processes supervisor's pid: stop when it ends."),
+    ] = None,
 ) -> None:
     """Run the app's pipelines, projections, process managers and relays until SIGTERM or
     Ctrl-C, printing a status line of its pipelines, and one of the others, every second.
@@ -71,6 +75,8 @@ def worker(
     uses the global --url.
     """
     _stop_while_starting()
+    if supervisor is not None:
+        _stop_with(supervisor)
     if ctx.obj:
         os.environ[LOG_URL_ENV] = ctx.obj
     if processes > 1:
@@ -147,12 +153,27 @@ def _stop_while_starting() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def _stop_with(supervisor: int) -> None:
+    """Stop this worker as SIGTERM does once its supervisor has ended, killed without a chance
+    to pass a signal on (SIGKILL, the OOM killer): an orphan would go on beside the workers a
+    restarted supervisor starts."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(CHILD_POLL_S)
+        err.print(f"riverbed worker: its supervisor (process {supervisor}) ended; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="riverbed-supervisor-watch", daemon=True).start()
+
+
 def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:
     """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them. One
     that ends on its own (crashed, killed) stops the others, as a supervisor would restart them
     all; the exit status is the first non-zero one of theirs (128 + N for a signal N)."""
     _check_event_store(load_app(target))  # fail here, once, if the target is wrong
-    command = [sys.executable, "-m", "riverbed.cli.main", "worker", target]
+    command = [sys.executable, "-m", "riverbed.cli.main", "worker", target,
+               "--supervisor", str(os.getpid())]  # fmt: skip
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 

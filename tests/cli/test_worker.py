@@ -281,6 +281,41 @@ def test_a_worker_process_that_dies_stops_the_others_and_the_status_says_why(
     assert f"worker process {victim} ended with signal SIGKILL; stopping the others" in stderr
 
 
+def test_worker_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    parent = start_worker(tmp_path, "wordapp:app", "--processes", "2")
+    children_file = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    children: list[str] = []
+    try:
+        wait_until(lambda: len(children_file.read_text().split()) == 2, 60, "two workers")
+        children = children_file.read_text().split()
+        # Running, not starting (a status line a second each): they stop as at SIGTERM.
+        assert parent.stderr is not None
+        status_lines = 0
+        while status_lines < 4:
+            status_lines += "records processed" in parent.stderr.readline()
+        os.kill(parent.pid, signal.SIGKILL)
+        # The workers share its stderr: it ends when both have exited.
+        _, stderr = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in children:  # left running (the bug): not beside the other tests
+            if _alive(pid):
+                os.kill(int(pid), signal.SIGKILL)
+    assert stderr.count(f"its supervisor (process {parent.pid}) ended; stopping") == 2
+    assert "Traceback" not in stderr
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def _alive(pid: str) -> bool:
+    """Whether a process runs (not gone, and not a zombie its new parent has yet to reap)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_while_the_worker_processes_start_stops_them_cleanly(
     tmp_path: Path, signum: signal.Signals
