@@ -479,7 +479,14 @@ def record_size(key: bytes | None, value: bytes | None, headers: Mapping[str, by
 
 def _headers_size(headers: Mapping[str, bytes]) -> int:
     """The bytes of some headers' names and values (no Python loop per header); an
-    ``InvalidRecordError`` for a name that is not a str or a value that is not bytes."""
+    ``InvalidRecordError`` for headers that are not a mapping, a name that is not a str or a
+    value that is not bytes."""
+    if not isinstance(headers, Mapping):
+        raise InvalidRecordError(
+            f"a record's headers are a dict of str names and bytes values, not a "
+            f"{type(headers).__name__}: for (name, value) pairs, pass dict(pairs) (a name given "
+            "twice keeps its last value)"
+        )
     # Exactly str and bytes: msgspec writes no subclass, and a batch it cannot write is lost.
     if {*map(type, headers.values())} != _BYTES or {*map(type, headers)} != _STR:
         raise _bad_header(headers)
@@ -487,7 +494,7 @@ def _headers_size(headers: Mapping[str, bytes]) -> int:
 
 
 _BYTES, _STR = {bytes}, {str}
-_KEY_VALUE_TYPES = {bytes, type(None)}
+_KEY_VALUE_TYPES, _DICT = {bytes, type(None)}, {dict}
 
 
 def _bad_header(headers: Mapping[str, bytes]) -> InvalidRecordError:
@@ -522,7 +529,7 @@ def check_batch(
 def _plain_sizes(records: Sequence[KeyValueHeaders]) -> list[int] | None:
     """Each record's size, its types checked for the whole batch at once (a check per record
     was a fifth of the outbox relay's time); None when some record is not made of bytes (or
-    None) keys and values and str: bytes headers."""
+    None) keys and values and dicts of str: bytes headers."""
     if not records:
         return []
     try:
@@ -533,7 +540,8 @@ def _plain_sizes(records: Sequence[KeyValueHeaders]) -> list[int] | None:
         return None
     present = [each for each in headers if each]
     if present and (
-        {*map(type, chain.from_iterable(present))} != _STR
+        {*map(type, present)} != _DICT
+        or {*map(type, chain.from_iterable(present))} != _STR
         or {*map(type, chain.from_iterable([each.values() for each in present]))} != _BYTES
     ):
         return None

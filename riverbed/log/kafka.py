@@ -863,9 +863,9 @@ class KafkaProducer(Closing):
         info = self._topic(topic)
         if partition is not None:
             check_partition(info, partition)
+        limit = info.max_record_bytes - record_size(None, None, headers)  # checks them
         extra = {"headers": dict(headers)} if headers else _NO_EXTRAS
         partitions = info.partitions
-        limit = info.max_record_bytes - record_size(None, None, headers)
         compact = info.compact
         produce = self._producer.produce
         unbatched = topic in self._unbatched_topics

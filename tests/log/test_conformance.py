@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -251,6 +252,8 @@ def test_keys_values_and_header_values_are_bytes(log: riverbed.Log, topic_name: 
         (b"k", 42, None, r"a record's value is bytes or None, not int"),
         (b"k", b"v", {"h": "a str"}, r"header 'h' is str: str; a header's name is a str and"),
         (b"k", b"v", {b"h": b"v"}, r"header b'h' is bytes: bytes"),
+        # Kafka clients take a list of pairs; a dict has one value per name: converted by hand.
+        (b"k", b"v", [("h", b"v")], r"headers are a dict .* not a list: .* pass dict\(pairs\)"),
     ]
     with log.producer() as producer:
         for key, value, headers, message in bad_records:
@@ -274,10 +277,13 @@ def test_keys_values_and_header_values_are_bytes(log: riverbed.Log, topic_name: 
         with pytest.raises(InvalidRecordError, match="header 'h' is str: bytearray"):
             producer.send_many(name, [(b"k", b"v")], headers={"h": bytearray(b"v")})
         producer.send(name, b"fine", key=b"k").result(timeout=30)
+        # Any mapping will do.
+        producer.send_batch(name, [(b"k", b"mapped", MappingProxyType({"h": b"v"}))])
     with log.consumer(topics=[name], from_beginning=True) as consumer:
-        (record,) = consume(consumer, 1)
+        record, mapped = consume(consumer, 2)
         assert consumer.poll(timeout=0.5) == []  # none of the refused ones was queued
     assert (record.key, record.value) == (b"k", b"fine")
+    assert (mapped.value, mapped.headers) == (b"mapped", {"h": b"v"})
 
 
 def test_timestamps_must_be_positive(log: riverbed.Log, topic_name: TopicName) -> None:

@@ -198,8 +198,8 @@ class SqliteProducer(Closing):
         info = self._meta(topic).info
         if partition is not None:
             check_partition(info, partition)
+        headers_bytes = record_size(None, None, headers)  # checks them
         shared = dict(headers) if headers else None
-        headers_bytes = record_size(None, None, shared)
         partitions = info.partitions
         limit = info.max_record_bytes - headers_bytes
         timestamp_ms = time.time_ns() // 1_000_000
