@@ -78,6 +78,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a process group of its own, for signal_group
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -105,6 +106,10 @@ class Worker:
 
     def signal(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        """Signal it and the processes it started, as systemd and a terminal's Ctrl-C do."""
+        os.killpg(self.process.pid, signum)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -122,7 +122,8 @@ class GroupHandle(Generic[R]):
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.handles:
             broker = self.handles[0]._broker
-            broker.wait([handle.id for handle in self.handles], timeout or WAIT_SLICE_S)
+            broker.wait([handle.id for handle in self.handles],
+                        WAIT_SLICE_S if timeout is None else timeout)  # fmt: skip
         return [
             handle.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             for handle in self.handles

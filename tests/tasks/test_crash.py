@@ -122,16 +122,17 @@ def test_workers_ride_out_a_redis_restart(
         server.stop()
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
 def test_sigterm_finishes_running_tasks_and_gives_back_the_rest(
-    journal: Path, workers: list[Worker]
+    journal: Path, workers: list[Worker], pool: str
 ) -> None:
     running = crash_app.slow.delay(1.5)
     waiting = [crash_app.work.delay(i) for i in range(3)]
-    worker = start_worker(
-        workers, "--concurrency", "1", "--prefetch", "3", "--shutdown-timeout", "10"
-    )
+    worker = start_worker(workers, "--pool", pool, "--concurrency", "1", "--prefetch", "3",
+                          "--shutdown-timeout", "10")  # fmt: skip
     wait_until(lambda: running.status is TaskState.RUNNING, 30, "the slow task to start")
-    worker.signal(signal.SIGTERM)
+    # To the whole group, as systemd does: the child running the task too.
+    worker.signal_group(signal.SIGTERM)
     assert worker.process.wait(30) == 0
     assert running.result(timeout=5) == "done"
     assert [h.status for h in waiting] == [TaskState.QUEUED] * 3  # given back, not lost

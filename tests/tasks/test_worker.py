@@ -126,8 +126,15 @@ def test_retries_with_backoff_then_dead_letter_and_requeue(app: riverbed.App) ->
             other.result(timeout=30)
         assert other.info().message.attempt == 0  # type: ignore[union-attr]
 
+        # Arguments the signature refuses fail where they are decoded, not retried.
+        mistyped = flaky.delay("yes")  # type: ignore[arg-type]
+        with pytest.raises(riverbed.TaskFailed, match=r"do not match task .*flaky's signature"):
+            mistyped.result(timeout=30)
+        assert mistyped.info().message.attempt == 0  # type: ignore[union-attr]
+        assert attempts[-1][0] == 3  # the task never ran with them
+
         dead = {info.id: info for info in app.tasks.broker.dead()}
-        assert set(dead) == {handle.id, other.id}
+        assert set(dead) == {handle.id, other.id, mistyped.id}
         assert dead[handle.id].error is not None
         assert dead[handle.id].message.payload  # the arguments are kept
 
@@ -282,6 +289,28 @@ def test_cancel_queued_and_running_tasks(app: riverbed.App, pool: str) -> None:
     assert running.status is TaskState.CANCELLED
 
 
+def test_a_task_that_expires_while_waiting_for_a_slot_does_not_start(app: riverbed.App) -> None:
+    started = threading.Event()
+    ran: list[str] = []
+
+    @app.task
+    def busy() -> None:
+        started.set()
+        time.sleep(3)
+
+    @app.task
+    def quick() -> None:
+        ran.append("quick")
+
+    with working(app, concurrency=1):
+        busy.delay()
+        assert started.wait(30)
+        waiting = quick.options(expires=1).delay()  # fetched at once, then held behind busy
+        with pytest.raises(riverbed.TaskExpiredError):
+            waiting.result(timeout=30)
+    assert ran == []
+
+
 def test_chain_group_and_chord(app: riverbed.App) -> None:
     @app.task
     def add(a: int, b: int) -> int:
@@ -295,6 +324,11 @@ def test_chain_group_and_chord(app: riverbed.App) -> None:
     def fail(x: int) -> int:
         raise RuntimeError(f"header {x} broke")
 
+    pending = riverbed.group(add.s(1, 1), add.s(2, 2)).delay()
+    asked = time.monotonic()
+    with pytest.raises(riverbed.ResultTimeoutError):
+        pending.result(timeout=0)  # no wait, as a task's handle
+    assert time.monotonic() - asked < 10  # it waited a minute
     with working(app, concurrency=4):
         assert riverbed.chain(add.s(1, 2), add.s(10), add.s(100)).delay().result(timeout=30) == 113
         assert riverbed.group(*(add.s(i, i) for i in range(5))).delay().result(timeout=30) == [

@@ -71,7 +71,10 @@ def execute(task: Task[Any, Any], message: TaskMessage) -> Executed:
     """Run ``task`` on ``message``'s arguments here and now; async tasks on this thread's loop."""
     token = _current.set(_context(message))
     try:
-        args, kwargs = task.codec.decode(message.payload)
+        try:
+            args, kwargs = task.codec.decode(message.payload)
+        except msgspec.MsgspecError as error:
+            return undecodable(task, error)
         value = task.fn(*args, **kwargs)
         if task.is_async:
             value = _run_coroutine(value)
@@ -88,7 +91,10 @@ async def execute_async(task: Task[Any, Any], message: TaskMessage) -> Executed:
     """Run ``task`` in the running event loop; a plain ``def`` runs in a thread."""
     token = _current.set(_context(message))
     try:
-        args, kwargs = task.codec.decode(message.payload)
+        try:
+            args, kwargs = task.codec.decode(message.payload)
+        except msgspec.MsgspecError as error:
+            return undecodable(task, error)
         if task.is_async:
             value = await task.fn(*args, **kwargs)
         else:
@@ -104,6 +110,18 @@ async def execute_async(task: Task[Any, Any], message: TaskMessage) -> Executed:
 
 def _context(message: TaskMessage) -> TaskContext:
     return TaskContext(message.id, message.name, message.attempt, message.eta_ms)
+
+
+def undecodable(task: Task[Any, Any], error: msgspec.MsgspecError) -> Executed:
+    """Arguments that do not fit the task's signature: no retry makes them fit."""
+    return Executed(
+        False,
+        error=ErrorInfo(
+            "TaskArgumentsError",
+            f"the arguments do not match task {task.name}'s signature: {error}; fix the caller, "
+            "then requeue the task from the dead-letter queue",
+        ),
+    )
 
 
 def failure(error: BaseException, options: TaskOptions | None) -> Executed:
@@ -142,6 +160,10 @@ def outcome_for(message: TaskMessage, options: TaskOptions, executed: Executed) 
         )
         return Outcome(retried, TaskState.SCHEDULED, error=executed.error)
     return Outcome(message, TaskState.FAILED, error=executed.error)
+
+
+def expired(message: TaskMessage) -> Outcome:
+    return ended(message, TaskState.EXPIRED, "TaskExpiredError", "expired before it started")
 
 
 def ended(message: TaskMessage, state: TaskState, error_type: str, text: str) -> Outcome:

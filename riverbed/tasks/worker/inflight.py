@@ -15,9 +15,9 @@ from enum import Enum
 from typing import Any
 
 from riverbed.tasks.errors import TimeLimitExceeded
-from riverbed.tasks.messages import Outcome, TaskMessage, TaskState
+from riverbed.tasks.messages import Outcome, TaskMessage, TaskState, now_ms
 from riverbed.tasks.task import Task
-from riverbed.tasks.worker.execution import Executed, ended, failure, outcome_for
+from riverbed.tasks.worker.execution import Executed, ended, expired, failure, outcome_for
 
 
 class Interrupt(Enum):
@@ -100,11 +100,17 @@ class Inflight:
     def take(self, slot: object, timeout: float | None = None) -> Running | None:
         """The next task to run, marked running in ``slot``; None once closed."""
         with self._lock:
-            if not self.work.wait_for(lambda: self.ready or self.closed, timeout):
-                return None
-            if not self.ready:
-                return None
-            task, message = self.ready.popleft()
+            while True:
+                if not self.work.wait_for(lambda: self.ready or self.closed, timeout):
+                    return None
+                if not self.ready:
+                    return None
+                task, message = self.ready.popleft()
+                # Checked again as it starts: it may have waited here past its expiry.
+                if not message.expires_ms or message.expires_ms >= now_ms():
+                    break
+                self._report([expired(message)])
+                self.room.notify()
             running = Running(task, message, time.monotonic(), slot)
             self.running[message.id] = running
             return running

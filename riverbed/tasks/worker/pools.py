@@ -208,7 +208,7 @@ class ProcessPool:
                 continue
             self._inflight.finish(running, executed)
         pipe.close()
-        child.terminate()
+        child.kill()  # idle; it ignores SIGTERM
         child.join()
 
     def interrupt(self, running: Running, reason: Interrupt) -> None:
@@ -234,8 +234,10 @@ class ChildDiedError(RuntimeError):
 
 
 def _child_main(pipe: Any, registry: dict[str, Task[Any, Any]]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when children stop
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The worker decides when children stop: a stop signal sent to its whole process group
+    # (systemd's default, a terminal's Ctrl-C) leaves the running task its shutdown timeout.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _soft_limit)
     while True:
         try:

@@ -34,7 +34,7 @@ from riverbed.tasks.calls import prepend
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import TaskMessage, TaskState, now_ms
 from riverbed.tasks.task import CallOptions, RateLimit, Task
-from riverbed.tasks.worker.execution import ended
+from riverbed.tasks.worker.execution import ended, expired
 from riverbed.tasks.worker.inflight import Inflight, Interrupt
 from riverbed.tasks.worker.pools import AsyncPool, ProcessPool, TaskPool, ThreadPool
 
@@ -183,11 +183,7 @@ class Worker:
                     )
                 )
             elif message.expires_ms and message.expires_ms < now:
-                settled.append(
-                    ended(
-                        message, TaskState.EXPIRED, "TaskExpiredError", "expired before it started"
-                    )
-                )
+                settled.append(expired(message))
             else:
                 runnable.append((task, message))
         if settled:
