@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -74,6 +75,43 @@ def test_tumbling_window_after_key_by_with_grace_and_late_output(
     # Only the window [40 s, 50 s) of b is still open.
     (state,) = result.state.values()
     assert list(state) == [("b", 40_000)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "closed_counts"),
+    [(riverbed.tumbling(seconds=10), [1]), (riverbed.hopping(seconds=10, advance=5), [1, 1])],
+    ids=["tumbling", "hopping"],
+)
+def test_a_batch_of_late_records_only_is_counted_late(
+    make_app: Callable[[], riverbed.App],
+    topic_name: Names,
+    spec: Any,
+    closed_counts: list[int],
+) -> None:
+    app = make_app()
+    events = app.topic(topic_name("events"), value=int, key=str)
+    counts = app.topic(topic_name("counts"), value=W[int], key=str)
+    app.stream(events).window(spec).count().to(counts)
+
+    def run(*rows: tuple[int, int]) -> int:
+        """Send the rows, then process until idle (one batch each time): the late count."""
+        for value, ms in rows:
+            key, data, headers = events.encode(value, "k")
+            app.producer.send(events.name, data, key=key, headers=headers, timestamp_ms=T(ms))
+        app.producer.flush()
+        with app.runner() as runner:
+            while runner.run_once(2.0) or runner.run_once(2.0):
+                pass
+            return runner.late
+
+    with app:
+        app.start()
+        assert run((1, 1_000), (2, 25_000)) == 0  # stream time 25 s: the windows of 1 s closed
+        assert run((3, 2_000)) == 1  # alone in its batch, and late: it crashed the batch
+        assert sum(app.log.group_lag(app.name).values()) == 0
+        with app.log.consumer(topics=[counts.name], from_beginning=True) as consumer:
+            closed = [counts.decode(record).value for record in consumer.poll(timeout=2.0)]
+    assert [window.value for window in closed] == closed_counts  # the late one in none
 
 
 def test_hopping_windows(

@@ -269,6 +269,8 @@ def _by_start(
     """Keys and values by window start. Records come in time order from each source
     partition, so equal starts come in runs: a C-level pass finds where runs change, and each
     run is copied with two slices."""
+    if not starts:  # a batch of late records only
+        return {}
     cuts = [0, *compress(range(1, len(starts)), map(ne, starts, islice(starts, 1, None)))]
     out: dict[int, tuple[list[Any], list[Any]]] = {}
     for begin, end in zip(cuts, [*cuts[1:], len(starts)], strict=True):
