@@ -29,6 +29,12 @@ PLACED_KEYS_LIMIT = 100_000
 RUN_RECORD_BYTES = 256 * 1024
 
 
+def hashable(decoded: Any) -> Any:
+    """A key decoded from msgpack as the hashable key it was: its arrays (lists) become
+    tuples, nested ones too."""
+    return tuple(map(hashable, decoded)) if type(decoded) is list else decoded
+
+
 class Batch:
     """Records as three columns: keys, values and event times (ms), in order.
 

@@ -14,7 +14,7 @@ import msgspec
 from riverbed.errors import RiverbedError
 from riverbed.log.api import Record
 from riverbed.streams.joins import Table
-from riverbed.streams.nodes import Batch, InternalTopic, Item, Node, StatefulNode
+from riverbed.streams.nodes import Batch, InternalTopic, Item, Node, StatefulNode, hashable
 from riverbed.streams.topics import Topic
 
 
@@ -54,12 +54,14 @@ class InternalSource(SourceNode):
             items: list[Item] = []
             for record in records:
                 ts, side, raw = self._decode_joined(record.value or b"")
-                items.append((decode_key(record.key or b""), (side, bytes(raw)), ts))
+                items.append((hashable(decode_key(record.key or b"")), (side, bytes(raw)), ts))
             return Batch.of(items)
-        runs = [self._decode_run(record.value or b"") for record in records]
-        if len(runs) == 1:
-            return Batch(*runs[0])
-        return Batch.joined([Batch(*run) for run in runs])
+        batches = []
+        for keys, values, times in map(self._decode_run, [r.value or b"" for r in records]):
+            # A composite (tuple) key crossed as an array.
+            hashable_keys = list(map(hashable, keys)) if list in {*map(type, keys)} else keys
+            batches.append(Batch(hashable_keys, values, times))
+        return batches[0] if len(batches) == 1 else Batch.joined(batches)
 
 
 class Topology:

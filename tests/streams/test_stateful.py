@@ -114,6 +114,28 @@ def test_a_batch_of_late_records_only_is_counted_late(
     assert [window.value for window in closed] == closed_counts  # the late one in none
 
 
+def test_key_by_a_composite_key_then_aggregate(
+    make_app: Callable[[], riverbed.App], topic_name: Names, log_url: str
+) -> None:
+    app = make_app()
+    payments = app.topic(topic_name("payments"), value=Payment)
+    counts = app.topic(topic_name("counts"), value=int, key=tuple[str, int])
+    windowed = app.topic(topic_name("windowed"), value=W[int], key=tuple[str, int])
+    by_card_and_size = app.stream(payments).key_by(lambda p: (p.card, int(p.amount) // 10))
+    by_card_and_size.count().to(counts)
+    by_card_and_size.window(riverbed.tumbling(seconds=10), timestamp=lambda p: p.ts).count().to(
+        windowed
+    )
+    rows = [Payment("a", 1, T(0)), Payment("a", 2, T(1)), Payment("a", 15, T(2))]
+    rows.append(Payment("b", 1, T(20_000)))  # closes the first window
+    result = run_app(app, {payments: [(None, p) for p in rows]}, url=log_url)
+    assert sorted(result.outputs[counts.name])[-2:] == [(("a", 1), 1), (("b", 0), 1)]
+    assert (("a", 0), 2) in result.outputs[counts.name]
+    assert sorted((key, w.value) for key, w in result.outputs[windowed.name]) == [
+        (("a", 0), 2), (("a", 1), 1),
+    ]  # fmt: skip
+
+
 def test_hopping_windows(
     make_app: Callable[[], riverbed.App], topic_name: Names, log_url: str
 ) -> None:

@@ -20,7 +20,7 @@ import msgspec
 
 from riverbed.errors import RiverbedError
 from riverbed.streams.aggregators import Aggregator
-from riverbed.streams.nodes import Batch, Context, Node, StatefulNode
+from riverbed.streams.nodes import Batch, Context, Node, StatefulNode, hashable
 from riverbed.streams.state.backend import Changes
 
 T = TypeVar("T")
@@ -175,13 +175,9 @@ class WindowNode(StatefulNode, Generic[T]):
     def restore(self, partition: int, rows: dict[bytes, bytes]) -> dict[Any, T]:
         """A partition's entries from its stored rows: here, one row per entry."""
         decode_key, decode_entry = self._key_decoder.decode, self._entry_decoder.decode
-        entries = {self.state_key(decode_key(k)): decode_entry(v) for k, v in rows.items()}
+        entries = {hashable(decode_key(k)): decode_entry(v) for k, v in rows.items()}
         self._stored[partition] = set(entries)
         return entries
-
-    def state_key(self, decoded: Any) -> Any:
-        """A stored key (decoded msgpack) as the hashable key it was: lists become tuples."""
-        return tuple(decoded) if isinstance(decoded, list) else decoded
 
     def restored(self, partition: int, entries: dict[Any, T]) -> None:
         """Rebuild indexes over a partition's entries after loading them."""
