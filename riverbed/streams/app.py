@@ -91,6 +91,10 @@ class App(Closing):
             self._producer = self.log.producer()
         return self._producer
 
+    def _flush_producer(self) -> None:
+        if self._producer is not None:
+            self._producer.flush()
+
     @overload
     def topic(
         self,
@@ -302,6 +306,7 @@ class App(Closing):
                 state,
                 self.exactly_once,
                 metrics,
+                self._flush_producer,
             )
             cleanup.callback(runner.close)
             yield runner

@@ -68,8 +68,11 @@ class Runner:
         state: StateBackend,
         exactly_once: bool,
         metrics: RunnerMetrics | None = None,
+        flush_sent: Callable[[], None] | None = None,
     ) -> None:
+        """``flush_sent``: writes what handlers sent through the app's own producer."""
         self._topology = topology
+        self._flush_sent = flush_sent
         self._sources = topology.running_sources()
         self._handlers: dict[str, list[tuple[Topic[Any, Any], Handler]]] = defaultdict(list)
         # Retry topic -> the topic, its handler, and which of the handler's delays it is.
@@ -188,6 +191,9 @@ class Runner:
             # markers, so that the group's lag can reach 0.
             offsets = {tp: self._consumer.position(*tp) for tp in taken}
             offsets.update({tp: offset for tp, (offset, _) in self._held.items()})
+            if self._handlers and self._flush_sent is not None:
+                # Before their inputs' offsets: a crash sends them again instead of losing them.
+                self._flush_sent()
             self._state.commit(
                 self._producer, self._consumer, offsets, _changes(ctx), self._exactly_once
             )

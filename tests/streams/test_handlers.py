@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
@@ -139,3 +143,47 @@ def test_a_blocking_handler_does_not_cost_the_group_its_member(
             group = app.log.describe_group(app.name)
     assert calls == [0, 1, 2]  # handled once each: no rebalance redelivered order 0
     assert len(group.members) == 1
+
+
+BILLING_APP = textwrap.dedent(
+    """
+    import os, signal, sys
+    import msgspec
+    import riverbed
+
+    class Order(msgspec.Struct):
+        id: int
+
+    app = riverbed.App("billing", sys.argv[1])
+    orders = app.topic("orders", value=Order)
+    invoices = app.topic("invoices", value=Order)
+
+    @app.handler(orders)
+    def bill(order: Order) -> None:
+        invoices.send(app.producer, order)
+
+    if __name__ == "__main__":
+        with app.runner() as runner:
+            while not runner.run_once(1.0):
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)  # right after the batch committed
+    """
+)
+
+
+def test_what_a_handler_sent_is_written_before_its_input_is_committed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    (tmp_path / "billing.py").write_text(BILLING_APP)
+    with riverbed.App("shop", url) as shop:
+        orders = shop.topic("orders", value=Order)  # as the billing app declares it
+        shop.start()
+        for i in range(3):
+            orders.send(shop.producer, Order(i))
+        shop.producer.flush()
+    command = [sys.executable, str(tmp_path / "billing.py"), url]
+    crashed = subprocess.run(command, check=False, timeout=120)
+    assert crashed.returncode == -9
+    with riverbed.connect(url) as log:
+        assert sum(log.group_lag("billing").values()) == 0  # the orders were committed
+        with log.consumer(topics=["invoices"], from_beginning=True) as consumer:
+            assert len(consume(consumer, 3)) == 3  # and their invoices written
