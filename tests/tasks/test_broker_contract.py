@@ -33,6 +33,7 @@ from riverbed.tasks.messages import (
 )
 from tests.services import free_port
 from tests.services.redis import start_redis
+from tests.support import wait_until
 from tests.tasks.conftest import OpenBroker
 
 W1, W2 = "worker-1", "worker-2"
@@ -286,6 +287,24 @@ def test_an_idempotency_key_maps_later_enqueues_to_the_first_task(broker: Broker
     assert broker.enqueue([twin_a, twin_b]) == [twin_a.id, twin_a.id]
     assert set(broker.info([again.id, twin_b.id])) == set()
     assert ids(fetch(broker)) == [first.id, other.id, twin_a.id]
+
+
+def test_an_idempotency_key_holds_until_its_task_finishes_then_for_the_results_ttl(
+    open_broker: OpenBroker,
+) -> None:
+    broker = open_broker(result_ttl="0.5")
+    first = task(key="once", eta_ms=now_ms() + 1_500)  # due after the result's TTL
+    assert broker.enqueue([first]) == [first.id]
+    time.sleep(0.8)
+    assert broker.enqueue([task(key="once")]) == [first.id]  # pending: the key holds
+    wait_until(lambda: bool(fetch(broker)), 10, "the task to fall due")
+    time.sleep(0.6)  # running longer than the result's TTL
+    assert broker.enqueue([task(key="once")]) == [first.id]
+    finish(broker, first)
+    assert broker.enqueue([task(key="once")]) == [first.id]  # its result is kept
+    time.sleep(0.8)
+    later = task(key="once")
+    assert broker.enqueue([later]) == [later.id]  # the result expired, and the key with it
 
 
 # Outcomes

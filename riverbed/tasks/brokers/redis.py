@@ -192,7 +192,7 @@ local function store(id, message, queue, priority, eta, idem, chord)
     if holder then
       return holder
     end
-    redis.call('SET', key('k', idem), id, 'PX', int(RESULT_TTL))
+    redis.call('SET', key('k', idem), id) -- until the task finishes: finish_task
   end
   local seq = redis.call('INCR', key('seq'))
   redis.call('HSET', task, 'message', message, 'queue', queue, 'priority', priority,
@@ -211,6 +211,10 @@ local function finish_task(id, state, result, err)
   redis.call('HSET', task, 'state', state, 'finished', int(NOW), 'result', result, 'error', err)
   redis.call('HDEL', task, 'cancel')
   redis.call('PEXPIRE', task, int(ttl))
+  local idem = redis.call('HGET', task, 'key')
+  if idem and idem ~= '' and redis.call('GET', key('k', idem)) == id then
+    redis.call('PEXPIRE', key('k', idem), int(ttl)) -- kept as long as the task's outcome
+  end
   redis.call('ZADD', index, int(NOW), id)
   local waiters = key('w', id)
   redis.call('RPUSH', waiters, '1')

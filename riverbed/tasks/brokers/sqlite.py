@@ -51,6 +51,9 @@ SCHEMA_VERSION = 1
 # How often a waiting call looks for commits by other processes.
 POLL_S = 0.0005
 LEADER_LEASE = "leader"
+# An idempotency key's expiry while its task has not finished: it holds until then, and for the
+# result's TTL after.
+KEY_HELD = 2**62
 
 SCHEMA = (
     """
@@ -184,7 +187,7 @@ class SqliteBroker:
                     continue
                 conn.execute(
                     "INSERT OR REPLACE INTO task_keys (key, task_id, expires_ms) VALUES (?, ?, ?)",
-                    (message.key, message.id, now + self.result_ttl_ms),
+                    (message.key, message.id, KEY_HELD),  # until the task finishes
                 )
             ids.append(message.id)
             scheduled = message.eta_ms > now
@@ -347,7 +350,7 @@ class SqliteBroker:
                 ),
             )
             return
-        self._finished(conn, message.id, outcome.state, outcome.result, error, now)
+        self._finished(conn, message, outcome.state, outcome.result, error, now)
         if outcome.state is TaskState.SUCCEEDED:
             self._insert(conn, outcome.follow_ups, now)
         if message.chord:
@@ -356,18 +359,24 @@ class SqliteBroker:
     def _finished(
         self,
         conn: sqlite3.Connection,
-        task_id: str,
+        message: TaskMessage,
         state: TaskState,
         result: bytes,
         error: bytes | None,
         now: int,
     ) -> None:
+        """The task ended: kept (with its idempotency key) for its TTL from now."""
         ttl = self.dead_ttl_ms if state is TaskState.FAILED else self.result_ttl_ms
         conn.execute(
             "UPDATE tasks SET state = ?, due_ms = ?, finished_ms = ?, result = ?, error = ?, "
             "cancel = 0 WHERE id = ?",
-            (state, now + ttl, now, result, error, task_id),
+            (state, now + ttl, now, result, error, message.id),
         )
+        if message.key:
+            conn.execute(
+                "UPDATE task_keys SET expires_ms = ? WHERE key = ? AND task_id = ?",
+                (now + ttl, message.key, message.id),
+            )
 
     def _chord_progress(
         self,
@@ -407,7 +416,7 @@ class SqliteBroker:
             ),
         )
         reason = chord_failure(header, state, _ERROR_DECODER.decode(error) if error else None)
-        self._finished(conn, callback.id, TaskState.FAILED, b"", ENCODER.encode(reason), now)
+        self._finished(conn, callback, TaskState.FAILED, b"", ENCODER.encode(reason), now)
 
     # Reading
 
@@ -502,7 +511,7 @@ class SqliteBroker:
         self, conn: sqlite3.Connection, message: TaskMessage, reason: ErrorInfo, now: int
     ) -> None:
         error = ENCODER.encode(reason)
-        self._finished(conn, message.id, TaskState.CANCELLED, b"", error, now)
+        self._finished(conn, message, TaskState.CANCELLED, b"", error, now)
         if message.chord:
             self._chord_progress(conn, message, TaskState.CANCELLED, error, now)
 
