@@ -491,6 +491,24 @@ def test_a_cancel_request_outlives_no_run(broker: Broker) -> None:
     assert broker.cancel(message.id) is TaskState.SUCCEEDED
 
 
+def test_a_task_cancelled_while_running_is_not_retried(broker: Broker) -> None:
+    """It failed, to be retried, before its worker heard of the cancel: it ends cancelled."""
+    plain = task()
+    headers, callback = chord(broker, 2)
+    broker.enqueue([plain])
+    fetch(broker)
+    for message in (plain, headers[0]):
+        assert broker.cancel(message.id) is TaskState.RUNNING
+        retried = msgspec.structs.replace(message, attempt=1, eta_ms=now_ms() + 100)
+        broker.finish(W1, [Outcome(retried, TaskState.SCHEDULED, error=BOOM)])
+        info = broker.info([message.id])[message.id]
+        assert info.state is TaskState.CANCELLED
+        assert info.error is not None and "not retried" in info.error.message
+    time.sleep(0.2)
+    assert fetch(broker) == []  # the retry was never scheduled
+    assert state_of(broker, callback.id) is TaskState.FAILED  # the chord heard of it
+
+
 def test_a_cancel_asked_of_a_task_whose_worker_went_away_holds(broker: Broker) -> None:
     message = task()
     broker.enqueue([message])

@@ -280,12 +280,13 @@ def test_cancel_queued_and_running_tasks(app: riverbed.App, pool: str) -> None:
         queued.result(timeout=5)
 
     task = long_async if pool == "async" else long_running
-    with working(app, pool=pool, concurrency=1, lease=0.6):
+    with working(app, pool=pool, concurrency=1, lease=30):
         running = task.delay()
         wait_until(lambda: running.status is TaskState.RUNNING, 30, "the task to start")
         assert running.cancel()
+        # Heard of within a second, not at the lease's next renewal (every 10 s here).
         with pytest.raises(riverbed.TaskCancelledError):
-            running.result(timeout=30)
+            running.result(timeout=5)
     assert running.status is TaskState.CANCELLED
 
 

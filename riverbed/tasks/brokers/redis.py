@@ -47,6 +47,7 @@ import msgspec
 from riverbed.errors import InvalidUrlError, MissingExtraError
 from riverbed.tasks.brokers.api import (
     CANCELLED_AFTER_LEASE,
+    CANCELLED_BEFORE_RETRY,
     CANCELLED_BEFORE_START,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
@@ -121,6 +122,7 @@ _INFO_FIELDS = (
 )
 _CANCELLED = ENCODER.encode(CANCELLED_BEFORE_START)
 _CANCELLED_AFTER_LEASE = ENCODER.encode(CANCELLED_AFTER_LEASE)
+_CANCELLED_BEFORE_RETRY = ENCODER.encode(CANCELLED_BEFORE_RETRY)
 _CHORD_HEADER_CANCELLED = ENCODER.encode(
     ErrorInfo("ChordHeaderFailed", "a header task of the chord was cancelled")
 )
@@ -362,11 +364,12 @@ trim()
 return {cancelled, lost}
 """
 
-# ARGV 5: worker, then per outcome: id, state, message, queue, priority, eta, result, error,
-# chord, chord failure, follow-up count, and 7 fields per follow-up.
+# ARGV 5: worker, 6: the error of a task cancelled while it ran and then retried, then per
+# outcome: id, state, message, queue, priority, eta, result, error, chord, chord failure,
+# follow-up count, and 7 fields per follow-up.
 _FINISH = """
 local worker = ARGV[5]
-local i = 6
+local i = 7
 while i <= #ARGV do
   local id, state, message, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local priority, eta, result, err = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
@@ -377,7 +380,13 @@ while i <= #ARGV do
   if t[1] == 'running' and t[2] == worker then
     redis.call('ZREM', key('l', t[3]), id)
     redis.call('HSET', task, 'message', message)
-    if state == 'scheduled' then
+    if state == 'scheduled' and redis.call('HGET', task, 'cancel') == '1' then
+      -- Cancelled while it ran, and it failed before its worker heard of it.
+      finish_task(id, 'cancelled', '', ARGV[6])
+      if chord ~= '' then
+        chord_progress(chord, 'cancelled', failure)
+      end
+    elseif state == 'scheduled' then
       redis.call('HSET', task, 'queue', queue, 'priority', priority, 'error', err)
       redis.call('HDEL', task, 'worker', 'started')
       place(id, queue, tonumber(priority), tonumber(t[4]), tonumber(eta))
@@ -695,11 +704,15 @@ class RedisBroker:
     # Finishing
 
     def finish(self, worker: str, outcomes: Sequence[Outcome]) -> None:
-        args: list[str | int | bytes] = [worker]
+        args: list[str | int | bytes] = [worker, _CANCELLED_BEFORE_RETRY]
         for outcome in outcomes:
             message = outcome.message
             failure = b""
-            if message.chord and outcome.state is not TaskState.SUCCEEDED:
+            if message.chord and outcome.state is TaskState.SCHEDULED:  # if cancelled meanwhile
+                failure = ENCODER.encode(
+                    chord_failure(message, TaskState.CANCELLED, CANCELLED_BEFORE_RETRY)
+                )
+            elif message.chord and outcome.state is not TaskState.SUCCEEDED:
                 failure = ENCODER.encode(
                     chord_failure(outcome.message, outcome.state, outcome.error)
                 )

@@ -23,6 +23,7 @@ from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.tasks.brokers.api import (
     CANCELLED_AFTER_LEASE,
+    CANCELLED_BEFORE_RETRY,
     CANCELLED_BEFORE_START,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
@@ -338,6 +339,10 @@ class SqliteBroker:
         message = outcome.message
         error = ENCODER.encode(outcome.error) if outcome.error is not None else None
         if outcome.state is TaskState.SCHEDULED:
+            if conn.execute("SELECT cancel FROM tasks WHERE id = ?", (message.id,)).fetchone()[0]:
+                # Cancelled while it ran, and it failed before its worker heard of it.
+                self._cancelled(conn, message, CANCELLED_BEFORE_RETRY, now)
+                return
             conn.execute(
                 "UPDATE tasks SET state = ?, due_ms = ?, message = ?, error = ?, worker = NULL, "
                 "started_ms = 0 WHERE id = ?",

@@ -51,6 +51,7 @@ log = logging.getLogger("riverbed.tasks")
 T = TypeVar("T")
 
 SUPERVISOR_TICK_S = 0.05
+CANCEL_CHECK_S = 0.5  # how soon a running task hears it was cancelled
 LEADER_EVERY_S = 0.25
 HOUSEKEEP_EVERY_S = 1.0
 FETCH_WAIT_S = 0.5
@@ -263,9 +264,11 @@ class Worker:
         extend_every = self.lease_ms / 3000
         while not self._supervisor_done.is_set():
             now = time.monotonic()
-            self._enforce_limits(now)
+            running = self._enforce_limits(now)
             try:
-                if now - last_extend >= extend_every:
+                # While tasks run, the heartbeat is also how cancels reach them: soon, then.
+                every = min(extend_every, CANCEL_CHECK_S) if running else extend_every
+                if now - last_extend >= every:
                     last_extend = now
                     self._extend()
                 if now - last_lead >= LEADER_EVERY_S and not self._stopping.is_set():
@@ -279,8 +282,10 @@ class Worker:
                 self._supervisor_done.wait(0.5)
             self._supervisor_done.wait(SUPERVISOR_TICK_S)
 
-    def _enforce_limits(self, now: float) -> None:
-        for running in self.inflight.snapshot():
+    def _enforce_limits(self, now: float) -> bool:
+        """Interrupt the running tasks past their time limits; whether any task runs."""
+        snapshot = self.inflight.snapshot()
+        for running in snapshot:
             options = running.task.settings
             elapsed = now - running.started
             if options.timeout and elapsed > options.timeout:
@@ -294,6 +299,7 @@ class Worker:
             ):
                 running.interrupts.add(Interrupt.SOFT)
                 self._pool.interrupt(running, Interrupt.SOFT)
+        return bool(snapshot)
 
     def _extend(self) -> None:
         ids = self.inflight.held_ids()
