@@ -520,6 +520,37 @@ def test_a_cancel_asked_of_a_task_whose_worker_went_away_holds(broker: Broker) -
     assert info.state is TaskState.CANCELLED
 
 
+# Chains
+
+
+@pytest.mark.parametrize("ending", ["failed", "cancelled", "cancelled while running"])
+def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
+    broker: Broker, ending: str
+) -> None:
+    later = (task("second"), task("third"))
+    step = task("first", link=later)
+    broker.enqueue([step])
+    if ending == "failed":
+        fetch(broker)
+        finish(broker, step, TaskState.FAILED, error=ErrorInfo("KeyError", "no such sku"))
+    elif ending == "cancelled":
+        assert broker.cancel(step.id) is TaskState.CANCELLED
+    else:
+        fetch(broker)
+        broker.cancel(step.id)
+        retried = msgspec.structs.replace(step, attempt=1, eta_ms=now_ms())
+        broker.finish(W1, [Outcome(retried, TaskState.SCHEDULED, error=BOOM)])
+    found = broker.wait(ids(later), PATIENCE)
+    for message in later:
+        info = found[message.id]
+        assert info.state is TaskState.FAILED
+        assert info.error is not None and info.error.type == "ChainStepFailed"
+        assert f"step first[{step.id}] of its chain ended" in info.error.message
+    if ending == "failed":
+        assert "no such sku" in found[later[-1].id].error.message  # type: ignore[union-attr]
+    assert fetch(broker) == []  # none of them runs
+
+
 # Chords
 
 

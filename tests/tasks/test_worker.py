@@ -340,6 +340,11 @@ def test_chain_group_and_chord(app: riverbed.App) -> None:
         broken = riverbed.chord([add.s(1, 1), fail.s(7)], total.s()).delay()
         with pytest.raises(riverbed.TaskFailed, match="header 7 broke"):
             broken.result(timeout=30)
+        # A chain whose step fails: its later steps fail with it, naming it.
+        stopped = riverbed.chain(add.s(1, 1), fail.s(), add.s(100)).delay()
+        with pytest.raises(riverbed.TaskFailed, match=r"ChainStepFailed.*ended failed.*header 2"):
+            stopped.result(timeout=30)
+        assert stopped.status is TaskState.FAILED
 
 
 def test_rate_limit_holds_across_workers(app: riverbed.App) -> None:

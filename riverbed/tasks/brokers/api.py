@@ -43,6 +43,15 @@ def chord_failure(header: TaskMessage, state: str, error: ErrorInfo | None) -> E
     )
 
 
+def chain_failure(step: TaskMessage, state: str, error: ErrorInfo | None) -> ErrorInfo:
+    """The error of a chain's later step that cannot run because ``step`` did not succeed."""
+    return ErrorInfo(
+        "ChainStepFailed",
+        f"step {step.name}[{step.id}] of its chain ended {state}"
+        + (f": {error.message}" if error is not None else ""),
+    )
+
+
 # Options both brokers accept in their URL (seconds).
 COMMON_OPTIONS = {"result_ttl": str(DEFAULT_RESULT_TTL_S), "dead_ttl": str(DEFAULT_DEAD_TTL_S)}
 

@@ -51,6 +51,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_BEFORE_START,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
+    chain_failure,
     chord_failure,
     ttl_options,
 )
@@ -223,6 +224,13 @@ local function finish_task(id, state, result, err)
   redis.call('PEXPIRE', waiters, int(ttl))
 end
 
+-- Record a task that can never run (a chord's callback, a chain's later step) as failed.
+local function never_run(id, message, queue, priority, reason)
+  redis.call('HSET', key('t', id), 'message', message, 'queue', queue, 'priority', priority,
+    'seq', redis.call('INCR', key('seq')), 'key', '', 'chord', '')
+  finish_task(id, 'failed', '', reason)
+end
+
 -- A chord header finished: count a success, enqueue the callback after the last one, or record
 -- the callback as failed (``failure`` names the header) when a header did not succeed.
 local function chord_progress(chord, state, failure)
@@ -239,9 +247,7 @@ local function chord_progress(chord, state, failure)
     store(c[1], c[2], c[3], c[4], c[5], c[6], '')
     return
   end
-  redis.call('HSET', key('t', c[1]), 'message', c[2], 'queue', c[3], 'priority', c[4],
-    'seq', redis.call('INCR', key('seq')), 'key', '', 'chord', '')
-  finish_task(c[1], 'failed', '', failure)
+  never_run(c[1], c[2], c[3], c[4], failure)
 end
 
 -- Index entries outlive their hashes by at most one call: drop those whose TTL has passed.
@@ -366,15 +372,17 @@ return {cancelled, lost}
 
 # ARGV 5: worker, 6: the error of a task cancelled while it ran and then retried, then per
 # outcome: id, state, message, queue, priority, eta, result, error, chord, chord failure,
-# follow-up count, and 7 fields per follow-up.
+# chain failure, follow-up count, and 7 fields per follow-up: a chain's next step after a
+# success, its later steps otherwise (recorded as failed for the chain failure, unless a retry
+# goes on).
 _FINISH = """
 local worker = ARGV[5]
 local i = 7
 while i <= #ARGV do
   local id, state, message, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local priority, eta, result, err = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  local chord, failure, follow = ARGV[i + 8], ARGV[i + 9], i + 11
-  i = follow + 7 * tonumber(ARGV[i + 10])
+  local chord, failure, broken, follow = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10], i + 12
+  i = follow + 7 * tonumber(ARGV[i + 11])
   local task = key('t', id)
   local t = redis.call('HMGET', task, 'state', 'worker', 'queue', 'seq')
   if t[1] == 'running' and t[2] == worker then
@@ -386,16 +394,21 @@ while i <= #ARGV do
       if chord ~= '' then
         chord_progress(chord, 'cancelled', failure)
       end
+      for j = follow, i - 1, 7 do
+        never_run(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], broken)
+      end
     elseif state == 'scheduled' then
       redis.call('HSET', task, 'queue', queue, 'priority', priority, 'error', err)
       redis.call('HDEL', task, 'worker', 'started')
       place(id, queue, tonumber(priority), tonumber(t[4]), tonumber(eta))
     else
       finish_task(id, state, result, err)
-      if state == 'succeeded' then
-        for j = follow, i - 1, 7 do
+      for j = follow, i - 1, 7 do
+        if state == 'succeeded' then
           store(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
             ARGV[j + 6])
+        else
+          never_run(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], broken)
         end
       end
       if chord ~= '' then
@@ -427,6 +440,7 @@ end
 _CANCEL = """
 local id = ARGV[5]
 local task = key('t', id)
+local broken = ARGV[8] -- the error of its chain's later steps (7 fields each from ARGV[9])
 local t = redis.call('HMGET', task, 'state', 'queue', 'chord')
 local state, queue = t[1], t[2]
 if state == 'queued' or state == 'scheduled' then
@@ -439,6 +453,9 @@ if state == 'queued' or state == 'scheduled' then
   finish_task(id, 'cancelled', '', ARGV[6])
   if t[3] and t[3] ~= '' then
     chord_progress(t[3], 'cancelled', ARGV[7])
+  end
+  for j = 9, #ARGV, 7 do
+    never_run(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], broken)
   end
   trim()
   return 'cancelled'
@@ -727,9 +744,19 @@ class RedisBroker:
                 b"" if outcome.error is None else ENCODER.encode(outcome.error),
                 message.chord,
                 failure,
-                len(outcome.follow_ups),
             ]
-            args += [a for follow_up in outcome.follow_ups for a in _message_args(follow_up)]
+            follow_ups: Sequence[TaskMessage] = outcome.follow_ups
+            broken = b""
+            if outcome.state is not TaskState.SUCCEEDED and message.link:
+                # Its chain's later steps never run (a retry: if it was cancelled meanwhile):
+                # they are recorded as failed.
+                ended, error = outcome.state, outcome.error
+                if ended is TaskState.SCHEDULED:
+                    ended, error = TaskState.CANCELLED, CANCELLED_BEFORE_RETRY
+                broken = ENCODER.encode(chain_failure(message, ended, error))
+                follow_ups = [msgspec.structs.replace(later, link=()) for later in message.link]
+            args += [broken, len(follow_ups)]
+            args += [a for follow_up in follow_ups for a in _message_args(follow_up)]
         self._run(self._finish, *args)
 
     # Reading
@@ -840,7 +867,17 @@ class RedisBroker:
         header_cancelled = ErrorInfo(
             "ChordHeaderFailed", f"header task [{task_id}] of the chord was cancelled"
         )
-        state = self._run(self._cancel, task_id, _CANCELLED, ENCODER.encode(header_cancelled))
+        args: list[str | int | bytes] = [task_id, _CANCELLED, ENCODER.encode(header_cancelled)]
+        # A chain's step: its later steps, never to run if it is cancelled, end failed then.
+        info = self.info([task_id]).get(task_id)
+        if info is not None and info.message.link:
+            broken = chain_failure(info.message, TaskState.CANCELLED, CANCELLED_BEFORE_START)
+            args.append(ENCODER.encode(broken))
+            for later in info.message.link:
+                args += _message_args(msgspec.structs.replace(later, link=()))
+        else:
+            args.append(b"")
+        state = self._run(self._cancel, *args)
         return None if state is None else TaskState(_text(state))
 
     def requeue(self, ids: Sequence[str] | None = None) -> list[str]:

@@ -27,6 +27,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_BEFORE_START,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
+    chain_failure,
     chord_failure,
     ttl_options,
 )
@@ -358,6 +359,8 @@ class SqliteBroker:
         self._finished(conn, message, outcome.state, outcome.result, error, now)
         if outcome.state is TaskState.SUCCEEDED:
             self._insert(conn, outcome.follow_ups, now)
+        elif message.link:
+            self._chain_broken(conn, message, outcome.state, outcome.error, now)
         if message.chord:
             self._chord_progress(conn, message, outcome.state, error, now)
 
@@ -408,20 +411,40 @@ class SqliteBroker:
             self._insert(conn, [callback], now)
             return
         # The callback can never run: record it as failed, naming the header that failed.
+        reason = chord_failure(header, state, _ERROR_DECODER.decode(error) if error else None)
+        self._never_run(conn, callback, reason, now)
+
+    def _chain_broken(
+        self,
+        conn: sqlite3.Connection,
+        step: TaskMessage,
+        state: TaskState,
+        error: ErrorInfo | None,
+        now: int,
+    ) -> None:
+        """A chain's step did not succeed: its later steps, never to run, are recorded as failed
+        (the chain's handle waits for the last one)."""
+        reason = chain_failure(step, state, error)
+        for later in step.link:
+            self._never_run(conn, msgspec.structs.replace(later, link=()), reason, now)
+
+    def _never_run(
+        self, conn: sqlite3.Connection, message: TaskMessage, reason: ErrorInfo, now: int
+    ) -> None:
+        """Record a task that can never run as failed, for ``reason``."""
         conn.execute(
-            "INSERT INTO tasks (id, name, queue, priority, state, due_ms, message) "
+            "INSERT OR IGNORE INTO tasks (id, name, queue, priority, state, due_ms, message) "
             "VALUES (?, ?, ?, ?, ?, 0, ?)",
             (
-                callback.id,
-                callback.name,
-                callback.queue,
-                callback.priority,
+                message.id,
+                message.name,
+                message.queue,
+                message.priority,
                 TaskState.FAILED,
-                ENCODER.encode(callback),
+                ENCODER.encode(message),
             ),
         )
-        reason = chord_failure(header, state, _ERROR_DECODER.decode(error) if error else None)
-        self._finished(conn, callback, TaskState.FAILED, b"", ENCODER.encode(reason), now)
+        self._finished(conn, message, TaskState.FAILED, b"", ENCODER.encode(reason), now)
 
     # Reading
 
@@ -517,6 +540,8 @@ class SqliteBroker:
     ) -> None:
         error = ENCODER.encode(reason)
         self._finished(conn, message, TaskState.CANCELLED, b"", error, now)
+        if message.link:
+            self._chain_broken(conn, message, TaskState.CANCELLED, reason, now)
         if message.chord:
             self._chord_progress(conn, message, TaskState.CANCELLED, error, now)
 
