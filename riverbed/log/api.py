@@ -125,6 +125,8 @@ def validate_topic(info: TopicInfo) -> None:
 
 def consumer_topics(group: str | None, topics: Iterable[str]) -> list[str]:
     """A consumer's topics, sorted; its arguments checked the same way on every backend."""
+    if isinstance(topics, str | bytes):  # its characters would be the topics
+        raise RiverbedError(f"topics is a list of names: pass topics=[{topics!r}]")
     names = sorted(set(topics))
     if not names:
         raise RiverbedError("a consumer needs topics: pass topics=['name', ...]")
@@ -490,7 +492,7 @@ def _headers_size(headers: Mapping[str, bytes]) -> int:
     # Exactly str and bytes: msgspec writes no subclass, and a batch it cannot write is lost.
     if {*map(type, headers.values())} != _BYTES or {*map(type, headers)} != _STR:
         raise _bad_header(headers)
-    return len("".join(headers)) + len(b"".join(headers.values()))
+    return len("".join(headers).encode()) + len(b"".join(headers.values()))
 
 
 _BYTES, _STR = {bytes}, {str}
@@ -514,6 +516,11 @@ def check_batch(
     """``send_batch``'s check, before any record is queued: the records (a list, if they came
     as an iterator) and each one's size (as ``record_size``), or the error of the first one
     the topic refuses."""
+    if isinstance(records, str | bytes | bytearray) or not isinstance(records, Iterable):
+        raise InvalidRecordError(
+            f"send_batch takes an iterable of (key, value, headers) records, not "
+            f"{type(records).__name__}"
+        )
     if not isinstance(records, Sequence):
         records = list(records)  # gone through twice: checked, then queued
     sizes = _plain_sizes(records)
@@ -522,7 +529,7 @@ def check_batch(
         or max(sizes, default=0) > info.max_record_bytes
         or (info.compact and any(record[0] is None for record in records))
     ):
-        sizes = [_checked_size(info, *record) for record in records]  # raises the first's error
+        sizes = [_checked_size(info, index, record) for index, record in enumerate(records)]
     return records, sizes
 
 
@@ -548,15 +555,19 @@ def _plain_sizes(records: Sequence[KeyValueHeaders]) -> list[int] | None:
     return [
         (len(key) if key is not None else 0)
         + (len(value) if value is not None else 0)
-        + (len("".join(each)) + len(b"".join(each.values())) if each else 0)
+        + (len("".join(each).encode()) + len(b"".join(each.values())) if each else 0)
         for key, value, each in records
     ]
 
 
-def _checked_size(
-    info: TopicInfo, key: bytes | None, value: bytes | None, headers: Mapping[str, bytes] | None
-) -> int:
-    """One record's size, or the error the topic refuses it with."""
+def _checked_size(info: TopicInfo, index: int, record: object) -> int:
+    """One record's size, or the error the topic refuses it with (``index``: its place)."""
+    if not isinstance(record, tuple | list) or len(record) != 3:
+        raise InvalidRecordError(
+            f"record {index} of the batch is {record!r:.80}: send_batch takes (key, value, "
+            "headers) records (headers None for none)"
+        )
+    key, value, headers = record
     if (key.__class__ is not bytes and key is not None) or (
         value.__class__ is not bytes and value is not None
     ):
@@ -599,14 +610,25 @@ def check_record(
 
 
 def check_timestamp(timestamp_ms: int) -> None:
-    """Record timestamps are positive epoch milliseconds: Kafka's client reads 0 as "now"."""
-    if timestamp_ms <= 0:
+    """Record timestamps are positive epoch milliseconds (an int, which the log stores: a float
+    would make its batch unreadable): Kafka's client reads 0 as "now"."""
+    if type(timestamp_ms) is not int or timestamp_ms <= 0:
         raise InvalidRecordError(
-            f"timestamp_ms must be positive epoch milliseconds, got {timestamp_ms}; "
-            "leave it out to use the current time"
+            f"timestamp_ms must be positive epoch milliseconds as an int, got {timestamp_ms!r}; "
+            "leave it out to use the current time (or pass int(time.time() * 1000))"
         )
 
 
+def check_offset(offset: int) -> None:
+    """An offset to seek to or commit: an int (not a float, which SQLite would store) >= 0."""
+    if type(offset) is not int or offset < 0:
+        raise ValueError(f"an offset is an int >= 0, got {offset!r}")
+
+
 def check_partition(info: TopicInfo, partition: int) -> None:
+    if type(partition) is not int:
+        raise InvalidRecordError(
+            f"partition must be an int, got {type(partition).__name__} {partition!r}"
+        )
     if not 0 <= partition < info.partitions:
         raise UnknownPartitionError(info.name, partition, info.partitions)

@@ -46,6 +46,7 @@ from riverbed.log.api import (
     TopicInfo,
     TopicPartition,
     check_batch,
+    check_offset,
     check_partition,
     check_record,
     check_timestamp,
@@ -500,7 +501,7 @@ class KafkaLog(Closing):
         consumer = KafkaConsumer(
             self,
             group=group,
-            topics=list(topics),
+            topics=consumer_topics(group, topics),
             from_beginning=from_beginning,
             session_timeout_ms=session_timeout_ms,
             on_assign=on_assign,
@@ -1500,6 +1501,8 @@ class KafkaConsumer(Closing):
                 "create it with log.consumer(group='name', ...)"
             )
         to_commit = dict(offsets) if offsets is not None else dict(self._positions)
+        for offset in to_commit.values():
+            check_offset(offset)
         if not to_commit:
             return
         self._check_owned(to_commit)
@@ -1573,8 +1576,7 @@ class KafkaConsumer(Closing):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self._check_open()
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        check_offset(offset)
         tp = (topic, partition)
         if tp not in self._assignment:
             if self._group is None or topic not in self._topics:

@@ -290,10 +290,62 @@ def test_timestamps_must_be_positive(log: riverbed.Log, topic_name: TopicName) -
     name = topic_name()
     log.create_topic(name)
     with log.producer() as producer:
-        for bad in (0, -5):
+        # A float (time.time() * 1000) made the batch it was written in unreadable on SQLite.
+        for bad in (0, -5, time.time() * 1000, True):
             with pytest.raises(riverbed.InvalidRecordError, match="positive epoch milliseconds"):
                 producer.send(name, b"v", timestamp_ms=bad)
         assert producer.send(name, b"v", timestamp_ms=1).result(timeout=30).timestamp_ms == 1
+
+
+def test_partitions_and_offsets_are_ints(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    with log.producer() as producer:
+        for bad in (1.0, True):
+            with pytest.raises(riverbed.InvalidRecordError, match="partition must be an int"):
+                producer.send(name, b"v", partition=bad)  # type: ignore[arg-type]
+            with pytest.raises(riverbed.InvalidRecordError, match="partition must be an int"):
+                producer.send_many(name, [(None, b"v")], partition=bad)  # type: ignore[arg-type]
+        producer.send(name, b"kept", partition=1).result(timeout=30)
+    with log.consumer(group=topic_name("group"), topics=[name], from_beginning=True) as consumer:
+        (record,) = consume(consumer, 1)
+        assert record.value == b"kept"
+        for bad in (3.5, -1, True):
+            with pytest.raises(ValueError, match="an offset is an int >= 0"):
+                consumer.seek(name, 1, bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="an offset is an int >= 0"):
+                consumer.commit({(name, 1): bad})  # type: ignore[dict-item]
+    with pytest.raises(RiverbedError, match=r"topics is a list of names: pass topics=\['orders'\]"):
+        log.consumer(topics="orders")
+
+
+def test_send_batch_names_a_record_that_is_not_a_triple(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    with log.producer() as producer:
+        for records, message in [
+            ([(b"k", b"v", None), (b"k", b"v")], r"record 1 of the batch is \(b'k', b'v'\)"),
+            ([(b"k", b"v", None, 1)], "record 0 of the batch"),
+            ([b"kvh"], "record 0 of the batch is b'kvh'"),
+            (b"abc", "an iterable of \\(key, value, headers\\) records, not bytes"),
+        ]:
+            with pytest.raises(InvalidRecordError, match=message):
+                producer.send_batch(name, records)  # type: ignore[arg-type]
+    assert sum(log.end_offsets(name).values()) == 0
+
+
+def test_header_names_count_in_utf8_bytes(log: riverbed.Log, topic_name: TopicName) -> None:
+    name = topic_name()
+    log.create_topic(name, max_record_bytes=1_000)
+    with log.producer() as producer:
+        wide = {"é" * 300: b""}  # 300 characters, 600 bytes
+        with pytest.raises(riverbed.RecordTooLargeError, match="1000-byte limit"):
+            producer.send(name, b"x" * 500, headers=wide)
+        with pytest.raises(riverbed.RecordTooLargeError, match="1000-byte limit"):
+            producer.send_batch(name, [(None, b"x" * 500, wide)])
+        producer.send(name, b"x" * 400, headers=wide).result(timeout=30)
 
 
 def test_compacted_topic_needs_keys(log: riverbed.Log, topic_name: TopicName) -> None:

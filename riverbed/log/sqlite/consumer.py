@@ -25,6 +25,7 @@ from riverbed.log.api import (
     RebalanceCallback,
     Record,
     TopicPartition,
+    check_offset,
     consumer_topics,
 )
 from riverbed.log.errors import ClosedError, UnknownPartitionError
@@ -282,6 +283,8 @@ class SqliteConsumer(Closing):
                 "create it with log.consumer(group='name', ...)"
             )
         to_commit = dict(offsets) if offsets is not None else dict(self._positions)
+        for offset in to_commit.values():
+            check_offset(offset)
         if to_commit:
             groups.commit_offsets(self._conn, self._group, self._member_id, to_commit)
 
@@ -305,8 +308,7 @@ class SqliteConsumer(Closing):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         tp = self._assigned(topic, partition)
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        check_offset(offset)
         self._buffers.pop(tp, None)
         self._positions[tp] = offset
 

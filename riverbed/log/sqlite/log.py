@@ -27,6 +27,7 @@ from riverbed.log.api import (
     TopicDescription,
     TopicInfo,
     TopicPartition,
+    consumer_topics,
     lag_of,
     validate_topic,
 )
@@ -274,7 +275,7 @@ class SqliteLog(Closing):
         consumer = SqliteConsumer(
             self,
             group=group,
-            topics=list(topics),
+            topics=consumer_topics(group, topics),
             from_beginning=from_beginning,
             session_timeout_ms=session_timeout_ms,
             on_assign=on_assign,
