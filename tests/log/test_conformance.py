@@ -336,6 +336,20 @@ def test_send_batch_names_a_record_that_is_not_a_triple(
     assert sum(log.end_offsets(name).values()) == 0
 
 
+def test_send_many_queues_the_records_before_one_it_refuses(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    with log.producer() as producer:
+        for good in (10, 5_000):
+            items: list[Any] = [(b"k", b"good")] * good + [(b"k", "a str"), (b"k", b"after")]
+            with pytest.raises(InvalidRecordError, match="not str"):
+                producer.send_many(name, items)
+        producer.flush(30)
+    assert sum(log.end_offsets(name).values()) == 5_010  # each one's good records, no more
+
+
 def test_header_names_count_in_utf8_bytes(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, max_record_bytes=1_000)

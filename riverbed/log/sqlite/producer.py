@@ -209,40 +209,43 @@ class SqliteProducer(Closing):
         lists: dict[int, list[Pair]] = {}
         count = 0
         size = 0
-        # The checks of check_record, inlined: this loop is the fast path.
-        for item in items:
-            key, value = item
-            if (key.__class__ is not bytes and key is not None) or (
-                value.__class__ is not bytes and value is not None
-            ):
-                check_types(key, value)
-            record_bytes = (len(key) if key is not None else 0) + (
-                len(value) if value is not None else 0
-            )
-            if record_bytes > limit or (key is None and info.compact):
-                check_record(info, key, value, shared)
-            record_bytes += headers_bytes
-            if partition is not None:
-                target = partition
-            elif key is None:
-                filled += record_bytes + RECORD_OVERHEAD
-                if filled >= share:
-                    filled = 0
-                    sticky += 1
-                target = sticky % partitions
-            else:
-                target = partition_for_key(key, partitions)
-            pairs = lists.get(target)
-            if pairs is None:
-                pairs = lists[target] = []
-            pairs.append(item)
-            size += record_bytes + RECORD_OVERHEAD
-            if size >= self._batch_size:
+        # The checks of check_record, inlined: this loop is the fast path. A record refused
+        # raises its error, the ones before it queued (as on Kafka).
+        try:
+            for item in items:
+                key, value = item
+                if (key.__class__ is not bytes and key is not None) or (
+                    value.__class__ is not bytes and value is not None
+                ):
+                    check_types(key, value)
+                record_bytes = (len(key) if key is not None else 0) + (
+                    len(value) if value is not None else 0
+                )
+                if record_bytes > limit or (key is None and info.compact):
+                    check_record(info, key, value, shared)
+                record_bytes += headers_bytes
+                if partition is not None:
+                    target = partition
+                elif key is None:
+                    filled += record_bytes + RECORD_OVERHEAD
+                    if filled >= share:
+                        filled = 0
+                        sticky += 1
+                    target = sticky % partitions
+                else:
+                    target = partition_for_key(key, partitions)
+                pairs = lists.get(target)
+                if pairs is None:
+                    pairs = lists[target] = []
+                pairs.append(item)
+                size += record_bytes + RECORD_OVERHEAD
+                if size >= self._batch_size:
+                    count += self._enqueue(topic, timestamp_ms, shared, lists, size)
+                    lists, size = {}, 0
+        finally:
+            if lists:
                 count += self._enqueue(topic, timestamp_ms, shared, lists, size)
-                lists, size = {}, 0
-        if lists:
-            count += self._enqueue(topic, timestamp_ms, shared, lists, size)
-        self._sticky.partition, self._sticky.filled = sticky, filled
+            self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
     def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
