@@ -362,6 +362,23 @@ def test_header_names_count_in_utf8_bytes(log: riverbed.Log, topic_name: TopicNa
         producer.send(name, b"x" * 400, headers=wide).result(timeout=30)
 
 
+def test_a_seek_past_the_end_resets_as_a_deleted_position_does(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name)
+    with log.producer() as producer:
+        producer.send_many(name, [(None, b"old%d" % i) for i in range(5)])
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        consume(consumer, 5)
+        consumer.seek(name, 0, 100)
+        with log.producer() as producer:
+            producer.send_many(name, [(None, b"new%d" % i) for i in range(3)])
+        # Kafka's OffsetOutOfRange reset, to the beginning here (SQLite waited at offset 100).
+        values = [record.value for record in consume(consumer, 8)]
+    assert values == [b"old0", b"old1", b"old2", b"old3", b"old4", b"new0", b"new1", b"new2"]
+
+
 def test_compacted_topic_needs_keys(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name()
     log.create_topic(name, compact=True)

@@ -3,7 +3,8 @@
 In a group, a heartbeat thread keeps the membership alive while user code runs, and every poll
 first checks the group's generation, so a rebalance is noticed at the next poll. Positions follow
 Kafka: a new partition starts at the group's committed offset, else at the reset point (earliest
-with ``from_beginning``, latest otherwise); a position that retention deleted resets the same way.
+with ``from_beginning``, latest otherwise); a position that retention deleted, or past the end,
+resets the same way.
 """
 
 from __future__ import annotations
@@ -237,10 +238,11 @@ class SqliteConsumer(Closing):
         position = self._positions[tp]
         records = self._records_at(tp, position, wanted)
         if not records or records[0].offset > position:
-            # Nothing at the position itself: retention may have deleted it (reset, as Kafka does
-            # on OffsetOutOfRange), or compaction removed it (skip ahead).
+            # Nothing at the position itself: retention may have deleted it, or a seek went past
+            # the end (reset, as Kafka does on OffsetOutOfRange), or compaction removed it (skip
+            # ahead).
             log_start, end = self._partition_bounds(tp)
-            if position < log_start:
+            if position < log_start or position > end:
                 self._buffers.pop(tp, None)
                 self._positions[tp] = self._reset_position(tp)
                 return self._read_batches(tp, wanted) if self._from_beginning else []
