@@ -619,6 +619,13 @@ def check_timestamp(timestamp_ms: int) -> None:
         )
 
 
+def check_time(timestamp_ms: int) -> None:
+    """A time to look offsets up by: epoch milliseconds, an int >= 0 (Kafka reads -1 and -2 as
+    the latest and earliest offsets)."""
+    if type(timestamp_ms) is not int or timestamp_ms < 0:
+        raise ValueError(f"timestamp_ms is epoch milliseconds, an int >= 0, got {timestamp_ms!r}")
+
+
 def check_offset(offset: int) -> None:
     """An offset to seek to or commit: an int (not a float, which SQLite would store) >= 0."""
     if type(offset) is not int or offset < 0:

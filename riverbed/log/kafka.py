@@ -49,6 +49,7 @@ from riverbed.log.api import (
     check_offset,
     check_partition,
     check_record,
+    check_time,
     check_timestamp,
     check_types,
     consumer_topics,
@@ -460,6 +461,7 @@ class KafkaLog(Closing):
         return self._list_offsets(topic, OffsetSpec.latest())  # type: ignore[no-untyped-call]
 
     def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[int, int | None]:
+        check_time(timestamp_ms)
         found = self._list_offsets(topic, OffsetSpec.for_timestamp(timestamp_ms))
         # Kafka answers -1 for a partition without a record at or after the timestamp.
         return {p: (None if offset < 0 else offset) for p, offset in found.items()}

@@ -421,6 +421,9 @@ def test_beginning_end_and_time_offsets(log: riverbed.Log, topic_name: TopicName
     assert log.offsets_for_times(name, 1_500) == {0: 1, 1: None}
     assert log.offsets_for_times(name, 0) == {0: 0, 1: None}
     assert log.offsets_for_times(name, 3_001) == {0: None, 1: None}
+    for bad in (-1, -2, 1.5):  # Kafka reads -1 and -2 as the latest and earliest offsets
+        with pytest.raises(ValueError, match="an int >= 0"):
+            log.offsets_for_times(name, bad)  # type: ignore[arg-type]
 
 
 def test_seek_position_and_manual_assignment(log: riverbed.Log, topic_name: TopicName) -> None:

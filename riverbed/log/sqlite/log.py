@@ -27,6 +27,7 @@ from riverbed.log.api import (
     TopicDescription,
     TopicInfo,
     TopicPartition,
+    check_time,
     consumer_topics,
     lag_of,
     validate_topic,
@@ -226,6 +227,8 @@ class SqliteLog(Closing):
         return self._offsets(topic, "next_offset")
 
     def offsets_for_times(self, topic: str, timestamp_ms: int) -> dict[int, int | None]:
+        check_time(timestamp_ms)
+
         def query(conn: sqlite3.Connection) -> dict[int, int | None]:
             meta = load_topic(conn, topic)
             return {
