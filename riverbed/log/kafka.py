@@ -1515,7 +1515,14 @@ class KafkaConsumer(Closing):
             )
         except KafkaException as error:
             self._raise_commit_failed(_kafka_error(error))
-            raise
+            if _code(error) in _TRANSIENT:  # timed out: the broker, or a rebalance, held it up
+                raise BrokerUnavailableError(
+                    f"group '{self._group}' could not commit: {_kafka_error(error)}; the offsets "
+                    "may not be stored, so commit again (or poll: a rebalance may be under way)"
+                ) from None
+            raise RiverbedError(
+                f"group '{self._group}' could not commit: {_kafka_error(error)}"
+            ) from None
         for tp in answer or []:
             if tp.error is not None:
                 self._raise_commit_failed(tp.error)

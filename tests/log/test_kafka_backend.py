@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 import riverbed
 from riverbed.errors import InvalidUrlError
@@ -187,3 +187,30 @@ def test_a_consumer_of_a_topic_made_a_moment_ago_waits_for_its_leaders(
         with kafka_log.consumer(topics=[topic]) as consumer:
             assert consumer.poll(timeout=0.1) == []
             assert len(consumer.assignment()) == 5
+
+
+def test_a_commit_librdkafka_gives_up_on_is_a_riverbed_error(
+    kafka_log: KafkaLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"commit-{time.time_ns()}"
+    kafka_log.create_topic(name)
+    with kafka_log.producer() as producer:
+        producer.send(name, b"v").result(30)
+    with kafka_log.consumer(group=f"g-{uuid.uuid4().hex}", topics=[name], from_beginning=True) as c:
+        consume(c, 1)
+        # What librdkafka raises after waiting out a hung broker or a rebalance that never ends.
+        timed_out = KafkaException(KafkaError(KafkaError._TIMED_OUT, "Commit failed: Timed out"))
+
+        class TimingOut:
+            def __init__(self, inner: Consumer) -> None:
+                self.inner = inner
+
+            def commit(self, **_: object) -> None:
+                raise timed_out
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.inner, name)
+
+        monkeypatch.setattr(c, "_consumer", TimingOut(c._consumer))  # type: ignore[attr-defined]
+        with pytest.raises(BrokerUnavailableError, match=r"could not commit: .*commit again"):
+            c.commit()
