@@ -87,7 +87,7 @@ class JoinSideNode(Node):
 
 class IntervalJoinNode(WindowNode[list[Buffered]]):
     """Joins the two sides arriving through one internal topic; state: per key, both sides'
-    records of the last ``within + grace``."""
+    records of the last ``2 * within + grace``."""
 
     def __init__(
         self,
@@ -138,7 +138,9 @@ class IntervalJoinNode(WindowNode[list[Buffered]]):
     def close(
         self, partition: int, entries: dict[Any, list[Buffered]], dirty: set[Any], stream_time: int
     ) -> Batch:
-        oldest = stream_time - self.within - self.grace_ms
+        # A record on time is at most within + grace behind stream time, and its partners at most
+        # within before it.
+        oldest = stream_time - 2 * self.within - self.grace_ms
         for key in list(entries):
             buffered = entries[key]
             if buffered and min(ts for ts, _, _ in buffered) >= oldest:

@@ -322,6 +322,34 @@ def test_interval_join(
     assert result.outputs[matched.name] == [("u1", "shoes->shoes!")]
 
 
+def test_interval_join_keeps_partners_of_records_still_on_time(
+    make_app: Callable[[], riverbed.App], topic_name: Names
+) -> None:
+    app = make_app()
+    views = app.topic(topic_name("views"), value=str, key=str)
+    buys = app.topic(topic_name("buys"), value=str, key=str)
+    matched = app.topic(topic_name("matched"), value=str, key=str)
+    app.stream(views).join(app.stream(buys), lambda v, b: f"{v}->{b}", within=5).to(matched)
+
+    def run(topic: riverbed.Topic[str, str], value: str, ms: int) -> None:
+        """Send one record, then process until idle: a batch of its own."""
+        key, data, headers = topic.encode(value, "u1")
+        app.producer.send(topic.name, data, key=key, headers=headers, timestamp_ms=T(ms))
+        app.producer.flush()
+        with app.runner() as runner:
+            while runner.run_once(2.0) or runner.run_once(2.0):
+                pass
+
+    with app:
+        app.start()
+        run(views, "view@0.5s", 500)
+        run(buys, "buy@6s", 6_000)  # stream time 6 s
+        run(buys, "buy@1.5s", 1_500)  # on time (1.5 + 5 >= 6), 1 s after the view: a match
+        with app.log.consumer(topics=[matched.name], from_beginning=True) as consumer:
+            joined = [matched.decode(record).value for record in consumer.poll(timeout=2.0)]
+    assert joined == ["view@0.5s->buy@1.5s"]
+
+
 def test_key_by_needs_a_value_type_after_an_unannotated_map(tmp_path: Path) -> None:
     app = riverbed.App("typed", url=f"sqlite:///{tmp_path}/log.db")
     payments = app.topic("payments", value=Payment)
