@@ -156,14 +156,16 @@ class Stream(Generic[K, V]):
         ).node.children.append(RepartitionNode(topic))
         return Stream(self._topology, source, value_type, topic.partitions, self.origin)
 
-    def _known_value_type(self, value: Any, operator: str) -> Any:
+    def _known_value_type(
+        self, value: Any, operator: str, why: str = "carry them through an internal topic"
+    ) -> Any:
         if value is not None:
             return value
         if self.value_type is UNKNOWN:
             raise RiverbedError(
                 f"{operator}() on the stream from '{self.origin}' needs the values' type to "
-                f"carry them through an internal topic: pass {operator}(..., value=Type), or "
-                "annotate the return type of the function given to map()"
+                f"{why}: pass {operator}(..., value=Type), or annotate the return type of the "
+                "function given to map()"
             )
         return self.value_type
 
@@ -203,15 +205,20 @@ class Stream(Generic[K, V]):
         self._topology.stateful_node(node, self.partitions)
         return self._then(node, UNKNOWN)
 
-    def reduce(self, fn: Callable[[V, V], V], name: str | None = None) -> Stream[K, V]:
-        """A running ``fn(accumulated, value)`` per key."""
-        return self.aggregate(reducer(fn, self._state_type()), name=name)
+    def reduce(
+        self, fn: Callable[[V, V], V], name: str | None = None, value: Any = None
+    ) -> Stream[K, V]:
+        """A running ``fn(accumulated, value)`` per key (``value``: the values' type, needed
+        after a ``map`` whose function has no return annotation)."""
+        return self.aggregate(reducer(fn, self._reduced_type(value)), name=name)
 
     def count(self, name: str | None = None) -> Stream[K, int]:
         return self.aggregate(count(), name=name)
 
-    def _state_type(self) -> Any:
-        return Any if self.value_type is UNKNOWN else self.value_type
+    def _reduced_type(self, value: Any) -> Any:
+        """The type a reduce keeps in its state, which it must decode as it was (a Struct came
+        back from the store as a dict)."""
+        return self._known_value_type(value, "reduce", "keep them in its state")
 
     # Joins
 
@@ -320,8 +327,8 @@ class WindowedStream(Generic[K, V]):
         topology.stateful_node(node, stream.partitions)
         return stream._then(node, UNKNOWN)
 
-    def reduce(self, fn: Callable[[V, V], V]) -> Stream[K, Windowed[V]]:
-        return self.aggregate(reducer(fn, self._stream._state_type()))
+    def reduce(self, fn: Callable[[V, V], V], value: Any = None) -> Stream[K, Windowed[V]]:
+        return self.aggregate(reducer(fn, self._stream._reduced_type(value)))
 
     def count(self) -> Stream[K, Windowed[int]]:
         return self.aggregate(count())

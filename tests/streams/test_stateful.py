@@ -360,6 +360,33 @@ def test_key_by_needs_a_value_type_after_an_unannotated_map(tmp_path: Path) -> N
         return p
 
     app.stream(payments).map(annotated).key_by(lambda p: p.card)  # the type is known
+    # Kept in its state, which came back from the store as dicts, not Payments.
+    with pytest.raises(riverbed.RiverbedError, match=r"keep them in its state: pass reduce\("):
+        app.stream(payments).map(lambda p: p).reduce(lambda a, b: a)
+    with pytest.raises(riverbed.RiverbedError, match=r"pass reduce\(\.\.\., value=Type\)"):
+        app.stream(payments).map(lambda p: p).window(riverbed.tumbling(seconds=1)).reduce(
+            lambda a, b: a
+        )
+
+
+def test_a_reduce_given_its_type_reloads_its_state(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    totals: list[list[Payment]] = []
+    for run in (1, 2):  # the second run reloads the state the first one stored
+        app = riverbed.App("reduced", url=url, state_dir=tmp_path / "state")
+        payments = app.topic("payments", value=Payment, key=str)
+        out = app.topic("out", value=Payment, key=str)
+        doubled = app.stream(payments).map(lambda p: Payment(p.card, p.amount * 2))
+        doubled.reduce(lambda a, b: Payment(a.card, a.amount + b.amount), value=Payment).to(out)
+        with app:
+            app.start()
+            payments.send(app.producer, Payment("c1", run), key="c1").result(timeout=30)
+            with app.runner() as runner:
+                while runner.run_once(1.0) or runner.run_once(1.0):
+                    pass
+            with app.log.consumer(topics=["out"], from_beginning=True) as consumer:
+                totals.append([out.decode(r).value for r in consumer.poll(timeout=1.0)])
+    assert [p.amount for p in totals[-1]] == [2.0, 6.0]  # 1 * 2, then + 2 * 2
 
 
 def test_aggregate_refuses_mixed_forms_and_unmergeable_sessions() -> None:
