@@ -84,11 +84,54 @@ class _Reading:
             missing = [v for v in writer["enum"] if v not in reader["enum"]]
             if missing:
                 return [f"{where}: the {self._reader_is} schema lacks enum values {missing}"]
+        readers = self._members(reader, self._reader_doc)
+        writers = self._members(writer, self._writer_doc)
+        if len(readers) > 1 or len(writers) > 1:  # a union (X | None, say): member by member
+            return self._compare_members(readers, writers, path)
         problems: list[str] = []
         if "object" in writer_types and "properties" in reader:
             problems += self._compare_fields(reader, writer, path)
-        if "array" in writer_types and "items" in reader and "items" in writer:
+        if isinstance(reader.get("additionalProperties"), dict) and isinstance(
+            writer.get("additionalProperties"), dict
+        ):  # a dict's values
+            problems += self._compare(
+                reader["additionalProperties"], writer["additionalProperties"], f"{path}[...]"
+            )
+        if isinstance(reader.get("items"), dict) and isinstance(writer.get("items"), dict):
             problems += self._compare(reader["items"], writer["items"], f"{path}[]")
+        if "prefixItems" in reader and "prefixItems" in writer:  # a tuple's items
+            problems += self._compare_items(reader["prefixItems"], writer["prefixItems"], path)
+        return problems
+
+    def _members(self, schema: Schema, doc: Schema) -> list[Schema]:
+        members: list[Schema] = schema.get("anyOf") or schema.get("oneOf") or [schema]
+        return [self._resolve(member, doc) for member in members]
+
+    def _compare_members(
+        self, readers: list[Schema], writers: list[Schema], path: str
+    ) -> list[str]:
+        """Each member the writer may have written must be read by a reader member of its
+        kind; the problems of the closest one when none reads it."""
+        problems: list[str] = []
+        for written in writers:
+            kinds = _types(written)
+            if "integer" in kinds:
+                kinds = kinds | {"number"}
+            candidates = [r for r in readers if not _types(r) or _types(r) & kinds]
+            found = [self._compare(candidate, written, path) for candidate in candidates]
+            if found and all(found):
+                problems += found[0]
+        return problems
+
+    def _compare_items(self, reader: list[Schema], writer: list[Schema], path: str) -> list[str]:
+        if len(reader) != len(writer):
+            return [
+                f"field '{path}' is a tuple of {len(reader)} items in the {self._reader_is} "
+                f"schema but of {len(writer)} in data written with the {self._writer_is} one"
+            ]
+        problems: list[str] = []
+        for index, (read, written) in enumerate(zip(reader, writer, strict=True)):
+            problems += self._compare(read, written, f"{path}[{index}]")
         return problems
 
     def _compare_fields(self, reader: Schema, writer: Schema, path: str) -> list[str]:

@@ -119,9 +119,16 @@ class SchemaRegistry:
             if existing:
                 problems = incompatibilities(existing[-1].schema, schema, mode)
                 if problems:
+                    declared = (
+                        f" (the mode of its first registration; the {compatibility.value} "
+                        "declared now applies to new subjects only: a breaking change takes a "
+                        "new topic)"
+                        if compatibility is not mode
+                        else ""
+                    )
                     raise IncompatibleSchemaError(
                         f"schema for '{subject}' is not {mode.value}-compatible with version "
-                        f"{existing[-1].version}: " + "; ".join(problems)
+                        f"{existing[-1].version}{declared}: " + "; ".join(problems)
                     )
             new.append(_Entry(subject, schema, mode))
         if new:

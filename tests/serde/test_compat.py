@@ -119,3 +119,42 @@ class Node(msgspec.Struct):
 
 def test_recursive_types_terminate() -> None:
     assert problems(Node, Node, FULL) == []
+
+
+class Account(msgspec.Struct):
+    scores: dict[str, int]
+    pair: tuple[str, int] = ("a", 1)
+    address: Address | None = None
+
+
+class AccountScoresAsText(msgspec.Struct):
+    scores: dict[str, str]
+    pair: tuple[str, int] = ("a", 1)
+    address: Address | None = None
+
+
+class AccountPairRetyped(msgspec.Struct):
+    scores: dict[str, int]
+    pair: tuple[str, str] = ("a", "1")
+    address: Address | None = None
+
+
+class AccountZipRequired(msgspec.Struct):
+    scores: dict[str, int]
+    pair: tuple[str, int] = ("a", 1)
+    address: AddressWithZip | None = None
+
+
+class AccountWidened(msgspec.Struct):
+    scores: dict[str, float]
+    pair: tuple[str, float] = ("a", 1.0)
+    address: Address | None = None
+
+
+def test_dict_values_tuple_items_and_optional_structs_are_compared() -> None:
+    assert any("field 'scores[...]'" in p for p in problems(Account, AccountScoresAsText, BACKWARD))
+    assert any("field 'pair[1]'" in p for p in problems(Account, AccountPairRetyped, BACKWARD))
+    found = problems(Account, AccountZipRequired, BACKWARD)
+    assert any("field 'address.zip' is required" in p for p in found)
+    assert problems(Account, AccountWidened, BACKWARD) == []  # ints read as floats
+    assert problems(Account, Account, FULL) == []

@@ -60,5 +60,6 @@ def test_the_first_registration_sets_the_mode(
     # asks for BACKWARD, under which it is not.
     assert registry.register("orders", schema_of(V3Bad), Compatibility.BACKWARD).version == 2
     # Dropping a field that readers of version 2 require breaks FORWARD.
-    with pytest.raises(IncompatibleSchemaError, match=r"FORWARD.*field 'country'"):
+    with pytest.raises(IncompatibleSchemaError, match=r"FORWARD.*field 'country'") as caught:
         registry.register("orders", schema_of(V2), Compatibility.NONE)
+    assert "the NONE declared now applies to new subjects only" in str(caught.value)
