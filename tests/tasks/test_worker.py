@@ -347,6 +347,30 @@ def test_chain_group_and_chord(app: riverbed.App) -> None:
         assert stopped.status is TaskState.FAILED
 
 
+def test_a_failed_chord_requeued_from_the_dead_letters_completes(app: riverbed.App) -> None:
+    broken = {"on": True}
+
+    @app.task
+    def part(x: int) -> int:
+        if x == 2 and broken["on"]:
+            raise RuntimeError("header broke")
+        time.sleep(0.2)
+        return x * 10
+
+    @app.task
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    with working(app, concurrency=4):
+        handle = riverbed.chord([part.s(i) for i in range(4)], total.s()).delay()
+        with pytest.raises(riverbed.TaskFailed, match="ChordHeaderFailed"):
+            handle.result(timeout=30)
+        broken["on"] = False
+        # The failed header and the callback, at once: the callback waits for the header.
+        assert len(app.tasks.broker.requeue(None)) == 2
+        assert handle.result(timeout=30) == 60
+
+
 def test_rate_limit_holds_across_workers(app: riverbed.App) -> None:
     stamps: list[float] = []
     lock = threading.Lock()

@@ -32,7 +32,7 @@ import msgspec
 from riverbed.errors import RiverbedError
 from riverbed.tasks.calls import prepend
 from riverbed.tasks.errors import BrokerUnavailableError
-from riverbed.tasks.messages import TaskMessage, TaskState, now_ms
+from riverbed.tasks.messages import Outcome, TaskMessage, TaskState, now_ms
 from riverbed.tasks.task import CallOptions, RateLimit, Task
 from riverbed.tasks.worker.execution import ended, expired
 from riverbed.tasks.worker.inflight import Inflight, Interrupt
@@ -51,6 +51,8 @@ log = logging.getLogger("riverbed.tasks")
 T = TypeVar("T")
 
 SUPERVISOR_TICK_S = 0.05
+# A chord callback whose headers are still running waits this long before it looks again.
+GATHER_WAIT_MS = 1000
 CANCEL_CHECK_S = 0.5  # how soon a running task hears it was cancelled
 LEADER_EVERY_S = 0.25
 HOUSEKEEP_EVERY_S = 1.0
@@ -189,10 +191,18 @@ class Worker:
                 runnable.append((task, message))
         if settled:
             self.inflight.report(settled)
-        runnable = self._rate_limited(runnable)
-        runnable = [(task, self._gathered(message)) for task, message in runnable]
-        if runnable:
-            self.inflight.add(runnable)
+        ready: list[tuple[Task[Any, Any], TaskMessage]] = []
+        waiting: list[Outcome] = []
+        for task, message in self._rate_limited(runnable):
+            gathered = self._gathered(message)
+            if isinstance(gathered, Outcome):
+                waiting.append(gathered)
+            else:
+                ready.append((task, gathered))
+        if waiting:
+            self.inflight.report(waiting)
+        if ready:
+            self.inflight.add(ready)
 
     def _rate_limited(
         self, runnable: list[tuple[Task[Any, Any], TaskMessage]]
@@ -228,12 +238,29 @@ class Worker:
 
         return self._retrying(take)
 
-    def _gathered(self, message: TaskMessage) -> TaskMessage:
-        """A chord callback with the list of its headers' results as its first argument."""
+    def _gathered(self, message: TaskMessage) -> TaskMessage | Outcome:
+        """A chord callback with the list of its headers' results as its first argument; or,
+        when a header has not succeeded (a callback requeued from the dead letters with its
+        headers), the callback put off until they end, or failed if one cannot succeed."""
         if not message.gather:
             return message
         infos = self._retrying(lambda: self.broker.info(list(message.gather)))
-        results = [infos[i].result if i in infos else b"\xc0" for i in message.gather]
+        for header in message.gather:
+            info = infos.get(header)
+            state = None if info is None else info.state
+            if state in (TaskState.QUEUED, TaskState.SCHEDULED, TaskState.RUNNING):
+                later = msgspec.structs.replace(message, eta_ms=now_ms() + GATHER_WAIT_MS)
+                return Outcome(later, TaskState.SCHEDULED)
+            if state is not TaskState.SUCCEEDED:
+                reason = "its result expired" if info is None else f"it ended {state}"
+                return ended(
+                    message,
+                    TaskState.FAILED,
+                    "ChordHeaderFailed",
+                    f"header task [{header}] of the chord has no result: {reason}; requeue the "
+                    "header, then this callback",
+                )
+        results = [infos[header].result for header in message.gather]
         return msgspec.structs.replace(
             message, payload=prepend(message.payload, results), gather=()
         )
