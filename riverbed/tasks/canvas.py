@@ -69,7 +69,7 @@ class Chain(Generic[R]):
     def delay(self) -> TaskHandle[R]:
         """Enqueue the first step; the handle is the last step's."""
         first, *rest = self.steps
-        later = tuple(step.message(partial=True) for step in rest)
+        later = tuple(_later_step(step) for step in rest)
         head = msgspec.structs.replace(first.message(), link=later)
         broker = first.task._tasks.broker
         broker.enqueue([head])
@@ -77,6 +77,20 @@ class Chain(Generic[R]):
         if not later:
             return last.task.handles([head.id])[0]
         return last.task.handles([later[-1].id], enqueued_later=True)[0]
+
+
+def _later_step(step: Signature[Any]) -> TaskMessage:
+    """A chain's later step, whose countdown and expiry in seconds count from when it is
+    enqueued (the step before it succeeded), not from now; an eta or expiry datetime stays."""
+    message = step.message(partial=True)
+    countdown, expires = step.call.countdown, step.call.expires
+    if countdown is not None:
+        message = msgspec.structs.replace(message, eta_ms=0, countdown_ms=int(countdown * 1000))
+    if isinstance(expires, int | float):
+        message = msgspec.structs.replace(
+            message, expires_ms=0, expires_after_ms=int(expires * 1000)
+        )
+    return message
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     correlation_id: str = ""
     parent_id: str = ""
     enqueued_ms: int = 0
+    # A chain's later step: its countdown and its expiry in seconds, counted from when the step
+    # before it succeeds (then made eta_ms and expires_ms).
+    countdown_ms: int = 0
+    expires_after_ms: int = 0
 
     @property
     def due(self) -> bool:

@@ -347,6 +347,28 @@ def test_chain_group_and_chord(app: riverbed.App) -> None:
         assert stopped.status is TaskState.FAILED
 
 
+def test_a_chain_steps_countdown_and_expiry_count_from_the_step_before(app: riverbed.App) -> None:
+    stamps: dict[str, float] = {}
+
+    @app.task
+    def slow(x: int) -> int:
+        time.sleep(1.5)
+        stamps["slow done"] = time.monotonic()
+        return x
+
+    @app.task
+    def after(x: int) -> int:
+        stamps["after started"] = time.monotonic()
+        return x + 1
+
+    with working(app, concurrency=2):
+        waited = riverbed.chain(slow.s(1), after.options(countdown=1).s()).delay()
+        assert waited.result(timeout=30) == 2
+        assert stamps["after started"] - stamps["slow done"] >= 0.9
+        # Expires a second after the step before it succeeded, not after delay(): it runs.
+        assert riverbed.chain(slow.s(1), after.options(expires=1).s()).delay().result(30) == 2
+
+
 def test_a_failed_chord_requeued_from_the_dead_letters_completes(app: riverbed.App) -> None:
     broken = {"on": True}
 

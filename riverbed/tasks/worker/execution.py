@@ -140,6 +140,7 @@ def outcome_for(message: TaskMessage, options: TaskOptions, executed: Executed) 
         follow_ups: tuple[TaskMessage, ...] = ()
         if message.link:
             step, *later = message.link
+            now = now_ms()
             follow_ups = (
                 msgspec.structs.replace(
                     step,
@@ -147,7 +148,13 @@ def outcome_for(message: TaskMessage, options: TaskOptions, executed: Executed) 
                     link=tuple(later),
                     correlation_id=message.correlation_id or message.id,
                     parent_id=message.id,
-                    enqueued_ms=now_ms(),
+                    enqueued_ms=now,
+                    eta_ms=now + step.countdown_ms if step.countdown_ms else step.eta_ms,
+                    expires_ms=(
+                        now + step.expires_after_ms if step.expires_after_ms else step.expires_ms
+                    ),
+                    countdown_ms=0,
+                    expires_after_ms=0,
                 ),
             )
         return Outcome(message, TaskState.SUCCEEDED, executed.result, follow_ups=follow_ups)
