@@ -44,7 +44,20 @@ class Signature(Generic[R]):
 
 def chain(first: Signature[Any], *rest: Signature[Any]) -> Chain[Any]:
     """Run tasks one after another, each getting the previous result as its first argument."""
+    _no_keys((first, *rest), "a chain's steps")
     return Chain((first, *rest))
+
+
+def _no_keys(signatures: Sequence[Signature[Any]], what: str) -> None:
+    """A step stands for others (the steps after it, a chord's callback): an idempotency key
+    that let the broker keep an earlier task in its place would leave them waiting for ever."""
+    keyed = next((s for s in signatures if s.call.key), None)
+    if keyed is not None:
+        raise RiverbedError(
+            f"{what} take no idempotency key (task {keyed.task.name} has key "
+            f"{keyed.call.key!r}): the broker would keep an earlier task of that key in its "
+            "place, and what follows it would wait for ever; enqueue that task on its own"
+        )
 
 
 def group(*signatures: Signature[R]) -> Group[R]:
@@ -59,6 +72,7 @@ def chord(header: Group[Any] | Sequence[Signature[Any]], callback: Signature[R])
     members = header.signatures if isinstance(header, Group) else tuple(header)
     if not members:
         raise RiverbedError("a chord needs at least one header signature")
+    _no_keys((*members, callback), "a chord's header and callback")
     return Chord(members, callback)
 
 
@@ -76,7 +90,8 @@ class Chain(Generic[R]):
         last = self.steps[-1]
         if not later:
             return last.task.handles([head.id])[0]
-        return last.task.handles([later[-1].id], enqueued_later=True)[0]
+        before = (head.id, *(step.id for step in later[:-1]))
+        return last.task.later_handle(later[-1].id, steps_before=before)
 
 
 def _later_step(step: Signature[Any]) -> TaskMessage:
@@ -125,4 +140,4 @@ class Chord(Generic[R]):
         )
         broker = self.callback.task._tasks.broker
         broker.enqueue(headers, ChordSpec(chord_id, len(headers), callback))
-        return self.callback.task.handles([callback.id], enqueued_later=True)[0]
+        return self.callback.task.later_handle(callback.id, headers=callback.gather)

@@ -29,16 +29,26 @@ WAIT_SLICE_S = 60.0
 class TaskHandle(Generic[R]):
     """A task that was enqueued: ``.id``, ``.status``, ``.result(timeout=)``, ``.cancel()``."""
 
-    __slots__ = ("_broker", "_codec", "_enqueued_later", "id", "name")
+    __slots__ = ("_broker", "_codec", "_enqueued_later", "_headers", "_steps_before", "id", "name")
 
     def __init__(
-        self, broker: Broker, codec: CallCodec, task_id: str, *, enqueued_later: bool = False
+        self,
+        broker: Broker,
+        codec: CallCodec,
+        task_id: str,
+        *,
+        enqueued_later: bool = False,
+        steps_before: tuple[str, ...] = (),
+        headers: tuple[str, ...] = (),
     ) -> None:
         """``enqueued_later``: a chain's later step or a chord's callback, which the broker
-        only knows once its turn comes."""
+        only knows once its turn comes; ``steps_before``: a chain's steps before this, its
+        last; ``headers``: a chord's, this being its callback (``cancel`` stops them)."""
         self._broker = broker
         self._codec = codec
         self._enqueued_later = enqueued_later
+        self._steps_before = steps_before
+        self._headers = headers
         self.id = task_id
         self.name = codec.name
 
@@ -100,9 +110,20 @@ class TaskHandle(Generic[R]):
 
     def cancel(self) -> bool:
         """Cancel the task: a queued or scheduled one never runs; a running one is interrupted
-        by its worker. False if it had already finished or is unknown."""
-        state = self._broker.cancel(self.id)
-        return state in (TaskState.CANCELLED, TaskState.RUNNING)
+        by its worker. False if it had already finished or is unknown. A chain's handle cancels
+        its step waiting or running now (the later ones then fail); a chord's, its headers
+        (the callback then fails) or its callback."""
+        stopping = (TaskState.CANCELLED, TaskState.RUNNING)
+        if self._headers:
+            states = [self._broker.cancel(task_id) for task_id in (*self._headers, self.id)]
+            return any(state in stopping for state in states)
+        for task_id in (*self._steps_before, self.id):
+            state = self._broker.cancel(task_id)
+            if state in stopping:
+                return True
+            if state not in (TaskState.SUCCEEDED, None):  # the chain ended there
+                return False
+        return False
 
     def __await__(self) -> Generator[Any, None, R]:
         return asyncio.to_thread(self.result).__await__()

@@ -227,12 +227,20 @@ class Task(Generic[P, R]):
             enqueued_ms=now_ms(),
         )
 
-    def handles(self, ids: list[str], *, enqueued_later: bool = False) -> list[TaskHandle[R]]:
+    def handles(self, ids: list[str]) -> list[TaskHandle[R]]:
         broker = self._tasks.broker
-        return [
-            TaskHandle(broker, self.codec, task_id, enqueued_later=enqueued_later)
-            for task_id in ids
-        ]
+        return [TaskHandle(broker, self.codec, task_id) for task_id in ids]
+
+    def later_handle(
+        self, task_id: str, *, steps_before: tuple[str, ...] = (), headers: tuple[str, ...] = ()
+    ) -> TaskHandle[R]:
+        """The handle of a chain's last step (after ``steps_before``) or of a chord's callback
+        (of ``headers``), which the broker knows only once its turn comes."""
+        broker = self._tasks.broker
+        return TaskHandle(
+            broker, self.codec, task_id, enqueued_later=True, steps_before=steps_before,
+            headers=headers,
+        )  # fmt: skip
 
     def _send(
         self, args: Sequence[Any], kwargs: dict[str, Any], call: CallOptions

@@ -589,6 +589,15 @@ def test_a_chord_callback_fails_when_a_header_fails(broker: Broker) -> None:
     assert fetch(broker) == []
 
 
+def test_purging_a_chords_header_fails_its_callback(broker: Broker) -> None:
+    _, callback = chord(broker, 2)
+    assert broker.purge("default") == 2
+    info = broker.wait([callback.id], PATIENCE)[callback.id]
+    assert info.state is TaskState.FAILED
+    assert info.error is not None and "purged" in info.error.message
+    assert fetch(broker) == []
+
+
 def test_cancelling_a_queued_header_fails_the_chord(broker: Broker) -> None:
     headers, callback = chord(broker, 2)
     assert broker.cancel(headers[1].id) is TaskState.CANCELLED

@@ -369,6 +369,36 @@ def test_a_chain_steps_countdown_and_expiry_count_from_the_step_before(app: rive
         assert riverbed.chain(slow.s(1), after.options(expires=1).s()).delay().result(30) == 2
 
 
+def test_cancelling_a_chain_or_a_chord_stops_the_step_or_headers_waiting(
+    app: riverbed.App,
+) -> None:
+    ran: list[int] = []
+
+    @app.task
+    def step(x: int) -> int:
+        ran.append(x)
+        return x + 1
+
+    @app.task
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    with pytest.raises(riverbed.RiverbedError, match="a chain's steps take no idempotency key"):
+        riverbed.chain(step.s(1), step.options(key="k").s())
+    with pytest.raises(riverbed.RiverbedError, match="a chord's header and callback take no"):
+        riverbed.chord([step.options(key="k").s(1)], total.s())
+    chained = riverbed.chain(step.s(1), step.s(), step.s()).delay()
+    assert chained.cancel()  # its first step, still queued
+    chorded = riverbed.chord([step.s(10), step.s(20)], total.s()).delay()
+    assert chorded.cancel()
+    with working(app, concurrency=2):
+        with pytest.raises(riverbed.TaskFailed, match=r"ChainStepFailed.*ended cancelled"):
+            chained.result(timeout=30)
+        with pytest.raises(riverbed.TaskFailed, match="ChordHeaderFailed"):
+            chorded.result(timeout=30)
+    assert ran == []
+
+
 def test_a_failed_chord_requeued_from_the_dead_letters_completes(app: riverbed.App) -> None:
     broken = {"on": True}
 

@@ -28,6 +28,9 @@ DEFAULT_DEAD_TTL_S = 7 * 86_400.0
 # A worker unseen for this long is left out of ``stats``.
 WORKER_SEEN_MS = 60_000
 CANCELLED_BEFORE_START = ErrorInfo("TaskCancelledError", "cancelled before it started")
+CHORD_HEADER_PURGED = ErrorInfo(
+    "ChordHeaderFailed", "a header task of the chord was purged before it ran"
+)
 CANCELLED_BEFORE_RETRY = ErrorInfo("TaskCancelledError", "cancelled while running; not retried")
 CANCELLED_AFTER_LEASE = ErrorInfo(
     "TaskCancelledError", "cancelled while running; its worker went away before interrupting it"

@@ -49,6 +49,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_AFTER_LEASE,
     CANCELLED_BEFORE_RETRY,
     CANCELLED_BEFORE_START,
+    CHORD_HEADER_PURGED,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
     chain_failure,
@@ -124,6 +125,7 @@ _INFO_FIELDS = (
 _CANCELLED = ENCODER.encode(CANCELLED_BEFORE_START)
 _CANCELLED_AFTER_LEASE = ENCODER.encode(CANCELLED_AFTER_LEASE)
 _CANCELLED_BEFORE_RETRY = ENCODER.encode(CANCELLED_BEFORE_RETRY)
+_HEADER_PURGED = ENCODER.encode(CHORD_HEADER_PURGED)
 _CHORD_HEADER_CANCELLED = ENCODER.encode(
     ErrorInfo("ChordHeaderFailed", "a header task of the chord was cancelled")
 )
@@ -499,11 +501,11 @@ for _, set in ipairs({key('q', queue), key('s', queue)}) do
     if t[1] and t[1] ~= '' and redis.call('GET', key('k', t[1])) == id then
       redis.call('DEL', key('k', t[1]))
     end
-    if t[2] and t[2] ~= '' then
-      redis.call('DEL', key('chord', t[2]))
-    end
     redis.call('DEL', task)
     redis.call('ZREM', set, id)
+    if t[2] and t[2] ~= '' then
+      chord_progress(t[2], 'purged', ARGV[7]) -- its callback can never run: it fails
+    end
     deleted = deleted + 1
   end
 end
@@ -907,7 +909,7 @@ class RedisBroker:
 
     def purge(self, queue: str) -> int:
         purged = 0
-        while deleted := int(self._run(self._purge, queue, PAGE)):
+        while deleted := int(self._run(self._purge, queue, PAGE, _HEADER_PURGED)):
             purged += deleted
         return purged
 

@@ -25,6 +25,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_AFTER_LEASE,
     CANCELLED_BEFORE_RETRY,
     CANCELLED_BEFORE_START,
+    CHORD_HEADER_PURGED,
     COMMON_OPTIONS,
     WORKER_SEEN_MS,
     chain_failure,
@@ -579,7 +580,9 @@ class SqliteBroker:
         return [task_id for task_id, _ in rows]
 
     def purge(self, queue: str) -> int:
-        """Also drops the purged tasks' idempotency keys, and chords waiting on them."""
+        """Also drops the purged tasks' idempotency keys, and fails the callbacks of chords
+        waiting on them."""
+        now = now_ms()
         with self._write() as conn:
             rows = conn.execute(
                 "SELECT id, message FROM tasks "
@@ -592,7 +595,12 @@ class SqliteBroker:
                 marks = _marks(chunk)
                 conn.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
                 conn.execute(f"DELETE FROM task_keys WHERE task_id IN ({marks})", chunk)
-            conn.executemany("DELETE FROM chords WHERE chord_id = ?", [(c,) for c in chords])
+            for chord_id in chords:  # its callback can never run: it fails
+                row = conn.execute(
+                    "DELETE FROM chords WHERE chord_id = ? RETURNING callback", (chord_id,)
+                ).fetchone()
+                if row is not None:
+                    self._never_run(conn, MESSAGE_DECODER.decode(row[0]), CHORD_HEADER_PURGED, now)
         return len(ids)
 
     def take_tokens(
