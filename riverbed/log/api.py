@@ -343,8 +343,10 @@ class Producer(Closeable, Protocol):
         items: Iterable[tuple[bytes | None, bytes | None]],
         partition: int | None = None,
         headers: Mapping[str, bytes] | None = None,
+        timestamps: Sequence[int] | None = None,
     ) -> int:
-        """The fast path: ``(key, value)`` pairs, each sent with ``headers``; returns how many were
+        """The fast path: ``(key, value)`` pairs, each sent with ``headers`` (and stamped with
+        its entry of ``timestamps``, epoch ms, or with the time now); returns how many were
         queued. Errors are raised by the next ``flush``.
         """
         ...
@@ -617,6 +619,22 @@ def check_timestamp(timestamp_ms: int) -> None:
             f"timestamp_ms must be positive epoch milliseconds as an int, got {timestamp_ms!r}; "
             "leave it out to use the current time (or pass int(time.time() * 1000))"
         )
+
+
+def timed_items(
+    items: Iterable[tuple[bytes | None, bytes | None]], timestamps: Sequence[int]
+) -> list[tuple[bytes | None, bytes | None]]:
+    """``send_many``'s items as a list, checked against their ``timestamps`` (one each, every
+    one valid) before any is queued."""
+    items = list(items)
+    if len(timestamps) != len(items):
+        raise InvalidRecordError(
+            f"send_many got {len(timestamps)} timestamps for {len(items)} records: one each"
+        )
+    if timestamps and ({*map(type, timestamps)} != {int} or min(timestamps) <= 0):
+        for timestamp_ms in timestamps:
+            check_timestamp(timestamp_ms)
+    return items
 
 
 def check_time(timestamp_ms: int) -> None:

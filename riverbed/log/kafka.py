@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from riverbed.errors import InvalidUrlError, MissingExtraError, RiverbedError
@@ -55,6 +55,7 @@ from riverbed.log.api import (
     consumer_topics,
     lag_of,
     record_size,
+    timed_items,
     validate_topic,
 )
 from riverbed.log.errors import (
@@ -861,13 +862,17 @@ class KafkaProducer(Closing):
         items: Iterable[tuple[bytes | None, bytes | None]],
         partition: int | None = None,
         headers: Mapping[str, bytes] | None = None,
+        timestamps: Sequence[int] | None = None,
     ) -> int:
         self._check_open()
         info = self._topic(topic)
         if partition is not None:
             check_partition(info, partition)
         limit = info.max_record_bytes - record_size(None, None, headers)  # checks them
-        extra = {"headers": dict(headers)} if headers else _NO_EXTRAS
+        if timestamps is not None:
+            items = timed_items(items, timestamps)
+            stamp = iter(timestamps)
+        extra: Mapping[str, Any] = {"headers": dict(headers)} if headers else _NO_EXTRAS
         partitions = info.partitions
         compact = info.compact
         produce = self._producer.produce
@@ -897,6 +902,8 @@ class KafkaProducer(Closing):
                 target = UNASSIGNED_PARTITION
             if unbatched:
                 self._one_at_a_time()
+            if timestamps is not None:
+                extra = {**extra, "timestamp": next(stamp)}
             try:
                 produce(topic, value, key, target, **extra)
             except BufferError:
@@ -1174,9 +1181,10 @@ class KafkaTransactionalProducer(KafkaProducer):
         items: Iterable[tuple[bytes | None, bytes | None]],
         partition: int | None = None,
         headers: Mapping[str, bytes] | None = None,
+        timestamps: Sequence[int] | None = None,
     ) -> int:
         self._current("send")
-        return super().send_many(topic, items, partition, headers)
+        return super().send_many(topic, items, partition, headers, timestamps)
 
     def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         self._current("send")

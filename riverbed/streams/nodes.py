@@ -172,7 +172,8 @@ class BranchNode(Node):
 
 
 class ToNode(Node):
-    """Writes the records to a topic with its codecs (in the batch's transaction, if any)."""
+    """Writes the records to a topic with its codecs (in the batch's transaction, if any),
+    stamped with their event times."""
 
     def __init__(self, topic: Topic[Any, Any]) -> None:
         super().__init__()
@@ -201,7 +202,15 @@ class ToNode(Node):
             values = topic.value_codec.encode_many(batch.values)
         except SerializationError as error:
             raise _mismatch(topic, "value", batch.values[0], error) from error
-        ctx.producer.send_many(topic.name, list(zip(keys, values, strict=True)), headers=headers)
+        # Each record keeps its event time as its timestamp, as Kafka Streams' to() does: a
+        # pipeline reading the topic windows by it (one before 1970 is stamped now).
+        times = batch.timestamps
+        ctx.producer.send_many(
+            topic.name,
+            list(zip(keys, values, strict=True)),
+            headers=headers,
+            timestamps=times if min(times, default=1) > 0 else None,
+        )
         self.written += len(keys)
 
 

@@ -25,6 +25,9 @@ TopicName = Callable[[str], str]
 # Topics
 
 
+T0 = 1_700_000_000_000  # epoch milliseconds of November 2023
+
+
 def test_create_list_describe_delete(log: riverbed.Log, topic_name: TopicName) -> None:
     name = topic_name("orders")
     info = log.create_topic(name, partitions=3, retention_ms=3_600_000)
@@ -348,6 +351,28 @@ def test_send_many_queues_the_records_before_one_it_refuses(
                 producer.send_many(name, items)
         producer.flush(30)
     assert sum(log.end_offsets(name).values()) == 5_010  # each one's good records, no more
+
+
+def test_send_many_stamps_each_record_with_its_timestamp(
+    log: riverbed.Log, topic_name: TopicName
+) -> None:
+    name = topic_name()
+    log.create_topic(name, partitions=2)
+    items: list[tuple[bytes | None, bytes | None]] = [(b"a", b"1"), (b"b", b"2"), (None, b"3")]
+    stamps = [T0 + 5, T0 + 1, T0 + 9]
+    with log.producer() as producer:
+        for bad, message in [
+            ([T0], "got 1 timestamps for 3 records"),
+            ([T0, T0 + 1.5, T0], "positive epoch milliseconds as an int, got"),
+            ([T0, 0, T0], "positive epoch milliseconds"),
+        ]:
+            with pytest.raises(InvalidRecordError, match=message):
+                producer.send_many(name, items, timestamps=bad)  # type: ignore[arg-type]
+        assert producer.send_many(name, iter(items), timestamps=stamps) == 3
+        assert producer.send_many(name, [(b"a", b"4")], headers={"h": b"v"}, timestamps=[T0]) == 1
+    with log.consumer(topics=[name], from_beginning=True) as consumer:
+        got = {record.value: record.timestamp_ms for record in consume(consumer, 4)}
+    assert got == {b"1": T0 + 5, b"2": T0 + 1, b"3": T0 + 9, b"4": T0}
 
 
 def test_header_names_count_in_utf8_bytes(log: riverbed.Log, topic_name: TopicName) -> None:

@@ -136,6 +136,24 @@ def test_key_by_a_composite_key_then_aggregate(
     ]  # fmt: skip
 
 
+def test_records_written_by_to_keep_their_event_time(
+    make_app: Callable[[], riverbed.App], topic_name: Names, log_url: str
+) -> None:
+    app = make_app()
+    events = app.topic(topic_name("events"), value=int, key=str)
+    kept = app.topic(topic_name("kept"), value=int, key=str)
+    counts = app.topic(topic_name("counts"), value=W[int], key=str)
+    direct = app.topic(topic_name("direct"), value=W[int], key=str)
+    app.stream(events).filter(lambda v: v > 0).to(kept)  # a first stage
+    app.stream(kept).window(riverbed.tumbling(seconds=10), emit="update").count().to(counts)
+    app.stream(events).window(riverbed.tumbling(seconds=10), emit="update").count().to(direct)
+    inputs = [("k", 1, T(1_000)), ("k", 1, T(4_000)), ("k", 1, T(15_000))]
+    result = run_app(app, {events: inputs}, url=log_url)
+    windows = sorted((w.start_ms, w.value) for _, w in result.outputs[counts.name])
+    assert windows == sorted((w.start_ms, w.value) for _, w in result.outputs[direct.name])
+    assert windows[-1] == (T(10_000), 1)  # by event time, not by when the first stage ran
+
+
 def test_hopping_windows(
     make_app: Callable[[], riverbed.App], topic_name: Names, log_url: str
 ) -> None:

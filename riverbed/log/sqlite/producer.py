@@ -12,7 +12,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riverbed.log.api import (
@@ -29,6 +29,7 @@ from riverbed.log.api import (
     check_timestamp,
     check_types,
     record_size,
+    timed_items,
 )
 from riverbed.log.errors import ClosedError, DeliveryError, UnknownTopicError
 from riverbed.log.partitioner import StickyPartitioner, partition_for_key
@@ -54,12 +55,21 @@ Triple = tuple[bytes | None, bytes | None, dict[str, bytes]]
 
 
 class _Run:
-    __slots__ = ("headers", "pairs", "timestamp_ms")
+    """``timestamps``: each record's own (``send_many(..., timestamps=)``), ``timestamp_ms``
+    then being the largest."""
 
-    def __init__(self, timestamp_ms: int, headers: dict[str, bytes] | None) -> None:
+    __slots__ = ("headers", "pairs", "timestamp_ms", "timestamps")
+
+    def __init__(
+        self,
+        timestamp_ms: int,
+        headers: dict[str, bytes] | None,
+        timestamps: list[int] | None = None,
+    ) -> None:
         self.timestamp_ms = timestamp_ms
         self.headers = headers
         self.pairs: list[Pair] = []
+        self.timestamps = timestamps
 
 
 class _HeadedRun:
@@ -87,6 +97,7 @@ class _PartitionBuffer:
             last = self.runs[-1]
             if (
                 isinstance(last, _Run)
+                and last.timestamps is None
                 and last.timestamp_ms == timestamp_ms
                 and headers is None
                 and last.headers is None
@@ -192,6 +203,7 @@ class SqliteProducer(Closing):
         items: Iterable[Pair],
         partition: int | None = None,
         headers: Mapping[str, bytes] | None = None,
+        timestamps: Sequence[int] | None = None,
     ) -> int:
         if self._closed:
             raise ClosedError("the producer is closed; create a new one with log.producer()")
@@ -199,6 +211,10 @@ class SqliteProducer(Closing):
         if partition is not None:
             check_partition(info, partition)
         headers_bytes = record_size(None, None, headers)  # checks them
+        if timestamps is not None:
+            items = timed_items(items, timestamps)
+        stamps: dict[int, list[int]] | None = None if timestamps is None else {}
+        stamp = iter(timestamps or ())
         shared = dict(headers) if headers else None
         partitions = info.partitions
         limit = info.max_record_bytes - headers_bytes
@@ -238,13 +254,16 @@ class SqliteProducer(Closing):
                 if pairs is None:
                     pairs = lists[target] = []
                 pairs.append(item)
+                if stamps is not None:
+                    stamps.setdefault(target, []).append(next(stamp))
                 size += record_bytes + RECORD_OVERHEAD
                 if size >= self._batch_size:
-                    count += self._enqueue(topic, timestamp_ms, shared, lists, size)
+                    count += self._enqueue(topic, timestamp_ms, shared, lists, size, stamps)
                     lists, size = {}, 0
+                    stamps = None if stamps is None else {}
         finally:
             if lists:
-                count += self._enqueue(topic, timestamp_ms, shared, lists, size)
+                count += self._enqueue(topic, timestamp_ms, shared, lists, size, stamps)
             self._sticky.partition, self._sticky.filled = sticky, filled
         return count
 
@@ -297,12 +316,21 @@ class SqliteProducer(Closing):
         headers: dict[str, bytes] | None,
         lists: dict[int, list[Pair]],
         size: int,
+        stamps: dict[int, list[int]] | None = None,
     ) -> int:
+        """Queue each partition's pairs (stamped ``timestamp_ms``, or each with its entry of
+        ``stamps``)."""
         count = 0
         with self._lock:
             for partition, pairs in lists.items():
                 buffer = self._buffer(topic, partition)
-                buffer.run_for(timestamp_ms, headers).pairs.extend(pairs)
+                if stamps is None:
+                    buffer.run_for(timestamp_ms, headers).pairs.extend(pairs)
+                else:
+                    own = stamps[partition]
+                    run = _Run(max(own), headers, own)
+                    run.pairs = pairs
+                    buffer.runs.append(run)
                 buffer.count += len(pairs)
                 count += len(pairs)
             full = self._buffered(size)
@@ -412,7 +440,13 @@ class SqliteProducer(Closing):
                 continue
             ts, headers, pairs = run.timestamp_ms, run.headers, run.pairs
             offsets = range(offset, offset + len(pairs))
-            if headers is None:
+            if run.timestamps is not None:
+                records += [
+                    (topic, partition, o, t, k, v) if headers is None
+                    else (topic, partition, o, t, k, v, headers)
+                    for o, t, (k, v) in zip(offsets, run.timestamps, pairs, strict=True)
+                ]  # fmt: skip
+            elif headers is None:
                 records += [
                     (topic, partition, o, ts, k, v)
                     for o, (k, v) in zip(offsets, pairs, strict=True)

@@ -9,7 +9,7 @@ transaction is in the file, so every consumer reads committed records only.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riverbed.errors import RiverbedError
@@ -86,9 +86,10 @@ class SqliteTransactionalProducer(SqliteProducer):
         items: Iterable[Pair],
         partition: int | None = None,
         headers: Mapping[str, bytes] | None = None,
+        timestamps: Sequence[int] | None = None,
     ) -> int:
         self._check_in_transaction("send")
-        return super().send_many(topic, items, partition, headers)
+        return super().send_many(topic, items, partition, headers, timestamps)
 
     def send_batch(self, topic: str, records: Iterable[KeyValueHeaders]) -> list[SendFuture]:
         self._check_in_transaction("send")
