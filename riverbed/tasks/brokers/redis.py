@@ -747,7 +747,10 @@ class RedisBroker:
                 message.chord,
                 failure,
             ]
-            follow_ups: Sequence[TaskMessage] = outcome.follow_ups
+            # A success's next step; a failure's, none but the later steps it breaks.
+            follow_ups: Sequence[TaskMessage] = (
+                outcome.follow_ups if outcome.state is TaskState.SUCCEEDED else ()
+            )
             broken = b""
             if outcome.state is not TaskState.SUCCEEDED and message.link:
                 # Its chain's later steps never run (a retry: if it was cancelled meanwhile):
