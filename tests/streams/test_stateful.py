@@ -30,6 +30,21 @@ def T(ms: int) -> int:  # noqa: N802
     return BASE_MS + ms
 
 
+def send_then_run(
+    app: riverbed.App, topic: riverbed.Topic[str, Any], *rows: tuple[Any, int]
+) -> int:
+    """Send ``rows`` (value, ms from ``BASE_MS``) with key "k", then process until idle: a batch
+    of their own. The records counted late."""
+    for value, ms in rows:
+        key, data, headers = topic.encode(value, "k")
+        app.producer.send(topic.name, data, key=key, headers=headers, timestamp_ms=T(ms))
+    app.producer.flush()
+    with app.runner() as runner:
+        while runner.run_once(2.0) or runner.run_once(2.0):
+            pass
+        return runner.late
+
+
 @pytest.fixture
 def make_app(log_url: str, topic_name: Names, tmp_path: Path) -> Callable[[], riverbed.App]:
     return lambda: riverbed.App(topic_name("app"), url=log_url, state_dir=tmp_path / "state")
@@ -93,21 +108,11 @@ def test_a_batch_of_late_records_only_is_counted_late(
     counts = app.topic(topic_name("counts"), value=W[int], key=str)
     app.stream(events).window(spec).count().to(counts)
 
-    def run(*rows: tuple[int, int]) -> int:
-        """Send the rows, then process until idle (one batch each time): the late count."""
-        for value, ms in rows:
-            key, data, headers = events.encode(value, "k")
-            app.producer.send(events.name, data, key=key, headers=headers, timestamp_ms=T(ms))
-        app.producer.flush()
-        with app.runner() as runner:
-            while runner.run_once(2.0) or runner.run_once(2.0):
-                pass
-            return runner.late
-
     with app:
         app.start()
-        assert run((1, 1_000), (2, 25_000)) == 0  # stream time 25 s: the windows of 1 s closed
-        assert run((3, 2_000)) == 1  # alone in its batch, and late: it crashed the batch
+        # Stream time 25 s: the windows of 1 s closed.
+        assert send_then_run(app, events, (1, 1_000), (2, 25_000)) == 0
+        assert send_then_run(app, events, (3, 2_000)) == 1  # alone in its batch, and late
         assert sum(app.log.group_lag(app.name).values()) == 0
         with app.log.consumer(topics=[counts.name], from_beginning=True) as consumer:
             closed = [counts.decode(record).value for record in consumer.poll(timeout=2.0)]
@@ -349,20 +354,12 @@ def test_interval_join_keeps_partners_of_records_still_on_time(
     matched = app.topic(topic_name("matched"), value=str, key=str)
     app.stream(views).join(app.stream(buys), lambda v, b: f"{v}->{b}", within=5).to(matched)
 
-    def run(topic: riverbed.Topic[str, str], value: str, ms: int) -> None:
-        """Send one record, then process until idle: a batch of its own."""
-        key, data, headers = topic.encode(value, "u1")
-        app.producer.send(topic.name, data, key=key, headers=headers, timestamp_ms=T(ms))
-        app.producer.flush()
-        with app.runner() as runner:
-            while runner.run_once(2.0) or runner.run_once(2.0):
-                pass
-
     with app:
         app.start()
-        run(views, "view@0.5s", 500)
-        run(buys, "buy@6s", 6_000)  # stream time 6 s
-        run(buys, "buy@1.5s", 1_500)  # on time (1.5 + 5 >= 6), 1 s after the view: a match
+        send_then_run(app, views, ("view@0.5s", 500))
+        send_then_run(app, buys, ("buy@6s", 6_000))  # stream time 6 s
+        # On time (1.5 + 5 >= 6), and 1 s after the view: a match.
+        send_then_run(app, buys, ("buy@1.5s", 1_500))
         with app.log.consumer(topics=[matched.name], from_beginning=True) as consumer:
             joined = [matched.decode(record).value for record in consumer.poll(timeout=2.0)]
     assert joined == ["view@0.5s->buy@1.5s"]
