@@ -159,6 +159,29 @@ def test_records_written_by_to_keep_their_event_time(
     assert windows[-1] == (T(10_000), 1)  # by event time, not by when the first stage ran
 
 
+def test_session_windows_do_not_depend_on_batching(
+    make_app: Callable[[], riverbed.App], topic_name: Names
+) -> None:
+    rows = [(1, 1_000), (2, 5_200), (3, 1_900)]  # gap 1 s, grace 3 s: 3 is on time at 5.2 s
+    found = []
+    for batches in ([rows], [[row] for row in rows]):
+        app = make_app()
+        clicks = app.topic(topic_name("clicks"), value=int, key=str)
+        sessions = app.topic(topic_name("sessions"), value=W[list[int]], key=str)
+        app.stream(clicks).window(riverbed.session(seconds=1), grace=3).aggregate(
+            riverbed.collect(state_type=int)
+        ).to(sessions)
+        with app:
+            app.start()
+            for batch in [*batches, [(99, 100_000)]]:  # the last closes every session
+                send_then_run(app, clicks, *batch)
+            with app.log.consumer(topics=[sessions.name], from_beginning=True) as consumer:
+                windows = [sessions.decode(r).value for r in consumer.poll(timeout=2.0)]
+        found.append(sorted((w.start_ms - BASE_MS, w.value) for w in windows))
+    # 3 is on time at 5.2 s and joins the session of 1 s however the records were batched.
+    assert found[0] == found[1] == [(1_000, [1, 3]), (5_200, [2])]
+
+
 def test_hopping_windows(
     make_app: Callable[[], riverbed.App], topic_name: Names, log_url: str
 ) -> None:

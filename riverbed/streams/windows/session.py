@@ -55,7 +55,7 @@ class SessionNode(WindowNode[list[Session]]):
         times: list[int],
         before: int,
     ) -> tuple[Batch, Batch]:
-        gap, horizon = self.gap, self.gap + self.grace_ms
+        gap, horizon, closing = self.gap, self.gap + self.grace_ms, self._closing()
         aggregation = self.aggregation
         late: list[Item] = []
         changed: dict[Any, None] = {}
@@ -87,26 +87,26 @@ class SessionNode(WindowNode[list[Session]]):
                 self._result(key, session)
                 for key in changed
                 for session in entries[key]
-                if session[1] + horizon > after
+                if session[1] + closing > after
             )
         return Batch.of(late), EMPTY
 
     def close(
         self, partition: int, entries: dict[Any, list[Session]], dirty: set[Any], stream_time: int
     ) -> Batch:
-        horizon = self.gap + self.grace_ms
+        closing = self._closing()
         emitted: list[Item] = []
         final = self.emit == "final"
         for key in list(entries):
             sessions = entries[key]
-            if sessions[0][1] + horizon > stream_time and all(
-                s[1] + horizon > stream_time for s in sessions
+            if sessions[0][1] + closing > stream_time and all(
+                s[1] + closing > stream_time for s in sessions
             ):
                 continue
-            open_sessions = [s for s in sessions if s[1] + horizon > stream_time]
+            open_sessions = [s for s in sessions if s[1] + closing > stream_time]
             if final:
                 emitted.extend(
-                    self._result(key, s) for s in sessions if s[1] + horizon <= stream_time
+                    self._result(key, s) for s in sessions if s[1] + closing <= stream_time
                 )
             if open_sessions:
                 entries[key] = open_sessions
@@ -115,6 +115,12 @@ class SessionNode(WindowNode[list[Session]]):
             dirty.add(key)
         emitted.sort(key=lambda item: item[2])
         return Batch.of(emitted)
+
+    def _closing(self) -> int:
+        """How long after its end a session closes: a record on time (up to gap + grace behind
+        stream time) can still join it up to a gap after its end, and bridge it to another, so
+        whether it does cannot depend on where a batch ended."""
+        return 2 * self.gap + self.grace_ms
 
     def _result(self, key: Any, session: Session) -> Item:
         start, end, accs = session
