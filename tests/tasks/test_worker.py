@@ -399,6 +399,31 @@ def test_cancelling_a_chain_or_a_chord_stops_the_step_or_headers_waiting(
     assert ran == []
 
 
+def test_a_failed_chain_requeued_from_the_dead_letters_completes(app: riverbed.App) -> None:
+    broken = {"on": True}
+
+    @app.task
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.task
+    def flaky(x: int) -> int:
+        if broken["on"]:
+            raise RuntimeError("step broke")
+        return x * 10
+
+    with working(app, concurrency=2):
+        handle = riverbed.chain(add.s(1, 1), flaky.s(), add.s(100)).delay()
+        with pytest.raises(riverbed.TaskFailed, match="ChainStepFailed"):
+            handle.result(timeout=30)
+        broken["on"] = False
+        # The failed step only: the one after it, which never ran, waits for its result (and
+        # shows the failure until the requeued step has succeeded).
+        assert len(app.tasks.broker.requeue(None)) == 1
+        wait_until(lambda: handle.status is TaskState.SUCCEEDED, 30, "the chain to end")
+        assert handle.result(timeout=30) == 120
+
+
 def test_a_failed_chord_requeued_from_the_dead_letters_completes(app: riverbed.App) -> None:
     broken = {"on": True}
 

@@ -55,6 +55,12 @@ def chain_failure(step: TaskMessage, state: str, error: ErrorInfo | None) -> Err
     )
 
 
+def never_ran_in_chain(error: ErrorInfo | None) -> bool:
+    """Whether a dead letter is a chain's later step that never ran: requeued alone, it would
+    run without the result of the step before it (that step's requeue runs it)."""
+    return error is not None and error.type == "ChainStepFailed"
+
+
 # Options both brokers accept in their URL (seconds).
 COMMON_OPTIONS = {"result_ttl": str(DEFAULT_RESULT_TTL_S), "dead_ttl": str(DEFAULT_DEAD_TTL_S)}
 

@@ -54,6 +54,7 @@ from riverbed.tasks.brokers.api import (
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
+    never_ran_in_chain,
     ttl_options,
 )
 from riverbed.tasks.errors import BrokerUnavailableError
@@ -407,6 +408,14 @@ while i <= #ARGV do
       finish_task(id, state, result, err)
       for j = follow, i - 1, 7 do
         if state == 'succeeded' then
+          -- A chain step requeued from the dead letters succeeded: its next step, recorded as
+          -- failed without running, runs now.
+          local next_task = key('t', ARGV[j])
+          local n = redis.call('HMGET', next_task, 'state', 'started')
+          if n[1] == 'failed' and not n[2] then
+            redis.call('DEL', next_task)
+            redis.call('ZREM', key('dead'), ARGV[j])
+          end
           store(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
             ARGV[j + 6])
         else
@@ -888,27 +897,35 @@ class RedisBroker:
     def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
         if ids is not None:
             pages = (ids[start : start + PAGE] for start in range(0, len(ids), PAGE))
-            return [task_id for page in pages for task_id in self._revive(page)]
+            return [task_id for page in pages for task_id in self._revive(page)[0]]
         requeued: list[str] = []
+        kept = 0  # dead letters left in the index (never-run chain steps), ahead of the rest
         while True:
-            page = self._page(self._key("dead"), 0)
+            page = self._page(self._key("dead"), kept)
             if not page:
                 return requeued
-            requeued += self._revive(page)
+            revived, skipped = self._revive(page)
+            requeued += revived
+            kept += skipped
 
-    def _revive(self, ids: Sequence[str]) -> list[str]:
-        """Requeue these dead tasks with attempts reset; drop dead entries of expired ones."""
+    def _revive(self, ids: Sequence[str]) -> tuple[list[str], int]:
+        """Requeue these dead tasks with attempts reset; drop dead entries of expired ones.
+        The ids requeued, and how many were left as they are (never-run chain steps)."""
         found = self.info(ids)
         args: list[str | bytes] = []
+        skipped = 0
         for task_id in ids:
             info = found.get(task_id)
+            if info is not None and never_ran_in_chain(info.error):
+                skipped += 1
+                continue
             message = (
                 b""
                 if info is None
                 else ENCODER.encode(msgspec.structs.replace(info.message, attempt=0, eta_ms=0))
             )
             args += [task_id, message]
-        return [_text(task_id) for task_id in self._run(self._requeue, *args)]
+        return [_text(task_id) for task_id in self._run(self._requeue, *args)], skipped
 
     def purge(self, queue: str) -> int:
         purged = 0

@@ -30,6 +30,7 @@ from riverbed.tasks.brokers.api import (
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
+    never_ran_in_chain,
     ttl_options,
 )
 from riverbed.tasks.errors import BrokerUnavailableError
@@ -359,6 +360,12 @@ class SqliteBroker:
             return
         self._finished(conn, message, outcome.state, outcome.result, error, now)
         if outcome.state is TaskState.SUCCEEDED:
+            # A chain step requeued from the dead letters succeeded: its next step, recorded
+            # as failed without running, runs now.
+            conn.executemany(
+                "DELETE FROM tasks WHERE id = ? AND state = 'failed' AND started_ms = 0",
+                [(follow_up.id,) for follow_up in outcome.follow_ups],
+            )
             self._insert(conn, outcome.follow_ups, now)
         elif message.link:
             self._chain_broken(conn, message, outcome.state, outcome.error, now)
@@ -549,19 +556,24 @@ class SqliteBroker:
     def requeue(self, ids: Sequence[str] | None = None) -> list[str]:
         with self._write() as conn:
             if ids is None:
-                rows = conn.execute(
-                    "SELECT id, message FROM tasks WHERE state = 'failed' ORDER BY seq"
+                found = conn.execute(
+                    "SELECT id, message, error FROM tasks WHERE state = 'failed' ORDER BY seq"
                 ).fetchall()
             else:
-                rows = [
+                found = [
                     row
                     for chunk in _chunks(ids)
                     for row in conn.execute(
-                        f"SELECT id, message FROM tasks WHERE state = 'failed' "
+                        f"SELECT id, message, error FROM tasks WHERE state = 'failed' "
                         f"AND id IN ({_marks(chunk)}) ORDER BY seq",
                         chunk,
                     )
                 ]
+            rows = [
+                (task_id, message)
+                for task_id, message, error in found
+                if not never_ran_in_chain(_ERROR_DECODER.decode(error) if error else None)
+            ]
             conn.executemany(
                 "UPDATE tasks SET state = 'queued', due_ms = 0, worker = NULL, started_ms = 0, "
                 "finished_ms = 0, error = NULL, message = ? WHERE id = ?",
