@@ -64,11 +64,12 @@ class _Run:
         self,
         timestamp_ms: int,
         headers: dict[str, bytes] | None,
+        pairs: list[Pair] | None = None,
         timestamps: list[int] | None = None,
     ) -> None:
         self.timestamp_ms = timestamp_ms
         self.headers = headers
-        self.pairs: list[Pair] = []
+        self.pairs: list[Pair] = [] if pairs is None else pairs
         self.timestamps = timestamps
 
 
@@ -211,10 +212,10 @@ class SqliteProducer(Closing):
         if partition is not None:
             check_partition(info, partition)
         headers_bytes = record_size(None, None, headers)  # checks them
+        stamps: dict[int, list[int]] | None = None
         if timestamps is not None:
             items = timed_items(items, timestamps)
-        stamps: dict[int, list[int]] | None = None if timestamps is None else {}
-        stamp = iter(timestamps or ())
+            stamps, stamp = {}, iter(timestamps)
         shared = dict(headers) if headers else None
         partitions = info.partitions
         limit = info.max_record_bytes - headers_bytes
@@ -328,9 +329,7 @@ class SqliteProducer(Closing):
                     buffer.run_for(timestamp_ms, headers).pairs.extend(pairs)
                 else:
                     own = stamps[partition]
-                    run = _Run(max(own), headers, own)
-                    run.pairs = pairs
-                    buffer.runs.append(run)
+                    buffer.runs.append(_Run(max(own), headers, pairs, own))
                 buffer.count += len(pairs)
                 count += len(pairs)
             full = self._buffered(size)
