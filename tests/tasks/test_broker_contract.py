@@ -523,14 +523,21 @@ def test_a_cancel_asked_of_a_task_whose_worker_went_away_holds(broker: Broker) -
 # Chains
 
 
-@pytest.mark.parametrize("ending", ["failed", "cancelled", "cancelled while running"])
+@pytest.mark.parametrize(
+    "ending", ["failed", "cancelled", "cancelled while running", "cancelled, its worker gone"]
+)
 def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
     broker: Broker, ending: str
 ) -> None:
     later = (task("second"), task("third"))
     step = task("first", link=later)
     broker.enqueue([step])
-    if ending == "failed":
+    if ending == "cancelled, its worker gone":
+        broker.fetch(W1, ["default"], 10, 300)  # W1 leases it for 0.3 s, then goes away
+        assert broker.cancel(step.id) is TaskState.RUNNING
+        time.sleep(0.4)
+        assert fetch(broker, W2) == []  # the fetch that finds the lapsed lease finishes it
+    elif ending == "failed":
         fetch(broker)
         finish(broker, step, TaskState.FAILED, error=ErrorInfo("KeyError", "no such sku"))
     elif ending == "cancelled":
@@ -548,6 +555,8 @@ def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
         assert f"step first[{step.id}] of its chain ended" in info.error.message
     if ending == "failed":
         assert "no such sku" in found[later[-1].id].error.message  # type: ignore[union-attr]
+    if ending == "cancelled, its worker gone":
+        assert "went away" in found[later[-1].id].error.message  # type: ignore[union-attr]
     assert fetch(broker) == []  # none of them runs
 
 

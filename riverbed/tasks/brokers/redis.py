@@ -300,12 +300,18 @@ for _, queue in ipairs(queues) do
   local lapsed = redis.call('ZRANGEBYSCORE', leased, '-inf', '(' .. int(NOW), 'LIMIT', 0, batch)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', leased, id)
-    local t = redis.call('HMGET', key('t', id), 'priority', 'seq', 'cancel', 'chord')
+    local t = redis.call('HMGET', key('t', id), 'priority', 'seq', 'cancel', 'chord', 'later',
+      'broken')
     if t[3] == '1' then
       -- A cancel asked of a task whose worker went away holds: it is not run again.
       finish_task(id, 'cancelled', '', ARGV[9])
       if t[4] and t[4] ~= '' then
         chord_progress(t[4], 'cancelled', ARGV[10])
+      end
+      if t[5] and t[5] ~= '' then -- a chain's step: its later steps never run
+        for _, step in ipairs(cmsgpack.unpack(t[5])) do
+          never_run(step[1], step[2], step[3], step[4], t[6])
+        end
       end
     else
       redis.call('HDEL', key('t', id), 'worker')
@@ -447,11 +453,13 @@ end
 """
 
 # ARGV 5: id, 6: the error of a task cancelled before it started, 7: the error of its chord's
-# callback, if it is a chord header. Returns the state after.
+# callback, if it is a chord header, 8 and 9: the error of its chain's later steps if it is
+# cancelled before it started and if its worker goes away while it runs, 10...: those later
+# steps, 7 fields each. Returns the state after.
 _CANCEL = """
 local id = ARGV[5]
 local task = key('t', id)
-local broken = ARGV[8] -- the error of its chain's later steps (7 fields each from ARGV[9])
+local broken = ARGV[8]
 local t = redis.call('HMGET', task, 'state', 'queue', 'chord')
 local state, queue = t[1], t[2]
 if state == 'queued' or state == 'scheduled' then
@@ -465,7 +473,7 @@ if state == 'queued' or state == 'scheduled' then
   if t[3] and t[3] ~= '' then
     chord_progress(t[3], 'cancelled', ARGV[7])
   end
-  for j = 9, #ARGV, 7 do
+  for j = 10, #ARGV, 7 do
     never_run(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], broken)
   end
   trim()
@@ -473,6 +481,14 @@ if state == 'queued' or state == 'scheduled' then
 end
 if state == 'running' then
   redis.call('HSET', task, 'cancel', '1')
+  if #ARGV >= 10 then
+    -- Kept for fetch, which finishes the task if its worker goes away before interrupting it.
+    local later = {}
+    for j = 10, #ARGV, 7 do
+      later[#later + 1] = {ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]}
+    end
+    redis.call('HSET', task, 'later', cmsgpack.pack(later), 'broken', ARGV[9])
+  end
 end
 return state
 """
@@ -489,7 +505,8 @@ for i = 5, #ARGV, 2 do
   if t[1] == 'failed' then
     redis.call('PERSIST', task)
     redis.call('DEL', key('w', id))
-    redis.call('HDEL', task, 'worker', 'started', 'finished', 'result', 'error', 'cancel')
+    redis.call('HDEL', task, 'worker', 'started', 'finished', 'result', 'error', 'cancel',
+      'later', 'broken')
     redis.call('HSET', task, 'message', ARGV[i + 1])
     place(id, t[2], tonumber(t[3]), tonumber(t[4]), 0)
     requeued[#requeued + 1] = id
@@ -885,12 +902,13 @@ class RedisBroker:
         # A chain's step: its later steps, never to run if it is cancelled, end failed then.
         info = self.info([task_id]).get(task_id)
         if info is not None and info.message.link:
-            broken = chain_failure(info.message, TaskState.CANCELLED, CANCELLED_BEFORE_START)
-            args.append(ENCODER.encode(broken))
+            for reason in (CANCELLED_BEFORE_START, CANCELLED_AFTER_LEASE):
+                broken = chain_failure(info.message, TaskState.CANCELLED, reason)
+                args.append(ENCODER.encode(broken))
             for later in info.message.link:
                 args += _message_args(msgspec.structs.replace(later, link=()))
         else:
-            args.append(b"")
+            args += [b"", b""]
         state = self._run(self._cancel, *args)
         return None if state is None else TaskState(_text(state))
 
