@@ -4,6 +4,7 @@ error shows a password."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -259,3 +260,65 @@ def _works(store: EventStore) -> bool:
 def test_a_url_with_a_bracket_typo_is_a_url_error(url: str) -> None:
     with pytest.raises(InvalidUrlError, match="Invalid IPv6 URL"):
         connect_store(url) if url.startswith("postgresql") else riverbed.connect(url)
+
+
+def test_a_projections_statement_the_server_cancels_is_waited_out_not_parked(
+    postgres_server: PostgresServer,
+) -> None:
+    role = new_role(postgres_server, "lock_timeout = '300ms'")  # an operator's setting
+    url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed?schema=s_{role}"
+    events = EventSourcing("locked", url)
+    events.projection(Counted())
+    stop = threading.Event()
+    threads = events.run(stop)
+    try:
+        events.projections.get("counted", "tallies", "a", wait_for=events.save(Turnstile("a")))
+        with psycopg.connect(url.split("?", maxsplit=1)[0]) as rival:
+            # Another session's uncommitted row where the projection's next put writes, for
+            # 1.5 s: the put's waits for it are cancelled meanwhile.
+            rival.execute(
+                f"INSERT INTO s_{role}.riverbed_documents (collection, key, document) "
+                f"SELECT collection, 'b', document FROM s_{role}.riverbed_documents "
+                "WHERE key = 'a'"
+            )
+            position = events.save(Turnstile("b"))
+            time.sleep(1.5)
+            rival.rollback()
+        assert events.projections.get("counted", "tallies", "b", wait_for=position) == {
+            "seen": True
+        }
+        assert events.projections.parked("counted") == [] and events.failures == []
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        events.close()
+
+
+@pytest.mark.parametrize("calls", ["sync", "async"])
+def test_connections_the_server_closed_while_idle_are_replaced_without_an_error(
+    postgres_server: PostgresServer, calls: str
+) -> None:
+    # As a proxy's or NAT's idle timeout would: every pooled connection is gone by the next call.
+    role = new_role(postgres_server, "idle_session_timeout = '300ms'")
+    url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed?schema=s_{role}"
+    events = EventSourcing("idle", url)
+
+    async def save_and_get_async() -> None:
+        for name in ("a", "b", "c"):
+            turnstile = Turnstile(name)
+            await events.save_async(turnstile)
+            await asyncio.sleep(0.6)
+            assert (await events.get_async(Turnstile, turnstile.id)).name == name
+
+    try:
+        if calls == "sync":
+            for name in ("a", "b", "c"):
+                turnstile = Turnstile(name)
+                events.save(turnstile)
+                time.sleep(0.6)
+                assert events.get(Turnstile, turnstile.id).name == name
+        else:
+            asyncio.run(save_and_get_async())
+    finally:
+        events.close()

@@ -1057,7 +1057,15 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
 
 
 @pytest.mark.parametrize(
-    "option", ["schema=Bad-Name", f"schema={'s' * 48}", "pool_size=0", "pool_timeout=0"]
+    "option",
+    [
+        "schema=Bad-Name",
+        f"schema={'s' * 48}",
+        "pool_size=0",
+        "pool_timeout=0",
+        "pool_timeout=inf",
+        "pool_timeout=1e12",  # the pool's clock would overflow
+    ],
 )
 def test_bad_postgresql_options_are_refused(option: str) -> None:
     with pytest.raises(InvalidUrlError, match=option.split("=", maxsplit=1)[0]):

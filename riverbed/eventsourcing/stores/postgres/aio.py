@@ -24,6 +24,7 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
 )
 from riverbed.eventsourcing.stores.postgres import statements as q
+from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
     CANCELLED,
@@ -105,6 +106,12 @@ class AsyncPostgresEventStore:
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             conn = await self._pool.getconn()
+            if closed_by_server(conn):
+                # Closed while it sat in the pool: the pool replaces it, and every other the
+                # server closed, and the call goes on another.
+                await self._pool.putconn(conn)
+                await self._pool.check()
+                conn = await self._pool.getconn()
             try:
                 async with conn:  # commits, or rolls back, as the pool's connection() does
                     yield conn

@@ -24,6 +24,9 @@ from riverbed.urls import BackendUrl
 # the server back only a long while after it returned.
 RECONNECT_S = 2.0
 RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10", "pool_timeout": "30"}
+# Runners wait outages out by calling again: a call need not wait longer than this (the
+# pool's clock takes no infinite wait).
+MAX_POOL_TIMEOUT_S = 86_400
 # libpq's parameters a URL may carry on to the server connection ("" = libpq's default): its
 # own URI query parameters, such as host=/run/postgresql for a unix socket. An unreachable
 # server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
@@ -101,10 +104,10 @@ def parse_settings(parsed: BackendUrl) -> Settings:
         pool_timeout = float(options["pool_timeout"])
     except ValueError:
         pool_timeout = 0.0
-    if not pool_timeout > 0:
+    if not 0 < pool_timeout <= MAX_POOL_TIMEOUT_S:
         raise InvalidUrlError(
             f"pool_timeout={options['pool_timeout']!r} in the event store URL is not a positive "
-            "number of seconds; use e.g. pool_timeout=5"
+            f"number of seconds up to {MAX_POOL_TIMEOUT_S:,} (a day); use e.g. pool_timeout=5"
         )
     if not re.fullmatch(r"\d{1,9}", options["connect_timeout"]):
         raise InvalidUrlError(
@@ -210,16 +213,20 @@ def no_connection(
     settings: Settings, error: Exception, stats: dict[str, int], pool: str
 ) -> RiverbedError:
     """The error for a pool (named ``pool``) that gave no connection in time (``stats``: the
-    pool's): all of them in use, or the server unreachable or refusing."""
+    pool's): the server unreachable or refusing, or all of them in use."""
+    # The pool's wait says only that it got no connection: what failed is its last attempt to
+    # connect, if that failed (the pool counts the connections it is making as its own, so a
+    # full pool with none free may be one that is reconnecting).
+    cause = _last_connect_error.pop(pool, None)
+    if cause is not None:
+        return unavailable(settings, Exception(cause))
     if stats.get("pool_size", 0) >= settings.pool_size and not stats.get("pool_available", 0):
         return StoreUnavailableError(
             f"no connection to the event store at {settings.where} came free within "
             f"{settings.pool_timeout:g} s: all {settings.pool_size} of the pool's were in use; "
             "raise pool_size= (or pool_timeout=) in the URL, or have fewer calls at once"
         )
-    # The pool's wait says only that it got no connection: what failed is the last attempt.
-    cause = _last_connect_error.pop(pool, None)
-    return unavailable(settings, Exception(cause) if cause is not None else error)
+    return unavailable(settings, error)
 
 
 # The pools of riverbed's stores are named so: their connection attempts during an outage are

@@ -9,13 +9,13 @@ joins the transaction instead of waiting forever for the append lock that transa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import select
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -41,6 +41,7 @@ from riverbed.eventsourcing.stores.api import (
 )
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
+from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
 from riverbed.eventsourcing.stores.postgres.schema import prepare_schema
 from riverbed.eventsourcing.stores.postgres.settings import (
     CANCELLED,
@@ -56,6 +57,9 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 from riverbed.urls import BackendUrl
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class PostgresEventStore:
@@ -98,12 +102,26 @@ class PostgresEventStore:
             if conn is not None:
                 yield conn
                 return
-            with self._pool.connection() as conn:
-                yield conn
+            conn = self._pooled()
+            try:
+                with conn:  # commits, or rolls back, as the pool's connection() does
+                    yield conn
+            finally:
+                self._pool.putconn(conn)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
             raise read_only(self._settings, error) from None
+
+    def _pooled(self) -> psycopg.Connection[Any]:
+        """A connection of the pool's, not one the server closed while it sat there: the pool
+        replaces that one, and every other the server closed, and the call goes on another."""
+        conn: psycopg.Connection[Any] = self._pool.getconn()
+        if closed_by_server(conn):
+            self._pool.putconn(conn)
+            self._pool.check()
+            conn = self._pool.getconn()
+        return conn
 
     def _failure(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
@@ -148,14 +166,14 @@ class PostgresEventStore:
 
     def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
         conn = self._appender
-        if conn is not None and _closed_by_server(conn):
+        if conn is not None and closed_by_server(conn):
             # The server restarted since: the pool replaces it, and the append goes on another.
             self._appender = None
             self._pool.putconn(conn)
             conn = None
         try:
             if conn is None:
-                conn = self._appender = self._pool.getconn()
+                conn = self._appender = self._pooled()
             return libpq_append.append(conn, appends, channel)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
@@ -246,7 +264,7 @@ class PostgresEventStore:
             conn.execute(q.LOCK_SUBSCRIBER, (lock,))
             outer, self._local.transaction = getattr(self._local, "transaction", None), conn
             try:
-                tx = PostgresTransaction(conn, name, self._settings.channel)
+                tx = PostgresTransaction(conn, name, self._settings)
                 yield tx
                 tx.check_open()
             finally:
@@ -307,57 +325,74 @@ class PostgresEventStore:
         return default if row is None else row[0]
 
 
-def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the server closed this idle connection (it stopped or restarted): only then
-    has its socket something to read, its last message and the end."""
-    pgconn = conn.pgconn
-    try:
-        if not select.select([pgconn.socket], [], [], 0)[0]:
-            return False
-        pgconn.consume_input()
-    except psycopg.OperationalError:
-        return True
-    return pgconn.status != pq.ConnStatus.OK
+def _waited_out(
+    method: Callable[Concatenate[PostgresTransaction, P], R],
+) -> Callable[Concatenate[PostgresTransaction, P], R]:
+    """A statement of a subscriber's transaction that the server cancelled (a ``lock_timeout``
+    or ``statement_timeout`` of the role, ``pg_cancel_backend``) or lost with the connection
+    raises ``StoreUnavailableError``: the runner waits it out and handles the events again, as
+    in an outage, instead of parking the event as if its handler had failed."""
+
+    @functools.wraps(method)
+    def run(tx: PostgresTransaction, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(tx, *args, **kwargs)
+        except CANCELLED as error:
+            raise cancelled(tx._settings, error) from None
+        except psycopg.OperationalError as error:
+            if not tx._conn.broken:
+                raise
+            raise unavailable(tx._settings, error) from None
+
+    return run
 
 
 class PostgresTransaction:
     """A subscriber's transaction on one pooled connection (``Transaction`` in the contract);
     ``PostgresEventStore.transaction`` holds the subscriber's advisory lock for its length."""
 
-    def __init__(self, conn: psycopg.Connection[Any], name: str, channel: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], name: str, settings: Settings) -> None:
         self._conn = conn
-        self._channel = channel
+        self._settings = settings
+        self._channel = settings.channel
         self.name = name
         self._checkpoint: int | None = None
 
     @property
+    @_waited_out
     def checkpoint(self) -> int:
         if self._checkpoint is None:
             row = self._conn.execute(q.CHECKPOINT, (self.name,)).fetchone()
             self._checkpoint = 0 if row is None else int(row[0])
         return self._checkpoint
 
+    @_waited_out
     def set_checkpoint(self, position: int) -> None:
         self._conn.execute(q.SET_CHECKPOINT, (self.name, position))
         self._checkpoint = position
 
+    @_waited_out
     def get(self, collection: str, key: str) -> Document | None:
         check_document_key(collection, key)
         row = self._conn.execute(q.GET_DOCUMENT, (collection, key)).fetchone()
         document: Document | None = None if row is None else row[0]
         return document
 
+    @_waited_out
     def put(self, collection: str, key: str, document: Document) -> None:
         text = document_text(collection, key, document)  # refused as on SQLite, named
         self._conn.execute(q.PUT_DOCUMENT, (collection, key, text))
 
+    @_waited_out
     def delete(self, collection: str, key: str) -> None:
         check_document_key(collection, key)
         self._conn.execute(q.DELETE_DOCUMENT, (collection, key))
 
+    @_waited_out
     def drop(self, collection: str) -> None:
         self._conn.execute(q.DROP_COLLECTION, (collection,))
 
+    @_waited_out
     def drop_prefixed(self, prefix: str) -> None:
         self._conn.execute(q.DROP_PREFIXED, (len(prefix), prefix))
 
@@ -394,36 +429,45 @@ class PostgresTransaction:
             self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
         self._checkpoint = None  # the block may have moved it
 
+    @_waited_out
     def park(self, parked: ParkedEvent) -> None:
         p = parked
         self._conn.execute(
             q.PARK, (p.projection, p.position, p.event_id, p.type, p.error, p.parked_ms)
         )
 
+    @_waited_out
     def unpark(self, projection: str, position: int) -> bool:
         return self._conn.execute(q.UNPARK, (projection, position)).rowcount > 0
 
+    @_waited_out
     def seen(self, event_id: str) -> bool:
         return self._conn.execute(q.SEEN, (self.name, event_id)).rowcount == 0
 
+    @_waited_out
     def append(self, appends: Sequence[StreamAppend]) -> int:
         return libpq_append.append(self._conn, appends, self._channel)
 
+    @_waited_out
     def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None
     ) -> list[StoredEvent]:
         return _read_stream(self._conn, stream, from_version, to_version)
 
+    @_waited_out
     def set_timer(self, key: str, due_ms: int, data: bytes) -> None:
         self._conn.execute(q.SET_TIMER, (self.name, key, due_ms, data))
 
+    @_waited_out
     def cancel_timer(self, key: str) -> None:
         self._conn.execute(q.CANCEL_TIMER, (self.name, key))
 
+    @_waited_out
     def due_timers(self, now_ms: int, limit: int = 100) -> list[Timer]:
         cur = self._conn.cursor(row_factory=args_row(Timer))
         return cur.execute(q.DUE_TIMERS, (self.name, now_ms, limit)).fetchall()
 
+    @_waited_out
     def execute(self, sql: str | Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """``sql``: text, or psycopg's ``sql.SQL(...).format(...)`` (a table named after
         ``self.version``, say)."""
@@ -437,6 +481,7 @@ class PostgresTransaction:
             pipeline.sync()
             return cur.fetchall() if cur.description is not None else []
 
+    @_waited_out
     def renew_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         return self._conn.execute(q.RENEW_LEASE, (ttl_ms, name, owner)).rowcount == 1
 
