@@ -106,11 +106,12 @@ class AsyncPostgresEventStore:
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
             conn = await self._pool.getconn()
-            if closed_by_server(conn):
-                # Closed while it sat in the pool: the pool replaces it, and every other the
-                # server closed, and the call goes on another.
+            for _ in range(self._settings.pool_size):  # after a restart, every one it had
+                if not closed_by_server(conn):
+                    break
+                # Closed while it sat in the pool: the pool replaces it, and the call goes on
+                # another.
                 await self._pool.putconn(conn)
-                await self._pool.check()
                 conn = await self._pool.getconn()
             try:
                 async with conn:  # commits, or rolls back, as the pool's connection() does

@@ -241,8 +241,11 @@ class _QuietDuringOutages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
+        # Named in the record, or the pool of the connection it discards (one the server
+        # closed, which the store replaces before a call meets it).
+        names = (getattr(getattr(a, "_pool", None), "name", a) for a in args)
         pool = next(
-            (a for a in args if isinstance(a, str) and a.startswith(POOL_NAME_PREFIX)), None
+            (a for a in names if isinstance(a, str) and a.startswith(POOL_NAME_PREFIX)), None
         )
         if pool is None or record.levelno != logging.WARNING:
             return True

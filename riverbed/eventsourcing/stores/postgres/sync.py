@@ -115,11 +115,12 @@ class PostgresEventStore:
 
     def _pooled(self) -> psycopg.Connection[Any]:
         """A connection of the pool's, not one the server closed while it sat there: the pool
-        replaces that one, and every other the server closed, and the call goes on another."""
+        replaces that one, and the call goes on another."""
         conn: psycopg.Connection[Any] = self._pool.getconn()
-        if closed_by_server(conn):
+        for _ in range(self._settings.pool_size):  # after a restart, every one it had
+            if not closed_by_server(conn):
+                break
             self._pool.putconn(conn)
-            self._pool.check()
             conn = self._pool.getconn()
         return conn
 
