@@ -62,9 +62,17 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
         raise InvalidUrlError(f"invalid URL {redacted(url)!r}: {error}") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
-        raise InvalidUrlError(f"unsupported URL scheme {scheme!r} in {url!r}; use {expected}")
+        raise InvalidUrlError(
+            f"unsupported URL scheme {scheme!r} in {redacted(url)!r}; use {expected}"
+        )
     # A "+" is a plus, as libpq and librdkafka read URIs; HTML forms' space is "%20" here.
-    options = dict(parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True))
+    pairs = parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True)
+    options = dict(pairs)
+    if len(options) < len(pairs):
+        twice = next(name for i, (name, _) in enumerate(pairs) if name in dict(pairs[:i]))
+        raise InvalidUrlError(
+            f"option {twice!r} is given twice in {redacted(url)!r}; give each option once"
+        )
     if scheme == "sqlite":
         # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them.
         if parts.netloc:

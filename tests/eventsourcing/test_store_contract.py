@@ -1061,6 +1061,8 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
     [
         "schema=Bad-Name",
         f"schema={'s' * 48}",
+        "schema=information_schema",
+        "schema=pg_catalog",
         "pool_size=0",
         "pool_timeout=0",
         "pool_timeout=inf",

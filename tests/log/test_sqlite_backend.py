@@ -42,6 +42,8 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("sqlite://host/x.db", "a sqlite URL has no host"),
         ("sqlite:///x.db?fsync=sometimes", "invalid fsync='sometimes'"),
         ("sqlite:///x.db?journal=off", "unknown option 'journal'"),
+        ("sqlite:///x.db?fsync=always&fsync=normal", "option 'fsync' is given twice"),
+        ("postgres+psycopg://u:s3cret@db/x", r"'postgres\+psycopg://u:\*\*\*@db/x'"),
         ("sqlite:///", "names no database file"),
         ("kafka://", "names no host"),
     ],

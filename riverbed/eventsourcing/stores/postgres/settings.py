@@ -91,6 +91,11 @@ def parse_settings(parsed: BackendUrl) -> Settings:
             f"schema={schema!r} in the event store URL is not a plain lower-case name of up to "
             "47 letters, digits and underscores; pick one like schema=shop_events"
         )
+    if schema == "information_schema" or schema.startswith("pg_"):
+        raise InvalidUrlError(
+            f"schema={schema!r} in the event store URL is one of PostgreSQL's own; pick one "
+            "like schema=shop_events"
+        )
     try:
         pool_size = int(options["pool_size"])
     except ValueError:
