@@ -6,6 +6,7 @@ tens of seconds), never tightly: these tests check that a call wakes, not how fa
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -858,3 +859,35 @@ def test_a_redis_that_dropped_its_clients_and_scripts_is_used_again(redis_url: s
     admin.close()
     assert fetch(broker) == [message]
     broker.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "warning"),
+    [
+        (("--maxmemory-policy", "allkeys-lru"), "evicts keys when its memory is full"),
+        ((), "keeps no append-only file (appendonly no)"),
+    ],
+)
+def test_a_redis_configured_to_lose_tasks_is_warned_of(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    settings: tuple[str, ...],
+    warning: str,
+) -> None:
+    server = start_redis(tmp_path, settings)
+    try:
+        with caplog.at_level(logging.WARNING, logger="riverbed.tasks.brokers.redis"):
+            connect_broker(server.url).close()
+            connect_broker(server.url).close()  # once per server
+        assert caplog.text.count(warning) == 1
+        (tmp_path / "durable").mkdir()
+        durable = start_redis(tmp_path / "durable", ("--appendonly", "yes"))
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="riverbed.tasks.brokers.redis"):
+                connect_broker(durable.url).close()
+            assert caplog.text == ""
+        finally:
+            durable.stop()
+    finally:
+        server.stop()

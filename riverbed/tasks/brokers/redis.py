@@ -35,6 +35,7 @@ agree on etas and leases; only key TTLs run on the server's clock.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,6 +86,8 @@ except ImportError as error:  # connect_broker imports this module only for redi
 
 URL_OPTIONS = {**COMMON_OPTIONS, "prefix": "riverbed"}
 # An unreachable server fails the constructor within this time, not after the retries.
+logger = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT_S = 2.0
 # A command unanswered this long counts as a dropped connection (and is retried).
 SOCKET_TIMEOUT_S = 10.0
@@ -666,6 +669,7 @@ class RedisBroker:
         )
         try:
             probe.ping()
+            self._check_durability(probe)
         except redis.RedisError as error:
             self.close()
             raise BrokerUnavailableError(
@@ -674,6 +678,34 @@ class RedisBroker:
             ) from error
         finally:
             probe.close()
+
+    def _check_durability(self, probe: redis.Redis) -> None:
+        """Warn, once per server and process, of a server configured to lose tasks: one that
+        evicts keys when full, or keeps no append-only file (a restart loses what was written
+        since its last snapshot). A server that refuses CONFIG (a managed one) is trusted."""
+        if self._where in _checked_servers:
+            return
+        _checked_servers.add(self._where)
+        try:
+            config = probe.config_get("maxmemory-policy", "appendonly")
+        except redis.ResponseError:
+            return
+        policy = _text(config.get("maxmemory-policy") or b"noeviction")
+        if policy != "noeviction":
+            logger.warning(
+                "the Redis task broker at %s evicts keys when its memory is full "
+                "(maxmemory-policy %s): it may drop queued tasks and their results; set "
+                "maxmemory-policy noeviction",
+                self._where,
+                policy,
+            )
+        if _text(config.get("appendonly") or b"yes") == "no":
+            logger.warning(
+                "the Redis task broker at %s keeps no append-only file (appendonly no): a "
+                "restart loses the tasks written since its last snapshot; set appendonly yes "
+                "(appendfsync everysec loses at most a second of them, always none)",
+                self._where,
+            )
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -996,6 +1028,10 @@ def _message_args(message: TaskMessage) -> list[str | int | bytes]:
         message.key,
         message.chord,
     ]
+
+
+# The servers whose configuration this process has checked (``_check_durability``).
+_checked_servers: set[str] = set()
 
 
 def _text(value: bytes | str) -> str:
