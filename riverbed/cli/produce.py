@@ -1,8 +1,9 @@
 """``riverbed produce``: one record per input line, through ``Producer.send``.
 
-The whole input is read and checked before the first record is sent, so a bad line (with
-``--key-field``) sends nothing: the command is all or nothing for its input. This also gives the
-progress bar its total. Empty lines are skipped; line numbers in errors count them.
+The whole input is read and checked against the topic before the first record is sent, so a bad
+line (not JSON with ``--key-field``, over the topic's record limit, keyless on a compacted topic)
+sends nothing: the command is all or nothing for its input. This also gives the progress bar its
+total. Empty lines are skipped; line numbers in errors count them.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from rich.progress import Progress
 
 from riverbed.cli.common import err, open_log, out
 from riverbed.errors import RiverbedError
-from riverbed.log.api import RecordMetadata
+from riverbed.log.api import Log, RecordMetadata, TopicInfo, check_record
+from riverbed.log.errors import RecordTooLargeError, UnknownPartitionError, UnknownTopicError
 
 # Below this many records a progress bar would only flicker.
 PROGRESS_MIN_RECORDS = 10_000
 # Records between progress updates: per-record updates would cost more than the sends.
 PROGRESS_STEP = 4096
 
-KeyValue = tuple[bytes | None, bytes]
+# An input line's number, and the key and value of its record.
+NumberedRecord = tuple[int, bytes | None, bytes]
 
 
 class InvalidInputError(RiverbedError, ValueError):
@@ -58,15 +61,40 @@ def key_of(line: bytes, number: int, field: str) -> bytes:
     return text.encode()
 
 
-def parse_lines(lines: Iterable[bytes], key: bytes | None, key_field: str | None) -> list[KeyValue]:
-    """``(key, value)`` per non-empty line; the value is the line's bytes without its newline."""
-    records: list[KeyValue] = []
+def parse_lines(
+    lines: Iterable[bytes], key: bytes | None, key_field: str | None
+) -> list[NumberedRecord]:
+    """``(line number, key, value)`` per non-empty line; the value is the line's bytes without
+    its newline."""
+    records: list[NumberedRecord] = []
     for number, raw in enumerate(lines, start=1):
         value = raw.rstrip(b"\n").rstrip(b"\r")
         if not value:
             continue
-        records.append((key_of(value, number, key_field) if key_field else key, value))
+        records.append((number, key_of(value, number, key_field) if key_field else key, value))
     return records
+
+
+def check_records(
+    info: TopicInfo,
+    records: Sequence[NumberedRecord],
+    headers: dict[str, bytes],
+    partition: int | None,
+) -> None:
+    """Raise for the first record the topic would refuse, before any is sent."""
+    if partition is not None and partition >= info.partitions:
+        raise UnknownPartitionError(info.name, partition, info.partitions)
+    for number, key, value in records:
+        try:
+            check_record(info, key, value, headers)
+        except RecordTooLargeError as error:
+            raise InvalidInputError(
+                f"line {number} makes a record of {error.size:,} bytes, over the "
+                f"{error.limit:,}-byte limit of topic '{info.name}' (riverbed topics create "
+                "--max-record-bytes); nothing was sent"
+            ) from None
+        except RiverbedError as error:
+            raise InvalidInputError(f"line {number}: {error}; nothing was sent") from None
 
 
 def parse_headers(pairs: Sequence[str]) -> dict[str, bytes]:
@@ -125,15 +153,30 @@ def produce(
 ) -> None:
     """Send one record per input line (Producer.send) and print the offsets written.
 
-    The whole input is read and checked first: a line that --key-field cannot use stops the
-    command before anything is sent. Empty lines are skipped.
+    The whole input is read and checked first: a line that --key-field cannot use, or that the
+    topic would refuse (over its record limit), stops the command before anything is sent.
+    Empty lines are skipped.
     """
     if key is not None and key_field is not None:
         raise typer.BadParameter("use --key or --key-field, not both", param_hint="'--key'")
     headers = parse_headers(header or [])
     records = parse_lines(_read_input(file), key.encode() if key is not None else None, key_field)
+    with open_log(ctx) as log:
+        info = {existing.name: existing for existing in log.list_topics()}.get(topic)
+        if info is None:
+            raise UnknownTopicError(topic)
+        check_records(info, records, headers, partition)
+        _send(log, topic, records, headers, partition)
+
+
+def _send(
+    log: Log,
+    topic: str,
+    records: Sequence[NumberedRecord],
+    headers: dict[str, bytes],
+    partition: int | None,
+) -> None:
     with (
-        open_log(ctx) as log,
         log.producer() as producer,
         Progress(
             console=err,
@@ -144,7 +187,7 @@ def produce(
     ):
         task = bar.add_task(f"producing to {topic}", total=len(records))
         futures = []
-        for index, (record_key, value) in enumerate(records, start=1):
+        for index, (_, record_key, value) in enumerate(records, start=1):
             futures.append(
                 producer.send(topic, value, key=record_key, headers=headers, partition=partition)
             )

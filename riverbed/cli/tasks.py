@@ -22,6 +22,7 @@ from riverbed.tasks.brokers import DEFAULT_TASKS_URL, TASKS_URL_ENV, Broker, con
 from riverbed.tasks.messages import TaskInfo, TaskState
 from riverbed.tasks.registry import Tasks
 from riverbed.tasks.worker.worker import POOLS, Pool, Worker
+from riverbed.urls import LOG_URL_ENV
 
 app = typer.Typer(
     help="Run task workers; inspect, retry and purge tasks; the dead-letter queue.",
@@ -90,13 +91,19 @@ def worker(
         raise RiverbedError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     if ctx.obj:
         os.environ[TASKS_URL_ENV] = ctx.obj
+    log_url = ctx.find_root().obj
+    if log_url:  # as `riverbed worker` does: an app created without a URL uses the global --url
+        os.environ[LOG_URL_ENV] = log_url
+    served = [q.strip() for q in queues.split(",") if q.strip()] if queues is not None else None
+    if served == []:
+        raise RiverbedError(f"--queues {queues!r} names no queue; give e.g. --queues default,mail")
     tasks = _tasks_of(target)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     chosen: Pool = pool
     runner = tasks.worker(
         concurrency=concurrency,
         pool=chosen,
-        queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+        queues=served,
         lease=lease,
         shutdown_timeout=shutdown_timeout,
         prefetch=prefetch,

@@ -102,6 +102,27 @@ def test_bad_key_field_line_sends_nothing(run: Run, url: str) -> None:
         assert log.end_offsets("orders") == {0: 0, 1: 0}
 
 
+def test_a_line_the_topic_refuses_sends_nothing(run: Run, url: str) -> None:
+    run("topics", "create", "small", "--max-record-bytes", "100")
+    result = run("produce", "small", input=f"first\nsecond\n{'x' * 200}\nfourth\n")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: line 3 makes a record of 200 bytes, over the 100-byte limit of topic 'small' "
+        "(riverbed topics create --max-record-bytes); nothing was sent\n"
+    )
+    run("topics", "create", "latest", "--compact")
+    result = run("produce", "latest", input="first\n")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: line 1: topic 'latest' is compacted")
+    result = run("produce", "small", "--partition", "3", input="first\n")
+    assert result.stderr.startswith("error: topic 'small' has no partition 3")
+    result = run("produce", "missing", input="")  # even with nothing to send
+    assert result.exit_code == 1 and "topic 'missing' does not exist" in result.stderr
+    with riverbed.connect(url) as log:
+        assert log.end_offsets("small") == {0: 0}
+        assert log.end_offsets("latest") == {0: 0}
+
+
 def test_max_and_timeout(run: Run) -> None:
     run("topics", "create", "orders")
     run("produce", "orders", input="".join(f"{i}\n" for i in range(10)))

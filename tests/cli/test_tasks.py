@@ -35,6 +35,10 @@ APP_MODULE = textwrap.dedent(
     @app.task
     def broken(n: int) -> int:
         raise KeyError(f"no record {n}")
+
+    @app.task
+    def topics() -> list[str]:
+        return [topic.name for topic in app.log.list_topics()]
     """
 )
 
@@ -64,8 +68,12 @@ def run(tasks_url: str, *args: str, input: str | None = None) -> Result:
 
 
 def start_worker(tmp_path: Path, tasks_url: str, *args: str) -> subprocess.Popen[str]:
+    log_url = f"sqlite:///{tmp_path}/jobs-log.db"  # the global --url: the app's tasks use it
+    with riverbed.connect(log_url) as log:
+        log.create_topic("jobs-only")
+    command = [RIVERBED, "--url", log_url, "tasks", "--tasks-url", tasks_url, "worker"]
     return subprocess.Popen(
-        [RIVERBED, "tasks", "--tasks-url", tasks_url, "worker", "jobs:app", *args],
+        [*command, "jobs:app", *args],
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
@@ -82,6 +90,7 @@ def test_worker_runs_tasks_until_sigterm_and_serves_metrics(
         assert [h.result(timeout=60) for h in handles] == [2 * i for i in range(20)]
         with pytest.raises(riverbed.TaskFailed, match="KeyError"):
             jobs.broken.delay(7).result(timeout=60)  # type: ignore[attr-defined]
+        assert jobs.topics.delay().result(timeout=60) == ["jobs-only"]  # type: ignore[attr-defined]
 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
@@ -98,7 +107,7 @@ def test_worker_runs_tasks_until_sigterm_and_serves_metrics(
         if worker.poll() is None:
             worker.kill()
     assert worker.returncode == 0, stderr
-    assert "20 succeeded, 1 failed" in stderr
+    assert "21 succeeded, 1 failed" in stderr
 
 
 def test_list_inspect_dlq_retry_cancel_purge_and_stats(tasks_url: str, jobs: object) -> None:
@@ -159,3 +168,5 @@ def test_errors_are_one_line(tasks_url: str, tmp_path: Path) -> None:
     no_app = CliRunner().invoke(cli, ["tasks", "worker", "nosuchmodule:app"])
     assert no_app.exit_code == 1
     assert "cannot import module 'nosuchmodule'" in no_app.stderr
+    no_queue = run(tasks_url, "worker", "nosuchmodule:app", "--queues", ",")
+    assert no_queue.stderr.startswith("error: --queues ',' names no queue")
