@@ -115,12 +115,30 @@ def validate_topic(info: TopicInfo) -> None:
             f"invalid topic name {name!r}: use 1 to 249 characters from "
             "letters, digits, '.', '_' and '-'"
         )
-    if info.partitions < 1:
-        raise InvalidTopicError(f"topic '{name}' needs at least 1 partition, got {info.partitions}")
-    for setting in ("retention_ms", "retention_bytes", "max_record_bytes", "delete_retention_ms"):
+    partitions = info.partitions
+    if type(partitions) is not int or not 1 <= partitions <= MAX_PARTITIONS:
+        raise InvalidTopicError(
+            f"topic '{name}' takes 1 to {MAX_PARTITIONS:,} partitions, got {partitions!r}"
+        )
+    for setting, most in _SETTING_LIMITS.items():
         value = getattr(info, setting)
-        if value is not None and value < 0:
-            raise InvalidTopicError(f"topic '{name}': {setting} must be >= 0, got {value}")
+        if value is not None and (type(value) is not int or not 0 <= value <= most):
+            raise InvalidTopicError(
+                f"topic '{name}': {setting} is a whole number from 0 to {most:,}, got {value!r}"
+            )
+
+
+# More partitions than a topic of any Kafka cluster has in practice: a typo, and on SQLite a row
+# (and a file page) each.
+MAX_PARTITIONS = 100_000
+# What Kafka's topic configs hold: longs, but max.message.bytes an int (with the batch overhead
+# the Kafka backend adds to max_record_bytes).
+_SETTING_LIMITS = {
+    "retention_ms": 2**63 - 1,
+    "retention_bytes": 2**63 - 1,
+    "max_record_bytes": 2**31 - 1 - 1024,
+    "delete_retention_ms": 2**63 - 1,
+}
 
 
 def consumer_topics(group: str | None, topics: Iterable[str]) -> list[str]:

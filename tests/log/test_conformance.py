@@ -60,9 +60,25 @@ def test_invalid_topic_names(log: riverbed.Log, bad: str) -> None:
         log.create_topic(bad)
 
 
-def test_invalid_partition_count(log: riverbed.Log, topic_name: TopicName) -> None:
-    with pytest.raises(riverbed.InvalidTopicError, match="at least 1 partition"):
-        log.create_topic(topic_name(), partitions=0)
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("partitions", 0, "takes 1 to 100,000 partitions, got 0"),
+        ("partitions", 10**20, "takes 1 to 100,000 partitions"),
+        ("partitions", 2.5, "got 2.5"),
+        ("retention_ms", -1, "retention_ms is a whole number from 0"),
+        ("retention_ms", 10**20, "retention_ms is a whole number from 0"),  # SQLite's overflow
+        ("max_record_bytes", 2**32, "max_record_bytes is a whole number from 0 to"),
+        ("delete_retention_ms", 1.5, "delete_retention_ms is a whole number"),
+    ],
+)
+def test_invalid_topic_settings(
+    log: riverbed.Log, topic_name: TopicName, setting: str, value: object, message: str
+) -> None:
+    name = topic_name()
+    with pytest.raises(riverbed.InvalidTopicError, match=message):
+        log.create_topic(name, **{setting: value})  # type: ignore[arg-type]
+    assert name not in {topic.name for topic in log.list_topics()}
 
 
 def test_unknown_topic_everywhere(log: riverbed.Log, topic_name: TopicName) -> None:

@@ -208,3 +208,19 @@ def test_a_batch_committed_while_a_consumer_reads_is_not_skipped(
     consumer.close()
     other.close()
     log.close()
+
+
+def test_a_consumer_whose_topic_was_deleted_is_told_so(tmp_path: Path) -> None:
+    with riverbed.connect(f"sqlite:///{tmp_path}/x.db") as log:
+        log.create_topic("t")
+        with log.producer() as producer:
+            producer.send("t", b"a")
+        for group in (None, "g"):
+            with log.consumer(group=group, topics=["t"], from_beginning=True) as consumer:
+                assert [record.value for record in consumer.poll(timeout=5)] == [b"a"]
+                log.delete_topic("t")
+                with pytest.raises(riverbed.UnknownTopicError, match="topic 't' does not exist"):
+                    consumer.poll(timeout=0.5)
+            log.create_topic("t")
+            with log.producer() as producer:
+                producer.send("t", b"a")

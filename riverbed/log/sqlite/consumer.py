@@ -29,7 +29,7 @@ from riverbed.log.api import (
     check_offset,
     consumer_topics,
 )
-from riverbed.log.errors import ClosedError, UnknownPartitionError
+from riverbed.log.errors import ClosedError, UnknownPartitionError, UnknownTopicError
 from riverbed.log.sqlite import groups
 from riverbed.log.sqlite.store import AppendNotifier, decode_batch, read_transaction
 
@@ -170,7 +170,16 @@ class SqliteConsumer(Closing):
             (self._metas[tp[0]].topic_id, tp[1]),
         ).fetchone()
         if row is None:
-            raise UnknownPartitionError(tp[0], tp[1], self._metas[tp[0]].info.partitions)
+            meta = self._metas[tp[0]]
+            deleted = (
+                self._conn.execute(
+                    "SELECT 1 FROM topics WHERE topic_id = ?", (meta.topic_id,)
+                ).fetchone()
+                is None
+            )
+            if deleted:  # since the consumer subscribed (it may have been created anew)
+                raise UnknownTopicError(tp[0])
+            raise UnknownPartitionError(tp[0], tp[1], meta.info.partitions)
         return row[0], row[1]
 
     def _reset_position(self, tp: TopicPartition) -> int:
