@@ -170,3 +170,30 @@ def test_errors_are_one_line(tasks_url: str, tmp_path: Path) -> None:
     assert "cannot import module 'nosuchmodule'" in no_app.stderr
     no_queue = run(tasks_url, "worker", "nosuchmodule:app", "--queues", ",")
     assert no_queue.stderr.startswith("error: --queues ',' names no queue")
+
+
+def test_a_worker_killed_with_sigkill_takes_its_process_pool_with_it(
+    tmp_path: Path, tasks_url: str, jobs: object
+) -> None:
+    worker = start_worker(tmp_path, tasks_url, "--pool", "process", "--concurrency", "2")
+    try:
+        assert jobs.double.delay(4).result(timeout=60) == 8  # type: ignore[attr-defined]
+        # The worker, its forker and two children.
+        wait_until(lambda: len(_processes_of(tmp_path)) == 4, 30, "the pool's processes")
+    finally:
+        worker.kill()
+        worker.communicate(timeout=30)
+    wait_until(lambda: not _processes_of(tmp_path), 10, "the pool's processes to exit")
+
+
+def _processes_of(tmp_path: Path) -> list[int]:
+    """The processes whose command line names ``tmp_path`` (the worker's and its pool's)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # not a process, or one that ended
+            continue
+        if str(tmp_path).encode() in cmdline and proc.name.isdigit():
+            found.append(int(proc.name))
+    return found

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -557,3 +559,37 @@ def test_stats_list_and_purge(app: riverbed.App) -> None:
     assert len(app.tasks.broker.list_tasks(TaskState.QUEUED, "bulk")) == 5
     assert app.tasks.broker.purge("bulk") == 6
     assert app.tasks.broker.list_tasks(queue="bulk") == []
+
+
+def test_process_pool_children_inherit_no_lock_another_thread_held(
+    app: riverbed.App, tmp_path: Any
+) -> None:
+    """A child forked while another thread of the worker's process was inside SQLite would
+    inherit SQLite's lock held, and hang when its task opened a database."""
+    database = str(tmp_path / "busy.db")
+
+    @app.task
+    def open_then_die(n: int) -> int:
+        sqlite3.connect(database).close()
+        if n < 0:
+            return n
+        os._exit(3)  # the pool forks another child for the next task
+
+    stop = threading.Event()
+
+    def open_and_close() -> None:  # another thread of the worker's process, inside SQLite
+        while not stop.is_set():
+            sqlite3.connect(database).close()
+
+    busy = threading.Thread(target=open_and_close, daemon=True)
+    with working(app, pool="process", concurrency=2):
+        assert open_then_die.delay(-1).result(timeout=30) == -1  # the pool has started
+        busy.start()
+        try:
+            handles = [open_then_die.delay(n) for n in range(30)]
+            for handle in handles:
+                with pytest.raises(riverbed.TaskFailed, match="exited with status 3"):
+                    handle.result(timeout=30)
+        finally:
+            stop.set()
+            busy.join()

@@ -14,9 +14,8 @@ is interrupted (soft limit, hard limit, cancel):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import threading
@@ -28,6 +27,7 @@ from riverbed.tasks.errors import SoftTimeLimitExceeded, TaskCancelledError
 from riverbed.tasks.messages import ENCODER, MESSAGE_DECODER
 from riverbed.tasks.task import Task
 from riverbed.tasks.worker.execution import Executed, execute, execute_async, failure
+from riverbed.tasks.worker.forker import Connection, Forker
 from riverbed.tasks.worker.inflight import Inflight, Interrupt, Running
 
 _EXECUTED_DECODER = msgspec.msgpack.Decoder(Executed)
@@ -153,18 +153,19 @@ class ProcessPool:
     """Child processes forked from the worker, each running one task at a time.
 
     A thread per child sends it a task and waits for the result, so a slow task holds only its
-    own child (no prefetch starvation). Children are forked, so they have the app's tasks
-    without importing anything."""
+    own child (no prefetch starvation). Children are forked (by the forker, forker.py, which
+    says why), so they have the app's tasks without importing anything."""
 
     def __init__(self, inflight: Inflight, size: int, registry: dict[str, Task[Any, Any]]) -> None:
         self._inflight = inflight
         self._size = size
         self._registry = registry
-        self._context = multiprocessing.get_context("fork")
+        self._forker: Forker | None = None
         self._feeders: list[threading.Thread] = []
-        self._children: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._children: dict[int, Child] = {}
 
     def start(self) -> None:
+        self._forker = Forker(_child_main, (self._registry,))  # before the feeders start
         for index in range(self._size):
             feeder = threading.Thread(
                 target=self._feed, args=(index,), name=f"riverbed-child-{index}", daemon=True
@@ -172,18 +173,14 @@ class ProcessPool:
             self._feeders.append(feeder)
             feeder.start()
 
-    def _fork(self, index: int) -> tuple[multiprocessing.process.BaseProcess, Any]:
-        parent_end, child_end = self._context.Pipe()
-        child = self._context.Process(
-            target=_child_main, args=(child_end, self._registry), name=f"riverbed-task-{index}",
-            daemon=True,
-        )  # fmt: skip
-        child.start()
-        child_end.close()
-        self._children[index] = child
-        return child, parent_end
+    def _fork(self, index: int) -> tuple[Child, Connection]:
+        assert self._forker is not None
+        pid, pipe = self._forker.fork()
+        child = self._children[index] = Child(pid)
+        return child, pipe
 
     def _feed(self, index: int) -> None:
+        assert self._forker is not None
         child, pipe = self._fork(index)
         while True:
             running = self._inflight.take(child)
@@ -195,7 +192,8 @@ class ProcessPool:
             except (EOFError, OSError):
                 # The child died: killed for a hard limit or a cancel (settled by the
                 # supervisor), or crashed — then the task failed with the exit status.
-                child.join()
+                pipe.close()
+                child.exitcode = self._forker.reap(child.pid)
                 if not running.interrupts:
                     error = ChildDiedError(
                         f"the process running it exited with status {child.exitcode}"
@@ -203,30 +201,38 @@ class ProcessPool:
                     self._inflight.finish(running, failure(error, running.task.settings))
                 elif Interrupt.HARD not in running.interrupts:
                     self._inflight.settle(running, Interrupt.CANCEL)
-                pipe.close()
                 child, pipe = self._fork(index)
                 continue
             self._inflight.finish(running, executed)
         pipe.close()
-        child.kill()  # idle; it ignores SIGTERM
-        child.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)  # idle; it ignores SIGTERM
+        child.exitcode = self._forker.reap(child.pid)
 
     def interrupt(self, running: Running, reason: Interrupt) -> None:
         if reason is Interrupt.SOFT:
             return  # the child's own timer raises it
         child = running.slot
-        assert isinstance(child, multiprocessing.process.BaseProcess)
+        assert isinstance(child, Child)
         if reason is Interrupt.HARD:
             self._inflight.settle(running, reason)
-        if child.pid is not None:
-            os.kill(child.pid, signal.SIGKILL)
+        if child.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
 
     def stop(self, timeout: float) -> None:
         for feeder in self._feeders:
             feeder.join(timeout)
-        for child in self._children.values():
-            if child.is_alive():
-                child.kill()
+        if self._forker is not None:
+            self._forker.close()  # and the children still running
+
+
+class Child:
+    """A child process of the pool: its pid, and its exit status once it is reaped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exitcode: int | None = None
 
 
 class ChildDiedError(RuntimeError):
