@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
@@ -63,6 +65,21 @@ def format_records(records: list[Record], fmt: Format) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does: the consumer closes, leaving its group at once
+    (its partitions go to the other members now, not after the session timeout)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def consume(
     ctx: typer.Context,
     topic: Annotated[str, typer.Argument(help="Topic to read.")],
@@ -94,6 +111,7 @@ def consume(
     """
     printed = 0
     with (
+        _sigterm_interrupts(),
         open_log(ctx) as log,
         log.consumer(group=group, topics=[topic], from_beginning=from_beginning) as consumer,
     ):

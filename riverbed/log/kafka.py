@@ -183,6 +183,21 @@ _GROUP_STATES = {
 }
 
 
+def _check_brokers(url: BackendUrl) -> None:
+    """Each of the URL's brokers is a host, and a port from 1 to 65535 if it gives one (else
+    librdkafka's 9092): librdkafka would only report, after the connect timeout, that it
+    reached none."""
+    for broker in url.location.split(","):
+        host, colon, port = broker.rpartition(":")
+        if broker.endswith("]") or not colon:  # an IPv6 address or a name, without a port
+            host, port = broker, "9092"
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidUrlError(
+                f"invalid URL {url.shown!r}: {broker!r} is not host:port with a port from 1 to "
+                "65535; write kafka://host:9092 (several as kafka://h1:9092,h2:9092)"
+            )
+
+
 def _kafka_error(error: KafkaException) -> Any:
     """The ``KafkaError`` inside a ``KafkaException`` (librdkafka puts it in ``args[0]``)."""
     return error.args[0] if error.args else None
@@ -244,6 +259,7 @@ class KafkaLog(Closing):
                 f"invalid option in {url.shown!r}: connect_timeout must be > 0 "
                 "and replication_factor >= 1"
             )
+        _check_brokers(url)
         return cls(url.location, passthrough, connect_timeout, replication_factor, url.raw)
 
     @property

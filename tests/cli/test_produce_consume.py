@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import riverbed
 from riverbed.log.partitioner import partition_for_key
 from tests.cli.conftest import Run
+from tests.support import wait_until
 
 
 def consume_json(run: Run, *args: str) -> list[dict[str, object]]:
@@ -170,3 +174,33 @@ def test_groups_describe_shows_live_members(run: Run, url: str) -> None:
     assert "1 member(s)" in described.stdout
     assert "orders[0], orders[1]" in described.stdout
     assert listed.stdout == "live\n"
+
+
+def test_sigterm_stops_consume_as_ctrl_c_does_leaving_its_group(url: str) -> None:
+    with riverbed.connect(url) as log:
+        log.create_topic("orders")
+    riverbed_command = str(Path(sys.executable).with_name("riverbed"))
+    consumer = subprocess.Popen(
+        [riverbed_command, "--url", url, "consume", "orders", "--group", "g", "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with riverbed.connect(url) as log:
+            wait_until(lambda: _members(log, "g") == 1, 30, "the consumer to join its group")
+            consumer.send_signal(signal.SIGTERM)
+            _, stderr = consumer.communicate(timeout=30)
+            assert _members(log, "g") == 0  # left at once, not at the session timeout
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+    assert consumer.returncode == 130
+    assert "Traceback" not in stderr
+
+
+def _members(log: riverbed.Log, group: str) -> int:
+    try:
+        return len(log.describe_group(group).members)
+    except riverbed.UnknownGroupError:  # not created yet
+        return 0

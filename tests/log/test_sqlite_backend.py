@@ -46,6 +46,9 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("postgres+psycopg://u:s3cret@db/x", r"'postgres\+psycopg://u:\*\*\*@db/x'"),
         ("sqlite:///", "names no database file"),
         ("kafka://", "names no host"),
+        ("kafka://localhost:notaport", "'localhost:notaport' is not host:port"),
+        ("kafka://h1:9092,h2:99999", "'h2:99999' is not host:port"),
+        ("kafka://h1:9092,", "'' is not host:port"),
     ],
 )
 def test_bad_urls(url: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
