@@ -593,3 +593,23 @@ def test_process_pool_children_inherit_no_lock_another_thread_held(
         finally:
             stop.set()
             busy.join()
+
+
+def test_process_pool_children_open_their_own_connections(app: riverbed.App) -> None:
+    """The worker's thread has a broker connection (SQLite's, which a fork must not share): a
+    child's task that enqueues another opens one of its own."""
+    broker = app.tasks.broker
+
+    @app.task
+    def double(n: int) -> int:
+        return 2 * n
+
+    @app.task
+    def inherited_then_enqueue(n: int) -> bool:
+        local = getattr(getattr(broker, "_file", None), "_local", None)
+        inherited = getattr(local, "conn", None) is not None
+        double.delay(n)
+        return inherited
+
+    with working(app, pool="process", concurrency=1):
+        assert inherited_then_enqueue.delay(4).result(timeout=30) is False

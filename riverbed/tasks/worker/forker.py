@@ -1,12 +1,12 @@
-"""The process pool's forker: a process forked from the worker as its pool starts, before the
-pool's threads, that forks the pool's children on request.
+"""The process pool's forker: a process forked from the worker as its pool is made, before the
+worker runs, that forks the pool's children on request.
 
 A child forked straight from the worker could inherit, held, a lock another of the worker's
 threads held at that instant (SQLite's own, which every connection of the process shares, as a
 fetch, a heartbeat or a task's result takes them), and hang for ever when its task took it in
 turn: a task enqueuing another on a SQLite broker, say. The forker runs one thread, so its
-children inherit no lock held; they inherit the worker as it was when the pool started, the
-app's tasks with it. The forker itself is forked then, when no thread of the worker's is inside
+children inherit no lock held; they inherit the worker as it was when it was made, the app's
+tasks with it. The forker itself is forked then, when no thread of the worker's is inside
 SQLite yet (the app's own threads are the app's to start later).
 
 The worker asks for a child and gets its pid and its end of a socket pair to it; it kills a
@@ -64,13 +64,20 @@ class Forker:
     def reap(self, pid: int) -> ExitCode:
         """Wait for child ``pid`` to exit (its pipe ended: it exits, or was killed); its status."""
         with self._lock:
+            if self.closed:  # it killed and reaped its children as it ended
+                return -signal.SIGKILL
             self._requests.send(("reap", pid))
             code: ExitCode = self._requests.recv()
         return code
 
+    @property
+    def closed(self) -> bool:
+        return self._requests.closed
+
     def close(self) -> None:
         """End the forker, and with it the children still running."""
-        self._requests.close()
+        with self._lock:
+            self._requests.close()
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         while os.waitpid(self._pid, os.WNOHANG) == (0, 0):
             if time.monotonic() > deadline:

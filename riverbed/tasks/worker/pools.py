@@ -27,7 +27,7 @@ from riverbed.tasks.errors import SoftTimeLimitExceeded, TaskCancelledError
 from riverbed.tasks.messages import ENCODER, MESSAGE_DECODER
 from riverbed.tasks.task import Task
 from riverbed.tasks.worker.execution import Executed, execute, execute_async, failure
-from riverbed.tasks.worker.forker import Connection, Forker
+from riverbed.tasks.worker.forker import ChildMain, Connection, Forker
 from riverbed.tasks.worker.inflight import Inflight, Interrupt, Running
 
 _EXECUTED_DECODER = msgspec.msgpack.Decoder(Executed)
@@ -160,12 +160,12 @@ class ProcessPool:
         self._inflight = inflight
         self._size = size
         self._registry = registry
-        self._forker: Forker | None = None
+        # Forked now, as the worker is made: before it runs, no thread of its is inside SQLite.
+        self._forker = _forked_from_a_new_thread(_child_main, (registry,))
         self._feeders: list[threading.Thread] = []
         self._children: dict[int, Child] = {}
 
     def start(self) -> None:
-        self._forker = Forker(_child_main, (self._registry,))  # before the feeders start
         for index in range(self._size):
             feeder = threading.Thread(
                 target=self._feed, args=(index,), name=f"riverbed-child-{index}", daemon=True
@@ -174,13 +174,11 @@ class ProcessPool:
             feeder.start()
 
     def _fork(self, index: int) -> tuple[Child, Connection]:
-        assert self._forker is not None
         pid, pipe = self._forker.fork()
         child = self._children[index] = Child(pid)
         return child, pipe
 
     def _feed(self, index: int) -> None:
-        assert self._forker is not None
         child, pipe = self._fork(index)
         while True:
             running = self._inflight.take(child)
@@ -201,6 +199,8 @@ class ProcessPool:
                     self._inflight.finish(running, failure(error, running.task.settings))
                 elif Interrupt.HARD not in running.interrupts:
                     self._inflight.settle(running, Interrupt.CANCEL)
+                if self._forker.closed:  # the pool stopped while its task ran on
+                    return
                 child, pipe = self._fork(index)
                 continue
             self._inflight.finish(running, executed)
@@ -223,8 +223,27 @@ class ProcessPool:
     def stop(self, timeout: float) -> None:
         for feeder in self._feeders:
             feeder.join(timeout)
-        if self._forker is not None:
-            self._forker.close()  # and the children still running
+        self._forker.close()  # and the children still running
+
+
+def _forked_from_a_new_thread(target: ChildMain, args: tuple[Any, ...]) -> Forker:
+    """The forker, forked by a thread of its own: the children's one thread is a copy of that
+    one, whose thread-local connections (SQLite's, which a fork must not share) are none of the
+    worker's."""
+    made: list[Forker | BaseException] = []
+
+    def make() -> None:
+        try:
+            made.append(Forker(target, args))
+        except BaseException as error:
+            made.append(error)
+
+    maker = threading.Thread(target=make, name="riverbed-forker-start")
+    maker.start()
+    maker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 class Child:
