@@ -7,12 +7,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import riverbed
+from riverbed.log.api import TopicPartition
 from riverbed.log.sqlite import SqliteLog
 from tests.support import consume
 
@@ -227,3 +229,34 @@ def test_a_consumer_whose_topic_was_deleted_is_told_so(tmp_path: Path) -> None:
             log.create_topic("t")
             with log.producer() as producer:
                 producer.send("t", b"a")
+
+
+def test_a_member_whose_session_expired_loses_its_partitions_even_when_given_them_back(
+    tmp_path: Path,
+) -> None:
+    """As librdkafka's lost partitions: another member may have owned them in between, so what
+    the fenced member holds for them (a pipeline's state) must go, and be taken afresh."""
+    from riverbed.log.sqlite import groups
+
+    events: list[tuple[str, list[TopicPartition]]] = []
+    log = riverbed.connect(f"sqlite:///{tmp_path}/x.db")
+    assert isinstance(log, SqliteLog)
+    log.create_topic("t", partitions=2)
+    with (
+        log,
+        log.consumer(
+            group="g",
+            topics=["t"],
+            session_timeout_ms=1000,
+            on_assign=lambda tps: events.append(("assigned", sorted(tps))),
+            on_revoke=lambda tps: events.append(("lost", sorted(tps))),
+        ) as consumer,
+    ):
+        consumer.poll(timeout=0.5)
+        evictor = log.db.connect()
+        groups.leave(evictor, "g", consumer.member_id)  # as a paused member's expiry does
+        evictor.close()
+        time.sleep(0.5)  # its next heartbeat finds it gone
+        consumer.poll(timeout=0.5)  # it rejoins, alone: the same partitions come back
+    both = [("t", 0), ("t", 1)]
+    assert events[:3] == [("assigned", both), ("lost", both), ("assigned", both)]

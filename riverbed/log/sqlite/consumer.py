@@ -126,6 +126,10 @@ class SqliteConsumer(Closing):
         assert self._group is not None
         if self._expired.is_set():
             self._expired.clear()
+            # Fenced: every partition it had is lost, whatever the group gives it back, as
+            # librdkafka's lost partitions are. Its owner may have moved on meanwhile, so what
+            # it holds for them (a pipeline's state) is dropped, and taken afresh if it rejoins.
+            self._lose(self._assignment)
             groups.join(self._conn, self._group, self._member_id, self._topics, self._session_ms)
         if groups.generation(self._conn, self._group) != self._generation:
             self._rebalance()
@@ -136,14 +140,7 @@ class SqliteConsumer(Closing):
             generation, assignment = groups.current_assignment(conn, self._group)
             committed = groups.committed_offsets(conn, self._group)
         owned = assignment.get(self._member_id, set())
-        revoked = self._assignment - owned
-        if revoked:
-            if self._on_revoke is not None:
-                self._on_revoke(revoked)
-            for tp in revoked:
-                self._positions.pop(tp, None)
-                self._buffers.pop(tp, None)
-            self._assignment -= revoked
+        self._lose(self._assignment - owned)
         # A partition kept across generations may have been owned and advanced by another member
         # in between: never stay behind what the group committed.
         for tp in self._assignment & owned:
@@ -152,6 +149,16 @@ class SqliteConsumer(Closing):
                 self.seek(*tp, done)
         self._generation = generation
         self._assign(owned - self._assignment, committed)
+
+    def _lose(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        if self._on_revoke is not None:
+            self._on_revoke(set(revoked))
+        for tp in revoked:
+            self._positions.pop(tp, None)
+            self._buffers.pop(tp, None)
+        self._assignment -= revoked
 
     def _assign(
         self, added: set[TopicPartition], committed: Mapping[TopicPartition, int] | None = None
