@@ -6,7 +6,7 @@ or the partition is released), so the file never holds state that Kafka does not
 partition (on assignment, or after a crash) restores the file by replaying the changelog from
 the file's checkpoint to the end; replaying puts the latest values again, so a checkpoint that
 is behind (a crash before it was written) costs time, never correctness. The checkpoint is
-written when the partition is released.
+written when the partition is released: the offset after the worker's own last write there.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ import confluent_kafka
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from riverbed.errors import RiverbedError
-from riverbed.log.api import Consumer, Producer, TopicPartition, TransactionalProducer
+from riverbed.log.api import (
+    Consumer,
+    Producer,
+    SendFuture,
+    TopicPartition,
+    TransactionalProducer,
+)
 from riverbed.log.kafka import KafkaLog
 from riverbed.streams.state.backend import CHANGELOG_SUFFIX, Changes
 
@@ -83,6 +89,8 @@ class KafkaState:
         # Committed changes not yet written to the local files, per store partition.
         self._pending: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
         self._pending_count = 0
+        # The changelog offset after this worker's last committed write, per store partition.
+        self._written: dict[tuple[str, int], int] = {}
 
     def load(self, store: str, partition: int) -> dict[bytes, bytes]:
         self._apply_pending({(store, partition)})
@@ -142,14 +150,25 @@ class KafkaState:
         changes: Changes,
         exactly_once: bool,
     ) -> None:
+        last_sent: dict[tuple[str, int], SendFuture] = {}
         for (store, partition), entries in changes.items():
-            producer.send_many(store + CHANGELOG_SUFFIX, list(entries.items()), partition=partition)
+            items = list(entries.items())
+            if not items:
+                continue
+            topic = store + CHANGELOG_SUFFIX
+            producer.send_many(topic, items[:-1], partition=partition)
+            last_key, last_value = items[-1]  # sent alone: its offset ends the file's changes
+            last_sent[store, partition] = producer.send(
+                topic, last_value, key=last_key, partition=partition
+            )
         if exactly_once:
             transactional: TransactionalProducer = producer  # type: ignore[assignment]
             transactional.commit_transaction(offsets)
         else:
             producer.flush()
             consumer.commit(offsets)
+        for store_partition, future in last_sent.items():
+            self._written[store_partition] = future.result().offset + 1
         # The local files lag behind: the operators hold the current state in memory, and the
         # changelog has everything committed, so writes are merged here and applied in bulk.
         for key, entries in changes.items():
@@ -170,12 +189,16 @@ class KafkaState:
         self._pending_count = sum(len(entries) for entries in self._pending.values())
 
     def release(self, partitions: set[int]) -> None:
-        for store, partition in [key for key in self._stores if key[1] in partitions]:
-            self._apply_pending({(store, partition)})
-            local = self._stores.pop((store, partition))
+        for key in [key for key in self._stores if key[1] in partitions]:
+            self._apply_pending({key})
+            local = self._stores.pop(key)
             try:
-                end = self._log.end_offsets(store + CHANGELOG_SUFFIX)[partition]
-                local.set_checkpoint(end)
+                # Up to this worker's last write, not the changelog's end: a worker that was
+                # fenced (paused past its session) releases after another took the partition
+                # over and wrote past it, and its next restore must replay those writes.
+                written = self._written.pop(key, None)
+                if written is not None:
+                    local.set_checkpoint(written)
             finally:
                 local.close()
 
