@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -22,14 +21,6 @@ from tests.services.kafka import KafkaServer
 from tests.support import consume, wait_until
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def kafka_log(kafka_url: str) -> Iterator[KafkaLog]:
-    opened = riverbed.connect(kafka_url)
-    assert isinstance(opened, KafkaLog)
-    with opened:
-        yield opened
 
 
 def test_keys_land_where_librdkafka_puts_them(kafka_log: KafkaLog, kafka_url: str) -> None:

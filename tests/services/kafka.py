@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+import riverbed
+from riverbed.log.kafka import KafkaLog
 from tests.services import free_port, unavailable
 
 KAFKA_LIBS = Path(__file__).resolve().parents[2] / ".cache" / "kafka" / "libs"
@@ -245,3 +247,12 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServ
 def kafka_url(kafka_server: KafkaServer) -> str:
     """``kafka://127.0.0.1:PORT`` of the session's broker."""
     return kafka_server.url
+
+
+@pytest.fixture
+def kafka_log(kafka_url: str) -> Iterator[KafkaLog]:
+    """The session broker's log, for a test."""
+    opened = riverbed.connect(kafka_url)
+    assert isinstance(opened, KafkaLog)
+    with opened:
+        yield opened

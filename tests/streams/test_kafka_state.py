@@ -4,25 +4,15 @@ checkpoints against the changelog, with a real broker."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import riverbed
 from riverbed.log.kafka import KafkaLog
 from riverbed.streams.state.backend import CHANGELOG_SUFFIX
 from riverbed.streams.state.kafka import KafkaState
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def kafka_log(kafka_url: str) -> Iterator[KafkaLog]:
-    opened = riverbed.connect(kafka_url)
-    assert isinstance(opened, KafkaLog)
-    with opened:
-        yield opened
 
 
 def test_a_fenced_worker_releasing_late_leaves_the_new_owners_writes_to_replay(
