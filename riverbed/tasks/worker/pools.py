@@ -163,23 +163,21 @@ class ProcessPool:
         # Forked now, as the worker is made: before it runs, no thread of its is inside SQLite.
         self._forker = _forked_from_a_new_thread(_child_main, (registry,))
         self._feeders: list[threading.Thread] = []
-        self._children: dict[int, Child] = {}
 
     def start(self) -> None:
         for index in range(self._size):
             feeder = threading.Thread(
-                target=self._feed, args=(index,), name=f"riverbed-child-{index}", daemon=True
+                target=self._feed, name=f"riverbed-child-{index}", daemon=True
             )
             self._feeders.append(feeder)
             feeder.start()
 
-    def _fork(self, index: int) -> tuple[Child, Connection]:
+    def _fork(self) -> tuple[Child, Connection]:
         pid, pipe = self._forker.fork()
-        child = self._children[index] = Child(pid)
-        return child, pipe
+        return Child(pid), pipe
 
-    def _feed(self, index: int) -> None:
-        child, pipe = self._fork(index)
+    def _feed(self) -> None:
+        child, pipe = self._fork()
         while True:
             running = self._inflight.take(child)
             if running is None:
@@ -201,7 +199,7 @@ class ProcessPool:
                     self._inflight.settle(running, Interrupt.CANCEL)
                 if self._forker.closed:  # the pool stopped while its task ran on
                     return
-                child, pipe = self._fork(index)
+                child, pipe = self._fork()
                 continue
             self._inflight.finish(running, executed)
         pipe.close()
