@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from riverbed.eventsourcing.errors import EventSourcingError
+from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
 from riverbed.eventsourcing.records import ParkedEvent
 from riverbed.eventsourcing.repository import Envelope
 from riverbed.eventsourcing.stores.api import (
@@ -30,6 +30,7 @@ from riverbed.eventsourcing.stores.api import (
     Transaction,
     check_document_key,
 )
+from riverbed.eventsourcing.stores.deadlines import deadline
 from riverbed.eventsourcing.subscriptions import (
     STOPPED,
     SubscriberStatus,
@@ -286,24 +287,29 @@ class Projections:
         """Block until projection ``name`` has applied ``position``; ``TimeoutError`` if not."""
         _check_wait_for(position)
         store = self.events.store
-        deadline = _deadline(timeout)
+        at = _deadline(timeout)
         pauses = _pauses()
         while True:
-            # The active version is read again each time: a rebuild may switch to another.
-            sub = subscriber(name, self.active_version(name))
-            checkpoint = store.checkpoint(sub)
-            if checkpoint >= position:
-                return
-            _check_not_stopped(name, position, checkpoint, store.get_document(STOPPED, sub))
-            if store.holds_write_lock():
-                raise EventSourcingError(
-                    f"cannot wait for projection {name!r} to reach position {position} inside "
-                    "a transaction of the SQLite event store (a handler's, say): it cannot "
-                    "commit while this thread holds the store's only write lock; read without "
-                    "wait_for there"
-                )
-            if time.monotonic() > deadline:
-                raise _not_reached(name, position, timeout, store.last_position())
+            try:
+                with deadline(at):
+                    # The active version is read again each time: a rebuild may switch.
+                    sub = subscriber(name, self.active_version(name))
+                    checkpoint = store.checkpoint(sub)
+                    if checkpoint >= position:
+                        return
+                    stopped = store.get_document(STOPPED, sub)
+                    _check_not_stopped(name, position, checkpoint, stopped)
+                    if store.holds_write_lock():
+                        raise EventSourcingError(
+                            f"cannot wait for projection {name!r} to reach position {position} "
+                            "inside a transaction of the SQLite event store (a handler's, say): "
+                            "it cannot commit while this thread holds the store's only write "
+                            "lock; read without wait_for there"
+                        )
+                    if time.monotonic() > at:
+                        raise _not_reached(name, position, timeout, store.last_position())
+            except StoreUnavailableError as error:
+                _unreachable_until(at, name, position, timeout, error)
             time.sleep(next(pauses))
 
     # The queries for async code: the same answers, waiting without blocking the event loop.
@@ -337,16 +343,21 @@ class Projections:
         """``wait_for`` for async code."""
         _check_wait_for(position)
         store = await self.events.async_store()
-        deadline = _deadline(timeout)
+        at = _deadline(timeout)
         pauses = _pauses()
         while True:
-            sub = subscriber(name, await self._active_version_async(store, name))
-            checkpoint = await store.checkpoint(sub)
-            if checkpoint >= position:
-                return
-            _check_not_stopped(name, position, checkpoint, await store.get_document(STOPPED, sub))
-            if time.monotonic() > deadline:
-                raise _not_reached(name, position, timeout, await store.last_position())
+            try:
+                with deadline(at):
+                    sub = subscriber(name, await self._active_version_async(store, name))
+                    checkpoint = await store.checkpoint(sub)
+                    if checkpoint >= position:
+                        return
+                    stopped = await store.get_document(STOPPED, sub)
+                    _check_not_stopped(name, position, checkpoint, stopped)
+                    if time.monotonic() > at:
+                        raise _not_reached(name, position, timeout, await store.last_position())
+            except StoreUnavailableError as error:
+                _unreachable_until(at, name, position, timeout, error)
             await asyncio.sleep(next(pauses))
 
     async def _query_async(
@@ -485,6 +496,18 @@ def _deadline(timeout: object) -> float:
             "long as it takes"
         )
     return time.monotonic() + timeout
+
+
+def _unreachable_until(
+    at: float, name: str, position: int, timeout: float | None, error: StoreUnavailableError
+) -> None:
+    """A wait that met an outage (or a pool with no connection free) tries again until its
+    deadline, then raises ``TimeoutError`` saying why."""
+    if time.monotonic() >= at:
+        raise TimeoutError(
+            f"projection {name!r} was not seen to reach position {position} within {timeout} s: "
+            f"{error}"
+        ) from error
 
 
 def _not_reached(name: str, position: int, timeout: float | None, head: int) -> TimeoutError:

@@ -550,6 +550,50 @@ def test_wait_for_takes_a_position_and_says_when_it_is_beyond_the_store(
         asyncio.run(events.projections.get_async("order-totals", None, "ada"))  # type: ignore[arg-type]
 
 
+def test_wait_for_keeps_its_timeout_when_no_pooled_connection_comes_free(
+    postgres_url: str,
+) -> None:
+    # One connection, held elsewhere: each read would wait the URL's 30 s pool_timeout for it.
+    url = f"{postgres_url}?schema=busy_{uuid.uuid4().hex[:8]}&pool_size=1&pool_timeout=30"
+    events = EventSourcing("shop", url)
+    try:
+        place(events, "ada")
+        position = events.store.last_position()
+        events.projection(OrderTotals())
+        errors: list[BaseException] = []
+
+        def wait(call: Any) -> None:
+            started = time.monotonic()
+            try:
+                call()
+            except TimeoutError as error:
+                errors.append(error)
+            assert time.monotonic() - started < 5
+
+        async def wait_async() -> None:
+            store = await events.async_store()
+            held = await store._pool.getconn()  # type: ignore[attr-defined]  # its only one
+            try:
+                await events.projections.wait_for_async("order-totals", position, timeout=0.3)
+            finally:
+                await store._pool.putconn(held)  # type: ignore[attr-defined]
+
+        with events.store.transaction("holder"):  # the pool's only connection
+            for call in (
+                lambda: events.projections.wait_for("order-totals", position, timeout=0.3),
+                lambda: asyncio.run(wait_async()),
+            ):
+                waiter = threading.Thread(target=wait, args=(call,))
+                waiter.start()
+                waiter.join(10)
+        assert len(errors) == 2
+        for error in errors:
+            assert "projection 'order-totals' was not seen to reach position" in str(error)
+            assert "all 1 of the pool's were in use" in str(error)
+    finally:
+        events.close()
+
+
 def test_waiting_for_a_projection_inside_a_sqlite_handler_fails_at_once(tmp_path: Path) -> None:
     events = EventSourcing("shop", f"sqlite:///{tmp_path}/events.db")
 

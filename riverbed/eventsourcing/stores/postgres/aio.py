@@ -23,6 +23,7 @@ from riverbed.eventsourcing.stores.api import (
     check_page,
     check_versions,
 )
+from riverbed.eventsourcing.stores.deadlines import connection_wait
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
@@ -104,15 +105,16 @@ class AsyncPostgresEventStore:
         """A pooled connection. A lost server raises ``StoreUnavailableError`` (the pool
         replaces the broken connection)."""
         conn: psycopg.AsyncConnection[Any] | None = None
+        wait = connection_wait(self._settings.pool_timeout)
         try:
-            conn = await self._pool.getconn()
+            conn = await self._pool.getconn(wait)
             for _ in range(self._settings.pool_size):  # after a restart, every one it had
                 if not closed_by_server(conn):
                     break
                 # Closed while it sat in the pool: the pool replaces it, and the call goes on
                 # another.
                 await self._pool.putconn(conn)
-                conn = await self._pool.getconn()
+                conn = await self._pool.getconn(wait)
             try:
                 async with conn:  # commits, or rolls back, as the pool's connection() does
                     yield conn
@@ -123,9 +125,8 @@ class AsyncPostgresEventStore:
         except psycopg_pool.PoolClosed:
             raise closed(self._settings) from None
         except psycopg_pool.PoolTimeout as error:
-            raise no_connection(
-                self._settings, error, self._pool.get_stats(), self._pool.name
-            ) from None
+            stats = self._pool.get_stats()
+            raise no_connection(self._settings, error, stats, self._pool.name, wait) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
             raise read_only(self._settings, error) from None
         except CANCELLED as error:

@@ -215,10 +215,10 @@ def read_only(settings: Settings, error: Exception) -> EventSourcingError:
 
 
 def no_connection(
-    settings: Settings, error: Exception, stats: dict[str, int], pool: str
+    settings: Settings, error: Exception, stats: dict[str, int], pool: str, waited: float
 ) -> RiverbedError:
-    """The error for a pool (named ``pool``) that gave no connection in time (``stats``: the
-    pool's): the server unreachable or refusing, or all of them in use."""
+    """The error for a pool (named ``pool``) that gave no connection within ``waited`` seconds
+    (``stats``: the pool's): the server unreachable or refusing, or all of them in use."""
     # The pool's wait says only that it got no connection: what failed is its last attempt to
     # connect, if that failed (the pool counts the connections it is making as its own, so a
     # full pool with none free may be one that is reconnecting).
@@ -228,7 +228,7 @@ def no_connection(
     if stats.get("pool_size", 0) >= settings.pool_size and not stats.get("pool_available", 0):
         return StoreUnavailableError(
             f"no connection to the event store at {settings.where} came free within "
-            f"{settings.pool_timeout:g} s: all {settings.pool_size} of the pool's were in use; "
+            f"{waited:g} s: all {settings.pool_size} of the pool's were in use; "
             "raise pool_size= (or pool_timeout=) in the URL, or have fewer calls at once"
         )
     return unavailable(settings, error)

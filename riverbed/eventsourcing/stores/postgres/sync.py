@@ -39,6 +39,7 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
+from riverbed.eventsourcing.stores.deadlines import connection_wait
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
@@ -116,25 +117,28 @@ class PostgresEventStore:
     def _pooled(self) -> psycopg.Connection[Any]:
         """A connection of the pool's, not one the server closed while it sat there: the pool
         replaces that one, and the call goes on another."""
-        conn: psycopg.Connection[Any] = self._pool.getconn()
-        for _ in range(self._settings.pool_size):  # after a restart, every one it had
-            if not closed_by_server(conn):
-                break
-            self._pool.putconn(conn)
-            conn = self._pool.getconn()
+        wait = connection_wait(self._settings.pool_timeout)
+        try:
+            conn: psycopg.Connection[Any] = self._pool.getconn(wait)
+            for _ in range(self._settings.pool_size):  # after a restart, every one it had
+                if not closed_by_server(conn):
+                    break
+                self._pool.putconn(conn)
+                conn = self._pool.getconn(wait)
+        except psycopg_pool.PoolTimeout as error:
+            stats = self._pool.get_stats()
+            raise no_connection(self._settings, error, stats, self._pool.name, wait) from None
         return conn
 
     def _failure(
         self, conn: psycopg.Connection[Any] | None, error: psycopg.OperationalError
     ) -> Exception:
         """What to raise for an ``OperationalError`` of the pool or on ``conn``: the store is
-        closed; no connection came in time; or ``StoreUnavailableError`` if the server restarted
-        or dropped us, after every dead connection is replaced now, so that one call fails, not
-        one per pooled connection."""
+        closed; or ``StoreUnavailableError`` if the server restarted or dropped us, after every
+        dead connection is replaced now, so that one call fails, not one per pooled
+        connection."""
         if isinstance(error, psycopg_pool.PoolClosed):
             return closed(self._settings)
-        if isinstance(error, psycopg_pool.PoolTimeout):
-            return no_connection(self._settings, error, self._pool.get_stats(), self._pool.name)
         if isinstance(error, CANCELLED):
             return cancelled(self._settings, error)
         if conn is None or not conn.broken:
