@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -69,7 +70,8 @@ def parse_url(url: str, schemes: tuple[str, ...]) -> BackendUrl:
     pairs = parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True)
     options = dict(pairs)
     if len(options) < len(pairs):
-        twice = next(name for i, (name, _) in enumerate(pairs) if name in dict(pairs[:i]))
+        twice = next(name for name, count in Counter(name for name, _ in pairs).items()
+                     if count > 1)  # fmt: skip
         raise InvalidUrlError(
             f"option {twice!r} is given twice in {redacted(url)!r}; give each option once"
         )
