@@ -5,6 +5,7 @@ limits, cancellation and bad input."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 import riverbed
 from riverbed.tasks import TaskState
 from riverbed.tasks.brokers import connect_broker
+from riverbed.tasks.worker.forker import Forker
 from riverbed.tasks.worker.worker import Worker
 from tests.support import wait_until
 
@@ -613,3 +615,43 @@ def test_process_pool_children_open_their_own_connections(app: riverbed.App) -> 
 
     with working(app, pool="process", concurrency=1):
         assert inherited_then_enqueue.delay(4).result(timeout=30) is False
+
+
+def test_a_process_pool_worker_that_never_ran_ends_its_forker_when_dropped(
+    app: riverbed.App,
+) -> None:
+    @app.task
+    def noop() -> None:
+        return None
+
+    before = children_of_this_process()
+    worker = app.tasks.worker(pool="process", concurrency=1)
+    forkers = children_of_this_process() - before
+    assert len(forkers) == 1
+    del worker
+    gc.collect()
+    assert not children_of_this_process() & forkers  # ended and reaped, not left a zombie
+
+
+def children_of_this_process() -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:  # ended meanwhile
+                continue
+            if int(fields[1]) == os.getpid():
+                children.add(int(entry))
+    return children
+
+
+def test_a_feeder_asking_for_a_child_after_the_pool_stopped_gets_none() -> None:
+    forker = Forker(lambda pipe: None, ())
+    forked = forker.fork()
+    assert forked is not None
+    forked[1].close()
+    assert forker.reap(forked[0]) == 0
+    forker.close()
+    assert forker.fork() is None  # not an OSError in the feeder's thread at shutdown

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from multiprocessing import reduction
 from typing import Any
@@ -49,13 +50,19 @@ class Forker:
 
         # Forked by hand, not as a multiprocessing Process: that one's exit handler would wait
         # for the forker, which ignores the SIGTERM it sends.
-        self._pid = _spawn(serve)
+        pid = _spawn(serve)
         forker_end.close()
         self._lock = threading.Lock()  # one request and its reply at a time
+        # Also when a worker that never ran is dropped, or the interpreter exits: a forker
+        # outlived by nothing would stay a process of the worker's until the worker exits.
+        self._end = weakref.finalize(self, _end, self._requests, pid, os.getpid())
 
-    def fork(self) -> tuple[int, Connection]:
-        """A new child's pid and the worker's end of the pipe to it."""
+    def fork(self) -> tuple[int, Connection] | None:
+        """A new child's pid and the worker's end of the pipe to it; None once the forker is
+        closed (the pool stopped)."""
         with self._lock:
+            if self.closed:
+                return None
             self._requests.send(("fork", 0))
             pid: int = self._requests.recv()
             handle = reduction.recv_handle(self._requests)
@@ -77,14 +84,22 @@ class Forker:
     def close(self) -> None:
         """End the forker, and with it the children still running."""
         with self._lock:
-            self._requests.close()
-        deadline = time.monotonic() + CLOSE_TIMEOUT_S
-        while os.waitpid(self._pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(self._pid, signal.SIGKILL)
-                os.waitpid(self._pid, 0)
-                return
-            time.sleep(0.01)
+            self._end()
+
+
+def _end(requests: Connection, pid: int, parent: int) -> None:
+    """Close the forker's pipe, which ends it; reap it (killed if it lingers). Only in the
+    process that forked it: a copy of the pool in a later forker is not its parent."""
+    if os.getpid() != parent:
+        return
+    requests.close()
+    deadline = time.monotonic() + CLOSE_TIMEOUT_S
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.01)
 
 
 def _serve(requests: Connection, target: ChildMain, args: tuple[Any, ...]) -> None:

@@ -172,12 +172,18 @@ class ProcessPool:
             self._feeders.append(feeder)
             feeder.start()
 
-    def _fork(self) -> tuple[Child, Connection]:
-        pid, pipe = self._forker.fork()
+    def _fork(self) -> tuple[Child, Connection] | None:
+        forked = self._forker.fork()
+        if forked is None:  # the pool stopped
+            return None
+        pid, pipe = forked
         return Child(pid), pipe
 
     def _feed(self) -> None:
-        child, pipe = self._fork()
+        forked = self._fork()
+        if forked is None:
+            return
+        child, pipe = forked
         while True:
             running = self._inflight.take(child)
             if running is None:
@@ -197,9 +203,10 @@ class ProcessPool:
                     self._inflight.finish(running, failure(error, running.task.settings))
                 elif Interrupt.HARD not in running.interrupts:
                     self._inflight.settle(running, Interrupt.CANCEL)
-                if self._forker.closed:  # the pool stopped while its task ran on
+                forked = self._fork()
+                if forked is None:  # the pool stopped while its task ran on
                     return
-                child, pipe = self._fork()
+                child, pipe = forked
                 continue
             self._inflight.finish(running, executed)
         pipe.close()
