@@ -18,7 +18,7 @@ from rich.progress import Progress
 
 from riverbed.cli.common import err, open_log, out
 from riverbed.errors import RiverbedError
-from riverbed.log.api import Log, RecordMetadata, TopicInfo, check_record
+from riverbed.log.api import Log, RecordMetadata, SendFuture, TopicInfo, check_record
 from riverbed.log.errors import RecordTooLargeError, UnknownPartitionError, UnknownTopicError
 
 # Below this many records a progress bar would only flicker.
@@ -186,13 +186,24 @@ def _send(
         ) as bar,
     ):
         task = bar.add_task(f"producing to {topic}", total=len(records))
-        futures = []
-        for index, (_, record_key, value) in enumerate(records, start=1):
-            futures.append(
-                producer.send(topic, value, key=record_key, headers=headers, partition=partition)
-            )
-            if index % PROGRESS_STEP == 0:
-                bar.update(task, completed=index)
-        producer.flush()
+        futures: list[SendFuture] = []
+        try:
+            for index, (_, record_key, value) in enumerate(records, start=1):
+                futures.append(
+                    producer.send(
+                        topic, value, key=record_key, headers=headers, partition=partition
+                    )
+                )
+                if index % PROGRESS_STEP == 0:
+                    bar.update(task, completed=index)
+            producer.flush()
+        except KeyboardInterrupt:
+            bar.stop()
+            # What was sent is written (the producer flushes as it closes): say how far it got.
+            producer.flush()
+            written = [future.result() for future in futures]
+            rest = f"line {records[len(futures)][0]} on" if len(futures) < len(records) else "none"
+            err.print(f"interrupted: {summarize(topic, written)}; not sent: {rest}")
+            raise
         written = [future.result() for future in futures]
     out.print(summarize(topic, written))

@@ -6,9 +6,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import riverbed
 from riverbed.log.partitioner import partition_for_key
+from riverbed.log.sqlite.producer import SqliteProducer
 from tests.cli.conftest import Run
 from tests.support import wait_until
 
@@ -204,3 +208,29 @@ def _members(log: riverbed.Log, group: str) -> int:
         return len(log.describe_group(group).members)
     except riverbed.UnknownGroupError:  # not created yet
         return 0
+
+
+def test_an_interrupted_produce_says_what_it_wrote_and_where_it_stopped(
+    run: Run, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with riverbed.connect(url) as log:
+        log.create_topic("orders", partitions=1)
+    send = SqliteProducer.send
+    sent = 0
+
+    def interrupted_at_the_fourth(self: SqliteProducer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        if sent == 4:
+            raise KeyboardInterrupt
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteProducer, "send", interrupted_at_the_fourth)
+    result = run("produce", "orders", input="a\nb\n\nc\nd\ne\n")
+    assert result.exit_code != 0
+    assert (
+        "interrupted: produced 3 records to orders: partition 0 offsets 0-2; not sent: line 5 on"
+        in " ".join(result.stderr.split())
+    )
+    with riverbed.connect(url) as log:
+        assert log.end_offsets("orders") == {0: 3}
