@@ -227,7 +227,7 @@ def test_an_interrupted_produce_says_what_it_wrote_and_where_it_stopped(
 
     monkeypatch.setattr(SqliteProducer, "send", interrupted_at_the_fourth)
     result = run("produce", "orders", input="a\nb\n\nc\nd\ne\n")
-    assert result.exit_code != 0
+    assert result.exit_code == 130
     assert (
         "interrupted: produced 3 records to orders: partition 0 offsets 0-2; not sent: line 5 on"
         in " ".join(result.stderr.split())
