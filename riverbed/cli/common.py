@@ -24,10 +24,12 @@ err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager
-def open_log(ctx: typer.Context) -> Iterator[Log]:
-    """The log named by the global ``--url`` (or ``$RIVERBED_URL``, or the embedded default)."""
+def open_log(ctx: typer.Context, create: bool = False) -> Iterator[Log]:
+    """The log named by the global ``--url`` (or ``$RIVERBED_URL``, or the embedded default).
+    An embedded log's file must exist unless ``create``: opening one makes it, so a mistyped
+    path would answer with an empty new log, and leave its file behind."""
     url: str | None = ctx.obj
-    with connect(url) as log:
+    with connect(url, create=create) as log:
         yield log
 
 

@@ -54,7 +54,7 @@ def create_topic(
     ] = DEFAULT_DELETE_RETENTION_MS,
 ) -> None:
     """Create a topic (Log.create_topic)."""
-    with open_log(ctx) as log:
+    with open_log(ctx, create=True) as log:
         info = log.create_topic(
             name,
             partitions=partitions,

@@ -14,8 +14,10 @@ from riverbed.log.api import (
 from riverbed.urls import parse_url, resolve_url
 
 
-def connect(url: str | None = None) -> Log:
-    """Open the log at ``url``; None means ``$RIVERBED_URL`` or ``sqlite:///.riverbed/log.db``."""
+def connect(url: str | None = None, *, create: bool = True) -> Log:
+    """Open the log at ``url``; None means ``$RIVERBED_URL`` or ``sqlite:///.riverbed/log.db``.
+    ``create=False`` refuses an embedded log whose file does not exist (``NoLogError``) instead
+    of making it: for tools that only look, where a mistyped path would show an empty log."""
     parsed = parse_url(resolve_url(url), ("sqlite", "kafka"))
     if parsed.scheme == "kafka":
         from riverbed.log.kafka import KafkaLog
@@ -23,7 +25,7 @@ def connect(url: str | None = None) -> Log:
         return KafkaLog.from_url(parsed)
     from riverbed.log.sqlite import SqliteLog
 
-    return SqliteLog.from_url(parsed)
+    return SqliteLog.from_url(parsed, create)
 
 
 __all__ = [

@@ -68,6 +68,10 @@ class UnknownGroupError(RiverbedError, LookupError):
         self.group = group
 
 
+class NoLogError(RiverbedError, LookupError):
+    """``connect(url, create=False)`` found no embedded log's file at the URL's path."""
+
+
 class ClosedError(RiverbedError):
     """The producer, consumer or log was used after close()."""
 

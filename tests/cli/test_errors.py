@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+import riverbed
 from riverbed.cli.main import app
 from tests.cli.conftest import Run
 
@@ -23,7 +24,22 @@ def assert_one_line_error(result: Result, *fragments: str) -> None:
         assert fragment in lines[0]
 
 
+def test_a_log_file_that_does_not_exist_is_refused_not_made(run: Run, tmp_path: Path) -> None:
+    for args in (
+        ("topics", "list"),
+        ("topics", "describe", "orders"),
+        ("groups", "list"),
+        ("consume", "orders", "--timeout", "0"),
+    ):
+        assert_one_line_error(run(*args), "no log at", "log.db': the file does not exist")
+    assert_one_line_error(run("produce", "orders", input="a\n"), "no log at")
+    assert not (tmp_path / "log.db").exists()
+    assert run("topics", "create", "orders").exit_code == 0  # makes the log
+    assert "orders" in run("topics", "list").stdout
+
+
 def test_unknown_topic(run: Run) -> None:
+    run("topics", "create", "other")  # the log exists; the topic does not
     for args in (
         ("topics", "describe", "nope"),
         ("topics", "delete", "nope"),
@@ -43,6 +59,7 @@ def test_invalid_topic_name(run: Run) -> None:
 
 
 def test_unknown_group(run: Run) -> None:
+    run("topics", "create", "other")
     assert_one_line_error(run("groups", "describe", "nobody"), "group 'nobody' does not exist")
 
 
@@ -98,6 +115,8 @@ def test_usage_errors_exit_2(run: Run) -> None:
 def test_installed_command_prints_no_traceback(tmp_path: Path) -> None:
     """The real entry point, in a subprocess: what a user's shell sees."""
     script = Path(sys.executable).parent / "riverbed"
+    with riverbed.connect(f"sqlite:///{tmp_path}/log.db") as log:
+        log.create_topic("other")
     result = subprocess.run(
         [str(script), "--url", f"sqlite:///{tmp_path}/log.db", "topics", "describe", "nope"],
         capture_output=True,

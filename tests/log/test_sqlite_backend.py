@@ -260,3 +260,13 @@ def test_a_member_whose_session_expired_loses_its_partitions_even_when_given_the
         consumer.poll(timeout=0.5)  # it rejoins, alone: the same partitions come back
     both = [("t", 0), ("t", 1)]
     assert events[:3] == [("assigned", both), ("lost", both), ("assigned", both)]
+
+
+def test_connect_without_create_refuses_a_missing_file_and_makes_none(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/typo.db"
+    with pytest.raises(riverbed.NoLogError, match=r"no log at '.*typo.db': the file does not"):
+        riverbed.connect(url, create=False)
+    assert list(tmp_path.iterdir()) == []
+    riverbed.connect(url).close()  # makes it
+    with riverbed.connect(url, create=False) as log:
+        assert log.list_topics() == []

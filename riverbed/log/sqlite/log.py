@@ -34,6 +34,7 @@ from riverbed.log.api import (
 )
 from riverbed.log.errors import (
     ClosedError,
+    NoLogError,
     TopicExistsError,
     UnknownGroupError,
     UnknownTopicError,
@@ -100,13 +101,19 @@ class SqliteLog(Closing):
         self._children: weakref.WeakSet[SqliteProducer | SqliteConsumer] = weakref.WeakSet()
 
     @classmethod
-    def from_url(cls, url: BackendUrl) -> SqliteLog:
+    def from_url(cls, url: BackendUrl, create: bool = True) -> SqliteLog:
+        """The log of ``url``; its file is made if missing, or, unless ``create``, refused."""
         options = url.pop_options({"fsync": "normal"})
         fsync = options["fsync"]
         if fsync not in ("normal", "always"):
             raise InvalidUrlError(
                 f"invalid fsync={fsync!r} in {url.raw!r}: use fsync=normal (survives a process "
                 "crash) or fsync=always (survives power loss)"
+            )
+        if not create and not Path(url.location).exists():
+            raise NoLogError(
+                f"no log at {url.location!r}: the file does not exist; check the URL, or "
+                "create a topic there first ('riverbed topics create')"
             )
         return cls(url.location, fsync=fsync, url=url.raw)
 
