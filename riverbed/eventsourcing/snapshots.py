@@ -42,6 +42,7 @@ from riverbed.eventsourcing.codec import (
 )
 from riverbed.eventsourcing.errors import UnknownEventTypeError
 from riverbed.eventsourcing.records import Snapshot
+from riverbed.eventsourcing.sharing import fields_of, shared_object
 from riverbed.eventsourcing.sources import digest_read_at_import
 
 A = TypeVar("A", bound=Aggregate)
@@ -82,11 +83,12 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     annotated attributes' types (the types of their fields, their bases), and the explicit
     event classes its methods name (any change there, in its methods, their defaults and
     decorators, the events' versions, annotations and ``apply``, replays instead of loading a
-    state the new code would not build), and its events' versions. A module's code is its
-    source file's digest, read as the aggregate's module was imported; a module first met later
-    (its file may have been replaced since the process imported it), or one without a file,
-    is described by its classes' bytecode and values. Other code the methods call in other
-    modules is not covered: bump an event's version when such a change alters the state."""
+    state the new code would not build), and its events' versions and upcasters. A module's
+    code is its source file's digest, read as the aggregate's module was imported; a module
+    first met later (its file may have been replaced since the process imported it), or one
+    without a file, is described by its classes' bytecode and values. Other code the methods
+    (or upcasters) call in other modules is not covered: bump an event's version when such a
+    change alters the state."""
     parts: set[str] = set()
     classes = [base for base in cls.__mro__ if base not in (cls.__mro__[-1], Aggregate)]
     triggered = _event_classes_named(classes)
@@ -97,6 +99,7 @@ def _fingerprinted(cls: type[Aggregate], hints: dict[str, Any]) -> list[str]:
     parts.update(_code_of(classes, cls.__module__))
     entries = [*recorded, *map(registry.of_class, triggered)]
     parts.update(f"{entry.name} v{entry.version}" for entry in entries)
+    parts.update(part for entry in entries for part in _upcasters_of(entry))
     # Snapshots of before they named the DomainEvent classes their state applied (any code may
     # trigger one) cannot say what they depend on: ignored once, taken afresh.
     parts.add("snapshot format 2")
@@ -148,8 +151,21 @@ def _event_class_fingerprint(entry: EventType, aggregate_module: str) -> str:
         fields = list(typing.get_type_hints(entry.cls).values())
         classes = _with_bases([entry.cls, *_classes_in(fields)])
         code = sorted(_code_of(classes, aggregate_module))
-        cache[aggregate_module] = cached = json.dumps([f"{entry.name} v{entry.version}", *code])
+        cache[aggregate_module] = cached = json.dumps(
+            [f"{entry.name} v{entry.version}", *_upcasters_of(entry), *code]
+        )
     return cached
+
+
+def _upcasters_of(entry: EventType) -> list[str]:
+    """An event's upcasters, as old events load through them: their code and defaults, wherever
+    they are defined (fixing one changes what a replay builds)."""
+    return [
+        f"{entry.name} upcaster {version}: {_behaviour(upcaster)} "
+        f"{_constant(getattr(upcaster, '__defaults__', None))} "
+        f"{_constant(getattr(upcaster, '__kwdefaults__', None))}"
+        for version, upcaster in sorted(entry.upcasters.items())
+    ]
 
 
 def _digest(parts: list[str]) -> int:
@@ -399,6 +415,15 @@ def take_snapshot(aggregate: Aggregate) -> Snapshot | None:
         return None
     assert schema is not None  # the classes it applied are registered
     state = {k: v for k, v in vars(aggregate).items() if k not in _NOT_STATE}
+    shared = shared_object(state)
+    if shared is not None:
+        _no_snapshots(
+            cls,
+            f"{shared[1]} is the same object as {shared[0]}, which a snapshot would load as two "
+            "copies (an event changing one would leave the other); hold it in one place, or "
+            "its key there",
+        )
+        return None
     stored = (
         {**state, _EVENT_CLASSES: sorted(aggregate._riverbed_triggered)}
         if aggregate._riverbed_triggered
@@ -503,7 +528,7 @@ def same_when_loaded(restored: object, value: object) -> bool:
     if isinstance(value, datetime.datetime | datetime.time):
         assert isinstance(restored, datetime.datetime | datetime.time)
         return restored == value and restored.tzinfo == value.tzinfo
-    fields = _fields(value)
+    fields = fields_of(value)
     if fields is not None:
         return (
             restored == value
@@ -541,7 +566,7 @@ def _dropped_attribute(restored: object, value: object) -> str | None:
     elif isinstance(value, dict):
         assert isinstance(restored, dict)
         pairs = zip(restored.values(), value.values(), strict=False)
-    elif (fields := _fields(value)) is not None:
+    elif (fields := fields_of(value)) is not None:
         extra, kept = _outside_fields(value, fields), _outside_fields(restored, fields)
         for name, item in extra.items():
             if name not in kept or not _same_outside_field(kept[name], item):
@@ -566,15 +591,6 @@ def _same_outside_field(restored: object, value: object) -> bool:
     return same_when_loaded(restored, value)
 
 
-def _fields(value: object) -> tuple[str, ...] | None:
-    """The fields of a Struct or dataclass instance, None for another value."""
-    if isinstance(value, msgspec.Struct):
-        return value.__struct_fields__
-    if dataclasses.is_dataclass(value):
-        return tuple(f.name for f in dataclasses.fields(value))
-    return None
-
-
 def _change(name: str, value: object, restored: object) -> str:
     kind = type(value).__name__
     if type(restored) is not type(value):
@@ -582,7 +598,7 @@ def _change(name: str, value: object, restored: object) -> str:
     if isinstance(value, datetime.datetime | datetime.time):
         assert isinstance(restored, datetime.datetime | datetime.time)
         return f"{name} ({kind} in time zone {value.tzinfo} loads back in {restored.tzinfo})"
-    fields = _fields(value)
+    fields = fields_of(value)
     if fields is None:
         return f"{name} ({kind} whose items load back changed)"
     if not _same_outside_fields(_outside_fields(restored, fields), _outside_fields(value, fields)):
