@@ -275,10 +275,7 @@ class Events:
         meta["correlation_id"] = cause.correlation_id
         if cause.causation_id:
             meta["causation_id"] = cause.causation_id
-        try:
-            encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
-        except (NotImplementedError, TypeError, ValueError) as error:
-            raise EventSourcingError(f"the save's metadata does not encode: {error}") from None
+        encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
         appends = []
         saved: set[str] = set()
         for aggregate, pending in zip(aggregates, saving, strict=True):
@@ -617,24 +614,35 @@ def _check_retries(retries: object) -> None:
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> None:
-    """Refuse a save's metadata that is not a str-keyed dict of the caller's own keys."""
-    not_text = [key for key in metadata or {} if not isinstance(key, str)]
+    """Refuse a save's metadata that is not a str-keyed dict of the caller's own keys, or that
+    does not encode."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise EventSourcingError(
+            f"metadata is a dict of str keys to values, not {type(metadata).__name__}"
+        )
+    not_text = [key for key in metadata if not isinstance(key, str)]
     if not_text:
         first = not_text[0]
         raise EventSourcingError(
             f"metadata keys are strings, not {type(first).__name__} ({first!r})"
         )
-    if APP_KEY in (metadata or {}):
+    if APP_KEY in metadata:
         raise EventSourcingError(
             f"metadata {APP_KEY!r} is set by riverbed: the name of the app that saved the event"
         )
-    reserved = sorted(CAUSE_KEYS & (metadata or {}).keys())
+    reserved = sorted(CAUSE_KEYS & metadata.keys())
     if reserved:
         raise EventSourcingError(
             f"metadata {reserved[0]!r} is set by riverbed; give the command's id with "
             "handle(..., command_id=), or the ids with "
             "`with riverbed.eventsourcing.causing(cause_id, correlation_id=...)`"
         )
+    try:
+        ENCODER.encode(metadata)
+    except (NotImplementedError, OverflowError, TypeError, ValueError) as error:
+        raise EventSourcingError(f"the save's metadata does not encode: {error}") from None
 
 
 def _key_of(

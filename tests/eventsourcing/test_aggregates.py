@@ -224,6 +224,13 @@ def test_a_version_below_1_and_reserved_or_unencodable_metadata_are_refused(
             events.save(order, metadata={key: "mine"})
     with pytest.raises(EventSourcingError, match="metadata does not encode: objects of type"):
         events.save(order, metadata={"user": object()})
+    with pytest.raises(EventSourcingError, match="metadata does not encode: can't serialize"):
+        events.save(order, metadata={"request": 2**70})
+    for not_a_dict in ("r1", [("user", "ada")]):
+        with pytest.raises(EventSourcingError, match="metadata is a dict of str keys to values"):
+            events.save(order, metadata=not_a_dict)  # type: ignore[arg-type]
+        with pytest.raises(EventSourcingError, match="metadata is a dict of str keys to values"):
+            asyncio.run(events.save_async(order, metadata=not_a_dict))  # type: ignore[arg-type]
     with pytest.raises(EventSourcingError, match=r"metadata keys are strings, not int \(1\)"):
         events.save(order, metadata={1: "one"})
     for bad_id in ("", 5, ["a"]):
