@@ -391,11 +391,11 @@ def stored_event(record: Record) -> StoredEvent:
         return int(value)
 
     if metadata is None:
-        ids = {"correlation_id": text(CORRELATION)}
+        # In the order a save writes them, so the event is the stored one, byte for byte.
+        ids = {APP_KEY: text(APP)} if APP in headers else {}
+        ids["correlation_id"] = text(CORRELATION)
         if CAUSATION in headers:
             ids["causation_id"] = text(CAUSATION)
-        if APP in headers:
-            ids[APP_KEY] = text(APP)
         metadata = msgspec.msgpack.encode(ids)
     return StoredEvent(
         position=number(POSITION),
