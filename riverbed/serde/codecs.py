@@ -10,9 +10,10 @@ the reason, which the stream layer routes to the topic's dead-letter topic.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Sequence
 from itertools import repeat
-from typing import Any, Generic, Protocol, TypeVar, cast, get_origin
+from typing import Annotated, Any, Generic, Protocol, TypeVar, cast, get_args, get_origin
 
 import msgspec
 
@@ -50,8 +51,8 @@ class BytesCodec:
     def encode(self, value: bytes) -> bytes:
         if not isinstance(value, bytes | bytearray | memoryview):
             raise SerializationError(
-                f"cannot encode a {type(value).__name__} as bytes; pass bytes, "
-                "or declare the topic with value=<its type>"
+                f"cannot encode a {type(value).__name__} as bytes; pass bytes, or declare the "
+                "topic with the type (value=..., or key=... for keys)"
             )
         return bytes(value)
 
@@ -94,13 +95,13 @@ class JsonCodec(Generic[T]):
 
     def __init__(self, tp: type[T]) -> None:
         self._type = tp
-        self.type_name = getattr(tp, "__name__", str(tp))
+        self.type_name = type_name(tp)
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(tp)
+        self._list_decoder = msgspec.json.Decoder(list[tp])  # type: ignore[valid-type]
         # Structs and dataclasses are checked by class on encode; msgspec itself would encode
         # any object with the right attributes.
-        origin = get_origin(tp) or tp
-        self._instance_of = origin if isinstance(origin, type) else object
+        self._instance_of = _outer_class(tp)
 
     def encode(self, value: T) -> bytes:
         if not isinstance(value, self._instance_of):
@@ -109,15 +110,24 @@ class JsonCodec(Generic[T]):
                 f"pass a {self.type_name}"
             )
         try:
-            return self._encoder.encode(value)
+            data = self._encoder.encode(value)
         except (TypeError, msgspec.EncodeError) as error:
             raise SerializationError(f"cannot encode as {self.type_name}: {error}") from None
+        try:
+            # Python does not check annotations, nor msgspec when it encodes: a field holding a
+            # value of another type would be written, and every reader refuse the record.
+            self._decoder.decode(data)
+        except msgspec.ValidationError as error:
+            raise _invalid(self.type_name, error) from None
+        return data
 
     def encode_many(self, values: Sequence[T]) -> list[bytes]:
         if all(map(isinstance, values, repeat(self._instance_of))):
             try:
-                return list(map(self._encoder.encode, values))
-            except (TypeError, msgspec.EncodeError):
+                datas = list(map(self._encoder.encode, values))
+                self._list_decoder.decode(b"[" + b",".join(datas) + b"]")  # one check for all
+                return datas
+            except (TypeError, msgspec.EncodeError, msgspec.ValidationError):
                 pass
         return list(map(self.encode, values))  # names the value that does not encode
 
@@ -135,12 +145,43 @@ class JsonCodec(Generic[T]):
             return [self.decode(data) for data in datas]  # names the record that failed
 
 
+def _invalid(name: str, error: msgspec.ValidationError) -> SerializationError:
+    reason = str(error)
+    if "got `null`" in reason:
+        reason += " (JSON has no NaN or infinity: they encode as null)"
+    return SerializationError(f"cannot encode as {name}: {reason}")
+
+
+def type_name(tp: object) -> str:
+    """``Payment``, ``list[int]``, ``int | None``, ``Annotated[int, Meta(ge=0)]``."""
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("msgspec.", "")
+
+
+def _outer_class(tp: object) -> type | tuple[type, ...]:
+    """The class every value of ``tp`` is an instance of (object for a union): ``list`` for
+    ``list[int]``, ``int`` for ``Annotated[int, ...]``; a float may be given as an int."""
+    if get_origin(tp) is Annotated:
+        return _outer_class(get_args(tp)[0])
+    origin = get_origin(tp) or tp
+    if origin is float:
+        return (int, float)
+    if isinstance(origin, type) and origin is not types.UnionType:
+        return origin
+    return object
+
+
 class PydanticCodec(Generic[T]):
     """pydantic v2 models, through their own JSON validation."""
 
     def __init__(self, model: type[T]) -> None:
         self._model: Any = model
         self.type_name = model.__name__
+        # Written as read: fields by their aliases, computed fields left out (a model that
+        # forbids extra fields would refuse them back).
+        computed = set(getattr(model, "model_computed_fields", ()))
+        self._dump: dict[str, Any] = {"by_alias": True, "exclude": computed or None}
 
     def encode(self, value: T) -> bytes:
         if not isinstance(value, self._model):
@@ -148,7 +189,7 @@ class PydanticCodec(Generic[T]):
                 f"cannot encode a {type(value).__name__} as {self.type_name}; "
                 f"pass a {self.type_name}"
             )
-        return cast(bytes, self._model.model_dump_json(value).encode())
+        return cast(bytes, self._model.model_dump_json(value, **self._dump).encode())
 
     def encode_many(self, values: Sequence[T]) -> list[bytes]:
         return list(map(self.encode, values))

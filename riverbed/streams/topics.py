@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from riverbed.log.api import Producer, Record, SendFuture
-from riverbed.serde.codecs import Codec, DeserializationError, codec_for
+from riverbed.serde.codecs import Codec, DeserializationError, SerializationError, codec_for
 from riverbed.serde.compat import Compatibility, Schema, schema_of
 from riverbed.streams.handlers import ATTEMPTS_HEADER, causal_headers
 
@@ -70,7 +70,10 @@ class Topic(Generic[K, V]):
         self, value: V, key: K | None = None
     ) -> tuple[bytes | None, bytes, dict[str, bytes]]:
         """Key bytes, value bytes and the headers to send them with."""
-        key_bytes = None if key is None else self.key_codec.encode(key)
+        try:
+            key_bytes = None if key is None else self.key_codec.encode(key)
+        except SerializationError as error:
+            raise SerializationError(f"the key for topic {self.name!r}: {error}") from None
         headers = {}
         if self.schema_version is not None:
             headers[SCHEMA_VERSION_HEADER] = str(self.schema_version).encode()
@@ -92,11 +95,22 @@ class Topic(Generic[K, V]):
         )
 
     def decode(self, record: Record) -> TypedRecord[K, V]:
-        """The typed record; ``DeserializationError`` if its key or value does not decode."""
-        key: Any = None if record.key is None else self.key_codec.decode(record.key)
+        """The typed record; ``DeserializationError`` naming the record and whether its key or
+        its value does not decode, and why."""
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        try:
+            key: Any = None if record.key is None else self.key_codec.decode(record.key)
+        except DeserializationError as error:
+            raise DeserializationError(f"the key of record {where}: {error}") from None
         if record.value is None:
-            raise DeserializationError("a tombstone (value None) has no value to decode")
-        return TypedRecord(key, self.value_codec.decode(record.value), record)
+            raise DeserializationError(
+                f"record {where} is a tombstone (value None): it has no value to decode"
+            )
+        try:
+            value = self.value_codec.decode(record.value)
+        except DeserializationError as error:
+            raise DeserializationError(f"the value of record {where}: {error}") from None
+        return TypedRecord(key, value, record)
 
     def dead_letter(
         self, producer: Producer, record: Record, error: BaseException, attempts: int = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Annotated, Any
 
 import msgspec
 import pydantic
@@ -64,6 +65,57 @@ def test_round_trip(tp: Any, value: Any) -> None:
 def test_struct_round_trip_property(payment: Payment) -> None:
     codec = codec_for(Payment)
     assert codec.decode(codec.encode(payment)) == payment
+
+
+class Customer(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    customer_id: int = pydantic.Field(alias="customerId")
+    net: int
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def gross(self) -> int:
+        return 2 * self.net
+
+
+@pytest.mark.parametrize(
+    ("tp", "value"),
+    [
+        (Payment | None, Payment("c1", 5)),
+        (Payment | None, None),
+        (int | str, "five"),
+        (Annotated[int, msgspec.Meta(ge=0)], 5),
+        (float, 3),  # an int is a float, as msgspec decodes it
+        (Customer, Customer(customerId=7, net=2)),  # aliases written, computed fields not
+    ],
+)
+def test_unions_annotated_types_and_pydantic_aliases_round_trip(tp: Any, value: Any) -> None:
+    codec = codec_for(tp)
+    assert codec.decode(codec.encode(value)) == value
+    assert codec.decode_many(codec.encode_many([value, value])) == [value, value]
+
+
+@pytest.mark.parametrize(
+    ("tp", "value", "reason"),
+    [
+        (Payment, Payment(7, 5), r"Expected `str`, got `int` - at `\$.card`"),  # type: ignore[arg-type]
+        (Payment, Payment("c", 2.5), r"Expected `int`, got `float` - at `\$.amount`"),  # type: ignore[arg-type]
+        (Payment, Payment("c", 1, math.nan), "got `null`.*JSON has no NaN or infinity"),
+        (Click, Click("home", "7"), r"Expected `int`, got `str` - at `\$.user`"),  # type: ignore[arg-type]
+        (dict[str, int], {"a": "x"}, "Expected `int`, got `str`"),
+        (int, True, "Expected `int`, got `bool`"),
+        (Annotated[int, msgspec.Meta(ge=0)], -1, "Expected `int` >= 0"),
+        (int | None, "five", "Expected `int | null`, got `str`"),
+    ],
+)
+def test_a_value_whose_fields_have_the_wrong_types_is_refused_on_encode(
+    tp: Any, value: Any, reason: str
+) -> None:
+    codec = codec_for(tp)
+    with pytest.raises(SerializationError, match=reason):
+        codec.encode(value)
+    with pytest.raises(SerializationError, match=reason):  # the batch names it too
+        codec.encode_many([value])
 
 
 def test_wrong_value_type_is_refused() -> None:

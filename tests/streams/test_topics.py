@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 import riverbed
+from riverbed.log.api import Record
 from riverbed.serde import DeserializationError
 from riverbed.serde.registry import IncompatibleSchemaError
 from riverbed.streams.topics import (
@@ -15,6 +16,7 @@ from riverbed.streams.topics import (
     SCHEMA_VERSION_HEADER,
     SOURCE_OFFSET_HEADER,
     SOURCE_TOPIC_HEADER,
+    Topic,
 )
 from tests.support import consume
 
@@ -92,7 +94,10 @@ def test_undecodable_record_goes_to_the_dead_letter_topic(
     assert parked.value == bad.value
     assert parked.headers[SOURCE_TOPIC_HEADER] == name.encode()
     assert parked.headers[SOURCE_OFFSET_HEADER] == str(bad.offset).encode()
-    assert b"DeserializationError: not a valid Payment" in parked.headers[ERROR_HEADER]
+    assert (
+        f"DeserializationError: the value of record {name}[0]@0: not a valid Payment".encode()
+        in parked.headers[ERROR_HEADER]
+    )
 
 
 def test_declaration_errors() -> None:
@@ -104,3 +109,20 @@ def test_declaration_errors() -> None:
         app.topic("orders", value=Payment)
     with pytest.raises(riverbed.RiverbedError, match="no codec for"):
         app.topic("other", value=object)
+
+
+def test_a_record_that_does_not_decode_is_named_with_its_key_or_value() -> None:
+    payments = Topic("payments", 1, int, Payment, False, None, riverbed.Compatibility.BACKWARD)
+    good = b'{"card": "c1", "amount": 5}'
+    for key, value, reason in (
+        (b"x", good, r"the key of record payments\[0\]@7: not a valid int"),
+        (b"1", b"{}", r"the value of record payments\[0\]@7: not a valid Payment"),
+        (b"1", None, r"record payments\[0\]@7 is a tombstone"),
+    ):
+        with pytest.raises(DeserializationError, match=reason):
+            payments.decode(Record("payments", 0, 7, 0, key, value))
+    with pytest.raises(riverbed.SerializationError, match="the key for topic 'payments': cannot"):
+        payments.encode(Payment("c1", 5), key="1")  # type: ignore[arg-type]
+    raw = Topic("raw", 1, None, None, False, None, riverbed.Compatibility.BACKWARD)
+    with pytest.raises(riverbed.SerializationError, match=r"the key for .* or key=\.\.\. for"):
+        raw.encode(b"v", key="k")  # type: ignore[arg-type]
