@@ -9,6 +9,7 @@ problems, each naming the field, empty when the change is compatible.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import msgspec
@@ -70,8 +71,13 @@ class _Reading:
         self._seen.add((id(reader), id(writer)))
         where = f"field '{path}'" if path else "the value"
         reader_types, writer_types = _types(reader), _types(writer)
-        if not reader_types or not writer_types:  # an unconstrained side accepts anything
+        if not reader_types:  # a reader that accepts anything
             return []
+        if not writer_types:
+            return [
+                f"{where}: the {self._reader_is} schema accepts {_names(reader_types)} but data "
+                f"written with the {self._writer_is} schema may hold any value"
+            ]
         unreadable = writer_types - reader_types
         if "number" in reader_types:
             unreadable.discard("integer")  # a JSON integer is a number
@@ -89,19 +95,58 @@ class _Reading:
         if len(readers) > 1 or len(writers) > 1:  # a union (X | None, say): member by member
             return self._compare_members(readers, writers, path)
         problems: list[str] = []
+        unmet = _unmet_constraints(reader, writer)
+        if unmet:
+            problems.append(
+                f"{where}: the {self._reader_is} schema requires {', '.join(unmet)}, which data "
+                f"written with the {self._writer_is} schema need not meet"
+            )
         if "object" in writer_types and "properties" in reader:
             problems += self._compare_fields(reader, writer, path)
-        if isinstance(reader.get("additionalProperties"), dict) and isinstance(
-            writer.get("additionalProperties"), dict
-        ):  # a dict's values
-            problems += self._compare(
-                reader["additionalProperties"], writer["additionalProperties"], f"{path}[...]"
-            )
-        if isinstance(reader.get("items"), dict) and isinstance(writer.get("items"), dict):
-            problems += self._compare(reader["items"], writer["items"], f"{path}[]")
+        problems += self._compare_values(reader, writer, path)
+        items = reader.get("items")
+        if isinstance(items, dict):  # a list's items: against the writer's, whatever they were
+            written = writer.get("items")
+            if isinstance(written, dict) or "prefixItems" not in writer:
+                problems += self._compare(items, written if isinstance(written, dict) else {},
+                                          f"{path}[]")  # fmt: skip
+            else:  # a tuple written, a list read
+                for index, item in enumerate(writer["prefixItems"]):
+                    problems += self._compare(items, item, f"{path}[{index}]")
         if "prefixItems" in reader and "prefixItems" in writer:  # a tuple's items
             problems += self._compare_items(reader["prefixItems"], writer["prefixItems"], path)
         return problems
+
+    def _compare_values(self, reader: Schema, writer: Schema, path: str) -> list[str]:
+        """A dict's values read against what the writer's dict (or object) held, and a reader
+        that forbids unknown fields against the fields written."""
+        values = reader.get("additionalProperties")
+        written_fields: dict[str, Schema] = writer.get("properties", {})
+        if isinstance(values, dict):
+            written = writer.get("additionalProperties")
+            if isinstance(written, dict) or not written_fields:
+                written = written if isinstance(written, dict) else {}
+                return self._compare(values, written, f"{path}[...]")
+            return [
+                problem
+                for name, field in written_fields.items()
+                for problem in self._compare(values, field, f"{path}[{name!r}]")
+            ]
+        if values is not False or "properties" not in reader:
+            return []
+        if writer.get("additionalProperties") is not False and not written_fields:
+            where = f"field '{path}'" if path else "the value"
+            return [
+                f"{where} forbids unknown fields in the {self._reader_is} schema, but data "
+                f"written with the {self._writer_is} schema may hold any field"
+            ]
+        unknown = sorted(set(written_fields) - set(reader["properties"]))
+        return [
+            f"field '{f'{path}.{name}' if path else name}' of data written with the "
+            f"{self._writer_is} schema is refused by the {self._reader_is} schema, which forbids "
+            "unknown fields"
+            for name in unknown
+        ]
 
     def _members(self, schema: Schema, doc: Schema) -> list[Schema]:
         members: list[Schema] = schema.get("anyOf") or schema.get("oneOf") or [schema]
@@ -148,6 +193,50 @@ class _Reading:
                     "give it a default"
                 )
         return problems
+
+
+# Constraints a reader may add only if the writer's implied them: a bound at least as tight, or
+# the same pattern, format or multiple.
+_LOWER_BOUNDS = ("minLength", "minItems", "minProperties")
+_UPPER_BOUNDS = ("maxLength", "maxItems", "maxProperties")
+_SAME = ("pattern", "format", "multipleOf")
+
+
+def _unmet_constraints(reader: Schema, writer: Schema) -> list[str]:
+    """The reader's constraints that the writer's do not imply, as ``minimum 0``."""
+    unmet = [
+        f"{key} {reader[key]!r}"
+        for key in _SAME
+        if key in reader and writer.get(key) != reader[key]
+    ]
+    unmet += [
+        f"{key} {reader[key]}"
+        for key in _LOWER_BOUNDS
+        if key in reader and not writer.get(key, -math.inf) >= reader[key]
+    ]
+    unmet += [
+        f"{key} {reader[key]}"
+        for key in _UPPER_BOUNDS
+        if key in reader and not writer.get(key, math.inf) <= reader[key]
+    ]
+    # Number bounds: a writer's exclusive bound implies an inclusive one at the same value.
+    low = max(writer.get("minimum", -math.inf), writer.get("exclusiveMinimum", -math.inf))
+    high = min(writer.get("maximum", math.inf), writer.get("exclusiveMaximum", math.inf))
+    strict_low = writer.get("exclusiveMinimum", -math.inf) >= writer.get("minimum", -math.inf)
+    strict_high = writer.get("exclusiveMaximum", math.inf) <= writer.get("maximum", math.inf)
+    if "minimum" in reader and not low >= reader["minimum"]:
+        unmet.append(f"minimum {reader['minimum']}")
+    if "exclusiveMinimum" in reader and not (
+        low > reader["exclusiveMinimum"] or (strict_low and low >= reader["exclusiveMinimum"])
+    ):
+        unmet.append(f"exclusiveMinimum {reader['exclusiveMinimum']}")
+    if "maximum" in reader and not high <= reader["maximum"]:
+        unmet.append(f"maximum {reader['maximum']}")
+    if "exclusiveMaximum" in reader and not (
+        high < reader["exclusiveMaximum"] or (strict_high and high <= reader["exclusiveMaximum"])
+    ):
+        unmet.append(f"exclusiveMaximum {reader['exclusiveMaximum']}")
+    return unmet
 
 
 def _types(schema: Schema) -> set[str]:

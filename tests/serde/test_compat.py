@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import Annotated, Any
+
 import msgspec
 import pytest
 
@@ -158,3 +161,67 @@ def test_dict_values_tuple_items_and_optional_structs_are_compared() -> None:
     assert any("field 'address.zip' is required" in p for p in found)
     assert problems(Account, AccountWidened, BACKWARD) == []  # ints read as floats
     assert problems(Account, Account, FULL) == []
+
+
+class Tally(msgspec.Struct):
+    count: int
+    tags: list[str]
+    extra: dict[str, int]
+    anything: Any = None
+
+
+class TallyBounded(msgspec.Struct):
+    count: Annotated[int, msgspec.Meta(ge=0, le=100)]
+    tags: Annotated[list[Annotated[str, msgspec.Meta(max_length=8)]], msgspec.Meta(min_length=1)]
+    extra: dict[str, int]
+    anything: Any = None
+
+
+class TallyAnythingNarrowed(msgspec.Struct):
+    count: int
+    tags: list[str]
+    extra: dict[str, int]
+    anything: int | None = None
+
+
+class Loose(msgspec.Struct):
+    values: list  # type: ignore[type-arg]
+    mapping: dict  # type: ignore[type-arg]
+    label: str
+
+
+class LooseNarrowed(msgspec.Struct):
+    values: list[int]
+    mapping: dict[str, int]
+    label: uuid.UUID
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    count: int
+
+
+def test_constraints_narrowing_and_forbidden_fields_are_refused_where_they_break_reading() -> None:
+    found = problems(Tally, TallyBounded, BACKWARD)
+    assert any("field 'count': the new schema requires minimum 0, maximum 100" in p for p in found)
+    assert any("field 'tags': the new schema requires minItems 1" in p for p in found)
+    assert any("field 'tags[]': the new schema requires maxLength 8" in p for p in found)
+    assert problems(Tally, TallyBounded, FORWARD) == []  # the old schema reads the new data
+    found = problems(Tally, TallyAnythingNarrowed, BACKWARD)
+    assert found == [
+        "field 'anything': the new schema accepts integer or null but data written with the old "
+        "schema may hold any value"
+    ]
+    assert problems(Tally, TallyAnythingNarrowed, FORWARD) == []
+    found = problems(Loose, LooseNarrowed, BACKWARD)
+    assert any("field 'values[]': the new schema accepts integer" in p for p in found)
+    assert any("field 'mapping[...]': the new schema accepts integer" in p for p in found)
+    assert any("field 'label': the new schema requires format 'uuid'" in p for p in found)
+    assert problems(V1, Strict, BACKWARD) == [
+        "field 'count' is required by the new schema but missing from data written with the "
+        "old schema; give it a default",
+        *(
+            f"field '{name}' of data written with the old schema is refused by the new schema, "
+            "which forbids unknown fields"
+            for name in ("amount", "card")
+        ),
+    ]
