@@ -46,6 +46,10 @@ class App(StreamApp):
         self.events.close()
         super().close()
 
+    def check_runnable(self) -> None:
+        if not self.events.has_work():
+            super().check_runnable()
+
     def metric_collectors(self) -> list[Any]:
         if not self.events.has_work():
             return []
@@ -68,15 +72,15 @@ class App(StreamApp):
         # Until the runners have ended: a second signal (a terminal's Ctrl-C and the parent
         # worker's, say) would otherwise interrupt the join and close the store under them.
         with stopping_on_signals(stop):
-            if metrics_port is not None and not self.has_streams():  # a port in use: nothing ran
-                from riverbed.streams.metrics import RunnerMetrics
-
-                RunnerMetrics(self.name, self.metric_collectors()).serve(metrics_port)
+            if self.has_streams():
+                self.start()
+            # Served before anything runs: a port in use fails the worker with nothing done.
+            metrics = None if metrics_port is None else self.serve_metrics(metrics_port)
             # The log connected by the relays, which wait it out if it is unreachable.
             threads = self.events.run(stop, (lambda: self.log) if self.events.relays else None)
             try:
                 if self.has_streams():
-                    super().run(stop, report, metrics_port)
+                    self.run_pipelines(stop, report, metrics)
                 else:
                     stop.wait()
             finally:

@@ -170,8 +170,15 @@ def _stop_with(supervisor: int) -> None:
 def _run_processes(target: str, processes: int, metrics_port: int | None) -> int:
     """Run ``processes`` single-process workers and pass SIGTERM and SIGINT on to them. One
     that ends on its own (crashed, killed) stops the others, as a supervisor would restart them
-    all; the exit status is the first non-zero one of theirs (128 + N for a signal N)."""
-    _check_event_store(load_app(target))  # fail here, once, if the target is wrong
+    all; the exit status is that one's (128 + N for a signal N)."""
+    if metrics_port is not None and metrics_port + processes - 1 > MAX_PORT:
+        raise RiverbedError(
+            f"--metrics-port {metrics_port} with --processes {processes} needs ports "
+            f"{metrics_port}-{metrics_port + processes - 1}, past {MAX_PORT}; give a lower port"
+        )
+    app = load_app(target)  # fail here, once, if the target is wrong
+    app.check_runnable()
+    _check_event_store(app)
     command = [sys.executable, "-m", "riverbed.cli.main", "worker", target,
                "--supervisor", str(os.getpid())]  # fmt: skip
     children: list[subprocess.Popen[bytes]] = []
@@ -199,18 +206,24 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one meanwhile: forwarded
+        # The first to fail: the others may end later, by the SIGTERM it makes this pass on.
+        first_failed: subprocess.Popen[bytes] | None = None
         while [child for child in children if child.poll() is None]:  # polls every one
             ended = next((c for c in children if c.returncode not in (None, 0)), None)
-            if ended is not None and not stopping:
-                err.print(
-                    f"worker process {ended.pid} ended with {_status(ended.returncode)}; "
-                    "stopping the others"
-                )
-                forward(signal.SIGTERM, None)
+            if ended is not None and first_failed is None:
+                first_failed = ended
+                if not stopping:
+                    err.print(
+                        f"worker process {ended.pid} ended with {_status(ended.returncode)}; "
+                        "stopping the others"
+                    )
+                    forward(signal.SIGTERM, None)
             time.sleep(CHILD_POLL_S)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if first_failed is not None:
+        return _exit_status(first_failed.returncode)
     codes = [_exit_status(child.returncode) for child in children]
     return next((code for code in codes if code), 0)
 
@@ -231,6 +244,7 @@ def _check_event_store(app: App) -> None:
 
 
 CHILD_POLL_S = 0.1
+MAX_PORT = 65_535
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 

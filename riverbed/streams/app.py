@@ -255,15 +255,27 @@ class App(Closing):
         the batch in hand is finished and committed, and the consumer leaves the group.
         ``report(runner)`` is called about once a second with the runner's counters; with
         ``metrics_port``, Prometheus metrics are served there (the ``metrics`` extra)."""
-        stop = stop or threading.Event()
         self._sources()  # nothing to run: say so before touching the log
         self.start()  # topics exist before the metrics endpoint answers
-        metrics = None
-        if metrics_port is not None:
-            from riverbed.streams.metrics import RunnerMetrics
+        metrics = None if metrics_port is None else self.serve_metrics(metrics_port)
+        self.run_pipelines(stop or threading.Event(), report, metrics)
 
-            metrics = RunnerMetrics(self.name, self.metric_collectors())
-            metrics.serve(metrics_port)
+    def serve_metrics(self, port: int) -> RunnerMetrics:
+        """Serve the app's Prometheus metrics on ``port``; ``RiverbedError`` if it cannot."""
+        from riverbed.streams.metrics import RunnerMetrics
+
+        metrics = RunnerMetrics(self.name, self.metric_collectors())
+        metrics.serve(port)
+        return metrics
+
+    def run_pipelines(
+        self,
+        stop: threading.Event,
+        report: Callable[[Runner], None] | None,
+        metrics: RunnerMetrics | None,
+    ) -> None:
+        """``run``, once the topics exist and the metrics (if any) are served."""
+        if metrics is not None:
             report = self._reporting_lag(metrics, report)
         with stopping_on_signals(stop), self.runner(metrics) as runner:
             runner.run(stop, report)
@@ -314,6 +326,10 @@ class App(Closing):
     def has_streams(self) -> bool:
         """Whether the app has a pipeline or handler to run."""
         return bool(self._source_topics())
+
+    def check_runnable(self) -> None:
+        """``RiverbedError`` if a worker would have nothing of the app's to run."""
+        self._sources()
 
     def _sources(self) -> list[str]:
         """The topics the app's consumer reads; an error if there is nothing to run."""

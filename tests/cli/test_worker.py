@@ -363,3 +363,28 @@ def test_a_worker_process_ended_by_a_signal_without_a_name_is_described() -> Non
 
     assert (_status(-35), _exit_status(-35)) == ("signal 35", 163)
     assert (_status(-9), _exit_status(-9)) == ("signal SIGKILL", 137)
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        (
+            APP_MODULE.replace("app.stream(lines).flat_map(str.split).to(words)", ""),
+            (),
+            "error: app 'words' has no pipeline or handler to run",
+        ),
+        (APP_MODULE, ("--metrics-port", "65535"), "needs ports 65535-65536, past 65535"),
+    ],
+)
+def test_what_no_worker_process_could_run_is_one_error_before_any_starts(
+    tmp_path: Path, module: str, args: tuple[str, ...], message: str
+) -> None:
+    (tmp_path / "wordapp.py").write_text(module)
+    result = subprocess.run(
+        [RIVERBED, "--url", f"sqlite:///{tmp_path}/log.db", "worker", "wordapp:app",
+         "--processes", "2", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()  # once, not once per process
+    assert message in line

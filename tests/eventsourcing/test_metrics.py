@@ -39,11 +39,16 @@ def test_a_scrape_answers_without_the_store_while_it_is_slow_then_with_it() -> N
     assert families["riverbed_subscriber_parked"].samples[0].labels == {"name": "totals"}
 
 
+@pytest.mark.parametrize("with_handler", [False, True])
 def test_a_metrics_port_in_use_is_refused_naming_it_before_any_runner_starts(
-    tmp_path: Path,
+    tmp_path: Path, with_handler: bool
 ) -> None:
-    app = riverbed.App("shop", events_url=f"sqlite:///{tmp_path}/events.db")
+    app = riverbed.App(
+        "shop", url=f"sqlite:///{tmp_path}/log.db", events_url=f"sqlite:///{tmp_path}/events.db"
+    )
     app.events.projection(Totals())
+    if with_handler:  # the pipelines' runner serves the metrics, after the projections started
+        app.handler(app.topic("orders", value=str))(lambda order: None)
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
