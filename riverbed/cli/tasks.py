@@ -51,7 +51,8 @@ def tasks_root(
 
 @contextmanager
 def open_broker(ctx: typer.Context) -> Iterator[Broker]:
-    broker = connect_broker(ctx.obj)
+    # Never made here: a mistyped path would show an empty queue and leave a file behind.
+    broker = connect_broker(ctx.obj, create=False)
     try:
         yield broker
     finally:
@@ -111,7 +112,7 @@ def worker(
     if metrics_port is not None:
         from riverbed.tasks.worker.metrics import WorkerMetrics
 
-        runner.metrics = WorkerMetrics(tasks.app_name)
+        runner.metrics = WorkerMetrics(tasks.app_name, runner.inflight.held)
         runner.metrics.serve(metrics_port)
     started = time.monotonic()
     threading.Thread(target=_status_line, args=(runner, started), daemon=True).start()

@@ -17,6 +17,7 @@ from typer.testing import CliRunner, Result
 import riverbed
 from riverbed.cli.main import app as cli
 from riverbed.tasks import TaskState
+from riverbed.tasks.brokers import connect_broker
 from tests.services import free_port
 from tests.support import wait_until
 
@@ -39,6 +40,13 @@ APP_MODULE = textwrap.dedent(
     @app.task
     def topics() -> list[str]:
         return [topic.name for topic in app.log.list_topics()]
+
+    @app.task
+    def waits_for(path: str) -> None:
+        import os, time
+
+        while not os.path.exists(path):
+            time.sleep(0.02)
     """
 )
 
@@ -101,13 +109,18 @@ def test_worker_runs_tasks_until_sigterm_and_serves_metrics(
         metrics = scrape()
         assert 'riverbed_tasks_finished_total{state="succeeded",task="jobs.double"} 20.0' in metrics
         assert 'riverbed_tasks_finished_total{state="failed",task="jobs.broken"} 1.0' in metrics
+        assert "riverbed_tasks_held 0.0" in metrics
+        waiting = jobs.waits_for.delay(str(tmp_path / "go"))  # type: ignore[attr-defined]
+        wait_until(lambda: "riverbed_tasks_held 1.0" in scrape(), 30, "the held task counted")
+        (tmp_path / "go").touch()
+        waiting.result(timeout=60)
         worker.send_signal(signal.SIGTERM)
         _, stderr = worker.communicate(timeout=60)
     finally:
         if worker.poll() is None:
             worker.kill()
     assert worker.returncode == 0, stderr
-    assert "21 succeeded, 1 failed" in stderr
+    assert "22 succeeded, 1 failed" in stderr
 
 
 def test_list_inspect_dlq_retry_cancel_purge_and_stats(tasks_url: str, jobs: object) -> None:
@@ -156,6 +169,12 @@ def test_list_inspect_dlq_retry_cancel_purge_and_stats(tasks_url: str, jobs: obj
 
 
 def test_errors_are_one_line(tasks_url: str, tmp_path: Path) -> None:
+    for args in (("stats",), ("list",), ("dlq", "list"), ("inspect", "nope")):
+        typo = run(f"sqlite:///{tmp_path}/typo/tasks.db", *args)
+        assert typo.exit_code == 1
+        assert typo.stderr.startswith(f"error: no task database at '{tmp_path}/typo/tasks.db'")
+    assert not (tmp_path / "typo").exists()  # nothing made at the mistyped path
+    connect_broker(tasks_url).close()  # the app's first enqueue or its worker makes it
     missing = run(tasks_url, "inspect", "nope")
     assert missing.exit_code == 1
     assert missing.stderr.startswith("error: no task 'nope'")

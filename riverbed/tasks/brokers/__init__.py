@@ -10,16 +10,17 @@ TASKS_URL_ENV = "RIVERBED_TASKS_URL"
 DEFAULT_TASKS_URL = "sqlite:///.riverbed/tasks.db"
 
 
-def connect_broker(url: str | None = None) -> Broker:
+def connect_broker(url: str | None = None, *, create: bool = True) -> Broker:
     """The broker at ``url``, else ``$RIVERBED_TASKS_URL``, else the SQLite default.
 
-    Fails fast (``BrokerUnavailableError``) when a server URL cannot be reached."""
+    Fails fast (``BrokerUnavailableError``) when a server URL cannot be reached; with
+    ``create=False``, a SQLite task database that does not exist is an error, not made."""
     resolved = resolve_url(url, TASKS_URL_ENV, DEFAULT_TASKS_URL)
     parsed = parse_url(resolved, ("sqlite", "redis"))
     if parsed.scheme == "sqlite":
         from riverbed.tasks.brokers.sqlite import SqliteBroker
 
-        return SqliteBroker(parsed)
+        return SqliteBroker(parsed, create=create)
     try:
         import redis  # noqa: F401
     except ImportError:

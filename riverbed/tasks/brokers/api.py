@@ -165,7 +165,10 @@ class Broker(Protocol):
         """Take or renew the leader lease; True while ``worker`` holds it."""
         ...
 
-    def resign(self, worker: str) -> None: ...
+    def leave(self, worker: str) -> None:
+        """The worker stops: it gives the leader lease up if it holds it, and ``stats`` lists it
+        no longer."""
+        ...
 
     def claim_tick(self, schedule: str, tick_ms: int, message: TaskMessage) -> bool:
         """Enqueue ``message`` if ``tick_ms`` is later than the schedule's last tick, and record

@@ -572,10 +572,12 @@ redis.call('SET', leader, ARGV[5], 'PX', ARGV[6])
 return 1
 """
 
-_RESIGN = """
+# ARGV 5: worker.
+_LEAVE = """
 if redis.call('GET', key('leader')) == ARGV[5] then
   redis.call('DEL', key('leader'))
 end
+redis.call('ZREM', key('workers'), ARGV[5])
 """
 
 # ARGV 5: schedule, 6: tick ms, 7-13: the message.
@@ -653,7 +655,7 @@ class RedisBroker:
         self._purge = script(_PRELUDE + _PURGE)
         self._take_tokens = script(_PRELUDE + _TAKE_TOKENS)
         self._lead = script(_PRELUDE + _LEAD)
-        self._resign = script(_PRELUDE + _RESIGN)
+        self._leave = script(_PRELUDE + _LEAVE)
         self._claim_tick = script(_PRELUDE + _CLAIM_TICK)
         self._housekeep = script(_PRELUDE + _HOUSEKEEP)
         self._rewake = script(_PRELUDE + _REWAKE)
@@ -992,8 +994,8 @@ class RedisBroker:
     def lead(self, worker: str, ttl_ms: int) -> bool:
         return bool(self._run(self._lead, worker, ttl_ms))
 
-    def resign(self, worker: str) -> None:
-        self._run(self._resign, worker)
+    def leave(self, worker: str) -> None:
+        self._run(self._leave, worker)
 
     def claim_tick(self, schedule: str, tick_ms: int, message: TaskMessage) -> bool:
         return bool(self._run(self._claim_tick, schedule, tick_ms, *_message_args(message)))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from riverbed.errors import RiverbedError
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.tasks.brokers.api import (
@@ -135,11 +136,16 @@ _INFO_COLUMNS = "message, state, worker, started_ms, finished_ms, result, error,
 class SqliteBroker:
     """``sqlite:///path/tasks.db?result_ttl=86400&dead_ttl=604800&fsync=normal``."""
 
-    def __init__(self, url: BackendUrl) -> None:
+    def __init__(self, url: BackendUrl, create: bool = True) -> None:
         options = url.pop_options({**COMMON_OPTIONS, "fsync": "normal"})
         self.url = url.raw
         self.result_ttl_ms, self.dead_ttl_ms = ttl_options(url.shown, options)
         self.path = Path(url.location)
+        if not create and not self.path.exists():
+            raise RiverbedError(
+                f"no task database at {str(self.path)!r}: the file does not exist; check the "
+                "tasks URL (a worker or the first enqueue makes it)"
+            )
         self._file = SqliteFile(self.path, synchronous_option(url, options), "task database")
         try:
             self._file.create_schema(SCHEMA, SCHEMA_VERSION)
@@ -648,9 +654,10 @@ class SqliteBroker:
             )
         return True
 
-    def resign(self, worker: str) -> None:
+    def leave(self, worker: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (LEADER_LEASE, worker))
+            conn.execute("DELETE FROM workers WHERE worker = ?", (worker,))
 
     def claim_tick(self, schedule: str, tick_ms: int, message: TaskMessage) -> bool:
         now = now_ms()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from riverbed.errors import MissingExtraError
 from riverbed.metrics_server import serve_metrics
@@ -18,7 +18,8 @@ except ImportError as error:  # only a worker started with --metrics-port import
 class WorkerMetrics:
     """Counters move once per reported batch: tasks finished per task name and state."""
 
-    def __init__(self, app: str) -> None:
+    def __init__(self, app: str, held: Callable[[], int]) -> None:
+        """``held``: how many tasks the worker holds now, read at each scrape."""
         self.registry = CollectorRegistry()
         self.finished = Counter(
             "riverbed_tasks_finished", "Tasks finished, by task and outcome", ["task", "state"],
@@ -28,6 +29,7 @@ class WorkerMetrics:
             "riverbed_tasks_held", "Tasks this worker holds: running or waiting for a slot",
             registry=self.registry,
         )  # fmt: skip
+        self.held.set_function(held)
         Gauge("riverbed_app", "The app this worker runs", ["app"], registry=self.registry).labels(
             app
         ).set(1)

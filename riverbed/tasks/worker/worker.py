@@ -391,8 +391,7 @@ class Worker:
         threads[0].join()
         self._supervisor_done.set()
         threads[1].join()
-        if self._leading:
-            self._retrying(lambda: self.broker.resign(self.id))
+        self._retrying(lambda: self.broker.leave(self.id))
 
     def _retrying(self, call: Callable[[], T]) -> T:
         """Call the broker until it answers, backing off while it is unreachable."""
