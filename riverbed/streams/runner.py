@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from riverbed.log.api import TransactionalProducer
     from riverbed.streams.metrics import RunnerMetrics
 
+log = logging.getLogger("riverbed.streams")
 BATCH_RECORDS = 5000
 Decoded = tuple[Record, Any, Any]
 REPORT_INTERVAL_S = 1.0
@@ -131,8 +133,15 @@ class Runner:
             try:
                 key = None if record.key is None else decode_key(record.key)
                 value = None if record.value is None else decode_value(record.value)
-            except DeserializationError:
-                continue  # a table keeps its last good value for the key
+            except DeserializationError as error:
+                # Every worker reads the whole table, so none dead-letters it (each would): the
+                # table keeps the key's last good value, and says so.
+                log.warning(
+                    "table %s skips record %s[%d]@%d, which does not decode (%s); it keeps the "
+                    "key's last good value", name, record.topic, record.partition, record.offset,
+                    error,
+                )  # fmt: skip
+                continue
             pairs.append((key, value))
         table.apply(pairs)
 
@@ -448,12 +457,13 @@ def _decode_whole(
     decode_key = topic.key_codec.decode
     try:
         keys = [None if r.key is None else decode_key(r.key) for r in batch]
-        return keys, topic.value_codec.decode_many([_value_of(r) for r in batch])
+        return keys, topic.value_codec.decode_many([_value_of(r, topic) for r in batch])
     except DeserializationError:
         return None
 
 
-def _value_of(record: Record) -> bytes:
-    if record.value is None:
+def _value_of(record: Record, topic: Topic[Any, Any]) -> bytes:
+    value = record.value if record.value is not None else topic.tombstone_bytes
+    if value is None:  # a tombstone its type holds no None for: Topic.decode says so
         raise DeserializationError("a tombstone (value None) has no value to decode")
-    return record.value
+    return value

@@ -13,7 +13,13 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from riverbed.log.api import Producer, Record, SendFuture
-from riverbed.serde.codecs import Codec, DeserializationError, SerializationError, codec_for
+from riverbed.serde.codecs import (
+    Codec,
+    DeserializationError,
+    JsonCodec,
+    SerializationError,
+    codec_for,
+)
 from riverbed.serde.compat import Compatibility, Schema, schema_of
 from riverbed.streams.handlers import ATTEMPTS_HEADER, causal_headers
 
@@ -60,6 +66,9 @@ class Topic(Generic[K, V]):
         self.key_codec: Codec[K] = codec_for(key_type)
         self.value_codec: Codec[V] = codec_for(value_type)
         self.value_schema: Schema = schema_of(value_type)
+        # A tombstone (value None) decodes to None where the type holds None (V | None): on a
+        # compacted topic it deletes the key, and a handler of such a topic sees it.
+        self.tombstone_bytes = _null_if_accepted(self.value_codec)
         self.schema_version: int | None = None  # set when the app registers the schema
 
     @property
@@ -102,12 +111,14 @@ class Topic(Generic[K, V]):
             key: Any = None if record.key is None else self.key_codec.decode(record.key)
         except DeserializationError as error:
             raise DeserializationError(f"the key of record {where}: {error}") from None
-        if record.value is None:
+        raw = record.value if record.value is not None else self.tombstone_bytes
+        if raw is None:
             raise DeserializationError(
-                f"record {where} is a tombstone (value None): it has no value to decode"
+                f"record {where} is a tombstone (value None): it has no value to decode; "
+                "declare the value as V | None to receive it as None"
             )
         try:
-            value = self.value_codec.decode(record.value)
+            value = self.value_codec.decode(raw)
         except DeserializationError as error:
             raise DeserializationError(f"the value of record {where}: {error}") from None
         return TypedRecord(key, value, record)
@@ -127,3 +138,12 @@ class Topic(Generic[K, V]):
         if attempts:
             headers[ATTEMPTS_HEADER] = str(attempts).encode()
         return producer.send(self.dead_letter_topic, record.value, key=record.key, headers=headers)
+
+
+def _null_if_accepted(codec: Codec[Any]) -> bytes | None:
+    """``b"null"`` if the codec's type holds None (its JSON decodes), else None."""
+    try:
+        codec.decode(b"null")
+    except DeserializationError:
+        return None
+    return b"null" if isinstance(codec, JsonCodec) else None

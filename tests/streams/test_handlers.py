@@ -56,6 +56,37 @@ def test_retries_then_dead_letter_in_order(log_url: str, topic_name: Callable[[s
     assert parked.headers[ATTEMPTS_HEADER] == b"3"
 
 
+def test_a_tombstone_reaches_a_handler_whose_value_type_holds_none(
+    log_url: str, topic_name: Callable[[str], str]
+) -> None:
+    seen: list[tuple[str, Order | None]] = []
+    with riverbed.App(topic_name("app"), url=log_url) as app:
+        profiles = app.topic(topic_name("profiles"), value=Order | None, key=str, compact=True)
+        strict = app.topic(topic_name("strict"), value=Order, key=str, compact=True)
+
+        @app.handler(profiles)
+        def handle(key: str, order: Order | None) -> None:
+            seen.append((key, order))
+
+        @app.handler(strict)
+        def handle_strict(key: str, order: Order) -> None:
+            seen.append((key, order))
+
+        app.start()
+        profiles.send(app.producer, Order(1), key="ada").result(timeout=30)
+        for name in (profiles.name, strict.name):
+            app.producer.send(name, None, key=b"ada").result(timeout=30)  # a deletion
+        with running(app):
+            wait_until(lambda: len(seen) == 2, 60, "the record and the tombstone")
+            wait_until(lambda: sum(app.log.group_lag(app.name).values()) == 0, 60, "lag 0")
+        with app.log.consumer(topics=[strict.dead_letter_topic], from_beginning=True) as dlq:
+            (parked,) = consume(dlq, 1)
+    assert seen == [("ada", Order(1)), ("ada", None)]
+    assert (
+        b"declare the value as V | None to receive it as None" in parked.headers["riverbed-error"]
+    )
+
+
 def test_async_handler_and_causal_headers(log_url: str, topic_name: Callable[[str], str]) -> None:
     with riverbed.App(topic_name("app"), url=log_url) as app:
         orders = app.topic(topic_name("orders"), value=Order)

@@ -3,6 +3,7 @@ every window kind with grace and late records, aggregators, and joins."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -435,3 +436,27 @@ def test_aggregate_refuses_mixed_forms_and_unmergeable_sessions() -> None:
     plain = riverbed.Aggregator(initial=int, add=lambda acc, n: acc + n, name="plus")
     with pytest.raises(riverbed.RiverbedError, match="aggregator 'plus' has no merge"):
         app.stream(numbers).window(riverbed.session(seconds=1)).aggregate(plain)
+
+
+def test_a_table_record_that_does_not_decode_is_skipped_with_a_warning(
+    make_app: Callable[[], riverbed.App], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    with riverbed.connect(url) as log:
+        log.create_topic("customers", compact=True)
+        with log.producer() as producer:
+            producer.send("customers", b"not json", key=b"c3")  # a plain producer's mistake
+    app = make_app()
+    customers = app.topic("customers", value=Customer, key=str, compact=True)
+    orders = app.topic("orders", value=Order, key=str)
+    enriched = app.topic("enriched", value=dict, key=str)
+    app.stream(orders).join_table(
+        app.table(customers),
+        lambda order, customer: {"order": order.order_id, "tier": customer and customer.tier},
+        on=lambda order: order.customer,
+        how="left",
+    ).to(enriched)
+    with caplog.at_level(logging.WARNING):
+        result = run_app(app, {orders: [("o1", Order("o1", "c3"))]}, url=url)
+    assert dict(result.outputs[enriched.name]) == {"o1": {"order": "o1", "tier": None}}
+    assert "table customers skips record customers[0]@0, which does not decode" in caplog.text
