@@ -95,6 +95,11 @@ class _Reading:
         if len(readers) > 1 or len(writers) > 1:  # a union (X | None, say): member by member
             return self._compare_members(readers, writers, path)
         problems: list[str] = []
+        if writer.get("contentEncoding") == "binary" != reader.get("contentEncoding"):
+            problems.append(
+                f"{where}: data written with the {self._writer_is} schema is raw bytes, which "
+                f"the {self._reader_is} schema reads as text (they need not be UTF-8)"
+            )
         unmet = _unmet_constraints(reader, writer)
         if unmet:
             problems.append(

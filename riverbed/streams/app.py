@@ -15,7 +15,7 @@ from riverbed.errors import RiverbedError
 from riverbed.log import connect
 from riverbed.log.api import Closing, Log, Producer, TopicPartition
 from riverbed.log.errors import TopicExistsError
-from riverbed.serde.compat import Compatibility
+from riverbed.serde.compat import Compatibility, schema_of
 from riverbed.serde.registry import SchemaRegistry
 from riverbed.streams.dsl import Stream
 from riverbed.streams.handlers import Handler, retry_topic
@@ -207,7 +207,8 @@ class App(Closing):
         return register
 
     def start(self) -> None:
-        """Create missing topics (and their dead-letter topics) and register value schemas.
+        """Create missing topics (and their dead-letter topics) and register their key and
+        value schemas.
 
         An incompatible schema change raises ``IncompatibleSchemaError`` naming the field, before
         anything is written with it. Done once per connection: ``run`` after ``start`` does not
@@ -228,10 +229,13 @@ class App(Closing):
                 except TopicExistsError:
                     continue
         topics = list(self._topics.values())
+        # Keys too, as a schema registry's serializers do: a key of another type would also
+        # send a key's records to another partition.
         versions = registry.register_many(
-            (f"{t.name}-value", t.value_schema, t.compatibility) for t in topics
+            [(f"{t.name}-value", t.value_schema, t.compatibility) for t in topics]
+            + [(f"{t.name}-key", schema_of(t.key_type), t.compatibility) for t in topics]
         )
-        for topic, version in zip(topics, versions, strict=True):
+        for topic, version in zip(topics, versions, strict=False):  # the values' come first
             topic.schema_version = version.version
         internal = {name: t.partitions for name, t in self._topology.internal_topics.items()}
         for topic, handler in self._handlers:

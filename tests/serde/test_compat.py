@@ -225,3 +225,8 @@ def test_constraints_narrowing_and_forbidden_fields_are_refused_where_they_break
             for name in ("amount", "card")
         ),
     ]
+    assert problems(bytes, str, BACKWARD) == [
+        "the value: data written with the old schema is raw bytes, which the new schema reads "
+        "as text (they need not be UTF-8)"
+    ]
+    assert problems(str, bytes, BACKWARD) == []  # text is bytes

@@ -68,6 +68,10 @@ def test_schema_evolution_is_checked_at_start(
         with pytest.raises(IncompatibleSchemaError, match="field 'country' is required"):
             app.start()
     with riverbed.App("shop", url=log_url) as app:
+        app.topic(name, value=PaymentV2, key=int)  # keys were raw bytes
+        with pytest.raises(IncompatibleSchemaError, match=f"schema for '{name}-key'"):
+            app.start()
+    with riverbed.App("shop", url=log_url) as app:
         evolved = app.topic(name, value=PaymentV2)
         app.start()
         assert evolved.schema_version == 2
