@@ -1067,6 +1067,8 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
         "pool_timeout=0",
         "pool_timeout=inf",
         "pool_timeout=1e12",  # the pool's clock would overflow
+        "target_session_attrs=read-only",  # riverbed writes: a read-only session cannot work
+        "target_session_attrs=prefer-standby",
     ],
 )
 def test_bad_postgresql_options_are_refused(option: str) -> None:

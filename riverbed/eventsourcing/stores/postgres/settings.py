@@ -30,6 +30,8 @@ MAX_POOL_TIMEOUT_S = 86_400
 # libpq's parameters a URL may carry on to the server connection ("" = libpq's default): its
 # own URI query parameters, such as host=/run/postgresql for a unix socket. An unreachable
 # server fails within ``connect_timeout`` seconds, not after the OS's TCP timeout.
+# libpq's target_session_attrs values that pick a server or session refusing writes.
+READ_ONLY_SESSIONS = frozenset({"read-only", "standby", "prefer-standby"})
 LIBPQ_OPTIONS = {
     "connect_timeout": "3",
     **dict.fromkeys(
@@ -118,6 +120,14 @@ def parse_settings(parsed: BackendUrl) -> Settings:
         raise InvalidUrlError(
             f"connect_timeout={options['connect_timeout']!r} in the event store URL is not a "
             "whole number of seconds; use e.g. connect_timeout=3"
+        )
+    if options["target_session_attrs"] in READ_ONLY_SESSIONS:
+        # Such a session (a standby's, or one read-only by default) refuses every write: the
+        # store would wait for a writable server that the URL rules out.
+        raise InvalidUrlError(
+            f"target_session_attrs={options['target_session_attrs']} in the event store URL "
+            "picks servers that refuse writes, and riverbed writes its events, checkpoints and "
+            "read models; use read-write or primary (or leave it out)"
         )
     parts = urlsplit(parsed.raw)
     libpq = {key: options[key] for key in LIBPQ_OPTIONS if options[key]}
