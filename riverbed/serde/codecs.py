@@ -94,7 +94,6 @@ class JsonCodec(Generic[T]):
     """msgspec JSON for Structs, dataclasses, dicts, lists and other JSON-able types."""
 
     def __init__(self, tp: type[T]) -> None:
-        self._type = tp
         self.type_name = type_name(tp)
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(tp)
@@ -148,7 +147,7 @@ class JsonCodec(Generic[T]):
 def _invalid(name: str, error: msgspec.ValidationError) -> SerializationError:
     reason = str(error)
     if "got `null`" in reason:
-        reason += " (JSON has no NaN or infinity: they encode as null)"
+        reason += " (a None, or a NaN or infinity, which JSON can only write as null)"
     return SerializationError(f"cannot encode as {name}: {reason}")
 
 
