@@ -35,20 +35,39 @@ def fields_of(value: object) -> tuple[str, ...] | None:
 
 def shared_object(state: dict[str, object]) -> tuple[str, str] | None:
     """Two paths in ``state`` (``lines[0]``, ``by_sku['a']``) to one object that can change in
-    place, if there are any."""
-    seen: dict[int, str] = {}
-    pending: list[tuple[str, object]] = list(reversed(state.items()))
+    place, if there are any. Paths are spelled out only then: the walk itself makes none."""
+    seen: set[int] = set()  # the state holds them all, so no id is reused meanwhile
+    walked: set[int] = set()  # unchangeable containers, walked once (a cycle ends)
+    pending: list[object] = list(state.values())
     while pending:
-        path, value = pending.pop()
+        value = pending.pop()
         if isinstance(value, _IMMUTABLE):
             continue
-        if not _unchangeable(value):
-            first = seen.get(id(value))
-            if first is not None:
-                return first, path
-            seen[id(value)] = path  # the state holds it, so the id is not reused meanwhile
-        pending.extend(reversed(list(_children(path, value))))
+        if _unchangeable(value):
+            if id(value) in walked:
+                continue
+            walked.add(id(value))
+        elif id(value) in seen:
+            return _paths_to(state, value)
+        else:
+            seen.add(id(value))
+        pending.extend(item for _, item in _children("", value))
     return None
+
+
+def _paths_to(state: dict[str, object], target: object) -> tuple[str, str]:
+    """The first two paths to ``target`` in ``state``, in attribute and item order."""
+    found: list[str] = []
+    walked: set[int] = set()
+    pending: list[tuple[str, object]] = list(reversed(state.items()))
+    while pending and len(found) < 2:
+        path, value = pending.pop()
+        if value is target:
+            found.append(path)
+        if not isinstance(value, _IMMUTABLE) and id(value) not in walked:
+            walked.add(id(value))
+            pending.extend(reversed(list(_children(path, value))))
+    return found[0], found[1]
 
 
 def _unchangeable(value: object) -> bool:
