@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from riverbed.streams.state import state_backend_for
 from riverbed.streams.state.backend import changelog_topics
 from riverbed.streams.topics import Topic
 from riverbed.streams.topology import Topology
+
+log = logging.getLogger("riverbed.streams")
 
 if TYPE_CHECKING:
     from riverbed.streams.metrics import RunnerMetrics
@@ -227,7 +230,8 @@ class App(Closing):
                         retention_ms=topic.retention_ms,
                     )
                 except TopicExistsError:
-                    continue
+                    if name == topic.name:
+                        _warn_if_other_partitions(topic, self.log.topic(name).partitions)
         topics = list(self._topics.values())
         # Keys too, as a schema registry's serializers do: a key of another type would also
         # send a key's records to another partition.
@@ -400,3 +404,14 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _warn_if_other_partitions(topic: Topic[Any, Any], partitions: int) -> None:
+    """An existing topic keeps its partitions (another app, a relay or a person made it first);
+    a pipeline that counted on the declared number should know."""
+    if partitions != topic.partitions:
+        log.warning(
+            "topic %s exists with %d partitions; the app declares %d, and the topic keeps its "
+            "own (riverbed does not repartition a topic)", topic.name, partitions,
+            topic.partitions,
+        )  # fmt: skip

@@ -100,7 +100,7 @@ def test_unions_annotated_types_and_pydantic_aliases_round_trip(tp: Any, value: 
     [
         (Payment, Payment(7, 5), r"Expected `str`, got `int` - at `\$.card`"),  # type: ignore[arg-type]
         (Payment, Payment("c", 2.5), r"Expected `int`, got `float` - at `\$.amount`"),  # type: ignore[arg-type]
-        (Payment, Payment("c", 1, math.nan), "got `null`.*a NaN or infinity, which JSON can only write as null"),
+        (Payment, Payment("c", 1, math.nan), "got `null`.*a NaN or infinity, which JSON can only"),
         (Click, Click("home", "7"), r"Expected `int`, got `str` - at `\$.user`"),  # type: ignore[arg-type]
         (dict[str, int], {"a": "x"}, "Expected `int`, got `str`"),
         (int, True, "Expected `int`, got `bool`"),

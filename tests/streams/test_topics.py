@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -130,3 +132,16 @@ def test_a_record_that_does_not_decode_is_named_with_its_key_or_value() -> None:
     raw = Topic("raw", 1, None, None, False, None, riverbed.Compatibility.BACKWARD)
     with pytest.raises(riverbed.SerializationError, match=r"the key for .* or key=\.\.\. for"):
         raw.encode(b"v", key="k")  # type: ignore[arg-type]
+
+
+def test_a_topic_that_exists_with_other_partitions_keeps_them_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path}/log.db"
+    with riverbed.connect(url) as log:
+        log.create_topic("orders", partitions=4)  # a relay, say, made it first
+    with riverbed.App("shop", url=url) as app, caplog.at_level(logging.WARNING):
+        app.topic("orders", partitions=8, value=str)
+        app.start()
+        assert app.log.topic("orders").partitions == 4
+    assert "topic orders exists with 4 partitions; the app declares 8" in caplog.text
