@@ -209,7 +209,7 @@ def inspect_task(ctx: typer.Context, task_id: Annotated[str, typer.Argument()]) 
         "state": str(info.state) + (" (cancel requested)" if info.cancel_requested else ""),
         "queue": message.queue,
         "priority": str(message.priority),
-        "attempt": str(message.attempt),
+        "retries": f"{message.attempt} so far",  # Celery's request.retries: runs less one
         "enqueued": _when(message.enqueued_ms),
         "eta": _when(message.eta_ms),
         "expires": _when(message.expires_ms),

@@ -149,6 +149,7 @@ def test_list_inspect_dlq_retry_cancel_purge_and_stats(tasks_url: str, jobs: obj
 
     inspected = run(tasks_url, "inspect", failed)
     assert "state: failed" in inspected.stdout
+    assert "retries: 0 so far" in inspected.stdout  # broken has no retries: it ran once
     assert "Traceback" in inspected.stdout and "no record 3" in inspected.stdout
 
     stats = run(tasks_url, "stats")
