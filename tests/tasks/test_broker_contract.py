@@ -821,9 +821,20 @@ def test_an_unknown_url_option_is_refused(broker_url: str) -> None:
         connect_broker(broker_url + ("&" if "?" in broker_url else "?") + "bogus=1")
 
 
-def test_a_ttl_option_must_be_positive(broker_url: str) -> None:
-    with pytest.raises(InvalidUrlError, match="result_ttl"):
-        connect_broker(broker_url + ("&" if "?" in broker_url else "?") + "result_ttl=0")
+@pytest.mark.parametrize(
+    "option", ["result_ttl=0", "result_ttl=0.0001", "dead_ttl=inf", "dead_ttl=1e400",
+               "result_ttl=1e17", "result_ttl=nan"],
+)  # fmt: skip
+def test_a_ttl_option_must_be_from_a_millisecond_to_a_century(broker_url: str, option: str) -> None:
+    name = option.partition("=")[0]
+    with pytest.raises(InvalidUrlError, match=rf"{name}=.*from 0.001 to"):
+        connect_broker(broker_url + ("&" if "?" in broker_url else "?") + option)
+
+
+@pytest.mark.parametrize("path", ["/abc", "/1/2", "/%203"])
+def test_a_redis_url_path_that_is_no_database_number_is_refused(path: str) -> None:
+    with pytest.raises(InvalidUrlError, match="is not a database number"):
+        connect_broker(f"redis://127.0.0.1:1{path}")
 
 
 # Redis only: connection failures and the server's script cache
@@ -861,6 +872,24 @@ def test_a_redis_that_dropped_its_clients_and_scripts_is_used_again(redis_url: s
     admin.script_flush()
     assert admin.client_kill_filter(_type="normal") >= 1
     admin.close()
+    assert fetch(broker) == [message]
+    broker.close()
+
+
+def test_a_redis_out_of_memory_is_an_outage_waited_out_not_a_crash(redis_url: str) -> None:
+    import redis
+
+    broker = connect_broker(f"{redis_url}?prefix=test-{new_task_id()}")
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.config_set("maxmemory", 1)  # below what it uses: every write refused (OOM)
+        with pytest.raises(BrokerUnavailableError, match=r"refuses writes for now .*> 'maxmemory'"):
+            broker.enqueue([task()])
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    message = task()
+    broker.enqueue([message])  # it recovered
     assert fetch(broker) == [message]
     broker.close()
 

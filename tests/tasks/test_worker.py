@@ -655,3 +655,30 @@ def test_a_feeder_asking_for_a_child_after_the_pool_stopped_gets_none() -> None:
     assert forker.reap(forked[0]) == 0
     forker.close()
     assert forker.fork() is None  # not an OSError in the feeder's thread at shutdown
+
+
+def test_a_worker_whose_heartbeat_fails_for_good_stops_with_the_error(
+    app: riverbed.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @app.task
+    def double(n: int) -> int:
+        return 2 * n
+
+    def extend(*args: Any) -> Any:
+        raise ValueError("the server refused the reply")  # not an outage: no retry mends it
+
+    monkeypatch.setattr(app.tasks.broker, "extend", extend)
+    worker = app.tasks.worker(lease=2.0, shutdown_timeout=5.0)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except ValueError as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()  # it stopped, instead of fetching tasks it could not keep
+    assert [str(error) for error in failures] == ["the server refused the reply"]

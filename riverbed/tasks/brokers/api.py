@@ -70,14 +70,21 @@ def ttl_options(raw_url: str, options: dict[str, str]) -> tuple[int, int]:
     return tuple(_seconds_option(raw_url, options, name) for name in ("result_ttl", "dead_ttl"))  # type: ignore[return-value]
 
 
+# A TTL's bounds: a millisecond (less would expire a result as it is stored), and a century
+# (longer overflows Redis's expiry times).
+MIN_TTL_S = 0.001
+MAX_TTL_S = 100 * 365 * 86_400
+
+
 def _seconds_option(raw_url: str, options: dict[str, str], name: str) -> int:
     try:
         seconds = float(options[name])
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not MIN_TTL_S <= seconds <= MAX_TTL_S:
         raise InvalidUrlError(
-            f"{name}={options[name]!r} in {raw_url!r}: give a positive number of seconds"
+            f"{name}={options[name]!r} in {raw_url!r}: give a number of seconds from "
+            f"{MIN_TTL_S} to {MAX_TTL_S:,} (a century)"
         )
     return int(seconds * 1000)
 

@@ -36,6 +36,7 @@ agree on etas and leases; only key TTLs run on the server's clock.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -608,6 +609,17 @@ end
 """
 
 
+# Replies of a server that cannot take writes for now (redis-py's own classes, and the replies
+# it leaves as plain ResponseErrors: a failing RDB save, a running script, no replicas).
+_SERVER_STATES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+_STATE_REPLIES = ("OOM", "READONLY", "MISCONF", "BUSY", "NOREPLICAS", "LOADING", "MASTERDOWN")
+
+
 class RedisBroker:
     """``redis://[user:password@]host:6379/0?prefix=riverbed&result_ttl=86400&dead_ttl=604800``
     (``rediss://`` for TLS)."""
@@ -620,6 +632,12 @@ class RedisBroker:
             raise InvalidUrlError(f"prefix= in {url.shown!r} is empty; name a key prefix")
         self._prefix = "{" + options["prefix"] + "}"
         parts = urlsplit(url.raw)
+        # redis-py reads "/abc" as database 0 and "/1/2" as 12: only "/N" is a database.
+        if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,5}", parts.path):
+            raise InvalidUrlError(
+                f"{parts.path!r} in {url.shown!r} is not a database number: write "
+                "redis://host:6379/0 (or no path, for database 0)"
+            )
         server = parts._replace(query="").geturl()
         retry = Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), RETRIES)
         transient: list[type[Exception]] = [redis.ConnectionError, redis.TimeoutError]
@@ -717,6 +735,14 @@ class RedisBroker:
             raise BrokerUnavailableError(
                 f"the Redis task broker at {self._where} did not answer after {RETRIES} "
                 f"retries ({error})"
+            ) from error
+        except redis.ResponseError as error:
+            # A server out of memory, a replica, or one that cannot persist refuses writes
+            # until it recovers: an outage to wait out, as a lost connection is.
+            if not isinstance(error, _SERVER_STATES) and not str(error).startswith(_STATE_REPLIES):
+                raise
+            raise BrokerUnavailableError(
+                f"the Redis task broker at {self._where} refuses writes for now ({error})"
             ) from error
 
     def _run(self, script: Script, *args: str | bytes | int | float) -> Any:

@@ -93,6 +93,7 @@ class Worker:
         self.inflight = Inflight(self.concurrency + self.prefetch)
         self.metrics: WorkerMetrics | None = None
         self._stopping = threading.Event()
+        self._failures: list[BaseException] = []  # of the reporter's and supervisor's loops
         self._drained = threading.Event()  # no task runs or will: the reporter may leave
         self._supervisor_done = threading.Event()
         self._pool: TaskPool = self._make_pool()
@@ -121,9 +122,11 @@ class Worker:
         with self._signals():
             self._pool.start()
             threads = [
-                threading.Thread(target=self._report_loop, name="riverbed-reporter", daemon=True),
-                threading.Thread(target=self._supervise, name="riverbed-supervisor", daemon=True),
-            ]
+                threading.Thread(target=self._stopping_on_error(self._report_loop),
+                                 name="riverbed-reporter", daemon=True),
+                threading.Thread(target=self._stopping_on_error(self._supervise),
+                                 name="riverbed-supervisor", daemon=True),
+            ]  # fmt: skip
             for thread in threads:
                 thread.start()
             log.info("worker %s serving queues %s", self.id, ", ".join(self.queues))
@@ -131,6 +134,24 @@ class Worker:
                 self._fetch_loop()
             finally:
                 self._shut_down(threads)
+        if self._failures:
+            raise self._failures[0]
+
+    def _stopping_on_error(self, loop: Callable[[], None]) -> Callable[[], None]:
+        """``loop``, which stops the worker if it fails (its error then ends ``run``): a worker
+        whose heartbeats or results had stopped would go on fetching tasks it cannot finish.
+        An outage is not a failure: the loops wait it out."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as error:
+                log.exception("worker %s stops: its %s failed", self.id,
+                              threading.current_thread().name)  # fmt: skip
+                self._failures.append(error)
+                self.stop()
+
+        return run
 
     def stop(self) -> None:
         self._stopping.set()
