@@ -308,6 +308,19 @@ def test_an_idempotency_key_holds_until_its_task_finishes_then_for_the_results_t
     assert broker.enqueue([later]) == [later.id]  # the result expired, and the key with it
 
 
+def test_a_requeued_dead_letter_holds_its_idempotency_key_again(
+    open_broker: OpenBroker,
+) -> None:
+    broker = open_broker(dead_ttl="0.5")
+    first = task(key="charge-42")
+    broker.enqueue([first])
+    fetch(broker)
+    finish(broker, first, TaskState.FAILED, error=BOOM)  # a dead letter: key kept dead_ttl
+    assert broker.requeue([first.id]) == [first.id]
+    time.sleep(0.8)  # past the dead letter's TTL: the requeued task waits on
+    assert broker.enqueue([task(key="charge-42")]) == [first.id]  # not a second charge
+
+
 # Outcomes
 
 

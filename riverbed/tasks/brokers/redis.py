@@ -505,9 +505,13 @@ for i = 5, #ARGV, 2 do
   local id = ARGV[i]
   local task = key('t', id)
   redis.call('ZREM', key('dead'), id)
-  local t = redis.call('HMGET', task, 'state', 'queue', 'priority', 'seq')
+  local t = redis.call('HMGET', task, 'state', 'queue', 'priority', 'seq', 'key')
   if t[1] == 'failed' then
     redis.call('PERSIST', task)
+    -- Its idempotency key is held again until it finishes, as when it was first enqueued.
+    if t[5] and t[5] ~= '' and redis.call('GET', key('k', t[5])) == id then
+      redis.call('PERSIST', key('k', t[5]))
+    end
     redis.call('DEL', key('w', id))
     redis.call('HDEL', task, 'worker', 'started', 'finished', 'result', 'error', 'cancel',
       'later', 'broken')

@@ -595,6 +595,11 @@ class SqliteBroker:
                     for task_id, message in rows
                 ],
             )
+            # Their idempotency keys are held again until they finish, as when first enqueued.
+            conn.executemany(
+                "UPDATE task_keys SET expires_ms = ? WHERE task_id = ?",
+                [(KEY_HELD, task_id) for task_id, _ in rows],
+            )
         return [task_id for task_id, _ in rows]
 
     def purge(self, queue: str) -> int:
