@@ -538,7 +538,8 @@ def test_a_cancel_asked_of_a_task_whose_worker_went_away_holds(broker: Broker) -
 
 
 @pytest.mark.parametrize(
-    "ending", ["failed", "cancelled", "cancelled while running", "cancelled, its worker gone"]
+    "ending",
+    ["failed", "cancelled", "cancelled while running", "cancelled, its worker gone", "purged"],
 )
 def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
     broker: Broker, ending: str
@@ -556,6 +557,8 @@ def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
         finish(broker, step, TaskState.FAILED, error=ErrorInfo("KeyError", "no such sku"))
     elif ending == "cancelled":
         assert broker.cancel(step.id) is TaskState.CANCELLED
+    elif ending == "purged":
+        assert broker.purge("default") == 1
     else:
         fetch(broker)
         broker.cancel(step.id)
@@ -571,6 +574,8 @@ def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
         assert "no such sku" in found[later[-1].id].error.message  # type: ignore[union-attr]
     if ending == "cancelled, its worker gone":
         assert "went away" in found[later[-1].id].error.message  # type: ignore[union-attr]
+    if ending == "purged":
+        assert "purged from its queue" in found[later[-1].id].error.message  # type: ignore[union-attr]
     assert fetch(broker) == []  # none of them runs
 
 

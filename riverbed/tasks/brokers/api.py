@@ -28,6 +28,7 @@ DEFAULT_DEAD_TTL_S = 7 * 86_400.0
 # A worker unseen for this long is left out of ``stats``.
 WORKER_SEEN_MS = 60_000
 CANCELLED_BEFORE_START = ErrorInfo("TaskCancelledError", "cancelled before it started")
+PURGED_BEFORE_START = ErrorInfo("TaskPurgedError", "purged from its queue before it started")
 CHORD_HEADER_PURGED = ErrorInfo(
     "ChordHeaderFailed", "a header task of the chord was purged before it ran"
 )

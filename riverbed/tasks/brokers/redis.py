@@ -53,6 +53,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_BEFORE_START,
     CHORD_HEADER_PURGED,
     COMMON_OPTIONS,
+    PURGED_BEFORE_START,
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
@@ -527,11 +528,11 @@ return requeued
 # idempotency keys and chords; returns how many it deleted.
 _PURGE = """
 local queue, batch = ARGV[5], tonumber(ARGV[6])
-local deleted = 0
+local deleted = {}
 for _, set in ipairs({key('q', queue), key('s', queue)}) do
   for _, id in ipairs(redis.call('ZRANGE', set, 0, batch - 1)) do
     local task = key('t', id)
-    local t = redis.call('HMGET', task, 'key', 'chord')
+    local t = redis.call('HMGET', task, 'key', 'chord', 'message')
     if t[1] and t[1] ~= '' and redis.call('GET', key('k', t[1])) == id then
       redis.call('DEL', key('k', t[1]))
     end
@@ -540,11 +541,18 @@ for _, set in ipairs({key('q', queue), key('s', queue)}) do
     if t[2] and t[2] ~= '' then
       chord_progress(t[2], 'purged', ARGV[7]) -- its callback can never run: it fails
     end
-    deleted = deleted + 1
+    deleted[#deleted + 1] = t[3] or ''
   end
 end
 settle(queue)
 return deleted
+"""
+
+# ARGV 5: the reason, 6...: the tasks (4 arguments each) recorded as failed, never to run.
+_NEVER_RUN = """
+for j = 6, #ARGV, 4 do
+  never_run(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[5])
+end
 """
 
 # ARGV 5: bucket name, 6: rate per second, 7: capacity, 8: tokens wanted.
@@ -675,6 +683,7 @@ class RedisBroker:
         self._cancel = script(_PRELUDE + _CANCEL)
         self._requeue = script(_PRELUDE + _REQUEUE)
         self._purge = script(_PRELUDE + _PURGE)
+        self._never_run = script(_PRELUDE + _NEVER_RUN)
         self._take_tokens = script(_PRELUDE + _TAKE_TOKENS)
         self._lead = script(_PRELUDE + _LEAD)
         self._leave = script(_PRELUDE + _LEAVE)
@@ -1011,8 +1020,18 @@ class RedisBroker:
 
     def purge(self, queue: str) -> int:
         purged = 0
-        while deleted := int(self._run(self._purge, queue, PAGE, _HEADER_PURGED)):
-            purged += deleted
+        while deleted := self._run(self._purge, queue, PAGE, _HEADER_PURGED):
+            purged += len(deleted)
+            # A chain's purged step: its later steps can never run, and end failed.
+            for step in (MESSAGE_DECODER.decode(message) for message in deleted if message):
+                if step.link:
+                    broken = chain_failure(step, TaskState.CANCELLED, PURGED_BEFORE_START)
+                    args = [
+                        a
+                        for later in step.link
+                        for a in _message_args(msgspec.structs.replace(later, link=()))[:4]
+                    ]
+                    self._run(self._never_run, ENCODER.encode(broken), *args)
         return purged
 
     def take_tokens(

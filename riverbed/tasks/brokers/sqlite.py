@@ -28,6 +28,7 @@ from riverbed.tasks.brokers.api import (
     CANCELLED_BEFORE_START,
     CHORD_HEADER_PURGED,
     COMMON_OPTIONS,
+    PURGED_BEFORE_START,
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
@@ -604,7 +605,7 @@ class SqliteBroker:
 
     def purge(self, queue: str) -> int:
         """Also drops the purged tasks' idempotency keys, and fails the callbacks of chords
-        waiting on them."""
+        and the later steps of chains waiting on them."""
         now = now_ms()
         with self._write() as conn:
             rows = conn.execute(
@@ -613,11 +614,15 @@ class SqliteBroker:
                 (queue,),
             ).fetchall()
             ids = [task_id for task_id, _ in rows]
-            chords = {MESSAGE_DECODER.decode(message).chord for _, message in rows} - {""}
+            messages = [MESSAGE_DECODER.decode(message) for _, message in rows]
+            chords = {message.chord for message in messages} - {""}
             for chunk in _chunks(ids):
                 marks = _marks(chunk)
                 conn.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
                 conn.execute(f"DELETE FROM task_keys WHERE task_id IN ({marks})", chunk)
+            for message in messages:  # a chain's step: its later steps can never run
+                if message.link:
+                    self._chain_broken(conn, message, TaskState.CANCELLED, PURGED_BEFORE_START, now)
             for chord_id in chords:  # its callback can never run: it fails
                 row = conn.execute(
                     "DELETE FROM chords WHERE chord_id = ? RETURNING callback", (chord_id,)
