@@ -20,6 +20,8 @@ import pytest
 
 from riverbed.errors import InvalidUrlError
 from riverbed.tasks.brokers import Broker, connect_broker
+from riverbed.tasks.brokers.redis import RedisBroker
+from riverbed.tasks.brokers.sqlite import SqliteBroker
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import (
     ENCODER,
@@ -319,6 +321,28 @@ def test_a_requeued_dead_letter_holds_its_idempotency_key_again(
     assert broker.requeue([first.id]) == [first.id]
     time.sleep(0.8)  # past the dead letter's TTL: the requeued task waits on
     assert broker.enqueue([task(key="charge-42")]) == [first.id]  # not a second charge
+
+
+def test_a_leased_task_whose_message_does_not_decode_is_dead_lettered_not_handed_on(
+    broker: Broker,
+) -> None:
+    bad, good = task("from-another-version"), task()
+    broker.enqueue([bad, good])
+    # What another version of riverbed might store: a priority that is no number.
+    raw = msgspec.msgpack.encode([bad.id, bad.name, PAYLOAD, "default", "high"])
+    if isinstance(broker, SqliteBroker):
+        broker._conn.execute("UPDATE tasks SET message = ? WHERE id = ?", (raw, bad.id))
+    else:
+        assert isinstance(broker, RedisBroker)
+        broker._redis.hset(broker._key("t", bad.id), "message", raw)
+    assert fetch(broker) == [good]
+    info = broker.info([bad.id])[bad.id]
+    assert info.state is TaskState.FAILED
+    assert info.error is not None and info.error.type == "UndecodableTaskError"
+    assert "high" in info.error.traceback  # the stored bytes, for a look
+    assert [dead.message.name for dead in broker.dead()] == ["from-another-version (undecodable)"]
+    assert broker.requeue() == [bad.id]  # runs nothing: no task has that name
+    assert fetch(broker)[0].name == "from-another-version (undecodable)"
 
 
 # Outcomes

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import msgspec
+
 from riverbed.errors import InvalidUrlError
 from riverbed.tasks.messages import (
     BrokerStats,
@@ -54,6 +56,38 @@ def chain_failure(step: TaskMessage, state: str, error: ErrorInfo | None) -> Err
         f"step {step.name}[{step.id}] of its chain ended {state}"
         + (f": {error.message}" if error is not None else ""),
     )
+
+
+UNDECODABLE_SHOWN = 2000  # bytes of an undecodable message its dead letter keeps
+
+
+def undecodable(raw: bytes, error: Exception) -> ErrorInfo:
+    """The dead letter's error for a stored message that does not decode (written by another
+    version of riverbed, say), with its bytes."""
+    return ErrorInfo(
+        "UndecodableTaskError",
+        f"its stored message does not decode: {error}",
+        f"stored message: {raw[:UNDECODABLE_SHOWN]!r}",
+    )
+
+
+def stand_in(task_id: str, name: str) -> bytes:
+    """A message to store in place of one that does not decode, so the dead letter lists and
+    inspects; named so that a requeue runs nothing (no task has that name)."""
+    return msgspec.msgpack.encode(
+        TaskMessage(id=task_id, name=f"{name} (undecodable)", payload=b"")
+    )
+
+
+def id_and_name(raw: bytes) -> tuple[str, str] | None:
+    """The id and task name of a message that does not decode, if that much of it reads."""
+    try:
+        fields = msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not (isinstance(fields, list) and fields and type(fields[0]) is str):
+        return None
+    return fields[0], fields[1] if len(fields) > 1 and type(fields[1]) is str else "?"
 
 
 def never_ran_in_chain(error: ErrorInfo | None) -> bool:

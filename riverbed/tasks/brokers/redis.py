@@ -57,8 +57,11 @@ from riverbed.tasks.brokers.api import (
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
+    id_and_name,
     never_ran_in_chain,
+    stand_in,
     ttl_options,
+    undecodable,
 )
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import (
@@ -548,6 +551,18 @@ settle(queue)
 return deleted
 """
 
+# ARGV 5: worker, 6: id, 7: the message stored in its place, 8: reason. A leased task whose
+# message does not decode: dead.
+_BURY = """
+local worker, id = ARGV[5], ARGV[6]
+local t = redis.call('HMGET', key('t', id), 'state', 'worker', 'queue')
+if t[1] == 'running' and t[2] == worker then
+  redis.call('ZREM', key('l', t[3]), id)
+  redis.call('HSET', key('t', id), 'message', ARGV[7])
+  finish_task(id, 'failed', '', ARGV[8])
+end
+"""
+
 # ARGV 5: the reason, 6...: the tasks (4 arguments each) recorded as failed, never to run.
 _NEVER_RUN = """
 for j = 6, #ARGV, 4 do
@@ -684,6 +699,7 @@ class RedisBroker:
         self._requeue = script(_PRELUDE + _REQUEUE)
         self._purge = script(_PRELUDE + _PURGE)
         self._never_run = script(_PRELUDE + _NEVER_RUN)
+        self._bury = script(_PRELUDE + _BURY)
         self._take_tokens = script(_PRELUDE + _TAKE_TOKENS)
         self._lead = script(_PRELUDE + _LEAD)
         self._leave = script(_PRELUDE + _LEAVE)
@@ -804,11 +820,26 @@ class RedisBroker:
             )
             remaining = deadline - time.monotonic()
             if encoded or remaining <= 0:
-                return [MESSAGE_DECODER.decode(message) for message in encoded]
+                return self._decoded(worker, encoded)
             if int(due):
                 remaining = min(remaining, (int(due) - now_ms() + 1) / 1000)
             # Woken by an enqueue's token, or the next due task's time: fetch again either way.
             self._block(ready, remaining)
+
+    def _decoded(self, worker: str, encoded: Sequence[bytes]) -> list[TaskMessage]:
+        """The leased messages; one that does not decode is dead-lettered, not handed on."""
+        messages = []
+        for message in encoded:
+            try:
+                messages.append(MESSAGE_DECODER.decode(message))
+            except msgspec.DecodeError as error:
+                found = id_and_name(message)
+                if found is None:  # its lease lapses: logged each time it comes round
+                    logger.error("a leased task's message does not decode, nor its id: %s", error)
+                    continue
+                reason = ENCODER.encode(undecodable(message, error))
+                self._run(self._bury, worker, found[0], stand_in(*found), reason)
+        return messages
 
     def extend(self, worker: str, ids: Sequence[str], lease_ms: int) -> Heartbeat:
         cancelled, lost = self._run(self._extend, worker, lease_ms, *ids)

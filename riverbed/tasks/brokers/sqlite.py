@@ -33,7 +33,9 @@ from riverbed.tasks.brokers.api import (
     chain_failure,
     chord_failure,
     never_ran_in_chain,
+    stand_in,
     ttl_options,
+    undecodable,
 )
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import (
@@ -267,7 +269,21 @@ class SqliteBroker:
                 "WHERE seq = ?",
                 [(worker, now + lease_ms, now, seq) for _, seq, _ in chosen],
             )
-        return [MESSAGE_DECODER.decode(message) for _, _, message in chosen]
+            leased = []
+            for _, seq, message in chosen:
+                try:
+                    leased.append(MESSAGE_DECODER.decode(message))
+                except msgspec.DecodeError as error:  # dead-lettered, not handed to a worker
+                    task_id, name = conn.execute(
+                        "SELECT id, name FROM tasks WHERE seq = ?", (seq,)
+                    ).fetchone()
+                    conn.execute(
+                        "UPDATE tasks SET state = 'failed', worker = NULL, due_ms = ?, "
+                        "finished_ms = ?, error = ?, message = ? WHERE seq = ?",
+                        (now + self.dead_ttl_ms, now, ENCODER.encode(undecodable(message, error)),
+                         stand_in(task_id, name), seq),
+                    )  # fmt: skip
+        return leased
 
     def _promote_due(self, conn: sqlite3.Connection, now: int) -> None:
         """Due scheduled tasks join their queues; tasks whose lease lapsed go back to theirs
