@@ -882,10 +882,11 @@ def test_a_redis_url_path_that_is_no_database_number_is_refused(path: str) -> No
 # Redis only: connection failures and the server's script cache
 
 
-def test_an_unreachable_redis_fails_fast() -> None:
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])  # rediss: over TLS
+def test_an_unreachable_redis_fails_fast(scheme: str) -> None:
     start = time.monotonic()
     with pytest.raises(BrokerUnavailableError, match="cannot reach the Redis task broker"):
-        connect_broker(f"redis://127.0.0.1:{free_port()}/0")
+        connect_broker(f"{scheme}://127.0.0.1:{free_port()}/0")
     assert time.monotonic() - start < PROMPT
 
 

@@ -16,7 +16,7 @@ def connect_broker(url: str | None = None, *, create: bool = True) -> Broker:
     Fails fast (``BrokerUnavailableError``) when a server URL cannot be reached; with
     ``create=False``, a SQLite task database that does not exist is an error, not made."""
     resolved = resolve_url(url, TASKS_URL_ENV, DEFAULT_TASKS_URL)
-    parsed = parse_url(resolved, ("sqlite", "redis"))
+    parsed = parse_url(resolved, ("sqlite", "redis", "rediss"))  # rediss: Redis over TLS
     if parsed.scheme == "sqlite":
         from riverbed.tasks.brokers.sqlite import SqliteBroker
 
