@@ -463,7 +463,7 @@ def _decode_whole(
 
 
 def _value_of(record: Record, topic: Topic[Any, Any]) -> bytes:
-    value = record.value if record.value is not None else topic.tombstone_bytes
+    value = topic.value_bytes(record)
     if value is None:  # a tombstone its type holds no None for: Topic.decode says so
         raise DeserializationError("a tombstone (value None) has no value to decode")
     return value

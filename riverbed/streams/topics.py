@@ -103,6 +103,11 @@ class Topic(Generic[K, V]):
             headers={**own_headers, **causal_headers(), **(headers or {})},
         )
 
+    def value_bytes(self, record: Record) -> bytes | None:
+        """What the record's value decodes from: a tombstone's is ``b"null"`` where the type
+        holds None, else None (it has no value)."""
+        return record.value if record.value is not None else self.tombstone_bytes
+
     def decode(self, record: Record) -> TypedRecord[K, V]:
         """The typed record; ``DeserializationError`` naming the record and whether its key or
         its value does not decode, and why."""
@@ -111,7 +116,7 @@ class Topic(Generic[K, V]):
             key: Any = None if record.key is None else self.key_codec.decode(record.key)
         except DeserializationError as error:
             raise DeserializationError(f"the key of record {where}: {error}") from None
-        raw = record.value if record.value is not None else self.tombstone_bytes
+        raw = self.value_bytes(record)
         if raw is None:
             raise DeserializationError(
                 f"record {where} is a tombstone (value None): it has no value to decode; "
@@ -141,9 +146,11 @@ class Topic(Generic[K, V]):
 
 
 def _null_if_accepted(codec: Codec[Any]) -> bytes | None:
-    """``b"null"`` if the codec's type holds None (its JSON decodes), else None."""
+    """``b"null"`` if the codec is JSON's and its type holds None, else None."""
+    if not isinstance(codec, JsonCodec):
+        return None
     try:
         codec.decode(b"null")
     except DeserializationError:
         return None
-    return b"null" if isinstance(codec, JsonCodec) else None
+    return b"null"
