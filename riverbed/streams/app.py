@@ -239,7 +239,7 @@ class App(Closing):
             [(f"{t.name}-value", t.value_schema, t.compatibility) for t in topics]
             + [(f"{t.name}-key", schema_of(t.key_type), t.compatibility) for t in topics]
         )
-        for topic, version in zip(topics, versions, strict=False):  # the values' come first
+        for topic, version in zip(topics, versions[: len(topics)], strict=True):  # the values'
             topic.schema_version = version.version
         internal = {name: t.partitions for name, t in self._topology.internal_topics.items()}
         for topic, handler in self._handlers:
