@@ -15,6 +15,7 @@ import msgspec
 
 from riverbed.errors import InvalidUrlError
 from riverbed.tasks.messages import (
+    ENCODER,
     BrokerStats,
     ChordSpec,
     ErrorInfo,
@@ -74,9 +75,7 @@ def undecodable(raw: bytes, error: Exception) -> ErrorInfo:
 def stand_in(task_id: str, name: str) -> bytes:
     """A message to store in place of one that does not decode, so the dead letter lists and
     inspects; named so that a requeue runs nothing (no task has that name)."""
-    return msgspec.msgpack.encode(
-        TaskMessage(id=task_id, name=f"{name} (undecodable)", payload=b"")
-    )
+    return ENCODER.encode(TaskMessage(id=task_id, name=f"{name} (undecodable)", payload=b""))
 
 
 def id_and_name(raw: bytes) -> tuple[str, str] | None:
