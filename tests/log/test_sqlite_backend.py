@@ -262,6 +262,21 @@ def test_a_member_whose_session_expired_loses_its_partitions_even_when_given_the
     assert events[:3] == [("assigned", both), ("lost", both), ("assigned", both)]
 
 
+def test_a_member_that_fails_while_joining_leaves_its_group_at_once(tmp_path: Path) -> None:
+    """Ctrl-C, SIGTERM or a failing on_assign after the join but before the consumer reaches its
+    caller: nobody can close it, so it must leave, not hold the group for a session timeout."""
+
+    def interrupted(partitions: set[TopicPartition]) -> None:
+        raise KeyboardInterrupt
+
+    with riverbed.connect(f"sqlite:///{tmp_path}/x.db") as log:
+        log.create_topic("t")
+        with pytest.raises(KeyboardInterrupt):
+            log.consumer(group="g", topics=["t"], session_timeout_ms=60_000, on_assign=interrupted)
+        with pytest.raises(riverbed.UnknownGroupError):  # no members, no offsets: no group
+            log.describe_group("g")
+
+
 def test_connect_without_create_refuses_a_missing_file_and_makes_none(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/typo.db"
     with pytest.raises(riverbed.NoLogError, match=r"no log at '.*typo.db': the file does not"):

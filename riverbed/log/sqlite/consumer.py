@@ -81,8 +81,15 @@ class SqliteConsumer(Closing):
                 {(t, p) for t in self._topics for p in range(self._metas[t].info.partitions)}
             )
         else:
-            groups.join(self._conn, group, self._member_id, self._topics, session_timeout_ms)
-            self._rebalance()
+            try:
+                groups.join(self._conn, group, self._member_id, self._topics, session_timeout_ms)
+                self._rebalance()
+            except BaseException:
+                # Joined (or maybe joined) but never handed to the caller: a failed read, Ctrl-C
+                # or SIGTERM. Leave now, or the group waits a session timeout for a member that
+                # nobody can close.
+                self.close()
+                raise
             self._heartbeats = threading.Thread(
                 target=self._heartbeat_loop, name="riverbed-heartbeat", daemon=True
             )
