@@ -1235,6 +1235,23 @@ def test_a_damaged_sqlite_event_record_is_named(tmp_path: Path) -> None:
         store.close()
 
 
+def test_sqlite_pages_past_the_blob_limit_and_with_nul_bytes_read_whole(tmp_path: Path) -> None:
+    """A page is read as one blob SQLite joins; what that cannot hold is read row by row."""
+    store = connect_store(f"sqlite:///{tmp_path}/events.db")
+    try:
+        payloads = [b"\xc4\x03\x00\x00\x00", b"\xc4\x01\x00", b"\x00"]
+        store.append(
+            [StreamAppend("s", 0, [new_event("s", v + 1, p) for v, p in enumerate(payloads)])]
+        )
+        assert [event.data for event in store.read_all()] == payloads
+        assert [event.data for event in store.read_stream("s")] == payloads
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 150)  # two ~90 B records are past it
+        assert positions(store.read_all()) == [1, 2, 3]
+        assert positions(store.read_stream("s", 2)) == [2, 3]
+    finally:
+        store.close()
+
+
 # What schema version 1 made: positions in a head row (its append function is replaced too).
 V1_STORE = """
 CREATE TABLE riverbed_head (

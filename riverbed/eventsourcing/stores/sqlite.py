@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import sqlite3
 import time
@@ -132,6 +133,7 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
 _encoder = msgspec.msgpack.Encoder()
 _page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _record_decoder = msgspec.msgpack.Decoder(StoredEvent)
+_position_of = operator.attrgetter("position")
 _TABLES = ("events", "snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
            "timers", "leases")  # fmt: skip
 # Takes the lease when it is free, already ours or expired; parameters: name, owner, the new
@@ -199,11 +201,10 @@ class SqliteEventStore:
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         check_page(after, limit)
-        return _page(
-            self._conn.execute(
-                "SELECT record FROM events WHERE position > ? ORDER BY position LIMIT ?",
-                (after, limit),
-            ).fetchall()
+        return _records(
+            self._conn,
+            "SELECT record FROM events WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit),
         )
 
     def last_position(self) -> int:
@@ -521,13 +522,34 @@ def _read_stream(
     conn: sqlite3.Connection, stream: str, from_version: int, to_version: int | None
 ) -> list[StoredEvent]:
     check_versions(from_version, to_version)
-    return _page(
-        conn.execute(
-            "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "
-            "ORDER BY version",
-            (stream, from_version, to_version if to_version is not None else 2**62),
-        ).fetchall()
+    return _records(
+        conn,
+        "SELECT record FROM events WHERE stream = ? AND version >= ? AND version <= ? "
+        "ORDER BY version",
+        (stream, from_version, to_version if to_version is not None else 2**62),
     )
+
+
+def _records(conn: sqlite3.Connection, query: str, params: tuple[Any, ...]) -> list[StoredEvent]:
+    """The events of a ``SELECT record ...`` query, in position order. SQLite joins their records
+    into one blob that decodes at once as a msgpack array: a row per event took 1.5 times as
+    long. The rows one by one remain for what the blob cannot take: a page past SQLite's length
+    limit (1 GB), and a damaged record, which they name."""
+    try:
+        count, joined = conn.execute(
+            f"SELECT count(*), CAST(group_concat(record, '') AS BLOB) FROM ({query})", params
+        ).fetchone()
+    except sqlite3.DataError:  # string or blob too big
+        return _page(conn.execute(query, params).fetchall())
+    if not count:
+        return []
+    try:
+        events = _page_decoder.decode(b"\xdd" + count.to_bytes(4, "big") + joined)
+    except msgspec.MsgspecError:
+        return _page(conn.execute(query, params).fetchall())
+    # group_concat's order is undocumented before SQLite 3.44; a page in order sorts in one pass.
+    events.sort(key=_position_of)
+    return events
 
 
 def _page(rows: list[tuple[bytes]]) -> list[StoredEvent]:
