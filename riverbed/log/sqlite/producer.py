@@ -51,7 +51,6 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 # pairs the caller passed, so queueing a record allocates nothing, and one comprehension per run
 # builds the stored records at flush time.
 Pair = tuple[bytes | None, bytes | None]
-Triple = tuple[bytes | None, bytes | None, dict[str, bytes]]
 
 
 class _Run:
@@ -75,13 +74,16 @@ class _Run:
 
 class _HeadedRun:
     """Records sent together (``send_batch``) that share a timestamp, each with headers of its
-    own."""
+    own. Their keys, values and headers are kept in lists side by side: a tuple per record
+    would be one more object for the garbage collector to track, per record, while buffered."""
 
-    __slots__ = ("records", "timestamp_ms")
+    __slots__ = ("headers", "keys", "timestamp_ms", "values")
 
-    def __init__(self, timestamp_ms: int, records: list[Triple]) -> None:
+    def __init__(self, timestamp_ms: int) -> None:
         self.timestamp_ms = timestamp_ms
-        self.records = records
+        self.keys: list[bytes | None] = []
+        self.values: list[bytes | None] = []
+        self.headers: list[dict[str, bytes]] = []
 
 
 class _PartitionBuffer:
@@ -278,31 +280,35 @@ class SqliteProducer(Closing):
         partitions = info.partitions
         timestamp_ms = time.time_ns() // 1_000_000
         # Each record's partition and its place among the batch's records for that partition.
-        lists: dict[int, list[Triple]] = {}
-        places: list[tuple[int, int]] = []
+        runs: dict[int, _HeadedRun] = {}
+        targets: list[int] = []
+        places: list[int] = []
         size = 0
         for (key, value, headers), record_bytes in zip(records, sizes, strict=True):
             if key is None:
                 target = self._sticky.next(record_bytes + RECORD_OVERHEAD, partitions)
             else:
                 target = partition_for_key(key, partitions)
-            triples = lists.get(target)
-            if triples is None:
-                triples = lists[target] = []
-            places.append((target, len(triples)))
-            triples.append((key, value, dict(headers) if headers else {}))
+            run = runs.get(target)
+            if run is None:
+                run = runs[target] = _HeadedRun(timestamp_ms)
+            targets.append(target)
+            places.append(len(run.keys))
+            run.keys.append(key)
+            run.values.append(value)
+            run.headers.append(dict(headers) if headers else {})
             size += record_bytes + RECORD_OVERHEAD
         flush = self._flush_method
         with self._lock:
             starts: dict[int, tuple[BatchDelivery, int]] = {}
-            for partition, triples in lists.items():
+            for partition, run in runs.items():
                 buffer = self._buffer(topic, partition)
                 starts[partition] = (buffer.delivery, buffer.count)
-                buffer.runs.append(_HeadedRun(timestamp_ms, triples))
-                buffer.count += len(triples)
-                buffer.futures += len(triples)
+                buffer.runs.append(run)
+                buffer.count += len(run.keys)
+                buffer.futures += len(run.keys)
             futures: list[SendFuture] = []
-            for target, place in places:
+            for target, place in zip(targets, places, strict=True):
                 delivery, start = starts[target]
                 futures.append(BatchFuture(flush, delivery, start + place, timestamp_ms))
             full = self._buffered(size)
@@ -429,13 +435,13 @@ class SqliteProducer(Closing):
         offset = base
         for run in buffer.runs:
             if isinstance(run, _HeadedRun):
-                ts, triples = run.timestamp_ms, run.records
-                offsets = range(offset, offset + len(triples))
+                ts, keys = run.timestamp_ms, run.keys
+                offsets = range(offset, offset + len(keys))
                 records += [
                     (topic, partition, o, ts, k, v, h)
-                    for o, (k, v, h) in zip(offsets, triples, strict=True)
+                    for o, k, v, h in zip(offsets, keys, run.values, run.headers, strict=True)
                 ]
-                offset += len(triples)
+                offset += len(keys)
                 continue
             ts, headers, pairs = run.timestamp_ms, run.headers, run.pairs
             offsets = range(offset, offset + len(pairs))
