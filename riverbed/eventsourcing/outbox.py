@@ -301,8 +301,12 @@ def _written(sent: _Sent, topic: str) -> tuple[int, Exception | None]:
     it did not."""
     for index, future in enumerate(sent.futures):
         try:
-            future.result(0)
-        except Exception as error:
+            error = future.exception(0)
+        except TimeoutError as pending:  # the log has not taken it yet
+            return index, pending
+        if error is not None:
+            if not isinstance(error, Exception):
+                raise error
             return index, error
     if sent.refused is None:
         return len(sent.futures), None

@@ -292,6 +292,14 @@ class BatchFuture(SendFuture):
     def _force(self, timeout: float | None) -> None:
         self._flush(timeout)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        # Told from the batch, with no metadata made for the record: the outbox relay asks
+        # this of every record it publishes.
+        batch = self._batch
+        if batch.base_offset is None and batch.error is None:
+            return super().exception(timeout)
+        return batch.error
+
     def add_done_callback(self, callback: Callable[[SendFuture], None]) -> None:
         batch = self._batch
         with batch.lock:

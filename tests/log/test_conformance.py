@@ -186,6 +186,7 @@ def test_send_batch_keeps_each_records_headers_key_and_order(
         futures = producer.send_batch(name, records)
         assert len(futures) == len(records)
         sent = [future.result(timeout=30) for future in futures]
+        assert all(future.done() and future.exception(0) is None for future in futures)
     with log.consumer(topics=[name], from_beginning=True) as consumer:
         read = {(r.partition, r.offset): r for r in consume(consumer, len(records) + 1)}
     for (key, value, headers), metadata in zip(records, sent, strict=True):
