@@ -782,6 +782,25 @@ def test_purge_deletes_the_queued_and_scheduled_tasks_of_one_queue(broker: Broke
     assert fetch(broker, queues=["a"]) == []
 
 
+def test_purge_deletes_a_task_whose_message_does_not_decode_and_says_so(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad, good = task("from-another-version"), task()
+    broker.enqueue([bad, good])
+    raw = msgspec.msgpack.encode([bad.id, bad.name, PAYLOAD, "default", "high"])
+    if isinstance(broker, SqliteBroker):
+        broker._conn.execute("UPDATE tasks SET message = ? WHERE id = ?", (raw, bad.id))
+    else:
+        assert isinstance(broker, RedisBroker)
+        broker._redis.hset(broker._key("t", bad.id), "message", raw)
+    with caplog.at_level(logging.WARNING):
+        assert broker.purge("default") == 2
+    assert broker.info([bad.id, good.id]) == {}
+    assert f"purged task {bad.id} (from-another-version), whose message does not decode" in (
+        caplog.text
+    )
+
+
 def test_purge_frees_the_idempotency_keys_of_what_it_deleted(broker: Broker) -> None:
     first = task(key="nightly-report")
     broker.enqueue([first])

@@ -8,7 +8,8 @@ finish in batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -16,6 +17,7 @@ import msgspec
 from riverbed.errors import InvalidUrlError
 from riverbed.tasks.messages import (
     ENCODER,
+    MESSAGE_DECODER,
     BrokerStats,
     ChordSpec,
     ErrorInfo,
@@ -25,6 +27,8 @@ from riverbed.tasks.messages import (
     TaskMessage,
     TaskState,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RESULT_TTL_S = 86_400.0
 DEFAULT_DEAD_TTL_S = 7 * 86_400.0
@@ -87,6 +91,23 @@ def id_and_name(raw: bytes) -> tuple[str, str] | None:
     if not (isinstance(fields, list) and fields and type(fields[0]) is str):
         return None
     return fields[0], fields[1] if len(fields) > 1 and type(fields[1]) is str else "?"
+
+
+def purged_messages(raws: Iterable[bytes]) -> list[TaskMessage]:
+    """The purged messages that decode, for their chains and chords to be failed. One that does
+    not (stored by another version of riverbed, say) is purged all the same: whatever chain or
+    chord it belonged to cannot be read, so that is logged instead of stopping the purge."""
+    messages = []
+    for raw in raws:
+        try:
+            messages.append(MESSAGE_DECODER.decode(raw))
+        except msgspec.DecodeError as error:
+            found = id_and_name(raw)
+            logger.warning(
+                "purged task %s, whose message does not decode (%s): a chain or chord it was "
+                "part of is left waiting", f"{found[0]} ({found[1]})" if found else "?", error,
+            )  # fmt: skip
+    return messages
 
 
 def never_ran_in_chain(error: ErrorInfo | None) -> bool:

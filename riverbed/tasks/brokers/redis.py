@@ -59,6 +59,7 @@ from riverbed.tasks.brokers.api import (
     chord_failure,
     id_and_name,
     never_ran_in_chain,
+    purged_messages,
     stand_in,
     ttl_options,
     undecodable,
@@ -1054,7 +1055,7 @@ class RedisBroker:
         while deleted := self._run(self._purge, queue, PAGE, _HEADER_PURGED):
             purged += len(deleted)
             # A chain's purged step: its later steps can never run, and end failed.
-            for step in (MESSAGE_DECODER.decode(message) for message in deleted if message):
+            for step in purged_messages(message for message in deleted if message):
                 if step.link:
                     broken = chain_failure(step, TaskState.CANCELLED, PURGED_BEFORE_START)
                     args = [

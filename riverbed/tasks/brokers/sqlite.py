@@ -33,6 +33,7 @@ from riverbed.tasks.brokers.api import (
     chain_failure,
     chord_failure,
     never_ran_in_chain,
+    purged_messages,
     stand_in,
     ttl_options,
     undecodable,
@@ -630,7 +631,7 @@ class SqliteBroker:
                 (queue,),
             ).fetchall()
             ids = [task_id for task_id, _ in rows]
-            messages = [MESSAGE_DECODER.decode(message) for _, message in rows]
+            messages = purged_messages(message for _, message in rows)
             chords = {message.chord for message in messages} - {""}
             for chunk in _chunks(ids):
                 marks = _marks(chunk)
