@@ -323,18 +323,23 @@ def test_a_requeued_dead_letter_holds_its_idempotency_key_again(
     assert broker.enqueue([task(key="charge-42")]) == [first.id]  # not a second charge
 
 
+def store_undecodable(broker: Broker, message: TaskMessage) -> None:
+    """Replace a stored message by what another version of riverbed might store: a priority
+    that is no number."""
+    raw = msgspec.msgpack.encode([message.id, message.name, PAYLOAD, "default", "high"])
+    if isinstance(broker, SqliteBroker):
+        broker._conn.execute("UPDATE tasks SET message = ? WHERE id = ?", (raw, message.id))
+    else:
+        assert isinstance(broker, RedisBroker)
+        broker._redis.hset(broker._key("t", message.id), "message", raw)
+
+
 def test_a_leased_task_whose_message_does_not_decode_is_dead_lettered_not_handed_on(
     broker: Broker,
 ) -> None:
     bad, good = task("from-another-version"), task()
     broker.enqueue([bad, good])
-    # What another version of riverbed might store: a priority that is no number.
-    raw = msgspec.msgpack.encode([bad.id, bad.name, PAYLOAD, "default", "high"])
-    if isinstance(broker, SqliteBroker):
-        broker._conn.execute("UPDATE tasks SET message = ? WHERE id = ?", (raw, bad.id))
-    else:
-        assert isinstance(broker, RedisBroker)
-        broker._redis.hset(broker._key("t", bad.id), "message", raw)
+    store_undecodable(broker, bad)
     assert fetch(broker) == [good]
     info = broker.info([bad.id])[bad.id]
     assert info.state is TaskState.FAILED
@@ -787,12 +792,7 @@ def test_purge_deletes_a_task_whose_message_does_not_decode_and_says_so(
 ) -> None:
     bad, good = task("from-another-version"), task()
     broker.enqueue([bad, good])
-    raw = msgspec.msgpack.encode([bad.id, bad.name, PAYLOAD, "default", "high"])
-    if isinstance(broker, SqliteBroker):
-        broker._conn.execute("UPDATE tasks SET message = ? WHERE id = ?", (raw, bad.id))
-    else:
-        assert isinstance(broker, RedisBroker)
-        broker._redis.hset(broker._key("t", bad.id), "message", raw)
+    store_undecodable(broker, bad)
     with caplog.at_level(logging.WARNING):
         assert broker.purge("default") == 2
     assert broker.info([bad.id, good.id]) == {}

@@ -9,7 +9,7 @@ finish in batches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -93,21 +93,33 @@ def id_and_name(raw: bytes) -> tuple[str, str] | None:
     return fields[0], fields[1] if len(fields) > 1 and type(fields[1]) is str else "?"
 
 
-def purged_messages(raws: Iterable[bytes]) -> list[TaskMessage]:
-    """The purged messages that decode, for their chains and chords to be failed. One that does
-    not (stored by another version of riverbed, say) is purged all the same: whatever chain or
-    chord it belonged to cannot be read, so that is logged instead of stopping the purge."""
+def decoded_messages(
+    raws: Iterable[bytes], undecodable: Callable[[bytes, msgspec.DecodeError], None]
+) -> list[TaskMessage]:
+    """The stored messages that decode; ``undecodable(raw, error)`` hears of each that does not
+    (stored by another version of riverbed, say), which is left out."""
     messages = []
     for raw in raws:
         try:
             messages.append(MESSAGE_DECODER.decode(raw))
         except msgspec.DecodeError as error:
-            found = id_and_name(raw)
-            logger.warning(
-                "purged task %s, whose message does not decode (%s): a chain or chord it was "
-                "part of is left waiting", f"{found[0]} ({found[1]})" if found else "?", error,
-            )  # fmt: skip
+            undecodable(raw, error)
     return messages
+
+
+def purged_messages(raws: Iterable[bytes]) -> list[TaskMessage]:
+    """The purged messages that decode, for their chains and chords to be failed. One that does
+    not is purged all the same: the chain or chord it was part of cannot be read, so that is
+    logged instead of stopping the purge."""
+    return decoded_messages(raws, _log_purged)
+
+
+def _log_purged(raw: bytes, error: msgspec.DecodeError) -> None:
+    found = id_and_name(raw)
+    logger.warning(
+        "purged task %s, whose message does not decode (%s): a chain or chord it was part of "
+        "is left waiting", f"{found[0]} ({found[1]})" if found else "?", error,
+    )  # fmt: skip
 
 
 def never_ran_in_chain(error: ErrorInfo | None) -> bool:

@@ -57,6 +57,7 @@ from riverbed.tasks.brokers.api import (
     WORKER_SEEN_MS,
     chain_failure,
     chord_failure,
+    decoded_messages,
     id_and_name,
     never_ran_in_chain,
     purged_messages,
@@ -829,18 +830,16 @@ class RedisBroker:
 
     def _decoded(self, worker: str, encoded: Sequence[bytes]) -> list[TaskMessage]:
         """The leased messages; one that does not decode is dead-lettered, not handed on."""
-        messages = []
-        for message in encoded:
-            try:
-                messages.append(MESSAGE_DECODER.decode(message))
-            except msgspec.DecodeError as error:
-                found = id_and_name(message)
-                if found is None:  # its lease lapses: logged each time it comes round
-                    logger.error("a leased task's message does not decode, nor its id: %s", error)
-                    continue
-                reason = ENCODER.encode(undecodable(message, error))
-                self._run(self._bury, worker, found[0], stand_in(*found), reason)
-        return messages
+
+        def bury(message: bytes, error: msgspec.DecodeError) -> None:
+            found = id_and_name(message)
+            if found is None:  # its lease lapses: logged each time it comes round
+                logger.error("a leased task's message does not decode, nor its id: %s", error)
+                return
+            reason = ENCODER.encode(undecodable(message, error))
+            self._run(self._bury, worker, found[0], stand_in(*found), reason)
+
+        return decoded_messages(encoded, bury)
 
     def extend(self, worker: str, ids: Sequence[str], lease_ms: int) -> Heartbeat:
         cancelled, lost = self._run(self._extend, worker, lease_ms, *ids)
