@@ -608,6 +608,22 @@ def test_a_chains_later_steps_fail_when_a_step_does_not_succeed(
     assert fetch(broker) == []  # none of them runs
 
 
+def test_a_requeued_chain_step_makes_its_later_steps_wait_again(broker: Broker) -> None:
+    """Not still failed from its last run: the chain's handle waits on its last step."""
+    later = (task("second"), task("third"))
+    step = task("first", link=later)
+    broker.enqueue([step])
+    for _ in range(2):  # each failure records them again
+        leased = fetch(broker)
+        assert [message.id for message in leased] == [step.id]
+        finish(broker, leased[0], TaskState.FAILED, error=BOOM)
+        states = {info.state for info in broker.wait(ids(later), PATIENCE).values()}
+        assert states == {TaskState.FAILED}
+        assert broker.requeue([step.id]) == [step.id]
+        assert broker.info(ids(later)) == {}
+        assert broker.wait(ids(later), 0.2) == {}
+
+
 # Chords
 
 

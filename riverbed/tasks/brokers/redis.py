@@ -244,6 +244,17 @@ local function never_run(id, message, queue, priority, reason)
   finish_task(id, 'failed', '', reason)
 end
 
+-- A chain's later step recorded as failed without running: forgotten, as its step before runs
+-- again (requeued), and so that step can enqueue it (succeeded).
+local function forget_never_run(id)
+  local task = key('t', id)
+  local n = redis.call('HMGET', task, 'state', 'started')
+  if n[1] == 'failed' and not n[2] then
+    redis.call('DEL', task)
+    redis.call('ZREM', key('dead'), id)
+  end
+end
+
 -- A chord header finished: count a success, enqueue the callback after the last one, or record
 -- the callback as failed (``failure`` names the header) when a header did not succeed.
 local function chord_progress(chord, state, failure)
@@ -424,14 +435,7 @@ while i <= #ARGV do
       finish_task(id, state, result, err)
       for j = follow, i - 1, 7 do
         if state == 'succeeded' then
-          -- A chain step requeued from the dead letters succeeded: its next step, recorded as
-          -- failed without running, runs now.
-          local next_task = key('t', ARGV[j])
-          local n = redis.call('HMGET', next_task, 'state', 'started')
-          if n[1] == 'failed' and not n[2] then
-            redis.call('DEL', next_task)
-            redis.call('ZREM', key('dead'), ARGV[j])
-          end
+          forget_never_run(ARGV[j]) -- a chain step requeued from the dead letters succeeded
           store(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
             ARGV[j + 6])
         else
@@ -503,12 +507,15 @@ end
 return state
 """
 
-# ARGV 5...: pairs of id and its message with attempts reset. A dead entry whose task is no
-# longer failed (its hash expired) is dropped. Returns the requeued ids.
+# ARGV 5...: per task, its id, its message with attempts reset, and the count and ids of its
+# chain's later steps. A dead entry whose task is no longer failed (its hash expired) is
+# dropped. Returns the requeued ids.
 _REQUEUE = """
 local requeued = {}
-for i = 5, #ARGV, 2 do
-  local id = ARGV[i]
+local i = 5
+while i <= #ARGV do
+  local id, later = ARGV[i], i + 3
+  i = later + tonumber(ARGV[i + 2])
   local task = key('t', id)
   redis.call('ZREM', key('dead'), id)
   local t = redis.call('HMGET', task, 'state', 'queue', 'priority', 'seq', 'key')
@@ -521,9 +528,13 @@ for i = 5, #ARGV, 2 do
     redis.call('DEL', key('w', id))
     redis.call('HDEL', task, 'worker', 'started', 'finished', 'result', 'error', 'cancel',
       'later', 'broken')
-    redis.call('HSET', task, 'message', ARGV[i + 1])
+    redis.call('HSET', task, 'message', ARGV[later - 2])
     place(id, t[2], tonumber(t[3]), tonumber(t[4]), 0)
     requeued[#requeued + 1] = id
+    -- Its chain's later steps, recorded as failed when it failed, wait for it again.
+    for j = later, i - 1 do
+      forget_never_run(ARGV[j])
+    end
   end
 end
 return requeued
@@ -1034,19 +1045,19 @@ class RedisBroker:
         """Requeue these dead tasks with attempts reset; drop dead entries of expired ones.
         The ids requeued, and how many were left as they are (never-run chain steps)."""
         found = self.info(ids)
-        args: list[str | bytes] = []
+        args: list[str | bytes | int] = []
         skipped = 0
         for task_id in ids:
             info = found.get(task_id)
             if info is not None and never_ran_in_chain(info.error):
                 skipped += 1
                 continue
-            message = (
-                b""
-                if info is None
-                else ENCODER.encode(msgspec.structs.replace(info.message, attempt=0, eta_ms=0))
-            )
-            args += [task_id, message]
+            if info is None:
+                args += [task_id, b"", 0]
+                continue
+            message = ENCODER.encode(msgspec.structs.replace(info.message, attempt=0, eta_ms=0))
+            args += [task_id, message, len(info.message.link)]
+            args += [later.id for later in info.message.link]
         return [_text(task_id) for task_id in self._run(self._requeue, *args)], skipped
 
     def purge(self, queue: str) -> int:

@@ -133,6 +133,9 @@ CREATE TABLE IF NOT EXISTS workers (
 )
 
 _ERROR_DECODER = msgspec.msgpack.Decoder(ErrorInfo)
+# A chain's later step recorded as failed without running: forgotten when its step before runs
+# again (requeued), and so that step can enqueue it (succeeded).
+_FORGET_NEVER_RUN = "DELETE FROM tasks WHERE id = ? AND state = 'failed' AND started_ms = 0"
 _FINISHED_STATES = tuple(state.value for state in FINISHED)
 _INFO_COLUMNS = "message, state, worker, started_ms, finished_ms, result, error, cancel"
 
@@ -386,10 +389,7 @@ class SqliteBroker:
         if outcome.state is TaskState.SUCCEEDED:
             # A chain step requeued from the dead letters succeeded: its next step, recorded
             # as failed without running, runs now.
-            conn.executemany(
-                "DELETE FROM tasks WHERE id = ? AND state = 'failed' AND started_ms = 0",
-                [(follow_up.id,) for follow_up in outcome.follow_ups],
-            )
+            conn.executemany(_FORGET_NEVER_RUN, [(step.id,) for step in outcome.follow_ups])
             self._insert(conn, outcome.follow_ups, now)
         elif message.link:
             self._chain_broken(conn, message, outcome.state, outcome.error, now)
@@ -617,6 +617,15 @@ class SqliteBroker:
             conn.executemany(
                 "UPDATE task_keys SET expires_ms = ? WHERE task_id = ?",
                 [(KEY_HELD, task_id) for task_id, _ in rows],
+            )
+            # Their chains' later steps, recorded as failed when they failed, wait for them again.
+            conn.executemany(
+                _FORGET_NEVER_RUN,
+                [
+                    (later.id,)
+                    for _, message in rows
+                    for later in MESSAGE_DECODER.decode(message).link
+                ],
             )
         return [task_id for task_id, _ in rows]
 
