@@ -1252,6 +1252,22 @@ def test_sqlite_pages_past_the_blob_limit_and_with_nul_bytes_read_whole(tmp_path
         store.close()
 
 
+def test_sqlite_pages_skip_positions_deleted_by_hand(tmp_path: Path) -> None:
+    """Positions run without gaps, so a page is read as a range; rows deleted by hand (say, to
+    erase someone) leave gaps, and pages still hold what follows them."""
+    store = connect_store(f"sqlite:///{tmp_path}/events.db")
+    try:
+        append_to(store, "s", 0, 10)
+        with sqlite3.connect(tmp_path / "events.db") as edit:
+            edit.execute("DELETE FROM events WHERE position BETWEEN 2 AND 8")
+        assert positions(store.read_all(0, 2)) == [1, 9]
+        assert positions(store.read_all(1, 3)) == [9, 10]  # not empty: that would end a reader
+        assert positions(store.read_all(9, 5)) == [10]
+        assert positions(store.read_all()) == [1, 9, 10]
+    finally:
+        store.close()
+
+
 # What schema version 1 made: positions in a head row (its append function is replaced too).
 V1_STORE = """
 CREATE TABLE riverbed_head (
