@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
+from riverbed.collection import collection_deferred
 from riverbed.eventsourcing.aggregate import check_name
 from riverbed.eventsourcing.claims import claim
 from riverbed.eventsourcing.errors import EventSourcingError, refuse_awaitable
@@ -164,6 +165,10 @@ class Relay:
         many were published and checkpointed: 0 with nothing new, when another relay holds the
         lease, or when this one lost it while publishing (its successor may publish the page
         again)."""
+        with collection_deferred():  # a page's records and futures are garbage only at its end
+            return self._publish_page(limit)
+
+    def _publish_page(self, limit: int) -> int:
         producer = self._ready()
         store = self.events.store
         ttl_ms = int(self.lease_ttl * 1000)

@@ -20,16 +20,16 @@ again on restart (Kafka Streams' default); handlers are where per-record retries
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import groupby
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from riverbed.collection import collection_deferred
 from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
 from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
@@ -171,7 +171,7 @@ class Runner:
         (Kafka Streams' commit.interval.ms under exactly-once): a commit costs round trips and
         state writes, which a bigger batch shares out.
         """
-        with _collection_deferred():
+        with collection_deferred():
             return self._run_batch(poll_timeout)
 
     def _run_batch(self, poll_timeout: float) -> int:
@@ -391,37 +391,6 @@ class Runner:
         for _, handlers in self._handlers.items():
             for _, handler in handlers:
                 handler.close()
-
-
-class _CollectionPause:
-    """Holds off the cyclic garbage collector while some runner of the process is inside a
-    batch. A batch allocates its records, items and results by the ten thousand, and keeps them
-    until it is done; left alone, the collector would run every few hundred of them, and every
-    hundredth run walks the whole heap, to find no garbage: the batch's objects are freed by
-    reference counting when it ends, and cycles wait for the collections between batches."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._was_enabled = False
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if not self._inside:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._inside += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._inside -= 1
-                if not self._inside and self._was_enabled:
-                    gc.enable()
-
-
-_collection_deferred = _CollectionPause()
 
 
 def reachable_outputs(topology: Topology) -> list[ToNode]:

@@ -7,6 +7,7 @@ lease cannot move the checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import re
 import signal
@@ -115,6 +116,28 @@ def test_the_relay_publishes_keyed_in_order_with_headers(
     assert decoded.metadata == events.read(20, 1)[0].metadata  # with its correlation id
     events.store.delete_stream_key("order-0")
     assert events.decode(first).event.email == riverbed.eventsourcing.ERASED
+
+
+def test_the_relay_holds_off_the_garbage_collector_while_it_publishes_a_page(
+    events: EventSourcing, log: riverbed.Log
+) -> None:
+    """A page's records and futures are garbage only at its end: collections during it would
+    walk them (and the whole heap) for nothing."""
+    fill(events, orders=100, lines=9)
+    collections: list[int] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    relay = Relay(events, log, "shop-events")
+    gc.callbacks.append(note)
+    try:
+        assert relay.run_once() == 1000
+    finally:
+        gc.callbacks.remove(note)
+    assert len(collections) <= 1  # the one deferred to its end, where there were 7
+    assert gc.isenabled()
 
 
 def test_a_relayed_record_is_stamped_when_sent_and_carries_the_events_time(
