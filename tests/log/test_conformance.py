@@ -221,10 +221,12 @@ def test_send_batch_queues_none_when_the_log_refuses_one(
         with pytest.raises(InvalidRecordError, match="value is bytes or None, not str"):
             producer.send_batch(name, [fits, (b"k", "a str", None), too_large])
         assert producer.send_batch(name, []) == []
+        # Over the limit together, each within it: all go.
+        assert len(producer.send_batch(name, [fits, fits, fits])) == 3
         producer.send_batch(name, [fits])[0].result(timeout=30)
         (future,) = producer.send_batch(name, (record for record in [fits]))  # any iterable
         future.result(timeout=30)
-    assert sum(log.end_offsets(name).values()) == 2
+    assert sum(log.end_offsets(name).values()) == 5
     assert sum(log.end_offsets(compacted).values()) == 0
     producer = log.producer()
     producer.close()

@@ -274,7 +274,7 @@ class SqliteProducer(Closing):
         if self._closed:
             raise ClosedError("the producer is closed; create a new one with log.producer()")
         info = self._meta(topic).info
-        records, sizes = check_batch(info, records)
+        records, total = check_batch(info, records)
         if not records:
             return []
         partitions = info.partitions
@@ -283,10 +283,10 @@ class SqliteProducer(Closing):
         runs: dict[int, _HeadedRun] = {}
         targets: list[int] = []
         places: list[int] = []
-        size = 0
-        for (key, value, headers), record_bytes in zip(records, sizes, strict=True):
+        for key, value, headers in records:
             if key is None:
-                target = self._sticky.next(record_bytes + RECORD_OVERHEAD, partitions)
+                size = record_size(key, value, headers) + RECORD_OVERHEAD
+                target = self._sticky.next(size, partitions)
             else:
                 target = partition_for_key(key, partitions)
             run = runs.get(target)
@@ -297,7 +297,6 @@ class SqliteProducer(Closing):
             run.keys.append(key)
             run.values.append(value)
             run.headers.append(dict(headers) if headers else {})
-            size += record_bytes + RECORD_OVERHEAD
         flush = self._flush_method
         with self._lock:
             starts: dict[int, tuple[BatchDelivery, int]] = {}
@@ -311,7 +310,7 @@ class SqliteProducer(Closing):
             for target, place in zip(targets, places, strict=True):
                 delivery, start = starts[target]
                 futures.append(BatchFuture(flush, delivery, start + place, timestamp_ms))
-            full = self._buffered(size)
+            full = self._buffered(total + RECORD_OVERHEAD * len(records))
         if full:
             self._write_buffered()
         return futures
