@@ -62,7 +62,7 @@ def run_app(
                         )
             # Done when polls stay empty: the embedded log answers at once, a broker needs longer
             # (a rebalance, a fetch round trip).
-            idle_s = 0.2 if url is None else 2.0
+            idle_s = 0.2 if url is None or url.startswith("sqlite:") else 2.0
             with app.runner() as runner:
                 while runner.run_once(idle_s) or runner.run_once(idle_s):
                     pass
