@@ -73,6 +73,7 @@ class JoinSideNode(Node):
         super().__init__()
         self.topic = topic
         self.side = side
+        self.written = 0  # records sent, for the records-out metric
 
     @property
     def terminal(self) -> bool:
@@ -83,6 +84,7 @@ class JoinSideNode(Node):
         ctx.producer.send_many(
             self.topic.name, [(encode(k), encode((t, side, v))) for k, v, t in batch]
         )
+        self.written += len(batch)
 
 
 class IntervalJoinNode(WindowNode[list[Buffered]]):

@@ -263,6 +263,7 @@ class RepartitionNode(Node):
     def __init__(self, topic: InternalTopic) -> None:
         super().__init__()
         self.topic = topic
+        self.written = 0  # records (runs of items) sent, for the records-out metric
         # Keys repeat: each one's partition is computed once.
         self._placed: dict[Any, int] = {}
 
@@ -282,7 +283,9 @@ class RepartitionNode(Node):
         name, send_many = self.topic.name, ctx.producer.send_many
         for partition, indexes in runs.items():
             run = batch if len(runs) == 1 else batch.take(indexes)
-            send_many(name, [(None, value) for value in self._encode(run)], partition=partition)
+            values = self._encode(run)
+            send_many(name, [(None, value) for value in values], partition=partition)
+            self.written += len(values)
 
     def _place(self, key: Any) -> int:
         if len(self._placed) >= PLACED_KEYS_LIMIT:

@@ -34,7 +34,8 @@ from riverbed.log.api import Consumer, Log, Producer, Record, TopicPartition
 from riverbed.log.errors import CommitFailedError
 from riverbed.serde.codecs import DeserializationError
 from riverbed.streams.handlers import ATTEMPTS_HEADER, DUE_HEADER, Handler, retry_topic
-from riverbed.streams.nodes import Batch, Context, Node, ToNode
+from riverbed.streams.joins import JoinSideNode
+from riverbed.streams.nodes import Batch, Context, Node, RepartitionNode, ToNode
 from riverbed.streams.state.backend import Changes, StateBackend
 from riverbed.streams.topics import ERROR_HEADER, Topic
 from riverbed.streams.topology import InternalSource, TopicSource, Topology
@@ -95,7 +96,7 @@ class Runner:
         self.dead_lettered = 0
         self.aborted = 0
         self.late = 0  # records that arrived after their windows closed
-        self._outputs = reachable_outputs(topology)
+        self._writers = _writers(topology)
         self._table_consumers = {
             name: log.consumer(topics=[name], from_beginning=True) for name in topology.tables
         }
@@ -379,7 +380,7 @@ class Runner:
         assert self.metrics is not None
         for (topic_name, _), count in taken.items():
             self.metrics.records_in.labels(topic_name).inc(count)
-        for node in self._outputs:
+        for node in self._writers:
             if node.written:
                 self.metrics.records_out.labels(node.topic.name).inc(node.written)
                 node.written = 0
@@ -394,15 +395,24 @@ class Runner:
 
 
 def reachable_outputs(topology: Topology) -> list[ToNode]:
+    """The nodes writing to the app's own output topics (``to``)."""
+    return [node for node in _writers(topology) if isinstance(node, ToNode)]
+
+
+# The nodes that write to a topic: the app's outputs, and its internal topics.
+Writer = ToNode | RepartitionNode | JoinSideNode
+
+
+def _writers(topology: Topology) -> list[Writer]:
     seen: set[int] = set()
-    found: list[ToNode] = []
+    found: list[Writer] = []
     stack: list[Node] = list(topology.sources.values())
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if isinstance(node, ToNode):
+        if isinstance(node, Writer):
             found.append(node)
         stack.extend(node.children)
         stack.extend(getattr(node, "branches", ()))

@@ -154,3 +154,36 @@ def test_a_signal_that_comes_while_the_main_thread_holds_stops_lock_still_stops(
             handler(signal.SIGTERM, None)
         assert stop.wait(5)
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_records_out_counts_writes_to_internal_topics_too(tmp_path: Path) -> None:
+    """A key_by's repartition topic and an interval join's topic are written like any output:
+    the records-out metric counts them per topic, as records-in counts reading them."""
+    from riverbed.streams.metrics import RunnerMetrics
+
+    app = riverbed.App("shop", url=f"sqlite:///{tmp_path}/log.db", state_dir=tmp_path / "state")
+    views = app.topic("views", value=str, key=str)
+    buys = app.topic("buys", value=str, key=str)
+    counts = app.topic("counts", value=int, key=str)
+    matched = app.topic("matched", value=str, key=str)
+    app.stream(views).key_by(lambda view: view).count().to(counts)
+    app.stream(views).join(app.stream(buys), lambda v, b: f"{v}->{b}", within=5).to(matched)
+    metrics = RunnerMetrics(app.name)
+    with app:
+        app.start()
+        for key, view in (("u1", "shoes"), ("u2", "hat")):
+            views.send(app.producer, view, key=key)
+        buys.send(app.producer, "shoes!", key="u1")
+        app.producer.flush()
+        with app.runner(metrics) as runner:
+            while runner.run_once(0.2) or runner.run_once(0.2):
+                pass
+    written = {
+        sample.labels["topic"]: sample.value
+        for metric in metrics.registry.collect()
+        if metric.name == "riverbed_records_out"
+        for sample in metric.samples
+        if sample.name == "riverbed_records_out_total"
+    }
+    # The join writes each side's record; the repartition, one record per run of items.
+    assert written == {"counts": 2, "matched": 1, "shop-join-2": 3, "shop-repartition-0": 1}
