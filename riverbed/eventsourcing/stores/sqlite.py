@@ -521,7 +521,7 @@ def _read_stream(
     check_versions(from_version, to_version)
     where = "FROM events WHERE stream = ? AND version >= ? AND version <= ?"
     params = (stream, from_version, to_version if to_version is not None else MAX_BOUND)
-    joined = _joined(conn, where, params)
+    joined = _joined(conn, "NULL", where, params)
     found = None if joined is None else _decoded(joined[0], joined[1])
     if found is None:
         found = _page(conn.execute(f"SELECT record {where} ORDER BY version", params).fetchall())
@@ -535,7 +535,12 @@ def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEv
     A range that comes out short while later events exist means gaps (rows deleted by hand):
     that page is read with the LIMIT."""
     upto = min(after + limit, MAX_BOUND)
-    joined = _joined(conn, "FROM events WHERE position > ? AND position <= ?", (after, upto))
+    joined = _joined(
+        conn,
+        "(SELECT max(position) FROM events)",
+        "FROM events WHERE position > ? AND position <= ?",
+        (after, upto),
+    )
     found = None
     if joined is not None:
         count, records, last = joined
@@ -552,15 +557,14 @@ def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEv
 
 
 def _joined(
-    conn: sqlite3.Connection, where: str, params: tuple[Any, ...]
+    conn: sqlite3.Connection, extra: str, where: str, params: tuple[Any, ...]
 ) -> tuple[int, bytes | None, int | None] | None:
     """The count of the events ``where`` selects, their records joined in one blob by SQLite,
-    and the store's last position; None past SQLite's length limit (1 GB)."""
+    and the ``extra`` column (read_all's: the store's last position); None past SQLite's
+    length limit (1 GB)."""
     try:
         row: tuple[int, bytes | None, int | None] = conn.execute(
-            "SELECT count(*), CAST(group_concat(record, '') AS BLOB), "
-            f"(SELECT max(position) FROM events) {where}",
-            params,
+            f"SELECT count(*), CAST(group_concat(record, '') AS BLOB), {extra} {where}", params
         ).fetchone()
     except sqlite3.DataError:  # string or blob too big
         return None
