@@ -589,14 +589,11 @@ def _decoded(count: int, records: bytes | None) -> list[StoredEvent] | None:
 
 
 def _page(rows: list[tuple[bytes]]) -> list[StoredEvent]:
-    """Decode rows of ``record`` blobs at once: a msgpack array header, then the records."""
-    if not rows:
-        return []
-    header = b"\xdd" + len(rows).to_bytes(4, "big")
-    try:
-        return _page_decoder.decode(header + b"".join([row[0] for row in rows]))
-    except msgspec.MsgspecError:
-        pass
+    """Decode rows of ``record`` blobs, joined as ``_decoded`` takes them (in order: the rows
+    come sorted), else one by one to name a damaged record."""
+    found = _decoded(len(rows), b"".join([row[0] for row in rows]))
+    if found is not None:
+        return found
     decoded: list[StoredEvent] = []  # one by one, to name the damaged record
     for (record,) in rows:
         try:
