@@ -154,6 +154,37 @@ def test_positions_follow_each_other_across_streams_and_appends(store: EventStor
     assert positions(store.read_stream("a")) == [1, 2, 4, 5, 6]
 
 
+def test_stores_taking_turns_number_new_streams_on_from_each_other(
+    open_store: OpenStore,
+) -> None:
+    """Each store's append follows the other's: the SQLite store, which numbers a new stream's
+    first save on from its own last append without asking, still follows the other's events."""
+    stores = (open_store(), open_store())
+    last = [append_to(stores[n % 2], f"new-{n}", 0, 3) for n in range(6)]
+    assert last == [3, 6, 9, 12, 15, 18]
+    for store in stores:
+        events = store.read_all(0, 100)
+        assert positions(events) == list(range(1, 19))
+        assert [e.stream for e in events] == [f"new-{n}" for n in range(6) for _ in range(3)]
+    assert append_to(stores[1], "new-6", 0) == 19
+
+
+def test_a_new_stream_that_exists_by_now_is_a_concurrency_error(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    append_to(first, "order-1", 0)
+    with pytest.raises(ConcurrencyError) as raised:  # created by this store
+        append_to(first, "order-1", 0, 2)
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("order-1", 0, 1)
+    append_to(second, "order-2", 0, 2)
+    with pytest.raises(ConcurrencyError) as raised:  # by another, since this one's last append
+        append_to(first, "order-2", 0)
+    assert (raised.value.stream, raised.value.expected, raised.value.actual) == ("order-2", 0, 2)
+    assert append_to(first, "order-3", 0) == 4
+    assert [(e.stream, e.version) for e in second.read_all()] == [
+        ("order-1", 1), ("order-2", 1), ("order-2", 2), ("order-3", 1),
+    ]  # fmt: skip
+
+
 def test_binary_payloads_round_trip_unchanged(store: EventStore) -> None:
     payloads = [b"", bytes(range(256)), b"\x00" * 70_000]
     store.append(
