@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from riverbed.errors import InvalidUrlError, RiverbedError
@@ -97,8 +97,14 @@ class SqliteFile:
                 self._connections.append((threading.current_thread(), conn))
         return conn
 
-    def create_schema(self, statements: Sequence[str], version: int) -> None:
-        """Create the tables (idempotent); an error if the file is of a newer riverbed, of
+    def create_schema(
+        self,
+        statements: Sequence[str],
+        version: int,
+        upgrade: Callable[[sqlite3.Connection, int], None] | None = None,
+    ) -> None:
+        """Create the tables (idempotent), then ``upgrade`` a file of an older schema version
+        (given that version; 0 for a new file); an error if the file is of a newer riverbed, of
         another kind (``what``: one of ``kinds.KINDS``), or another program's.
         Raises ``sqlite3.DatabaseError`` or ``OSError`` when the file cannot be opened."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +125,8 @@ class SqliteFile:
                 )
             for statement in statements:
                 conn.execute(statement)
+            if upgrade is not None and found < version:
+                upgrade(conn, found)
             conn.execute(f"PRAGMA user_version={version}")
 
     def _checkpoint_loop(self) -> None:

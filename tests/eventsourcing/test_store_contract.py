@@ -21,6 +21,7 @@ from multiprocessing.synchronize import Event as EventFlag
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import sql
@@ -355,6 +356,40 @@ def test_read_stream_between_versions_travels_in_time(store: EventStore) -> None
     assert [e.version for e in store.read_stream("s", 4, 4)] == [4]
     assert store.read_stream("s", 6) == []
     assert store.read_stream("s", 4, 3) == []
+
+
+def test_pages_and_version_ranges_start_and_end_inside_one_save(store: EventStore) -> None:
+    # The SQLite store keeps a save's events in one row: reads cut rows where asked.
+    append_to(store, "a", 0, 10)
+    append_to(store, "b", 0, 3)
+    assert positions(store.read_all(3, 4)) == [4, 5, 6, 7]
+    assert positions(store.read_all(9, 2)) == [10, 11]
+    assert [e.version for e in store.read_stream("a", 3, 6)] == [3, 4, 5, 6]
+    assert [e.version for e in store.read_stream("a", 10)] == [10]
+    assert [(e.stream, e.version) for e in store.read_all(8, 100)] == [
+        ("a", 9), ("a", 10), ("b", 1), ("b", 2), ("b", 3),
+    ]  # fmt: skip
+
+
+def test_appends_of_no_expected_version_give_any_unstored_versions(store: EventStore) -> None:
+    shared = [new_event("shared", 1001), new_event("shared", 1003)]
+    assert store.append([StreamAppend("shared", None, shared)]) == 2
+    assert store.append([StreamAppend("shared", None, [new_event("shared", 1)])]) == 3
+    assert [e.version for e in store.read_stream("shared")] == [1, 1001, 1003]
+    assert [e.version for e in store.read_stream("shared", 2, 1002)] == [1001]
+    assert store.stream_version("shared") == 1003
+    for version in (1, 1003):
+        with pytest.raises(EventSourcingError, match=rf"(?s)cannot append.*\b{version}\b"):
+            store.append([StreamAppend("shared", None, [new_event("shared", version)])])
+    with pytest.raises(ConcurrencyError) as raised:  # not a new stream, whatever its versions
+        append_to(store, "shared", 0)
+    assert raised.value.actual == 1003
+    started = [new_event("started", 5)]
+    store.append([StreamAppend("started", None, started)])
+    with pytest.raises(ConcurrencyError) as raised:
+        append_to(store, "started", 0, 3)
+    assert raised.value.actual == 5
+    assert store.last_position() == 4
 
 
 def test_read_all_pages_by_position(store: EventStore) -> None:
@@ -974,6 +1009,51 @@ def execute(store_url: str, statement: str) -> list[tuple[Any, ...]]:
         return cur.fetchall() if cur.description is not None else []
 
 
+# What schema versions 1 and 2 made for events: a row each.
+SQLITE_V2_EVENTS = """
+CREATE TABLE events (
+    position INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
+    version INTEGER NOT NULL, record BLOB NOT NULL, UNIQUE (stream, version)
+)
+"""
+
+
+def test_a_version_2_sqlite_store_moves_its_events_into_batches_when_opened(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/events.db"
+    store = connect_store(url)
+    append_to(store, "a", 0, 2)
+    append_to(store, "b", 0)
+    append_to(store, "a", 2)
+    stored = store.read_all()
+    store.close()
+    with closing(sqlite3.connect(tmp_path / "events.db", isolation_level=None)) as conn:
+        conn.execute(SQLITE_V2_EVENTS)
+        for e in stored:
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (e.position, e.id, e.stream, e.version, msgspec.msgpack.encode(e)),
+            )
+        conn.execute("DROP VIEW new_streams")
+        conn.execute("DROP TABLE batches")
+        conn.execute("PRAGMA user_version = 2")
+    store = connect_store(url)
+    try:
+        assert store.read_all() == stored
+        assert store.read_stream("a", 2) == [stored[1], stored[3]]
+        assert store.stream_version("a") == 3
+        assert append_to(store, "a", 3) == 5
+        assert append_to(store, "c", 0, 2) == 7
+        with pytest.raises(ConcurrencyError):
+            append_to(store, "b", 0)
+        assert positions(store.read_all()) == list(range(1, 8))
+        assert execute(url, "SELECT name FROM sqlite_master WHERE name = 'events'") == []
+        assert execute(url, "PRAGMA user_version") == [(sqlite_store.SCHEMA_VERSION,)]
+    finally:
+        store.close()
+
+
 def test_a_version_1_store_gets_the_leases_table_when_opened(
     open_store: OpenStore, store_url: str
 ) -> None:
@@ -1256,12 +1336,18 @@ def test_a_sqlite_store_opens_and_reads_while_another_process_writes(tmp_path: P
 def test_a_damaged_sqlite_event_record_is_named(tmp_path: Path) -> None:
     store = connect_store(f"sqlite:///{tmp_path}/events.db")
     try:
-        append_to(store, "s", 0, 3)
+        append_to(store, "s", 0)
+        append_to(store, "s", 1, 2)  # a row of positions 2 and 3
+        append_to(store, "s", 3)
         with sqlite3.connect(tmp_path / "events.db") as damage:
-            damage.execute("UPDATE events SET record = x'92c1' WHERE position = 2")
-        with pytest.raises(EventSourcingError, match=r"a damaged event record .*after position 1"):
+            damage.execute("UPDATE batches SET records = x'92c1' WHERE position = 2")
+        with pytest.raises(EventSourcingError, match=r"a damaged .* of positions 2 to 3"):
             store.read_all()
+        with pytest.raises(EventSourcingError, match=r"a damaged .* of positions 2 to 3"):
+            store.read_stream("s", 3)
         assert positions(store.read_all(limit=1)) == [1]
+        assert positions(store.read_all(after=3)) == [4]
+        assert positions(store.read_stream("s", 4)) == [4]
     finally:
         store.close()
 
@@ -1271,9 +1357,8 @@ def test_sqlite_pages_past_the_blob_limit_and_with_nul_bytes_read_whole(tmp_path
     store = connect_store(f"sqlite:///{tmp_path}/events.db")
     try:
         payloads = [b"\xc4\x03\x00\x00\x00", b"\xc4\x01\x00", b"\x00"]
-        store.append(
-            [StreamAppend("s", 0, [new_event("s", v + 1, p) for v, p in enumerate(payloads)])]
-        )
+        for version, payload in enumerate(payloads):  # a row each
+            store.append([StreamAppend("s", version, [new_event("s", version + 1, payload)])])
         assert [event.data for event in store.read_all()] == payloads
         assert [event.data for event in store.read_stream("s")] == payloads
         store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 150)  # two ~90 B records are past it
@@ -1288,9 +1373,11 @@ def test_sqlite_pages_skip_positions_deleted_by_hand(tmp_path: Path) -> None:
     erase someone) leave gaps, and pages still hold what follows them."""
     store = connect_store(f"sqlite:///{tmp_path}/events.db")
     try:
-        append_to(store, "s", 0, 10)
+        append_to(store, "s", 0)
+        append_to(store, "s", 1, 7)  # a row of positions 2 to 8
+        append_to(store, "s", 8, 2)
         with sqlite3.connect(tmp_path / "events.db") as edit:
-            edit.execute("DELETE FROM events WHERE position BETWEEN 2 AND 8")
+            edit.execute("DELETE FROM batches WHERE position = 2")
         assert positions(store.read_all(0, 2)) == [1, 9]
         assert positions(store.read_all(1, 3)) == [9, 10]  # not empty: that would end a reader
         assert positions(store.read_all(9, 5)) == [10]
