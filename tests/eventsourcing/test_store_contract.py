@@ -7,6 +7,7 @@ and the upgrade of a store an older riverbed made."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import multiprocessing
 import socket
@@ -1019,7 +1020,7 @@ CREATE TABLE events (
 
 
 def test_a_version_2_sqlite_store_moves_its_events_into_batches_when_opened(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"sqlite:///{tmp_path}/events.db"
     store = connect_store(url)
@@ -1038,7 +1039,9 @@ def test_a_version_2_sqlite_store_moves_its_events_into_batches_when_opened(
         conn.execute("DROP VIEW new_streams")
         conn.execute("DROP TABLE batches")
         conn.execute("PRAGMA user_version = 2")
-    store = connect_store(url)
+    with caplog.at_level(logging.INFO, logger="riverbed.events"):
+        store = connect_store(url)
+    assert "event store upgraded to schema version 3: 4 events moved" in caplog.text
     try:
         assert store.read_all() == stored
         assert store.read_stream("a", 2) == [stored[1], stored[3]]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import logging
 import operator
 import os
 import sqlite3
@@ -157,6 +158,7 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
     """,
 )
 
+log = logging.getLogger("riverbed.events")
 _encoder = msgspec.msgpack.Encoder()
 _page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _position_of = operator.attrgetter("position")
@@ -530,14 +532,17 @@ def _insert(rows: int) -> str:
 
 
 def _upgrade(conn: sqlite3.Connection, found: int) -> None:
-    """A file of schema version 1 or 2 (a row per event) as version 3: each event a batch."""
+    """A file of schema version 1 or 2 (a row per event) as version 3: each event a batch.
+    Other processes wait for the write lock meanwhile: a large file takes a while."""
     old = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'")
     if found and old.fetchone() is not None:
-        conn.execute(
+        moved = conn.execute(
             "INSERT INTO batches (position, stream, version, count, records) "
             "SELECT position, stream, version, 1, record FROM events"
-        )
+        ).rowcount
         conn.execute("DROP TABLE events")
+        log.info("event store upgraded to schema version %d: %d events moved", SCHEMA_VERSION,
+                 moved)  # fmt: skip
 
 
 def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
