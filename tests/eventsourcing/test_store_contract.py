@@ -373,23 +373,23 @@ def test_pages_and_version_ranges_start_and_end_inside_one_save(store: EventStor
 
 
 def test_appends_of_no_expected_version_give_any_unstored_versions(store: EventStore) -> None:
+    started = [new_event("started", 5)]
+    store.append([StreamAppend("started", None, started)])
+    with pytest.raises(ConcurrencyError) as raised:  # a stream, though it has no version 1
+        append_to(store, "started", 0, 3)
+    assert raised.value.actual == 5
     shared = [new_event("shared", 1001), new_event("shared", 1003)]
-    assert store.append([StreamAppend("shared", None, shared)]) == 2
-    assert store.append([StreamAppend("shared", None, [new_event("shared", 1)])]) == 3
+    assert store.append([StreamAppend("shared", None, shared)]) == 3
+    assert store.append([StreamAppend("shared", None, [new_event("shared", 1)])]) == 4
     assert [e.version for e in store.read_stream("shared")] == [1, 1001, 1003]
     assert [e.version for e in store.read_stream("shared", 2, 1002)] == [1001]
     assert store.stream_version("shared") == 1003
     for version in (1, 1003):
         with pytest.raises(EventSourcingError, match=rf"(?s)cannot append.*\b{version}\b"):
             store.append([StreamAppend("shared", None, [new_event("shared", version)])])
-    with pytest.raises(ConcurrencyError) as raised:  # not a new stream, whatever its versions
+    with pytest.raises(ConcurrencyError) as raised:
         append_to(store, "shared", 0)
     assert raised.value.actual == 1003
-    started = [new_event("started", 5)]
-    store.append([StreamAppend("started", None, started)])
-    with pytest.raises(ConcurrencyError) as raised:
-        append_to(store, "started", 0, 3)
-    assert raised.value.actual == 5
     assert store.last_position() == 4
 
 

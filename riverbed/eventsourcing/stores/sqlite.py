@@ -63,6 +63,7 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
+from riverbed.eventsourcing.stores.guesses import PositionGuess, first_save
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
 from riverbed.urls import BackendUrl
@@ -200,9 +201,7 @@ class SqliteEventStore:
         except RiverbedError:  # a file of a newer riverbed
             self._file.close()  # its connection, and the checkpointing thread that started
             raise
-        # The last position as of this store's last append, committed (_insert_new_stream).
-        self._last_position: int | None = None
-        self._unguessed = 0  # appends left to check before guessing again, after a wrong guess
+        self._guess = PositionGuess()
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -215,22 +214,21 @@ class SqliteEventStore:
         conn = self._conn
         if conn.in_transaction:  # a subscriber's: the append joins it, as on PostgreSQL
             return _append(conn, appends)
-        last = self._last_position
-        if self._unguessed:
-            self._unguessed -= 1
-        elif last is not None and _new_stream(appends):
+        first = first_save(appends)
+        last = None if first is None or len(first.events) > BATCH_EVENTS else self._guess.take()
+        if first is not None and last is not None:
             try:
-                position = _insert_new_stream(conn, appends[0], last)
+                position = _insert_new_stream(conn, first, last)
             except sqlite3.IntegrityError as error:  # the checked append below names a conflict
-                if "batches.position" in str(error):  # another writer appended since: may go on
-                    self._unguessed = UNGUESSED_APPENDS
+                if "batches.position" in str(error):
+                    self._guess.stale()
             else:
                 if position is not None:
-                    self._last_position = position
+                    self._guess.committed(position)
                     return position
         with _write_transaction(conn):
             position = _append(conn, appends)
-        self._last_position = position  # committed
+        self._guess.committed(position)
         return position
 
     def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -518,9 +516,6 @@ class SqliteTransaction:
 # one statement binding many rows cost 13% less than a row per statement (executemany), and
 # sqlite3 caches the at most INSERT_ROWS statement texts.
 INSERT_ROWS = 64
-# After another writer's append spoiled a guess of the last position: appends of this store that
-# check it with a query before it guesses again. Writers that take turns would spoil most guesses.
-UNGUESSED_APPENDS = 16
 _ROW_COLUMNS = ("position", "stream", "version", "count", "records")
 _ROW = "(" + ", ".join("?" * len(_ROW_COLUMNS)) + ")"
 _INSERT_NEW_STREAM = f"INSERT INTO new_streams ({', '.join(_ROW_COLUMNS)}) VALUES {_ROW}"
@@ -597,18 +592,6 @@ def _check_unstored(conn: sqlite3.Connection, append: StreamAppend) -> None:
                 + ("given twice" if version in seen else "stored already")
             )
         seen.add(version)
-
-
-def _new_stream(appends: Sequence[StreamAppend]) -> bool:
-    """Whether the append is a new stream's first save, which ``_insert_new_stream`` takes."""
-    if len(appends) != 1:
-        return False
-    append = appends[0]
-    return (
-        append.expected_version == 0
-        and 0 < len(append.events) <= BATCH_EVENTS
-        and _continues(append)
-    )
 
 
 def _insert_new_stream(conn: sqlite3.Connection, append: StreamAppend, last: int) -> int | None:
