@@ -54,6 +54,15 @@ class StreamAppend(msgspec.Struct, frozen=True):
     events: list[NewEvent]
 
 
+def continues(append: StreamAppend) -> bool:
+    """Whether the append's events have the versions after its expected one, one by one, as a
+    save's do (False with no expected version)."""
+    expected = append.expected_version
+    if expected is None:
+        return False
+    return all(event.version == expected + n for n, event in enumerate(append.events, 1))
+
+
 def distinct_streams(appends: Sequence[StreamAppend]) -> None:
     """Refuse an append that names a stream twice: its expected versions would be checked
     against each other's events on one store and not on another."""

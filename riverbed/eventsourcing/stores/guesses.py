@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from riverbed.eventsourcing.records import StreamAppend
+from riverbed.eventsourcing.records import StreamAppend, continues
 
 # After a stale guess: appends that ask before the next guess. Writers that take turns would
 # spoil most guesses.
@@ -46,8 +46,4 @@ def first_save(appends: Sequence[StreamAppend]) -> StreamAppend | None:
     if len(appends) != 1:
         return None
     append = appends[0]
-    if append.expected_version != 0 or not append.events:
-        return None
-    if any(event.version != version for version, event in enumerate(append.events, 1)):
-        return None
-    return append
+    return append if append.expected_version == 0 and append.events and continues(append) else None

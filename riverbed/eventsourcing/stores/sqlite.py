@@ -52,6 +52,7 @@ from riverbed.eventsourcing.records import (
     StoredEvent,
     StreamAppend,
     Timer,
+    continues,
     distinct_streams,
 )
 from riverbed.eventsourcing.stores.api import (
@@ -555,7 +556,7 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
                 actual = _stream_version(conn, append.stream)
             if actual != expected:
                 raise ConcurrencyError(append.stream, expected, actual)
-        if not _continues(append):
+        if not continues(append):  # then the version check leaves none of them stored
             _check_unstored(conn, append)
     if position is None:
         position = _last_position(conn)
@@ -568,15 +569,6 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
     except sqlite3.IntegrityError as error:  # the checks above leave none, but to be sure
         raise EventSourcingError(f"cannot append: {error}") from error
     return position
-
-
-def _continues(append: StreamAppend) -> bool:
-    """Whether the events go on from the expected version one by one, as a save's do (then
-    the version check leaves none of them stored)."""
-    expected = append.expected_version
-    if expected is None:
-        return False
-    return all(event.version == expected + n for n, event in enumerate(append.events, 1))
 
 
 def _check_unstored(conn: sqlite3.Connection, append: StreamAppend) -> None:
