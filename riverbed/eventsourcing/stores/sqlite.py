@@ -233,9 +233,9 @@ class SqliteEventStore:
         return position
 
     def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A write transaction; inside this thread's open one (a subscriber's handler saving an
-        aggregate), the write joins it, as on PostgreSQL. Not a generator: every save opens
-        one."""
+        """A write transaction; inside this thread's open one (a subscriber's handler saving a
+        snapshot), the write joins it, as on PostgreSQL. Not a generator: a save that takes a
+        snapshot opens one."""
         conn = self._conn
         return nullcontext(conn) if conn.in_transaction else _write_transaction(conn)
 
