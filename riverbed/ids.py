@@ -69,8 +69,8 @@ def _fresh(count: int) -> list[str]:
     # formatted string per id took three times as long.
     raw[6::16] = raw[6::16].translate(_VERSION_4)
     raw[8::16] = raw[8::16].translate(_VARIANT)
-    digits = raw.hex()
-    return [digits[i : i + 32] for i in range(0, 32 * count, 32)]
+    # Split by hex() itself, a space every 16 bytes: half the time of slicing its digits.
+    return raw.hex(" ", 16).split(" ")
 
 
 _VERSION_4 = bytes((byte & 0x0F) | 0x40 for byte in range(256))
