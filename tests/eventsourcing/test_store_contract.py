@@ -387,6 +387,9 @@ def test_appends_of_no_expected_version_give_any_unstored_versions(store: EventS
     for version in (1, 1003):
         with pytest.raises(EventSourcingError, match=rf"(?s)cannot append.*\b{version}\b"):
             store.append([StreamAppend("shared", None, [new_event("shared", version)])])
+    run = [new_event("shared", version) for version in (1002, 1003, 1004)]
+    with pytest.raises(EventSourcingError, match=r"(?s)cannot append.*\b1003\b"):
+        store.append([StreamAppend("shared", None, run)])
     with pytest.raises(ConcurrencyError) as raised:
         append_to(store, "shared", 0)
     assert raised.value.actual == 1003

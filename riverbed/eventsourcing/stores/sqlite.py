@@ -572,18 +572,27 @@ def _append(conn: sqlite3.Connection, appends: Sequence[StreamAppend]) -> int:
 
 
 def _check_unstored(conn: sqlite3.Connection, append: StreamAppend) -> None:
-    """Refuse events of versions the stream holds, or that the append gives twice."""
+    """Refuse events of versions the stream holds, or that the append gives twice: a query per
+    run of consecutive versions, as the rows will hold them."""
     seen: set[int] = set()
+    runs: list[list[int]] = []  # each run's first and last version
     for event in append.events:
         version = event.version
-        stored = conn.execute(_HOLDS_VERSION, (append.stream, version - BATCH_EVENTS, version,
-                                               version)).fetchone()  # fmt: skip
-        if version in seen or stored is not None:
-            raise EventSourcingError(
-                f"cannot append: version {version} of stream {append.stream!r} is "
-                + ("given twice" if version in seen else "stored already")
-            )
+        if version in seen:
+            raise _stored(append.stream, version, "given twice")
         seen.add(version)
+        if runs and version == runs[-1][1] + 1:
+            runs[-1][1] = version
+        else:
+            runs.append([version, version])
+    for first, last in runs:
+        row = conn.execute(_FIRST_HELD, (first, append.stream, first, last, first)).fetchone()
+        if row is not None:
+            raise _stored(append.stream, row[0], "stored already")
+
+
+def _stored(stream: str, version: int, why: str) -> EventSourcingError:
+    return EventSourcingError(f"cannot append: version {version} of stream {stream!r} is {why}")
 
 
 def _insert_new_stream(conn: sqlite3.Connection, append: StreamAppend, last: int) -> int | None:
@@ -757,11 +766,11 @@ _STREAM_VERSION = (
     "SELECT version + count - 1 FROM batches WHERE stream = ? ORDER BY version DESC LIMIT 1"
 )
 _VERSION_AND_POSITION = f"SELECT coalesce(({_STREAM_VERSION}), 0), coalesce(({_LAST_POSITION}), 0)"
-# Whether the stream (1) holds the version (4): its row starts at most BATCH_EVENTS - 1 versions
-# before it (2), and not after it (3).
-_HOLDS_VERSION = (
-    "SELECT 1 FROM batches WHERE stream = ? AND version > ? AND version <= ? "
-    "AND version + count > ?"
+# The first version from (1) to (4) that stream (2) holds: rows that start at most BATCH_EVENTS -
+# 1 versions before (3), not after (4), and end after (5).
+_FIRST_HELD = (
+    "SELECT max(version, ?) FROM batches WHERE stream = ? AND version > ? - "
+    f"{BATCH_EVENTS} AND version <= ? AND version + count > ? ORDER BY version LIMIT 1"
 )
 
 
