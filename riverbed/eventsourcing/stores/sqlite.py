@@ -24,11 +24,9 @@ batches: opening an older file moves each of its events into a batch of its own.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import json
 import logging
-import operator
 import os
 import sqlite3
 import time
@@ -64,6 +62,7 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
+from riverbed.eventsourcing.stores.batches import between, decoded, rows_decoded, versions
 from riverbed.eventsourcing.stores.guesses import PositionGuess, first_save
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
@@ -162,9 +161,6 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
 
 log = logging.getLogger("riverbed.events")
 _encoder = msgspec.msgpack.Encoder()
-_page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
-_position_of = operator.attrgetter("position")
-_version_of = operator.attrgetter("version")
 # Rows of each table but the batches, whose events footprint() counts.
 _TABLES = ("snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
            "timers", "leases")  # fmt: skip
@@ -658,15 +654,10 @@ def _read_stream(
     where = "FROM batches WHERE stream = ? AND version > ? AND version <= ? AND version + count > ?"
     params = (stream, from_version - BATCH_EVENTS, upto, from_version)
     joined = _joined(conn, "NULL", where, params)
-    found = None if joined is None else _decoded(joined[0], joined[1])
+    found = None if joined is None else decoded(joined[0], joined[1])
     if found is None:
-        found = _page(conn.execute(f"SELECT {_PAGE_COLUMNS} {where}", params).fetchall())
-    found.sort(key=_version_of)  # in position order: appends of no expected version may go back
-    return found[
-        bisect.bisect_left(found, from_version, key=_version_of) : bisect.bisect_right(
-            found, upto, key=_version_of
-        )
-    ]
+        found = rows_decoded(conn.execute(f"SELECT {_PAGE_COLUMNS} {where}", params).fetchall())
+    return versions(found, from_version, upto)
 
 
 def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEvent]:
@@ -687,9 +678,9 @@ def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEv
     found = None
     if joined is not None:
         count, records, last = joined
-        found = _decoded(count, records)
+        found = decoded(count, records)
         if found is not None:
-            found = _between(found, after, upto)
+            found = between(found, after, upto)
             if len(found) < limit and last is not None and last > upto:  # gaps
                 found = None
     if found is None:
@@ -698,14 +689,8 @@ def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEv
             "ORDER BY position LIMIT ?",  # each row holds an event after ``after``
             (after - BATCH_EVENTS + 1, after + 1, limit),
         ).fetchall()
-        found = _between(_page(rows), after, MAX_BOUND)[:limit]
+        found = between(rows_decoded(rows), after, MAX_BOUND)[:limit]
     return found
-
-
-def _between(events: list[StoredEvent], after: int, upto: int) -> list[StoredEvent]:
-    """The events, in position order, after ``after`` up to ``upto``."""
-    start = bisect.bisect_right(events, after, key=_position_of)
-    return events[start : bisect.bisect_right(events, upto, lo=start, key=_position_of)]
 
 
 def _joined(
@@ -723,41 +708,6 @@ def _joined(
     except sqlite3.DataError:  # string or blob too big
         return None
     return row
-
-
-def _decoded(count: int, records: bytes | None) -> list[StoredEvent] | None:
-    """The events of joined records, which decode at once as a msgpack array (a row per event
-    cost 1.5 times as long), in position order; None for a damaged record, which the rows read
-    one by one name."""
-    if not count:
-        return []
-    if records is None:  # as no record is NULL, never; but then the rows say what is wrong
-        return None
-    try:
-        events = _page_decoder.decode(b"\xdd" + count.to_bytes(4, "big") + records)
-    except msgspec.MsgspecError:
-        return None
-    # group_concat's order is undocumented before SQLite 3.44; a page in order sorts in one pass.
-    events.sort(key=_position_of)
-    return events
-
-
-def _page(rows: list[tuple[int, int, bytes]]) -> list[StoredEvent]:
-    """Decode rows of ``_PAGE_COLUMNS``, joined as ``_decoded`` takes them, else one by one
-    to name a damaged row."""
-    found = _decoded(sum(row[1] for row in rows), b"".join([row[2] for row in rows]))
-    if found is not None:
-        return found
-    decoded: list[StoredEvent] = []  # one by one, to name the damaged row
-    for position, count, records in sorted(rows):
-        events = _decoded(count, records)
-        if events is None:
-            raise EventSourcingError(
-                f"the event store holds a damaged event record among those of positions "
-                f"{position} to {position + count - 1}"
-            )
-        decoded += events
-    return decoded
 
 
 _PAGE_COLUMNS = "position, count, records"
