@@ -48,6 +48,8 @@ from riverbed.eventsourcing.stores import (
     missing_store,
 )
 from riverbed.eventsourcing.stores import sqlite as sqlite_store
+from riverbed.eventsourcing.stores.guesses import PositionGuess
+from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from riverbed.eventsourcing.stores.postgres import statements as postgres_statements
 from tests.eventsourcing.conftest import OpenStore
@@ -847,7 +849,7 @@ def test_appends_in_a_postgresql_transaction_open_no_subtransactions(postgres_ur
                 tx.append([StreamAppend("payment", 0, [new_event("payment", 1)])])
             # Rows a subtransaction inserts carry its transaction id, not the transaction's.
             inserted_by = tx.execute(
-                "SELECT count(DISTINCT xmin::text) FROM riverbed_events WHERE stream = 'payment'"
+                "SELECT count(DISTINCT xmin::text) FROM riverbed_batches WHERE stream = 'payment'"
             )
             assert inserted_by == [(1,)]
         assert [e.version for e in store.read_stream("payment")] == [1, 2, 3]
@@ -1423,10 +1425,18 @@ def older_store(postgres_url: str, version: str, ddl: str) -> str:
     return schema
 
 
-def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_url: str) -> None:
+def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     schema = older_store(postgres_url, "v1", V1_STORE)
-    store = connect_store(f"{postgres_url}?schema={schema}")
+    with caplog.at_level(logging.INFO, logger="riverbed.events"):
+        store = connect_store(f"{postgres_url}?schema={schema}")
+    assert "event store upgraded to schema version 5: 2 events moved" in caplog.text
     try:
+        assert store.read_all() == [  # every field as stored: a row of its own each
+            StoredEvent(1, "e1", "s", 1, "Order.Placed", 2, b"\x81\xa1n\x01", b"\x80", 1),
+            StoredEvent(2, "e2", "s", 2, "Order.Placed", 2, b"\x81\xa1n\x01", b"\x80", 2),
+        ]
         assert store.last_position() == 2
         assert append_to(store, "s", 2) == 3
         assert positions(store.read_all()) == [1, 2, 3]
@@ -1438,6 +1448,55 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(postgres_ur
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         head = admin.execute(f"SELECT * FROM {schema}.riverbed_head").fetchall()
     assert head == [(1, postgres_schema.SCHEMA_VERSION)]  # no position column
+
+
+def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_made_it_stale(
+    postgres_url: str,
+) -> None:
+    """The client numbers an append's events on from the last position its store committed;
+    when another writer appended since, the server refuses the numbers and the append is sent
+    again for the server to number, whole (two rows of one stream and another stream here)."""
+    schema = f"guess_{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}?schema={schema}"
+    store, other = connect_store(url), connect_store(url)
+    channel = f"riverbed_events_{schema}"
+    try:
+        append_to(store, "a", 0, 2)
+        append_to(other, "b", 0, 3)
+        with psycopg.connect(
+            postgres_url, autocommit=True, options=f"-c search_path={schema}"
+        ) as conn:
+            stale = PositionGuess()
+            stale.committed(2)
+            appends = [
+                StreamAppend("c", 0, events_for("c", 1, 40)),
+                StreamAppend("d", 0, events_for("d", 1, 1)),
+            ]
+            assert libpq_append.append(conn, appends, channel, stale) == 46
+            assert stale.take() is None  # the next appends do not guess
+            guess = PositionGuess()
+            guess.committed(46)
+            assert (
+                libpq_append.append(
+                    conn, [StreamAppend("e", 0, events_for("e", 1, 2))], channel, guess
+                )
+                == 48
+            )
+            assert guess.take() == 48
+            prepared = conn.execute("SELECT name FROM pg_prepared_statements").fetchall()
+        assert {name for (name,) in prepared} == {
+            "riverbed_lock_appends", "riverbed_append", "riverbed_append_numbered",
+        }  # fmt: skip
+        events = other.read_all(0, 100)
+        assert positions(events) == list(range(1, 49))
+        assert [(e.stream, e.version) for e in events[2:]] == [
+            *[("b", v) for v in (1, 2, 3)],
+            *[("c", v) for v in range(1, 41)],
+            ("d", 1), ("e", 1), ("e", 2),
+        ]  # fmt: skip
+    finally:
+        store.close()
+        other.close()
 
 
 def test_a_postgresql_handler_may_compose_its_sql_with_psycopg(postgres_url: str) -> None:
@@ -1524,7 +1583,7 @@ def test_an_upgrade_a_users_view_blocks_says_what_blocks_it(postgres_url: str) -
         connect_store(f"{postgres_url}?schema={schema}")
     message = str(raised.value)
     assert "cannot create or upgrade the event store's tables" in message
-    assert "to schema version 4" in message and "view" in message
+    assert "to schema version 5" in message and "view" in message
     assert "CREATE privilege" not in message
 
 

@@ -1,10 +1,12 @@
-"""A new stream's first save, numbered on from the last position the store's own appends
-committed, without asking the database for it: the events' primary key refuses a guess that
-another writer's append made stale, and the save is then made the checked way.
+"""Numbering an append's events on from the last position the store's own appends committed,
+without asking the database for it.
 
-The SQLite store does this. On PostgreSQL the same (an INSERT with the positions and a NOT
-EXISTS guard, pipelined after the lock) did not speed saves measurably: the round trip and the
-inserts dominate there, so that store keeps its one checked statement."""
+The SQLite store does this for a new stream's first save: the events' primary key refuses a
+guess that another writer's append made stale, and the save is then made the checked way. The
+PostgreSQL store does it for every append in a transaction of its own: the statement checks the
+guess under the append lock, and a stale one makes the server number the append instead. Each
+spares the database the work of numbering: on PostgreSQL, adding the positions to a 10-event
+save's records took its server time from about 190 to 240 us."""
 
 from __future__ import annotations
 

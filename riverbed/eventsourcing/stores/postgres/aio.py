@@ -23,6 +23,7 @@ from riverbed.eventsourcing.stores.api import (
     check_page,
     check_versions,
 )
+from riverbed.eventsourcing.stores.batches import rows_decoded, versions
 from riverbed.eventsourcing.stores.deadlines import connection_wait
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
@@ -151,10 +152,10 @@ class AsyncPostgresEventStore:
                 # on the loop, while every other append waited for the lock.
                 async with conn.pipeline(), conn.transaction():
                     cur = psycopg.AsyncRawCursor(conn)
-                    await cur.execute(q.LOCK_APPENDS, prepare=True)
+                    await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
                     for stream, expected, events in chunks:
                         params = q.append_params(stream, expected, channel, events)
-                        await cur.execute(q.append_statement(len(events)), params, prepare=True)
+                        await cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
                 row = await cur.fetchone()
             except psycopg.errors.UniqueViolation as error:
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
@@ -172,16 +173,21 @@ class AsyncPostgresEventStore:
         check_versions(from_version, to_version)
         upto = q.NO_LIMIT if to_version is None else to_version
         async with self._connection() as conn:
-            cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
-            await cur.execute(q.READ_STREAM, (stream, from_version, upto))
-            return await cur.fetchall()
+            cur = conn.cursor(binary=True)
+            await cur.execute(q.READ_STREAM, (stream, from_version, upto, from_version))
+            rows = await cur.fetchall()
+        return versions(rows_decoded(rows), from_version, upto)
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         check_page(after, limit)
         async with self._connection() as conn:
-            cur = conn.cursor(binary=True, row_factory=args_row(StoredEvent))
-            await cur.execute(q.READ_ALL, (after, limit))
-            return await cur.fetchall()
+            cur = conn.cursor(binary=True)
+            await cur.execute(q.READ_ALL, (after + 1, after + limit, after + 1))
+            found = q.page(await cur.fetchall(), after, limit)
+            if found is None:
+                await cur.execute(q.READ_ALL_AFTER, (after + 1, after + 1, limit))
+                found = q.page_after(await cur.fetchall(), after, limit)
+            return found
 
     async def last_position(self) -> int:
         return int(await self._value(q.LAST_POSITION))

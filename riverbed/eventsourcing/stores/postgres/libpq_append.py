@@ -2,14 +2,21 @@
 out together in pipeline mode and come back in one round trip.
 
 Sent as one pipeline, the statements up to the sync form one implicit transaction: the lock, then
-a statement per stream (statements.py). A save per command is then one round trip of two short
-statements, where the plpgsql function of schema version 2 spent 30 us more of the server's time
-per call (its jsonb argument parsed and unpacked, each statement run through SPI). psycopg's
-cursor around the call would cost the client as much time again, so each statement is an
-``exec``-style prepared statement with its parameters as bytes. Every connection prepares the
-statements it needs the first time it needs them; a connection that breaks is replaced by the
-pool, and the new one prepares them again. An append in a subscriber's open transaction checks
-the versions first, in round trips of their own (``_append_in_transaction`` says why).
+a statement per stream (statements.py; a stream of many events takes several). The client
+numbers the events on from the last position its store's appends committed and sends each row's
+records ready to store (APPEND_NUMBERED), the statement checking the guess under the lock. When
+another writer appended since, the check fails the transaction, nothing is stored, and the append
+goes again for the server to number (APPEND); the store then stops guessing for a while
+(guesses.py), as writers taking turns would spoil most guesses.
+
+A save per command is one round trip of two short statements, where the plpgsql function of
+schema version 2 spent 30 us more of the server's time per call (its jsonb argument parsed and
+unpacked, each statement run through SPI). psycopg's cursor around the call would cost the
+client as much time again, so each statement is an ``exec``-style prepared statement with its
+parameters as bytes. Every connection prepares the statements it needs the first time it needs
+them; a connection that breaks is replaced by the pool, and the new one prepares them again. An
+append in a subscriber's open transaction checks the versions first, in round trips of their
+own (``append_in_transaction`` says why), and lets the server number its events.
 
 libpq's ``PQgetResult`` would wait for the server holding the GIL (psycopg releases it only
 around the ``PQexec`` calls), so the wait is a ``poll`` on the socket instead.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import struct
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -27,40 +35,66 @@ import psycopg
 from psycopg import pq
 
 from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
-from riverbed.eventsourcing.records import NewEvent, StreamAppend
+from riverbed.eventsourcing.records import StreamAppend
+from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
 
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
 CONFLICT = schema.CONFLICT.encode()
+STALE_POSITION = schema.STALE_POSITION.encode()
 
-# An append statement's event count and parameters.
+# An append statement's kind and parameters.
 Chunk = tuple[int, list[bytes | None]]
-# What each connection has prepared: LOCK and the append statements by event count.
+CHECKING, SERVER_NUMBERED, CLIENT_NUMBERED = 0, 1, 2  # CHECK, APPEND, APPEND_NUMBERED
+# What each connection has prepared: LOCK and the statements by kind.
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[int]] = (
     weakref.WeakKeyDictionary()
 )
 _LOCKING = -1  # LOCK's place in a connection's set
-_names = [b"riverbed_append_%d" % events for events in range(q.CHUNK_EVENTS + 1)]
-# Parameter formats of an append statement by event count: the payloads are binary bytea.
-_EVENT_FORMATS = [0, 0, 0, 0, 0, 1, 1, 0]
-_formats = [[0, 0]] + [
-    [0, 0, 0] + _EVENT_FORMATS * events for events in range(1, q.CHUNK_EVENTS + 1)
-]
+_names = (b"riverbed_check", b"riverbed_append", b"riverbed_append_numbered")
+_texts = (q.CHECK, q.APPEND, q.APPEND_NUMBERED)
+# Parameter formats by kind: the records go as binary (APPEND's as a bytea[]).
+_formats = ([0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1, 0])
+# PostgreSQL's binary array header (dimensions, has NULLs, element type: bytea, length, lower
+# bound), and each element's length.
+_ARRAY_HEAD = struct.Struct("!iiIii")
+_BYTEA = 17
+_LENGTH = struct.Struct("!i")
+
+
+class _StalePositionError(Exception):
+    """Another writer appended since the position the events were numbered from."""
 
 
 def append(
     conn: psycopg.Connection[Any],
     appends: Sequence[StreamAppend],
     channel: str,
+    guess: PositionGuess,
 ) -> int:
     """The position of the last event appended; ``ConcurrencyError`` when a stream is not at
-    its expected version (nothing is appended then). On a connection in a transaction (a
-    subscriber's), the append joins it, and the transaction stays usable if the append fails."""
+    its expected version (nothing is appended then). The events are numbered on from ``guess``
+    (the last position the store's appends committed), else by the server. On a connection in a
+    transaction (a subscriber's), the append joins it, and the transaction stays usable if the
+    append fails."""
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
-        return _append_in_transaction(conn, appends, channel)
-    chunks = _chunks(appends, channel)
+        return append_in_transaction(conn, appends, channel)
+    last = guess.take()
+    position = None
+    if last is not None:
+        try:
+            position = _sent(conn, _numbered_chunks(appends, channel, last))
+        except _StalePositionError:  # nothing was appended
+            guess.stale()
+    if position is None:
+        position = _sent(conn, _chunks(appends, channel))
+    guess.committed(position)
+    return position
+
+
+def _sent(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
     try:
         return _run(conn, chunks)
     except psycopg.errors.InvalidSqlStatementName:
@@ -70,7 +104,7 @@ def append(
         return _run(conn, chunks)
 
 
-def _append_in_transaction(
+def append_in_transaction(
     conn: psycopg.Connection[Any], appends: Sequence[StreamAppend], channel: str
 ) -> int:
     """The append in the connection's open transaction. The versions are checked before
@@ -92,7 +126,7 @@ def _append_in_transaction(
     try:
         for stream, _, events in q.append_chunks(appends):
             params = q.append_params(stream, None, channel, events)
-            cur.execute(q.append_statement(len(events)), params, prepare=True)
+            cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
     except psycopg.errors.UniqueViolation as error:
         raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
     row = cur.fetchone()
@@ -106,12 +140,12 @@ def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
     statement returns."""
     pgconn = conn.pgconn
     with conn.lock:
-        _prepare(conn, {events for events, _ in chunks})
+        _prepare(conn, {kind for kind, _ in chunks})
         pgconn.enter_pipeline_mode()
         try:
             pgconn.send_query_prepared(LOCK, None)
-            for events, params in chunks:
-                pgconn.send_query_prepared(_names[events], params, param_formats=_formats[events])
+            for kind, params in chunks:
+                pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
             pgconn.pipeline_sync()
             results = _results(pgconn)
         finally:
@@ -127,42 +161,48 @@ def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
 
 
 def _chunks(appends: Sequence[StreamAppend], channel: str) -> list[Chunk]:
-    """Each append statement's event count and parameters."""
+    """Each append statement's kind and parameters, the server numbering the events."""
     channel_param = channel.encode()
-    return [
-        (len(events), _params(stream, expected, channel_param, events))
-        for stream, expected, events in q.append_chunks(appends)
-    ]
+    chunks: list[Chunk] = []
+    for stream, expected, events in q.append_chunks(appends):
+        params = _params(stream, expected)
+        if events:  # a check alone notifies nobody
+            records = q.records_of(events)
+            array = [_ARRAY_HEAD.pack(1, 0, _BYTEA, len(records), 1)]
+            for record in records:
+                array += (_LENGTH.pack(len(record)), record)
+            params += (channel_param, b"%d" % events[0].version, b"%d" % len(events))
+            params.append(b"".join(array))
+        chunks.append((SERVER_NUMBERED if events else CHECKING, params))
+    return chunks
 
 
-def _params(
-    stream: str, expected: int | None, channel: bytes, events: Sequence[NewEvent]
-) -> list[bytes | None]:
-    params: list[bytes | None] = [stream.encode(), None if expected is None else b"%d" % expected]
-    if events:  # a check alone notifies nobody
-        params.append(channel)
-    for e in events:
-        params += (
-            e.id.encode(),
-            e.stream.encode(),
-            b"%d" % e.version,
-            e.type.encode(),
-            b"%d" % e.schema,
-            e.data,
-            e.metadata,
-            b"%d" % e.timestamp_ms,
-        )
-    return params
+def _numbered_chunks(appends: Sequence[StreamAppend], channel: str, last: int) -> list[Chunk]:
+    """Each append statement's kind and parameters, the events numbered on from ``last``."""
+    channel_param = channel.encode()
+    chunks: list[Chunk] = []
+    for stream, expected, events in q.append_chunks(appends):
+        params = _params(stream, expected)
+        if events:
+            params += (channel_param, b"%d" % events[0].version, b"%d" % len(events))
+            params += (q.numbered_records(events, last + 1), b"%d" % (last + 1))
+            last += len(events)
+        chunks.append((CLIENT_NUMBERED if events else CHECKING, params))
+    return chunks
 
 
-def _prepare(conn: psycopg.Connection[Any], event_counts: set[int]) -> None:
+def _params(stream: str, expected: int | None) -> list[bytes | None]:
+    return [stream.encode(), None if expected is None else b"%d" % expected]
+
+
+def _prepare(conn: psycopg.Connection[Any], kinds: set[int]) -> None:
     prepared = _prepared.setdefault(conn, set())
-    for events in (event_counts | {_LOCKING}) - prepared:
-        if events == _LOCKING:
-            _check(conn.pgconn.prepare(LOCK, q.LOCK_APPENDS.encode()))
+    for kind in (kinds | {_LOCKING}) - prepared:
+        if kind == _LOCKING:
+            _check(conn.pgconn.prepare(LOCK, q.LOCK_OWN_APPEND.encode()))
         else:
-            _check(conn.pgconn.prepare(_names[events], q.append_statement(events).encode()))
-        prepared.add(events)
+            _check(conn.pgconn.prepare(_names[kind], _texts[kind].encode()))
+        prepared.add(kind)
 
 
 def _results(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
@@ -195,6 +235,8 @@ def _check(result: pq.abc.PGresult) -> None:
     if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         return
     sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+    if sqlstate == STALE_POSITION:
+        raise _StalePositionError
     if sqlstate == CONFLICT:
         detail = result.error_field(pq.DiagnosticField.MESSAGE_DETAIL)
         raise q.conflict(None if detail is None else detail.decode())

@@ -39,7 +39,9 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
+from riverbed.eventsourcing.stores.batches import rows_decoded, versions
 from riverbed.eventsourcing.stores.deadlines import connection_wait
+from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
@@ -93,6 +95,7 @@ class PostgresEventStore:
         self._appender: psycopg.Connection[Any] | None = None
         self._appender_free = threading.Lock()
         self._keeps_appender = self._settings.pool_size > 1
+        self._guess = PositionGuess()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -167,7 +170,7 @@ class PostgresEventStore:
             finally:
                 self._appender_free.release()
         with self._connection() as conn:
-            return libpq_append.append(conn, appends, channel)
+            return libpq_append.append(conn, appends, channel, self._guess)
 
     def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
         conn = self._appender
@@ -179,7 +182,7 @@ class PostgresEventStore:
         try:
             if conn is None:
                 conn = self._appender = self._pooled()
-            return libpq_append.append(conn, appends, channel)
+            return libpq_append.append(conn, appends, channel, self._guess)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
@@ -203,8 +206,13 @@ class PostgresEventStore:
 
     def read_all(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         check_page(after, limit)
-        with self._connection() as conn, _events_cursor(conn) as cur:
-            return cur.execute(q.READ_ALL, (after, limit)).fetchall()
+        with self._connection() as conn, conn.cursor(binary=True) as cur:
+            rows = cur.execute(q.READ_ALL, (after + 1, after + limit, after + 1)).fetchall()
+            found = q.page(rows, after, limit)
+            if found is None:
+                rows = cur.execute(q.READ_ALL_AFTER, (after + 1, after + 1, limit)).fetchall()
+                found = q.page_after(rows, after, limit)
+            return found
 
     def last_position(self) -> int:
         return int(self._value(q.LAST_POSITION))
@@ -451,7 +459,7 @@ class PostgresTransaction:
 
     @_waited_out
     def append(self, appends: Sequence[StreamAppend]) -> int:
-        return libpq_append.append(self._conn, appends, self._channel)
+        return libpq_append.append_in_transaction(self._conn, appends, self._channel)
 
     @_waited_out
     def read_stream(
@@ -548,15 +556,11 @@ class Listener:
         self._conn.close()
 
 
-def _events_cursor(conn: psycopg.Connection[Any]) -> psycopg.Cursor[StoredEvent]:
-    # Binary rows are built by psycopg's C loaders straight into StoredEvent: no text parsing.
-    return conn.cursor(binary=True, row_factory=args_row(StoredEvent))
-
-
 def _read_stream(
     conn: psycopg.Connection[Any], stream: str, from_version: int, to_version: int | None
 ) -> list[StoredEvent]:
     check_versions(from_version, to_version)
     upto = q.NO_LIMIT if to_version is None else to_version
-    with _events_cursor(conn) as cur:
-        return cur.execute(q.READ_STREAM, (stream, from_version, upto)).fetchall()
+    with conn.cursor(binary=True) as cur:
+        rows = cur.execute(q.READ_STREAM, (stream, from_version, upto, from_version)).fetchall()
+    return versions(rows_decoded(rows), from_version, upto)
