@@ -1453,49 +1453,89 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(
 def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_made_it_stale(
     postgres_url: str,
 ) -> None:
-    """The client numbers an append's events on from the last position its store committed;
-    when another writer appended since, the server refuses the numbers and the append is sent
-    again for the server to number, whole (two rows of one stream and another stream here)."""
+    """The client numbers an append of one statement on from the last position its store
+    committed; when another writer appended since, the statement inserts nothing and the
+    append goes again for the server to number. An append of several statements (streams,
+    here) is numbered by the server."""
     schema = f"guess_{uuid.uuid4().hex[:8]}"
     url = f"{postgres_url}?schema={schema}"
     store, other = connect_store(url), connect_store(url)
     channel = f"riverbed_events_{schema}"
+    options = f"-c search_path={schema}"
     try:
         append_to(store, "a", 0, 2)
         append_to(other, "b", 0, 3)
-        with psycopg.connect(
-            postgres_url, autocommit=True, options=f"-c search_path={schema}"
-        ) as conn:
+        with psycopg.connect(postgres_url, autocommit=True, options=options) as conn:
             stale = PositionGuess()
             stale.committed(2)
-            appends = [
-                StreamAppend("c", 0, events_for("c", 1, 40)),
-                StreamAppend("d", 0, events_for("d", 1, 1)),
-            ]
-            assert libpq_append.append(conn, appends, channel, stale) == 46
+            c = [StreamAppend("c", 0, events_for("c", 1, 10))]
+            assert libpq_append.append(conn, c, channel, stale) == 15
             assert stale.take() is None  # the next appends do not guess
             guess = PositionGuess()
-            guess.committed(46)
-            assert (
-                libpq_append.append(
-                    conn, [StreamAppend("e", 0, events_for("e", 1, 2))], channel, guess
-                )
-                == 48
-            )
-            assert guess.take() == 48
-            prepared = conn.execute("SELECT name FROM pg_prepared_statements").fetchall()
-        assert {name for (name,) in prepared} == {
-            "riverbed_lock_appends", "riverbed_append", "riverbed_append_numbered",
-        }  # fmt: skip
+            guess.committed(15)
+            d = [StreamAppend("d", 0, events_for("d", 1, 2))]
+            assert libpq_append.append(conn, d, channel, guess) == 17
+            ef = [StreamAppend("e", 0, events_for("e", 1, 1)),
+                  StreamAppend("f", 0, events_for("f", 1, 1))]  # fmt: skip
+            assert libpq_append.append(conn, ef, channel, guess) == 19
+            assert guess.take() == 19
+            runs = conn.execute(
+                "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
+            ).fetchall()
+        assert dict(runs) == {
+            "riverbed_lock_appends": 4,
+            "riverbed_append_numbered": 2,  # c, refused, and d
+            "riverbed_append": 3,  # c again, e and f
+        }
         events = other.read_all(0, 100)
-        assert positions(events) == list(range(1, 49))
-        assert [(e.stream, e.version) for e in events[2:]] == [
-            *[("b", v) for v in (1, 2, 3)],
-            *[("c", v) for v in range(1, 41)],
-            ("d", 1), ("e", 1), ("e", 2),
-        ]  # fmt: skip
+        assert positions(events) == list(range(1, 20))
+        assert [e.stream for e in events] == list("aabbb") + ["c"] * 10 + list("ddef")
     finally:
         store.close()
+        other.close()
+
+
+def test_an_async_postgresql_store_numbers_appends_from_its_guess_too(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    schema = f"aguess_{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}?schema={schema}"
+    numbered: list[int] = []  # the first position of each append numbered by the client
+    build = postgres_statements.numbered_append_params
+
+    def numbered_params(*args: Any) -> list[object]:
+        numbered.append(args[-1])
+        return build(*args)
+
+    monkeypatch.setattr(postgres_statements, "numbered_append_params", numbered_params)
+    other = connect_store(url)
+
+    async def main() -> None:
+        store = await connect_async_store(url)
+        try:
+            assert await store.append([StreamAppend("a", 0, events_for("a", 1, 2))]) == 2
+            assert await store.append([StreamAppend("b", 0, events_for("b", 1, 3))]) == 5
+            assert numbered == [3]  # the first append had nothing to guess from
+            two = [StreamAppend("c", 0, events_for("c", 1, 1)),
+                   StreamAppend("d", 0, events_for("d", 1, 1))]  # fmt: skip
+            assert await store.append(two) == 7
+            assert numbered == [3]  # two statements: numbered by the server
+            append_to(other, "x", 0, 3)
+            assert await store.append([StreamAppend("e", 0, events_for("e", 1, 2))]) == 12
+            assert numbered == [3, 8]  # stale: the server numbered it from 11
+            assert await store.append([StreamAppend("f", 0, events_for("f", 1, 1))]) == 13
+            assert numbered == [3, 8]  # after a stale guess, the next appends do not guess
+        finally:
+            await store.close()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(main())
+        assert caplog.records == []  # a stale guess is no error
+        events = other.read_all(0, 100)
+        assert [e.stream for e in events] == list("aabbbcdxxxeef")
+        assert positions(events) == list(range(1, 14))
+    finally:
         other.close()
 
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import args_row
 
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
+from riverbed.eventsourcing.records import NewEvent, Snapshot, StoredEvent, StreamAppend
 from riverbed.eventsourcing.stores.api import (
     Document,
     check_document_key,
@@ -25,6 +25,7 @@ from riverbed.eventsourcing.stores.api import (
 )
 from riverbed.eventsourcing.stores.batches import rows_decoded, versions
 from riverbed.eventsourcing.stores.deadlines import connection_wait
+from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.liveness import closed_by_server
 from riverbed.eventsourcing.stores.postgres.schema import CONFLICT, prepare_schema
@@ -78,6 +79,7 @@ class AsyncPostgresEventStore:
         self._pool = pool
         self._listener: AsyncListener | None = None
         self._listener_lock = asyncio.Lock()
+        self._guess = PositionGuess()
 
     @classmethod
     async def connect(cls, url: BackendUrl) -> AsyncPostgresEventStore:
@@ -142,9 +144,28 @@ class AsyncPostgresEventStore:
 
     async def append(self, appends: Sequence[StreamAppend]) -> int:
         """The same statements as the sync store's append (statements.py), pipelined by
-        psycopg in one transaction."""
-        channel = self._settings.channel
+        psycopg in one transaction: an append of one statement numbered on from the last
+        position this store's appends committed, unless another writer appended since."""
         chunks = list(q.append_chunks(appends))
+        only = q.one_statement(chunks)
+        last = None if only is None else self._guess.take()
+        position = None
+        if only is not None and last is not None:
+            position = await self._appended([only], last)
+            if position is None:  # another writer appended since: nothing was appended
+                self._guess.stale()
+        if position is None:
+            position = await self._appended(chunks, None)
+            assert position is not None  # APPEND and CHECK return a row, or raise
+        self._guess.committed(position)
+        return position
+
+    async def _appended(
+        self, chunks: list[tuple[str, int | None, Sequence[NewEvent]]], last: int | None
+    ) -> int | None:
+        """The last position of the append of ``chunks``: of one numbered on from ``last``,
+        None when another writer appended since; else numbered by the server."""
+        channel = self._settings.channel
         async with self._connection() as conn:
             try:
                 # Fetched once the pipeline has sent COMMIT too: in the transaction, a fetch
@@ -154,8 +175,14 @@ class AsyncPostgresEventStore:
                     cur = psycopg.AsyncRawCursor(conn)
                     await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
                     for stream, expected, events in chunks:
-                        params = q.append_params(stream, expected, channel, events)
-                        await cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
+                        if last is None:
+                            params = q.append_params(stream, expected, channel, events)
+                            await cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
+                        else:
+                            params = q.numbered_append_params(
+                                stream, expected, channel, events, last + 1
+                            )
+                            await cur.execute(q.APPEND_NUMBERED, params, prepare=True)
                 row = await cur.fetchone()
             except psycopg.errors.UniqueViolation as error:
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
@@ -163,9 +190,7 @@ class AsyncPostgresEventStore:
                 if error.sqlstate == CONFLICT:
                     raise q.conflict(error.diag.message_detail) from None
                 raise
-        assert row is not None
-        last_position: int = row[0]
-        return last_position
+        return None if row is None else int(row[0])
 
     async def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None

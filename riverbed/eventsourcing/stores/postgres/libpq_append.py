@@ -2,11 +2,11 @@
 out together in pipeline mode and come back in one round trip.
 
 Sent as one pipeline, the statements up to the sync form one implicit transaction: the lock, then
-a statement per stream (statements.py; a stream of many events takes several). The client
-numbers the events on from the last position its store's appends committed and sends each row's
-records ready to store (APPEND_NUMBERED), the statement checking the guess under the lock. When
-another writer appended since, the check fails the transaction, nothing is stored, and the append
-goes again for the server to number (APPEND); the store then stops guessing for a while
+a statement per stream (statements.py; a stream of many events takes several). An append of one
+statement (a save's) is numbered by the client, on from the last position its store's appends
+committed, and its records go ready to store (APPEND_NUMBERED); the statement checks the guess
+under the lock and inserts nothing when another writer appended since. The append then goes
+again for the server to number (APPEND), and the store stops guessing for a while
 (guesses.py), as writers taking turns would spoil most guesses.
 
 A save per command is one round trip of two short statements, where the plpgsql function of
@@ -35,7 +35,7 @@ import psycopg
 from psycopg import pq
 
 from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
-from riverbed.eventsourcing.records import StreamAppend
+from riverbed.eventsourcing.records import NewEvent, StreamAppend
 from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
@@ -43,7 +43,6 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
 CONFLICT = schema.CONFLICT.encode()
-STALE_POSITION = schema.STALE_POSITION.encode()
 
 # An append statement's kind and parameters.
 Chunk = tuple[int, list[bytes | None]]
@@ -64,10 +63,6 @@ _BYTEA = 17
 _LENGTH = struct.Struct("!i")
 
 
-class _StalePositionError(Exception):
-    """Another writer appended since the position the events were numbered from."""
-
-
 def append(
     conn: psycopg.Connection[Any],
     appends: Sequence[StreamAppend],
@@ -75,26 +70,28 @@ def append(
     guess: PositionGuess,
 ) -> int:
     """The position of the last event appended; ``ConcurrencyError`` when a stream is not at
-    its expected version (nothing is appended then). The events are numbered on from ``guess``
-    (the last position the store's appends committed), else by the server. On a connection in a
-    transaction (a subscriber's), the append joins it, and the transaction stays usable if the
-    append fails."""
+    its expected version (nothing is appended then). An append of one statement is numbered on
+    from ``guess`` (the last position the store's appends committed), any other by the server.
+    On a connection in a transaction (a subscriber's), the append joins it, and the transaction
+    stays usable if the append fails."""
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
         return append_in_transaction(conn, appends, channel)
-    last = guess.take()
+    chunks = list(q.append_chunks(appends))
+    only = q.one_statement(chunks)
+    last = None if only is None else guess.take()
     position = None
-    if last is not None:
-        try:
-            position = _sent(conn, _numbered_chunks(appends, channel, last))
-        except _StalePositionError:  # nothing was appended
+    if only is not None and last is not None:
+        position = _sent(conn, [_numbered(only, channel, last)])
+        if position is None:  # another writer appended since: nothing was appended
             guess.stale()
     if position is None:
-        position = _sent(conn, _chunks(appends, channel))
+        position = _sent(conn, _server_numbered(chunks, channel))
+        assert position is not None  # APPEND and CHECK return a row, or raise
     guess.committed(position)
     return position
 
 
-def _sent(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
+def _sent(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int | None:
     try:
         return _run(conn, chunks)
     except psycopg.errors.InvalidSqlStatementName:
@@ -135,9 +132,9 @@ def append_in_transaction(
     return last_position
 
 
-def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
+def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int | None:
     """Send the lock and the append statements in one pipeline; the last position the last
-    statement returns."""
+    statement returns (None: APPEND_NUMBERED appended nothing)."""
     pgconn = conn.pgconn
     with conn.lock:
         _prepare(conn, {kind for kind, _ in chunks})
@@ -155,16 +152,20 @@ def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int:
                 pgconn.exit_pipeline_mode()
     for result in results:
         _check(result)
+    if not results[-1].ntuples:
+        return None
     last_position = results[-1].get_value(0, 0)
     assert last_position is not None
     return int(last_position)
 
 
-def _chunks(appends: Sequence[StreamAppend], channel: str) -> list[Chunk]:
+def _server_numbered(
+    chunks: list[tuple[str, int | None, Sequence[NewEvent]]], channel: str
+) -> list[Chunk]:
     """Each append statement's kind and parameters, the server numbering the events."""
     channel_param = channel.encode()
-    chunks: list[Chunk] = []
-    for stream, expected, events in q.append_chunks(appends):
+    statements: list[Chunk] = []
+    for stream, expected, events in chunks:
         params = _params(stream, expected)
         if events:  # a check alone notifies nobody
             records = q.records_of(events)
@@ -173,22 +174,17 @@ def _chunks(appends: Sequence[StreamAppend], channel: str) -> list[Chunk]:
                 array += (_LENGTH.pack(len(record)), record)
             params += (channel_param, b"%d" % events[0].version, b"%d" % len(events))
             params.append(b"".join(array))
-        chunks.append((SERVER_NUMBERED if events else CHECKING, params))
-    return chunks
+        statements.append((SERVER_NUMBERED if events else CHECKING, params))
+    return statements
 
 
-def _numbered_chunks(appends: Sequence[StreamAppend], channel: str, last: int) -> list[Chunk]:
-    """Each append statement's kind and parameters, the events numbered on from ``last``."""
-    channel_param = channel.encode()
-    chunks: list[Chunk] = []
-    for stream, expected, events in q.append_chunks(appends):
-        params = _params(stream, expected)
-        if events:
-            params += (channel_param, b"%d" % events[0].version, b"%d" % len(events))
-            params += (q.numbered_records(events, last + 1), b"%d" % (last + 1))
-            last += len(events)
-        chunks.append((CLIENT_NUMBERED if events else CHECKING, params))
-    return chunks
+def _numbered(chunk: tuple[str, int | None, Sequence[NewEvent]], channel: str, last: int) -> Chunk:
+    """APPEND_NUMBERED's parameters, the events numbered on from ``last``."""
+    stream, expected, events = chunk
+    params = _params(stream, expected)
+    params += (channel.encode(), b"%d" % events[0].version, b"%d" % len(events))
+    params += (q.numbered_records(events, last + 1), b"%d" % (last + 1))
+    return CLIENT_NUMBERED, params
 
 
 def _params(stream: str, expected: int | None) -> list[bytes | None]:
@@ -235,8 +231,6 @@ def _check(result: pq.abc.PGresult) -> None:
     if result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
         return
     sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
-    if sqlstate == STALE_POSITION:
-        raise _StalePositionError
     if sqlstate == CONFLICT:
         detail = result.error_field(pq.DiagnosticField.MESSAGE_DETAIL)
         raise q.conflict(None if detail is None else detail.decode())

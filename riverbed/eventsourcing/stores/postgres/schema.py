@@ -55,8 +55,6 @@ log = logging.getLogger("riverbed.events")
 SETUP_LOCK = 0x72697665_72626564  # "riverbed"
 # The SQLSTATE riverbed_conflict raises, its DETAIL being [stream, expected, actual] as JSON.
 CONFLICT = "RB409"
-# The SQLSTATE riverbed_stale_position raises.
-STALE_POSITION = "RB412"
 
 TABLES = (
     "riverbed_batches",
@@ -165,18 +163,6 @@ BEGIN
     RAISE EXCEPTION USING
         ERRCODE = 'unique_violation',
         MESSAGE = format('version %s of stream %L is stored already', held, p_stream);
-END
-$$;
-
--- An append of events the client numbered calls this when another writer appended since: the
--- client appends them again, numbered by the server.
-CREATE OR REPLACE FUNCTION riverbed_stale_position(p_first bigint, p_last bigint)
-RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION USING
-        ERRCODE = '{STALE_POSITION}',
-        MESSAGE = format('the events were numbered from position %s; the last is %s',
-                         p_first, p_last);
 END
 $$;
 
