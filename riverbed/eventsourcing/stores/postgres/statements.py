@@ -14,11 +14,13 @@ from riverbed.eventsourcing.stores.postgres.schema import TABLES
 
 _encoder = msgspec.msgpack.Encoder()
 
-# An append is one transaction, its statements sent together (one round trip): LOCK_APPENDS, then
-# append_statement(n) for each stream (a stream of more than CHUNK_EVENTS events in chunks). The
-# lock is held until the transaction ends, so appends commit one at a time, and as each statement
-# starts after the lock is held, its snapshot sees every earlier append: the version check and
-# the numbering after the highest position are exact. schema.py says why not a sequence.
+# An append is one transaction, its statements sent together (one round trip): LOCK_APPENDS (or
+# LOCK_OWN_APPEND), then a statement per stream (a stream of more than CHUNK_EVENTS events, or of
+# versions that do not follow each other, in several: a batch row holds a run of at most
+# CHUNK_EVENTS consecutive versions). The lock is held until the transaction ends, so appends
+# commit one at a time, and as each statement starts after the lock is held, its snapshot sees
+# every earlier append: the version check and the numbering after the highest position are
+# exact. schema.py says why not a sequence.
 LOCK_APPENDS = (
     "SELECT pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0))"
 )
@@ -33,17 +35,10 @@ CHUNK_EVENTS = 32
 # parameters) of up to 1 GiB, so a large save goes in several (an event alone is refused above
 # MAX_EVENT_BYTES before it is sent).
 CHUNK_BYTES = 256 * 1024 * 1024
-# One event's parameters, in this order, with their types.
-_EVENT_PARAMETERS = (
-    ("id", "text"), ("stream", "text"), ("version", "bigint"), ("type", "text"),
-    ("schema", "integer"), ("data", "bytea"), ("metadata", "bytea"), ("timestamp_ms", "bigint"),
-)  # fmt: skip
-EVENT_PARAMETERS = len(_EVENT_PARAMETERS)
-# $1 the stream, $2 its expected version (null: any), $3 the NOTIFY channel, then each event's
-# parameters; a statement with no events has only $1 and $2.
-FIRST_EVENT_PARAMETER = 4
-# Raises schema.CONFLICT unless the stream $1 is at version $2; a conflict is an error so that
-# the whole append rolls back, whichever of its statements finds it.
+# Every append statement's parameters start with $1 the stream and $2 its expected version (null:
+# any), then $3 the NOTIFY channel; CHECK has only $1 and $2.
+
+# The highest version of the stream {} and the highest position: each row's last.
 _STREAM_VERSION = (
     "coalesce((SELECT version + count - 1 FROM riverbed_batches WHERE stream = {} "
     "ORDER BY version DESC LIMIT 1), 0)"
@@ -52,6 +47,8 @@ _LAST_POSITION = (
     "coalesce((SELECT position + count - 1 FROM riverbed_batches ORDER BY position DESC LIMIT 1)"
     ", 0)"
 )
+# Raises schema.CONFLICT unless the stream $1 is at version $2; a conflict is an error so that
+# the whole append rolls back, whichever of its statements finds it.
 _CHECK = (
     f"WITH actual AS (SELECT {_STREAM_VERSION.format('$1::text')} AS version), "
     "checked AS (SELECT CASE WHEN $2::bigint IS NULL OR "
