@@ -165,25 +165,9 @@ class AsyncPostgresEventStore:
     ) -> int | None:
         """The last position of the append of ``chunks``: of one numbered on from ``last``,
         None when another writer appended since; else numbered by the server."""
-        channel = self._settings.channel
         async with self._connection() as conn:
             try:
-                # Fetched once the pipeline has sent COMMIT too: in the transaction, a fetch
-                # waited for a round trip holding the lock, and then for its task's next turn
-                # on the loop, while every other append waited for the lock.
-                async with conn.pipeline(), conn.transaction():
-                    cur = psycopg.AsyncRawCursor(conn)
-                    await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
-                    for stream, expected, events in chunks:
-                        if last is None:
-                            params = q.append_params(stream, expected, channel, events)
-                            await cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
-                        else:
-                            params = q.numbered_append_params(
-                                stream, expected, channel, events, last + 1
-                            )
-                            await cur.execute(q.APPEND_NUMBERED, params, prepare=True)
-                row = await cur.fetchone()
+                row = await _pipelined(conn, chunks, last, self._settings.channel)
             except psycopg.errors.UniqueViolation as error:
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
             except psycopg.DatabaseError as error:
@@ -283,6 +267,44 @@ class AsyncPostgresEventStore:
             cur = await conn.execute(query, params)
             row = await cur.fetchone()
         return default if row is None else row[0]
+
+
+async def _pipelined(
+    conn: psycopg.AsyncConnection[Any],
+    chunks: list[tuple[str, int | None, Sequence[NewEvent]]],
+    last: int | None,
+    channel: str,
+) -> tuple[Any, ...] | None:
+    """The append's statements, pipelined in one transaction; the last one's row. A statement's
+    error can reach the loop that sends the next ones (psycopg reads results as it sends); it is
+    raised once the pipeline has ended: raised inside, psycopg logged the pipeline's end as an
+    error ignored."""
+    failed: psycopg.DatabaseError | None = None
+    try:
+        # Fetched once the pipeline has sent COMMIT too: in the transaction, a fetch waited for
+        # a round trip holding the lock, and then for its task's next turn on the loop, while
+        # every other append waited for the lock.
+        async with conn.pipeline(), conn.transaction():
+            cur = psycopg.AsyncRawCursor(conn)
+            try:
+                await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
+                for stream, expected, events in chunks:
+                    if last is None:
+                        params = q.append_params(stream, expected, channel, events)
+                        await cur.execute(q.APPEND if events else q.CHECK, params, prepare=True)
+                    else:
+                        params = q.numbered_append_params(
+                            stream, expected, channel, events, last + 1
+                        )
+                        await cur.execute(q.APPEND_NUMBERED, params, prepare=True)
+            except psycopg.DatabaseError as error:
+                failed = error
+        if failed is None:
+            return await cur.fetchone()
+    except psycopg.DatabaseError:
+        if failed is None:
+            raise
+    raise failed
 
 
 class AsyncListener:
