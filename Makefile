@@ -25,8 +25,8 @@ test-deps:
 	bash scripts/test-deps.sh
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check riverbed tests bench
-	$(BIN)/mypy riverbed
+	$(BIN)/ruff check riverbed tests bench _riverbed_cli.py
+	$(BIN)/mypy riverbed _riverbed_cli.py
 
 test: $(VENV)/.installed-dev test-deps lint
 	$(BIN)/python -m pytest -ra

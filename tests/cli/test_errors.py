@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from typer.testing import CliRunner, Result
 
+import _riverbed_cli
 import riverbed
 from riverbed.cli.main import app
 from tests.cli.conftest import Run
@@ -128,3 +135,40 @@ def test_installed_command_prints_no_traceback(tmp_path: Path) -> None:
     assert result.stderr == (
         "error: topic 'nope' does not exist; create it with: riverbed topics create nope\n"
     )
+
+
+def test_ctrl_c_as_the_command_starts_ends_it_without_a_traceback(tmp_path: Path) -> None:
+    """Importing riverbed takes a good part of a second: a Ctrl-C then (here 0.1 s in) ended
+    the command with the interpreter's traceback. Later, the command's own handling ends it."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    with riverbed.connect(url) as log:
+        log.create_topic("orders")
+    script = Path(sys.executable).parent / "riverbed"
+    command = [str(script), "--url", url, "consume", "orders", "--timeout", "30"]
+    started = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.1)
+    started.send_signal(signal.SIGINT)
+    _, stderr = started.communicate(timeout=30)
+    assert "Traceback" not in stderr
+    assert started.returncode == 130
+
+
+class _Interrupting(importlib.abc.MetaPathFinder):
+    """Ctrl-C while ``riverbed.cli.main`` is imported."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name == "riverbed.cli.main":
+            raise KeyboardInterrupt
+        return None
+
+
+def test_the_entry_point_exits_130_on_ctrl_c_while_riverbed_imports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(sys.modules, "riverbed.cli.main")
+    monkeypatch.setattr(sys, "meta_path", [_Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exited:
+        _riverbed_cli.main()
+    assert exited.value.code == 130
