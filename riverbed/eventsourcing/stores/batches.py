@@ -1,6 +1,6 @@
-"""Reading events that stores keep a save to a row: a batch of a stream's consecutive versions,
-its records (each event's ``StoredEvent`` as a msgpack array) one after the other. A page joins
-its rows' records and decodes them with one msgspec call, then cuts the rows at its ends."""
+"""Events that stores keep a save to a row: a batch of a stream's consecutive versions, its
+records (each event's ``StoredEvent`` as a msgpack array) one after the other. A page joins its
+rows' records and decodes them with one msgspec call, then cuts the rows at its ends."""
 
 from __future__ import annotations
 
@@ -11,14 +11,22 @@ from collections.abc import Sequence
 import msgspec
 
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.eventsourcing.records import StoredEvent
+from riverbed.eventsourcing.records import NewEvent, StoredEvent
 
+_encoder = msgspec.msgpack.Encoder()
 _page_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _position_of = operator.attrgetter("position")
 _version_of = operator.attrgetter("version")
 
 # A batch row as reads fetch it: the position of its first event, its event count, its records.
 Row = tuple[int, int, bytes]
+
+
+def record(position: int, e: NewEvent) -> bytes:
+    """The event's record at ``position``: a ``StoredEvent`` as msgpack (it is array_like, so
+    the tuple encodes the same)."""
+    return _encoder.encode((position, e.id, e.stream, e.version, e.type, e.schema, e.data,
+                            e.metadata, e.timestamp_ms))  # fmt: skip
 
 
 def decoded(count: int, records: bytes | None) -> list[StoredEvent] | None:

@@ -35,8 +35,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from riverbed.errors import RiverbedError
 from riverbed.eventsourcing.errors import (
     ConcurrencyError,
@@ -62,7 +60,7 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
-from riverbed.eventsourcing.stores.batches import between, decoded, rows_decoded, versions
+from riverbed.eventsourcing.stores.batches import between, decoded, record, rows_decoded, versions
 from riverbed.eventsourcing.stores.guesses import PositionGuess, first_save
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
@@ -160,7 +158,6 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL,
 )
 
 log = logging.getLogger("riverbed.events")
-_encoder = msgspec.msgpack.Encoder()
 # Rows of each table but the batches, whose events footprint() counts.
 _TABLES = ("snapshots", "stream_keys", "checkpoints", "documents", "parked", "inbox",
            "timers", "leases")  # fmt: skip
@@ -620,20 +617,18 @@ def _rows(appends: Sequence[StreamAppend], position: int) -> tuple[list[object],
         size = first = version = 0
         for e in append.events:
             position += 1
-            # A StoredEvent as msgpack (it is array_like): the tuple encodes the same.
-            record = _encoder.encode((position, e.id, e.stream, e.version, e.type, e.schema,
-                                      e.data, e.metadata, e.timestamp_ms))  # fmt: skip
+            encoded = record(position, e)
             if batch and (
                 e.version != version + len(batch)
                 or len(batch) == BATCH_EVENTS
-                or size + len(record) > BATCH_BYTES
+                or size + len(encoded) > BATCH_BYTES
             ):
                 values += (first, stream, version, len(batch), b"".join(batch))
                 batch, size = [], 0
             if not batch:
                 first, version = position, e.version
-            batch.append(record)
-            size += len(record)
+            batch.append(encoded)
+            size += len(encoded)
         if batch:
             values += (first, stream, version, len(batch), b"".join(batch))
     return values, position

@@ -9,7 +9,7 @@ import msgspec
 
 from riverbed.eventsourcing.errors import ConcurrencyError
 from riverbed.eventsourcing.records import NewEvent, StoredEvent, StreamAppend, distinct_streams
-from riverbed.eventsourcing.stores.batches import Row, between, rows_decoded
+from riverbed.eventsourcing.stores.batches import Row, between, record, rows_decoded
 from riverbed.eventsourcing.stores.postgres.schema import TABLES
 
 _encoder = msgspec.msgpack.Encoder()
@@ -154,13 +154,7 @@ def numbered_append_params(
 def numbered_records(events: Sequence[NewEvent], first: int) -> bytes:
     """The events' records (each one's ``StoredEvent`` as a msgpack array), numbered from
     ``first``, joined."""
-    return b"".join(
-        [
-            _encoder.encode((position, e.id, e.stream, e.version, e.type, e.schema, e.data,
-                             e.metadata, e.timestamp_ms))
-            for position, e in enumerate(events, first)
-        ]
-    )  # fmt: skip
+    return b"".join([record(position, e) for position, e in enumerate(events, first)])
 
 
 def records_of(events: Sequence[NewEvent]) -> list[bytes]:
