@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import args_row
 
 from riverbed.eventsourcing.errors import EventSourcingError
-from riverbed.eventsourcing.records import NewEvent, Snapshot, StoredEvent, StreamAppend
+from riverbed.eventsourcing.records import Snapshot, StoredEvent, StreamAppend
 from riverbed.eventsourcing.stores.api import (
     Document,
     check_document_key,
@@ -160,9 +160,7 @@ class AsyncPostgresEventStore:
         self._guess.committed(position)
         return position
 
-    async def _appended(
-        self, chunks: list[tuple[str, int | None, Sequence[NewEvent]]], last: int | None
-    ) -> int | None:
+    async def _appended(self, chunks: list[q.Chunk], last: int | None) -> int | None:
         """The last position of the append of ``chunks``: of one numbered on from ``last``,
         None when another writer appended since; else numbered by the server."""
         async with self._connection() as conn:
@@ -271,7 +269,7 @@ class AsyncPostgresEventStore:
 
 async def _pipelined(
     conn: psycopg.AsyncConnection[Any],
-    chunks: list[tuple[str, int | None, Sequence[NewEvent]]],
+    chunks: list[q.Chunk],
     last: int | None,
     channel: str,
 ) -> tuple[Any, ...] | None:

@@ -35,7 +35,7 @@ import psycopg
 from psycopg import pq
 
 from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
-from riverbed.eventsourcing.records import NewEvent, StreamAppend
+from riverbed.eventsourcing.records import StreamAppend
 from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
@@ -45,7 +45,7 @@ UNIQUE_VIOLATION = b"23505"
 CONFLICT = schema.CONFLICT.encode()
 
 # An append statement's kind and parameters.
-Chunk = tuple[int, list[bytes | None]]
+Statement = tuple[int, list[bytes | None]]
 CHECKING, SERVER_NUMBERED, CLIENT_NUMBERED = 0, 1, 2  # CHECK, APPEND, APPEND_NUMBERED
 # What each connection has prepared: LOCK and the statements by kind.
 _prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[int]] = (
@@ -91,14 +91,14 @@ def append(
     return position
 
 
-def _sent(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int | None:
+def _sent(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
     try:
-        return _run(conn, chunks)
+        return _run(conn, statements)
     except psycopg.errors.InvalidSqlStatementName:
         # After a rollback psycopg deallocates every prepared statement of the connection, ours
         # too (DEALLOCATE ALL): nothing was appended, so prepare them again and append.
         _prepared.pop(conn, None)
-        return _run(conn, chunks)
+        return _run(conn, statements)
 
 
 def append_in_transaction(
@@ -132,16 +132,16 @@ def append_in_transaction(
     return last_position
 
 
-def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int | None:
+def _run(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
     """Send the lock and the append statements in one pipeline; the last position the last
     statement returns (None: APPEND_NUMBERED appended nothing)."""
     pgconn = conn.pgconn
     with conn.lock:
-        _prepare(conn, {kind for kind, _ in chunks})
+        _prepare(conn, {kind for kind, _ in statements})
         pgconn.enter_pipeline_mode()
         try:
             pgconn.send_query_prepared(LOCK, None)
-            for kind, params in chunks:
+            for kind, params in statements:
                 pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
             pgconn.pipeline_sync()
             results = _results(pgconn)
@@ -159,12 +159,10 @@ def _run(conn: psycopg.Connection[Any], chunks: list[Chunk]) -> int | None:
     return int(last_position)
 
 
-def _server_numbered(
-    chunks: list[tuple[str, int | None, Sequence[NewEvent]]], channel: str
-) -> list[Chunk]:
+def _server_numbered(chunks: list[q.Chunk], channel: str) -> list[Statement]:
     """Each append statement's kind and parameters, the server numbering the events."""
     channel_param = channel.encode()
-    statements: list[Chunk] = []
+    statements: list[Statement] = []
     for stream, expected, events in chunks:
         params = _params(stream, expected)
         if events:  # a check alone notifies nobody
@@ -178,7 +176,7 @@ def _server_numbered(
     return statements
 
 
-def _numbered(chunk: tuple[str, int | None, Sequence[NewEvent]], channel: str, last: int) -> Chunk:
+def _numbered(chunk: q.Chunk, channel: str, last: int) -> Statement:
     """APPEND_NUMBERED's parameters, the events numbered on from ``last``."""
     stream, expected, events = chunk
     params = _params(stream, expected)

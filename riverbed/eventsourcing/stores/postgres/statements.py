@@ -98,9 +98,11 @@ APPEND = (
 CHECK = f"{_CHECK} SELECT {_LAST_POSITION} FROM checked WHERE checked.ok"
 
 
-def append_chunks(
-    appends: Sequence[StreamAppend],
-) -> Iterator[tuple[str, int | None, Sequence[NewEvent]]]:
+# An append statement's stream, expected version and events.
+Chunk = tuple[str, int | None, Sequence[NewEvent]]
+
+
+def append_chunks(appends: Sequence[StreamAppend]) -> Iterator[Chunk]:
     """Each statement's stream, expected version and events, in order. A stream's later chunks
     check nothing: the first checked it, and the lock keeps other appends out."""
     if not appends:  # still one statement: it returns the last position
@@ -126,8 +128,8 @@ def append_chunks(
 
 
 def one_statement(
-    chunks: list[tuple[str, int | None, Sequence[NewEvent]]],
-) -> tuple[str, int | None, Sequence[NewEvent]] | None:
+    chunks: list[Chunk],
+) -> Chunk | None:
     """The append's only statement, if it has one and the statement appends events (which
     APPEND_NUMBERED may then append)."""
     return chunks[0] if len(chunks) == 1 and chunks[0][2] else None
