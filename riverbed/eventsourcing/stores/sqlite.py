@@ -60,7 +60,15 @@ from riverbed.eventsourcing.stores.api import (
     check_versions,
     document_text,
 )
-from riverbed.eventsourcing.stores.batches import between, decoded, record, rows_decoded, versions
+from riverbed.eventsourcing.stores.batches import (
+    decoded,
+    first_after,
+    in_range,
+    joined_records,
+    rows_decoded,
+    runs,
+    versions,
+)
 from riverbed.eventsourcing.stores.guesses import PositionGuess, first_save
 from riverbed.log.sqlite.store import write_transaction
 from riverbed.sqlite_file import SqliteFile, synchronous_option
@@ -72,7 +80,7 @@ KEY_BYTES = 32
 # Events per batch row, at most; reads go back this many positions (or versions) for the row
 # that holds the first one asked for.
 BATCH_EVENTS = 64
-BATCH_BYTES = 16 * 1024 * 1024  # records per batch row, at most (unless one event is larger)
+BATCH_BYTES = 16 * 1024 * 1024  # payloads and metadata per batch row, at most (or one event)
 
 SCHEMA = (
     """
@@ -608,29 +616,13 @@ def _insert_new_stream(conn: sqlite3.Connection, append: StreamAppend, last: int
 
 def _rows(appends: Sequence[StreamAppend], position: int) -> tuple[list[object], int]:
     """The batch rows' columns one after the other, for the appends' events numbered on from
-    ``position``: each row a run of consecutive versions, of at most BATCH_EVENTS events and
-    BATCH_BYTES (or one larger event); the last position."""
+    ``position``; the last position."""
     values: list[object] = []
     for append in appends:
-        stream = append.stream
-        batch: list[bytes] = []
-        size = first = version = 0
-        for e in append.events:
-            position += 1
-            encoded = record(position, e)
-            if batch and (
-                e.version != version + len(batch)
-                or len(batch) == BATCH_EVENTS
-                or size + len(encoded) > BATCH_BYTES
-            ):
-                values += (first, stream, version, len(batch), b"".join(batch))
-                batch, size = [], 0
-            if not batch:
-                first, version = position, e.version
-            batch.append(encoded)
-            size += len(encoded)
-        if batch:
-            values += (first, stream, version, len(batch), b"".join(batch))
+        for run in runs(append.events, BATCH_EVENTS, BATCH_BYTES):
+            records = joined_records(run, position + 1)
+            values += (position + 1, append.stream, run[0].version, len(run), records)
+            position += len(run)
     return values, position
 
 
@@ -661,30 +653,27 @@ def _read_all(conn: sqlite3.Connection, after: int, limit: int) -> list[StoredEv
     joins in one scan: with ORDER BY and LIMIT instead, the same page took 3-4 times as long.
     A range that comes out short while later events exist means gaps (rows deleted by hand):
     that page is read with the LIMIT."""
-    upto = min(after + limit, MAX_BOUND)
     joined = _joined(
         conn,
         f"({_LAST_POSITION})",
-        # The rows holding a position after ``after`` up to ``upto``: one starts at most
+        # The rows holding a position after ``after`` up to after + limit: one starts at most
         # BATCH_EVENTS - 1 positions before after + 1.
         "FROM batches WHERE position > ? AND position <= ? AND position + count > ?",
-        (after - BATCH_EVENTS + 1, upto, after + 1),
+        (after - BATCH_EVENTS + 1, min(after + limit, MAX_BOUND), after + 1),
     )
     found = None
     if joined is not None:
         count, records, last = joined
-        found = decoded(count, records)
-        if found is not None:
-            found = between(found, after, upto)
-            if len(found) < limit and last is not None and last > upto:  # gaps
-                found = None
+        events = decoded(count, records)
+        if events is not None:
+            found = in_range(events, after, limit, last)
     if found is None:
         rows = conn.execute(
             f"SELECT {_PAGE_COLUMNS} FROM batches WHERE position > ? AND position + count > ? "
             "ORDER BY position LIMIT ?",  # each row holds an event after ``after``
             (after - BATCH_EVENTS + 1, after + 1, limit),
         ).fetchall()
-        found = between(rows_decoded(rows), after, MAX_BOUND)[:limit]
+        found = first_after(rows_decoded(rows), after, limit)
     return found
 
 

@@ -36,6 +36,7 @@ from psycopg import pq
 
 from riverbed.eventsourcing.errors import ConcurrencyError, EventSourcingError
 from riverbed.eventsourcing.records import StreamAppend
+from riverbed.eventsourcing.stores.batches import joined_records
 from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
@@ -181,7 +182,7 @@ def _numbered(chunk: q.Chunk, channel: str, last: int) -> Statement:
     stream, expected, events = chunk
     params = _params(stream, expected)
     params += (channel.encode(), b"%d" % events[0].version, b"%d" % len(events))
-    params += (q.numbered_records(events, last + 1), b"%d" % (last + 1))
+    params += (joined_records(events, last + 1), b"%d" % (last + 1))
     return CLIENT_NUMBERED, params
 
 

@@ -9,7 +9,14 @@ import msgspec
 
 from riverbed.eventsourcing.errors import ConcurrencyError
 from riverbed.eventsourcing.records import NewEvent, StoredEvent, StreamAppend, distinct_streams
-from riverbed.eventsourcing.stores.batches import Row, between, record, rows_decoded
+from riverbed.eventsourcing.stores.batches import (
+    Row,
+    first_after,
+    in_range,
+    joined_records,
+    rows_decoded,
+    runs,
+)
 from riverbed.eventsourcing.stores.postgres.schema import TABLES
 
 _encoder = msgspec.msgpack.Encoder()
@@ -111,20 +118,9 @@ def append_chunks(appends: Sequence[StreamAppend]) -> Iterator[Chunk]:
         distinct_streams(appends)
     for append in appends:
         expected: int | None = append.expected_version
-        chunk: list[NewEvent] = []
-        size = 0
-        for event in append.events:
-            event_size = len(event.data) + len(event.metadata)
-            if chunk and (
-                len(chunk) == CHUNK_EVENTS
-                or size + event_size > CHUNK_BYTES
-                or event.version != chunk[-1].version + 1  # a row holds consecutive versions
-            ):
-                yield append.stream, expected, chunk
-                expected, chunk, size = None, [], 0
-            chunk.append(event)
-            size += event_size
-        yield append.stream, expected, chunk
+        for run in runs(append.events, CHUNK_EVENTS, CHUNK_BYTES) if append.events else [()]:
+            yield append.stream, expected, run
+            expected = None
 
 
 def one_statement(
@@ -149,14 +145,8 @@ def numbered_append_params(
     stream: str, expected: int | None, channel: str, events: Sequence[NewEvent], first: int
 ) -> list[object]:
     """``APPEND_NUMBERED``'s parameters, the events numbered from ``first``, for psycopg."""
-    records = numbered_records(events, first)
+    records = joined_records(events, first)
     return [stream, expected, channel, events[0].version, len(events), records, first]
-
-
-def numbered_records(events: Sequence[NewEvent], first: int) -> bytes:
-    """The events' records (each one's ``StoredEvent`` as a msgpack array), numbered from
-    ``first``, joined."""
-    return b"".join([record(position, e) for position, e in enumerate(events, first)])
 
 
 def records_of(events: Sequence[NewEvent]) -> list[bytes]:
@@ -176,16 +166,12 @@ def page(
     READ_ALL_AFTER then reads it."""
     if not rows:
         return None
-    upto = after + limit
-    events = between(rows_decoded([row[:3] for row in rows]), after, upto)
-    if len(events) < limit and rows[0][3] > upto:
-        return None
-    return events
+    return in_range(rows_decoded([row[:3] for row in rows]), after, limit, rows[0][3])
 
 
 def page_after(rows: list[Row], after: int, limit: int) -> list[StoredEvent]:
     """READ_ALL_AFTER's page."""
-    return between(rows_decoded(rows), after, NO_LIMIT)[:limit]
+    return first_after(rows_decoded(rows), after, limit)
 
 
 def conflict(detail: str | None) -> ConcurrencyError:
