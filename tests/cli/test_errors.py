@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import signal
 import subprocess
 import sys
@@ -154,21 +155,49 @@ def test_ctrl_c_as_the_command_starts_ends_it_without_a_traceback(tmp_path: Path
 
 
 class _Interrupting(importlib.abc.MetaPathFinder):
-    """Ctrl-C while ``riverbed.cli.main`` is imported."""
+    """Ctrl-C (a real SIGINT) while ``riverbed.cli.main`` is imported."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if name == "riverbed.cli.main":
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal's handler runs meanwhile
         return None
 
 
-def test_the_entry_point_exits_130_on_ctrl_c_while_riverbed_imports(
+class _ExitCalledError(Exception):
+    """What ``os._exit`` raises here, where it must not end pytest."""
+
+
+def test_ctrl_c_while_riverbed_imports_ends_the_process_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """No KeyboardInterrupt: raised inside an extension's setup, one crashed the interpreter
+    (msgspec, as a module built its decoders: the installed command died of SIGSEGV)."""
+
+    def exit_now(status: int) -> None:
+        raise _ExitCalledError(status)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
     monkeypatch.delitem(sys.modules, "riverbed.cli.main")
     monkeypatch.setattr(sys, "meta_path", [_Interrupting(), *sys.meta_path])
+    started = time.monotonic()
+    with pytest.raises(_ExitCalledError) as exited:
+        _riverbed_cli.main()
+    assert exited.value.args == (130,)
+    assert time.monotonic() - started < 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_typer_builds_the_command_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the import, before the command's own handling: Typer reads the commands'
+    signatures, a good part of a second."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("riverbed.cli.main.main", interrupted)
     with pytest.raises(SystemExit) as exited:
         _riverbed_cli.main()
     assert exited.value.code == 130
