@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import closing
 from datetime import datetime
 from multiprocessing.synchronize import Event as EventFlag
@@ -1483,7 +1483,7 @@ def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_ma
                 "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
             ).fetchall()
         assert dict(runs) == {
-            "riverbed_lock_appends": 4,
+            "riverbed_lock_appends": 2,  # before c again and ef: a numbered append locks itself
             "riverbed_append_numbered": 2,  # c, refused, and d
             "riverbed_append": 3,  # c again, e and f
         }
@@ -1544,6 +1544,167 @@ def test_an_async_postgresql_store_numbers_appends_from_its_guess_too(
         assert positions(events) == list(range(1, 14))
     finally:
         other.close()
+
+
+def _waiting(admin: psycopg.Connection[Any], wait_event: str, query: str) -> None:
+    """Until a connection runs ``query`` (a LIKE pattern), waiting for a lock of this kind."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = %s AND query LIKE %s"
+    deadline = time.monotonic() + 30
+    while admin.execute(waiting, (wait_event, query)).fetchone() != (1,):
+        assert time.monotonic() < deadline, f"nothing ran {query} waiting for a {wait_event} lock"
+        time.sleep(0.01)
+
+
+def _holding_the_append_lock(postgres_url: str, schema: str) -> psycopg.Connection[Any]:
+    """A connection in a transaction that holds the append lock, and looks for deadlocks only
+    after a minute."""
+    holder = psycopg.connect(postgres_url, options=f"-c search_path={schema}")
+    holder.execute("SET deadlock_timeout = '60s'")
+    holder.execute(postgres_statements.LOCK_APPENDS)
+    return holder
+
+
+def _append_b(holder: psycopg.Connection[Any], schema: str) -> None:
+    """Stream "b" (3 events) after "a" (2), in ``holder``'s transaction."""
+    b = [StreamAppend("b", 0, events_for("b", 1, 3))]
+    assert libpq_append.append_in_transaction(holder, b, f"riverbed_events_{schema}") == 5
+
+
+def _commit_b_meanwhile(postgres_url: str, holder: psycopg.Connection[Any], schema: str) -> None:
+    """Once a numbered append waits for the append lock that ``holder`` holds: ``holder``
+    appends stream "b" and commits."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        _waiting(admin, "advisory", "%locked AS%")
+    _append_b(holder, schema)
+    holder.commit()
+
+
+def _deadlock_with_the_waiting_append(
+    postgres_url: str, holder: psycopg.Connection[Any], schema: str
+) -> None:
+    """Once a numbered append waits for the append lock that ``holder`` holds: another
+    transaction takes a table, then waits to have riverbed_batches alone (the append holds its
+    lock on it), and ``holder`` waits for that table. The append, looking first, finds the
+    cycle and fails. Then ``holder`` appends stream "b" (3 events) after "a" (2) and commits."""
+    options = f"-c search_path={schema}"
+    with (
+        psycopg.connect(postgres_url, options=options) as alterer,
+        psycopg.connect(postgres_url, autocommit=True, options=options) as admin,
+    ):
+        _waiting(admin, "advisory", "%locked AS%")
+        admin.execute("CREATE TABLE held (n integer)")
+        alterer.execute("SET deadlock_timeout = '60s'")
+
+        def alter() -> None:
+            alterer.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+            alterer.execute("LOCK TABLE riverbed_batches IN ACCESS EXCLUSIVE MODE")
+            alterer.rollback()
+
+        altering = threading.Thread(target=alter)
+        altering.start()
+        _waiting(admin, "relation", "LOCK TABLE riverbed_batches%")
+        reading = threading.Thread(target=lambda: holder.execute("SELECT count(*) FROM held"))
+        reading.start()
+        for thread in (reading, altering):
+            thread.join(30)
+            assert not thread.is_alive()
+    _append_b(holder, schema)
+    holder.commit()
+
+
+def _aabbbcc(store: EventStore) -> None:
+    """The store holds "a" (2 events), "b" (3), then "c" (2)."""
+    events = store.read_all(0, 100)
+    assert positions(events) == list(range(1, 8))
+    assert [e.stream for e in events] == list("aabbbcc")
+
+
+def _run_quietly(
+    main: Callable[[], Coroutine[Any, Any, None]], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert caplog.records == []  # no error ignored as psycopg ended a pipeline
+
+
+# What happens while a numbered append (statements.APPEND_NUMBERED) waits for the append lock.
+MEANWHILE = {"committed": _commit_b_meanwhile, "deadlock": _deadlock_with_the_waiting_append}
+
+
+@pytest.mark.parametrize("meanwhile", MEANWHILE)
+def test_a_numbered_postgresql_append_goes_again_when_it_could_not_insert(
+    postgres_url: str, meanwhile: str
+) -> None:
+    """APPEND_NUMBERED takes the append lock itself, so its snapshot is older than the lock: an
+    append that commits while it waits is not in it. That append took the guessed position, so
+    the insert fails on the primary key. And it holds its lock on the table as it waits: another
+    transaction waiting to have the table alone, while it holds what the append holding the
+    append lock waits for, closes a cycle, which the server breaks by failing one, here the
+    numbered append (the first of the three to look). Either way, the append goes again for the
+    server to number."""
+    schema = f"{meanwhile}_{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}?schema={schema}"
+    store = connect_store(url)
+    options = f"-c search_path={schema}"
+    try:
+        append_to(store, "a", 0, 2)
+        with (
+            _holding_the_append_lock(postgres_url, schema) as holder,
+            psycopg.connect(postgres_url, autocommit=True, options=options) as conn,
+        ):
+            conn.execute("SET deadlock_timeout = '2s'")  # once the others all wait
+            guess = PositionGuess()
+            guess.committed(2)  # true when the numbered statement takes its snapshot
+            appended: list[int] = []
+            c = [StreamAppend("c", 0, events_for("c", 1, 2))]
+            channel = f"riverbed_events_{schema}"
+            numbered = threading.Thread(
+                target=lambda: appended.append(libpq_append.append(conn, c, channel, guess))
+            )
+            numbered.start()
+            MEANWHILE[meanwhile](postgres_url, holder, schema)
+            numbered.join(30)
+            assert appended == [7]
+            assert guess.take() is None  # stale: the next appends do not guess
+        _aabbbcc(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("meanwhile", MEANWHILE)
+def test_a_numbered_async_postgresql_append_goes_again_when_it_could_not_insert(
+    postgres_url: str, meanwhile: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    schema = f"a{meanwhile}_{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}?schema={schema}"
+    other = connect_store(url)
+    # The store's connections look for deadlocks after 2 s, once the others all wait: a role of
+    # its own sets that (the URL takes no server settings).
+    role = f"looks_early_{uuid.uuid4().hex[:8]}"
+    user = postgres_url.split("//", 1)[1].split("@", 1)[0]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} SUPERUSER LOGIN")
+        admin.execute(f"ALTER ROLE {role} SET deadlock_timeout = '2s'")
+
+    async def main() -> None:
+        store = await connect_async_store(url.replace(f"//{user}@", f"//{role}@", 1))
+        try:
+            assert await store.append([StreamAppend("a", 0, events_for("a", 1, 2))]) == 2
+            with _holding_the_append_lock(postgres_url, schema) as holder:
+                c = [StreamAppend("c", 0, events_for("c", 1, 2))]
+                appending = asyncio.create_task(store.append(c))
+                await asyncio.to_thread(MEANWHILE[meanwhile], postgres_url, holder, schema)
+                assert await asyncio.wait_for(appending, 30) == 7
+        finally:
+            await store.close()
+
+    try:
+        _run_quietly(main, caplog)
+        _aabbbcc(other)
+    finally:
+        other.close()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_a_postgresql_handler_may_compose_its_sql_with_psycopg(postgres_url: str) -> None:

@@ -166,7 +166,13 @@ class AsyncPostgresEventStore:
         async with self._connection() as conn:
             try:
                 row = await _pipelined(conn, chunks, last, self._settings.channel)
+            except psycopg.errors.DeadlockDetected:
+                if last is not None:  # APPEND_NUMBERED says why it goes again
+                    return None
+                raise
             except psycopg.errors.UniqueViolation as error:
+                if last is not None:  # an append committed as it waited for the lock
+                    return None
                 raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
             except psycopg.DatabaseError as error:
                 if error.sqlstate == CONFLICT:
@@ -285,7 +291,8 @@ async def _pipelined(
         async with conn.pipeline(), conn.transaction():
             cur = psycopg.AsyncRawCursor(conn)
             try:
-                await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
+                if last is None:  # APPEND_NUMBERED takes the lock itself
+                    await cur.execute(q.LOCK_OWN_APPEND, prepare=True)
                 for stream, expected, events in chunks:
                     if last is None:
                         params = q.append_params(stream, expected, channel, events)

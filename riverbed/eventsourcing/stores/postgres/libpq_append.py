@@ -4,9 +4,10 @@ out together in pipeline mode and come back in one round trip.
 Sent as one pipeline, the statements up to the sync form one implicit transaction: the lock, then
 a statement per stream (statements.py; a stream of many events takes several). An append of one
 statement (a save's) is numbered by the client, on from the last position its store's appends
-committed, and its records go ready to store (APPEND_NUMBERED); the statement checks the guess
-under the lock and inserts nothing when another writer appended since. The append then goes
-again for the server to number (APPEND), and the store stops guessing for a while
+committed, and its records go ready to store (APPEND_NUMBERED, which takes the lock itself); the
+statement checks the guess under the lock and inserts nothing when another writer appended
+since, or fails on a unique key when one committed as it waited for the lock. The append then
+goes again for the server to number (APPEND), and the store stops guessing for a while
 (guesses.py), as writers taking turns would spoil most guesses.
 
 A save per command is one round trip of two short statements, where the plpgsql function of
@@ -43,6 +44,8 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
+# A numbered append that failed so appended nothing, and goes again for the server to number.
+_NUMBERED_AGAIN = {UNIQUE_VIOLATION, b"40P01"}  # and deadlock_detected: see APPEND_NUMBERED
 CONFLICT = schema.CONFLICT.encode()
 
 # An append statement's kind and parameters.
@@ -93,6 +96,7 @@ def append(
 
 
 def _sent(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
+    """``_run``, preparing the statements again if psycopg deallocated them."""
     try:
         return _run(conn, statements)
     except psycopg.errors.InvalidSqlStatementName:
@@ -134,14 +138,17 @@ def append_in_transaction(
 
 
 def _run(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
-    """Send the lock and the append statements in one pipeline; the last position the last
-    statement returns (None: APPEND_NUMBERED appended nothing)."""
+    """Send the lock (APPEND_NUMBERED takes it itself) and the append statements in one
+    pipeline; the last position the last statement returns (None: APPEND_NUMBERED appended
+    nothing, as its guess was stale)."""
     pgconn = conn.pgconn
+    numbered = statements[0][0] == CLIENT_NUMBERED  # alone, and takes the lock itself
     with conn.lock:
-        _prepare(conn, {kind for kind, _ in statements})
+        _prepare(conn, statements, locking=not numbered)
         pgconn.enter_pipeline_mode()
         try:
-            pgconn.send_query_prepared(LOCK, None)
+            if not numbered:
+                pgconn.send_query_prepared(LOCK, None)
             for kind, params in statements:
                 pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
             pgconn.pipeline_sync()
@@ -152,6 +159,8 @@ def _run(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | No
             with contextlib.suppress(psycopg.OperationalError):
                 pgconn.exit_pipeline_mode()
     for result in results:
+        if numbered and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN:
+            return None  # one committed as it waited for the lock, or a deadlock (statements.py)
         _check(result)
     if not results[-1].ntuples:
         return None
@@ -190,14 +199,19 @@ def _params(stream: str, expected: int | None) -> list[bytes | None]:
     return [stream.encode(), None if expected is None else b"%d" % expected]
 
 
-def _prepare(conn: psycopg.Connection[Any], kinds: set[int]) -> None:
-    prepared = _prepared.setdefault(conn, set())
-    for kind in (kinds | {_LOCKING}) - prepared:
-        if kind == _LOCKING:
-            _check(conn.pgconn.prepare(LOCK, q.LOCK_OWN_APPEND.encode()))
-        else:
+def _prepare(conn: psycopg.Connection[Any], statements: list[Statement], locking: bool) -> None:
+    """Prepare what the connection has not yet: the statements' kinds, and LOCK if
+    ``locking``."""
+    prepared = _prepared.get(conn)
+    if prepared is None:
+        prepared = _prepared[conn] = set()
+    if locking and _LOCKING not in prepared:
+        _check(conn.pgconn.prepare(LOCK, q.LOCK_OWN_APPEND.encode()))
+        prepared.add(_LOCKING)
+    for kind, _ in statements:
+        if kind not in prepared:
             _check(conn.pgconn.prepare(_names[kind], _texts[kind].encode()))
-        prepared.add(kind)
+            prepared.add(kind)
 
 
 def _results(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:

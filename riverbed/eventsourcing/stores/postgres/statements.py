@@ -24,19 +24,16 @@ _encoder = msgspec.msgpack.Encoder()
 # An append is one transaction, its statements sent together (one round trip): LOCK_APPENDS (or
 # LOCK_OWN_APPEND), then a statement per stream (a stream of more than CHUNK_EVENTS events, or of
 # versions that do not follow each other, in several: a batch row holds a run of at most
-# CHUNK_EVENTS consecutive versions). The lock is held until the transaction ends, so appends
-# commit one at a time, and as each statement starts after the lock is held, its snapshot sees
-# every earlier append: the version check and the numbering after the highest position are
-# exact. schema.py says why not a sequence.
-LOCK_APPENDS = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0))"
-)
+# CHUNK_EVENTS consecutive versions); or APPEND_NUMBERED alone, which takes the lock itself. The
+# lock is held until the transaction ends, so appends commit one at a time, and as each statement
+# after LOCK_APPENDS starts with the lock held, its snapshot sees every earlier append: the
+# version check and the numbering after the highest position are exact. schema.py says why not a
+# sequence.
+_APPEND_LOCK = "pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0))"
+LOCK_APPENDS = f"SELECT {_APPEND_LOCK}"
 # LOCK_APPENDS for an append's own transaction, which also keeps APPEND to its generic plan:
 # choosing by cost, the server planned it anew for each append (0.3 ms, three times running it).
-LOCK_OWN_APPEND = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('riverbed_append/' || current_schema(), 0)), "
-    "set_config('plan_cache_mode', 'force_generic_plan', true)"
-)
+LOCK_OWN_APPEND = f"{LOCK_APPENDS}, set_config('plan_cache_mode', 'force_generic_plan', true)"
 CHUNK_EVENTS = 32
 # And at most this many bytes of payloads: PostgreSQL takes a message (a statement's
 # parameters) of up to 1 GiB, so a large save goes in several (an event alone is refused above
@@ -79,17 +76,23 @@ _INSERTED = (
     # Delivered when the transaction commits: wakes wait_for_events in every process.
     "SELECT last, pg_notify($3, last::text) FROM inserted"
 )
-_INSERT = (
-    f"{_CHECK}, last AS (SELECT {_LAST_POSITION} AS position), "
-    "inserted AS (INSERT INTO riverbed_batches (position, stream, version, count, records) "
-)
+_INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version, count, records) "
 # The events numbered by the client from $7, the last position its store's appends committed,
 # plus one; $6 their records, joined. When another writer appended since, it inserts nothing and
 # returns no row (not an error, which psycopg's async pipeline logs as ignored when it ends), and
 # the client appends with APPEND. Only an append of one statement is numbered so: of several, the
 # first could insert nothing and a later one go in. The server only inserts: a 10-event save
 # took about 190 us of its time, against 240 with APPEND.
+# It takes the append lock itself, sent alone (a statement less: 10 to 25 us of a save). Its
+# snapshot then predates the lock, and misses an append committed while it waited for it; but
+# appends commit one at a time, each from the last position on, so that one took the guessed
+# position: the insert fails on a unique key, and the client appends with APPEND. It also holds
+# its lock on the table while it waits: a statement that needs the table alone (ALTER TABLE, say)
+# and waits for it can block an append that holds the lock, and the server breaks the deadlock by
+# failing one; this one failing, the client appends with APPEND too.
 APPEND_NUMBERED = (
+    f"{_CHECK}, locked AS (SELECT {_APPEND_LOCK}), "
+    f"last AS (SELECT {_LAST_POSITION} AS position FROM locked), "
     f"{_INSERT}SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
     + _INSERTED.format(" AND last.position + 1 = $7::bigint")
 )
@@ -97,6 +100,7 @@ APPEND_NUMBERED = (
 # msgpack array of its fields after ``position``, its header cut off), to which the statement
 # adds the array header and the position it gives the event.
 APPEND = (
+    f"{_CHECK}, last AS (SELECT {_LAST_POSITION} AS position), "
     f"{_INSERT}SELECT last.position + 1, $1::text, $4::bigint, $5::integer, (SELECT string_agg("
     "'\\x99d3'::bytea || int8send(last.position + t.n) || t.record, ''::bytea ORDER BY t.n) "
     "FROM unnest($6::bytea[]) WITH ORDINALITY AS t(record, n)) " + _INSERTED.format("")
