@@ -81,7 +81,8 @@ def worker(
         os.environ[LOG_URL_ENV] = ctx.obj
     if processes > 1:
         raise typer.Exit(_run_processes(target, processes, metrics_port))
-    app = load_app(target)
+    with _stopped_at_once():
+        app = load_app(target)
     started = time.monotonic()
 
     def report(runner: Runner) -> None:
@@ -151,6 +152,26 @@ def _stop_while_starting() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def _stopped_at_once() -> Iterator[None]:
+    """While the app's module imports, SIGTERM and SIGINT end this worker on the spot, with
+    status 0 and no exception: raised inside an extension's setup, one can crash the
+    interpreter (msgspec's, as a module's classes build their decoders). What the module may
+    have opened meanwhile (an event store) rolls back whatever it had begun."""
+    stopping = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in stopping.items():
+            signal.signal(signum, handler)
+
+
+def _exit_stopped(signum: int, frame: object) -> None:
+    os._exit(0)
 
 
 def _stop_with(supervisor: int) -> None:

@@ -358,6 +358,28 @@ def test_workers_stuck_importing_their_app_stop_at_a_signal_and_block_none(
         wait_until(lambda: all(int(blocked_signals(c), 16) == 0 for c in children), 30, "unblocked")
 
 
+STOPPED_AS_IT_IMPORTS = APP_MODULE.replace(
+    "import riverbed\n",
+    "import riverbed\nimport os, signal, sys, time\n"
+    "try:\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    time.sleep(10)\n"
+    "except BaseException as stop:\n"
+    "    print('raised into the import:', repr(stop), file=sys.stderr)\n"
+    "    raise\n",
+)
+
+
+def test_a_stop_signal_while_the_app_imports_raises_nothing_into_it(tmp_path: Path) -> None:
+    """The worker ends at once, with status 0: an exception raised into the import could land
+    inside an extension's setup, which crashed the interpreter (msgspec's)."""
+    worker = start_worker(tmp_path, "wordapp:app", module=STOPPED_AS_IT_IMPORTS)
+    started = time.monotonic()
+    _, stderr = worker.communicate(timeout=30)
+    assert (worker.returncode, stderr) == (0, "")
+    assert time.monotonic() - started < 10
+
+
 def test_a_worker_process_ended_by_a_signal_without_a_name_is_described() -> None:
     from riverbed.cli.worker import _exit_status, _status
 
