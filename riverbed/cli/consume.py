@@ -22,6 +22,7 @@ import typer
 from riverbed.cli.common import open_log
 from riverbed.log.api import Record
 from riverbed.log.errors import CommitFailedError
+from riverbed.signals import handling
 
 POLL_MAX_RECORDS = 1000
 
@@ -73,11 +74,8 @@ def _sigterm_interrupts() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with handling((signal.SIGTERM,), interrupt):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def consume(

@@ -21,6 +21,7 @@ from riverbed.errors import RiverbedError
 from riverbed.eventsourcing.runtime import EventSourcing
 from riverbed.eventsourcing.subscriptions import SubscriberStatus
 from riverbed.log.errors import BrokerUnavailableError
+from riverbed.signals import handling
 from riverbed.streams import App
 from riverbed.streams.runner import REPORT_INTERVAL_S, Runner
 from riverbed.urls import LOG_URL_ENV
@@ -160,14 +161,8 @@ def _stopped_at_once() -> Iterator[None]:
     status 0 and no exception: raised inside an extension's setup, one can crash the
     interpreter (msgspec's, as a module's classes build their decoders). What the module may
     have opened meanwhile (an event store) rolls back whatever it had begun."""
-    stopping = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _exit_stopped)
-    try:
+    with handling(STOP_SIGNALS, _exit_stopped):
         yield
-    finally:
-        for signum, handler in stopping.items():
-            signal.signal(signum, handler)
 
 
 def _exit_stopped(signum: int, frame: object) -> None:
@@ -212,8 +207,7 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
             if child.poll() is None:
                 child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    try:
+    with handling(STOP_SIGNALS, forward):
         # The children start with the stop signals blocked (a mask survives exec) until their
         # handlers are in place (_stop_while_starting): one forwarded sooner waits for them
         # instead of killing them (SIGTERM) or being lost (SIGINT, which `&` leaves ignored).
@@ -240,9 +234,6 @@ def _run_processes(target: str, processes: int, metrics_port: int | None) -> int
                     )
                     forward(signal.SIGTERM, None)
             time.sleep(CHILD_POLL_S)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if first_failed is not None:
         return _exit_status(first_failed.returncode)
     codes = [_exit_status(child.returncode) for child in children]

@@ -18,6 +18,7 @@ from riverbed.log.api import Closing, Log, Producer, TopicPartition
 from riverbed.log.errors import TopicExistsError
 from riverbed.serde.compat import Compatibility, schema_of
 from riverbed.serde.registry import SchemaRegistry
+from riverbed.signals import handling
 from riverbed.streams.dsl import Stream
 from riverbed.streams.handlers import Handler, retry_topic
 from riverbed.streams.joins import Table
@@ -389,7 +390,6 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def set_stop(*_: object) -> None:
         # From a thread of its own: the handler runs between two bytecodes of the main thread,
@@ -397,13 +397,8 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[None]:
         # signal, stop.set), and Event.set here would wait on it for ever.
         threading.Thread(target=stop.set, name="riverbed-stopping", daemon=True).start()
 
-    for signum in previous:
-        signal.signal(signum, set_stop)
-    try:
+    with handling((signal.SIGTERM, signal.SIGINT), set_stop):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _warn_if_other_partitions(topic: Topic[Any, Any], partitions: int) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import msgspec
 
 from riverbed.errors import RiverbedError
+from riverbed.signals import handling
 from riverbed.tasks.calls import prepend
 from riverbed.tasks.errors import BrokerUnavailableError
 from riverbed.tasks.messages import Outcome, TaskMessage, TaskState, now_ms
@@ -162,15 +163,8 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {
-            sig: signal.signal(sig, lambda *_: self.stop())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
+        with handling((signal.SIGTERM, signal.SIGINT), lambda *_: self.stop()):
             yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _fetch_loop(self) -> None:
         low_water = max(1, self.prefetch // 2 + (self.prefetch == 0))
