@@ -1652,7 +1652,7 @@ def test_a_numbered_postgresql_append_goes_again_when_it_could_not_insert(
             _holding_the_append_lock(postgres_url, schema) as holder,
             psycopg.connect(postgres_url, autocommit=True, options=options) as conn,
         ):
-            conn.execute("SET deadlock_timeout = '2s'")  # once the others all wait
+            conn.execute("SET deadlock_timeout = '3s'")  # once the others all wait
             guess = PositionGuess()
             guess.committed(2)  # true when the numbered statement takes its snapshot
             appended: list[int] = []
@@ -1678,13 +1678,13 @@ def test_a_numbered_async_postgresql_append_goes_again_when_it_could_not_insert(
     schema = f"a{meanwhile}_{uuid.uuid4().hex[:8]}"
     url = f"{postgres_url}?schema={schema}"
     other = connect_store(url)
-    # The store's connections look for deadlocks after 2 s, once the others all wait: a role of
+    # The store's connections look for deadlocks after 3 s, once the others all wait: a role of
     # its own sets that (the URL takes no server settings).
     role = f"looks_early_{uuid.uuid4().hex[:8]}"
     user = postgres_url.split("//", 1)[1].split("@", 1)[0]
     with psycopg.connect(postgres_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} SUPERUSER LOGIN")
-        admin.execute(f"ALTER ROLE {role} SET deadlock_timeout = '2s'")
+        admin.execute(f"ALTER ROLE {role} SET deadlock_timeout = '3s'")
 
     async def main() -> None:
         store = await connect_async_store(url.replace(f"//{user}@", f"//{role}@", 1))
