@@ -87,9 +87,9 @@ _INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version,
 # snapshot then predates the lock, and misses an append committed while it waited for it; but
 # appends commit one at a time, each from the last position on, so that one took the guessed
 # position: the insert fails on a unique key, and the client appends with APPEND. It also holds
-# its lock on the table while it waits: a statement that needs the table alone (ALTER TABLE, say)
-# and waits for it can block an append that holds the lock, and the server breaks the deadlock by
-# failing one; this one failing, the client appends with APPEND too.
+# its lock on the table as it waits: a transaction waiting to have the table alone (ALTER TABLE,
+# say) while it holds what the append holding the lock waits for closes a cycle, which the server
+# breaks by failing one of them; this one failing, the client appends with APPEND too.
 APPEND_NUMBERED = (
     f"{_CHECK}, locked AS (SELECT {_APPEND_LOCK}), "
     f"last AS (SELECT {_LAST_POSITION} AS position FROM locked), "
