@@ -27,7 +27,8 @@ def _ctrl_c_exits_at_once() -> Iterator[None]:
     """A Ctrl-C ends the process on the spot, with no exception: one raised inside an
     extension's setup can crash the interpreter (msgspec 0.22 segfaulted when a
     KeyboardInterrupt landed as a module built its decoders). Nothing has started yet that
-    would need ending. A SIGINT the shell left ignored (``&``) stays ignored."""
+    would need ending. A SIGINT the shell left ignored (``&``) stays ignored. (Not
+    ``riverbed.signals.handling``: importing it would import riverbed first.)"""
     previous = signal.getsignal(signal.SIGINT)
     if previous is not signal.default_int_handler:
         yield
