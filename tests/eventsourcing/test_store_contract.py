@@ -1450,6 +1450,35 @@ def test_a_schema_version_1_postgresql_store_is_upgraded_when_opened(
     assert head == [(1, postgres_schema.SCHEMA_VERSION)]  # no position column
 
 
+def test_an_upgrade_in_a_database_of_another_encoding_writes_utf_8_lengths(
+    postgres_url: str,
+) -> None:
+    """A LATIN1 database stores "é" in one byte, UTF-8 in two: a moved record's text lengths
+    are of the UTF-8 bytes it holds."""
+    database = f"latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE {database} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{database}"
+    try:
+        texts = V1_STORE.replace("'e1', 's'", "'é1', 'café'").replace("'e2', 's'", "'é2', 'café'")
+        texts = texts.replace("'Order.Placed'", "'Order.Placé'")
+        schema = older_store(f"{url}?client_encoding=UTF8", "v1", texts)  # as its bytes are
+        store = connect_store(f"{url}?schema={schema}")
+        try:
+            assert store.read_all() == [
+                StoredEvent(1, "é1", "café", 1, "Order.Placé", 2, b"\x81\xa1n\x01", b"\x80", 1),
+                StoredEvent(2, "é2", "café", 2, "Order.Placé", 2, b"\x81\xa1n\x01", b"\x80", 2),
+            ]
+        finally:
+            store.close()
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
+
+
 def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_made_it_stale(
     postgres_url: str,
 ) -> None:

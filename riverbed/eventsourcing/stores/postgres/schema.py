@@ -172,20 +172,24 @@ UPDATE riverbed_head SET schema_version = {SCHEMA_VERSION} WHERE id = 1;
 
 # Version 5 keeps a save's events in one row: each event of an older store becomes a row of its
 # own, its record the StoredEvent msgpack array riverbed decodes (ints as int64, texts as str32,
-# bytes as bin32).
+# bytes as bin32). A text's length is that of its UTF-8 bytes, which a database of another
+# encoding (LATIN1, say) stores in fewer.
 MOVE_EVENTS = """
 INSERT INTO riverbed_batches (position, stream, version, count, records)
 SELECT position, stream, version, 1,
     '\\x99d3'::bytea || int8send(position)
-    || '\\xdb'::bytea || int4send(octet_length(id)) || convert_to(id, 'UTF8')
-    || '\\xdb'::bytea || int4send(octet_length(stream)) || convert_to(stream, 'UTF8')
+    || '\\xdb'::bytea || int4send(length(utf8.id_bytes)) || utf8.id_bytes
+    || '\\xdb'::bytea || int4send(length(utf8.stream_bytes)) || utf8.stream_bytes
     || '\\xd3'::bytea || int8send(version)
-    || '\\xdb'::bytea || int4send(octet_length(type)) || convert_to(type, 'UTF8')
+    || '\\xdb'::bytea || int4send(length(utf8.type_bytes)) || utf8.type_bytes
     || '\\xd2'::bytea || int4send(schema)
     || '\\xc6'::bytea || int4send(length(data)) || data
     || '\\xc6'::bytea || int4send(length(metadata)) || metadata
     || '\\xd3'::bytea || int8send(timestamp_ms)
-FROM riverbed_events
+FROM riverbed_events, LATERAL (
+    SELECT convert_to(id, 'UTF8') AS id_bytes, convert_to(stream, 'UTF8') AS stream_bytes,
+        convert_to(type, 'UTF8') AS type_bytes
+) AS utf8
 """
 
 
