@@ -166,15 +166,11 @@ class AsyncPostgresEventStore:
         async with self._connection() as conn:
             try:
                 row = await _pipelined(conn, chunks, last, self._settings.channel)
-            except psycopg.errors.DeadlockDetected:
-                if last is not None:  # APPEND_NUMBERED says why it goes again
-                    return None
-                raise
-            except psycopg.errors.UniqueViolation as error:
-                if last is not None:  # an append committed as it waited for the lock
-                    return None
-                raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
             except psycopg.DatabaseError as error:
+                if last is not None and error.sqlstate in q.NUMBERED_AGAIN:
+                    return None  # one committed as it waited for the lock, or a deadlock
+                if isinstance(error, psycopg.errors.UniqueViolation):
+                    raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
                 if error.sqlstate == CONFLICT:
                     raise q.conflict(error.diag.message_detail) from None
                 raise

@@ -44,8 +44,7 @@ from riverbed.eventsourcing.stores.postgres import statements as q
 
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
-# A numbered append that failed so appended nothing, and goes again for the server to number.
-_NUMBERED_AGAIN = {UNIQUE_VIOLATION, b"40P01"}  # and deadlock_detected: see APPEND_NUMBERED
+_NUMBERED_AGAIN = frozenset(sqlstate.encode() for sqlstate in q.NUMBERED_AGAIN)
 CONFLICT = schema.CONFLICT.encode()
 
 # An append statement's kind and parameters.

@@ -96,6 +96,9 @@ APPEND_NUMBERED = (
     f"{_INSERT}SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
     + _INSERTED.format(" AND last.position + 1 = $7::bigint")
 )
+# The SQLSTATEs of an APPEND_NUMBERED that failed so (a unique violation, a deadlock): it appended
+# nothing, and the append goes again for the server to number.
+NUMBERED_AGAIN = frozenset({"23505", "40P01"})
 # The events numbered by the server: $6 their records without their positions (each event's
 # msgpack array of its fields after ``position``, its header cut off), to which the statement
 # adds the array header and the position it gives the event.
@@ -127,9 +130,7 @@ def append_chunks(appends: Sequence[StreamAppend]) -> Iterator[Chunk]:
             expected = None
 
 
-def one_statement(
-    chunks: list[Chunk],
-) -> Chunk | None:
+def one_statement(chunks: list[Chunk]) -> Chunk | None:
     """The append's only statement, if it has one and the statement appends events (which
     APPEND_NUMBERED may then append)."""
     return chunks[0] if len(chunks) == 1 and chunks[0][2] else None
