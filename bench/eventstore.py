@@ -68,14 +68,20 @@ SYSTEMS = (
     "riverbed-sqlite-always",
     "eventsourcing-sqlite",
     "riverbed-postgres",
+    "riverbed-postgres-nospin",
     "eventsourcing-postgres",
 )
 ALIASES = {
-    "riverbed": ("riverbed-sqlite", "riverbed-sqlite-always", "riverbed-postgres"),
+    "riverbed": (
+        "riverbed-sqlite", "riverbed-sqlite-always", "riverbed-postgres",
+        "riverbed-postgres-nospin",
+    ),
     "eventsourcing": ("eventsourcing-sqlite", "eventsourcing-postgres"),
     "sqlite": ("riverbed-sqlite", "riverbed-sqlite-always", "eventsourcing-sqlite"),
-    "postgres": ("riverbed-postgres", "eventsourcing-postgres"),
-}
+    "postgres": ("riverbed-postgres", "riverbed-postgres-nospin", "eventsourcing-postgres"),
+}  # fmt: skip
+# The URL options of the riverbed systems that are not its defaults.
+URL_OPTIONS = {"riverbed-sqlite-always": "fsync=always", "riverbed-postgres-nospin": "spin_us=0"}
 POSTGRES_SYSTEMS = frozenset(ALIASES["postgres"])
 
 
@@ -214,7 +220,7 @@ class RiverbedEvents:
         events: int,
         page: int,
         postgres: Postgres | None = None,
-        fsync: str | None = None,
+        options: str | None = None,
     ) -> None:
         self.name = name
         self._root = root
@@ -222,7 +228,7 @@ class RiverbedEvents:
         self._events = events
         self._page = page
         self._postgres = postgres
-        self._fsync = fsync
+        self._options = options
 
     def run(self, aggregates: int, tag: str) -> Outcome:
         from riverbed.eventsourcing import EventSourcing, Relay
@@ -235,8 +241,8 @@ class RiverbedEvents:
             url = self._postgres.url(database)
         else:
             url = f"sqlite:///{directory / 'events.db'}"
-            if self._fsync is not None:
-                url += f"?fsync={self._fsync}"
+        if self._options is not None:
+            url += f"?{self._options}"
         store = EventSourcing(f"bench-{tag}", url)
         log = riverbed.connect(f"sqlite:///{directory / 'log.db'}")
         try:
@@ -444,7 +450,6 @@ def open_systems(
             if RIVERBED_IMPORT_ERROR is not None or order is None:
                 systems.append(common.Unavailable(name, RIVERBED_IMPORT_ERROR or "no riverbed"))
                 continue
-            fsync = "always" if name.endswith("-always") else None
             systems.append(
                 RiverbedEvents(
                     name,
@@ -453,7 +458,7 @@ def open_systems(
                     args.events,
                     args.page,
                     postgres if on_postgres else None,
-                    fsync,
+                    URL_OPTIONS.get(name),
                 )
             )
         elif not peers:
@@ -513,6 +518,8 @@ TARGETS = (
     ratio("riverbed-sqlite-always", "eventsourcing-sqlite", "save_per_aggregate", 5.0),
     ratio("riverbed-postgres", "eventsourcing-postgres", "save_per_command", 2.0),
     ratio("riverbed-postgres", "eventsourcing-postgres", "save_per_aggregate", 5.0),
+    ratio("riverbed-postgres-nospin", "eventsourcing-postgres", "save_per_command", 2.0),
+    ratio("riverbed-postgres-nospin", "eventsourcing-postgres", "save_per_aggregate", 5.0),
     at_least("riverbed-sqlite", "read_all", 500_000),
     at_least("riverbed-postgres", "read_all", 200_000),
     at_least("riverbed-sqlite", "relay", 50_000),
@@ -585,7 +592,10 @@ def settings_notes(args: argparse.Namespace) -> list[str]:
         "synchronous=NORMAL: commits do not wait for the disk); riverbed-sqlite-always: "
         "`?fsync=always` (synchronous=FULL, the durability eventsourcing's SQLite has). "
         "riverbed-postgres: `postgresql://riverbed@127.0.0.1:PORT/<new database>` (its default "
-        "pool). One unrecorded warm-up run per riverbed system "
+        "pool; a save's wait for the server's answer polls without sleeping for up to its "
+        "default `spin_us=200` microseconds, then sleeps); riverbed-postgres-nospin: the same "
+        "with `?spin_us=0` (it sleeps at once, as eventsourcing's psycopg does). One unrecorded "
+        "warm-up run per riverbed system "
         f"({args.warmup_aggregates:,} aggregates) before the measured runs.",
         "eventsourcing (bench/peers/eventsourcing_bench.py, a new bench/.venv-peers process per "
         "run): an `Application` configured by its environment, `eventsourcing.domain.Aggregate` "

@@ -52,6 +52,7 @@ from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import libpq_append
 from riverbed.eventsourcing.stores.postgres import schema as postgres_schema
 from riverbed.eventsourcing.stores.postgres import statements as postgres_statements
+from riverbed.eventsourcing.stores.postgres.spinning import SPIN_US, AnswerWait
 from tests.eventsourcing.conftest import OpenStore
 from tests.services.postgres import PostgresServer, terminate_connections
 
@@ -1186,6 +1187,10 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
         "pool_timeout=0",
         "pool_timeout=inf",
         "pool_timeout=1e12",  # the pool's clock would overflow
+        "spin_us=-1",
+        "spin_us=1.5",
+        "spin_us=10001",
+        "spin_us=abc",
         "target_session_attrs=read-only",  # riverbed writes: a read-only session cannot work
         "target_session_attrs=prefer-standby",
     ],
@@ -1495,18 +1500,19 @@ def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_ma
         append_to(store, "a", 0, 2)
         append_to(other, "b", 0, 3)
         with psycopg.connect(postgres_url, autocommit=True, options=options) as conn:
+            answers = AnswerWait(SPIN_US)
             stale = PositionGuess()
             stale.committed(2)
             c = [StreamAppend("c", 0, events_for("c", 1, 10))]
-            assert libpq_append.append(conn, c, channel, stale) == 15
+            assert libpq_append.append(conn, c, channel, stale, answers) == 15
             assert stale.take() is None  # the next appends do not guess
             guess = PositionGuess()
             guess.committed(15)
             d = [StreamAppend("d", 0, events_for("d", 1, 2))]
-            assert libpq_append.append(conn, d, channel, guess) == 17
+            assert libpq_append.append(conn, d, channel, guess, answers) == 17
             ef = [StreamAppend("e", 0, events_for("e", 1, 1)),
                   StreamAppend("f", 0, events_for("f", 1, 1))]  # fmt: skip
-            assert libpq_append.append(conn, ef, channel, guess) == 19
+            assert libpq_append.append(conn, ef, channel, guess, answers) == 19
             assert guess.take() == 19
             runs = conn.execute(
                 "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
@@ -1685,10 +1691,13 @@ def test_a_numbered_postgresql_append_goes_again_when_it_could_not_insert(
             guess = PositionGuess()
             guess.committed(2)  # true when the numbered statement takes its snapshot
             appended: list[int] = []
+            answers = AnswerWait(SPIN_US)
             c = [StreamAppend("c", 0, events_for("c", 1, 2))]
             channel = f"riverbed_events_{schema}"
             numbered = threading.Thread(
-                target=lambda: appended.append(libpq_append.append(conn, c, channel, guess))
+                target=lambda: appended.append(
+                    libpq_append.append(conn, c, channel, guess, answers)
+                )
             )
             numbered.start()
             MEANWHILE[meanwhile](postgres_url, holder, schema)

@@ -20,7 +20,8 @@ append in a subscriber's open transaction checks the versions first, in round tr
 own (``append_in_transaction`` says why), and lets the server number its events.
 
 libpq's ``PQgetResult`` would wait for the server holding the GIL (psycopg releases it only
-around the ``PQexec`` calls), so the wait is a ``poll`` on the socket instead.
+around the ``PQexec`` calls), so the wait is a ``poll`` on the socket instead, spinning briefly
+first (spinning.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from riverbed.eventsourcing.stores.batches import joined_records
 from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
+from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
 
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
@@ -71,10 +73,12 @@ def append(
     appends: Sequence[StreamAppend],
     channel: str,
     guess: PositionGuess,
+    answers: AnswerWait,
 ) -> int:
     """The position of the last event appended; ``ConcurrencyError`` when a stream is not at
     its expected version (nothing is appended then). An append of one statement is numbered on
-    from ``guess`` (the last position the store's appends committed), any other by the server.
+    from ``guess`` (the last position the store's appends committed), any other by the server;
+    ``answers`` waits for the server's answer.
     On a connection in a transaction (a subscriber's), the append joins it, and the transaction
     stays usable if the append fails."""
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
@@ -84,25 +88,27 @@ def append(
     last = None if only is None else guess.take()
     position = None
     if only is not None and last is not None:
-        position = _sent(conn, [_numbered(only, channel, last)])
+        position = _sent(conn, [_numbered(only, channel, last)], answers)
         if position is None:  # another writer appended since: nothing was appended
             guess.stale()
     if position is None:
-        position = _sent(conn, _server_numbered(chunks, channel))
+        position = _sent(conn, _server_numbered(chunks, channel), answers)
         assert position is not None  # APPEND and CHECK return a row, or raise
     guess.committed(position)
     return position
 
 
-def _sent(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
+def _sent(
+    conn: psycopg.Connection[Any], statements: list[Statement], answers: AnswerWait
+) -> int | None:
     """``_run``, preparing the statements again if psycopg deallocated them."""
     try:
-        return _run(conn, statements)
+        return _run(conn, statements, answers)
     except psycopg.errors.InvalidSqlStatementName:
         # After a rollback psycopg deallocates every prepared statement of the connection, ours
         # too (DEALLOCATE ALL): nothing was appended, so prepare them again and append.
         _prepared.pop(conn, None)
-        return _run(conn, statements)
+        return _run(conn, statements, answers)
 
 
 def append_in_transaction(
@@ -136,7 +142,9 @@ def append_in_transaction(
     return last_position
 
 
-def _run(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | None:
+def _run(
+    conn: psycopg.Connection[Any], statements: list[Statement], answers: AnswerWait
+) -> int | None:
     """Send the lock (APPEND_NUMBERED takes it itself) and the append statements in one
     pipeline; the last position the last statement returns (None: APPEND_NUMBERED appended
     nothing, as its guess was stale)."""
@@ -151,7 +159,7 @@ def _run(conn: psycopg.Connection[Any], statements: list[Statement]) -> int | No
             for kind, params in statements:
                 pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
             pgconn.pipeline_sync()
-            results = _results(pgconn)
+            results = _results(pgconn, answers)
         finally:
             # Left in pipeline mode (interrupted, or the connection broke), the connection is
             # not idle, and the store gives it back to the pool, which discards it.
@@ -213,7 +221,7 @@ def _prepare(conn: psycopg.Connection[Any], statements: list[Statement], locking
             prepared.add(kind)
 
 
-def _results(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
+def _results(pgconn: pq.abc.PGconn, answers: AnswerWait) -> list[pq.abc.PGresult]:
     """Every statement's result, up to the pipeline's sync."""
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
@@ -224,7 +232,7 @@ def _results(pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
     results: list[pq.abc.PGresult] = []
     while True:
         while pgconn.is_busy():  # reads the socket only when what it holds is not enough
-            poller.poll()
+            answers.wait(poller)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:  # between two statements' results

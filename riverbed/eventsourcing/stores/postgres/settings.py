@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from riverbed.errors import InvalidUrlError, RiverbedError
 from riverbed.eventsourcing.errors import EventSourcingError, StoreUnavailableError
+from riverbed.eventsourcing.stores.postgres.spinning import MAX_SPIN_US, SPIN_US
 from riverbed.urls import BackendUrl
 
 # riverbed's options and their defaults.
@@ -23,7 +24,9 @@ from riverbed.urls import BackendUrl
 # next call: its pauses between tries double from a second, so after a long outage it would find
 # the server back only a long while after it returned.
 RECONNECT_S = 2.0
-RIVERBED_OPTIONS = {"schema": "public", "pool_size": "10", "pool_timeout": "30"}
+RIVERBED_OPTIONS = {
+    "schema": "public", "pool_size": "10", "pool_timeout": "30", "spin_us": str(SPIN_US)
+}  # fmt: skip
 # Runners wait outages out by calling again: a call need not wait longer than this (the
 # pool's clock takes no infinite wait).
 MAX_POOL_TIMEOUT_S = 86_400
@@ -77,6 +80,8 @@ class Settings:
     pool_size: int
     # How long a call waits for a connection of the pool (all busy, or the server down).
     pool_timeout: float
+    # Microseconds a sync append polls for the server's answer before it sleeps (spinning.py).
+    spin_us: int
 
 
 def parse_settings(parsed: BackendUrl) -> Settings:
@@ -116,6 +121,13 @@ def parse_settings(parsed: BackendUrl) -> Settings:
             f"pool_timeout={options['pool_timeout']!r} in the event store URL is not a positive "
             f"number of seconds up to {MAX_POOL_TIMEOUT_S:,} (a day); use e.g. pool_timeout=5"
         )
+    spin_us = options["spin_us"]
+    if not (re.fullmatch(r"\d{1,5}", spin_us) and int(spin_us) <= MAX_SPIN_US):
+        raise InvalidUrlError(
+            f"spin_us={spin_us!r} in the event store URL is not a whole number of microseconds "
+            f"from 0 to {MAX_SPIN_US:,}: how long an append polls for the server's answer "
+            f"before it sleeps (default {SPIN_US}; 0 sleeps at once)"
+        )
     if not re.fullmatch(r"\d{1,9}", options["connect_timeout"]):
         raise InvalidUrlError(
             f"connect_timeout={options['connect_timeout']!r} in the event store URL is not a "
@@ -141,7 +153,7 @@ def parse_settings(parsed: BackendUrl) -> Settings:
         ) from None
     where = _where(parsed_info)
     channel = f"riverbed_events_{schema}"
-    return Settings(conninfo, where, schema, channel, pool_size, pool_timeout)
+    return Settings(conninfo, where, schema, channel, pool_size, pool_timeout, int(spin_us))
 
 
 def _where(info: Mapping[str, object]) -> str:

@@ -59,6 +59,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     read_only,
     unavailable,
 )
+from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
 from riverbed.urls import BackendUrl
 
 P = ParamSpec("P")
@@ -66,8 +67,8 @@ R = TypeVar("R")
 
 
 class PostgresEventStore:
-    """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10``, plus libpq's
-    ``connect_timeout`` (3 s), ``sslmode`` and the like."""
+    """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10&spin_us=200``,
+    plus libpq's ``connect_timeout`` (3 s), ``sslmode`` and the like."""
 
     def __init__(self, url: BackendUrl) -> None:
         self.url = url.raw
@@ -96,6 +97,7 @@ class PostgresEventStore:
         self._appender_free = threading.Lock()
         self._keeps_appender = self._settings.pool_size > 1
         self._guess = PositionGuess()
+        self._answers = AnswerWait(self._settings.spin_us)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -170,7 +172,7 @@ class PostgresEventStore:
             finally:
                 self._appender_free.release()
         with self._connection() as conn:
-            return libpq_append.append(conn, appends, channel, self._guess)
+            return libpq_append.append(conn, appends, channel, self._guess, self._answers)
 
     def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
         conn = self._appender
@@ -182,7 +184,7 @@ class PostgresEventStore:
         try:
             if conn is None:
                 conn = self._appender = self._pooled()
-            return libpq_append.append(conn, appends, channel, self._guess)
+            return libpq_append.append(conn, appends, channel, self._guess, self._answers)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:

@@ -1,0 +1,58 @@
+"""How the sync store's appends wait for the server's answer: a short spin, then sleep.
+
+An append is one round trip. From a server close by (the same host, the same rack) the answer
+comes back within a tenth of a millisecond, but a process asleep in ``poll`` learns of it only
+once the kernel has woken its CPU, and on a virtual machine waking a sleeping CPU costs about as
+much again: a save per command took 110 us here, 75 us when the client polled without sleeping
+(bench/README.md, "PostgreSQL appends spin"). So an append first polls without blocking, for up
+to ``spin_us`` microseconds (the URL's option, 200 by default), and sleeps only if the answer
+has not come by then. Each poll releases the GIL, so the process's other threads still run.
+
+The spin costs the CPU it runs on. It is skipped when it cannot pay: while answers have lately
+taken longer than the spin (a remote or busy server: a running average of their times), and in
+a process allowed a single CPU, where the spin would hold the CPU a server on the same machine
+needs to answer.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+SPIN_US = 200
+MAX_SPIN_US = 10_000
+# Each answer's weight in the running average of their times.
+_WEIGHT = 0.125
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class AnswerWait:
+    """Waits for a connection's socket to have the server's answer; one per store."""
+
+    __slots__ = ("spin_s", "typical_s")
+
+    def __init__(self, spin_us: int, cpus: int | None = None) -> None:
+        cpus = usable_cpus() if cpus is None else cpus
+        self.spin_s = spin_us / 1_000_000 if cpus > 1 else 0.0
+        self.typical_s = 0.0  # how long answers took lately
+
+    def wait(self, poller: select.poll) -> None:
+        """Until ``poller`` reports its socket readable."""
+        started = time.perf_counter()
+        if self.spin_s and self.typical_s <= self.spin_s:
+            until = started + self.spin_s
+            while not poller.poll(0):
+                if time.perf_counter() >= until:
+                    poller.poll()
+                    break
+        else:
+            poller.poll()
+        self.typical_s += (time.perf_counter() - started - self.typical_s) * _WEIGHT
