@@ -59,6 +59,13 @@ def test_no_spin_is_asked_for_or_a_single_cpu_sleeps_at_once(spin_us: int, cpus:
     assert waited(AnswerWait(spin_us, cpus=cpus), Poller(ready_after=1)) == [None]
 
 
+def test_while_another_thread_spins_it_sleeps_at_once() -> None:
+    """Appends from several threads wait for each other on the server anyway."""
+    with spinning._spinning:
+        assert waited(AnswerWait(SPIN_US, cpus=2), Poller(ready_after=1)) == [None]
+    assert waited(AnswerWait(SPIN_US, cpus=2), Poller(ready_after=1)) == [0]
+
+
 def test_while_answers_come_slower_than_the_spin_it_sleeps_at_once_then_spins_again() -> None:
     answers = AnswerWait(SPIN_US, cpus=2)
     waited(answers, Poller(sleep=0.005))  # a slow answer: a server far away, or busy
