@@ -3,6 +3,7 @@ to ``spin_us`` while answers come that fast, and sleeps otherwise (spinning.py).
 
 from __future__ import annotations
 
+import os
 import select
 import time
 import uuid
@@ -64,6 +65,16 @@ def test_while_another_thread_spins_it_sleeps_at_once() -> None:
     with spinning._spinning:
         assert waited(AnswerWait(SPIN_US, cpus=2), Poller(ready_after=1)) == [None]
     assert waited(AnswerWait(SPIN_US, cpus=2), Poller(ready_after=1)) == [0]
+
+
+def test_a_child_forked_while_a_thread_spun_spins_itself() -> None:
+    with spinning._spinning:
+        child = os.fork()
+        if child == 0:
+            spins = waited(AnswerWait(SPIN_US, cpus=2), Poller(ready_after=1)) == [0]
+            os._exit(0 if spins else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_while_answers_come_slower_than_the_spin_it_sleeps_at_once_then_spins_again() -> None:

@@ -4,12 +4,12 @@ An append is one round trip. From a server close by (the same host, the same rac
 comes back within a tenth of a millisecond, but a process asleep in ``poll`` learns of it only
 once the kernel has woken its CPU, and on a virtual machine waking a sleeping CPU costs about as
 much again: a save per command took 110 us here, about 80 us when the client polled without
-sleeping (bench/README.md, "PostgreSQL appends spin"). So an append first polls without blocking, for up
-to ``spin_us`` microseconds (the URL's option, 200 by default), and sleeps only if the answer
-has not come by then. Between two polls the spinning thread yields its CPU (``sched_yield``),
-with the GIL released: a thread of the process waiting for the GIL takes it then, where
-otherwise the spinner would take it back after each poll and make it wait the interpreter's
-switch interval (5 ms).
+sleeping (bench/README.md, "PostgreSQL appends spin"). So an append first polls without
+blocking, for up to ``spin_us`` microseconds (the URL's option, 200 by default), and sleeps only
+if the answer has not come by then. Between two polls the spinning thread yields its CPU
+(``sched_yield``), with the GIL released: a thread of the process waiting for the GIL takes it
+then, where otherwise the spinner would take it back after each poll and make it wait the
+interpreter's switch interval (5 ms).
 
 The spin costs the CPU it runs on. It is skipped when it cannot pay: while answers have lately
 taken longer than the spin (a remote or busy server: a running average of their times), in a
@@ -33,6 +33,15 @@ MAX_SPIN_US = 10_000
 _WEIGHT = 0.125
 # Held by the thread spinning, if one is.
 _spinning = threading.Lock()
+
+
+def _no_spinner() -> None:
+    """In a child forked while a thread spun: the child does not have that thread."""
+    if _spinning.locked():
+        _spinning.release()
+
+
+os.register_at_fork(after_in_child=_no_spinner)
 
 
 def usable_cpus() -> int:
