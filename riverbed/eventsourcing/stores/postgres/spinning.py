@@ -12,7 +12,9 @@ then, where otherwise the spinner would take it back after each poll and make it
 interpreter's switch interval (5 ms).
 
 The spin costs the CPU it runs on. It is skipped when it cannot pay: while answers have lately
-taken longer than the spin (a remote or busy server: a running average of their times), in a
+taken longer than the spin (a remote or busy server: a running average of their times, each
+counted as at most twice the spin, so that one slow answer, say a wait for a lock, does not stop
+the spin for the fast ones after it), in a
 process allowed a single CPU, where the spin would hold the CPU a server on the same machine
 needs to answer, and while another thread of the process spins: appends from several threads
 wait for each other on the server anyway, and two spinners would take both CPUs of a small
@@ -77,4 +79,5 @@ class AnswerWait:
                 _spinning.release()
         else:
             poller.poll()
-        self.typical_s += (time.perf_counter() - started - self.typical_s) * _WEIGHT
+        took = min(time.perf_counter() - started, 2 * self.spin_s)
+        self.typical_s += (took - self.typical_s) * _WEIGHT
