@@ -1191,6 +1191,10 @@ def test_an_unreachable_postgresql_server_fails_fast_without_showing_the_passwor
         "spin_us=1.5",
         "spin_us=10001",
         "spin_us=abc",
+        "command_timeout=-1",
+        "command_timeout=86401",
+        "command_timeout=inf",
+        "command_timeout=soon",
         "target_session_attrs=read-only",  # riverbed writes: a read-only session cannot work
         "target_session_attrs=prefer-standby",
     ],

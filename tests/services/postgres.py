@@ -7,10 +7,12 @@ database.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -147,6 +149,22 @@ class PostgresServer:
         except FileNotFoundError:
             return "(no log)"
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP: its postmaster and every server process) for the block,
+        its connections open: a frozen server, or a stalled host whose kernel still answers
+        TCP."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        processes = [postmaster, *_children(postmaster)]
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def halt(self) -> None:
         """Stop the server, keeping its cluster for ``resume`` (an outage)."""
         self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data))
@@ -166,6 +184,17 @@ class PostgresServer:
             self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data), check=False)
         if self.home != self.root:
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc)."""
+    children = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                children.append(int(Path(stat).parent.name))
+    return children
 
 
 def start_postgres(tmpdir: Path | str, port: int | None = None) -> PostgresServer:

@@ -40,8 +40,10 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     parse_settings,
     pool_options,
     read_only,
+    unanswered,
     unavailable,
 )
+from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog
 from riverbed.urls import BackendUrl
 
 
@@ -80,6 +82,7 @@ class AsyncPostgresEventStore:
         self._listener: AsyncListener | None = None
         self._listener_lock = asyncio.Lock()
         self._guess = PositionGuess()
+        self._watchdog = Watchdog(settings.command_timeout, pool.name)
 
     @classmethod
     async def connect(cls, url: BackendUrl) -> AsyncPostgresEventStore:
@@ -119,8 +122,10 @@ class AsyncPostgresEventStore:
                 await self._pool.putconn(conn)
                 conn = await self._pool.getconn(wait)
             try:
-                async with conn:  # commits, or rolls back, as the pool's connection() does
-                    yield conn
+                # Commits, or rolls back, as the pool's connection() does.
+                with self._watchdog.watching(conn):
+                    async with conn:
+                        yield conn
             finally:
                 # Shielded: a task cancelled while the pool took the connection back lost it
                 # to the pool for good, which kept counting it as lent.
@@ -137,6 +142,9 @@ class AsyncPostgresEventStore:
         except psycopg.OperationalError as error:
             if conn is None or not conn.broken:
                 raise
+            if self._watchdog.timed_out(conn):
+                # Not the pool's check, whose statements would wait as this one did.
+                raise unanswered(self._settings) from None
             # The server restarted or dropped us: replace every dead connection now, so that
             # one call fails, not one per pooled connection.
             await self._pool.check()
@@ -259,6 +267,7 @@ class AsyncPostgresEventStore:
         if listener is not None:
             await listener.close()
         await self._pool.close()
+        self._watchdog.close()
         forget_connect_error(self._pool.name)
 
     async def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:

@@ -25,7 +25,8 @@ from riverbed.urls import BackendUrl
 # the server back only a long while after it returned.
 RECONNECT_S = 2.0
 RIVERBED_OPTIONS = {
-    "schema": "public", "pool_size": "10", "pool_timeout": "30", "spin_us": str(SPIN_US)
+    "schema": "public", "pool_size": "10", "pool_timeout": "30", "spin_us": str(SPIN_US),
+    "command_timeout": "60",
 }  # fmt: skip
 # Runners wait outages out by calling again: a call need not wait longer than this (the
 # pool's clock takes no infinite wait).
@@ -82,6 +83,8 @@ class Settings:
     pool_timeout: float
     # Microseconds a sync append polls for the server's answer before it sleeps (spinning.py).
     spin_us: int
+    # Seconds the sync store waits for the answer to a statement (0: no limit; watchdog.py).
+    command_timeout: float
 
 
 def parse_settings(parsed: BackendUrl) -> Settings:
@@ -128,6 +131,17 @@ def parse_settings(parsed: BackendUrl) -> Settings:
             f"from 0 to {MAX_SPIN_US:,}: how long an append polls for the server's answer "
             f"before it sleeps (default {SPIN_US}; 0 sleeps at once)"
         )
+    try:
+        command_timeout = float(options["command_timeout"])
+    except ValueError:
+        command_timeout = -1.0
+    if not 0 <= command_timeout <= MAX_POOL_TIMEOUT_S:
+        raise InvalidUrlError(
+            f"command_timeout={options['command_timeout']!r} in the event store URL is not a "
+            f"number of seconds from 0 to {MAX_POOL_TIMEOUT_S:,} (a day): how long a call waits "
+            "for the server's answer to a statement before it gives the connection up (default "
+            "60; 0 waits as long as it takes)"
+        )
     if not re.fullmatch(r"\d{1,9}", options["connect_timeout"]):
         raise InvalidUrlError(
             f"connect_timeout={options['connect_timeout']!r} in the event store URL is not a "
@@ -153,7 +167,9 @@ def parse_settings(parsed: BackendUrl) -> Settings:
         ) from None
     where = _where(parsed_info)
     channel = f"riverbed_events_{schema}"
-    return Settings(conninfo, where, schema, channel, pool_size, pool_timeout, int(spin_us))
+    return Settings(
+        conninfo, where, schema, channel, pool_size, pool_timeout, int(spin_us), command_timeout
+    )
 
 
 def _where(info: Mapping[str, object]) -> str:
@@ -225,6 +241,17 @@ def unavailable(settings: Settings, error: Exception) -> RiverbedError:
     return StoreUnavailableError(
         f"cannot reach the event store at {settings.where}: {message}; check that "
         "PostgreSQL runs there and that the URL's user, database and password are right"
+    )
+
+
+def unanswered(settings: Settings) -> StoreUnavailableError:
+    """The server did not answer a statement within ``command_timeout``: its connection was
+    given up (watchdog.py)."""
+    return StoreUnavailableError(
+        f"the event store's server at {settings.where} did not answer within "
+        f"{settings.command_timeout:g} s (command_timeout in the URL), so its connection was "
+        "closed: the server or its host may be stopped or stalled, or the statement waited that "
+        "long for a lock another session held"
     )
 
 

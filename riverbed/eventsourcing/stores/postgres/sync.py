@@ -57,9 +57,11 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     parse_settings,
     pool_options,
     read_only,
+    unanswered,
     unavailable,
 )
 from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
+from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog
 from riverbed.urls import BackendUrl
 
 P = ParamSpec("P")
@@ -98,6 +100,7 @@ class PostgresEventStore:
         self._keeps_appender = self._settings.pool_size > 1
         self._guess = PositionGuess()
         self._answers = AnswerWait(self._settings.spin_us)
+        self._watchdog = Watchdog(self._settings.command_timeout, options["name"])
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -105,12 +108,14 @@ class PostgresEventStore:
         ``StoreUnavailableError`` (the pool replaces the broken connection)."""
         conn: psycopg.Connection[Any] | None = getattr(self._local, "transaction", None)
         try:
-            if conn is not None:
-                yield conn
+            if conn is not None:  # the thread's transaction's, between its own statements
+                with self._watchdog.watching(conn):
+                    yield conn
                 return
             conn = self._pooled()
             try:
-                with conn:  # commits, or rolls back, as the pool's connection() does
+                # Commits, or rolls back, as the pool's connection() does.
+                with self._watchdog.watching(conn), conn:
                     yield conn
             finally:
                 self._pool.putconn(conn)
@@ -148,6 +153,10 @@ class PostgresEventStore:
             return cancelled(self._settings, error)
         if conn is None or not conn.broken:
             return error
+        if self._watchdog.timed_out(conn):
+            # Not the pool's check: its statements would wait for the server as this one did.
+            # The pooled connections are given up one by one, each when a call waits too long.
+            return unanswered(self._settings)
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use
             try:
                 if self._appender is not None:  # the pool checks it with the others
@@ -184,7 +193,8 @@ class PostgresEventStore:
         try:
             if conn is None:
                 conn = self._appender = self._pooled()
-            return libpq_append.append(conn, appends, channel, self._guess, self._answers)
+            with self._watchdog.watching(conn):
+                return libpq_append.append(conn, appends, channel, self._guess, self._answers)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
@@ -279,8 +289,9 @@ class PostgresEventStore:
             conn.execute(q.LOCK_SUBSCRIBER, (lock,))
             outer, self._local.transaction = getattr(self._local, "transaction", None), conn
             try:
-                tx = PostgresTransaction(conn, name, self._settings)
-                yield tx
+                tx = PostgresTransaction(conn, name, self._settings, self._watchdog)
+                with self._watchdog.paused(conn):  # the subscriber's code, between statements
+                    yield tx
                 tx.check_open()
             finally:
                 self._local.transaction = outer
@@ -331,6 +342,7 @@ class PostgresEventStore:
                 self._pool.putconn(self._appender)
                 self._appender = None
         self._pool.close()
+        self._watchdog.close()
         forget_connect_error(self._pool.name)
 
     def _value(self, query: str, params: Sequence[Any] = (), default: Any = None) -> Any:
@@ -351,12 +363,15 @@ def _waited_out(
     @functools.wraps(method)
     def run(tx: PostgresTransaction, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return method(tx, *args, **kwargs)
+            with tx._watchdog.watching(tx._conn):
+                return method(tx, *args, **kwargs)
         except CANCELLED as error:
             raise cancelled(tx._settings, error) from None
         except psycopg.OperationalError as error:
             if not tx._conn.broken:
                 raise
+            if tx._watchdog.timed_out(tx._conn):
+                raise unanswered(tx._settings) from None
             raise unavailable(tx._settings, error) from None
 
     return run
@@ -366,9 +381,12 @@ class PostgresTransaction:
     """A subscriber's transaction on one pooled connection (``Transaction`` in the contract);
     ``PostgresEventStore.transaction`` holds the subscriber's advisory lock for its length."""
 
-    def __init__(self, conn: psycopg.Connection[Any], name: str, settings: Settings) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], name: str, settings: Settings, watchdog: Watchdog
+    ) -> None:
         self._conn = conn
         self._settings = settings
+        self._watchdog = watchdog
         self._channel = settings.channel
         self.name = name
         self._checkpoint: int | None = None
@@ -413,14 +431,16 @@ class PostgresTransaction:
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        self._conn.execute("SAVEPOINT riverbed_handler")
+        with self._watchdog.watching(self._conn):
+            self._conn.execute("SAVEPOINT riverbed_handler")
         try:
             yield
         except BaseException:
             self._roll_back_to_savepoint()
             raise
         try:
-            self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
+            with self._watchdog.watching(self._conn):
+                self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
         except psycopg.errors.InFailedSqlTransaction:
             self._roll_back_to_savepoint()
             raise HandlerAbortedTransactionError(
@@ -439,7 +459,7 @@ class PostgresTransaction:
 
     def _roll_back_to_savepoint(self) -> None:
         # Unless the connection broke: then the whole transaction fails, as it should.
-        with contextlib.suppress(psycopg.OperationalError):
+        with contextlib.suppress(psycopg.OperationalError), self._watchdog.watching(self._conn):
             self._conn.execute("ROLLBACK TO SAVEPOINT riverbed_handler")
             self._conn.execute("RELEASE SAVEPOINT riverbed_handler")
         self._checkpoint = None  # the block may have moved it
