@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
+import riverbed
+from riverbed.eventsourcing import EventSourcing
 from riverbed.eventsourcing.errors import StoreUnavailableError
 from riverbed.eventsourcing.records import StreamAppend
 from riverbed.eventsourcing.stores import EventStore, connect_async_store, connect_store
 from riverbed.eventsourcing.stores.postgres import watchdog
+from tests.eventsourcing.shop import OrderTotals
+from tests.eventsourcing.test_runners import TOPIC, place
 from tests.eventsourcing.test_store_contract import append_to, events_for, positions
 from tests.services import unavailable
 from tests.services.postgres import PostgresServer, postgres_missing, start_postgres
+from tests.support import published, wait_until
 
 TIMEOUT_S = 1
 UNANSWERED = f"did not answer within {TIMEOUT_S} s"
@@ -170,3 +175,35 @@ def test_an_async_stores_calls_give_up_too(server: PostgresServer) -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_workers_runners_stop_soon_while_the_server_is_frozen(
+    server: PostgresServer, tmp_path: Path
+) -> None:
+    """Their calls give up, so a stop is honoured within seconds, as in an outage."""
+    events = EventSourcing(
+        "shop", f"{server.url}?command_timeout={TIMEOUT_S}&pool_timeout={POOL_TIMEOUT_S}"
+    )
+    log = riverbed.connect(f"sqlite:///{tmp_path}/log.db")
+    events.projection(OrderTotals())
+    events.relay(TOPIC)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        place(events, "ada")
+        threads = events.run(stop, log=lambda: log)
+        wait_until(lambda: published(log, TOPIC) == 1, 30, "the relay")
+        with server.frozen():
+            time.sleep(TIMEOUT_S)  # the runners wait for the server
+            started = time.monotonic()
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            assert not any(thread.is_alive() for thread in threads)
+            assert time.monotonic() - started < 15
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        events.close()
+        log.close()
