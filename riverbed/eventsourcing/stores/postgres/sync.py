@@ -69,8 +69,8 @@ R = TypeVar("R")
 
 
 class PostgresEventStore:
-    """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10&spin_us=200``,
-    plus libpq's ``connect_timeout`` (3 s), ``sslmode`` and the like."""
+    """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10&spin_us=200&
+    command_timeout=60``, plus libpq's ``connect_timeout`` (3 s), ``sslmode`` and the like."""
 
     def __init__(self, url: BackendUrl) -> None:
         self.url = url.raw
