@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +27,26 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of the process has stopped (or the process ended): SIGSTOP takes
+    effect as each thread is next scheduled, and a thread still running could answer a request
+    sent meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except FileNotFoundError:
+            return
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except FileNotFoundError:  # a thread that ended
+                continue
+            states.append(stat.rsplit(")", 1)[1].split()[0])
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"process {pid} did not stop within {timeout} s of SIGSTOP")

@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 
 import riverbed
 from riverbed.log.kafka import KafkaLog
-from tests.services import free_port, unavailable
+from tests.services import free_port, unavailable, wait_stopped
 
 KAFKA_LIBS = Path(__file__).resolve().parents[2] / ".cache" / "kafka" / "libs"
 JVM_OPTIONS = ["-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-Djava.awt.headless=true"]
@@ -99,7 +99,7 @@ class KafkaServer:
         assert self._process is not None
         self._process.send_signal(signal.SIGSTOP)
         try:
-            _wait_stopped(self._process.pid)
+            wait_stopped(self._process.pid)
             yield
         finally:
             self._process.send_signal(signal.SIGCONT)
@@ -257,21 +257,3 @@ def kafka_log(kafka_url: str) -> Iterator[KafkaLog]:
     assert isinstance(opened, KafkaLog)
     with opened:
         yield opened
-
-
-def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
-    """Until every thread of the process has stopped: SIGSTOP takes effect as each thread is
-    next scheduled, and a broker thread still running could answer a request sent meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except FileNotFoundError:  # a thread that ended
-                continue
-            states.append(stat.rsplit(")", 1)[1].split()[0])
-        if states and all(state in "tT" for state in states):
-            return
-        time.sleep(0.005)
-    raise TimeoutError(f"process {pid} did not stop within {timeout} s of SIGSTOP")

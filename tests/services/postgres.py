@@ -22,7 +22,7 @@ from typing import IO
 import psycopg
 import pytest
 
-from tests.services import free_port, unavailable
+from tests.services import free_port, unavailable, wait_stopped
 
 USER = "riverbed"
 DATABASE = "riverbed"
@@ -159,6 +159,8 @@ class PostgresServer:
         for pid in processes:
             os.kill(pid, signal.SIGSTOP)
         try:
+            for pid in processes:
+                wait_stopped(pid)
             yield
         finally:
             for pid in processes:
