@@ -1613,7 +1613,7 @@ def _commit_b_meanwhile(postgres_url: str, holder: psycopg.Connection[Any], sche
     """Once a numbered append waits for the append lock that ``holder`` holds: ``holder``
     appends stream "b" and commits."""
     with psycopg.connect(postgres_url, autocommit=True) as admin:
-        _waiting(admin, "advisory", "%locked AS%")
+        _waiting(admin, "advisory", "INSERT INTO riverbed_batches %")
     _append_b(holder, schema)
     holder.commit()
 
@@ -1630,7 +1630,7 @@ def _deadlock_with_the_waiting_append(
         psycopg.connect(postgres_url, options=options) as alterer,
         psycopg.connect(postgres_url, autocommit=True, options=options) as admin,
     ):
-        _waiting(admin, "advisory", "%locked AS%")
+        _waiting(admin, "advisory", "INSERT INTO riverbed_batches %")
         admin.execute("CREATE TABLE held (n integer)")
         alterer.execute("SET deadlock_timeout = '60s'")
 

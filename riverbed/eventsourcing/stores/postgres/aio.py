@@ -155,7 +155,7 @@ class AsyncPostgresEventStore:
         psycopg in one transaction: an append of one statement numbered on from the last
         position this store's appends committed, unless another writer appended since."""
         chunks = list(q.append_chunks(appends))
-        only = q.one_statement(chunks)
+        only = q.numberable(chunks)
         last = None if only is None else self._guess.take()
         position = None
         if only is not None and last is not None:

@@ -81,7 +81,7 @@ def append(
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
         return append_in_transaction(conn, appends, channel)
     chunks = list(q.append_chunks(appends))
-    only = q.one_statement(chunks)
+    only = q.numberable(chunks)
     last = None if only is None else guess.take()
     position = None
     if only is not None and last is not None:

@@ -71,14 +71,15 @@ _UNSTORED = (
     "$5::integer AND version + count > $4::bigint) OR riverbed_stored($1, $4, $5))"
 )
 _INSERTED = (
-    f"FROM checked, last WHERE checked.ok{{}} AND {_UNSTORED} "
+    f"FROM checked, last WHERE checked.ok AND {_UNSTORED} "
     "RETURNING position + count - 1 AS last) "
     # Delivered when the transaction commits: wakes wait_for_events in every process.
     "SELECT last, pg_notify($3, last::text) FROM inserted"
 )
 _INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version, count, records) "
 # The events numbered by the client from $7, the last position its store's appends committed,
-# plus one; $6 their records, joined. When another writer appended since, it inserts nothing and
+# plus one; $6 their records, joined; their versions go on from the expected version $2 (not
+# null; other appends go as APPEND). When another writer appended since, it inserts nothing and
 # returns no row (not an error, which psycopg's async pipeline logs as ignored when it ends), and
 # the client appends with APPEND. Only an append of one statement is numbered so: of several, the
 # first could insert nothing and a later one go in. The server only inserts: a 10-event save
@@ -90,11 +91,18 @@ _INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version,
 # its lock on the table as it waits: a transaction waiting to have the table alone (ALTER TABLE,
 # say) while it holds what the append holding the lock waits for closes a cycle, which the server
 # breaks by failing one of them; this one failing, the client appends with APPEND too.
+# One INSERT with its checks as filters, a plan of few nodes: the server starts every node of a
+# plan each time it runs it, those of subqueries that do not run too, and the CTEs APPEND has
+# (which also took the stream's version twice, once for the conflict's message) cost a save
+# ~9 us more (bench/README.md, "PostgreSQL numbered appends").
 APPEND_NUMBERED = (
-    f"{_CHECK}, locked AS (SELECT {_APPEND_LOCK}), "
-    f"last AS (SELECT {_LAST_POSITION} AS position FROM locked), "
-    f"{_INSERT}SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
-    + _INSERTED.format(" AND last.position + 1 = $7::bigint")
+    "INSERT INTO riverbed_batches (position, stream, version, count, records) "
+    "SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
+    f"FROM (SELECT {_STREAM_VERSION.format('$1::text')} AS version OFFSET 0) AS actual "
+    f"WHERE {_LAST_POSITION} + 1 = $7::bigint AND {_APPEND_LOCK} IS NOT NULL "
+    "AND (actual.version = $2::bigint OR riverbed_conflict($1, $2, actual.version)) "
+    # Delivered when the transaction commits: wakes wait_for_events in every process.
+    "RETURNING position + count - 1, pg_notify($3, (position + count - 1)::text)"
 )
 # The SQLSTATEs of an APPEND_NUMBERED that failed so (a unique violation, a deadlock): it appended
 # nothing, and the append goes again for the server to number.
@@ -106,7 +114,7 @@ APPEND = (
     f"{_CHECK}, last AS (SELECT {_LAST_POSITION} AS position), "
     f"{_INSERT}SELECT last.position + 1, $1::text, $4::bigint, $5::integer, (SELECT string_agg("
     "'\\x99d3'::bytea || int8send(last.position + t.n) || t.record, ''::bytea ORDER BY t.n) "
-    "FROM unnest($6::bytea[]) WITH ORDINALITY AS t(record, n)) " + _INSERTED.format("")
+    "FROM unnest($6::bytea[]) WITH ORDINALITY AS t(record, n)) " + _INSERTED
 )
 # An append of no events: checks the version; the last position.
 CHECK = f"{_CHECK} SELECT {_LAST_POSITION} FROM checked WHERE checked.ok"
@@ -130,10 +138,14 @@ def append_chunks(appends: Sequence[StreamAppend]) -> Iterator[Chunk]:
             expected = None
 
 
-def one_statement(chunks: list[Chunk]) -> Chunk | None:
-    """The append's only statement, if it has one and the statement appends events (which
-    APPEND_NUMBERED may then append)."""
-    return chunks[0] if len(chunks) == 1 and chunks[0][2] else None
+def numberable(chunks: list[Chunk]) -> Chunk | None:
+    """The append's only statement, if it has one, and APPEND_NUMBERED may append it: it
+    appends events, and their versions go on from an expected version (a save's)."""
+    if len(chunks) != 1:
+        return None
+    chunk = chunks[0]
+    _, expected, events = chunk
+    return chunk if events and expected is not None and events[0].version == expected + 1 else None
 
 
 def append_params(
