@@ -9,10 +9,10 @@ with ``self.trigger(event)``. Loading replays the stored events through the same
 
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
 from collections.abc import Callable, Sequence
+from types import MethodType
 from typing import Any, ClassVar, Generic, ParamSpec, Self, TypeVar
 
 import msgspec
@@ -197,7 +197,11 @@ class Aggregate:
         finally:
             self._applying = None
         self.version = version = self.version + 1
-        self.pending.append(Recorded(entry, version, plain))
+        try:
+            pending = self._pending
+        except AttributeError:
+            pending = self.pending
+        pending.append(Recorded(entry, version, plain))
 
     def _replay(self, event: Any, entry: EventType, version: int) -> None:
         assert entry.apply is not None
@@ -253,6 +257,8 @@ class EventMethod(Generic[P, R]):
         self.signature = inspect.signature(method)
         self.entry: EventType | None = None
         self.binds = False  # whether a call is bound to the signature (keyword-only parameters)
+        # What a call on an instance runs (``__get__``): records the event.
+        self.recorder: Callable[..., None] | None = None
         self.__doc__ = method.__doc__
 
     def registered_by_a_base_of(self, cls: type[Aggregate]) -> bool:
@@ -342,6 +348,7 @@ class EventMethod(Generic[P, R]):
             aggregate=owner,
             aliases=self.aliases,
         )
+        self.recorder = _recorder(self.entry, self.signature if self.binds else None)
         # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
         if self.name not in owner.__dict__:
             setattr(owner, self.name, payload)
@@ -378,10 +385,8 @@ class EventMethod(Generic[P, R]):
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
-        assert self.entry is not None, "the event method was not set on an Aggregate class"
-        if self.binds:
-            return functools.partial(_record_bound, instance, self.entry, self.signature)
-        return functools.partial(_record_call, instance, self.entry)
+        assert self.recorder is not None, "the event method was not set on an Aggregate class"
+        return MethodType(self.recorder, instance)
 
 
 def _rename_nested_events(cls: type[Aggregate]) -> None:
@@ -469,24 +474,34 @@ def _payload_error(event: Any, entry: EventType, error: Exception) -> TypeError:
     return TypeError(f"{entry.name}: {error}")
 
 
-def _record_call(instance: Aggregate, entry: EventType, *args: Any, **kwargs: Any) -> None:
-    try:
-        payload = entry.cls(*args, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{entry.name}: {error}") from None
-    instance._record(payload, entry)
+def _recorder(entry: EventType, signature: inspect.Signature | None) -> Callable[..., None]:
+    """The function an event method's calls run, given the instance: it makes the payload of
+    the call's arguments and records it (bound to ``signature`` first, if given)."""
+    make = entry.cls
 
+    if signature is None:
 
-def _record_bound(
-    instance: Aggregate, entry: EventType, signature: inspect.Signature, *args: Any, **kwargs: Any
-) -> None:
-    try:
-        bound = signature.bind(instance, *args, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{entry.name}: {error}") from None
-    fields = dict(bound.arguments)
-    del fields[next(iter(signature.parameters))]  # self
-    instance._record(entry.cls(**fields), entry)
+        def record(instance: Aggregate, *args: Any, **kwargs: Any) -> None:
+            try:
+                payload = make(*args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"{entry.name}: {error}") from None
+            instance._record(payload, entry)
+
+        return record
+
+    self_name = next(iter(signature.parameters))
+
+    def record_bound(instance: Aggregate, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(instance, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{entry.name}: {error}") from None
+        fields = dict(bound.arguments)
+        del fields[self_name]
+        instance._record(make(**fields), entry)
+
+    return record_bound
 
 
 def event(
