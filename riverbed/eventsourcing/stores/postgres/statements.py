@@ -92,9 +92,9 @@ _INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version,
 # say) while it holds what the append holding the lock waits for closes a cycle, which the server
 # breaks by failing one of them; this one failing, the client appends with APPEND too.
 # One INSERT with its checks as filters, a plan of few nodes: the server starts every node of a
-# plan each time it runs it, those of subqueries that do not run too, and the CTEs APPEND has
-# (which also took the stream's version twice, once for the conflict's message) cost a save
-# ~9 us more (bench/README.md, "PostgreSQL numbered appends").
+# plan each time it runs it, those of subqueries that do not run too, and with APPEND's CTEs
+# (which also took the stream's version twice, once for the conflict's message) a save took
+# ~6 us more (bench/README.md, "PostgreSQL numbered appends").
 APPEND_NUMBERED = (
     "INSERT INTO riverbed_batches (position, stream, version, count, records) "
     "SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
