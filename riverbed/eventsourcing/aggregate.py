@@ -9,6 +9,7 @@ with ``self.trigger(event)``. Loading replays the stored events through the same
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Sequence
@@ -348,7 +349,10 @@ class EventMethod(Generic[P, R]):
             aggregate=owner,
             aliases=self.aliases,
         )
-        self.recorder = _recorder(self.entry, self.signature if self.binds else None)
+        # Named and documented as the method, whose signature it shows (help, editors).
+        self.recorder = functools.update_wrapper(
+            _recorder(self.entry, self.signature if self.binds else None), self.method
+        )
         # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
         if self.name not in owner.__dict__:
             setattr(owner, self.name, payload)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import importlib
+import inspect
 import re
 import uuid
 from dataclasses import dataclass
@@ -372,3 +373,19 @@ def test_an_event_method_under_two_names_records_one_event_class(events: EventSo
 def test_a_positional_only_parameter_is_refused_by_keyword() -> None:
     with pytest.raises(TypeError, match=r"Till\.Rung: 'amount' parameter is positional only"):
         Till().ring(amount=5)  # type: ignore[call-arg]
+
+
+class Shelf(riverbed.Aggregate):
+    @riverbed.event("Stocked")
+    def stock(self, sku: str, count: int = 1) -> None:
+        """Put ``count`` of ``sku`` on the shelf."""
+        self.sku = sku
+
+
+def test_an_event_method_on_an_instance_shows_the_method_s_name_signature_and_doc() -> None:
+    stock = Shelf().stock
+    assert stock.__name__ == "stock"
+    assert str(inspect.signature(stock)) == "(sku: 'str', count: 'int' = 1) -> 'None'"
+    assert stock.__doc__ == "Put ``count`` of ``sku`` on the shelf."
+    stock("apple")
+    assert stock.__self__.version == 1
