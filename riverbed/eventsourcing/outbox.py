@@ -108,6 +108,24 @@ def relay_name(topic: str) -> str:
     return f"{RELAY_PREFIX}{topic}"
 
 
+def _warn_if_unlike(existing: TopicInfo, wanted: TopicInfo) -> None:
+    """A topic that exists keeps its settings (an app's pipeline, another relay or a person made
+    it first): say where they are not what the relay would have made."""
+    if existing.partitions != wanted.partitions:
+        logger.warning(
+            "relay to %s: the topic exists with %d partitions; the relay asks for %d, and the "
+            "topic keeps its own (riverbed does not repartition a topic); an app's topic() and "
+            "relay() of one topic should give the same partitions",
+            wanted.name, existing.partitions, wanted.partitions,
+        )  # fmt: skip
+    if existing.compact:
+        logger.warning(
+            "relay to %s: the topic is compacted, so it keeps only each aggregate's last event; "
+            "consumers reading it from the beginning miss the others",
+            wanted.name,
+        )
+
+
 class Relay:
     """Publishes the store's events to ``topic`` on ``log`` (created with ``partitions`` if
     missing), while it holds the lease of its name in the store: of the relays of one topic in
@@ -151,12 +169,8 @@ class Relay:
                 with contextlib.suppress(TopicExistsError):
                     log.create_topic(settings.name, partitions=settings.partitions,
                                      max_record_bytes=settings.max_record_bytes)  # fmt: skip
-            elif existing.compact:
-                logger.warning(
-                    "relay to %s: the topic is compacted, so it keeps only each aggregate's "
-                    "last event; consumers reading it from the beginning miss the others",
-                    settings.name,
-                )
+            else:
+                _warn_if_unlike(existing, settings)
             self._producer = log.producer()
         return self._producer
 

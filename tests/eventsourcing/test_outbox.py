@@ -489,3 +489,21 @@ def test_an_inbox_handler_that_ends_the_sqlite_transaction_is_an_error(tmp_path:
     finally:
         events.close()
         log.close()
+
+
+def test_a_relay_to_a_topic_of_other_partitions_says_the_topic_keeps_its_own(
+    events: EventSourcing, log: riverbed.Log, caplog: pytest.LogCaptureFixture
+) -> None:
+    log.create_topic("narrow", partitions=1)
+    log.create_topic("same", partitions=4)
+    fill(events, orders=2, lines=0)
+    with caplog.at_level(logging.WARNING, logger="riverbed.outbox"):
+        assert Relay(events, log, "same").run_once() == 2
+        assert caplog.text == ""
+        assert Relay(events, log, "narrow").run_once() == 2
+    assert (
+        "relay to narrow: the topic exists with 1 partitions; the relay asks for 4, and the "
+        "topic keeps its own"
+    ) in caplog.text
+    assert log.topic("narrow").partitions == 1
+    assert {record.partition for record in read_topic(log, "narrow")} == {0}
