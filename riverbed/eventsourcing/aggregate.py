@@ -257,7 +257,6 @@ class EventMethod(Generic[P, R]):
         self.aliases = aliases
         self.signature = inspect.signature(method)
         self.entry: EventType | None = None
-        self.binds = False  # whether a call is bound to the signature (keyword-only parameters)
         # What a call on an instance runs (``__get__``): records the event.
         self.recorder: Callable[..., None] | None = None
         self.__doc__ = method.__doc__
@@ -331,7 +330,7 @@ class EventMethod(Generic[P, R]):
         method: Callable[..., Any] = self.method
         # The payload class takes any field by keyword: positional-only ones need the binding.
         positional_only = any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in parameters)
-        self.binds = bool(by_keyword) or positional_only
+        binds = bool(by_keyword) or positional_only
 
         def apply(aggregate: Any, event: Any) -> None:
             method(aggregate, *msgspec.structs.astuple(event))
@@ -351,7 +350,7 @@ class EventMethod(Generic[P, R]):
         )
         # Named and documented as the method, whose signature it shows (help, editors).
         self.recorder = functools.update_wrapper(
-            _recorder(self.entry, self.signature if self.binds else None), self.method
+            _recorder(self.entry, self.signature if binds else None), self.method
         )
         # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
         if self.name not in owner.__dict__:

@@ -14,12 +14,12 @@ interpreter's switch interval (5 ms).
 The spin costs the CPU it runs on. It is skipped when it cannot pay: while answers have lately
 taken longer than the spin (a remote or busy server: a running average of their times, each
 counted as at most twice the spin, so that one slow answer, say a wait for a lock, does not stop
-the spin for the fast ones after it), in a
-process allowed a single CPU, where the spin would hold the CPU a server on the same machine
-needs to answer, and while another thread of the process spins: appends from several threads
-wait for each other on the server anyway, and two spinners would take both CPUs of a small
-machine from the server (four threads saving through one store were a tenth slower so; with
-one spinner at a time, yielding, as fast as without a spin).
+the spin for the fast ones after it), in a process allowed a single CPU, where the spin would
+hold the CPU a server on the same machine needs to answer, and while another thread of the
+process spins: appends from several threads wait for each other on the server anyway, and two
+spinners would take both CPUs of a small machine from the server (four threads saving through
+one store were a tenth slower so; with one spinner at a time, yielding, as fast as without a
+spin).
 """
 
 from __future__ import annotations

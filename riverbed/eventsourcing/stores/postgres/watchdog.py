@@ -80,6 +80,15 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
 
+    def _start(self, conn: psycopg.BaseConnection[Any]) -> int | None:
+        """Watch ``conn`` unless there is no limit or a block watches it already; its key if
+        this call started the watch."""
+        key = id(conn)
+        if not self.timeout_s or key in self._watched:
+            return None
+        self._watch(conn)
+        return key
+
     def _unwatch(self, key: int) -> None:
         with self._lock:
             self._watched.pop(key, None)
@@ -135,11 +144,7 @@ class _Watching:
         self._key: int | None = None  # set if this block watches, not an enclosing one
 
     def __enter__(self) -> None:
-        watchdog = self._watchdog
-        key = id(self._conn)
-        if watchdog.timeout_s and key not in watchdog._watched:
-            watchdog._watch(self._conn)
-            self._key = key
+        self._key = self._watchdog._start(self._conn)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._key is not None:
