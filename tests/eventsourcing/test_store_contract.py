@@ -1492,7 +1492,7 @@ def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_ma
     postgres_url: str,
 ) -> None:
     """The client numbers an append of one statement on from the last position its store
-    committed; when another writer appended since, the statement inserts nothing and the
+    committed; when another writer appended since, the primary key refuses the guess and the
     append goes again for the server to number. An append of several statements (streams,
     here) is numbered by the server."""
     schema = f"guess_{uuid.uuid4().hex[:8]}"

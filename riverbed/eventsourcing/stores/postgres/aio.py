@@ -160,7 +160,7 @@ class AsyncPostgresEventStore:
         position = None
         if only is not None and last is not None:
             position = await self._appended([only], last)
-            if position is None:  # another writer appended since: nothing was appended
+            if position is None:  # refused: nothing was appended
                 self._guess.stale()
         if position is None:
             position = await self._appended(chunks, None)
@@ -170,7 +170,8 @@ class AsyncPostgresEventStore:
 
     async def _appended(self, chunks: list[q.Chunk], last: int | None) -> int | None:
         """The last position of the append of ``chunks``: of one numbered on from ``last``,
-        None when another writer appended since; else numbered by the server."""
+        None when the server refused it (statements.NUMBERED_AGAIN); else numbered by the
+        server."""
         async with self._connection() as conn:
             try:
                 row = await _pipelined(conn, chunks, last, self._settings.channel)
@@ -182,7 +183,8 @@ class AsyncPostgresEventStore:
                 if error.sqlstate == CONFLICT:
                     raise q.conflict(error.diag.message_detail) from None
                 raise
-        return None if row is None else int(row[0])
+        assert row is not None  # each append statement returns a row, or raises
+        return int(row[0])
 
     async def read_stream(
         self, stream: str, from_version: int = 1, to_version: int | None = None

@@ -6,10 +6,9 @@ Sent as one pipeline, the statements up to the sync form one implicit transactio
 a statement per stream (statements.py; a stream of many events takes several). An append of one
 statement (a save's) is numbered by the client, on from the last position its store's appends
 committed, and its records go ready to store (APPEND_NUMBERED, which takes the lock itself); the
-statement checks the guess under the lock and inserts nothing when another writer appended
-since, or fails on a unique key when one committed as it waited for the lock. The append then
-goes again for the server to number (APPEND), and the store stops guessing for a while
-(guesses.py), as writers taking turns would spoil most guesses.
+primary key refuses a guess another writer made stale. The append then goes again for the
+server to number (APPEND), and the store stops guessing for a while (guesses.py), as writers
+taking turns would spoil most guesses.
 
 A save per command is one round trip of two short statements, where the plpgsql function of
 schema version 2 spent 30 us more of the server's time per call (its jsonb argument parsed and
@@ -86,7 +85,7 @@ def append(
     position = None
     if only is not None and last is not None:
         position = _sent(conn, [_numbered(only, channel, last)], answers)
-        if position is None:  # another writer appended since: nothing was appended
+        if position is None:  # refused: nothing was appended
             guess.stale()
     if position is None:
         position = _sent(conn, _server_numbered(chunks, channel), answers)
@@ -170,7 +169,7 @@ def _run(
 ) -> int | None:
     """Send the lock and the append statements in one pipeline, or APPEND_NUMBERED alone
     (it takes the lock itself: one statement, no pipeline needed); the last position the last
-    statement returns (None: APPEND_NUMBERED appended nothing, as its guess was stale)."""
+    statement returns (None: APPEND_NUMBERED failed as NUMBERED_AGAIN says)."""
     pgconn = conn.pgconn
     numbered = statements[0][0] == CLIENT_NUMBERED
     with conn.lock:
@@ -197,8 +196,6 @@ def _run(
         if numbered and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN:
             return None  # one committed as it waited for the lock, or a deadlock (statements.py)
         _check(result)
-    if not results[-1].ntuples:
-        return None
     last_position = results[-1].get_value(0, 0)
     assert last_position is not None
     return int(last_position)

@@ -79,18 +79,22 @@ _INSERTED = (
 _INSERT = "inserted AS (INSERT INTO riverbed_batches (position, stream, version, count, records) "
 # The events numbered by the client from $7, the last position its store's appends committed,
 # plus one; $6 their records, joined; their versions go on from the expected version $2 (not
-# null; other appends go as APPEND). When another writer appended since, it inserts nothing and
-# returns no row (not an error, which psycopg's async pipeline logs as ignored when it ends), and
-# the client appends with APPEND. Only an append of one statement is numbered so: of several, the
-# first could insert nothing and a later one go in. The server only inserts: a 10-event save
-# took about 190 us of its time, against 240 with APPEND.
-# It takes the append lock itself, sent alone (a statement less: 10 to 25 us of a save). Its
-# snapshot then predates the lock, and misses an append committed while it waited for it; but
-# appends commit one at a time, each from the last position on, so that one took the guessed
-# position: the insert fails on a unique key, and the client appends with APPEND. It also holds
-# its lock on the table as it waits: a transaction waiting to have the table alone (ALTER TABLE,
-# say) while it holds what the append holding the lock waits for closes a cycle, which the server
-# breaks by failing one of them; this one failing, the client appends with APPEND too.
+# null; other appends go as APPEND). The server only inserts: a 10-event save took about 190 us
+# of its time, against 240 with APPEND. It takes the append lock itself, sent alone (a statement
+# less: 10 to 25 us of a save).
+# Nothing reads the last position: the primary key refuses a guess that another writer made
+# stale, as on SQLite. Appends commit one at a time, each numbered on from the last position, and
+# events are never deleted, so the rows hold positions 1, 2, ... without a gap; a store's guess
+# can only be behind, and then a row starts at the guessed position. That holds for an append
+# committed while this one waited for the lock too, which its snapshot (taken before the lock)
+# would not see. The insert fails on the unique key (an error psycopg's async pipeline reports
+# once it ends), and the client appends with APPEND. A one-time filter reading the last position
+# cost the server ~3 us of a save (bench/README.md, "PostgreSQL numbered appends").
+# It also holds its lock on the table as it waits: a transaction waiting to have the table alone
+# (ALTER TABLE, say) while it holds what the append holding the lock waits for closes a cycle,
+# which the server breaks by failing one of them; this one failing, the client appends with
+# APPEND too. Only an append of one statement is numbered so: of several, a failed one would
+# leave the others to go again.
 # One INSERT with its checks as filters, a plan of few nodes: the server starts every node of a
 # plan each time it runs it, those of subqueries that do not run too, and with APPEND's CTEs
 # (which also took the stream's version twice, once for the conflict's message) a save took
@@ -99,13 +103,14 @@ APPEND_NUMBERED = (
     "INSERT INTO riverbed_batches (position, stream, version, count, records) "
     "SELECT $7::bigint, $1::text, $4::bigint, $5::integer, $6::bytea "
     f"FROM (SELECT {_STREAM_VERSION.format('$1::text')} AS version OFFSET 0) AS actual "
-    f"WHERE {_LAST_POSITION} + 1 = $7::bigint AND {_APPEND_LOCK} IS NOT NULL "
+    f"WHERE {_APPEND_LOCK} IS NOT NULL "
     "AND (actual.version = $2::bigint OR riverbed_conflict($1, $2, actual.version)) "
     # Delivered when the transaction commits: wakes wait_for_events in every process.
     "RETURNING position + count - 1, pg_notify($3, (position + count - 1)::text)"
 )
-# The SQLSTATEs of an APPEND_NUMBERED that failed so (a unique violation, a deadlock): it appended
-# nothing, and the append goes again for the server to number.
+# The SQLSTATEs of an APPEND_NUMBERED that failed so (a unique violation: a stale guess, or a
+# version another writer saved; a deadlock): it appended nothing, and the append goes again for
+# the server to number (and to name a conflict).
 NUMBERED_AGAIN = frozenset({"23505", "40P01"})
 # The events numbered by the server: $6 their records without their positions (each event's
 # msgpack array of its fields after ``position``, its header cut off), to which the statement
