@@ -276,6 +276,7 @@ class Events:
         if cause.causation_id:
             meta["causation_id"] = cause.causation_id
         encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
+        room = MAX_EVENT_BYTES - len(encoded_meta)  # for each event's payload
         appends = []
         saved: set[str] = set()
         for aggregate, pending in zip(aggregates, saving, strict=True):
@@ -289,27 +290,29 @@ class Events:
             stream = aggregate.id
             check_id(stream, "save")
             key = _key_of(stream, stream_key)
-            events = [
-                NewEvent(
-                    event_id,
-                    stream,
-                    recorded.version,
-                    recorded.type.name,
-                    recorded.type.version,
-                    encode(recorded.type, key, recorded.plain),
-                    encoded_meta,
-                    now,
-                )
-                for recorded, event_id in zip(pending, ids, strict=False)
-            ]
-            for event in events:
-                if len(event.data) + len(encoded_meta) > MAX_EVENT_BYTES:
+            events = []
+            for recorded, event_id in zip(pending, ids, strict=False):
+                entry = recorded.type
+                data = encode(entry, key, recorded.plain)
+                if len(data) > room:
                     raise EventSourcingError(
-                        f"event {event.type} of {stream!r} (version {event.version}) is "
-                        f"{len(event.data) + len(encoded_meta):,} bytes encoded, over the "
+                        f"event {entry.name} of {stream!r} (version {recorded.version}) is "
+                        f"{len(data) + len(encoded_meta):,} bytes encoded, over the "
                         f"{MAX_EVENT_BYTES:,} an event store takes; keep large data elsewhere "
                         "(a blob store) and a reference to it in the event"
                     )
+                events.append(
+                    NewEvent(
+                        event_id,
+                        stream,
+                        recorded.version,
+                        entry.name,
+                        entry.version,
+                        data,
+                        encoded_meta,
+                        now,
+                    )
+                )
             appends.append(StreamAppend(aggregate.id, pending[0].version - 1, events))
         return appends
 

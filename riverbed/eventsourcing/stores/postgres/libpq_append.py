@@ -120,6 +120,11 @@ def _session(conn: psycopg.Connection[Any]) -> _Session:
     return session
 
 
+def poller(conn: psycopg.Connection[Any]) -> select.poll:
+    """A poller of the connection's socket, for reads (kept with its prepared statements)."""
+    return _session(conn).poller
+
+
 def _sent(
     conn: psycopg.Connection[Any], statements: list[Statement], answers: AnswerWait
 ) -> int | None:

@@ -68,6 +68,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class _ThreadState(threading.local):
+    transaction: psycopg.Connection[Any] | None = None  # the thread's open transaction's
+
+
 class PostgresEventStore:
     """``postgresql://user[:password]@host:5432/db?schema=public&pool_size=10&spin_us=200&
     command_timeout=60``, plus libpq's ``connect_timeout`` (3 s), ``sslmode`` and the like."""
@@ -90,7 +94,7 @@ class PostgresEventStore:
             raise unavailable(self._settings, error) from None
         self._listener: Listener | None = None
         self._listener_lock = threading.Lock()
-        self._local = threading.local()  # .transaction: this thread's open transaction
+        self._local = _ThreadState()
         # A pooled connection kept for appends, used by whichever thread finds it free: a save
         # per command then skips the pool's checkout and return (a tenth of its time). Appends
         # take turns on the server anyway; concurrent ones use the pool. Not with a pool of
@@ -106,7 +110,7 @@ class PostgresEventStore:
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         """This thread's open transaction's connection, else a pooled one. A lost server raises
         ``StoreUnavailableError`` (the pool replaces the broken connection)."""
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "transaction", None)
+        conn = self._local.transaction
         try:
             if conn is not None:  # the thread's transaction's, between its own statements
                 with self._watchdog.watching(conn):
@@ -173,7 +177,7 @@ class PostgresEventStore:
         channel = self._settings.channel
         if (
             self._keeps_appender
-            and getattr(self._local, "transaction", None) is None
+            and self._local.transaction is None
             and self._appender_free.acquire(blocking=False)
         ):
             try:
@@ -185,7 +189,7 @@ class PostgresEventStore:
 
     def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
         conn = self._appender
-        if conn is not None and closed_by_server(conn):
+        if conn is not None and closed_by_server(conn, libpq_append.poller(conn)):
             # The server restarted since: the pool replaces it, and the append goes on another.
             self._appender = None
             self._pool.putconn(conn)
@@ -287,7 +291,7 @@ class PostgresEventStore:
         lock = q.subscriber_lock_key(self._settings.schema, name)
         with self._connection() as conn, conn.transaction():
             conn.execute(q.LOCK_SUBSCRIBER, (lock,))
-            outer, self._local.transaction = getattr(self._local, "transaction", None), conn
+            outer, self._local.transaction = self._local.transaction, conn
             try:
                 tx = PostgresTransaction(conn, name, self._settings, self._watchdog)
                 with self._watchdog.paused(conn):  # the subscriber's code, between statements
