@@ -397,11 +397,10 @@ def _describe(hint: Any) -> str:
 KeyLookup = Callable[[bool], bytes | None]  # create -> the stream's key, or None if deleted
 
 
-def encode(entry: EventType, key: KeyLookup, plain: bytes) -> bytes:
-    """The payload bytes of an event whose unencrypted encoding is ``plain`` (made when it was
-    recorded); personal fields encrypted with the stream's key."""
-    if not entry.personal:
-        return plain
+def sealed(entry: EventType, key: KeyLookup, plain: bytes) -> bytes:
+    """The payload bytes of an event with personal fields (``entry.personal``) whose
+    unencrypted encoding is ``plain`` (made when it was recorded): those fields encrypted with
+    the stream's key. An event without them is stored as ``plain``."""
     fields: dict[str, Any] = msgspec.msgpack.decode(plain)
     stream_key = key(True)
     assert stream_key is not None

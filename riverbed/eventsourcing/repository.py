@@ -32,8 +32,8 @@ from riverbed.eventsourcing.aggregate import (
 from riverbed.eventsourcing.codec import (
     ENCODER,
     decode,
-    encode,
     registry,
+    sealed,
 )
 from riverbed.eventsourcing.errors import (
     AggregateNotFoundError,
@@ -289,11 +289,12 @@ class Events:
             saved.add(aggregate.id)
             stream = aggregate.id
             check_id(stream, "save")
-            key = _key_of(stream, stream_key)
             events = []
             for recorded, event_id in zip(pending, ids, strict=False):
                 entry = recorded.type
-                data = encode(entry, key, recorded.plain)
+                data = recorded.plain
+                if entry.personal:
+                    data = sealed(entry, _key_of(stream, stream_key), data)
                 if len(data) > room:
                     raise EventSourcingError(
                         f"event {entry.name} of {stream!r} (version {recorded.version}) is "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import msgspec
 
@@ -24,26 +24,26 @@ _version_of = operator.attrgetter("version")
 Row = tuple[int, int, bytes]
 
 
-def runs(
-    events: Sequence[NewEvent], max_events: int, max_bytes: int
-) -> Iterator[Sequence[NewEvent]]:
+def runs(events: Sequence[NewEvent], max_events: int, max_bytes: int) -> list[Sequence[NewEvent]]:
     """The events in the runs that batch rows hold: consecutive versions, at most
-    ``max_events`` events and ``max_bytes`` of payloads and metadata (or one larger event)."""
-    run: list[NewEvent] = []
-    size = 0
-    for event in events:
+    ``max_events`` events and ``max_bytes`` of payloads and metadata (or one larger event).
+    Slices of ``events``, or ``events`` itself when it is one run (a save's, mostly)."""
+    found: list[Sequence[NewEvent]] = []
+    start = size = previous = 0
+    for n, event in enumerate(events):
         event_size = len(event.data) + len(event.metadata)
-        if run and (
-            len(run) == max_events
+        if n > start and (
+            n - start == max_events
             or size + event_size > max_bytes
-            or event.version != run[-1].version + 1
+            or event.version != previous + 1
         ):
-            yield run
-            run, size = [], 0
-        run.append(event)
+            found.append(events[start:n])
+            start, size = n, 0
         size += event_size
-    if run:
-        yield run
+        previous = event.version
+    if start < len(events):
+        found.append(events[start:] if start else events)
+    return found
 
 
 def joined_records(events: Sequence[NewEvent], first: int) -> bytes:

@@ -198,8 +198,12 @@ def _run(
                 with contextlib.suppress(psycopg.OperationalError):
                     pgconn.exit_pipeline_mode()
     for result in results:
-        if numbered and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN:
-            return None  # one committed as it waited for the lock, or a deadlock (statements.py)
+        if (
+            numbered
+            and result.status == pq.ExecStatus.FATAL_ERROR
+            and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN
+        ):
+            return None  # a stale guess, a conflict, or a deadlock (statements.py)
         _check(result)
     last_position = results[-1].get_value(0, 0)
     assert last_position is not None
