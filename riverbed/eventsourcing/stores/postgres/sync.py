@@ -61,7 +61,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
-from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog
+from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog, Watching
 from riverbed.urls import BackendUrl
 
 P = ParamSpec("P")
@@ -101,6 +101,7 @@ class PostgresEventStore:
         # one, whose only connection every other call needs too.
         self._appender: psycopg.Connection[Any] | None = None
         self._appender_free = threading.Lock()
+        self._appender_watching: Watching | None = None  # the appender's, kept with it
         self._keeps_appender = self._settings.pool_size > 1
         self._guess = PositionGuess()
         self._answers = AnswerWait(self._settings.spin_us)
@@ -197,7 +198,10 @@ class PostgresEventStore:
         try:
             if conn is None:
                 conn = self._appender = self._pooled()
-            with self._watchdog.watching(conn):
+            watching = self._appender_watching
+            if watching is None or not watching.watches(conn):
+                watching = self._appender_watching = self._watchdog.watching(conn)
+            with watching:
                 return libpq_append.append(conn, appends, channel, self._guess, self._answers)
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
