@@ -123,14 +123,15 @@ class Aggregate:
                     f"{method.name!r}: a load would run one's body for the other's events; "
                     "give each method its own event name"
                 )
-        for attribute, method in methods.values():
-            method.register(cls, attribute)
+        recorders = {
+            key: method.register(cls, attribute) for key, (attribute, method) in methods.items()
+        }
         # Each name of a method the class registered holds its recorder (a plain function, as
         # an event method then binds to an instance as any method does: a descriptor's
         # __get__ cost each command ~0.15 us).
         for attribute, value in list(cls.__dict__.items()):
-            if isinstance(value, EventMethod) and value.recorder is not None:
-                setattr(cls, attribute, value.recorder)
+            if id(value) in recorders:
+                setattr(cls, attribute, recorders[id(value)])
         _rename_nested_events(cls)
         # Its code's source files as the process imported them (sources.py says why).
         read_at_import(cls.__module__, [base.__module__ for base in cls.__mro__[1:]])
@@ -261,10 +262,6 @@ class EventMethod(Generic[P, R]):
         self.upcasters = upcasters
         self.aliases = aliases
         self.signature = inspect.signature(method)
-        self.entry: EventType | None = None
-        # What the class holds in its place once registered (``register``): a call records
-        # the event.
-        self.recorder: Callable[..., None] | None = None
         self.__doc__ = method.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -283,8 +280,9 @@ class EventMethod(Generic[P, R]):
                 f"@riverbed.event on {attribute}: the class must subclass riverbed.Aggregate"
             )
 
-    def register(self, owner: type[Aggregate], attribute: str) -> None:
-        """Make the payload class and register the event, for the class ``owner``."""
+    def register(self, owner: type[Aggregate], attribute: str) -> Callable[..., None]:
+        """Make the payload class and register the event, for the class ``owner``; the function
+        the class holds in this method's place, whose calls record the event."""
         self._check_name_free(owner, attribute)
         try:
             hints = typing.get_type_hints(self.method, include_extras=True)
@@ -341,7 +339,7 @@ class EventMethod(Generic[P, R]):
             method(aggregate, *[getattr(event, name) for name in by_position],
                    **{name: getattr(event, name) for name in by_keyword})  # fmt: skip
 
-        self.entry = registry.register(
+        entry = registry.register(
             type_name,
             payload,
             version=self.version,
@@ -354,14 +352,14 @@ class EventMethod(Generic[P, R]):
         # ``method`` and ``entry`` as the event method's, for snapshots' fingerprints and for
         # subclasses.
         recorder = functools.update_wrapper(
-            _recorder(self.entry, self.signature if binds else None), self.method
+            _recorder(entry, self.signature if binds else None), self.method
         )
         recorder.method = self.method  # type: ignore[attr-defined]
-        recorder.entry = self.entry  # type: ignore[attr-defined]
-        self.recorder = recorder
+        recorder.entry = entry  # type: ignore[attr-defined]
         # Order.Paid: the payload class, for tests; a subclass's own, not its base's.
         if self.name not in owner.__dict__:
             setattr(owner, self.name, payload)
+        return recorder
 
     def _check_name_free(self, owner: type[Aggregate], attribute: str) -> None:
         """The class's attribute named after the event becomes its payload class (for tests:
