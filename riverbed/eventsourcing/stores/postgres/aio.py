@@ -154,8 +154,7 @@ class AsyncPostgresEventStore:
         """The same statements as the sync store's append (statements.py), pipelined by
         psycopg in one transaction: an append of one statement numbered on from the last
         position this store's appends committed, unless another writer appended since."""
-        chunks = list(q.append_chunks(appends))
-        only = q.numberable(chunks)
+        only = q.numbered_run(appends)
         last = None if only is None else self._guess.take()
         position = None
         if only is not None and last is not None:
@@ -163,7 +162,7 @@ class AsyncPostgresEventStore:
             if position is None:  # refused: nothing was appended
                 self._guess.stale()
         if position is None:
-            position = await self._appended(chunks, None)
+            position = await self._appended(list(q.append_chunks(appends)), None)
             assert position is not None  # APPEND and CHECK return a row, or raise
         self._guess.committed(position)
         return position

@@ -57,6 +57,7 @@ _names = (b"riverbed_check", b"riverbed_append", b"riverbed_append_numbered")
 _texts = (q.CHECK, q.APPEND, q.APPEND_NUMBERED)
 # Parameter formats by kind: the records go as binary (APPEND's as a bytea[]).
 _formats = ([0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1, 0])
+_NUMBERED, _NUMBERED_FORMATS = _names[CLIENT_NUMBERED], _formats[CLIENT_NUMBERED]
 # PostgreSQL's binary array header (dimensions, has NULLs, element type: bytea, length, lower
 # bound), and each element's length.
 _ARRAY_HEAD = struct.Struct("!iiIii")
@@ -70,31 +71,34 @@ def append(
     channel: str,
     guess: PositionGuess,
     answers: AnswerWait,
+    session: Session | None = None,
 ) -> int:
     """The position of the last event appended; ``ConcurrencyError`` when a stream is not at
     its expected version (nothing is appended then). An append of one statement is numbered on
     from ``guess`` (the last position the store's appends committed), any other by the server;
-    ``answers`` waits for the server's answer.
+    ``answers`` waits for the server's answer. ``session``: the connection's, if the caller
+    keeps it (else looked up).
     On a connection in a transaction (a subscriber's), the append joins it, and the transaction
     stays usable if the append fails."""
     if conn.pgconn.transaction_status == pq.TransactionStatus.INTRANS:
         return append_in_transaction(conn, appends, channel)
-    chunks = list(q.append_chunks(appends))
-    only = q.numberable(chunks)
+    if session is None:
+        session = session_of(conn)
+    only = q.numbered_run(appends)
     last = None if only is None else guess.take()
     position = None
     if only is not None and last is not None:
-        position = _sent(conn, [_numbered(only, channel, last)], answers)
+        position = _numbered_sent(conn, session, only, channel, last, answers)
         if position is None:  # refused: nothing was appended
             guess.stale()
     if position is None:
-        position = _sent(conn, _server_numbered(chunks, channel), answers)
-        assert position is not None  # APPEND and CHECK return a row, or raise
+        statements = _server_numbered(list(q.append_chunks(appends)), channel)
+        position = _sent(conn, session, statements, answers)
     guess.committed(position)
     return position
 
 
-class _Session:
+class Session:
     """What the appender keeps of a connection: the statements it prepared there (LOCK and
     the kinds), and a poller of its socket for the answers."""
 
@@ -107,35 +111,50 @@ class _Session:
         self.poller.register(socket, select.POLLIN)
 
 
-_sessions: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Session] = (
-    weakref.WeakKeyDictionary()
-)
+_sessions: weakref.WeakKeyDictionary[psycopg.Connection[Any], Session] = weakref.WeakKeyDictionary()
 
 
-def _session(conn: psycopg.Connection[Any]) -> _Session:
+def session_of(conn: psycopg.Connection[Any]) -> Session:
+    """The connection's session: kept with it (a new one for a socket it did not have)."""
     socket = conn.pgconn.socket
     session = _sessions.get(conn)
     if session is None or session.socket != socket:
-        session = _sessions[conn] = _Session(socket)
+        session = _sessions[conn] = Session(socket)
     return session
 
 
-def poller(conn: psycopg.Connection[Any]) -> select.poll:
-    """A poller of the connection's socket, for reads (kept with its prepared statements)."""
-    return _session(conn).poller
-
-
 def _sent(
-    conn: psycopg.Connection[Any], statements: list[Statement], answers: AnswerWait
-) -> int | None:
-    """``_run``, preparing the statements again if psycopg deallocated them."""
+    conn: psycopg.Connection[Any],
+    session: Session,
+    statements: list[Statement],
+    answers: AnswerWait,
+) -> int:
+    """``_pipelined``, preparing the statements again if psycopg deallocated them."""
     try:
-        return _run(conn, statements, answers)
+        return _pipelined(conn, session, statements, answers)
     except psycopg.errors.InvalidSqlStatementName:
         # After a rollback psycopg deallocates every prepared statement of the connection, ours
         # too (DEALLOCATE ALL): nothing was appended, so prepare them again and append.
-        _sessions.pop(conn, None)
-        return _run(conn, statements, answers)
+        session.prepared.clear()
+        return _pipelined(conn, session, statements, answers)
+
+
+def _numbered_sent(
+    conn: psycopg.Connection[Any],
+    session: Session,
+    chunk: q.Chunk,
+    channel: str,
+    last: int,
+    answers: AnswerWait,
+) -> int | None:
+    """``_numbered``, the chunk's events numbered on from ``last``, preparing the statement
+    again if psycopg deallocated it (see ``_sent``)."""
+    params = _numbered_params(chunk, channel, last)
+    try:
+        return _numbered(conn, session, params, answers)
+    except psycopg.errors.InvalidSqlStatementName:
+        session.prepared.clear()
+        return _numbered(conn, session, params, answers)
 
 
 def append_in_transaction(
@@ -169,45 +188,60 @@ def append_in_transaction(
     return last_position
 
 
-def _run(
-    conn: psycopg.Connection[Any], statements: list[Statement], answers: AnswerWait
-) -> int | None:
-    """Send the lock and the append statements in one pipeline, or APPEND_NUMBERED alone
-    (it takes the lock itself: one statement, no pipeline needed); the last position the last
-    statement returns (None: APPEND_NUMBERED failed as NUMBERED_AGAIN says)."""
+def _pipelined(
+    conn: psycopg.Connection[Any],
+    session: Session,
+    statements: list[Statement],
+    answers: AnswerWait,
+) -> int:
+    """Send the lock and the append statements in one pipeline; the last position the last
+    statement returns."""
     pgconn = conn.pgconn
-    numbered = statements[0][0] == CLIENT_NUMBERED
     with conn.lock:
-        session = _session(conn)
-        _prepare(conn, session, statements, locking=not numbered)
-        if numbered:
-            kind, params = statements[0]
-            pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
-            results = _results(pgconn, session.poller, answers, pipelined=False)
-        else:
-            pgconn.enter_pipeline_mode()
-            try:
-                pgconn.send_query_prepared(LOCK, None)
-                for kind, params in statements:
-                    pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
-                pgconn.pipeline_sync()
-                results = _results(pgconn, session.poller, answers, pipelined=True)
-            finally:
-                # Left in pipeline mode (interrupted, or the connection broke), the connection
-                # is not idle, and the store gives it back to the pool, which discards it.
-                with contextlib.suppress(psycopg.OperationalError):
-                    pgconn.exit_pipeline_mode()
+        _prepare(conn, session, [kind for kind, _ in statements], locking=True)
+        pgconn.enter_pipeline_mode()
+        try:
+            pgconn.send_query_prepared(LOCK, None)
+            for kind, params in statements:
+                pgconn.send_query_prepared(_names[kind], params, param_formats=_formats[kind])
+            pgconn.pipeline_sync()
+            results = _results(pgconn, session.poller, answers, pipelined=True)
+        finally:
+            # Left in pipeline mode (interrupted, or the connection broke), the connection is
+            # not idle, and the store gives it back to the pool, which discards it.
+            with contextlib.suppress(psycopg.OperationalError):
+                pgconn.exit_pipeline_mode()
     for result in results:
+        _check(result)
+    return _last_position(results[-1])
+
+
+def _numbered(
+    conn: psycopg.Connection[Any], session: Session, params: list[bytes | None], answers: AnswerWait
+) -> int | None:
+    """Send APPEND_NUMBERED alone (it takes the lock itself: one statement, no pipeline
+    needed); the last position it returns, or None when it failed as NUMBERED_AGAIN says (it
+    appended nothing). A save's path: it goes straight to its one result."""
+    pgconn = conn.pgconn
+    with conn.lock:
+        if CLIENT_NUMBERED not in session.prepared:
+            _prepare(conn, session, [CLIENT_NUMBERED], locking=False)
+        pgconn.send_query_prepared(_NUMBERED, params, param_formats=_NUMBERED_FORMATS)
+        (result,) = _results(pgconn, session.poller, answers, pipelined=False)
+    if result.status != pq.ExecStatus.TUPLES_OK:
         if (
-            numbered
-            and result.status == pq.ExecStatus.FATAL_ERROR
+            result.status == pq.ExecStatus.FATAL_ERROR
             and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN
         ):
             return None  # a stale guess, a conflict, or a deadlock (statements.py)
         _check(result)
-    last_position = results[-1].get_value(0, 0)
-    assert last_position is not None
-    return int(last_position)
+    return _last_position(result)
+
+
+def _last_position(result: pq.abc.PGresult) -> int:
+    value = result.get_value(0, 0)
+    assert value is not None  # each append statement returns a row, or raises
+    return int(value)
 
 
 def _server_numbered(chunks: list[q.Chunk], channel: str) -> list[Statement]:
@@ -227,13 +261,13 @@ def _server_numbered(chunks: list[q.Chunk], channel: str) -> list[Statement]:
     return statements
 
 
-def _numbered(chunk: q.Chunk, channel: str, last: int) -> Statement:
+def _numbered_params(chunk: q.Chunk, channel: str, last: int) -> list[bytes | None]:
     """APPEND_NUMBERED's parameters, the events numbered on from ``last``."""
     stream, expected, events = chunk
     params = _params(stream, expected)
     params += (channel.encode(), b"%d" % events[0].version, b"%d" % len(events))
     params += (joined_records(events, last + 1), b"%d" % (last + 1))
-    return CLIENT_NUMBERED, params
+    return params
 
 
 def _params(stream: str, expected: int | None) -> list[bytes | None]:
@@ -241,7 +275,7 @@ def _params(stream: str, expected: int | None) -> list[bytes | None]:
 
 
 def _prepare(
-    conn: psycopg.Connection[Any], session: _Session, statements: list[Statement], locking: bool
+    conn: psycopg.Connection[Any], session: Session, kinds: list[int], locking: bool
 ) -> None:
     """Prepare what the connection has not yet: the statements' kinds, and LOCK if
     ``locking``."""
@@ -249,7 +283,7 @@ def _prepare(
     if locking and _LOCKING not in prepared:
         _check(conn.pgconn.prepare(LOCK, q.LOCK_OWN_APPEND.encode()))
         prepared.add(_LOCKING)
-    for kind, _ in statements:
+    for kind in kinds:
         if kind not in prepared:
             _check(conn.pgconn.prepare(_names[kind], _texts[kind].encode()))
             prepared.add(kind)

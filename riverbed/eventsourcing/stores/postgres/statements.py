@@ -143,14 +143,19 @@ def append_chunks(appends: Sequence[StreamAppend]) -> Iterator[Chunk]:
             expected = None
 
 
-def numberable(chunks: list[Chunk]) -> Chunk | None:
+def numbered_run(appends: Sequence[StreamAppend]) -> Chunk | None:
     """The append's only statement, if it has one, and APPEND_NUMBERED may append it: it
-    appends events, and their versions go on from an expected version (a save's)."""
-    if len(chunks) != 1:
+    appends one stream's events, in one batch row, their versions going on from an expected
+    version (a save's)."""
+    if len(appends) != 1:
         return None
-    chunk = chunks[0]
-    _, expected, events = chunk
-    return chunk if events and expected is not None and events[0].version == expected + 1 else None
+    append = appends[0]
+    expected, events = append.expected_version, append.events
+    if expected is None or not events or events[0].version != expected + 1:
+        return None
+    if len(runs(events, CHUNK_EVENTS, CHUNK_BYTES)) != 1:
+        return None
+    return append.stream, expected, events
 
 
 def append_params(

@@ -61,7 +61,7 @@ from riverbed.eventsourcing.stores.postgres.settings import (
     unavailable,
 )
 from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
-from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog, Watching
+from riverbed.eventsourcing.stores.postgres.watchdog import Watchdog
 from riverbed.urls import BackendUrl
 
 P = ParamSpec("P")
@@ -70,6 +70,18 @@ R = TypeVar("R")
 
 class _ThreadState(threading.local):
     transaction: psycopg.Connection[Any] | None = None  # the thread's open transaction's
+
+
+class _KeptAppender:
+    """The pooled connection kept for appends, with what its appends use each time: its
+    session (the statements prepared there, a poller of its socket) and its watchdog block."""
+
+    __slots__ = ("conn", "session", "watching")
+
+    def __init__(self, conn: psycopg.Connection[Any], watchdog: Watchdog) -> None:
+        self.conn = conn
+        self.session = libpq_append.session_of(conn)
+        self.watching = watchdog.watching(conn)
 
 
 class PostgresEventStore:
@@ -99,9 +111,8 @@ class PostgresEventStore:
         # per command then skips the pool's checkout and return (a tenth of its time). Appends
         # take turns on the server anyway; concurrent ones use the pool. Not with a pool of
         # one, whose only connection every other call needs too.
-        self._appender: psycopg.Connection[Any] | None = None
+        self._appender: _KeptAppender | None = None
         self._appender_free = threading.Lock()
-        self._appender_watching: Watching | None = None  # the appender's, kept with it
         self._keeps_appender = self._settings.pool_size > 1
         self._guess = PositionGuess()
         self._answers = AnswerWait(self._settings.spin_us)
@@ -165,7 +176,7 @@ class PostgresEventStore:
         if self._appender_free.acquire(blocking=False):  # else it is conn, or in use
             try:
                 if self._appender is not None:  # the pool checks it with the others
-                    self._pool.putconn(self._appender)
+                    self._pool.putconn(self._appender.conn)
                     self._appender = None
             finally:
                 self._appender_free.release()
@@ -175,34 +186,36 @@ class PostgresEventStore:
     # Appending
 
     def append(self, appends: Sequence[StreamAppend]) -> int:
-        channel = self._settings.channel
         if (
             self._keeps_appender
             and self._local.transaction is None
             and self._appender_free.acquire(blocking=False)
         ):
             try:
-                return self._append_on_kept(appends, channel)
+                return self._append_on_kept(appends)
             finally:
                 self._appender_free.release()
         with self._connection() as conn:
+            channel = self._settings.channel
             return libpq_append.append(conn, appends, channel, self._guess, self._answers)
 
-    def _append_on_kept(self, appends: Sequence[StreamAppend], channel: str) -> int:
-        conn = self._appender
-        if conn is not None and closed_by_server(conn, libpq_append.poller(conn)):
+    def _append_on_kept(self, appends: Sequence[StreamAppend]) -> int:
+        kept = self._appender
+        if kept is not None and closed_by_server(kept.conn, kept.session.poller):
             # The server restarted since: the pool replaces it, and the append goes on another.
             self._appender = None
-            self._pool.putconn(conn)
-            conn = None
+            self._pool.putconn(kept.conn)
+            kept = None
+        conn = None if kept is None else kept.conn
         try:
-            if conn is None:
-                conn = self._appender = self._pooled()
-            watching = self._appender_watching
-            if watching is None or not watching.watches(conn):
-                watching = self._appender_watching = self._watchdog.watching(conn)
-            with watching:
-                return libpq_append.append(conn, appends, channel, self._guess, self._answers)
+            if kept is None:
+                conn = self._pooled()
+                kept = self._appender = _KeptAppender(conn, self._watchdog)
+            with kept.watching:
+                return libpq_append.append(
+                    kept.conn, appends, self._settings.channel, self._guess, self._answers,
+                    kept.session,
+                )  # fmt: skip
         except psycopg.OperationalError as error:
             raise self._failure(conn, error) from None
         except psycopg.errors.ReadOnlySqlTransaction as error:
@@ -347,7 +360,7 @@ class PostgresEventStore:
             listener.close()
         with self._appender_free:
             if self._appender is not None:
-                self._pool.putconn(self._appender)
+                self._pool.putconn(self._appender.conn)
                 self._appender = None
         self._pool.close()
         self._watchdog.close()
