@@ -1826,6 +1826,55 @@ def test_a_database_of_a_locales_collation_lists_keys_and_fires_timers_in_code_p
         store.close()
 
 
+def test_postgresql_batch_rows_are_compressed_with_lz4_from_when_a_store_opens(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save's row over the size from which the server compresses a value has its records
+    compressed with lz4 (the server's default, pglz, cost a 10-event save ~7 us), in a store
+    made before too (pglz), from when it opens again; the rows it holds stay as they are. A user
+    who does not own the tables opens and appends to the store all the same."""
+    schema = f"lz4_{uuid.uuid4().hex[:8]}"
+    store_url = f"{postgres_url}?schema={schema}"
+    compression = "SELECT position, pg_column_compression(records) FROM riverbed_batches"
+    as_older = "ALTER TABLE riverbed_batches ALTER COLUMN records SET COMPRESSION pglz"
+    large = b"\xc5\x0b\xb8" + b"abcd" * 750  # 3 kB of a payload that compresses
+
+    def save(store: EventStore, stream: str) -> int:
+        return store.append([StreamAppend(stream, 0, [new_event(stream, 1, large)])])
+
+    store = connect_store(store_url)
+    try:
+        assert save(store, "a") == 1
+    finally:
+        store.close()
+    execute(store_url, as_older)
+    store = connect_store(store_url)
+    try:
+        assert save(store, "b") == 2
+        assert [event.data for event in store.read_all()] == [large, large]
+    finally:
+        store.close()
+    assert execute(store_url, compression + " ORDER BY position") == [(1, "lz4"), (2, "lz4")]
+
+    execute(store_url, as_older)
+    role = f"user_{uuid.uuid4().hex[:8]}"  # not the tables' owner, nor of its role
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+    execute(store_url, f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+    execute(store_url, f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    user_url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed?schema={schema}"
+    with caplog.at_level(logging.INFO, logger="riverbed.events"):
+        store = connect_store(user_url)
+    try:
+        assert save(store, "c") == 3
+        assert store.read_stream("c")[0].data == large
+    finally:
+        store.close()
+    assert "records stay compressed with the server's default, not lz4" in caplog.text
+    assert "must be owner of table riverbed_batches" in caplog.text
+    assert execute(store_url, compression + " WHERE position = 3") == [(3, "pglz")]
+
+
 def test_an_upgrade_a_users_view_blocks_says_what_blocks_it(postgres_url: str) -> None:
     view = "CREATE VIEW totals AS SELECT key, document FROM riverbed_documents"
     schema = older_store(postgres_url, "v3", V3_DOCUMENTS + ";" + view)
