@@ -207,7 +207,8 @@ class Events:
         appends = self.appends(aggregates, metadata, stream_key)  # checks the aggregates
         recorded = [len(aggregate.pending) for aggregate in aggregates]
         position = store.append(appends) if appends else store.last_position()
-        sealed_with(aggregates, sealing)
+        if sealing:
+            sealed_with(aggregates, sealing)
         for aggregate in mark_saved(aggregates, recorded):
             with never_failing(aggregate):
                 snapshot = take_snapshot(aggregate)
@@ -260,21 +261,24 @@ class Events:
     ) -> list[StreamAppend]:
         """The appends that save the aggregates' pending events (or ``saving``, each one's
         events to save), with their metadata, stamped now (or at ``timestamp_ms``)."""
-        stream_key = stream_key or self.store.stream_key
         if saving is None:  # else the caller took (and checked) them
             _check_aggregates(aggregates)
             saving = [aggregate.pending for aggregate in aggregates]
         now = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-        # Without a command or event in force, the events of one save correlate with its first.
         event_ids = random_ids(sum(map(len, saving)))  # in one call
-        cause = _cause.get() or Cause(event_ids[0] if event_ids else "", "")
         ids = iter(event_ids)
-        _check_metadata(metadata)
-        meta = dict(metadata or {})
+        meta: dict[str, Any] = {}
+        if metadata is not None:
+            _check_metadata(metadata)
+            meta.update(metadata)
         meta[APP_KEY] = self.app_name
-        meta["correlation_id"] = cause.correlation_id
-        if cause.causation_id:
-            meta["causation_id"] = cause.causation_id
+        cause = _cause.get()
+        if cause is None:  # the events of one save correlate with its first
+            meta["correlation_id"] = event_ids[0] if event_ids else ""
+        else:
+            meta["correlation_id"] = cause.correlation_id
+            if cause.causation_id:
+                meta["causation_id"] = cause.causation_id
         encoded_meta = ENCODER.encode(meta)  # the same for every event of one save
         room = MAX_EVENT_BYTES - len(encoded_meta)  # for each event's payload
         appends = []
@@ -294,7 +298,8 @@ class Events:
                 entry = recorded.type
                 data = recorded.plain
                 if entry.personal:
-                    data = sealed(entry, _key_of(stream, stream_key), data)
+                    keys = stream_key or self.store.stream_key
+                    data = sealed(entry, _key_of(stream, keys), data)
                 if len(data) > room:
                     raise EventSourcingError(
                         f"event {entry.name} of {stream!r} (version {recorded.version}) is "
