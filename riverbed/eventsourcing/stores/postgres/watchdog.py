@@ -145,10 +145,6 @@ class Watching:
         self._watched: _Watched | None = None  # made on the first entry with a limit
         self._started = False  # whether this block watches, not an enclosing one
 
-    def watches(self, conn: psycopg.BaseConnection[Any]) -> bool:
-        """Whether this block is ``conn``'s."""
-        return self._conn is conn
-
     def __enter__(self) -> None:
         if self._watchdog.timeout_s:
             if self._watched is None:
