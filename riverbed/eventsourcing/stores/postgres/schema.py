@@ -273,8 +273,10 @@ def _move_events(conn: psycopg.Connection[Any], settings: Settings) -> None:
 
 def _compress_records(conn: psycopg.Connection[Any], settings: Settings) -> None:
     """Have the server compress the records of the batch rows written from now on with lz4, if
-    it can and does not yet. A user of the store who does not own its tables leaves them as
-    they are (logged): the store works the same, its appends a little slower."""
+    it can and does not yet: once per store, a change of the catalog alone, though it waits for
+    the transactions using the table, and appends and reads wait for it. A user of the store who
+    does not own its tables leaves them as they are (logged): the store works the same, its
+    appends a little slower."""
     if conn.info.server_version < 140000:  # before COMPRESSION, and its catalog column
         return
     row = conn.execute(RECORDS_NOT_LZ4).fetchone()
