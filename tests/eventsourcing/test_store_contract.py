@@ -1489,12 +1489,14 @@ def test_an_upgrade_in_a_database_of_another_encoding_writes_utf_8_lengths(
 
 
 def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_made_it_stale(
-    postgres_url: str,
+    postgres_server: PostgresServer, postgres_url: str
 ) -> None:
     """The client numbers an append of one statement on from the last position its store
-    committed; when another writer appended since, the primary key refuses the guess and the
-    append goes again for the server to number. An append of several statements (streams,
-    here) is numbered by the server."""
+    committed; when another writer appended since, the primary key finds the guess stale, the
+    statement inserts nothing (no error in the server's log), and the append goes again for the
+    server to number. An append of several statements (streams, here) is numbered by the
+    server."""
+    log_start = postgres_server.log_path.stat().st_size
     schema = f"guess_{uuid.uuid4().hex[:8]}"
     url = f"{postgres_url}?schema={schema}"
     store, other = connect_store(url), connect_store(url)
@@ -1532,13 +1534,25 @@ def test_a_postgresql_append_is_numbered_from_the_guess_unless_another_writer_ma
     finally:
         store.close()
         other.close()
+    assert "riverbed_batches_pkey" not in server_log_since(postgres_server, log_start)
+
+
+def server_log_since(server: PostgresServer, start: int) -> str:
+    """What the server logged from byte ``start`` of its log on."""
+    with server.log_path.open("rb") as log:
+        log.seek(start)
+        return log.read().decode(errors="replace")
 
 
 def test_an_async_postgresql_store_numbers_appends_from_its_guess_too(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """As the sync store does; and an append that fails leaves nothing in the log: psycopg
     logged a pipeline that a statement's error aborted as an error ignored."""
+    log_start = postgres_server.log_path.stat().st_size
     schema = f"aguess_{uuid.uuid4().hex[:8]}"
     url = f"{postgres_url}?schema={schema}"
     numbered: list[int] = []  # the first position of each append numbered by the client
@@ -1583,6 +1597,7 @@ def test_an_async_postgresql_store_numbers_appends_from_its_guess_too(
         assert positions(events) == list(range(1, 14))
     finally:
         other.close()
+    assert "riverbed_batches_pkey" not in server_log_since(postgres_server, log_start)
 
 
 def _waiting(admin: psycopg.Connection[Any], wait_event: str, query: str) -> None:

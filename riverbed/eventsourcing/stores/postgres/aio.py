@@ -169,20 +169,22 @@ class AsyncPostgresEventStore:
 
     async def _appended(self, chunks: list[q.Chunk], last: int | None) -> int | None:
         """The last position of the append of ``chunks``: of one numbered on from ``last``,
-        None when the server refused it (statements.NUMBERED_AGAIN); else numbered by the
-        server."""
+        None when it appended nothing (a stale guess, or statements.NUMBERED_AGAIN); else
+        numbered by the server."""
         async with self._connection() as conn:
             try:
                 row = await _pipelined(conn, chunks, last, self._settings.channel)
             except psycopg.DatabaseError as error:
                 if last is not None and error.sqlstate in q.NUMBERED_AGAIN:
-                    return None  # one committed as it waited for the lock, or a deadlock
+                    return None  # a version saved as it waited for the lock, or a deadlock
                 if isinstance(error, psycopg.errors.UniqueViolation):
                     raise EventSourcingError(f"cannot append: {str(error).strip()}") from None
                 if error.sqlstate == CONFLICT:
                     raise q.conflict(error.diag.message_detail) from None
                 raise
-        assert row is not None  # each append statement returns a row, or raises
+        if row is None:  # APPEND_NUMBERED inserted nothing: a stale guess
+            assert last is not None  # APPEND and CHECK return a row, or raise
+            return None
         return int(row[0])
 
     async def read_stream(

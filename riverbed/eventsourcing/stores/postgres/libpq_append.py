@@ -6,9 +6,9 @@ Sent as one pipeline, the statements up to the sync form one implicit transactio
 a statement per stream (statements.py; a stream of many events takes several). An append of one
 statement (a save's) is numbered by the client, on from the last position its store's appends
 committed, and its records go ready to store (APPEND_NUMBERED, which takes the lock itself); the
-primary key refuses a guess another writer made stale. The append then goes again for the
-server to number (APPEND), and the store stops guessing for a while (guesses.py), as writers
-taking turns would spoil most guesses.
+primary key finds a guess another writer made stale, and nothing is inserted. The append then
+goes again for the server to number (APPEND), and the store stops guessing for a while
+(guesses.py), as writers taking turns would spoil most guesses.
 
 A save per command is one round trip of two short statements, where the plpgsql function of
 schema version 2 spent 30 us more of the server's time per call (its jsonb argument parsed and
@@ -220,8 +220,9 @@ def _numbered(
     conn: psycopg.Connection[Any], session: Session, params: list[bytes | None], answers: AnswerWait
 ) -> int | None:
     """Send APPEND_NUMBERED alone (it takes the lock itself: one statement, no pipeline
-    needed); the last position it returns, or None when it failed as NUMBERED_AGAIN says (it
-    appended nothing). A save's path: it goes straight to its one result."""
+    needed); the last position it returns, or None when it appended nothing: the guess was
+    stale, or it failed as NUMBERED_AGAIN says. A save's path: it goes straight to its one
+    result."""
     pgconn = conn.pgconn
     with conn.lock:
         if CLIENT_NUMBERED not in session.prepared:
@@ -233,8 +234,10 @@ def _numbered(
             result.status == pq.ExecStatus.FATAL_ERROR
             and result.error_field(pq.DiagnosticField.SQLSTATE) in _NUMBERED_AGAIN
         ):
-            return None  # a stale guess, a conflict, or a deadlock (statements.py)
+            return None  # a conflict, or a deadlock (statements.py)
         _check(result)
+    if not result.ntuples:
+        return None  # a stale guess
     return _last_position(result)
 
 
