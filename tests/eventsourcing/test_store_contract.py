@@ -1890,6 +1890,37 @@ def test_postgresql_batch_rows_are_compressed_with_lz4_from_when_a_store_opens(
     assert execute(store_url, compression + " WHERE position = 3") == [(3, "pglz")]
 
 
+def test_a_store_opens_when_a_lock_timeout_cuts_its_wait_to_set_lz4_short(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Setting lz4 waits for the transactions using the table; a role's ``lock_timeout``
+    cutting that wait short leaves the rows as they are, and the store opens."""
+    schema = f"lz4wait_{uuid.uuid4().hex[:8]}"
+    store_url = f"{postgres_url}?schema={schema}"
+    connect_store(store_url).close()
+    execute(store_url, "ALTER TABLE riverbed_batches ALTER COLUMN records SET COMPRESSION pglz")
+    role = f"owner_{uuid.uuid4().hex[:8]}"  # of the riverbed role's rights: an owner
+    with psycopg.connect(postgres_server.admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE riverbed")
+        admin.execute(f"ALTER ROLE {role} SET lock_timeout = '200ms'")
+    role_url = f"postgresql://{role}@127.0.0.1:{postgres_server.port}/riverbed?schema={schema}"
+    with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as reader:
+        reader.execute("SELECT count(*) FROM riverbed_batches")  # holds the table till it ends
+        with caplog.at_level(logging.INFO, logger="riverbed.events"):
+            store = connect_store(role_url)
+        try:
+            assert append_to(store, "s", 0) == 1
+        finally:
+            store.close()
+    assert "records stay compressed with the server's default, not lz4" in caplog.text
+    assert "lock timeout" in caplog.text
+    compression = "SELECT attcompression FROM pg_attribute WHERE attname = 'records' "
+    compression += "AND attrelid = 'riverbed_batches'::regclass"
+    assert execute(store_url, compression) == [("p",)]
+    connect_store(store_url).close()  # the next store to open sets it
+    assert execute(store_url, compression) == [("l",)]
+
+
 def test_an_upgrade_a_users_view_blocks_says_what_blocks_it(postgres_url: str) -> None:
     view = "CREATE VIEW totals AS SELECT key, document FROM riverbed_documents"
     schema = older_store(postgres_url, "v3", V3_DOCUMENTS + ";" + view)

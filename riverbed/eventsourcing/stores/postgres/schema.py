@@ -67,6 +67,16 @@ RECORDS_NOT_LZ4 = (
     "WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals))"
 )
 COMPRESS_RECORDS = "ALTER TABLE riverbed_batches ALTER COLUMN records SET COMPRESSION lz4"
+# Why COMPRESS_RECORDS may fail, the store opening all the same: not the tables' owner, a
+# read-only transaction (a standby's: its primary's store sets it), a wait for the table's lock
+# cut short.
+_NOT_COMPRESSING = (
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.QueryCanceled,
+)
 # The SQLSTATE riverbed_conflict raises, its DETAIL being [stream, expected, actual] as JSON.
 CONFLICT = "RB409"
 
@@ -275,8 +285,9 @@ def _compress_records(conn: psycopg.Connection[Any], settings: Settings) -> None
     """Have the server compress the records of the batch rows written from now on with lz4, if
     it can and does not yet: once per store, a change of the catalog alone, though it waits for
     the transactions using the table, and appends and reads wait for it. A user of the store who
-    does not own its tables, or a read-only connection (a standby's), leaves them as they are
-    (logged): the store works the same, its appends a little slower."""
+    does not own its tables, a read-only connection (a standby's), or a wait for the table cut
+    short (a ``lock_timeout``, a deadlock) leaves them as they are (logged; the next store to
+    open tries again): the store works the same, its appends a little slower."""
     if conn.info.server_version < 140000:  # before COMPRESSION, and its catalog column
         return
     row = conn.execute(RECORDS_NOT_LZ4).fetchone()
@@ -285,8 +296,7 @@ def _compress_records(conn: psycopg.Connection[Any], settings: Settings) -> None
     try:
         with conn.transaction():  # a savepoint: refused, the store's set-up goes on
             conn.execute(COMPRESS_RECORDS)
-    # Not the owner, or a read-only transaction (a standby's: its primary's store sets it).
-    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as error:
+    except _NOT_COMPRESSING as error:
         log.info("event store records stay compressed with the server's default, not lz4 "
                  "(%s, schema %r): %s", settings.where, settings.schema,
                  " ".join(str(error).split()))  # fmt: skip
