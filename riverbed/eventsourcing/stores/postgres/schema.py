@@ -67,6 +67,7 @@ RECORDS_NOT_LZ4 = (
     "WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals))"
 )
 COMPRESS_RECORDS = "ALTER TABLE riverbed_batches ALTER COLUMN records SET COMPRESSION lz4"
+LZ4_LOCK_TIMEOUT = "200ms"
 # Why COMPRESS_RECORDS may fail, the store opening all the same: not the tables' owner, a
 # read-only transaction (a standby's: its primary's store sets it), a wait for the table's lock
 # cut short.
@@ -283,11 +284,12 @@ def _move_events(conn: psycopg.Connection[Any], settings: Settings) -> None:
 
 def _compress_records(conn: psycopg.Connection[Any], settings: Settings) -> None:
     """Have the server compress the records of the batch rows written from now on with lz4, if
-    it can and does not yet: once per store, a change of the catalog alone, though it waits for
-    the transactions using the table, and appends and reads wait for it. A user of the store who
-    does not own its tables, a read-only connection (a standby's), or a wait for the table cut
-    short (a ``lock_timeout``, a deadlock) leaves them as they are (logged; the next store to
-    open tries again): the store works the same, its appends a little slower."""
+    it can and does not yet: once per store, a change of the catalog alone. It waits for the
+    transactions using the table, and appends and reads wait for it meanwhile, so for at most
+    LZ4_LOCK_TIMEOUT: a long transaction (a ``pg_dump``, say) would hold them all up. A wait
+    cut short, a user of the store who does not own its tables, or a read-only connection (a
+    standby's) leaves them as they are (logged; the next store to open tries again): the store
+    works the same, its appends a little slower."""
     if conn.info.server_version < 140000:  # before COMPRESSION, and its catalog column
         return
     row = conn.execute(RECORDS_NOT_LZ4).fetchone()
@@ -295,6 +297,7 @@ def _compress_records(conn: psycopg.Connection[Any], settings: Settings) -> None
         return
     try:
         with conn.transaction():  # a savepoint: refused, the store's set-up goes on
+            conn.execute(f"SET LOCAL lock_timeout = '{LZ4_LOCK_TIMEOUT}'")
             conn.execute(COMPRESS_RECORDS)
     except _NOT_COMPRESSING as error:
         log.info("event store records stay compressed with the server's default, not lz4 "
