@@ -30,8 +30,8 @@ import contextlib
 import select
 import struct
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -43,6 +43,8 @@ from riverbed.eventsourcing.stores.guesses import PositionGuess
 from riverbed.eventsourcing.stores.postgres import schema
 from riverbed.eventsourcing.stores.postgres import statements as q
 from riverbed.eventsourcing.stores.postgres.spinning import AnswerWait
+
+R = TypeVar("R")
 
 LOCK = b"riverbed_lock_appends"
 UNIQUE_VIOLATION = b"23505"
@@ -88,12 +90,13 @@ def append(
     last = None if only is None else guess.take()
     position = None
     if only is not None and last is not None:
-        position = _numbered_sent(conn, session, only, channel, last, answers)
+        params = _numbered_params(only, channel, last)
+        position = _prepared_again(session, lambda: _numbered(conn, session, params, answers))
         if position is None:  # refused: nothing was appended
             guess.stale()
     if position is None:
         statements = _server_numbered(list(q.append_chunks(appends)), channel)
-        position = _sent(conn, session, statements, answers)
+        position = _prepared_again(session, lambda: _pipelined(conn, session, statements, answers))
     guess.committed(position)
     return position
 
@@ -123,38 +126,15 @@ def session_of(conn: psycopg.Connection[Any]) -> Session:
     return session
 
 
-def _sent(
-    conn: psycopg.Connection[Any],
-    session: Session,
-    statements: list[Statement],
-    answers: AnswerWait,
-) -> int:
-    """``_pipelined``, preparing the statements again if psycopg deallocated them."""
+def _prepared_again(session: Session, run: Callable[[], R]) -> R:
+    """``run()``, and again if psycopg deallocated the statements it prepared: after a rollback
+    psycopg deallocates every prepared statement of the connection, ours too (DEALLOCATE ALL).
+    Nothing was appended then, so the statements are prepared anew and the append goes."""
     try:
-        return _pipelined(conn, session, statements, answers)
-    except psycopg.errors.InvalidSqlStatementName:
-        # After a rollback psycopg deallocates every prepared statement of the connection, ours
-        # too (DEALLOCATE ALL): nothing was appended, so prepare them again and append.
-        session.prepared.clear()
-        return _pipelined(conn, session, statements, answers)
-
-
-def _numbered_sent(
-    conn: psycopg.Connection[Any],
-    session: Session,
-    chunk: q.Chunk,
-    channel: str,
-    last: int,
-    answers: AnswerWait,
-) -> int | None:
-    """``_numbered``, the chunk's events numbered on from ``last``, preparing the statement
-    again if psycopg deallocated it (see ``_sent``)."""
-    params = _numbered_params(chunk, channel, last)
-    try:
-        return _numbered(conn, session, params, answers)
+        return run()
     except psycopg.errors.InvalidSqlStatementName:
         session.prepared.clear()
-        return _numbered(conn, session, params, answers)
+        return run()
 
 
 def append_in_transaction(
