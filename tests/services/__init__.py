@@ -32,7 +32,8 @@ def free_port() -> int:
 def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     """Until every thread of the process has stopped (or the process ended): SIGSTOP takes
     effect as each thread is next scheduled, and a thread still running could answer a request
-    sent meanwhile."""
+    sent meanwhile. A process that ended as its parent was stopped (a server process whose
+    client had just closed its connection) stays a zombie, which answers nothing either."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = []
@@ -46,7 +47,7 @@ def wait_stopped(pid: int, timeout: float = 10.0) -> None:
             except FileNotFoundError:  # a thread that ended
                 continue
             states.append(stat.rsplit(")", 1)[1].split()[0])
-        if states and all(state in "tT" for state in states):
+        if states and all(state in "tTZX" for state in states):  # stopped, zombie, dead
             return
         time.sleep(0.005)
     raise TimeoutError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
