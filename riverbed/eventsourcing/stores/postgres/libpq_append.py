@@ -146,7 +146,8 @@ def append_in_transaction(
     transaction; a savepoint around each append would avoid that but give each one a
     subtransaction, and past 64 in one transaction every snapshot on the server slows down.
     The statements go through psycopg, which prepares them again after it deallocated them
-    (see ``append``): a failed statement would abort the transaction, so it could not retry."""
+    (see ``_prepared_again``): a failed statement would abort the transaction, so it could not
+    retry."""
     conn.execute(q.LOCK_APPENDS)
     for stream_append in appends:
         stream, expected = stream_append.stream, stream_append.expected_version
