@@ -56,11 +56,11 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
-    def watching(self, conn: psycopg.BaseConnection[Any]) -> Watching:
+    def watching(self, conn: psycopg.BaseConnection[Any]) -> _Watching:
         """Watch ``conn``'s statements in the block (an enclosing block's deadline holds). The
         block may be entered again, one at a time: a connection kept for many statements keeps
         its block (a new one cost each save ~0.5 us)."""
-        return Watching(self, conn)
+        return _Watching(self, conn)
 
     @contextlib.contextmanager
     def paused(self, conn: psycopg.BaseConnection[Any]) -> Iterator[None]:
@@ -133,7 +133,7 @@ class Watchdog:
         self._expired.add(conn)
 
 
-class Watching:
+class _Watching:
     """A block of ``Watchdog.watching`` (a class: as a generator, it cost each statement 0.5 us
     more)."""
 
